@@ -1,0 +1,34 @@
+"""llada-jax: pretrain, fine-tune, sample from and evaluate masked-diffusion LMs in JAX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="llada_jax",
+    version="0.1.0",
+    description="Masked-diffusion language models (LLaDA) in JAX / Flax NNX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["llada_jax", "llada_jax.*"]),
+    package_data={"llada_jax.data": ["assets/*"]},
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
+        "array_record>=0.8.6",
+        "tensorstore>=0.1.86",
+        "ml-collections>=1.1.0,<2",
+        "absl-py>=2.1",
+        "sentencepiece>=0.2.0,<0.3",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "psutil>=5.9",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "tpu": ["libtpu==0.0.42.*"],
+    },
+)
