@@ -1,0 +1,244 @@
+"""The LLaDA / LLaMA-style transformer (REFERENCES §5), bidirectional by default.
+
+Pre-norm blocks: x + Attn(RMSNorm(x)), then h + SwiGLU(RMSNorm(h)). RMSNorm is computed in
+float32, RoPE is rotate-half (NeoX) style on positions 0..L-1, no biases anywhere. Multi-head and
+grouped-query attention (n_kv_heads divides n_heads). Attention is full (every query sees every
+valid key) unless `causal` is set, for autoregressive baselines and imported AR weights.
+
+Every parameter carries logical axis names (vocab, embed, heads, kv_heads, head_dim, mlp, layers);
+`llada_jax.sharding` maps them to mesh axes. Parameters are stored in `param_dtype` and cast to the
+compute `dtype` at use.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and numerics of the transformer (the `model` section of a config)."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    mlp_hidden: int
+    head_dim: int = 0  # 0: d_model // n_heads
+    rope_theta: float = 500_000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    causal: bool = False
+    scan_layers: bool = True
+    remat: str = "none"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be a positive integer")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {sorted(DTYPES)}")
+
+    @classmethod
+    def from_config(cls, c: Any) -> "ModelConfig":
+        """Builds from a ConfigDict (or mapping) holding exactly these field names."""
+        return cls(**dict(c))
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return DTYPES[self.param_dtype]
+
+
+def _init(std: float, names: tuple[str | None, ...]) -> nnx.Initializer:
+    """Normal(std) initializer annotated with logical axis names."""
+    return nnx.with_partitioning(nnx.initializers.normal(std), names)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, the statistics in float32 whatever the compute dtype."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.eps = cfg.norm_eps
+        self.dtype = cfg.compute_dtype
+        self.scale = nnx.Param(
+            nnx.with_partitioning(nnx.initializers.ones, ("embed",))(
+                rngs.params(), (cfg.d_model,), cfg.weight_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return x32.astype(self.dtype) * self.scale[...].astype(self.dtype)
+
+
+def rope_tables(length: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape (length, head_dim) in float32 for rotate-half RoPE."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates x (B, L, heads, head_dim) by position; computed in float32, returned in x.dtype."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    return out.astype(x.dtype)
+
+
+def attention_mask(valid: jax.Array, segment_ids: jax.Array | None, causal: bool) -> jax.Array:
+    """Which keys each query may see: (B, 1, 1, L_q, L_k) bool.
+
+    valid (B, L): key-padding mask (False = padding, never attended to).
+    segment_ids (B, L): packed documents; attention stays within equal ids.
+    """
+    mask = valid[:, None, :]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    if causal:
+        length = valid.shape[1]
+        mask = mask & jnp.tril(jnp.ones((length, length), bool))[None]
+    if mask.shape[1] == 1:
+        mask = jnp.broadcast_to(mask, (valid.shape[0], valid.shape[1], valid.shape[1]))
+    return mask[:, None, None, :, :]
+
+
+class Attention(nnx.Module):
+    """Multi-head / grouped-query attention with rotary embeddings and no biases."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        proj = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.q = nnx.Einsum("bld,dhk->blhk", (d, h, hd),
+                            kernel_init=_init(cfg.init_std, ("embed", "heads", "head_dim")), **proj)
+        self.k = nnx.Einsum("bld,dhk->blhk", (d, k, hd),
+                            kernel_init=_init(cfg.init_std, ("embed", "kv_heads", "head_dim")), **proj)
+        self.v = nnx.Einsum("bld,dhk->blhk", (d, k, hd),
+                            kernel_init=_init(cfg.init_std, ("embed", "kv_heads", "head_dim")), **proj)
+        self.o = nnx.Einsum("blhk,hkd->bld", (h, hd, d),
+                            kernel_init=_init(cfg.init_std, ("heads", "head_dim", "embed")), **proj)
+        self.groups = h // k
+        self.scale = hd ** -0.5
+
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array) -> jax.Array:
+        """x (B, L, d_model), mask (B, 1, 1, L, L) -> (B, L, d_model)."""
+        b, length, _ = x.shape
+        q = apply_rope(self.q(x), *rope)
+        k = apply_rope(self.k(x), *rope)
+        v = self.v(x)
+        q = q.reshape(b, length, k.shape[2], self.groups, q.shape[-1])  # query heads grouped per kv head
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * self.scale
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+        return self.o(out.reshape(b, length, -1, out.shape[-1]))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.mlp_hidden
+        proj = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.gate = nnx.Einsum("bld,df->blf", (d, f), kernel_init=_init(cfg.init_std, ("embed", "mlp")), **proj)
+        self.up = nnx.Einsum("bld,df->blf", (d, f), kernel_init=_init(cfg.init_std, ("embed", "mlp")), **proj)
+        self.down = nnx.Einsum("blf,fd->bld", (f, d), kernel_init=_init(cfg.init_std, ("mlp", "embed")), **proj)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+    """One pre-norm transformer layer."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array) -> jax.Array:
+        h = x + self.attn(self.attn_norm(x), rope, mask)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Transformer(nnx.Module):
+    """Token ids (B, L) -> logits (B, L, vocab) in the compute dtype."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Embed(
+            cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+            embedding_init=_init(cfg.init_std, ("vocab", "embed")), rngs=rngs)
+        if cfg.scan_layers:
+            @nnx.split_rngs(splits=cfg.n_layers)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_blocks(rngs: nnx.Rngs) -> Block:
+                return Block(cfg, rngs=rngs)
+
+            self.blocks = make_blocks(rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = nnx.Einsum(
+                "bld,dv->blv", (cfg.d_model, cfg.vocab_size), dtype=cfg.compute_dtype,
+                param_dtype=cfg.weight_dtype, kernel_init=_init(cfg.init_std, ("embed", "vocab")),
+                rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, valid: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """tokens (B, L) int; valid (B, L) bool key-padding mask; segment_ids (B, L) int."""
+        cfg = self.cfg
+        if valid is None:
+            valid = jnp.ones(tokens.shape, bool)
+        mask = attention_mask(valid, segment_ids, cfg.causal)
+        rope = rope_tables(tokens.shape[1], cfg.head_dim, cfg.rope_theta)
+        x = self.embed(tokens)
+        policy = REMAT_POLICIES[cfg.remat]
+
+        def layer(x: jax.Array, block: Block) -> jax.Array:
+            return block(x, rope, mask)
+
+        if cfg.remat != "none":
+            layer = nnx.remat(layer, policy=policy)
+        if cfg.scan_layers:
+            x = nnx.scan(layer, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
+        else:
+            for block in self.blocks:
+                x = layer(x, block)
+        x = self.final_norm(x)
+        if cfg.tie_embeddings:
+            return self.embed.attend(x)
+        return self.lm_head(x)

@@ -1,0 +1,91 @@
+"""Tests of the shipped tokenizer and corpus (llada_jax.data.tokenizer / corpus)."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from llada_jax.data.corpus import read_default_corpus
+from llada_jax.data.tokenizer import DEFAULT_TOKENIZER_PATH, MASK_PIECE, Tokenizer, default_tokenizer
+
+TRICKY = (
+    "def f(x):\n    return x + 12345  # héllo 日本語 🙂\n\n\tif x:\n\t\tpass  \n"
+    "  leading and trailing spaces  \r\nCRLF, ünïcödé, Ελληνικά, emoji 👩‍👩‍👧, NUL\x00 end"
+)
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return default_tokenizer()
+
+
+def test_corpus_round_trip(tok: Tokenizer) -> None:
+    text = read_default_corpus()
+    assert len(text) > 3_000_000
+    sample = text[:200_000] + text[len(text) // 2:len(text) // 2 + 100_000] + text[-100_000:]
+    ids = tok.encode(sample)
+    assert tok.decode(ids) == sample
+    assert tok.unk_id not in ids
+    assert len(ids) < 0.3 * len(sample.encode())  # BPE actually compresses English.
+
+
+@pytest.mark.parametrize("text", [TRICKY, "", " ", "\n", "\n\n  \n", "0123456789", "Chapter 12\nAnd"])
+def test_round_trip_exact_without_unk(tok: Tokenizer, text: str) -> None:
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.unk_id not in ids
+
+
+def test_digits_are_split(tok: Tokenizer) -> None:
+    assert len(tok.encode("12345")) == 5
+
+
+def test_encode_batch_and_numpy_decode(tok: Tokenizer) -> None:
+    texts = ["In the beginning", TRICKY, ""]
+    batch = tok.encode_batch(texts)
+    assert batch == [tok.encode(t) for t in texts]
+    assert tok.decode(np.asarray(batch[1], dtype=np.int32)) == TRICKY
+
+
+def test_special_ids(tok: Tokenizer) -> None:
+    special = [tok.pad_id, tok.eos_id, tok.mask_id, tok.eot_id, tok.unk_id]
+    assert len(set(special)) == len(special)
+    assert all(0 <= i < tok.vocab_size for i in special)
+    assert (tok.pad_id, tok.unk_id, tok.eos_id) == (0, 1, 2)
+    assert tok.vocab_size == 4096
+    with open(DEFAULT_TOKENIZER_PATH[:-len(".model")] + ".json", encoding="utf-8") as f:
+        assert json.load(f) == {"vocab_size": tok.vocab_size, "pad_id": tok.pad_id, "eos_id": tok.eos_id,
+                                "mask_id": tok.mask_id, "eot_id": tok.eot_id, "unk_id": tok.unk_id}
+
+
+def test_mask_and_eot_pieces_are_single_ids(tok: Tokenizer) -> None:
+    assert tok.encode(MASK_PIECE) == [tok.mask_id]
+    assert tok.encode("<|eot|>") == [tok.eot_id]
+    ids = tok.encode(f"a{MASK_PIECE}{MASK_PIECE} b")
+    assert ids.count(tok.mask_id) == 2
+    assert tok.decode([tok.mask_id]) == MASK_PIECE
+
+
+def test_fingerprint_is_stable(tok: Tokenizer) -> None:
+    with open(DEFAULT_TOKENIZER_PATH, "rb") as f:
+        expected = hashlib.sha256(f.read()).hexdigest()[:16]
+    assert tok.fingerprint == expected
+    assert Tokenizer(DEFAULT_TOKENIZER_PATH).fingerprint == expected
+    assert len(expected) == 16
+
+
+def test_missing_file_gives_clear_error(tmp_path) -> None:
+    path = os.path.join(tmp_path, "nope.model")
+    with pytest.raises(FileNotFoundError, match="nope.model"):
+        Tokenizer(path)
+
+
+def test_missing_special_piece_gives_clear_error(tmp_path) -> None:
+    prefix = os.path.join(tmp_path, "plain")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(read_default_corpus()[:20_000].splitlines()), model_prefix=prefix,
+        vocab_size=100, model_type="bpe", minloglevel=2, num_threads=1)
+    with pytest.raises(ValueError, match=r"plain\.model.*<pad>"):
+        Tokenizer(prefix + ".model")
