@@ -1,0 +1,244 @@
+"""Reverse-process sampler for masked-diffusion LMs (LLaDA ``generate.py`` semantics).
+
+The sampler works on a fixed canvas ``[prompt | gen_length mask tokens]`` and is a pure,
+jit-able function built from ``jax.lax`` loops, so every shape is static.
+
+Semantics (see LLaDA's ``generate.py``):
+
+* Semi-autoregressive blocks: the generated region is split into ``gen_length // block_length``
+  blocks that are denoised left to right; each block gets ``steps // num_blocks`` steps, and
+  positions after the current block are never committed.
+* Per block and per row, the number of masked tokens in the block (counted at the start of the
+  block) is spread evenly over the block's steps, the remainder going to the first steps
+  (:func:`num_transfer_tokens`).
+* Each step runs the model on the whole canvas, draws ``x0 = argmax(logits / T + Gumbel)``
+  (plain argmax for ``T == 0``), scores every candidate (masked position inside the current
+  block) by the softmax probability of ``x0`` (``"low_confidence"``) or ``U(0, 1)``
+  (``"random"``), and commits the top-k candidates of each row. Committed tokens are never
+  remasked.
+
+Precision note: the reference samples the Gumbel noise in float64 (``logits.exp() / (-log u)^T``,
+which is the same argmax as ``logits / T + Gumbel``). Here the Gumbel/argmax is done in float32,
+because float64 is normally disabled in JAX and slow on accelerators. LLaDA reports that low
+precision noise can hurt quality at ``T > 0``; ``T == 0`` (greedy) is unaffected.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+REMASKING_STRATEGIES = ("low_confidence", "random")
+
+
+def num_transfer_tokens(mask_count: jax.Array, steps: int) -> jax.Array:
+    """Number of tokens to commit at each step of a block.
+
+    Args:
+      mask_count: (B,) int, number of masked tokens in the block for each row.
+      steps: number of denoising steps of the block (static).
+
+    Returns:
+      (B, steps) int32; row ``b`` sums to ``mask_count[b]``. Each step gets
+      ``mask_count // steps`` tokens and the first ``mask_count % steps`` steps get one more
+      (LLaDA's ``get_num_transfer_tokens``).
+    """
+    mask_count = jnp.asarray(mask_count, jnp.int32)
+    base = mask_count // steps
+    remainder = mask_count % steps
+    extra = jnp.arange(steps, dtype=jnp.int32)[None, :] < remainder[:, None]
+    return base[:, None] + extra.astype(jnp.int32)
+
+
+def select_top_k_mask(confidence: jax.Array, k: jax.Array) -> jax.Array:
+    """Boolean mask of the ``k[b]`` highest-confidence positions in each row.
+
+    Uses ranks (argsort of a stable descending argsort), so exactly ``min(k[b], T)`` positions are
+    selected per row even when confidences tie; ties go to the lower position index.
+
+    Args:
+      confidence: (B, T) float; non-candidates should be ``-inf``.
+      k: (B,) int, number of positions to select per row.
+
+    Returns:
+      (B, T) bool.
+    """
+    order = jnp.argsort(-confidence, axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1, stable=True)
+    return rank < jnp.asarray(k, jnp.int32)[:, None]
+
+
+def sample_tokens(logits: jax.Array, key: jax.Array, temperature: float) -> jax.Array:
+    """``argmax(logits / temperature + Gumbel)`` in float32; plain argmax when ``temperature == 0``.
+
+    Args:
+      logits: (B, T, V) float.
+      key: PRNG key (unused when ``temperature == 0``).
+      temperature: static Python float >= 0.
+
+    Returns:
+      (B, T) int32 token ids.
+    """
+    logits = logits.astype(jnp.float32)
+    if temperature > 0:
+        gumbel = jax.random.gumbel(key, logits.shape, jnp.float32)
+        logits = logits / jnp.float32(temperature) + gumbel
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def token_confidence(
+    logits: jax.Array, x0: jax.Array, key: jax.Array, remasking: str
+) -> jax.Array:
+    """Confidence of each proposed token.
+
+    Args:
+      logits: (B, T, V) float.
+      x0: (B, T) int32 proposed tokens.
+      key: PRNG key (used by ``"random"``).
+      remasking: ``"low_confidence"`` (softmax probability of ``x0``) or ``"random"`` (U(0, 1)).
+
+    Returns:
+      (B, T) float32.
+    """
+    if remasking == "low_confidence":
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        return jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
+    if remasking == "random":
+        return jax.random.uniform(key, x0.shape, jnp.float32)
+    raise ValueError(f"remasking must be one of {REMASKING_STRATEGIES}, got {remasking!r}")
+
+
+def _validate(
+    prompt: jax.Array,
+    prompt_valid: jax.Array,
+    gen_length: int,
+    steps: int,
+    block_length: int,
+    temperature: float,
+    remasking: str,
+    eos_id: int | None,
+    ban_eos: bool,
+) -> None:
+    if prompt.ndim != 2 or prompt_valid.shape != prompt.shape:
+        raise ValueError(
+            f"prompt must be (B, Lp) with prompt_valid of the same shape, got "
+            f"{prompt.shape} and {prompt_valid.shape}"
+        )
+    if gen_length <= 0 or block_length <= 0 or steps <= 0:
+        raise ValueError(
+            f"gen_length ({gen_length}), block_length ({block_length}) and steps ({steps}) "
+            "must be positive"
+        )
+    if gen_length % block_length != 0:
+        raise ValueError(
+            f"gen_length ({gen_length}) must be divisible by block_length ({block_length})"
+        )
+    num_blocks = gen_length // block_length
+    if steps % num_blocks != 0:
+        raise ValueError(
+            f"steps ({steps}) must be divisible by the number of blocks ({num_blocks} = "
+            f"gen_length {gen_length} / block_length {block_length})"
+        )
+    if remasking not in REMASKING_STRATEGIES:
+        raise ValueError(f"remasking must be one of {REMASKING_STRATEGIES}, got {remasking!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if ban_eos and eos_id is None:
+        raise ValueError("ban_eos=True requires eos_id")
+
+
+def generate(
+    logits_fn: LogitsFn,
+    prompt: jax.Array,
+    prompt_valid: jax.Array,
+    key: jax.Array,
+    *,
+    gen_length: int,
+    steps: int,
+    block_length: int,
+    mask_id: int,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    eos_id: int | None = None,
+    ban_eos: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Sample ``gen_length`` tokens after ``prompt`` with the LLaDA reverse process.
+
+    Pure and jit-able (keyword arguments and ``logits_fn`` must be static under ``jax.jit``).
+
+    Args:
+      logits_fn: ``(tokens (B, T) int32, valid (B, T) bool) -> logits (B, T, V)``; ``valid`` is
+        the key-padding mask.
+      prompt: (B, Lp) int32, left-padded.
+      prompt_valid: (B, Lp) bool, False on the left pads.
+      key: PRNG key (used for Gumbel noise when ``temperature > 0`` and for ``"random"``).
+      gen_length: number of generated tokens; ``T = Lp + gen_length``.
+      steps: total number of denoising steps (= model calls).
+      block_length: semi-autoregressive block size; must divide ``gen_length``, and the number of
+        blocks must divide ``steps``.
+      mask_id: id of the mask token.
+      temperature: Gumbel-max temperature; 0 is greedy argmax.
+      remasking: ``"low_confidence"`` or ``"random"``.
+      eos_id: EOS id, needed for ``ban_eos``.
+      ban_eos: if True the EOS logit is set to ``-inf`` before sampling.
+
+    Returns:
+      ``(canvas, nfe)``: canvas (B, T) int32 with the prompt unchanged and the generated tokens
+      after it; nfe int32 scalar, the number of ``logits_fn`` calls (``steps``).
+
+    Note:
+      As in the reference, a token equal to ``mask_id`` proposed by the model is committed like
+      any other token; a trained model never proposes it.
+    """
+    prompt = jnp.asarray(prompt, jnp.int32)
+    prompt_valid = jnp.asarray(prompt_valid, jnp.bool_)
+    _validate(prompt, prompt_valid, gen_length, steps, block_length, temperature, remasking,
+              eos_id, ban_eos)
+
+    batch, prompt_len = prompt.shape
+    total_len = prompt_len + gen_length
+    num_blocks = gen_length // block_length
+    steps_per_block = steps // num_blocks
+
+    canvas = jnp.concatenate(
+        [prompt, jnp.full((batch, gen_length), mask_id, jnp.int32)], axis=1
+    )
+    valid = jnp.concatenate([prompt_valid, jnp.ones((batch, gen_length), jnp.bool_)], axis=1)
+    positions = jnp.arange(total_len, dtype=jnp.int32)
+
+    def step_fn(step: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        x, schedule = carry  # (B, T) int32, (B, steps_per_block) int32
+        block = step // steps_per_block
+        inner = step % steps_per_block
+        block_start = prompt_len + block * block_length
+        in_block = (positions >= block_start) & (positions < block_start + block_length)  # (T,)
+        is_mask = x == mask_id  # (B, T)
+        candidates = is_mask & in_block[None, :]
+
+        # New block: schedule its masked tokens over its steps.
+        schedule = jnp.where(
+            inner == 0,
+            num_transfer_tokens(jnp.sum(candidates, axis=-1), steps_per_block),
+            schedule,
+        )
+        k = schedule[:, inner]  # (B,)
+
+        logits = logits_fn(x, valid)
+        if ban_eos:
+            logits = logits.at[..., eos_id].set(-jnp.inf)
+        step_key = jax.random.fold_in(key, step)
+        gumbel_key, remask_key = jax.random.split(step_key)
+        x0 = sample_tokens(logits, gumbel_key, temperature)
+        confidence = token_confidence(logits, x0, remask_key, remasking)
+        confidence = jnp.where(candidates, confidence, -jnp.inf)
+
+        commit = select_top_k_mask(confidence, k) & candidates
+        return jnp.where(commit, x0, x), schedule
+
+    schedule0 = jnp.zeros((batch, steps_per_block), jnp.int32)
+    canvas, _ = jax.lax.fori_loop(0, steps, step_fn, (canvas, schedule0))
+    return canvas, jnp.asarray(steps, jnp.int32)

@@ -1,0 +1,251 @@
+"""Tests for llada_jax.sampling against an independent numpy port of LLaDA's generate.py."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llada_jax.sampling import generate, num_transfer_tokens, select_top_k_mask
+
+VOCAB = 32
+MASK_ID = VOCAB - 1
+EOS_ID = 5
+MAX_LEN = 40
+BUMP = 3.0
+VALID_BUMP = 1.5
+
+_rng = np.random.default_rng(0)
+W = _rng.normal(size=(MAX_LEN, VOCAB)).astype(np.float32)
+W[:, MASK_ID] = -20.0  # the fake model never proposes the mask token
+
+
+# ----------------------------------------------------------------------------- fake model
+def np_logits(tokens: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """W[pos] + BUMP on token (prev + 1) % V when the previous token is valid and unmasked,
+    + VALID_BUMP on token (number of valid positions) % V everywhere (so padding matters)."""
+    b, t = tokens.shape
+    logits = np.broadcast_to(W[None, :t], (b, t, VOCAB)).copy()
+    for i in range(b):
+        logits[i, :, valid[i].sum() % VOCAB] += np.float32(VALID_BUMP)
+        for p in range(1, t):
+            prev = tokens[i, p - 1]
+            if valid[i, p - 1] and prev != MASK_ID:
+                logits[i, p, (prev + 1) % VOCAB] += np.float32(BUMP)
+    return logits
+
+
+def jax_logits(tokens: jax.Array, valid: jax.Array) -> jax.Array:
+    """Same function as np_logits, in jax."""
+    t = tokens.shape[1]
+    prev = jnp.pad(tokens[:, :-1], ((0, 0), (1, 0)), constant_values=MASK_ID)
+    prev_valid = jnp.pad(valid[:, :-1], ((0, 0), (1, 0)), constant_values=False)
+    use = prev_valid & (prev != MASK_ID)
+    bump = jax.nn.one_hot((prev + 1) % VOCAB, VOCAB, dtype=jnp.float32) * jnp.float32(BUMP)
+    n_valid = jnp.sum(valid, axis=1) % VOCAB
+    valid_bump = jax.nn.one_hot(n_valid, VOCAB, dtype=jnp.float32) * jnp.float32(VALID_BUMP)
+    return (jnp.asarray(W)[None, :t] + jnp.where(use[..., None], bump, 0.0)
+            + valid_bump[:, None, :])
+
+
+# ----------------------------------------------------------------------------- numpy reference
+def np_num_transfer(mask_count: np.ndarray, steps: int) -> np.ndarray:
+    out = np.zeros((len(mask_count), steps), np.int64)
+    for i, c in enumerate(mask_count):
+        out[i, :] = c // steps
+        for j in range(c % steps):
+            out[i, j] += 1
+    return out
+
+
+def np_generate(prompt, prompt_valid, *, gen_length, steps, block_length):
+    """Greedy (temperature 0), low_confidence LLaDA generate; returns (canvas, commit_step, history)."""
+    b, lp = prompt.shape
+    x = np.concatenate([prompt, np.full((b, gen_length), MASK_ID, prompt.dtype)], axis=1)
+    valid = np.concatenate([prompt_valid, np.ones((b, gen_length), bool)], axis=1)
+    commit_step = np.full(x.shape, -1)
+    history = []
+    num_blocks = gen_length // block_length
+    spb = steps // num_blocks
+    step = 0
+    for nb in range(num_blocks):
+        start, end = lp + nb * block_length, lp + (nb + 1) * block_length
+        schedule = np_num_transfer((x[:, start:end] == MASK_ID).sum(1), spb)
+        for i in range(spb):
+            history.append(x.copy())
+            mask_index = x == MASK_ID
+            logits = np_logits(x, valid)
+            x0 = logits.argmax(-1)
+            z = logits.astype(np.float64)
+            p = np.exp(z - z.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            x0_p = np.take_along_axis(p, x0[..., None], -1)[..., 0]
+            x0_p[:, end:] = -np.inf
+            x0 = np.where(mask_index, x0, x)
+            conf = np.where(mask_index, x0_p, -np.inf)
+            for j in range(b):
+                idx = np.argsort(-conf[j], kind="stable")[: schedule[j, i]]
+                x[j, idx] = x0[j, idx]
+                commit_step[j, idx] = step
+            step += 1
+    return x, commit_step, history
+
+
+# ----------------------------------------------------------------------------- helpers
+@functools.lru_cache(maxsize=None)
+def jitted(gen_length, steps, block_length, temperature=0.0, remasking="low_confidence",
+           ban_eos=False, logits_fn=jax_logits):
+    return jax.jit(functools.partial(
+        generate, logits_fn, gen_length=gen_length, steps=steps, block_length=block_length,
+        mask_id=MASK_ID, temperature=temperature, remasking=remasking, eos_id=EOS_ID,
+        ban_eos=ban_eos))
+
+
+def make_prompt(lengths, lp):
+    """Left-padded prompts (pad id 0) of the given true lengths."""
+    rng = np.random.default_rng(1)
+    prompt = np.zeros((len(lengths), lp), np.int32)
+    valid = np.zeros((len(lengths), lp), bool)
+    for i, n in enumerate(lengths):
+        prompt[i, lp - n:] = rng.integers(0, MASK_ID, size=n)
+        valid[i, lp - n:] = True
+    return prompt, valid
+
+
+KEY = jax.random.PRNGKey(0)
+
+
+# ----------------------------------------------------------------------------- tests
+def test_fake_model_is_order_sensitive():
+    """Guard: with this fake model the outcome depends on commit order, block structure and
+    padding, so the reference comparisons below are discriminative (numpy only)."""
+    prompt, valid = make_prompt((4,), 4)
+    base = np_generate(prompt, valid, gen_length=8, steps=4, block_length=8)[0]
+    one_shot = np_generate(prompt, valid, gen_length=8, steps=1, block_length=8)[0]
+    assert not np.array_equal(base, one_shot)
+    prompt, valid = make_prompt((3, 3), 3)
+    blocks = np_generate(prompt, valid, gen_length=16, steps=6, block_length=8)[0]
+    single = np_generate(prompt, valid, gen_length=16, steps=6, block_length=16)[0]
+    assert not np.array_equal(blocks, single)
+    prompt, valid = make_prompt((5, 2), 5)
+    padded = np_generate(prompt, valid, gen_length=16, steps=4, block_length=8)[0]
+    unpadded = np_generate(prompt, np.ones_like(valid), gen_length=16, steps=4, block_length=8)[0]
+    assert not np.array_equal(padded, unpadded)
+
+
+def test_num_transfer_tokens_hand_values():
+    got = np.asarray(num_transfer_tokens(jnp.array([8, 6, 2, 0]), 3))
+    np.testing.assert_array_equal(got, [[3, 3, 2], [2, 2, 2], [1, 1, 0], [0, 0, 0]])
+    got = np.asarray(num_transfer_tokens(jnp.array([32]), 4))
+    np.testing.assert_array_equal(got, [[8, 8, 8, 8]])
+    counts = np.array([0, 1, 7, 8, 13, 31])
+    np.testing.assert_array_equal(num_transfer_tokens(jnp.array(counts), 5),
+                                  np_num_transfer(counts, 5))
+
+
+def test_select_top_k_mask_exact_k_with_ties():
+    conf = jnp.array([[0.5, 0.9, 0.5, -jnp.inf, 0.5], [0.1, 0.2, 0.3, 0.4, 0.5]])
+    got = np.asarray(select_top_k_mask(conf, jnp.array([2, 0])))
+    np.testing.assert_array_equal(got, [[True, True, False, False, False], [False] * 5])
+    assert np.asarray(select_top_k_mask(conf, jnp.array([3, 5]))).sum(1).tolist() == [3, 5]
+
+
+@pytest.mark.parametrize(
+    "lengths,lp,gen_length,steps,block_length",
+    [
+        ((4,), 4, 8, 4, 8),        # one block
+        ((4,), 4, 16, 8, 4),       # several blocks
+        ((5, 2), 5, 16, 4, 8),     # batch 2, left padding in row 1
+        ((3, 3), 3, 16, 6, 8),     # remainder: 8 tokens over 3 steps -> 3, 3, 2
+    ],
+)
+def test_matches_numpy_reference(lengths, lp, gen_length, steps, block_length):
+    prompt, valid = make_prompt(lengths, lp)
+    canvas, nfe = jitted(gen_length, steps, block_length)(prompt, valid, KEY)
+    ref, _, _ = np_generate(prompt, valid, gen_length=gen_length, steps=steps,
+                            block_length=block_length)
+    canvas = np.asarray(canvas)
+    np.testing.assert_array_equal(canvas, ref)
+    assert canvas.dtype == np.int32 and canvas.shape == (len(lengths), lp + gen_length)
+    assert int(nfe) == steps
+    np.testing.assert_array_equal(canvas[:, :lp], prompt)  # prompt untouched
+    assert not (canvas == MASK_ID).any()
+
+
+def test_commit_order_is_blockwise():
+    """Record the canvas seen by every model call and compare with the reference history."""
+    lp, gen_length, block_length, steps = 4, 16, 8, 4
+    prompt, valid = make_prompt((3,), lp)
+    seen = []
+
+    def recording_logits(tokens, v):
+        jax.debug.callback(lambda t: seen.append(np.asarray(t).copy()), tokens, ordered=True)
+        return jax_logits(tokens, v)
+
+    canvas, nfe = generate(recording_logits, prompt, valid, KEY, gen_length=gen_length,
+                           steps=steps, block_length=block_length, mask_id=MASK_ID)
+    jax.effects_barrier()
+    ref, commit_step, history = np_generate(prompt, valid, gen_length=gen_length, steps=steps,
+                                            block_length=block_length)
+    assert len(seen) == steps == int(nfe)
+    for got, want in zip(seen, history):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.asarray(canvas), ref)
+    # Second block untouched during the first block's steps, first block complete after them.
+    for s in range(steps // 2):
+        assert (seen[s][:, lp + block_length:] == MASK_ID).all()
+    assert not (seen[steps // 2][:, lp:lp + block_length] == MASK_ID).any()
+    assert (seen[steps // 2][:, lp + block_length:] == MASK_ID).all()
+    # Reference commit order is block-wise: block 0 in steps {0,1}, block 1 in steps {2,3}.
+    assert set(commit_step[0, lp:lp + block_length]) == {0, 1}
+    assert set(commit_step[0, lp + block_length:]) == {2, 3}
+
+
+@pytest.mark.parametrize("temperature,remasking", [(0.0, "random"), (1.0, "low_confidence")])
+def test_stochastic_modes_reproducible(temperature, remasking):
+    lp = 4
+    prompt, valid = make_prompt((4, 2), lp)
+    fn = jitted(16, 4, 8, temperature=temperature, remasking=remasking)
+    a, nfe = fn(prompt, valid, KEY)
+    b, _ = fn(prompt, valid, KEY)
+    c, _ = fn(prompt, valid, jax.random.PRNGKey(123))
+    a, b, c = map(np.asarray, (a, b, c))
+    np.testing.assert_array_equal(a, b)
+    assert not (a == MASK_ID).any() and not (c == MASK_ID).any()
+    np.testing.assert_array_equal(a[:, :lp], prompt)
+    assert int(nfe) == 4
+    if temperature > 0:
+        assert not np.array_equal(a, c)  # different key, different Gumbel noise
+
+
+def test_ban_eos():
+    def eos_loving(tokens, v):
+        return jax_logits(tokens, v).at[..., EOS_ID].add(50.0)
+
+    prompt, valid = make_prompt((4,), 4)
+    banned, _ = jitted(8, 2, 8, ban_eos=True, logits_fn=eos_loving)(prompt, valid, KEY)
+    free, _ = jitted(8, 2, 8, ban_eos=False, logits_fn=eos_loving)(prompt, valid, KEY)
+    assert (np.asarray(free)[:, 4:] == EOS_ID).all()
+    assert not (np.asarray(banned)[:, 4:] == EOS_ID).any()
+
+
+@pytest.mark.parametrize(
+    "kwargs,needles",
+    [
+        (dict(gen_length=10, block_length=4, steps=4), ["10", "4"]),
+        (dict(gen_length=16, block_length=4, steps=6), ["6", "4"]),
+        (dict(gen_length=8, block_length=8, steps=2, remasking="topk"), ["topk"]),
+        (dict(gen_length=8, block_length=8, steps=2, temperature=-1.0), ["-1.0"]),
+        (dict(gen_length=8, block_length=8, steps=2, ban_eos=True, eos_id=None), ["eos_id"]),
+    ],
+)
+def test_invalid_arguments(kwargs, needles):
+    prompt, valid = make_prompt((2,), 2)
+    kwargs = dict(dict(mask_id=MASK_ID), **kwargs)
+    with pytest.raises(ValueError) as err:
+        generate(jax_logits, prompt, valid, KEY, **kwargs)
+    for needle in needles:
+        assert needle in str(err.value)
