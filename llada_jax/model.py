@@ -226,18 +226,20 @@ class Transformer(nnx.Module):
         mask = attention_mask(valid, segment_ids, cfg.causal)
         rope = rope_tables(tokens.shape[1], cfg.head_dim, cfg.rope_theta)
         x = self.embed(tokens)
-        policy = REMAT_POLICIES[cfg.remat]
-
-        def layer(x: jax.Array, block: Block) -> jax.Array:
-            return block(x, rope, mask)
+        # Layers run as pure functions of their state (jax.lax.scan / jax.checkpoint rather than
+        # the nnx transforms), so the model also works inside other traced loops (the sampler).
+        def layer(x: jax.Array, block_state: nnx.State) -> tuple[jax.Array, None]:
+            return nnx.merge(block_def, block_state)(x, rope, mask), None
 
         if cfg.remat != "none":
-            layer = nnx.remat(layer, policy=policy)
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
-            x = nnx.scan(layer, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
+            block_def, states = nnx.split(self.blocks)
+            x, _ = jax.lax.scan(layer, x, states)
         else:
             for block in self.blocks:
-                x = layer(x, block)
+                block_def, state = nnx.split(block)
+                x, _ = layer(x, state)
         x = self.final_norm(x)
         if cfg.tie_embeddings:
             return self.embed.attend(x)

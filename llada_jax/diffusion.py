@@ -1,0 +1,365 @@
+"""Forward (noising) process and losses of masked-diffusion language models (LLaDA).
+
+Everything here is a pure function of arrays and PRNG keys: no model, no global state. All
+functions are jit-able with static shapes; ``DiffusionConfig`` is a frozen (hashable) dataclass,
+so it can be passed as a static argument.
+
+Notation (shapes):
+    B: global batch size, L: sequence length, V: vocabulary size.
+
+Schedules are written as the keep-probability ``alpha(t)`` (``alpha(0) = 1``, ``alpha(1) = 0``);
+the mask probability at time ``t`` is ``1 - alpha(t)`` and the continuous-time ELBO weight is
+``w(t) = -alpha'(t) / (1 - alpha(t))``:
+
+    linear:      alpha = 1 - t             1 - alpha = t              w = 1 / t
+    cosine:      alpha = cos(pi t / 2)     1 - alpha = 2 sin^2(pi t/4) w = (pi/2) cot(pi t / 4)
+    polynomial:  alpha = 1 - t^k           1 - alpha = t^k            w = k / t
+
+(The cosine forms are the algebraically identical, numerically stable rewrites of
+``1 - cos(pi t/2)`` and ``(pi/2) sin(pi t/2) / (1 - cos(pi t/2))``.)
+
+The eps floor, LLaDA's way: a time ``t`` in [0, 1) is mapped to ``t' = eps + (1 - eps) t``; the
+mask probability is ``p = 1 - alpha(t')`` and the loss weight ``w(t')``. For the linear schedule this
+is exactly LLaDA: ``p = (1 - eps) t + eps`` and weight ``1 / p``. As in LLaDA, the constant Jacobian
+``dt'/dt = 1 - eps`` is dropped from the weight (a constant factor ~0.999 on the loss).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SCHEDULES = ("linear", "cosine", "polynomial")
+T_SAMPLING = ("iid", "stratified")
+
+Array = jax.Array
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """Settings of the forward process and of the training objective.
+
+    Attributes:
+        mask_id: token id of the mask token.
+        schedule: "linear" | "cosine" | "polynomial" (keep-probability alpha(t)).
+        power: exponent k of the polynomial schedule alpha = 1 - t^k (> 0).
+        eps: floor of the diffusion time, t' = eps + (1 - eps) t; 0 < eps < 1.
+        t_sampling: "iid" (LLaDA) or "stratified" (antithetic over the global batch, MDLM).
+        random_length_prob: probability per batch of cutting all sequences to a length
+            l ~ U{1..L} (done with the ``valid`` mask; shapes stay static); in [0, 1].
+        cfg_prompt_dropout: probability per sequence of replacing the whole prompt by mask
+            tokens (classifier-free-guidance training, SMDM); in [0, 1].
+    """
+
+    mask_id: int
+    schedule: str = "linear"
+    power: float = 2.0
+    eps: float = 1e-3
+    t_sampling: str = "iid"
+    random_length_prob: float = 0.01
+    cfg_prompt_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"DiffusionConfig.schedule={self.schedule!r} is invalid; valid choices: {SCHEDULES}"
+            )
+        if self.t_sampling not in T_SAMPLING:
+            raise ValueError(
+                f"DiffusionConfig.t_sampling={self.t_sampling!r} is invalid; "
+                f"valid choices: {T_SAMPLING}"
+            )
+        if not _is_real(self.power) or not (math.isfinite(self.power) and self.power > 0):
+            raise ValueError(
+                f"DiffusionConfig.power={self.power!r} is invalid; valid: a finite number > 0"
+            )
+        if not _is_real(self.eps) or not (0.0 < self.eps < 1.0):
+            raise ValueError(
+                f"DiffusionConfig.eps={self.eps!r} is invalid; valid: a number with 0 < eps < 1"
+            )
+        for name in ("random_length_prob", "cfg_prompt_dropout"):
+            v = getattr(self, name)
+            if not _is_real(v) or not (0.0 <= v <= 1.0):
+                raise ValueError(
+                    f"DiffusionConfig.{name}={v!r} is invalid; valid: a probability in [0, 1]"
+                )
+        if not _is_int(self.mask_id) or self.mask_id < 0:
+            raise ValueError(
+                f"DiffusionConfig.mask_id={self.mask_id!r} is invalid; "
+                "valid: a non-negative integer token id"
+            )
+        # Normalize numpy scalars to Python numbers (stable hashing as a static jit argument).
+        object.__setattr__(self, "mask_id", int(self.mask_id))
+        for name in ("power", "eps", "random_length_prob", "cfg_prompt_dropout"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    @classmethod
+    def from_config(cls, c: Any, mask_id: int) -> "DiffusionConfig":
+        """Builds from an ``ml_collections.ConfigDict`` (or any mapping / attribute object).
+
+        ``c`` may hold any of the fields ``schedule, power, eps, t_sampling, random_length_prob,
+        cfg_prompt_dropout``; missing fields take the defaults. ``mask_id`` comes from the
+        tokenizer.
+        """
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "mask_id":
+                continue
+            if hasattr(c, "get"):
+                v = c.get(f.name, None)
+            else:
+                v = getattr(c, f.name, None)
+            if v is not None:
+                kwargs[f.name] = v
+        return cls(mask_id=mask_id, **kwargs)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
+        v, (bool, np.bool_)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------------------------
+
+
+def alpha(t: Array, cfg: DiffusionConfig) -> Array:
+    """Keep-probability alpha(t) of the schedule. t: any shape, float in [0, 1] -> same shape."""
+    t = jnp.asarray(t, jnp.float32)
+    if cfg.schedule == "linear":
+        return 1.0 - t
+    if cfg.schedule == "cosine":
+        return jnp.cos(0.5 * jnp.pi * t)
+    if cfg.schedule == "polynomial":
+        return 1.0 - t ** cfg.power
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; valid choices: {SCHEDULES}")
+
+
+def mask_prob(t: Array, cfg: DiffusionConfig) -> Array:
+    """Mask probability 1 - alpha(t), computed without cancellation. t: any shape -> same."""
+    t = jnp.asarray(t, jnp.float32)
+    if cfg.schedule == "linear":
+        return t
+    if cfg.schedule == "cosine":
+        return 2.0 * jnp.sin(0.25 * jnp.pi * t) ** 2  # = 1 - cos(pi t / 2)
+    if cfg.schedule == "polynomial":
+        return t ** cfg.power
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; valid choices: {SCHEDULES}")
+
+
+def elbo_weight(t: Array, cfg: DiffusionConfig) -> Array:
+    """ELBO weight w(t) = -alpha'(t) / (1 - alpha(t)), analytic. t: any shape, in (0, 1] -> same.
+
+    linear: 1/t; cosine: (pi/2) sin(pi t/2) / (1 - cos(pi t/2)) = (pi/2) cot(pi t/4);
+    polynomial: k t^(k-1) / t^k = k/t. Infinite at t = 0 (use the eps floor).
+    """
+    t = jnp.asarray(t, jnp.float32)
+    if cfg.schedule == "linear":
+        return 1.0 / t
+    if cfg.schedule == "cosine":
+        x = 0.25 * jnp.pi * t
+        return 0.5 * jnp.pi * jnp.cos(x) / jnp.sin(x)
+    if cfg.schedule == "polynomial":
+        return cfg.power / t
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; valid choices: {SCHEDULES}")
+
+
+def apply_eps_floor(t: Array, eps: float) -> Array:
+    """t in [0, 1) -> t' = eps + (1 - eps) t in [eps, 1). Any shape."""
+    return eps + (1.0 - eps) * jnp.asarray(t, jnp.float32)
+
+
+def noise_level(t: Array, cfg: DiffusionConfig) -> tuple[Array, Array]:
+    """Raw time t (B,) in [0, 1) -> (p, w): mask probability 1 - alpha(t') and weight w(t'), both
+    (B,) float32, with t' = eps + (1 - eps) t. The Jacobian 1 - eps is dropped (as in LLaDA).
+
+    Linear schedule: p = (1 - eps) t + eps, w = 1 / p (LLaDA exactly).
+    """
+    tp = apply_eps_floor(t, cfg.eps)
+    return mask_prob(tp, cfg), elbo_weight(tp, cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling the forward process
+# --------------------------------------------------------------------------------------------
+
+
+def sample_t(key: Array, batch_size: int, method: str = "iid") -> Array:
+    """Diffusion times for a global batch. Returns (batch_size,) float32 in [0, 1).
+
+    "iid": independent U[0, 1) (LLaDA). "stratified": antithetic over the whole batch,
+    t_i = (u + i / B) mod 1 with a single u ~ U[0, 1) (MDLM / BD3-LM variance reduction).
+    """
+    if method == "iid":
+        return jax.random.uniform(key, (batch_size,), jnp.float32)
+    if method == "stratified":
+        u = jax.random.uniform(key, (), jnp.float32)
+        offsets = jnp.arange(batch_size, dtype=jnp.float32) / batch_size
+        t = jnp.mod(u + offsets, 1.0)
+        # Guard against float rounding landing exactly on 1.0.
+        return jnp.where(t >= 1.0, t - 1.0, t)
+    raise ValueError(f"sample_t: method={method!r} is invalid; valid choices: {T_SAMPLING}")
+
+
+def forward_mask(
+    key: Array, tokens: Array, p: Array, maskable: Array, mask_id: int
+) -> tuple[Array, Array]:
+    """Independently replaces each maskable token by ``mask_id`` with probability p[b].
+
+    Args:
+        key: PRNG key.
+        tokens: (B, L) int32 clean tokens x0.
+        p: (B,) float mask probability per sequence.
+        maskable: (B, L) bool; False positions are never masked.
+        mask_id: the mask token id.
+    Returns:
+        inputs (B, L) int32 (x_t) and is_masked (B, L) bool; inputs == mask_id where is_masked.
+    """
+    u = jax.random.uniform(key, tokens.shape, jnp.float32)
+    is_masked = (u < jnp.asarray(p, jnp.float32)[:, None]) & maskable
+    inputs = jnp.where(is_masked, jnp.asarray(mask_id, tokens.dtype), tokens)
+    return inputs.astype(jnp.int32), is_masked
+
+
+def noise_batch(
+    key: Array,
+    tokens: Array,
+    cfg: DiffusionConfig,
+    *,
+    prompt_mask: Optional[Array] = None,
+    valid: Optional[Array] = None,
+) -> dict[str, Array]:
+    """Noises a global batch of clean sequences for one training step.
+
+    Args:
+        key: PRNG key (the caller folds in the step).
+        tokens: (B, L) int32 clean tokens.
+        cfg: DiffusionConfig (static under jit).
+        prompt_mask: optional (B, L) bool, True at SFT prompt positions: never masked; with
+            probability cfg.cfg_prompt_dropout per sequence the whole (valid) prompt is replaced by
+            mask_id in ``inputs`` (still excluded from ``is_masked`` and the loss).
+        valid: optional (B, L) bool, positions that exist (default all True).
+    Returns:
+        dict with
+            inputs (B, L) int32: x_t, the model input;
+            targets (B, L) int32: = tokens;
+            is_masked (B, L) bool: positions noised by the forward process (loss positions);
+            weight (B,) float32: ELBO weight w(t') per sequence;
+            p (B,) float32: mask probability per sequence;
+            valid (B, L) bool: existing positions (attention key-padding mask and loss mask).
+        With probability cfg.random_length_prob (one draw per batch) a length l ~ U{1..L} is drawn
+        and positions >= l are made invalid for every sequence.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    B, L = tokens.shape
+    k_t, k_mask, k_gate, k_len, k_cfg = jax.random.split(key, 5)
+
+    valid = jnp.ones((B, L), bool) if valid is None else jnp.asarray(valid, bool)
+    if cfg.random_length_prob > 0.0:
+        cut_batch = jax.random.uniform(k_gate, (), jnp.float32) < cfg.random_length_prob
+        length = jax.random.randint(k_len, (), 1, L + 1)
+        keep = jnp.arange(L) < length
+        valid = valid & jnp.where(cut_batch, keep, True)[None, :]
+
+    prompt = jnp.zeros((B, L), bool) if prompt_mask is None else jnp.asarray(prompt_mask, bool)
+    maskable = valid & ~prompt
+
+    t = sample_t(k_t, B, cfg.t_sampling)
+    p, weight = noise_level(t, cfg)
+    inputs, is_masked = forward_mask(k_mask, tokens, p, maskable, cfg.mask_id)
+
+    if prompt_mask is not None and cfg.cfg_prompt_dropout > 0.0:
+        drop = jax.random.uniform(k_cfg, (B,), jnp.float32) < cfg.cfg_prompt_dropout
+        inputs = jnp.where(drop[:, None] & prompt & valid, jnp.int32(cfg.mask_id), inputs)
+
+    return {
+        "inputs": inputs,
+        "targets": tokens,
+        "is_masked": is_masked,
+        "weight": weight.astype(jnp.float32),
+        "p": p.astype(jnp.float32),
+        "valid": valid,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------
+
+
+def cross_entropy(logits: Array, targets: Array) -> Array:
+    """Token cross-entropy -log softmax(logits)[target], in float32.
+
+    logits: (B, L, V) any float dtype (e.g. bfloat16); targets: (B, L) int -> (B, L) float32.
+    """
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return lse - tgt
+
+
+def _masked_aux(ce: Array, loss_mask: Array) -> dict[str, Array]:
+    num_masked = jnp.sum(loss_mask.astype(jnp.int32))
+    masked_ce = jnp.sum(jnp.where(loss_mask, ce, 0.0)) / jnp.maximum(num_masked, 1)
+    return {"num_masked": num_masked, "masked_ce": masked_ce}
+
+
+def pretrain_loss(logits: Array, batch: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+    """Pretraining loss (unbiased per-token negative ELBO, LLaDA).
+
+    sum over masked valid positions of CE * weight[b], divided by the number of valid positions
+    (B * L normally; B * l for a random-length batch).
+
+    Args:
+        logits: (B, L, V) float.
+        batch: output of ``noise_batch`` (uses targets, is_masked, weight, valid).
+    Returns:
+        loss () float32 and aux {"num_masked": () int32, "masked_ce": () float32 (mean unweighted
+        CE over masked tokens)}.
+    """
+    ce = cross_entropy(logits, batch["targets"])
+    valid = batch["valid"].astype(bool)
+    loss_mask = batch["is_masked"].astype(bool) & valid
+    weighted = jnp.where(loss_mask, ce * batch["weight"].astype(jnp.float32)[:, None], 0.0)
+    num_valid = jnp.sum(valid.astype(jnp.float32))
+    loss = jnp.sum(weighted) / jnp.maximum(num_valid, 1.0)
+    return loss, _masked_aux(ce, loss_mask)
+
+
+def sft_loss(
+    logits: Array, batch: dict[str, Array], response_mask: Array
+) -> tuple[Array, dict[str, Array]]:
+    """SFT loss (LLaDA): per sequence, sum over masked response tokens of CE * weight divided by
+    that sequence's answer length, then the mean over the batch.
+
+    Args:
+        logits: (B, L, V) float.
+        batch: output of ``noise_batch`` (uses targets, is_masked, weight, valid).
+        response_mask: (B, L) bool, True at response positions (non-prompt; EOS padding included,
+            it is part of the response). Answer length = sum(response_mask & valid) per sequence,
+            floored at 1.
+    Returns:
+        loss () float32 and aux {"num_masked", "masked_ce"} as in ``pretrain_loss``.
+    """
+    ce = cross_entropy(logits, batch["targets"])
+    response = jnp.asarray(response_mask, bool) & batch["valid"].astype(bool)
+    loss_mask = batch["is_masked"].astype(bool) & response
+    weighted = jnp.where(loss_mask, ce * batch["weight"].astype(jnp.float32)[:, None], 0.0)
+    answer_len = jnp.maximum(jnp.sum(response.astype(jnp.float32), axis=1), 1.0)
+    loss = jnp.sum(weighted) / jnp.sum(answer_len)
+    return loss, _masked_aux(ce, loss_mask)

@@ -1,0 +1,161 @@
+"""Model FLOPs, accelerator peaks, MFU, and the metric writers (JSONL + TensorBoard).
+
+FLOPs accounting (one function, used by the trainer and the benchmark):
+  forward FLOPs per token = 2 * (matmul parameters: q, k, v, o, gate, up, down per layer, plus
+  the LM head) + 4 * n_layers * seq_len * n_heads * head_dim (QK^T and PV over the full L x L map:
+  attention is bidirectional, so there is no causal halving). Training = 3 x forward (backward
+  costs twice the forward). Rematerialization is not counted: MFU measures useful model work.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llada_jax.model import ModelConfig
+
+# Dense peak FLOP/s per chip, by a substring of jax's `device_kind`. float32 matmuls run at the
+# bfloat16 rate on TPU (default precision) and as TF32 on NVIDIA GPUs.
+PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
+    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},
+    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
+    "TPU v5": {"bfloat16": 459e12, "float32": 459e12},
+    "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12},
+    "H200": {"bfloat16": 989e12, "float32": 494e12},
+    "H100": {"bfloat16": 989e12, "float32": 494e12},
+    "A100": {"bfloat16": 312e12, "float32": 156e12},
+}
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "llada_jax")
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Matmul FLOPs of one forward pass, per token, for sequences of `seq_len`."""
+    d, hd = cfg.d_model, cfg.head_dim
+    per_layer = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * cfg.mlp_hidden
+    params = cfg.n_layers * per_layer + d * cfg.vocab_size
+    attention = 4 * cfg.n_layers * seq_len * cfg.n_heads * hd
+    return 2.0 * params + attention
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward + backward matmul FLOPs per token (3 x forward)."""
+    return 3.0 * forward_flops_per_token(cfg, seq_len)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_cpu_matmul_peak(dtype: str = "float32", sizes: tuple[int, ...] = (1024, 2048),
+                            repeats: int = 5) -> float:
+    """Best FLOP/s of a jitted square matmul on the CPU (all cores, one device)."""
+    device = jax.devices("cpu")[0]
+    best = 0.0
+    for n in sizes:
+        a = jax.device_put(jnp.ones((n, n), dtype), device)
+        f = jax.jit(lambda x: x @ x)
+        f(a).block_until_ready()
+        for _ in range(repeats):
+            t = time.perf_counter()
+            f(a).block_until_ready()
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_peak_flops(dtype: str = "float32") -> float:
+    """Measured CPU matmul peak, cached on disk per CPU model, core count and dtype."""
+    key = f"{_cpu_name()}|{os.cpu_count()}|{dtype}|jax{jax.__version__}"
+    path = os.path.join(CACHE_DIR, "cpu_peak_flops.json")
+    cache: dict[str, float] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            cache = json.load(f)
+    if key not in cache:
+        cache[key] = measure_cpu_matmul_peak(dtype)
+        os.makedirs(CACHE_DIR, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(cache, f, indent=1)
+        os.replace(tmp, path)
+    return cache[key]
+
+
+def total_peak_flops(dtype: str) -> float | None:
+    """Peak FLOP/s of all devices in the job, or None for an accelerator not in the table.
+
+    On CPU the fake device count does not add compute: the host's measured peak is the total.
+    """
+    devices = jax.devices()
+    if devices[0].platform == "cpu":
+        return cpu_peak_flops(dtype)
+    kind = devices[0].device_kind
+    for name, peaks in PEAK_FLOPS.items():
+        if name in kind:
+            return peaks[dtype] * len(devices)
+    return None
+
+
+def format_duration(seconds: float) -> str:
+    """1h02m, 3m12s, 45s."""
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def format_log_line(step: int, total: int, m: Mapping[str, float]) -> str:
+    """One human-readable progress line from a metrics dict."""
+    mfu = f"{100 * m['mfu']:.1f}%" if m.get("mfu") is not None else "n/a"
+    return (f"step {step}/{total} | loss {m['loss']:.4f} | grad_norm {m['grad_norm']:.3f} "
+            f"| lr {m['lr']:.2e} | tok/s {m['tokens_per_sec']:,.0f} "
+            f"| masked tok/s {m['masked_tokens_per_sec']:,.0f} | mfu {mfu} "
+            f"| eta {format_duration(m['eta_sec'])}")
+
+
+class MetricsWriter:
+    """Appends metrics to DIR/metrics.jsonl and TensorBoard events; a no-op when disabled."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter  # imported here: only process 0 writes
+
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: _to_python(v) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        for k, v in clean.items():
+            if isinstance(v, (int, float)) and v is not None:
+                self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def _to_python(v: Any) -> Any:
+    if isinstance(v, (np.ndarray, np.generic, jax.Array)):
+        return np.asarray(v).item()
+    return v

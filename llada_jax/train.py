@@ -1,0 +1,186 @@
+"""Pretraining loop.
+
+  python -m llada_jax.train --config=configs/demo.py[:variant] --workdir=DIR [--config.key=value]
+
+Writes DIR/config.json (the resolved config), DIR/metrics.jsonl (one JSON object per logged
+step) and TensorBoard events under DIR/tensorboard; prints one progress line per log interval
+and, at the end, a few samples from the trained model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from flax import nnx
+
+from llada_jax import config as config_lib
+from llada_jax import diffusion, metrics, optim, sharding
+from llada_jax.data import pipeline
+from llada_jax.data.tokenizer import Tokenizer, default_tokenizer
+from llada_jax.model import ModelConfig, Transformer
+from llada_jax.sampling import generate
+from llada_jax.train_step import StepConfig, jit_train_step, make_train_step
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", None, "Config file and variant: configs/<name>.py[:variant]")
+flags.DEFINE_string("workdir", None, "Directory for config.json, metrics and checkpoints")
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training run is built from, checked before anything is written."""
+
+    cfg: config_lib.ConfigDict
+    workdir: str
+    mesh: jax.sharding.Mesh
+    model_cfg: ModelConfig
+    diffusion_cfg: diffusion.DiffusionConfig
+    tokenizer: Tokenizer
+
+
+def prepare(cfg: config_lib.ConfigDict, workdir: str) -> Run:
+    """Validates the config against the machine; raises ValueError with one clear line."""
+    parent = os.path.dirname(os.path.abspath(workdir))
+    if not os.path.isdir(parent):
+        raise ValueError(f"--workdir={workdir!r}: parent directory {parent!r} does not exist")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir={workdir!r} exists and is not a directory")
+    mesh = sharding.make_mesh(cfg.mesh.shape)
+    dp, batch = sharding.data_parallel_size(mesh), cfg.data.batch_size
+    if batch % dp:
+        raise ValueError(f"data.batch_size={batch} is not divisible by the data-parallel size {dp} "
+                         f"(mesh {dict(mesh.shape)} over {jax.device_count()} devices)")
+    if batch % (cfg.optim.grad_accum * jax.process_count()):
+        raise ValueError(f"data.batch_size={batch} is not divisible by optim.grad_accum="
+                         f"{cfg.optim.grad_accum} x {jax.process_count()} processes")
+    if cfg.data.source != "embedded":
+        raise ValueError(f"data.source={cfg.data.source!r} is not supported; valid: 'embedded'")
+    tokenizer = Tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else default_tokenizer()
+    model_cfg = ModelConfig.from_config(cfg.model)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+                         f"vocabulary ({tokenizer.vocab_size})")
+    diffusion_cfg = diffusion.DiffusionConfig.from_config(cfg.diffusion, mask_id=tokenizer.mask_id)
+    optim.make_optimizer(cfg.optim, cfg.train.steps)  # validates the optimizer section
+    return Run(cfg, workdir, mesh, model_cfg, diffusion_cfg, tokenizer)
+
+
+def create_state(run: Run) -> tuple[nnx.GraphDef, Any, Any, Any]:
+    """Model parameters and optimizer state, created directly in their shardings."""
+    with sharding.use_mesh(run.mesh):
+        model = Transformer(run.model_cfg, rngs=nnx.Rngs(run.cfg.seed))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = optim.make_optimizer(run.cfg.optim, run.cfg.train.steps)
+    opt_state = jax.jit(tx.init)(params)
+    return graphdef, params, opt_state, tx
+
+
+def train(run: Run) -> dict[str, float]:
+    """Runs cfg.train.steps steps; returns the last logged metrics."""
+    cfg, is_writer = run.cfg, jax.process_index() == 0
+    os.makedirs(run.workdir, exist_ok=True)
+    if is_writer:
+        with open(os.path.join(run.workdir, "config.json"), "w") as f:
+            f.write(cfg.to_json_best_effort(indent=2))
+        print(cfg, flush=True)
+    graphdef, params, opt_state, tx = create_state(run)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    step_fn = jit_train_step(
+        make_train_step(graphdef, tx, optim.make_lr_schedule(cfg.optim, cfg.train.steps),
+                        StepConfig(run.diffusion_cfg, cfg.optim.grad_accum, cfg.seed)),
+        params, opt_state, run.mesh)
+
+    batch_size, seq_len, total = cfg.data.batch_size, cfg.data.seq_len, cfg.train.steps
+    rows = pipeline.pack_rows(pipeline.default_corpus_tokens(run.tokenizer), seq_len)
+    batches = pipeline.local_iterator(pipeline.pretrain_batches(rows, batch_size, cfg.seed), 0,
+                                      batch_size, cfg.data.prefetch)
+    flops_per_token = metrics.train_flops_per_token(run.model_cfg, seq_len)
+    peak = metrics.total_peak_flops(run.model_cfg.dtype)
+    if is_writer:
+        print(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token "
+              f"(train); data: {len(rows)} rows of {seq_len} tokens; devices: {jax.device_count()} "
+              f"x {jax.devices()[0].device_kind}; peak {peak / 1e9 if peak else float('nan'):.1f} "
+              f"GFLOP/s", flush=True)
+    writer = metrics.MetricsWriter(run.workdir, enabled=is_writer)
+    last: dict[str, float] = {}
+    mark_step, mark_time = 0, time.perf_counter()
+    for step in range(total):
+        batch = pipeline.to_global(next(batches), run.mesh, batch_size)
+        params, opt_state, out = step_fn(params, opt_state, batch, jnp.int32(step))
+        done = step + 1
+        if step == 0 or done % cfg.train.log_every == 0 or done == total:
+            out = {k: float(v) for k, v in jax.device_get(out).items()}
+            now = time.perf_counter()
+            if step == 0:  # the first step includes compilation: report it, time from here
+                if is_writer:
+                    print(f"step 1 compiled and ran in {now - mark_time:.1f}s, loss "
+                          f"{out['loss']:.4f}", flush=True)
+                mark_step, mark_time = done, now
+                continue
+            sec_per_step = (now - mark_time) / (done - mark_step)
+            tokens_per_sec = batch_size * seq_len / sec_per_step
+            last = dict(out, tokens_per_sec=tokens_per_sec,
+                        masked_tokens_per_sec=out["num_masked"] / sec_per_step,
+                        mfu=flops_per_token * tokens_per_sec / peak if peak else None,
+                        step_time_sec=sec_per_step, eta_sec=(total - done) * sec_per_step)
+            writer.write(done, last)
+            if is_writer:
+                print(metrics.format_log_line(done, total, last), flush=True)
+            mark_step, mark_time = done, now
+    writer.close()
+    if is_writer and cfg.sample.num_samples > 0:
+        print_samples(run, graphdef, params)
+    return last
+
+
+def print_samples(run: Run, graphdef: nnx.GraphDef, params: Any) -> None:
+    """Generates from the config's prompts with the low-confidence sampler and prints them."""
+    s, tok = run.cfg.sample, run.tokenizer
+    prompts = [tok.encode(p) for p in list(s.prompts)[: s.num_samples]]
+    width = max(len(p) for p in prompts)
+    prompt = np.full((len(prompts), width), tok.pad_id, np.int32)
+    valid = np.zeros((len(prompts), width), bool)
+    for i, p in enumerate(prompts):  # left padding, as the sampler expects
+        prompt[i, width - len(p):], valid[i, width - len(p):] = p, True
+
+    def sample(params: Any, prompt: jax.Array, valid: jax.Array, key: jax.Array) -> jax.Array:
+        def logits_fn(tokens: jax.Array, valid: jax.Array) -> jax.Array:
+            return nnx.merge(graphdef, params)(tokens, valid)  # merged inside the sampler's loop
+
+        return generate(logits_fn, prompt, valid, key, gen_length=s.gen_length, steps=s.steps,
+                        block_length=s.block_length, mask_id=tok.mask_id, temperature=s.temperature,
+                        remasking=s.remasking)[0]
+
+    t = time.perf_counter()
+    out = np.asarray(jax.jit(sample)(params, prompt, valid, jax.random.key(run.cfg.seed)))
+    print(f"samples ({s.steps} steps, {s.gen_length} tokens, {time.perf_counter() - t:.1f}s):")
+    for i, p in enumerate(prompts):
+        text = tok.decode(out[i, width:])
+        print(f"--- {tok.decode(p)!r} ->\n{tok.decode(p)}{text}", flush=True)
+
+
+def main(argv: list[str]) -> int:
+    """Command-line entry point; returns the exit code."""
+    try:
+        rest, overrides = config_lib.split_overrides(argv[1:])
+        FLAGS([argv[0]] + rest)
+        if not FLAGS.config or not FLAGS.workdir:
+            raise ValueError("both --config=configs/<name>.py[:variant] and --workdir=DIR are required")
+        run = prepare(config_lib.load(FLAGS.config, overrides), FLAGS.workdir)
+    except (ValueError, FileNotFoundError, flags.Error) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    train(run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
