@@ -361,5 +361,5 @@ def sft_loss(
     loss_mask = batch["is_masked"].astype(bool) & response
     weighted = jnp.where(loss_mask, ce * batch["weight"].astype(jnp.float32)[:, None], 0.0)
     answer_len = jnp.maximum(jnp.sum(response.astype(jnp.float32), axis=1), 1.0)
-    loss = jnp.sum(weighted) / jnp.sum(answer_len)
+    loss = jnp.mean(jnp.sum(weighted, axis=1) / answer_len)
     return loss, _masked_aux(ce, loss_mask)
