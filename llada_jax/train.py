@@ -3,7 +3,8 @@
   python -m llada_jax.train --config=configs/demo.py[:variant] --workdir=DIR [--config.key=value]
 
 Writes DIR/config.json (the resolved config), DIR/metrics.jsonl (one JSON object per logged
-step) and TensorBoard events under DIR/tensorboard; prints one progress line per log interval
+step: step metrics averaged over the steps since the previous line, plus throughput, MFU and ETA)
+and TensorBoard events under DIR/tensorboard; prints one progress line per log interval
 and, at the end, a few samples from the trained model.
 """
 from __future__ import annotations
@@ -75,12 +76,21 @@ def prepare(cfg: config_lib.ConfigDict, workdir: str) -> Run:
 
 def create_state(run: Run) -> tuple[nnx.GraphDef, Any, Any, Any]:
     """Model parameters and optimizer state, created directly in their shardings."""
+    tx = optim.make_optimizer(run.cfg.optim, run.cfg.train.steps)
     with sharding.use_mesh(run.mesh):
         model = Transformer(run.model_cfg, rngs=nnx.Rngs(run.cfg.seed))
-    graphdef, params = nnx.split(model, nnx.Param)
-    tx = optim.make_optimizer(run.cfg.optim, run.cfg.train.steps)
-    opt_state = jax.jit(tx.init)(params)
+        graphdef, params = nnx.split(model, nnx.Param)
+        opt_state = jax.jit(tx.init)(params)  # moments inherit the parameters' shardings
     return graphdef, params, opt_state, tx
+
+
+def make_step_fn(run: Run, graphdef: nnx.GraphDef, params: Any, opt_state: Any, tx: Any) -> Any:
+    """The jitted training step, as the trainer runs it (the benchmark times this function)."""
+    cfg = run.cfg
+    return jit_train_step(
+        make_train_step(graphdef, tx, optim.make_lr_schedule(cfg.optim, cfg.train.steps),
+                        StepConfig(run.diffusion_cfg, cfg.optim.grad_accum, cfg.seed)),
+        params, opt_state, run.mesh)
 
 
 def train(run: Run) -> dict[str, float]:
@@ -93,10 +103,7 @@ def train(run: Run) -> dict[str, float]:
         print(cfg, flush=True)
     graphdef, params, opt_state, tx = create_state(run)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    step_fn = jit_train_step(
-        make_train_step(graphdef, tx, optim.make_lr_schedule(cfg.optim, cfg.train.steps),
-                        StepConfig(run.diffusion_cfg, cfg.optim.grad_accum, cfg.seed)),
-        params, opt_state, run.mesh)
+    step_fn = make_step_fn(run, graphdef, params, opt_state, tx)
 
     batch_size, seq_len, total = cfg.data.batch_size, cfg.data.seq_len, cfg.train.steps
     rows = pipeline.pack_rows(pipeline.default_corpus_tokens(run.tokenizer), seq_len)
@@ -111,24 +118,27 @@ def train(run: Run) -> dict[str, float]:
               f"GFLOP/s", flush=True)
     writer = metrics.MetricsWriter(run.workdir, enabled=is_writer)
     last: dict[str, float] = {}
+    interval: list[dict[str, jax.Array]] = []  # device metrics since the last log line
     mark_step, mark_time = 0, time.perf_counter()
     for step in range(total):
         batch = pipeline.to_global(next(batches), run.mesh, batch_size)
         params, opt_state, out = step_fn(params, opt_state, batch, jnp.int32(step))
+        interval.append(out)
         done = step + 1
         if step == 0 or done % cfg.train.log_every == 0 or done == total:
-            out = {k: float(v) for k, v in jax.device_get(out).items()}
-            now = time.perf_counter()
+            means = {k: float(np.mean(v)) for k, v in
+                     jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(interval)).items()}
+            interval, now = [], time.perf_counter()
             if step == 0:  # the first step includes compilation: report it, time from here
                 if is_writer:
                     print(f"step 1 compiled and ran in {now - mark_time:.1f}s, loss "
-                          f"{out['loss']:.4f}", flush=True)
+                          f"{means['loss']:.4f}", flush=True)
                 mark_step, mark_time = done, now
                 continue
             sec_per_step = (now - mark_time) / (done - mark_step)
             tokens_per_sec = batch_size * seq_len / sec_per_step
-            last = dict(out, tokens_per_sec=tokens_per_sec,
-                        masked_tokens_per_sec=out["num_masked"] / sec_per_step,
+            last = dict(means, tokens_per_sec=tokens_per_sec,
+                        masked_tokens_per_sec=means["num_masked"] / sec_per_step,
                         mfu=flops_per_token * tokens_per_sec / peak if peak else None,
                         step_time_sec=sec_per_step, eta_sec=(total - done) * sec_per_step)
             writer.write(done, last)
