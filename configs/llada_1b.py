@@ -1,0 +1,21 @@
+"""LLaDA 1B (the paper's 1B ablation architecture, Table 5): 22 layers, d_model 2048, 32 heads
+with 4 KV heads (GQA), SwiGLU 5634, vocab 126464; 1.49B parameters (0.97B non-embedding).
+
+Optimizer as for 8B (AdamW, weight decay 0.1, warmup-stable-decay to 4e-4); our choice of run
+length: 100k steps of 512 x 4096 tokens (210B tokens), decaying linearly over the last 10%.
+"""
+from llada_jax.config import ConfigDict, apply_variant, base_config
+
+VARIANTS: dict = {}
+
+
+def get_config(variant: str = "") -> ConfigDict:
+    c = base_config()
+    c.model.update(vocab_size=126464, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+                   mlp_hidden=5634, rope_theta=500_000.0, dtype="bfloat16", remat="full")
+    c.data.update(seq_len=4096, batch_size=512)
+    c.optim.update(lr=4e-4, schedule="wsd", warmup_steps=2000, weight_decay=0.1,
+                   decay_steps=10_000, final_lr=4e-5)
+    c.train.update(steps=100_000, log_every=10)
+    c.mesh.update(shape=(1, -1, 1))
+    return apply_variant(c, variant, VARIANTS)

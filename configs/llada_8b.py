@@ -1,0 +1,29 @@
+"""LLaDA 8B (REFERENCES §5): the paper's architecture and pretraining optimizer.
+
+32 layers, d_model 4096, 32 heads (MHA), SwiGLU 12288, vocab 126464, untied head, RoPE theta 5e5.
+2.3T tokens at sequence length 4096 and global batch 1280 (5,242,880 tokens per step):
+AdamW (weight decay 0.1), LR 0 -> 4e-4 over 2000 steps, held; 1e-4 after 1.2T tokens; linear
+1e-4 -> 1e-5 over the last 0.3T tokens.
+"""
+from llada_jax.config import ConfigDict, apply_variant, base_config
+
+TOKENS_PER_STEP = 4096 * 1280
+VARIANTS: dict = {}
+
+
+def steps_for(tokens: float) -> int:
+    """Optimizer steps that consume `tokens` tokens."""
+    return round(tokens / TOKENS_PER_STEP)
+
+
+def get_config(variant: str = "") -> ConfigDict:
+    c = base_config()
+    c.model.update(vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                   mlp_hidden=12288, rope_theta=500_000.0, dtype="bfloat16", remat="full")
+    c.data.update(seq_len=4096, batch_size=1280)
+    c.optim.update(lr=4e-4, schedule="wsd", warmup_steps=2000, weight_decay=0.1,
+                   lr_drops=((steps_for(1.2e12), 1e-4),), decay_steps=steps_for(0.3e12),
+                   final_lr=1e-5)
+    c.train.update(steps=steps_for(2.3e12), log_every=10)
+    c.mesh.update(shape=(1, -1, 1))
+    return apply_variant(c, variant, VARIANTS)

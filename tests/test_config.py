@@ -1,0 +1,81 @@
+"""Config files, variants and command-line overrides."""
+import jax
+import pytest
+from flax import nnx
+
+from llada_jax import config, optim, sharding
+from llada_jax.model import ModelConfig, Transformer
+
+
+@pytest.mark.parametrize("name", ["tiny", "demo", "llada_1b", "llada_8b"])
+def test_every_config_loads_and_validates(name):
+    c = config.load(f"configs/{name}.py", [])
+    ModelConfig.from_config(c.model)
+    optim.make_lr_schedule(c.optim, c.train.steps)
+
+
+@pytest.mark.parametrize("name,params", [("llada_1b", 1.49e9), ("llada_8b", 8.02e9)])
+def test_paper_parameter_counts(name, params):
+    """Counted from the abstract model (nothing allocated) against the paper's Table 5."""
+    cfg = ModelConfig.from_config(config.load(f"configs/{name}.py", []).model)
+    with sharding.use_mesh(sharding.make_mesh((1, -1, 1))):
+        model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    count = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert abs(count - params) / params < 0.005, count
+
+
+def test_llada_8b_schedule_in_steps():
+    c = config.load("configs/llada_8b.py", [])
+    tokens_per_step = 4096 * 1280
+    assert c.data.seq_len * c.data.batch_size == tokens_per_step
+    assert c.train.steps == round(2.3e12 / tokens_per_step) == 438690
+    assert c.optim.lr_drops == ((round(1.2e12 / tokens_per_step), 1e-4),)
+    assert c.optim.decay_steps == round(0.3e12 / tokens_per_step)
+    assert (c.optim.lr, c.optim.warmup_steps, c.optim.final_lr, c.optim.weight_decay) == (
+        4e-4, 2000, 1e-5, 0.1)
+
+
+def test_overrides_are_typed():
+    c = config.load("configs/tiny.py", [
+        ("model.d_model", "128"), ("optim.lr", "1"), ("model.causal", "true"),
+        ("mesh.shape", "(2,2,2)"), ("model.remat", "full"), ("sample.prompts", "('a','b')")])
+    assert c.model.d_model == 128 and c.optim.lr == 1.0 and isinstance(c.optim.lr, float)
+    assert c.model.causal is True and c.mesh.shape == (2, 2, 2) and c.model.remat == "full"
+    assert c.sample.prompts == ("a", "b")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("model.d_model", "abc", "config.model.d_model='abc' is not a valid int"),
+    ("model.d_model", "1.5", "config.model.d_model=1.5 is not a valid int"),
+    ("model.causal", "3", "config.model.causal=3 is not a valid bool"),
+    ("model.bogus", "1", "unknown config key 'model.bogus'; valid keys here: causal, d_model"),
+    ("modle.d_model", "1", "unknown config key 'modle'; valid keys here: data, diffusion"),
+    ("model", "1", "unknown config key 'model'"),
+])
+def test_bad_overrides(key, value, message):
+    with pytest.raises(config.ConfigError) as e:
+        config.load("configs/tiny.py", [(key, value)])
+    assert message in str(e.value)
+
+
+def test_variants_compose_and_unknown_lists_valid():
+    c = config.load("configs/demo.py:cosine+stratified+quick", [])
+    assert (c.diffusion.schedule, c.diffusion.t_sampling, c.train.steps) == ("cosine", "stratified", 30)
+    with pytest.raises(config.ConfigError, match="unknown config variant 'huge'; valid variants: "
+                                                 "bf16, cosine, linear, poly2, quick, stratified"):
+        config.load("configs/demo.py:huge", [])
+
+
+def test_missing_file_and_locked_config():
+    with pytest.raises(config.ConfigError, match="'configs/nope.py' does not exist"):
+        config.load("configs/nope.py", [])
+    c = config.load("configs/tiny.py", [])
+    with pytest.raises(AttributeError):
+        c.model.new_key = 1
+
+
+def test_split_overrides():
+    rest, overrides = config.split_overrides(["--workdir=x", "--config.a.b=1=2", "--config=c.py"])
+    assert rest == ["--workdir=x", "--config=c.py"] and overrides == [("a.b", "1=2")]
+    with pytest.raises(config.ConfigError, match="needs a value"):
+        config.split_overrides(["--config.a.b"])

@@ -1,0 +1,69 @@
+"""FLOPs accounting against the matmuls actually traced, and the CPU peak cache."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llada_jax import metrics, sharding
+from llada_jax.model import ModelConfig, Transformer
+
+
+def dot_flops(jaxpr) -> float:
+    """2 * (output elements) * (contracted size) summed over every dot_general, recursively."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            out = eqn.outvars[0].aval.shape
+            total += 2.0 * np.prod(out) * np.prod([lhs[d] for d in lhs_contract])
+        for name, sub in eqn.params.items():
+            subs = sub if isinstance(sub, (list, tuple)) else [sub]
+            for s in subs:
+                inner = getattr(s, "jaxpr", s)
+                if hasattr(inner, "eqns"):
+                    times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+                    total += times * dot_flops(inner)
+    return total
+
+
+@pytest.mark.parametrize("tied,scan", [(False, True), (True, False)])
+def test_flops_match_traced_matmuls(tied, scan):
+    cfg = ModelConfig(vocab_size=96, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2,
+                      mlp_hidden=40, tie_embeddings=tied, scan_layers=scan)
+    b, length = 2, 24
+    with sharding.use_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1])):
+        graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    tokens = jnp.zeros((b, length), jnp.int32)
+    forward = lambda p: nnx.merge(graphdef, p)(tokens).astype(jnp.float32).sum()
+    fwd = dot_flops(jax.make_jaxpr(forward)(params).jaxpr) / (b * length)
+    assert fwd == pytest.approx(metrics.forward_flops_per_token(cfg, length), rel=1e-9)
+    train = dot_flops(jax.make_jaxpr(jax.grad(forward))(params).jaxpr) / (b * length)
+    # Every matmul has two backward matmuls (input and weight gradients): exactly 3x forward.
+    assert train == pytest.approx(metrics.train_flops_per_token(cfg, length), rel=1e-9)
+
+
+def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(metrics, "CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(metrics, "measure_cpu_matmul_peak", lambda dtype: calls.append(dtype) or 1e11)
+    metrics.cpu_peak_flops.cache_clear()
+    assert metrics.cpu_peak_flops("float32") == 1e11
+    metrics.cpu_peak_flops.cache_clear()
+    assert metrics.cpu_peak_flops("float32") == 1e11
+    assert calls == ["float32"]
+    (entry,) = json.loads((tmp_path / "cpu_peak_flops.json").read_text()).values()
+    assert entry == 1e11
+    metrics.cpu_peak_flops.cache_clear()
+
+
+def test_matmul_probe_is_plausible():
+    peak = metrics.measure_cpu_matmul_peak("float32", sizes=(256,), repeats=2)
+    assert 1e8 < peak < 1e14
+
+
+def test_format_duration():
+    assert [metrics.format_duration(s) for s in (0, 45, 192, 3720)] == ["0s", "45s", "3m12s", "1h02m"]
