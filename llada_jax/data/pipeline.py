@@ -51,9 +51,10 @@ def pack_rows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
 
 def pretrain_batches(rows: np.ndarray, global_batch: int, seed: int) -> grain.MapDataset:
     """Infinite MapDataset: element s is the global batch of step s, {"tokens": (B, L) int32}."""
+    # shuffle before repeat: grain then draws a new permutation for every epoch.
     return (grain.MapDataset.source(rows)
-            .repeat(None)
             .shuffle(seed=seed)
+            .repeat(None)
             .batch(global_batch, drop_remainder=True)
             .map(lambda b: {"tokens": np.asarray(b, np.int32)}))
 
