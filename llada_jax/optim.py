@@ -2,25 +2,7 @@
 
 The optimizer is global-norm clipping followed by AdamW, with a learning-rate
 schedule and a weight-decay mask. Everything is read from the ``optim``
-section of the config. Defaults (copy into the config file)::
-
-    c.optim = ml_collections.ConfigDict(dict(
-        lr=4e-4,                    # peak learning rate
-        schedule="wsd",             # "wsd" | "cosine" | "constant"
-        warmup_steps=2000,          # linear warmup 0 -> lr
-        final_lr=1e-5,              # end value of the cosine / wsd decay
-        decay_steps=0,              # wsd: length of the final linear decay
-        lr_drops=(),                # wsd: ((step, lr), ...) drops of the held lr
-        weight_decay=0.1,           # AdamW decoupled weight decay
-        weight_decay_on="matrices", # "matrices" (not norm scales) | "all"
-        b1=0.9,
-        b2=0.95,
-        eps=1e-8,                   # Adam epsilon
-        clip_norm=1.0,              # global-norm clipping; 0 or None disables
-    ))
-
-``default_config()`` returns the same ConfigDict. Missing fields fall back to
-these defaults.
+section of the config (defaults in ``llada_jax.config.base_config``).
 
 Schedules (``step`` is optax's update count, 0 for the first update):
 
@@ -45,7 +27,6 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 PyTree = Any
@@ -54,34 +35,6 @@ GradFn = Callable[[PyTree, PyTree], tuple[tuple[jax.Array, PyTree], PyTree]]
 SCHEDULES = ("wsd", "cosine", "constant")
 WEIGHT_DECAY_ON = ("matrices", "all")
 NO_DECAY_NAMES = ("scale",)
-
-DEFAULTS: dict[str, Any] = dict(
-    lr=4e-4,
-    schedule="wsd",
-    warmup_steps=2000,
-    final_lr=1e-5,
-    decay_steps=0,
-    lr_drops=(),
-    weight_decay=0.1,
-    weight_decay_on="matrices",
-    b1=0.9,
-    b2=0.95,
-    eps=1e-8,
-    clip_norm=1.0,
-)
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """Returns the default ``optim`` config section (see module docstring)."""
-    return ml_collections.ConfigDict(dict(DEFAULTS))
-
-
-def _get(c: Any, name: str) -> Any:
-    """Reads ``c.name``, falling back to ``DEFAULTS[name]`` when absent."""
-    if c is not None and name in c:
-        return c[name]
-    return DEFAULTS[name]
-
 
 # ----------------------------------------------------------------------------
 # Validation.
@@ -215,14 +168,14 @@ def make_lr_schedule(c: Any, total_steps: int) -> optax.Schedule:
     Raises:
       ValueError: on an unknown schedule or inconsistent step counts.
     """
-    name = _get(c, "schedule")
+    name = c["schedule"]
     if name not in SCHEDULES:
         raise ValueError(f"optim.schedule={name!r} is unknown: expected one of {SCHEDULES}.")
     total_steps = _check_int("total_steps", total_steps, 1)
-    warmup = _check_int("warmup_steps", _get(c, "warmup_steps"), 0)
-    lr = _check_nonneg("lr", _get(c, "lr"))
-    final_lr = _check_nonneg("final_lr", _get(c, "final_lr"))
-    drops = tuple(_get(c, "lr_drops") or ())
+    warmup = _check_int("warmup_steps", c["warmup_steps"], 0)
+    lr = _check_nonneg("lr", c["lr"])
+    final_lr = _check_nonneg("final_lr", c["final_lr"])
+    drops = tuple(c["lr_drops"] or ())
     if name != "wsd" and drops:
         raise ValueError(
             f"optim.lr_drops={drops!r} is only valid with schedule 'wsd' "
@@ -236,7 +189,7 @@ def make_lr_schedule(c: Any, total_steps: int) -> optax.Schedule:
         return _constant(lr, warmup)
     if name == "cosine":
         return _cosine(lr, final_lr, warmup, total_steps)
-    decay = _check_int("decay_steps", _get(c, "decay_steps"), 0)
+    decay = _check_int("decay_steps", c["decay_steps"], 0)
     if warmup + decay > total_steps:
         raise ValueError(
             f"optim.warmup_steps + optim.decay_steps = {warmup} + {decay} = "
@@ -311,22 +264,22 @@ def make_optimizer(c: Any, total_steps: int) -> optax.GradientTransformation:
       ``make_lr_schedule(c, total_steps)(step)`` (for logging).
     """
     schedule = make_lr_schedule(c, total_steps)
-    on = _get(c, "weight_decay_on")
+    on = c["weight_decay_on"]
     if on not in WEIGHT_DECAY_ON:
         raise ValueError(
             f"optim.weight_decay_on={on!r} is unknown: expected one of {WEIGHT_DECAY_ON}."
         )
     for name in ("b1", "b2"):
-        value = float(_get(c, name))
+        value = float(c[name])
         if not 0.0 <= value < 1.0:
             raise ValueError(f"optim.{name}={value!r} is invalid: expected 0 <= {name} < 1.")
-    clip = _get(c, "clip_norm")
+    clip = c["clip_norm"]
     adamw = optax.adamw(
         schedule,
-        b1=float(_get(c, "b1")),
-        b2=float(_get(c, "b2")),
-        eps=_check_nonneg("eps", _get(c, "eps")),
-        weight_decay=_check_nonneg("weight_decay", _get(c, "weight_decay")),
+        b1=float(c["b1"]),
+        b2=float(c["b2"]),
+        eps=_check_nonneg("eps", c["eps"]),
+        weight_decay=_check_nonneg("weight_decay", c["weight_decay"]),
         mask=functools.partial(decay_mask, weight_decay_on=on),
     )
     if not clip:

@@ -10,11 +10,11 @@ import optax
 import pytest
 from flax import nnx
 
-from llada_jax import optim
+from llada_jax import config, optim
 
 
 def cfg(**overrides):
-    return ml_collections.ConfigDict({**optim.DEFAULTS, **overrides})
+    return ml_collections.ConfigDict({**config.base_config().optim, **overrides})
 
 
 # ---------------------------------------------------------------------------
@@ -145,16 +145,6 @@ def test_bad_schedule_raises(overrides, total, needle):
     with pytest.raises(ValueError, match="expected") as e:
         optim.make_lr_schedule(cfg(**overrides), total)
     assert needle in str(e.value)
-
-
-def test_defaults_and_missing_fields():
-    c = optim.default_config()
-    assert dict(c) == dict(optim.DEFAULTS)
-    # A section with only some fields falls back to the defaults.
-    partial = ml_collections.ConfigDict(dict(lr=1e-3, schedule="constant", warmup_steps=4))
-    sched = optim.make_lr_schedule(partial, 10)
-    np.testing.assert_allclose(float(sched(2)), 5e-4, rtol=1e-6)
-    assert isinstance(optim.make_optimizer(c, 10_000), optax.GradientTransformation)
 
 
 # ---------------------------------------------------------------------------
