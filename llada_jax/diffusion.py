@@ -344,22 +344,57 @@ def pretrain_loss(logits: Array, batch: dict[str, Array]) -> tuple[Array, dict[s
 def sft_loss(
     logits: Array, batch: dict[str, Array], response_mask: Array
 ) -> tuple[Array, dict[str, Array]]:
-    """SFT loss (LLaDA): per sequence, sum over masked response tokens of CE * weight divided by
-    that sequence's answer length, then the mean over the batch.
+    """SFT loss (LLaDA): per pair, sum over masked response tokens of CE * weight divided by
+    that pair's answer length, then the mean over the pairs of the batch.
+
+    Unpacked rows (no "segment_ids" in ``batch``): a row is one pair, so the loss is the mean over
+    the B rows of sum(CE * weight over masked response tokens) / answer_length(row).
+
+    Packed rows (``batch["segment_ids"]`` (B, L) int, 1, 2, 3 ... per pair within a row, 0 = no
+    pair): normalization is per pair (segment) and the loss is the mean over ALL pairs of the batch
+    (pairs, not rows). A pair exists if at least one position of its row carries its id (whether
+    or not valid, so a pair cut away by a random-length batch still counts, with 0, exactly like a
+    row in the unpacked case). Positions with segment id 0 are never in the loss. With one pair per
+    row (segment id 1 everywhere) this equals the unpacked loss (up to float summation order).
+    Implemented with static shapes: a segment_sum over B * (L + 1) (row, segment) slots.
 
     Args:
         logits: (B, L, V) float.
-        batch: output of ``noise_batch`` (uses targets, is_masked, weight, valid).
+        batch: output of ``noise_batch`` (uses targets, is_masked, weight, valid), optionally
+            with "segment_ids" (B, L) int32 in [0, L] added by the caller.
         response_mask: (B, L) bool, True at response positions (non-prompt; EOS padding included,
-            it is part of the response). Answer length = sum(response_mask & valid) per sequence,
+            it is part of the response). Answer length = sum(response_mask & valid) per pair,
             floored at 1.
     Returns:
         loss () float32 and aux {"num_masked", "masked_ce"} as in ``pretrain_loss``.
     """
     ce = cross_entropy(logits, batch["targets"])
     response = jnp.asarray(response_mask, bool) & batch["valid"].astype(bool)
+    segment_ids = batch.get("segment_ids")
+    if segment_ids is None:
+        loss_mask = batch["is_masked"].astype(bool) & response
+        weighted = jnp.where(loss_mask, ce * batch["weight"].astype(jnp.float32)[:, None], 0.0)
+        answer_len = jnp.maximum(jnp.sum(response.astype(jnp.float32), axis=1), 1.0)
+        loss = jnp.mean(jnp.sum(weighted, axis=1) / answer_len)
+        return loss, _masked_aux(ce, loss_mask)
+
+    B, L = ce.shape
+    seg = jnp.asarray(segment_ids, jnp.int32)
+    in_pair = seg > 0
+    response = response & in_pair
     loss_mask = batch["is_masked"].astype(bool) & response
     weighted = jnp.where(loss_mask, ce * batch["weight"].astype(jnp.float32)[:, None], 0.0)
-    answer_len = jnp.maximum(jnp.sum(response.astype(jnp.float32), axis=1), 1.0)
-    loss = jnp.mean(jnp.sum(weighted, axis=1) / answer_len)
+    # (row, segment) slot b * (L + 1) + s; segment 0 slots are unused (all data there is 0).
+    num_slots = B * (L + 1)
+    slot = (jnp.arange(B, dtype=jnp.int32)[:, None] * (L + 1) + jnp.clip(seg, 0, L)).reshape(-1)
+    pair_sum = jax.ops.segment_sum(weighted.reshape(-1), slot, num_segments=num_slots)
+    pair_len = jax.ops.segment_sum(
+        response.astype(jnp.float32).reshape(-1), slot, num_segments=num_slots
+    )
+    present = jax.ops.segment_sum(
+        in_pair.astype(jnp.float32).reshape(-1), slot, num_segments=num_slots
+    ) > 0
+    per_pair = jnp.where(present, pair_sum / jnp.maximum(pair_len, 1.0), 0.0)
+    num_pairs = jnp.sum(present.astype(jnp.float32))
+    loss = jnp.sum(per_pair) / jnp.maximum(num_pairs, 1.0)
     return loss, _masked_aux(ce, loss_mask)
