@@ -2,6 +2,8 @@
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -89,3 +91,74 @@ def test_missing_special_piece_gives_clear_error(tmp_path) -> None:
         vocab_size=100, model_type="bpe", minloglevel=2, num_threads=1)
     with pytest.raises(ValueError, match=r"plain\.model.*<pad>"):
         Tokenizer(prefix + ".model")
+
+
+def test_training_sentences_from_jsonl_text_and_dirs(tmp_path) -> None:
+    from llada_jax.data.prepare import tokenizer_training_sentences
+    os.makedirs(tmp_path / "d" / "sub")
+    with open(tmp_path / "d" / "a.txt", "w", encoding="utf-8") as f:
+        f.write("line one\n\n  \nline two\n")
+    rows = [{"text": "doc A\nsecond line"}, {"prompt": "P?", "response": "R."},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            {"other": 1}]
+    with open(tmp_path / "d" / "sub" / "b.jsonl", "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows) + "{bad json\n")
+    stats: dict = {}
+    got = tokenizer_training_sentences([str(tmp_path / "d")], stats=stats)
+    assert got == ["line one", "line two", "doc A", "second line", "P?", "R.", "hi", "yo"]
+    assert stats == {"total_sentences": 8, "sampled_sentences": 8, "bad_records": 2}
+    with open(tmp_path / "c.jsonl", "w", encoding="utf-8") as f:
+        f.write(json.dumps({"body": "custom field"}) + "\n")
+    assert tokenizer_training_sentences([str(tmp_path / "c.jsonl")], text_field="body") == ["custom field"]
+
+
+def test_training_sentence_sampling(tmp_path) -> None:
+    from llada_jax.data.prepare import tokenizer_training_sentences
+    path = os.path.join(tmp_path, "many.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("".join(f"sentence {i}\n" for i in range(1000)))
+    stats: dict = {}
+    a = tokenizer_training_sentences([path], max_sentences=50, seed=1, stats=stats)
+    assert len(a) == 50 and stats["total_sentences"] == 1000 and stats["sampled_sentences"] == 50
+    idx = [int(s.split()[1]) for s in a]
+    assert idx == sorted(idx) and len(set(idx)) == 50 and idx[-1] > 500  # input order, spread out
+    assert tokenizer_training_sentences([path], max_sentences=50, seed=1) == a
+    assert tokenizer_training_sentences([path], max_sentences=50, seed=2) != a
+    assert len(tokenizer_training_sentences([path], max_sentences=5000)) == 1000
+
+
+def _train_tokenizer(*args: str) -> subprocess.CompletedProcess:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, os.path.join(root, "tools", "train_tokenizer.py"), *args],
+                          capture_output=True, text=True, timeout=300, cwd=root)
+
+
+def test_shipped_tokenizer_is_reproducible(tmp_path) -> None:
+    prefix = os.path.join(tmp_path, "tok")
+    proc = _train_tokenizer("--input=llada_jax/data/assets/corpus.txt.xz", f"--model_prefix={prefix}",
+                            "--vocab_size=4096", "--model_type=bpe")
+    assert proc.returncode == 0, proc.stderr
+    with open(prefix + ".model", "rb") as f, open(DEFAULT_TOKENIZER_PATH, "rb") as g:
+        assert f.read() == g.read()
+    with open(prefix + ".json", "rb") as f, open(DEFAULT_TOKENIZER_PATH[:-len(".model")] + ".json", "rb") as g:
+        assert f.read() == g.read()
+
+
+def test_train_tokenizer_on_sampled_jsonl(tmp_path) -> None:
+    text = read_default_corpus()[:300_000]
+    path = os.path.join(tmp_path, "docs.jsonl.gz")
+    import gzip
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for para in text.split("\n"):
+            if para.strip():
+                f.write(json.dumps({"content": para}) + "\n")
+    prefix = os.path.join(tmp_path, "small")
+    proc = _train_tokenizer(f"--input={path}", f"--model_prefix={prefix}", "--vocab_size=600",
+                            "--text_field=content", "--max_sentences=40", "--seed=3")
+    assert proc.returncode == 0, proc.stderr
+    assert "training on 40 of" in proc.stdout
+    t = Tokenizer(prefix + ".model")
+    assert t.vocab_size == 600 and (t.pad_id, t.unk_id, t.eos_id) == (0, 1, 2)
+    assert t.decode(t.encode(TRICKY)) == TRICKY
+    proc = _train_tokenizer(f"--input={os.path.join(tmp_path, 'nope')}", f"--model_prefix={prefix}")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: input not found")
