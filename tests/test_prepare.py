@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from llada_jax.data import prepare
+from llada_jax.data import prepare, sft
 from llada_jax.data.tokenizer import Tokenizer, default_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,7 +202,7 @@ def test_sft_records(tmp_path, tok) -> None:
     assert len(records) == 4
     for rec, (p, r) in zip(records, expected):
         assert rec.tolist() == [len(p)] + p + r
-        prompt, response = prepare.split_sft_record(rec)
+        prompt, response = sft.decode_record(rec)
         assert prompt.tolist() == p and response.tolist() == r
     assert (meta["num_documents"], meta["num_records"], meta["bad_records"]) == (3, 4, 1)
     assert meta["num_tokens"] == sum(len(p) + len(r) for p, r in expected)

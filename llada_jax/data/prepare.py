@@ -795,9 +795,3 @@ def read_shard(path: str) -> list[np.ndarray]:
         return [np.frombuffer(b, "<i4") for b in reader.read_all()]
     finally:
         reader.close()
-
-
-def split_sft_record(record: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """An SFT record -> (prompt_ids, response_ids)."""
-    n = int(record[0])
-    return record[1:1 + n], record[1 + n:]
