@@ -41,9 +41,12 @@ def base_config() -> ConfigDict:
         lr=4e-4, schedule="wsd", warmup_steps=2000, final_lr=1e-5, decay_steps=0, lr_drops=(),
         weight_decay=0.1, weight_decay_on="matrices", b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0,
         grad_accum=1))
-    c.data = ConfigDict(dict(source="embedded", tokenizer="", seq_len=256, batch_size=16,
-                             prefetch=4))
-    c.train = ConfigDict(dict(steps=1000, log_every=10))
+    # datasets: ((prepared_dir, weight), ...); empty = the shipped corpus. tokenizer: "" = shipped.
+    # SFT: pairs longer than seq_len are truncated or dropped; pairs_per_row > 1 packs pairs.
+    c.data = ConfigDict(dict(datasets=(), tokenizer="", seq_len=256, batch_size=16,
+                             segment_ids=False, workers=0, prefetch=4, sft_overflow="truncate",
+                             sft_pairs_per_row=1))
+    c.train = ConfigDict(dict(steps=1000, log_every=10, objective="pretrain"))
     c.sample = ConfigDict(dict(
         num_samples=4, prompts=("In the beginning", "And the LORD said unto Moses,",
                                 "Blessed are", "Chapter 3\n"),

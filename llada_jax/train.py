@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +25,7 @@ from flax import nnx
 
 from llada_jax import config as config_lib
 from llada_jax import diffusion, metrics, optim, sharding
-from llada_jax.data import pipeline
+from llada_jax.data import datasets, pipeline
 from llada_jax.data.tokenizer import Tokenizer, default_tokenizer
 from llada_jax.model import ModelConfig, Transformer
 from llada_jax.sampling import generate
@@ -45,6 +46,8 @@ class Run:
     model_cfg: ModelConfig
     diffusion_cfg: diffusion.DiffusionConfig
     tokenizer: Tokenizer
+    batches: grain.MapDataset  # element s: this process's rows of the batch of step s
+    data_summary: str
 
 
 def prepare(cfg: config_lib.ConfigDict, workdir: str) -> Run:
@@ -62,16 +65,35 @@ def prepare(cfg: config_lib.ConfigDict, workdir: str) -> Run:
     if batch % (cfg.optim.grad_accum * jax.process_count()):
         raise ValueError(f"data.batch_size={batch} is not divisible by optim.grad_accum="
                          f"{cfg.optim.grad_accum} x {jax.process_count()} processes")
-    if cfg.data.source != "embedded":
-        raise ValueError(f"data.source={cfg.data.source!r} is not supported; valid: 'embedded'")
     tokenizer = Tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else default_tokenizer()
     model_cfg = ModelConfig.from_config(cfg.model)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                          f"vocabulary ({tokenizer.vocab_size})")
     diffusion_cfg = diffusion.DiffusionConfig.from_config(cfg.diffusion, mask_id=tokenizer.mask_id)
+    StepConfig(diffusion_cfg, cfg.optim.grad_accum, cfg.seed, cfg.train.objective)  # validates
     optim.make_optimizer(cfg.optim, cfg.train.steps)  # validates the optimizer section
-    return Run(cfg, workdir, mesh, model_cfg, diffusion_cfg, tokenizer)
+    batches, summary = open_batches(cfg, tokenizer, model_cfg.vocab_size)
+    return Run(cfg, workdir, mesh, model_cfg, diffusion_cfg, tokenizer, batches, summary)
+
+
+def open_batches(cfg: config_lib.ConfigDict, tokenizer: Tokenizer,
+                 vocab_size: int) -> tuple[grain.MapDataset, str]:
+    """The configured datasets, checked against the run, as per-step local batches."""
+    d = cfg.data
+    if cfg.train.objective == "sft":
+        if not d.datasets:
+            raise ValueError("train.objective='sft' needs data.datasets: prepared SFT data "
+                             "(tools/prepare_data.py --format=sft)")
+        sources = datasets.open_sources(d.datasets, "sft", None, tokenizer, vocab_size)
+        batches = pipeline.sft_local_batches(
+            pipeline.mixed_rows(sources, cfg.seed), d.batch_size, d.seq_len, tokenizer.eos_id,
+            vocab_size, d.sft_overflow, d.sft_pairs_per_row)
+    else:
+        sources = datasets.pretrain_sources(d, tokenizer, vocab_size)
+        batches = pipeline.local_batches(pipeline.mixed_rows(sources, cfg.seed), d.batch_size,
+                                         vocab_size, tokenizer.eos_id, d.segment_ids)
+    return batches, pipeline.describe(sources)
 
 
 def create_state(run: Run) -> tuple[nnx.GraphDef, Any, Any, Any]:
@@ -89,7 +111,8 @@ def make_step_fn(run: Run, graphdef: nnx.GraphDef, params: Any, opt_state: Any, 
     cfg = run.cfg
     return jit_train_step(
         make_train_step(graphdef, tx, optim.make_lr_schedule(cfg.optim, cfg.train.steps),
-                        StepConfig(run.diffusion_cfg, cfg.optim.grad_accum, cfg.seed)),
+                        StepConfig(run.diffusion_cfg, cfg.optim.grad_accum, cfg.seed,
+                                   cfg.train.objective)),
         params, opt_state, run.mesh)
 
 
@@ -106,14 +129,12 @@ def train(run: Run) -> dict[str, float]:
     step_fn = make_step_fn(run, graphdef, params, opt_state, tx)
 
     batch_size, seq_len, total = cfg.data.batch_size, cfg.data.seq_len, cfg.train.steps
-    rows = pipeline.pack_rows(pipeline.default_corpus_tokens(run.tokenizer), seq_len)
-    batches = pipeline.local_iterator(pipeline.pretrain_batches(rows, batch_size, cfg.seed), 0,
-                                      batch_size, cfg.data.prefetch)
+    batches = pipeline.iterate(run.batches, 0, cfg.data.workers, cfg.data.prefetch)
     flops_per_token = metrics.train_flops_per_token(run.model_cfg, seq_len)
     peak = metrics.total_peak_flops(run.model_cfg.dtype)
     if is_writer:
         print(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token "
-              f"(train); data: {len(rows)} rows of {seq_len} tokens; devices: {jax.device_count()} "
+              f"(train); data: {run.data_summary}; devices: {jax.device_count()} "
               f"x {jax.devices()[0].device_kind}; peak {peak / 1e9 if peak else float('nan'):.1f} "
               f"GFLOP/s", flush=True)
     writer = metrics.MetricsWriter(run.workdir, enabled=is_writer)

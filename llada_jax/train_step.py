@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from llada_jax import diffusion, optim, sharding
 
 PyTree = Any
+OBJECTIVES = ("pretrain", "sft")
 StepFn = Callable[[PyTree, PyTree, dict[str, jax.Array], jax.Array], tuple[PyTree, PyTree, dict]]
 
 
@@ -27,14 +28,37 @@ class StepConfig:
     diffusion: diffusion.DiffusionConfig
     grad_accum: int
     seed: int
+    objective: str = "pretrain"  # "pretrain" | "sft"
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"train.objective={self.objective!r} is not one of {OBJECTIVES}")
 
 
 def loss_fn(graphdef: nnx.GraphDef, params: PyTree, noised: dict[str, jax.Array]
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Pretraining loss of the model on an already-noised (micro)batch."""
+    """Loss of the model on an already-noised (micro)batch: SFT when it has a response mask."""
     model = nnx.merge(graphdef, params)
-    logits = model(noised["inputs"], noised["valid"])
+    logits = model(noised["inputs"], noised["valid"], noised.get("segment_ids"))
+    if "response_mask" in noised:
+        return diffusion.sft_loss(logits, noised, noised["response_mask"])
     return diffusion.pretrain_loss(logits, noised)
+
+
+def noise(key: jax.Array, batch: dict[str, jax.Array], cfg: StepConfig) -> dict[str, jax.Array]:
+    """The global batch noised for one step (stratified t spans the whole global batch).
+
+    batch: tokens (B, L); optional segment_ids (B, L) (packed documents or SFT pairs) and valid
+    (B, L) (filler rows); for SFT prompt_mask (B, L), True on prompt tokens, never masked.
+    """
+    prompt_mask = batch["prompt_mask"] if cfg.objective == "sft" else None
+    noised = diffusion.noise_batch(key, batch["tokens"], cfg.diffusion, prompt_mask=prompt_mask,
+                                   valid=batch.get("valid"))
+    if "segment_ids" in batch:
+        noised["segment_ids"] = batch["segment_ids"]
+    if prompt_mask is not None:
+        noised["response_mask"] = noised["valid"] & ~prompt_mask
+    return noised
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
@@ -45,8 +69,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     def train_step(params: PyTree, opt_state: PyTree, batch: dict[str, jax.Array],
                    step: jax.Array) -> tuple[PyTree, PyTree, dict[str, jax.Array]]:
         key = jax.random.fold_in(jax.random.key(cfg.seed), step)
-        # Noise the whole global batch at once: stratified t spans the global batch.
-        noised = diffusion.noise_batch(key, batch["tokens"], cfg.diffusion)
+        noised = noise(key, batch, cfg)
         loss, aux, grads = optim.accumulate_gradients(grad_fn, params, noised, cfg.grad_accum)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -60,7 +83,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 def jit_train_step(step_fn: StepFn, params: PyTree, opt_state: PyTree, mesh: Mesh) -> StepFn:
     """jit with params / optimizer state donated and kept on their own shardings."""
     state_shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
-    batch = {"tokens": sharding.batch_sharding(mesh)}
+    batch = sharding.batch_sharding(mesh)  # a prefix: every batch array is split the same way
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(step_fn, in_shardings=(*state_shardings, batch, replicated),
                    out_shardings=(*state_shardings, replicated), donate_argnums=(0, 1))

@@ -278,3 +278,18 @@ def test_noise_batch_never_masks_prompt_positions():
         masked_any |= im
     # Response positions (EOS padding included) do get masked.
     assert masked_any[~np.asarray(prompt)].mean() > 0.3
+
+
+def test_fixed_batch_fills_and_cuts_to_num_rows():
+    eos = 2
+    recs = [np.array([1, 10, 11, 12], np.int32), np.array([2, 20, 21, 22, 23], np.int32),
+            np.array([0, 30, 31, 32, 33, 34, 35, 36, 37], np.int32)]  # the last is too long
+    batch, stats = S.fixed_batch(recs, 4, 6, eos, overflow="drop")
+    np.testing.assert_array_equal(batch["tokens"], [[10, 11, 12, 2, 2, 2], [20, 21, 22, 23, 2, 2],
+                                                    [2] * 6, [2] * 6])
+    np.testing.assert_array_equal(batch["valid"], [[True] * 6, [True] * 6, [False] * 6, [False] * 6])
+    np.testing.assert_array_equal(batch["segment_ids"][2:], 0)
+    assert stats == {"dropped": 1, "truncated": 0, "unplaced": 0}
+    batch, stats = S.fixed_batch(recs[:2], 1, 6, eos)
+    np.testing.assert_array_equal(batch["tokens"], [[10, 11, 12, 2, 2, 2]])
+    assert stats["unplaced"] == 1 and batch["valid"].all()

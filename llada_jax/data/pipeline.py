@@ -1,15 +1,20 @@
-"""Token batches for pretraining, through grain, random access by step.
+"""Token batches through grain: random access by step, independent of topology.
 
-The token stream is cut into fixed-length rows once (concat-then-split, documents joined with
-EOS, the LLaDA way). The global batch at step s is a pure function of (seed, s): rows are
-shuffled with a new order every epoch by grain's index shuffle, and each process reads only its
-slice of the global batch. Resuming at step s is just indexing from s.
+Prepared data (tools/prepare_data.py) is already cut into fixed-length rows (concat-then-split,
+documents joined with EOS, the LLaDA way). Each dataset is shuffled with a new permutation every
+epoch and the datasets are interleaved by weight; that infinite stream of rows, cut into global
+batches, makes the global batch at step s a pure function of (seed, s, data config). Each process
+reads only its own rows of every global batch, so a run resumes exactly at any step, on any
+number of processes or grain workers.
+
+SFT batches are built the same way from prepared single-turn pairs: global step s takes the
+pairs [s * W, (s + 1) * W) of the mixed stream (W = batch * pairs_per_row), pads them with EOS
+one per row, or packs them (pairs_per_row > 1), to exactly `batch` rows.
 """
 from __future__ import annotations
 
-import hashlib
-import os
-from typing import Iterator
+import dataclasses
+from typing import Iterator, Sequence
 
 import grain
 import jax
@@ -17,63 +22,143 @@ import numpy as np
 from jax.sharding import Mesh
 
 from llada_jax import sharding
-from llada_jax.data.corpus import DEFAULT_CORPUS_PATH, read_default_corpus
-from llada_jax.data.tokenizer import Tokenizer
-from llada_jax.metrics import CACHE_DIR
+from llada_jax.data import sft
 
-BOOK_SEPARATOR = "\n\n\n"
+ENDLESS = 2 ** 62  # length of the row index space of an infinite stream
 
 
-def default_corpus_tokens(tokenizer: Tokenizer) -> np.ndarray:
-    """The shipped corpus as one int32 stream, each book followed by EOS; cached on disk."""
-    with open(DEFAULT_CORPUS_PATH, "rb") as f:
-        corpus_hash = hashlib.sha256(f.read()).hexdigest()[:16]
-    path = os.path.join(CACHE_DIR, f"tokens-{corpus_hash}-{tokenizer.fingerprint}.npy")
-    if os.path.exists(path):
-        return np.load(path)
-    docs = [d for d in read_default_corpus().split(BOOK_SEPARATOR) if d.strip()]
-    tokens = np.concatenate([np.asarray(ids + [tokenizer.eos_id], np.int32)
-                             for ids in tokenizer.encode_batch(docs)])
-    os.makedirs(CACHE_DIR, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.npy"
-    np.save(tmp, tokens)
-    os.replace(tmp, path)
+@dataclasses.dataclass(frozen=True)
+class RowSource:
+    """One dataset: a random-access MapDataset of int32 records, and its mixture weight.
+
+    Pretraining records are (seq_len,) rows; SFT records are [prompt_len, *prompt, *response].
+    """
+
+    name: str
+    rows: grain.MapDataset
+    weight: float
+
+
+def decode_record(record: bytes) -> np.ndarray:
+    """An ArrayRecord record (little-endian int32 bytes) -> int32 array."""
+    return np.frombuffer(record, "<i4").astype(np.int32)
+
+
+def array_records(paths: Sequence[str]) -> grain.MapDataset:
+    """The int32 records of ArrayRecord shards, in shard order."""
+    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(paths))).map(decode_record)
+
+
+def mixed_rows(sources: Sequence[RowSource], seed: int) -> grain.MapDataset:
+    """Infinite stream of rows: each source reshuffled every epoch, interleaved by weight."""
+    # shuffle before repeat: grain then draws a new permutation for every epoch.
+    streams = [s.rows.shuffle(seed=seed + i).repeat(None) for i, s in enumerate(sources)]
+    if len(streams) == 1:
+        return streams[0]
+    return grain.MapDataset.mix(streams, [s.weight for s in sources])
+
+
+class _GlobalRow:
+    """Local row k of one process -> the matching row of the global stream (picklable)."""
+
+    def __init__(self, stream: grain.MapDataset, global_batch: int, local_batch: int, offset: int):
+        self.stream, self.global_batch, self.local_batch, self.offset = (
+            stream, global_batch, local_batch, offset)
+
+    def __call__(self, k: int) -> np.ndarray:
+        step, j = divmod(k, self.local_batch)
+        return self.stream[step * self.global_batch + self.offset + j]
+
+
+def check_vocab(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Returns tokens; raises if an id is outside [0, vocab_size)."""
+    bad = (tokens < 0) | (tokens >= vocab_size)
+    if bad.any():
+        raise ValueError(f"token id {int(tokens[bad][0])} is outside the model's vocabulary "
+                         f"[0, {vocab_size}): the data was prepared with another tokenizer")
     return tokens
 
 
-def pack_rows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
-    """(N,) stream -> (N // seq_len, seq_len) rows; the ragged tail is dropped."""
-    rows = len(tokens) // seq_len
-    if rows == 0:
-        raise ValueError(f"data.seq_len={seq_len} is longer than the whole corpus ({len(tokens)} tokens)")
-    return tokens[: rows * seq_len].reshape(rows, seq_len)
+class _ToBatch:
+    """Stacked rows -> the batch dict; checks token ids against the vocabulary."""
+
+    def __init__(self, vocab_size: int, eos_id: int, segment_ids: bool):
+        self.vocab_size, self.eos_id, self.segment_ids = vocab_size, eos_id, segment_ids
+
+    def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        tokens = check_vocab(np.asarray(rows, np.int32), self.vocab_size)
+        batch = {"tokens": tokens}
+        if self.segment_ids:
+            batch["segment_ids"] = document_ids(tokens, self.eos_id)
+        return batch
 
 
-def pretrain_batches(rows: np.ndarray, global_batch: int, seed: int) -> grain.MapDataset:
-    """Infinite MapDataset: element s is the global batch of step s, {"tokens": (B, L) int32}."""
-    # shuffle before repeat: grain then draws a new permutation for every epoch.
-    return (grain.MapDataset.source(rows)
-            .shuffle(seed=seed)
-            .repeat(None)
-            .batch(global_batch, drop_remainder=True)
-            .map(lambda b: {"tokens": np.asarray(b, np.int32)}))
+def document_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
+    """(B, L) segment ids from EOS positions: 1 + number of EOS strictly before each position."""
+    is_eos = (tokens == eos_id).astype(np.int32)
+    return (1 + np.cumsum(is_eos, axis=1) - is_eos).astype(np.int32)
 
 
 def process_slice(global_batch: int, index: int | None = None, count: int | None = None) -> slice:
-    """Rows of the global batch that this process reads."""
+    """Rows of each global batch that a process reads (default: this process)."""
     index = jax.process_index() if index is None else index
     count = jax.process_count() if count is None else count
     per = global_batch // count
     return slice(index * per, (index + 1) * per)
 
 
-def local_iterator(ds: grain.MapDataset, start_step: int, global_batch: int,
-                   prefetch: int) -> Iterator[dict[str, np.ndarray]]:
-    """This process's rows of the batches of steps start_step, start_step + 1, ..."""
-    rows = process_slice(global_batch)
-    local = ds[start_step:].map(lambda b: {k: v[rows] for k, v in b.items()})
-    options = grain.ReadOptions(num_threads=max(1, min(prefetch, 4)), prefetch_buffer_size=prefetch)
-    return iter(local.to_iter_dataset(options))
+def local_batches(stream: grain.MapDataset, global_batch: int, vocab_size: int, eos_id: int,
+                  segment_ids: bool = False, process_index: int | None = None,
+                  process_count: int | None = None) -> grain.MapDataset:
+    """Element s: this process's rows of the global batch of step s, as a batch dict."""
+    rows = process_slice(global_batch, process_index, process_count)
+    local = rows.stop - rows.start
+    return (grain.MapDataset.range(0, ENDLESS)
+            .map(_GlobalRow(stream, global_batch, local, rows.start))
+            .batch(local)
+            .map(_ToBatch(vocab_size, eos_id, segment_ids)))
+
+
+class _SFTStep:
+    """Global step s -> this process's rows of the SFT batch of that step (picklable)."""
+
+    def __init__(self, stream: grain.MapDataset, global_batch: int, pairs_per_row: int,
+                 seq_len: int, eos_id: int, overflow: str, vocab_size: int, rows: slice):
+        self.stream, self.global_batch, self.pairs_per_row = stream, global_batch, pairs_per_row
+        self.seq_len, self.eos_id, self.overflow = seq_len, eos_id, overflow
+        self.vocab_size, self.rows = vocab_size, rows
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        window = self.global_batch * self.pairs_per_row
+        records = [self.stream[step * window + i] for i in range(window)]
+        batch, _ = sft.fixed_batch(records, self.global_batch, self.seq_len, self.eos_id,
+                                   self.overflow, pack=self.pairs_per_row > 1)
+        check_vocab(batch["tokens"], self.vocab_size)
+        return {k: v[self.rows] for k, v in batch.items()}
+
+
+def sft_local_batches(stream: grain.MapDataset, global_batch: int, seq_len: int, eos_id: int,
+                      vocab_size: int, overflow: str = "truncate", pairs_per_row: int = 1,
+                      process_index: int | None = None,
+                      process_count: int | None = None) -> grain.MapDataset:
+    """Element s: this process's rows of the SFT batch of step s: tokens, prompt_mask,
+    segment_ids, valid, each (local_batch, seq_len)."""
+    if pairs_per_row < 1:
+        raise ValueError(f"data.sft_pairs_per_row={pairs_per_row} must be >= 1")
+    rows = process_slice(global_batch, process_index, process_count)
+    return grain.MapDataset.range(0, ENDLESS).map(
+        _SFTStep(stream, global_batch, pairs_per_row, seq_len, eos_id, overflow, vocab_size, rows))
+
+
+def iterate(batches: grain.MapDataset, start_step: int, workers: int = 0,
+            prefetch: int = 4) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of steps start_step, start_step + 1, ...: threads, or worker processes."""
+    ds = batches[start_step:].to_iter_dataset(
+        grain.ReadOptions(num_threads=max(1, min(prefetch, 8)), prefetch_buffer_size=prefetch))
+    if workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                         per_worker_buffer_size=prefetch))
+    return iter(ds)
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh, global_batch: int) -> dict[str, jax.Array]:
@@ -81,3 +166,9 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh, global_batch: int) -> di
     spec = sharding.batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(spec, v, (global_batch,) + v.shape[1:])
             for k, v in batch.items()}
+
+
+def describe(sources: Sequence[RowSource]) -> str:
+    """One line: dataset names, weights and sizes."""
+    total = sum(s.weight for s in sources)
+    return ", ".join(f"{s.name} ({len(s.rows)} rows, {s.weight / total:.0%})" for s in sources)

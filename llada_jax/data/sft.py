@@ -238,3 +238,34 @@ def sft_batch(
     if rows:
         batch = {k: np.stack([r[k] for r in rows]) for k in batch}
     return batch, {"dropped": dropped, "truncated": truncated}
+
+
+def fixed_batch(
+    records: Sequence[Union[bytes, np.ndarray]],
+    num_rows: int,
+    seq_len: int,
+    eos_id: int,
+    overflow: str = "truncate",
+    pack: bool = False,
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """``sft_batch`` cut or filled to exactly ``num_rows`` rows (static shapes for the step).
+
+    Rows past ``num_rows`` are left out (their pairs counted in stats["unplaced"]); missing rows
+    are fillers with ``valid`` all False and segment id 0, which attend nowhere and add nothing
+    to the loss.
+
+    Returns:
+        batch with tokens, prompt_mask, segment_ids and valid (num_rows, L), and the stats of
+        ``sft_batch`` plus "unplaced".
+    """
+    batch, stats = sft_batch(records, seq_len, eos_id, overflow, pack)
+    kept = min(num_rows, batch["tokens"].shape[0])
+    unplaced = int(sum(len(np.unique(r)) for r in batch["segment_ids"][kept:]))
+    fill = num_rows - kept
+    out = {
+        "tokens": np.concatenate([batch["tokens"][:kept], np.full((fill, seq_len), eos_id, np.int32)]),
+        "prompt_mask": np.concatenate([batch["prompt_mask"][:kept], np.zeros((fill, seq_len), bool)]),
+        "segment_ids": np.concatenate([batch["segment_ids"][:kept], np.zeros((fill, seq_len), np.int32)]),
+        "valid": np.arange(num_rows)[:, None] < np.full((1, seq_len), kept),
+    }
+    return out, dict(stats, unplaced=unplaced)

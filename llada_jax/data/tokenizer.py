@@ -32,6 +32,7 @@ class Tokenizer:
         """
         if not os.path.isfile(model_file):
             raise FileNotFoundError(f"Tokenizer model file not found: {model_file}")
+        self.path = os.path.abspath(model_file)
         with open(model_file, "rb") as f:
             model_bytes = f.read()
         self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)

@@ -1,0 +1,72 @@
+"""The datasets a run reads: prepared directories from the config, or the shipped corpus.
+
+`data.datasets` is a tuple of (prepared_dir, weight) pairs; empty means the shipped KJV corpus,
+prepared once into the cache with the run's tokenizer and sequence length. Every dataset is
+checked against the run before training starts: format, sequence length, tokenizer fingerprint
+and vocabulary size.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Sequence
+
+from llada_jax.data import pipeline, prepare
+from llada_jax.data.corpus import DEFAULT_CORPUS_PATH
+from llada_jax.data.tokenizer import Tokenizer
+from llada_jax.metrics import CACHE_DIR
+
+SHIPPED_CORPUS_SEPARATOR = "\n\n\n"  # between books: one document per book
+
+
+def shipped_corpus_dir(tokenizer: Tokenizer, seq_len: int) -> str:
+    """The shipped corpus prepared for this tokenizer and length (made on first use, cached)."""
+    with open(DEFAULT_CORPUS_PATH, "rb") as f:
+        corpus = hashlib.sha256(f.read()).hexdigest()[:12]
+    out = os.path.join(CACHE_DIR, "prepared", f"kjv-{corpus}-{tokenizer.fingerprint}-L{seq_len}")
+    if not os.path.isfile(os.path.join(out, prepare.METADATA_FILE)):
+        prepare.prepare([DEFAULT_CORPUS_PATH], out, "pretrain", seq_len=seq_len,
+                        tokenizer_path=tokenizer.path, doc_separator=SHIPPED_CORPUS_SEPARATOR,
+                        workers=1, progress=False, log=lambda *_: None)
+    return out
+
+
+def check_metadata(name: str, meta: dict[str, Any], fmt: str, seq_len: int | None,
+                   tokenizer: Tokenizer, vocab_size: int) -> None:
+    """Refuses a dataset that does not fit the run, with one line naming both values."""
+    if meta["format"] != fmt:
+        raise ValueError(f"dataset {name!r} has format {meta['format']!r}; this run needs {fmt!r}")
+    if seq_len is not None and meta["seq_len"] != seq_len:
+        raise ValueError(f"dataset {name!r} was prepared with seq_len={meta['seq_len']}, but "
+                         f"data.seq_len={seq_len}: prepare it again with --seq_len={seq_len}")
+    fingerprint = meta["tokenizer"]["fingerprint"]
+    if fingerprint != tokenizer.fingerprint:
+        raise ValueError(f"dataset {name!r} was tokenized with tokenizer {fingerprint} "
+                         f"({meta['tokenizer']['path']}), but this run uses {tokenizer.fingerprint} "
+                         f"({tokenizer.path})")
+    if meta["vocab_size"] > vocab_size:
+        raise ValueError(f"dataset {name!r} has vocabulary size {meta['vocab_size']} > "
+                         f"model.vocab_size={vocab_size}")
+    if meta["num_records"] == 0:
+        raise ValueError(f"dataset {name!r} holds no records")
+
+
+def open_sources(datasets: Sequence[tuple[str, float]], fmt: str, seq_len: int | None,
+                 tokenizer: Tokenizer, vocab_size: int) -> list[pipeline.RowSource]:
+    """Checked row sources for the configured (dir, weight) pairs."""
+    sources = []
+    for entry in datasets:
+        if len(entry) != 2 or float(entry[1]) <= 0:
+            raise ValueError(f"data.datasets entry {entry!r} must be a (prepared_dir, weight > 0) pair")
+        path, weight = entry
+        meta = prepare.load_metadata(path)
+        check_metadata(path, meta, fmt, seq_len, tokenizer, vocab_size)
+        shards = [os.path.join(path, s["path"]) for s in meta["shards"]]
+        sources.append(pipeline.RowSource(path, pipeline.array_records(shards), float(weight)))
+    return sources
+
+
+def pretrain_sources(data: Any, tokenizer: Tokenizer, vocab_size: int) -> list[pipeline.RowSource]:
+    """The `data` config section's pretraining datasets (the shipped corpus when none)."""
+    datasets = tuple(data.datasets) or ((shipped_corpus_dir(tokenizer, data.seq_len), 1.0),)
+    return open_sources(datasets, "pretrain", data.seq_len, tokenizer, vocab_size)
