@@ -46,7 +46,11 @@ def base_config() -> ConfigDict:
     c.data = ConfigDict(dict(datasets=(), tokenizer="", seq_len=256, batch_size=16,
                              segment_ids=False, workers=0, prefetch=4, sft_overflow="truncate",
                              sft_pairs_per_row=1))
-    c.train = ConfigDict(dict(steps=1000, log_every=10, objective="pretrain"))
+    # init_from: a workdir whose latest checkpoint's params start this run (e.g. converted HF
+    # weights); max_skipped_in_a_row: NaN/Inf steps skipped in a row before the run stops.
+    c.train = ConfigDict(dict(steps=1000, log_every=10, objective="pretrain", init_from="",
+                              max_skipped_in_a_row=10))
+    c.checkpoint = ConfigDict(dict(save_every=500, max_to_keep=3, keep_every=0, async_save=True))
     c.sample = ConfigDict(dict(
         num_samples=4, prompts=("In the beginning", "And the LORD said unto Moses,",
                                 "Blessed are", "Chapter 3\n"),

@@ -131,13 +131,22 @@ def format_log_line(step: int, total: int, m: Mapping[str, float]) -> str:
 class MetricsWriter:
     """Appends metrics to DIR/metrics.jsonl and TensorBoard events; a no-op when disabled."""
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, after_step: int = 0):
+        """`after_step`: the step a run resumes from; lines logged past it by the interrupted
+        run are dropped, so the file reads as one uninterrupted run."""
         self.enabled = enabled
         if not enabled:
             return
         from tensorboardX import SummaryWriter  # imported here: only process 0 writes
 
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        path = os.path.join(workdir, "metrics.jsonl")
+        keep = []
+        if after_step and os.path.exists(path):
+            with open(path) as f:
+                keep = [line for line in f if json.loads(line)["step"] <= after_step]
+        with open(path, "w") as f:
+            f.writelines(keep)
+        self._jsonl = open(path, "a", buffering=1)
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:

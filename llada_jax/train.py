@@ -2,6 +2,8 @@
 
   python -m llada_jax.train --config=configs/demo.py[:variant] --workdir=DIR [--config.key=value]
 
+Running it again with the same DIR resumes from the latest checkpoint in DIR/checkpoints, exactly
+(the data position and the masks are functions of the step); SIGTERM saves and exits 0.
 Writes DIR/config.json (the resolved config), DIR/metrics.jsonl (one JSON object per logged
 step: step metrics averaged over the steps since the previous line, plus throughput, MFU and ETA)
 and TensorBoard events under DIR/tensorboard; prints one progress line per log interval
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -24,7 +27,7 @@ from absl import flags
 from flax import nnx
 
 from llada_jax import config as config_lib
-from llada_jax import diffusion, metrics, optim, sharding
+from llada_jax import checkpoint, diffusion, metrics, optim, sharding
 from llada_jax.data import datasets, pipeline
 from llada_jax.data.tokenizer import Tokenizer, default_tokenizer
 from llada_jax.model import ModelConfig, Transformer
@@ -73,8 +76,29 @@ def prepare(cfg: config_lib.ConfigDict, workdir: str) -> Run:
     diffusion_cfg = diffusion.DiffusionConfig.from_config(cfg.diffusion, mask_id=tokenizer.mask_id)
     StepConfig(diffusion_cfg, cfg.optim.grad_accum, cfg.seed, cfg.train.objective)  # validates
     optim.make_optimizer(cfg.optim, cfg.train.steps)  # validates the optimizer section
+    check_resumable(cfg, workdir)
     batches, summary = open_batches(cfg, tokenizer, model_cfg.vocab_size)
     return Run(cfg, workdir, mesh, model_cfg, diffusion_cfg, tokenizer, batches, summary)
+
+
+def check_resumable(cfg: config_lib.ConfigDict, workdir: str) -> None:
+    """Refuses to resume (or initialize from train.init_from) with different model shapes."""
+    for directory, what in ((workdir, "resume"), (cfg.train.init_from, "initialize from")):
+        if not directory or not os.path.isdir(checkpoint.checkpoint_dir(directory)):
+            if directory and what == "initialize from":
+                raise ValueError(f"train.init_from={directory!r} has no checkpoints/ directory")
+            continue
+        ckpt = checkpoint.Checkpointer(directory)
+        step = ckpt.latest_step()
+        if step is None:
+            if what == "initialize from":
+                raise ValueError(f"train.init_from={directory!r} holds no complete checkpoint")
+            continue
+        saved = ckpt.meta(step)["config"]["model"]
+        changes = checkpoint.shape_changes(saved, cfg.model.to_dict())
+        if changes:
+            raise ValueError(f"cannot {what} {directory!r} (step {step}): the config changes model "
+                             f"shapes: {'; '.join(changes)}")
 
 
 def open_batches(cfg: config_lib.ConfigDict, tokenizer: Tokenizer,
@@ -116,8 +140,48 @@ def make_step_fn(run: Run, graphdef: nnx.GraphDef, params: Any, opt_state: Any, 
         params, opt_state, run.mesh)
 
 
+class Preemption:
+    """Turns SIGTERM (preemption) into a flag the loop checks after every step."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+
+def restore_or_init(run: Run, ckpt: checkpoint.Checkpointer, params: Any, opt_state: Any
+                    ) -> tuple[Any, Any, int]:
+    """Resumes from the workdir's latest checkpoint, else starts from train.init_from's params
+    (fresh optimizer), else from the initialization. Returns (params, opt_state, start_step)."""
+    latest = ckpt.latest_step()
+    if latest is not None:
+        params, opt_state = ckpt.restore(latest, params, opt_state)
+        return params, opt_state, latest
+    if run.cfg.train.init_from:
+        source = checkpoint.Checkpointer(run.cfg.train.init_from)
+        params, _ = source.restore(source.latest_step(), params)
+        source.close()
+    return params, opt_state, 0
+
+
+def interval_stats(interval: list[dict[str, jax.Array]]) -> tuple[dict[str, float], int]:
+    """Means of the step metrics since the last log line (skips summed), and the number of
+    skipped steps at its end in a row."""
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(interval))
+    means = {k: float(np.mean(v)) for k, v in stacked.items()}
+    means["skipped"] = int(np.sum(stacked["skipped"]))
+    tail = 0
+    for skipped in stacked["skipped"][::-1]:
+        if not skipped:
+            break
+        tail += 1
+    return means, tail
+
+
 def train(run: Run) -> dict[str, float]:
-    """Runs cfg.train.steps steps; returns the last logged metrics."""
+    """Runs (or resumes) up to cfg.train.steps steps; returns the last logged metrics."""
     cfg, is_writer = run.cfg, jax.process_index() == 0
     os.makedirs(run.workdir, exist_ok=True)
     if is_writer:
@@ -126,48 +190,66 @@ def train(run: Run) -> dict[str, float]:
         print(cfg, flush=True)
     graphdef, params, opt_state, tx = create_state(run)
     n_params = sum(x.size for x in jax.tree.leaves(params))
+    c = cfg.checkpoint
+    ckpt = checkpoint.Checkpointer(run.workdir, c.save_every, c.max_to_keep, c.keep_every,
+                                   c.async_save)
+    params, opt_state, start = restore_or_init(run, ckpt, params, opt_state)
     step_fn = make_step_fn(run, graphdef, params, opt_state, tx)
 
     batch_size, seq_len, total = cfg.data.batch_size, cfg.data.seq_len, cfg.train.steps
-    batches = pipeline.iterate(run.batches, 0, cfg.data.workers, cfg.data.prefetch)
+    batches = pipeline.iterate(run.batches, start, cfg.data.workers, cfg.data.prefetch)
     flops_per_token = metrics.train_flops_per_token(run.model_cfg, seq_len)
     peak = metrics.total_peak_flops(run.model_cfg.dtype)
     if is_writer:
         print(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token "
               f"(train); data: {run.data_summary}; devices: {jax.device_count()} "
               f"x {jax.devices()[0].device_kind}; peak {peak / 1e9 if peak else float('nan'):.1f} "
-              f"GFLOP/s", flush=True)
-    writer = metrics.MetricsWriter(run.workdir, enabled=is_writer)
+              f"GFLOP/s" + (f"; resumed at step {start}" if start else ""), flush=True)
+    writer = metrics.MetricsWriter(run.workdir, enabled=is_writer, after_step=start)
+    meta = {"config": cfg.to_dict()}
+    preemption = Preemption()
     last: dict[str, float] = {}
     interval: list[dict[str, jax.Array]] = []  # device metrics since the last log line
-    mark_step, mark_time = 0, time.perf_counter()
-    for step in range(total):
+    mark_step, mark_time = start, time.perf_counter()
+    for step in range(start, total):
         batch = pipeline.to_global(next(batches), run.mesh, batch_size)
         params, opt_state, out = step_fn(params, opt_state, batch, jnp.int32(step))
         interval.append(out)
         done = step + 1
-        if step == 0 or done % cfg.train.log_every == 0 or done == total:
-            means = {k: float(np.mean(v)) for k, v in
-                     jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(interval)).items()}
+        if step == start or done % cfg.train.log_every == 0 or done == total:
+            means, skipped_in_a_row = interval_stats(interval)
             interval, now = [], time.perf_counter()
-            if step == 0:  # the first step includes compilation: report it, time from here
+            if skipped_in_a_row > cfg.train.max_skipped_in_a_row:
+                ckpt.close()
+                raise FloatingPointError(
+                    f"{skipped_in_a_row} steps in a row up to step {done} had a NaN/Inf loss or "
+                    f"gradient (train.max_skipped_in_a_row={cfg.train.max_skipped_in_a_row}); "
+                    f"the last checkpoint holds no NaN: lower the learning rate and resume")
+            if step == start:  # includes compilation: no throughput; time from here on
+                last = means
                 if is_writer:
-                    print(f"step 1 compiled and ran in {now - mark_time:.1f}s, loss "
+                    print(f"step {done} compiled and ran in {now - mark_time:.1f}s, loss "
                           f"{means['loss']:.4f}", flush=True)
-                mark_step, mark_time = done, now
-                continue
-            sec_per_step = (now - mark_time) / (done - mark_step)
-            tokens_per_sec = batch_size * seq_len / sec_per_step
-            last = dict(means, tokens_per_sec=tokens_per_sec,
-                        masked_tokens_per_sec=means["num_masked"] / sec_per_step,
-                        mfu=flops_per_token * tokens_per_sec / peak if peak else None,
-                        step_time_sec=sec_per_step, eta_sec=(total - done) * sec_per_step)
+            else:
+                sec_per_step = (now - mark_time) / (done - mark_step)
+                tokens_per_sec = batch_size * seq_len / sec_per_step
+                last = dict(means, tokens_per_sec=tokens_per_sec,
+                            masked_tokens_per_sec=means["num_masked"] / sec_per_step,
+                            mfu=flops_per_token * tokens_per_sec / peak if peak else None,
+                            step_time_sec=sec_per_step, eta_sec=(total - done) * sec_per_step)
+                if is_writer:
+                    print(metrics.format_log_line(done, total, last), flush=True)
             writer.write(done, last)
-            if is_writer:
-                print(metrics.format_log_line(done, total, last), flush=True)
             mark_step, mark_time = done, now
+        if ckpt.should_save(done) or done == total or preemption.requested:
+            ckpt.save(done, params, opt_state, dict(meta, step=done))
+        if preemption.requested:
+            if is_writer:
+                print(f"SIGTERM: saved a checkpoint at step {done}; exiting", flush=True)
+            break
+    ckpt.close()
     writer.close()
-    if is_writer and cfg.sample.num_samples > 0:
+    if is_writer and cfg.sample.num_samples > 0 and not preemption.requested:
         print_samples(run, graphdef, params)
     return last
 
@@ -209,7 +291,11 @@ def main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError, flags.Error) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    train(run)
+    try:
+        train(run)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

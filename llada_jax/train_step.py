@@ -71,11 +71,17 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         key = jax.random.fold_in(jax.random.key(cfg.seed), step)
         noised = noise(key, batch, cfg)
         loss, aux, grads = optim.accumulate_gradients(grad_fn, params, noised, cfg.grad_accum)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), lr=lr_schedule(step),
-                       num_valid=jnp.sum(noised["valid"]), **aux)
-        return params, opt_state, metrics
+        grad_norm = optax.tree.norm(grads)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # A NaN/Inf loss or gradient skips the update, so it never reaches the state (or a
+        # checkpoint); the host loop counts skips and stops after too many in a row.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        metrics = dict(loss=loss, grad_norm=grad_norm, lr=lr_schedule(step),
+                       num_valid=jnp.sum(noised["valid"]), skipped=(~finite).astype(jnp.int32),
+                       **aux)
+        return keep(new_params, params), keep(new_opt_state, opt_state), metrics
 
     return train_step
 
