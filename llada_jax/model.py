@@ -12,6 +12,7 @@ compute `dtype` at use.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -84,6 +85,29 @@ def _init(std: float, names: tuple[str | None, ...]) -> nnx.Initializer:
     return nnx.with_partitioning(nnx.initializers.normal(std), names)
 
 
+class Dense(nnx.Module):
+    """A bias-free projection: x (..., *in_shape) -> (..., *out_shape), kernel (*in_shape, *out_shape).
+
+    Computed as one 2-D matmul (leading dims and in_shape flattened): with several contracting or
+    batch-like dims, XLA:CPU canonicalizes the backward weight-gradient dots by materializing large
+    transposes of the activations, which cost about as much as the matmuls themselves.
+    """
+
+    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+                 names: tuple[str, ...], cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.in_shape, self.out_shape = in_shape, out_shape
+        self.dtype = cfg.compute_dtype
+        self.kernel = nnx.Param(_init(cfg.init_std, names)(
+            rngs.params(), (*in_shape, *out_shape), cfg.weight_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        lead = x.shape[:x.ndim - len(self.in_shape)]
+        kernel = self.kernel[...].astype(self.dtype)
+        y = x.astype(self.dtype).reshape(-1, math.prod(self.in_shape)) @ kernel.reshape(
+            math.prod(self.in_shape), math.prod(self.out_shape))
+        return y.reshape(*lead, *self.out_shape)
+
+
 class RMSNorm(nnx.Module):
     """x / rms(x) * scale, the statistics in float32 whatever the compute dtype."""
 
@@ -139,15 +163,10 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        proj = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
-        self.q = nnx.Einsum("bld,dhk->blhk", (d, h, hd),
-                            kernel_init=_init(cfg.init_std, ("embed", "heads", "head_dim")), **proj)
-        self.k = nnx.Einsum("bld,dhk->blhk", (d, k, hd),
-                            kernel_init=_init(cfg.init_std, ("embed", "kv_heads", "head_dim")), **proj)
-        self.v = nnx.Einsum("bld,dhk->blhk", (d, k, hd),
-                            kernel_init=_init(cfg.init_std, ("embed", "kv_heads", "head_dim")), **proj)
-        self.o = nnx.Einsum("blhk,hkd->bld", (h, hd, d),
-                            kernel_init=_init(cfg.init_std, ("heads", "head_dim", "embed")), **proj)
+        self.q = Dense((d,), (h, hd), ("embed", "heads", "head_dim"), cfg, rngs=rngs)
+        self.k = Dense((d,), (k, hd), ("embed", "kv_heads", "head_dim"), cfg, rngs=rngs)
+        self.v = Dense((d,), (k, hd), ("embed", "kv_heads", "head_dim"), cfg, rngs=rngs)
+        self.o = Dense((h, hd), (d,), ("heads", "head_dim", "embed"), cfg, rngs=rngs)
         self.groups = h // k
         self.scale = hd ** -0.5
 
@@ -170,10 +189,9 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.mlp_hidden
-        proj = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
-        self.gate = nnx.Einsum("bld,df->blf", (d, f), kernel_init=_init(cfg.init_std, ("embed", "mlp")), **proj)
-        self.up = nnx.Einsum("bld,df->blf", (d, f), kernel_init=_init(cfg.init_std, ("embed", "mlp")), **proj)
-        self.down = nnx.Einsum("blf,fd->bld", (f, d), kernel_init=_init(cfg.init_std, ("mlp", "embed")), **proj)
+        self.gate = Dense((d,), (f,), ("embed", "mlp"), cfg, rngs=rngs)
+        self.up = Dense((d,), (f,), ("embed", "mlp"), cfg, rngs=rngs)
+        self.down = Dense((f,), (d,), ("mlp", "embed"), cfg, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
@@ -212,10 +230,8 @@ class Transformer(nnx.Module):
             self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg, rngs=rngs)
         if not cfg.tie_embeddings:
-            self.lm_head = nnx.Einsum(
-                "bld,dv->blv", (cfg.d_model, cfg.vocab_size), dtype=cfg.compute_dtype,
-                param_dtype=cfg.weight_dtype, kernel_init=_init(cfg.init_std, ("embed", "vocab")),
-                rngs=rngs)
+            self.lm_head = Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), cfg,
+                                 rngs=rngs)
 
     def __call__(self, tokens: jax.Array, valid: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:

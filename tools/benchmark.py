@@ -1,0 +1,139 @@
+"""Benchmarks of the training stack.
+
+  python tools/benchmark.py --mode=train --config=configs/demo.py[:variant] [--config.key=value]
+      [--steps=N] [--warmup=W] [--json]
+
+train: times the trainer's jitted step (built by `llada_jax.train`) on random token batches of
+the config's shape, and reports the median step time and its IQR, tokens/s, masked tokens/s,
+model TFLOP/step, achieved GFLOP/s, the peak FLOP/s (on CPU the matmul peak, measured in this
+run), MFU, compile time and the process's peak RSS. Prints a table, or one JSON object with --json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from llada_jax import config as config_lib  # noqa: E402
+from llada_jax import metrics, train  # noqa: E402
+from llada_jax.data import pipeline  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("mode", "train", ["train"], "What to benchmark.")
+# --config is defined by llada_jax.train (imported above), which parses it the same way.
+flags.DEFINE_integer("steps", 10, "Timed steps.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_flops(dtype: str) -> float | None:
+    """Peak FLOP/s: on CPU the matmul peak measured now (not the disk cache, which may be stale
+    or from another load); on accelerators the table in `metrics`."""
+    if jax.devices()[0].platform == "cpu":
+        return metrics.measure_cpu_matmul_peak(dtype)
+    return metrics.total_peak_flops(dtype)
+
+
+def bench_train(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
+    """Times the trainer's step; see the module docstring for what is reported."""
+    # prepare() only checks the workdir's parent; nothing is written in train mode.
+    run = train.prepare(cfg, tempfile.gettempdir())
+    graphdef, params, opt_state, tx = train.create_state(run)
+    step_fn = train.make_step_fn(run, graphdef, params, opt_state, tx)
+    batch_size, seq_len = cfg.data.batch_size, cfg.data.seq_len
+    rng = np.random.default_rng(cfg.seed)
+
+    def batch() -> dict[str, jax.Array]:
+        tokens = rng.integers(0, run.tokenizer.vocab_size, (batch_size, seq_len), np.int32)
+        return pipeline.to_global({"tokens": tokens}, run.mesh, batch_size)
+
+    peak = peak_flops(run.model_cfg.dtype)
+    start = time.perf_counter()
+    compiled = step_fn.lower(params, opt_state, batch(), jnp.int32(0)).compile()
+    compile_sec = time.perf_counter() - start
+
+    times, masked = [], []
+    for step in range(warmup + steps):
+        b, s = batch(), jnp.int32(step)
+        jax.block_until_ready(b)
+        start = time.perf_counter()
+        params, opt_state, out = compiled(params, opt_state, b, s)
+        jax.block_until_ready((params, opt_state, out))
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+            masked.append(float(out["num_masked"]))
+
+    step_sec = float(np.median(times))
+    q25, q75 = np.percentile(times, [25, 75])
+    tokens = batch_size * seq_len
+    flops = metrics.train_flops_per_token(run.model_cfg, seq_len) * tokens
+    achieved = flops / step_sec
+    return dict(
+        mode="train", device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        batch_size=batch_size, seq_len=seq_len, dtype=run.model_cfg.dtype,
+        n_params=int(sum(x.size for x in jax.tree.leaves(params))),
+        steps=steps, warmup=warmup, step_sec_median=step_sec, step_sec_iqr=float(q75 - q25),
+        tokens_per_sec=tokens / step_sec, masked_tokens_per_sec=float(np.median(masked)) / step_sec,
+        model_tflop_per_step=flops / 1e12, achieved_gflops=achieved / 1e9,
+        peak_gflops=peak / 1e9 if peak else None, mfu=achieved / peak if peak else None,
+        compile_sec=compile_sec, peak_rss_mib=peak_rss_mib())
+
+
+MODES: dict[str, Callable[..., dict[str, Any]]] = {"train": bench_train}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Two aligned columns, numbers with units."""
+    def fmt(key: str, value: Any) -> str:
+        if value is None:
+            return "n/a"
+        if key == "mfu":
+            return f"{100 * value:.1f}%"
+        if key in ("step_sec_median", "step_sec_iqr", "compile_sec"):
+            return f"{value:.3f} s"
+        if isinstance(value, float):
+            return f"{value:,.1f}" if value >= 10 else f"{value:.3f}"
+        if isinstance(value, int):
+            return f"{value:,}"
+        return str(value)
+
+    width = max(map(len, result))
+    return "\n".join(f"{k:<{width}}  {fmt(k, v)}" for k, v in result.items())
+
+
+def main(argv: list[str]) -> int:
+    """Command-line entry point; returns the exit code."""
+    try:
+        rest, overrides = config_lib.split_overrides(argv[1:])
+        FLAGS([argv[0]] + rest)
+        if not FLAGS.config:
+            raise ValueError("--config=configs/<name>.py[:variant] is required")
+        if FLAGS.steps < 1 or FLAGS.warmup < 0:
+            raise ValueError(f"--steps={FLAGS.steps} must be >= 1 and --warmup={FLAGS.warmup} >= 0")
+        cfg = config_lib.load(FLAGS.config, overrides)
+        result = MODES[FLAGS.mode](cfg, FLAGS.steps, FLAGS.warmup)
+    except (ValueError, FileNotFoundError, flags.Error) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if FLAGS.json else format_table(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
