@@ -49,7 +49,7 @@ def test_overrides_are_typed():
     ("model.d_model", "1.5", "config.model.d_model=1.5 is not a valid int"),
     ("model.causal", "3", "config.model.causal=3 is not a valid bool"),
     ("model.bogus", "1", "unknown config key 'model.bogus'; valid keys here: causal, d_model"),
-    ("modle.d_model", "1", "unknown config key 'modle'; valid keys here: data, diffusion"),
+    ("modle.d_model", "1", "unknown config key 'modle'; valid keys here: checkpoint, data, diffusion"),
     ("model", "1", "unknown config key 'model'"),
 ])
 def test_bad_overrides(key, value, message):
