@@ -53,14 +53,16 @@ class Run:
     data_summary: str
 
 
-def prepare(cfg: config_lib.ConfigDict, workdir: str) -> Run:
-    """Validates the config against the machine; raises ValueError with one clear line."""
+def prepare(cfg: config_lib.ConfigDict, workdir: str,
+            devices: list[jax.Device] | None = None) -> Run:
+    """Validates the config against the machine (or the given devices); raises ValueError with
+    one clear line."""
     parent = os.path.dirname(os.path.abspath(workdir))
     if not os.path.isdir(parent):
         raise ValueError(f"--workdir={workdir!r}: parent directory {parent!r} does not exist")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"--workdir={workdir!r} exists and is not a directory")
-    mesh = sharding.make_mesh(cfg.mesh.shape)
+    mesh = sharding.make_mesh(cfg.mesh.shape, devices)
     dp, batch = sharding.data_parallel_size(mesh), cfg.data.batch_size
     if batch % dp:
         raise ValueError(f"data.batch_size={batch} is not divisible by the data-parallel size {dp} "
