@@ -1,8 +1,8 @@
-"""Hugging Face LLaDA layout (REFERENCES §5) -> this package's parameter tree.
+"""Hugging Face LLaDA (REFERENCES §5: LLaDAModelLM, block_type llama) configs and weights.
 
 HF linear weights are stored (out_features, in_features) under `model.transformer.`; ours are
-einsum kernels (in, ...out) with heads split out, and layers stacked on a leading axis when the
-model scans its layers.
+kernels (in, ...out) with heads split out, and layers stacked on a leading axis when the model
+scans its layers (see `layouts`).
 """
 from __future__ import annotations
 
@@ -10,67 +10,87 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from llada_jax.convert.layouts import params_from_tensors
+from llada_jax.convert.safetensors_io import ConvertError
 from llada_jax.model import ModelConfig
 
 PREFIX = "model.transformer."
 
+# Fields of the HF LLaDA config that change the architecture, with the only values we implement.
+_REQUIRED = {"block_type": ("llama",), "alibi": (False,), "rope": (True,),
+             "include_bias": (False,), "include_qkv_bias": (False, None),
+             "layer_norm_type": ("rms",), "activation_type": ("silu", "swiglu"),
+             "attention_layer_norm": (False,), "scale_logits": (False,),
+             "input_emb_norm": (False,), "block_group_size": (1,)}
+
+# A config.json for LLaDAModelLM with LLaDA-8B's values (REFERENCES §5); export overwrites the
+# architecture fields. Used when the checkpoint was not imported from an HF LLaDA config.
+TEMPLATE: dict[str, Any] = {
+    "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0,
+    "architectures": ["LLaDAModelLM"], "attention_dropout": 0.0, "attention_layer_norm": False,
+    "attention_layer_norm_with_affine": True,
+    "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
+                 "AutoModel": "modeling_llada.LLaDAModelLM",
+                 "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
+    "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama",
+    "d_model": 4096, "embedding_dropout": 0.0, "embedding_size": 126464, "eos_token_id": 126081,
+    "flash_attention": False, "include_bias": False, "include_qkv_bias": False,
+    "init_cutoff_factor": None, "init_device": "meta", "init_fn": "mitchell", "init_std": 0.02,
+    "input_emb_norm": False, "layer_norm_type": "rms", "layer_norm_with_affine": True,
+    "mask_token_id": 126336, "max_sequence_length": 4096, "mlp_hidden_size": 12288,
+    "mlp_ratio": 4, "model_type": "llada", "multi_query_attention": None, "n_heads": 32,
+    "n_kv_heads": 32, "n_layers": 32, "pad_token_id": 126081, "precision": "amp_bf16",
+    "residual_dropout": 0.0, "rms_norm_eps": 1e-05, "rope": True, "rope_full_precision": True,
+    "rope_theta": 500000.0, "scale_logits": False, "torch_dtype": "bfloat16",
+    "use_cache": False, "vocab_size": 126464, "weight_tying": False,
+}
+
 
 def model_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
     """ModelConfig from an HF LLaDA config.json dict (architecture fields only)."""
-    fields = dict(
-        vocab_size=hf["embedding_size"] or hf["vocab_size"], d_model=hf["d_model"],
-        n_layers=hf["n_layers"], n_heads=hf["n_heads"],
-        n_kv_heads=hf.get("n_kv_heads") or hf["n_heads"], mlp_hidden=hf["mlp_hidden_size"],
-        rope_theta=float(hf["rope_theta"]), norm_eps=float(hf["rms_norm_eps"]),
-        tie_embeddings=bool(hf["weight_tying"]))
+    for key, allowed in _REQUIRED.items():
+        if key in hf and hf[key] not in allowed:
+            raise ConvertError(f"HF LLaDA config has {key}={hf[key]!r}; only {allowed[0]!r} is "
+                               f"supported")
+    try:
+        d_model, n_heads = int(hf["d_model"]), int(hf["n_heads"])
+        n_kv = hf.get("n_kv_heads") or (1 if hf.get("multi_query_attention") else n_heads)
+        mlp = hf.get("mlp_hidden_size") or hf["mlp_ratio"] * d_model
+        fields = dict(
+            vocab_size=int(hf.get("embedding_size") or hf["vocab_size"]), d_model=d_model,
+            n_layers=int(hf["n_layers"]), n_heads=n_heads, n_kv_heads=int(n_kv),
+            mlp_hidden=int(mlp), rope_theta=float(hf.get("rope_theta", 10000.0)),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            tie_embeddings=bool(hf.get("weight_tying", False)))
+    except KeyError as e:
+        raise ConvertError(f"HF LLaDA config.json lacks {e.args[0]!r}") from None
     fields.update(overrides)
     return ModelConfig(**fields)
 
 
-def _layer(t: Mapping[str, np.ndarray], i: int, cfg: ModelConfig) -> dict:
-    """Parameters of block i as a pure dict of numpy arrays."""
-    d, hd = cfg.d_model, cfg.head_dim
-
-    def w(name: str) -> np.ndarray:
-        return np.asarray(t[f"{PREFIX}blocks.{i}.{name}.weight"])
-
-    return {
-        "attn_norm": {"scale": w("attn_norm")},
-        "attn": {
-            "q": {"kernel": w("q_proj").T.reshape(d, cfg.n_heads, hd)},
-            "k": {"kernel": w("k_proj").T.reshape(d, cfg.n_kv_heads, hd)},
-            "v": {"kernel": w("v_proj").T.reshape(d, cfg.n_kv_heads, hd)},
-            "o": {"kernel": w("attn_out").T.reshape(cfg.n_heads, hd, d)},
-        },
-        "mlp_norm": {"scale": w("ff_norm")},
-        "mlp": {
-            "gate": {"kernel": w("ff_proj").T},
-            "up": {"kernel": w("up_proj").T},
-            "down": {"kernel": w("ff_out").T},
-        },
-    }
+def hf_config_from_model(cfg: ModelConfig, template: Mapping[str, Any] | None, dtype: str,
+                         special_ids: Mapping[str, int] | None = None,
+                         max_sequence_length: int | None = None) -> dict:
+    """The config.json of an HF LLaDA checkpoint holding a model with this config."""
+    if cfg.head_dim != cfg.d_model // cfg.n_heads:
+        raise ConvertError(f"model.head_dim={cfg.head_dim} is not d_model // n_heads; the HF LLaDA "
+                           f"layout cannot express it")
+    out = dict(TEMPLATE if template is None else template)
+    out.update(d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+               n_layers=cfg.n_layers, mlp_hidden_size=cfg.mlp_hidden,
+               embedding_size=cfg.vocab_size, rope_theta=cfg.rope_theta,
+               rms_norm_eps=cfg.norm_eps, weight_tying=cfg.tie_embeddings)
+    out["multi_query_attention"] = None
+    if template is None or not 0 < int(template.get("vocab_size", 0)) <= cfg.vocab_size:
+        out["vocab_size"] = cfg.vocab_size
+    if template is None:
+        out.update(special_ids or {})
+        if max_sequence_length:
+            out["max_sequence_length"] = max_sequence_length
+    out["torch_dtype" if "torch_dtype" in out or "dtype" not in out else "dtype"] = dtype
+    return out
 
 
 def params_from_hf(t: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
     """Pure dict shaped like `nnx.to_pure_dict(nnx.state(Transformer(cfg), nnx.Param))`."""
-    layers = [_layer(t, i, cfg) for i in range(cfg.n_layers)]
-    if cfg.scan_layers:
-        blocks = _stack(layers)
-    else:
-        blocks = dict(enumerate(layers))
-    params = {
-        "embed": {"embedding": np.asarray(t[PREFIX + "wte.weight"])},
-        "blocks": blocks,
-        "final_norm": {"scale": np.asarray(t[PREFIX + "ln_f.weight"])},
-    }
-    if not cfg.tie_embeddings:
-        params["lm_head"] = {"kernel": np.asarray(t[PREFIX + "ff_out.weight"]).T}
-    return params
-
-
-def _stack(trees: list[dict]) -> dict:
-    """Stacks equally-shaped nested dicts of arrays along a new leading axis."""
-    first = trees[0]
-    if isinstance(first, dict):
-        return {k: _stack([tr[k] for tr in trees]) for k in first}
-    return np.stack(trees)
+    return params_from_tensors(t, cfg, "llada")

@@ -1,0 +1,301 @@
+"""Hugging Face checkpoint directories <-> workdirs that train, sample and evaluate start from.
+
+`import_hf(hf_dir, workdir)`: an HF LLaDA (REFERENCES §5) or LlamaForCausalLM checkpoint
+(config.json + model.safetensors, or shards + model.safetensors.index.json; float32 or bfloat16)
+-> workdir/config.json (base_config() with the model section from the HF config) and a
+params-only Orbax checkpoint workdir/checkpoints/0 whose meta holds that config and the HF one.
+
+`export_hf(workdir, hf_dir)`: a workdir's checkpoint -> the HF LLaDA layout (config.json that the
+HF LLaDA code reads, model.safetensors or shards + index), in float32 or bfloat16.
+
+Memory stays bounded by one parameter: import reads one HF tensor at a time into memory-mapped
+arrays in the output's temporary directory (layers filled one by one, never a copy of the state
+dict), which Orbax writes to the checkpoint without copying; export restores one parameter at a
+time as numpy and writes each HF tensor at its offset in the shard files. Outputs are written to a
+temporary directory next to the destination and renamed when complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from typing import Any, Iterator
+
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint._src.serialization import type_handlers as _th
+
+from llada_jax import checkpoint
+from llada_jax import config as config_lib
+from llada_jax.convert import hf_llada, hf_llama, layouts
+from llada_jax.convert.safetensors_io import (DTYPES, ConvertError, TensorReader, parse_size,
+                                              write_sharded)
+from llada_jax.model import ModelConfig
+
+SOURCES = ("llada", "llama")
+
+
+def read_hf_config(hf_dir: str) -> dict:
+    if not os.path.isdir(hf_dir):
+        raise ConvertError(f"--hf_dir={hf_dir!r} does not exist or is not a directory")
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConvertError(f"{path!r} does not exist (an HF checkpoint directory holds config.json)")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConvertError(f"{path!r} is not valid JSON: {e}") from None
+
+
+def detect_source(hf: dict) -> str:
+    """'llada' or 'llama' from config.json's model_type / architectures."""
+    model_type, archs = hf.get("model_type"), hf.get("architectures") or []
+    if model_type == "llada" or "LLaDAModelLM" in archs:
+        return "llada"
+    if model_type == "llama" or "LlamaForCausalLM" in archs:
+        return "llama"
+    raise ConvertError(f"unknown architecture (model_type={model_type!r}, architectures={archs}); "
+                       f"supported: LLaDA (model_type 'llada') and LlamaForCausalLM ('llama')")
+
+
+def model_config(hf: dict, source: str, **overrides: Any) -> ModelConfig:
+    if source == "llada":
+        return hf_llada.model_config_from_hf(hf, **overrides)
+    return hf_llama.model_config_from_llama(hf, **overrides)
+
+
+def run_config(cfg: ModelConfig) -> config_lib.ConfigDict:
+    """base_config() with this model section (head_dim 0 when it is the default d_model // heads)."""
+    c = config_lib.base_config()
+    model = {f: getattr(cfg, f) for f in c.model.keys()}
+    if cfg.head_dim == cfg.d_model // cfg.n_heads:
+        model["head_dim"] = 0
+    c.model.update(model)
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _output_dir(dest: str, flag: str) -> Iterator[str]:
+    """A temporary directory renamed to `dest` on success and removed on failure."""
+    dest = os.path.abspath(dest)
+    parent = os.path.dirname(dest)
+    if not os.path.isdir(parent):
+        raise ConvertError(f"{flag}={dest!r}: parent directory {parent!r} does not exist")
+    if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
+        raise ConvertError(f"{flag}={dest!r} already exists and is not empty")
+    tmp = os.path.join(parent, f".{os.path.basename(dest)}.converting-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.isdir(dest):
+            os.rmdir(dest)
+        os.rename(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _numpy_leaves_without_copy() -> Iterator[None]:
+    """Orbax deep-copies numpy leaves before an (async) save by default; our memory-mapped
+    leaves are not modified while it writes, so the copy (a whole model) is skipped."""
+    previous = ocp.type_handlers.get_type_handler(np.ndarray)
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # "overriding np.ndarray" warnings
+    try:
+        ocp.type_handlers.register_type_handler(
+            np.ndarray, _th.NumpyHandler(deepcopy_host_arrays=False), override=True)
+        yield
+    finally:
+        ocp.type_handlers.register_type_handler(np.ndarray, previous, override=True)
+        absl_logger.setLevel(level)
+
+
+def check_tensors(reader: TensorReader, cfg: ModelConfig, source: str) -> None:
+    """Every expected tensor present with its shape; nothing unexpected left over."""
+    expected = {e.hf_key(i): e.hf_shape for e, i in layouts.hf_tensor_list(cfg, source)}
+    missing = [k for k in expected if k not in reader]
+    if missing:
+        raise ConvertError(f"{len(missing)} tensor(s) missing from {reader.directory!r}, e.g. "
+                           f"{', '.join(missing[:4])}")
+    for key, shape in expected.items():
+        if reader.shape(key) != shape:
+            raise ConvertError(f"tensor {key!r} has shape {reader.shape(key)}, expected {shape} "
+                               f"from config.json")
+    extra = [k for k in reader.keys() if k not in expected
+             and not k.endswith(layouts.IGNORED_SUFFIXES)
+             and not (cfg.tie_embeddings and k == layouts.KEYS[source]["lm_head"])]
+    if extra:
+        raise ConvertError(f"{len(extra)} unexpected tensor(s) in {reader.directory!r} for this "
+                           f"config, e.g. {', '.join(extra[:4])}")
+
+
+def import_hf(hf_dir: str, workdir: str, source: str = "auto", dtype: str = "float32") -> dict:
+    """HF checkpoint -> workdir (config.json + checkpoints/0). Returns the run config as a dict.
+
+    dtype: the parameters' dtype in the checkpoint (model.param_dtype), float32 or bfloat16.
+    """
+    hf = read_hf_config(hf_dir)
+    if source == "auto":
+        source = detect_source(hf)
+    if source not in SOURCES:
+        raise ConvertError(f"--source={source!r} is not one of auto, {', '.join(SOURCES)}")
+    if dtype not in ("float32", "bfloat16"):
+        raise ConvertError(f"--dtype={dtype!r} is not float32 or bfloat16")
+    try:
+        cfg = model_config(hf, source, param_dtype=dtype, causal=False, scan_layers=True)
+    except ConvertError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConvertError(f"config.json of {hf_dir!r}: {e}") from None
+    reader = TensorReader(hf_dir)
+    check_tensors(reader, cfg, source)
+    run_cfg = run_config(cfg)
+    out_dtype = DTYPES[dtype]
+    with _output_dir(workdir, "--workdir") as tmp:
+        mm_dir = os.path.join(tmp, "tmp-arrays")
+        os.makedirs(mm_dir)
+        params: dict = {}
+        for n, e in enumerate(layouts.entries(cfg, source)):
+            shape = (cfg.n_layers, *e.shape) if e.per_layer else e.shape
+            path = os.path.join(mm_dir, f"{n}.npy")
+            out = np.lib.format.open_memmap(path, mode="w+", dtype=out_dtype, shape=shape)
+            if e.per_layer:
+                for i in range(cfg.n_layers):  # one HF tensor in memory at a time
+                    out[i] = e.to_ours(reader.get(e.hf_key(i)))
+            else:
+                out[...] = e.to_ours(reader.get(e.hf_key()))
+            out.flush()
+            del out
+            layouts.set_path(params, e.path, {"value": np.load(path, mmap_mode="r").view(out_dtype)})
+        reader.close()
+        meta = {"config": run_cfg.to_dict(), "step": 0, "hf_config": hf, "hf_source": source}
+        with _numpy_leaves_without_copy():
+            ckpt = checkpoint.Checkpointer(tmp, async_save=False)
+            ckpt.save(0, params, None, meta)
+            ckpt.close()
+        del params
+        shutil.rmtree(mm_dir)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            f.write(run_cfg.to_json_best_effort(indent=2))
+    return run_cfg.to_dict()
+
+
+# ----------------------------------------------------------------------------------------------
+def _params_dir(workdir: str, step: int) -> str:
+    return os.path.join(checkpoint.checkpoint_dir(workdir), str(step), "params")
+
+
+def _saved_paths(params_dir: str) -> dict[tuple, tuple]:
+    """Our parameter path -> the saved key path (with the trailing 'value' of nnx.Param leaves)."""
+    with open(os.path.join(params_dir, "_METADATA")) as f:
+        tree = json.load(f)["tree_metadata"]
+    out = {}
+    for entry in tree.values():
+        keys = tuple(k["key"] for k in entry["key_metadata"])
+        out[keys[:-1] if keys[-1] == "value" else keys] = keys
+    return out
+
+
+def _restore_numpy(params_dir: str, saved_path: tuple, shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """One saved parameter as a numpy array (nothing else of the checkpoint is read)."""
+    item: dict = {}
+    args: dict = {}
+    layouts.set_path(item, saved_path, np.empty(0, dtype))  # placeholder leaf; only its type counts
+    layouts.set_path(args, saved_path, ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype))
+    out = ocp.PyTreeCheckpointer().restore(
+        params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
+    array = layouts.get_path(out, saved_path)
+    if tuple(array.shape) != tuple(shape):
+        raise ConvertError(f"checkpoint parameter {'.'.join(map(str, saved_path))} has shape "
+                           f"{array.shape}, expected {shape} from its config")
+    return array
+
+
+def _find_hf_config(workdir: str, meta: dict, depth: int = 0) -> dict | None:
+    """The HF LLaDA config this checkpoint descends from (its own meta, or train.init_from's)."""
+    if meta.get("hf_config") is not None and meta.get("hf_source") == "llada":
+        return meta["hf_config"]
+    init_from = meta.get("config", {}).get("train", {}).get("init_from")
+    if not init_from or depth > 8 or not os.path.isdir(checkpoint.checkpoint_dir(init_from)):
+        return None
+    source = checkpoint.Checkpointer(init_from)
+    step = source.latest_step()
+    found = _find_hf_config(init_from, source.meta(step), depth + 1) if step is not None else None
+    source.close()
+    return found
+
+
+def _special_ids(run_cfg: dict) -> dict:
+    """mask/eos/pad ids of the run's tokenizer (for a config with no HF LLaDA ancestor)."""
+    from llada_jax.data.tokenizer import Tokenizer, default_tokenizer
+    path = run_cfg.get("data", {}).get("tokenizer", "")
+    try:
+        tok = Tokenizer(path) if path else default_tokenizer()
+    except Exception:  # noqa: BLE001 - ids stay LLaDA-8B's
+        return {}
+    return {"mask_token_id": tok.mask_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+
+
+def export_hf(workdir: str, hf_dir: str, dtype: str = "", max_shard_size: str | int = "5GB",
+              step: int | None = None) -> list[str]:
+    """A workdir's checkpoint (latest, or `step`) -> hf_dir in the HF LLaDA layout.
+
+    dtype: float32 or bfloat16; "" = the dtype of the HF checkpoint it was imported from, else
+    the parameters' dtype. Returns the written file names.
+    """
+    if not os.path.isdir(workdir):
+        raise ConvertError(f"--workdir={workdir!r} does not exist or is not a directory")
+    if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+        raise ConvertError(f"--workdir={workdir!r} has no checkpoints/ directory")
+    shard_bytes = parse_size(max_shard_size)
+    ckpt = checkpoint.Checkpointer(workdir)
+    step = ckpt.latest_step() if step is None else step
+    if step is None or step not in ckpt.manager.all_steps():
+        ckpt.close()
+        raise ConvertError(f"--workdir={workdir!r} holds no complete checkpoint"
+                           + (f" at step {step}" if step is not None else ""))
+    meta = ckpt.meta(step)
+    ckpt.close()
+    run_cfg = meta["config"]
+    cfg = ModelConfig.from_config(run_cfg["model"])
+    if not cfg.scan_layers:
+        raise ConvertError("export of a scan_layers=False checkpoint is not supported yet")
+    if cfg.causal:
+        print("warning: model.causal=True; HF LLaDA attention is bidirectional", flush=True)
+    template = _find_hf_config(workdir, meta)
+    if not dtype:
+        dtype = (template or {}).get("torch_dtype") or (template or {}).get("dtype") or cfg.param_dtype
+    if dtype not in ("float32", "bfloat16"):
+        raise ConvertError(f"--dtype={dtype!r} is not float32 or bfloat16")
+    out_dtype = DTYPES[dtype]
+    hf_cfg = hf_llada.hf_config_from_model(
+        cfg, template, dtype, None if template else _special_ids(run_cfg),
+        None if template else run_cfg.get("data", {}).get("seq_len"))
+    params_dir = _params_dir(workdir, step)
+    saved = _saved_paths(params_dir)
+    entries = layouts.entries(cfg, "llada")
+    for e in entries:
+        if e.path not in saved:
+            raise ConvertError(f"checkpoint {params_dir!r} lacks parameter {'.'.join(e.path)}")
+    tensors = [(e.hf_key(i), e.hf_shape, out_dtype) for e, i in layouts.hf_tensor_list(cfg, "llada")]
+    param_dtype = np.dtype(cfg.weight_dtype)
+
+    def produce(e: layouts.Entry):
+        shape = (cfg.n_layers, *e.shape) if e.per_layer else e.shape
+        leaf = _restore_numpy(params_dir, saved[e.path], shape, param_dtype)
+        for i in range(cfg.n_layers) if e.per_layer else [None]:
+            w = leaf[i] if i is not None else leaf
+            yield e.hf_key(i), np.asarray(e.to_hf(w), dtype=out_dtype, order="C")
+
+    with _output_dir(hf_dir, "--hf_dir") as tmp:
+        names = write_sharded(tmp, tensors, entries, produce, shard_bytes)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_cfg, f, indent=2, sort_keys=True)
+            f.write("\n")
+    return names

@@ -1,0 +1,62 @@
+"""Hugging Face checkpoints <-> workdirs (see llada_jax/convert/hf.py).
+
+  python tools/convert_hf.py --hf_dir=HF_DIR --workdir=DIR [--source=auto|llada|llama]
+                             [--dtype=float32|bfloat16]
+      HF LLaDA (or LlamaForCausalLM) safetensors -> DIR/config.json + DIR/checkpoints/0, which
+      train (--config.train.init_from=DIR), sample and evaluate start from.
+  python tools/convert_hf.py --workdir=DIR --hf_dir=OUT --export [--dtype=bfloat16|float32]
+                             [--max_shard_size=5GB] [--step=N]
+      DIR's latest (or step N) checkpoint -> OUT in the HF LLaDA layout (config.json,
+      model.safetensors or shards + model.safetensors.index.json).
+
+Errors are one line `error: ...` on stderr with exit status 2; nothing is left half-written.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from llada_jax.convert import hf  # noqa: E402
+from llada_jax.convert.safetensors_io import ConvertError  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("hf_dir", None, "HF checkpoint directory (input; output with --export)")
+flags.DEFINE_string("workdir", None, "Workdir (output; input with --export)")
+flags.DEFINE_bool("export", False, "Write the workdir's checkpoint to --hf_dir in the HF layout")
+flags.DEFINE_string("source", "auto", "Import layout: auto (from config.json), llada or llama")
+flags.DEFINE_string("dtype", "", "Import: parameter dtype (default float32). Export: tensor dtype "
+                    "(default: the imported HF checkpoint's, else the parameters')")
+flags.DEFINE_string("max_shard_size", "5GB", "Export: largest safetensors shard")
+flags.DEFINE_integer("step", None, "Export: checkpoint step (default: the latest)")
+
+
+def main(argv: list[str]) -> int:
+    try:
+        FLAGS(argv)
+        if not FLAGS.hf_dir or not FLAGS.workdir:
+            raise ConvertError("both --hf_dir=DIR and --workdir=DIR are required")
+        t = time.perf_counter()
+        if FLAGS.export:
+            names = hf.export_hf(FLAGS.workdir, FLAGS.hf_dir, FLAGS.dtype, FLAGS.max_shard_size,
+                                 FLAGS.step)
+            print(f"exported {FLAGS.workdir} -> {FLAGS.hf_dir} ({len(names)} safetensors file(s)) "
+                  f"in {time.perf_counter() - t:.1f}s")
+        else:
+            cfg = hf.import_hf(FLAGS.hf_dir, FLAGS.workdir, FLAGS.source, FLAGS.dtype or "float32")
+            m = cfg["model"]
+            print(f"imported {FLAGS.hf_dir} -> {FLAGS.workdir}/checkpoints/0 ({m['n_layers']} layers,"
+                  f" d_model {m['d_model']}, vocab {m['vocab_size']}, {m['param_dtype']}) in "
+                  f"{time.perf_counter() - t:.1f}s")
+    except (ConvertError, flags.Error) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
