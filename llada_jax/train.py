@@ -1,6 +1,9 @@
 """Pretraining loop.
 
   python -m llada_jax.train --config=configs/demo.py[:variant] --workdir=DIR [--config.key=value]
+      [--coordinator=HOST:PORT --num_processes=N --process_id=I]
+
+Multi-process runs: see llada_jax/distributed.py (TPU pods and SLURM are detected).
 
 Running it again with the same DIR resumes from the latest checkpoint in DIR/checkpoints, exactly
 (the data position and the masks are functions of the step); SIGTERM saves and exits 0.
@@ -27,7 +30,7 @@ from absl import flags
 from flax import nnx
 
 from llada_jax import config as config_lib
-from llada_jax import checkpoint, diffusion, metrics, optim, sharding
+from llada_jax import checkpoint, diffusion, distributed, metrics, optim, sharding
 from llada_jax.data import datasets, pipeline
 from llada_jax.data.tokenizer import Tokenizer, default_tokenizer
 from llada_jax.model import ModelConfig, Transformer
@@ -289,6 +292,7 @@ def main(argv: list[str]) -> int:
         FLAGS([argv[0]] + rest)
         if not FLAGS.config or not FLAGS.workdir:
             raise ValueError("both --config=configs/<name>.py[:variant] and --workdir=DIR are required")
+        distributed.initialize()
         run = prepare(config_lib.load(FLAGS.config, overrides), FLAGS.workdir)
     except (ValueError, FileNotFoundError, flags.Error) as e:
         print(f"error: {e}", file=sys.stderr)

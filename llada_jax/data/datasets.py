@@ -11,6 +11,9 @@ import hashlib
 import os
 from typing import Any, Sequence
 
+import jax
+from jax.experimental import multihost_utils
+
 from llada_jax.data import pipeline, prepare
 from llada_jax.data.corpus import DEFAULT_CORPUS_PATH
 from llada_jax.data.tokenizer import Tokenizer
@@ -24,10 +27,13 @@ def shipped_corpus_dir(tokenizer: Tokenizer, seq_len: int) -> str:
     with open(DEFAULT_CORPUS_PATH, "rb") as f:
         corpus = hashlib.sha256(f.read()).hexdigest()[:12]
     out = os.path.join(CACHE_DIR, "prepared", f"kjv-{corpus}-{tokenizer.fingerprint}-L{seq_len}")
-    if not os.path.isfile(os.path.join(out, prepare.METADATA_FILE)):
+    # One process prepares; the others wait (they may share the cache directory).
+    if jax.process_index() == 0 and not os.path.isfile(os.path.join(out, prepare.METADATA_FILE)):
         prepare.prepare([DEFAULT_CORPUS_PATH], out, "pretrain", seq_len=seq_len,
                         tokenizer_path=tokenizer.path, doc_separator=SHIPPED_CORPUS_SEPARATOR,
                         workers=1, progress=False, log=lambda *_: None)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("shipped corpus prepared")
     return out
 
 
