@@ -3,6 +3,9 @@
   python tools/benchmark.py --mode=train --config=configs/demo.py[:variant] [--config.key=value]
       [--steps=N] [--warmup=W] [--json]
 
+  python tools/benchmark.py --mode=data --config=configs/demo.py --config.data.seq_len=2048
+  python tools/benchmark.py --mode=checkpoint --config=configs/demo.py
+
 train: times the trainer's jitted step (built by `llada_jax.train`) on random token batches of
 the config's shape, and reports the median step time and its IQR, tokens/s, masked tokens/s,
 model TFLOP/step, achieved GFLOP/s, the peak FLOP/s (on CPU the matmul peak, measured in this
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -26,14 +30,14 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llada_jax import config as config_lib  # noqa: E402
-from llada_jax import metrics, train  # noqa: E402
+from llada_jax import checkpoint, metrics, train  # noqa: E402
 from llada_jax.data import pipeline  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("mode", "train", ["train"], "What to benchmark.")
+flags.DEFINE_enum("mode", "train", ["train", "data", "checkpoint"], "What to benchmark.")
 # --config is defined by llada_jax.train (imported above), which parses it the same way.
-flags.DEFINE_integer("steps", 10, "Timed steps.")
-flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+flags.DEFINE_integer("steps", 10, "Timed steps (train), batches (data) or saves (checkpoint).")
+flags.DEFINE_integer("warmup", 2, "Untimed repetitions first.")
 flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
 
 
@@ -95,7 +99,54 @@ def bench_train(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str
         compile_sec=compile_sec, peak_rss_mib=peak_rss_mib())
 
 
-MODES: dict[str, Callable[..., dict[str, Any]]] = {"train": bench_train}
+def bench_data(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
+    """Tokens/s of the pretraining pipeline alone (grain threads, and worker processes)."""
+    run = train.prepare(cfg, tempfile.gettempdir())
+    batch_size, seq_len = cfg.data.batch_size, cfg.data.seq_len
+    result: dict[str, Any] = dict(mode="data", batch_size=batch_size, seq_len=seq_len,
+                                  datasets=run.data_summary, batches=steps)
+    for workers in (0, 2):
+        it = pipeline.iterate(run.batches, 0, workers, cfg.data.prefetch)
+        for _ in range(warmup):
+            next(it)
+        start = time.perf_counter()
+        for _ in range(steps):
+            pipeline.to_global(next(it), run.mesh, batch_size)
+        result[f"tokens_per_sec_workers{workers}"] = steps * batch_size * seq_len / (
+            time.perf_counter() - start)
+    result["peak_rss_mib"] = peak_rss_mib()
+    return result
+
+
+def bench_checkpoint(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
+    """How long a save blocks the step, the full save, and the restore, for cfg's train state."""
+    workdir = tempfile.mkdtemp(prefix="llada_ckpt_bench_")
+    run = train.prepare(cfg, workdir)
+    _, params, opt_state, _ = train.create_state(run)
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves((params, opt_state)))
+    blocked, full, restore = [], [], []
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=2)
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        ckpt.save(i + 1, params, opt_state, {"step": i + 1})
+        returned = time.perf_counter()
+        ckpt.wait()
+        done = time.perf_counter()
+        params, opt_state = ckpt.restore(i + 1, params, opt_state)
+        jax.block_until_ready((params, opt_state))
+        if i >= warmup:
+            blocked.append(returned - start)
+            full.append(done - start)
+            restore.append(time.perf_counter() - done)
+    ckpt.close()
+    shutil.rmtree(workdir)
+    return dict(mode="checkpoint", state_mib=state_bytes / 2 ** 20, saves=steps,
+                save_blocking_sec=float(np.median(blocked)), save_total_sec=float(np.median(full)),
+                restore_sec=float(np.median(restore)), peak_rss_mib=peak_rss_mib())
+
+
+MODES: dict[str, Callable[..., dict[str, Any]]] = {
+    "train": bench_train, "data": bench_data, "checkpoint": bench_checkpoint}
 
 
 def format_table(result: dict[str, Any]) -> str:
