@@ -1,8 +1,8 @@
-"""Two real processes on localhost (CPU, gloo collectives): same losses as one process with the
-same global batch; checkpoints move between 2 and 1 processes; only process 0 writes."""
+"""Two real processes on localhost (CPU, gloo collectives), started by launch/local.py: same losses
+as one process with the same global batch; checkpoints move between 2 and 1 processes; only
+process 0 writes."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,31 +12,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DETERMINISTIC = ("loss", "grad_norm", "lr", "num_masked", "masked_ce", "skipped")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(workdir, processes, steps):
-    """Runs the tiny config over 8 devices in total: 8 per process, or 4 in each of 2."""
-    args = [sys.executable, "-m", "llada_jax.train", "--config=configs/tiny.py",
-            f"--workdir={workdir}", "--config.sample.num_samples=0", "--config.train.log_every=1",
-            f"--config.train.steps={steps}", "--config.checkpoint.save_every=3"]
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}")
+    """Runs the tiny config over 8 devices in total through launch/local.py: 8 fake CPU devices
+    in one process, or 4 in each of 2. Returns each process's stdout (the launcher prefixes the
+    lines of process i with `[i] ` when there are several)."""
+    train = ["--config=configs/tiny.py", f"--workdir={workdir}", "--config.sample.num_samples=0",
+             "--config.train.log_every=1", f"--config.train.steps={steps}",
+             "--config.checkpoint.save_every=3"]
+    p = subprocess.run([sys.executable, "launch/local.py", f"--num_processes={processes}",
+                        f"--devices_per_process={8 // processes}", "--", *train],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
     if processes == 1:
-        procs = [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)]
-    else:
-        port = free_port()
-        procs = [subprocess.Popen(args + [f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
-                                          f"--process_id={i}"], cwd=ROOT, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    return [out for out, _ in outs]
+        return [p.stdout]
+    lines = p.stdout.splitlines(keepends=True)
+    assert all(line.startswith(tuple(f"[{i}] " for i in range(processes))) for line in lines)
+    return ["".join(line[len(f"[{i}] "):] for line in lines if line.startswith(f"[{i}] "))
+            for i in range(processes)]
 
 
 def metrics(workdir):
