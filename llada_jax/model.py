@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llada_jax import sharding
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -141,11 +143,16 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def attention_mask(valid: jax.Array, segment_ids: jax.Array | None, causal: bool) -> jax.Array:
-    """Which keys each query may see: (B, 1, 1, L_q, L_k) bool.
+NEG_INF = -1e30  # additive mask bias: finite, so a row with no visible key is uniform, not NaN
+
+
+def attention_bias(valid: jax.Array, segment_ids: jax.Array | None, causal: bool) -> jax.Array:
+    """Additive float32 bias over the scores, 0 where a query may see a key, NEG_INF elsewhere.
 
     valid (B, L): key-padding mask (False = padding, never attended to).
     segment_ids (B, L): packed documents; attention stays within equal ids.
+    Shape (B, 1, 1, L_k) for key padding alone, else (B, 1, L_q, L_k); computed once per forward
+    and shared by every layer and head.
     """
     mask = valid[:, None, :]
     if segment_ids is not None:
@@ -153,9 +160,40 @@ def attention_mask(valid: jax.Array, segment_ids: jax.Array | None, causal: bool
     if causal:
         length = valid.shape[1]
         mask = mask & jnp.tril(jnp.ones((length, length), bool))[None]
-    if mask.shape[1] == 1:
-        mask = jnp.broadcast_to(mask, (valid.shape[0], valid.shape[1], valid.shape[1]))
-    return mask[:, None, None, :, :]
+    return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)[:, None]
+
+
+@jax.custom_vjp
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    """softmax(q k^T + bias) v for q (B, K, G*L, D) (already scaled), k, v (B, K, L, D), bias
+    (B, 1, 1 or L, L) -> (B, K, G*L, D). K kv heads, each shared by G query heads."""
+    return _attend_fwd(q, k, v, bias)[0]
+
+
+def _attend_fwd(q, k, v, bias):
+    b, kv, gl, d = q.shape
+    length = k.shape[2]
+    s = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+    s = (s.reshape(b, kv, gl // length, length, length) + bias[:, :, None]).reshape(s.shape)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("bkqs,bksd->bkqd", p, v)
+    return o, (q, k, v, p, o)
+
+
+def _attend_bwd(res, do):
+    # dS = P * (dP - rowsum(dP * P)) and rowsum(dP * P) == rowsum(dO * O) (the FlashAttention
+    # identity): a reduction over head_dim instead of over the L x L map.
+    q, k, v, p, o = res
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
+    dv = jnp.einsum("bkqs,bkqd->bksd", p, do)
+    dp = jnp.einsum("bkqd,bksd->bkqs", do, v, preferred_element_type=jnp.float32)
+    ds = (p.astype(jnp.float32) * (dp - delta)).astype(q.dtype)
+    dq = jnp.einsum("bkqs,bksd->bkqd", ds, k)
+    dk = jnp.einsum("bkqs,bkqd->bksd", ds, q)
+    return dq, dk, dv, None
+
+
+attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 class Attention(nnx.Module):
@@ -170,18 +208,21 @@ class Attention(nnx.Module):
         self.groups = h // k
         self.scale = hd ** -0.5
 
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array) -> jax.Array:
-        """x (B, L, d_model), mask (B, 1, 1, L, L) -> (B, L, d_model)."""
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], bias: jax.Array) -> jax.Array:
+        """x (B, L, d_model), bias from `attention_bias` -> (B, L, d_model)."""
         b, length, _ = x.shape
-        q = apply_rope(self.q(x), *rope)
-        k = apply_rope(self.k(x), *rope)
+        cos, sin = rope
+        # Heads before sequence; the query heads sharing a kv head are stacked along the query
+        # axis, so each kv head is one (G*L, D) x (D, L) matmul and k, v are never repeated.
+        q = apply_rope(self.q(x), cos * self.scale, sin * self.scale)
+        k = apply_rope(self.k(x), cos, sin)
         v = self.v(x)
-        q = q.reshape(b, length, k.shape[2], self.groups, q.shape[-1])  # query heads grouped per kv head
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * self.scale
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
-        return self.o(out.reshape(b, length, -1, out.shape[-1]))
+        kv, hd = k.shape[2], k.shape[3]
+        q = q.reshape(b, length, kv, self.groups, hd).transpose(0, 2, 3, 1, 4)
+        q = q.reshape(b, kv, self.groups * length, hd)
+        out = attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), bias)
+        out = out.reshape(b, kv, self.groups, length, hd).transpose(0, 3, 1, 2, 4)
+        return self.o(out.reshape(b, length, kv * self.groups, hd))
 
 
 class MLP(nnx.Module):
@@ -206,8 +247,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array) -> jax.Array:
-        h = x + self.attn(self.attn_norm(x), rope, mask)
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], bias: jax.Array) -> jax.Array:
+        h = x + self.attn(self.attn_norm(x), rope, bias)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -239,24 +280,32 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         if valid is None:
             valid = jnp.ones(tokens.shape, bool)
-        mask = attention_mask(valid, segment_ids, cfg.causal)
+        bias = attention_bias(valid, segment_ids, cfg.causal)
         rope = rope_tables(tokens.shape[1], cfg.head_dim, cfg.rope_theta)
-        x = self.embed(tokens)
+        # Activations are constrained to the batch sharding (a no-op without a mesh context): the
+        # embedding's output would otherwise follow the FSDP-sharded table (embed dim split).
+        x = sharding.constrain(self.embed(tokens), ("batch", None, None))
         # Layers run as pure functions of their state (jax.lax.scan / jax.checkpoint rather than
         # the nnx transforms), so the model also works inside other traced loops (the sampler).
         def layer(x: jax.Array, block_state: nnx.State) -> tuple[jax.Array, None]:
-            return nnx.merge(block_def, block_state)(x, rope, mask), None
+            x = nnx.merge(block_def, block_state)(x, rope, bias)
+            return sharding.constrain(x, ("batch", None, None)), None
 
+        # The scan is fully unrolled on CPU: XLA:CPU does not update a rolled scan's stacked
+        # per-layer residuals in place (it zero-fills and copies them, ~15% of a demo training
+        # step); elsewhere the rolled loop keeps compile time independent of depth.
+        unroll = cfg.n_layers if jax.default_backend() == "cpu" else 1
         if cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+            # A rolled loop already keeps XLA from CSE-ing the recomputation away.
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat],
+                                   prevent_cse=not cfg.scan_layers or unroll > 1)
         if cfg.scan_layers:
             block_def, states = nnx.split(self.blocks)
-            x, _ = jax.lax.scan(layer, x, states)
+            x, _ = jax.lax.scan(layer, x, states, unroll=unroll)
         else:
             for block in self.blocks:
                 block_def, state = nnx.split(block)
                 x, _ = layer(x, state)
         x = self.final_norm(x)
-        if cfg.tie_embeddings:
-            return self.embed.attend(x)
-        return self.lm_head(x)
+        logits = self.embed.attend(x) if cfg.tie_embeddings else self.lm_head(x)
+        return sharding.constrain(logits, ("batch", None, "vocab"))

@@ -12,6 +12,7 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from flax.core import spmd as flax_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -56,6 +57,27 @@ def data_parallel_size(mesh: Mesh) -> int:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of (B, ...) arrays: batch split over the data-parallel axes."""
     return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def logical_spec(names: Sequence[str | None],
+                 rules: Sequence[tuple[str, Any]] | None = None) -> P:
+    """PartitionSpec of logical axis names under `rules` (default: the active
+    `nnx.logical_axis_rules`, else DEFAULT_RULES); None and unknown names stay unsharded."""
+    if rules is None:
+        rules = flax_spmd.get_logical_axis_rules() or DEFAULT_RULES
+    table = dict(rules)
+    return P(*(table.get(n) if n is not None else None for n in names))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation by logical axis names, e.g. ("batch", None, None)
+    for the residual stream: keeps the partitioner from choosing a layout that follows a
+    parameter (an FSDP-sharded embedding) instead of the batch. A no-op outside a mesh context
+    (`use_mesh` / `jax.set_mesh`), e.g. in single-device sampling and tests."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_spec(names))
 
 
 @contextlib.contextmanager

@@ -8,8 +8,12 @@
 
 train: times the trainer's jitted step (built by `llada_jax.train`) on random token batches of
 the config's shape, and reports the median step time and its IQR, tokens/s, masked tokens/s,
-model TFLOP/step, achieved GFLOP/s, the peak FLOP/s (on CPU the matmul peak, measured in this
-run), MFU, compile time and the process's peak RSS. Prints a table, or one JSON object with --json.
+model TFLOP/step, achieved GFLOP/s, the peak FLOP/s, MFU, compile time and the process's peak RSS.
+Prints a table, or one JSON object with --json.
+
+On CPU the peak is the matmul peak measured in this run, before and after the timed steps (the
+machine's speed drifts with other load): both are reported, and MFU uses the larger of the two,
+so a momentarily slow probe cannot inflate it.
 """
 from __future__ import annotations
 
@@ -67,7 +71,7 @@ def bench_train(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str
         tokens = rng.integers(0, run.tokenizer.vocab_size, (batch_size, seq_len), np.int32)
         return pipeline.to_global({"tokens": tokens}, run.mesh, batch_size)
 
-    peak = peak_flops(run.model_cfg.dtype)
+    peak_before = peak_flops(run.model_cfg.dtype)
     start = time.perf_counter()
     compiled = step_fn.lower(params, opt_state, batch(), jnp.int32(0)).compile()
     compile_sec = time.perf_counter() - start
@@ -83,6 +87,8 @@ def bench_train(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str
             times.append(time.perf_counter() - start)
             masked.append(float(out["num_masked"]))
 
+    peak_after = peak_flops(run.model_cfg.dtype) if jax.devices()[0].platform == "cpu" else None
+    peak = max(peak_before, peak_after or 0.0) if peak_before else None
     step_sec = float(np.median(times))
     q25, q75 = np.percentile(times, [25, 75])
     tokens = batch_size * seq_len
@@ -95,7 +101,9 @@ def bench_train(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str
         steps=steps, warmup=warmup, step_sec_median=step_sec, step_sec_iqr=float(q75 - q25),
         tokens_per_sec=tokens / step_sec, masked_tokens_per_sec=float(np.median(masked)) / step_sec,
         model_tflop_per_step=flops / 1e12, achieved_gflops=achieved / 1e9,
-        peak_gflops=peak / 1e9 if peak else None, mfu=achieved / peak if peak else None,
+        peak_gflops=peak / 1e9 if peak else None,
+        peak_gflops_before=peak_before / 1e9 if peak_before else None,
+        peak_gflops_after=peak_after / 1e9 if peak_after else None, mfu=achieved / peak if peak else None,
         compile_sec=compile_sec, peak_rss_mib=peak_rss_mib())
 
 
