@@ -10,7 +10,8 @@ VARIANTS = {"quick": {"train.steps": 30}}
 
 def get_config(variant: str = "") -> ConfigDict:
     c = base_config()
-    c.model.update(d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, mlp_hidden=1024)
+    c.model.update(d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, mlp_hidden=1024,
+                   scan_unroll=6)
     c.data.update(seq_len=256, batch_size=16)
     c.optim.update(lr=2e-3, warmup_steps=10, decay_steps=30, final_lr=2e-4, weight_decay=0.01)
     c.train.update(steps=120, log_every=10)

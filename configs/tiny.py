@@ -7,7 +7,7 @@ VARIANTS = {"untied": {"model.tie_embeddings": False}}
 def get_config(variant: str = "") -> ConfigDict:
     c = base_config()
     c.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=128,
-                   tie_embeddings=True)
+                   tie_embeddings=True, scan_unroll=2)
     c.data.update(seq_len=64, batch_size=8)
     c.optim.update(lr=1e-3, warmup_steps=2, decay_steps=2)
     c.train.update(steps=6, log_every=2)

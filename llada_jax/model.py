@@ -46,6 +46,10 @@ class ModelConfig:
     tie_embeddings: bool = False
     causal: bool = False
     scan_layers: bool = True
+    # Layers per scan iteration. CPU configs unroll fully: XLA:CPU does not update a rolled
+    # scan's stacked per-layer residuals in place (it zero-fills and copies them, ~15% of a demo
+    # step); on accelerators 1 keeps compile time independent of depth.
+    scan_unroll: int = 1
     remat: str = "none"
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -54,7 +58,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden"):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden",
+                     "scan_unroll"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be a positive integer")
         if self.n_heads % self.n_kv_heads:
@@ -291,10 +296,7 @@ class Transformer(nnx.Module):
             x = nnx.merge(block_def, block_state)(x, rope, bias)
             return sharding.constrain(x, ("batch", None, None)), None
 
-        # The scan is fully unrolled on CPU: XLA:CPU does not update a rolled scan's stacked
-        # per-layer residuals in place (it zero-fills and copies them, ~15% of a demo training
-        # step); elsewhere the rolled loop keeps compile time independent of depth.
-        unroll = cfg.n_layers if jax.default_backend() == "cpu" else 1
+        unroll = min(cfg.scan_unroll, cfg.n_layers)
         if cfg.remat != "none":
             # A rolled loop already keeps XLA from CSE-ing the recomputation away.
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat],

@@ -26,6 +26,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import flags
 from flax import nnx
 
@@ -131,18 +132,63 @@ def create_state(run: Run) -> tuple[nnx.GraphDef, Any, Any, Any]:
     with sharding.use_mesh(run.mesh):
         model = Transformer(run.model_cfg, rngs=nnx.Rngs(run.cfg.seed))
         graphdef, params = nnx.split(model, nnx.Param)
-        opt_state = jax.jit(tx.init)(params)  # moments inherit the parameters' shardings
+        opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, run.mesh))(
+            params)
+    return graphdef, params, opt_state, tx
+
+
+def opt_state_shardings(tx: Any, params: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Shardings of `tx.init(params)`: every copy of the parameter tree in it (Adam's moments)
+    sharded like the parameters, everything else (counts) replicated. A bare `jax.jit(tx.init)`
+    does not do this: zeros do not depend on their input, and XLA replicates them."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params),
+                                 jax.tree.map(lambda p: p.sharding, params),
+                                 transform_non_params=lambda _: replicated)
+
+
+def abstract_state(run: Run) -> tuple[nnx.GraphDef, Any, Any, Any]:
+    """`create_state`'s result without allocating anything: params and optimizer state as
+    `jax.ShapeDtypeStruct`s carrying the shardings `create_state` gives them (for ahead-of-time
+    compilation, e.g. for a TPU topology from a CPU machine: tools/aot_compile.py)."""
+    tx = optim.make_optimizer(run.cfg.optim, run.cfg.train.steps)
+    with sharding.use_mesh(run.mesh):
+        model = nnx.eval_shape(lambda: Transformer(run.model_cfg, rngs=nnx.Rngs(run.cfg.seed)))
+        graphdef, params = nnx.split(model, nnx.Param)
+        params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              params, nnx.get_named_sharding(params, run.mesh))
+    # Outside the mesh context: optax runs tx.init eagerly on placeholders, which fails on a mesh
+    # of abstract (topology) devices.
+    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             jax.eval_shape(tx.init, params),
+                             opt_state_shardings(tx, params, run.mesh))
     return graphdef, params, opt_state, tx
 
 
 def make_step_fn(run: Run, graphdef: nnx.GraphDef, params: Any, opt_state: Any, tx: Any) -> Any:
     """The jitted training step, as the trainer runs it (the benchmark times this function)."""
     cfg = run.cfg
-    return jit_train_step(
+    return MeshBound(jit_train_step(
         make_train_step(graphdef, tx, optim.make_lr_schedule(cfg.optim, cfg.train.steps),
                         StepConfig(run.diffusion_cfg, cfg.optim.grad_accum, cfg.seed,
                                    cfg.train.objective)),
-        params, opt_state, run.mesh)
+        params, opt_state, run.mesh), run.mesh)
+
+
+class MeshBound:
+    """A jitted function traced (called or lowered) under the run's mesh and logical rules, so
+    the model's activation sharding constraints (`sharding.constrain`) apply."""
+
+    def __init__(self, fn: Any, mesh: jax.sharding.Mesh):
+        self.fn, self.mesh = fn, mesh
+
+    def __call__(self, *args: Any) -> Any:
+        with sharding.use_mesh(self.mesh):
+            return self.fn(*args)
+
+    def lower(self, *args: Any) -> Any:
+        with sharding.use_mesh(self.mesh):
+            return self.fn.lower(*args)
 
 
 class Preemption:

@@ -1,0 +1,298 @@
+"""Ahead-of-time compilation of the real training step for a TPU topology, on this (CPU) machine.
+
+  python tools/aot_compile.py --config=configs/llada_8b.py [--tpu=v5p-128 | --topology=v5p:4x4x4]
+      [--config.key=value ...] [--json] [--dump_hlo=DIR] [--platform=tpu|cpu]
+
+Needs libtpu (the `tpu` extra: pip install -e ".[tpu]"); no TPU is used or needed, the process's
+default backend stays the CPU. `--platform=cpu` compiles for this machine's CPU devices instead
+(no libtpu; what the tests use).
+
+The step is the trainer's own (`train.make_step_fn` over `train.abstract_state`: same shardings,
+donation, remat, grad accumulation), lowered with abstract arguments, so nothing is allocated.
+Reported, per chip: XLA's memory analysis (arguments = params + optimizer state + batch; outputs;
+temporaries; peak = arguments + outputs - aliased (donated) + temporaries + code) against the
+chip's HBM; XLA's FLOPs and estimated step time (see `estimate_cost`), and the MFU and tokens/s
+they imply, with the model FLOPs of `metrics.train_flops_per_token` (attention counted as the
+full bidirectional L x L work; remat recomputation not counted).
+
+About the time estimate: `cost_analysis()['optimal_seconds']` is XLA's per-op performance model
+summed over the ops of the program (for a large bf16 matmul on v5p it gives ~86% of the chip's
+peak, so it is not a bare roofline); it assumes collectives overlap perfectly or cost what the
+model says, and ignores host, input pipeline and launch overheads. Treat the MFU it implies as an
+upper estimate for a well-tuned run, not a measurement. XLA's cost analysis counts the body of a
+while loop (lax.scan) once, so it is not taken from the scanned program: the step is compiled
+again, unrolled, with 1 and 2 layers (grad_accum 1, at the micro-batch size) and the per-layer
+cost is extrapolated linearly to n_layers and multiplied by grad_accum.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Sequence
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU devices are abstract (a topology)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import flags  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from llada_jax import config as config_lib  # noqa: E402
+from llada_jax import diffusion, metrics, sharding, train  # noqa: E402
+from llada_jax.data.tokenizer import Tokenizer, default_tokenizer  # noqa: E402
+from llada_jax.model import ModelConfig  # noqa: E402
+
+FLAGS = flags.FLAGS
+# --config is defined by llada_jax.train (imported above).
+flags.DEFINE_string("tpu", None, "Cloud TPU name: v5p-128 (TensorCores), v5litepod-16 / v5e-16, "
+                    "v6e-16 (chips), v4-32 (TensorCores)")
+flags.DEFINE_string("topology", None, "libtpu topology name, e.g. v5p:4x4x4, v5e:4x4, v6e:4x4")
+flags.DEFINE_enum("platform", "tpu", ["tpu", "cpu"], "Compile for a TPU topology or this CPU")
+flags.DEFINE_bool("json", False, "Print one JSON object instead of the table")
+flags.DEFINE_string("dump_hlo", None, "Write the optimized HLO and a collective summary here")
+flags.DEFINE_bool("estimate", True, "Also compile the 1- and 2-layer programs for the time "
+                  "estimate (the FLOPs / time / MFU lines)")
+
+GiB = 1024 ** 3
+# HBM per chip, by a substring of the device kind (first match wins: "lite" before "v5").
+HBM_BYTES: dict[str, int] = {
+    "TPU v5 lite": 16 * GiB,
+    "TPU v6 lite": 32 * GiB,
+    "TPU v5p": 95 * GiB,
+    "TPU v5": 95 * GiB,
+    "TPU v4": 32 * GiB,
+}
+# --tpu prefix -> (libtpu topology prefix, TensorCores per chip in the name's count, dims).
+TPU_FAMILIES = {"v5p": ("v5p", 2, 3), "v4": ("v4", 2, 3), "v5litepod": ("v5e", 1, 2),
+                "v5e": ("v5e", 1, 2), "v6e": ("v6e", 1, 2)}
+
+
+def topology_for(tpu: str) -> str:
+    """`v5p-128` -> `v5p:4x4x4`: v5p / v4 names count TensorCores (2 per chip), v5e / v6e chips.
+    The chips are laid out as the smallest torus sides, powers of two, largest last."""
+    family, _, count = tpu.rpartition("-")
+    if family not in TPU_FAMILIES or not count.isdigit():
+        raise ValueError(f"--tpu={tpu!r}: expected one of {sorted(TPU_FAMILIES)} followed by "
+                         f"-<count>, e.g. v5p-128")
+    prefix, cores, dims = TPU_FAMILIES[family]
+    chips = int(count) // cores
+    if chips < 1 or chips & (chips - 1) or int(count) % cores:
+        raise ValueError(f"--tpu={tpu!r}: {chips} chips is not a power of two")
+    sides = [1] * dims
+    while math.prod(sides) < chips:  # double the smallest side: 2x2x1, 2x2x2, 2x2x4, 2x4x4, ...
+        sides[sides.index(min(sides))] *= 2
+    if 1 not in sides:
+        sides.sort()
+    return f"{prefix}:{'x'.join(str(s) for s in sides)}"
+
+
+def topology_devices(topology: str) -> list[jax.Device]:
+    """Abstract devices of a TPU topology (libtpu; nothing is attached)."""
+    from jax.experimental import topologies
+
+    topo = topologies.get_topology_desc(
+        platform="tpu", topology_name=topology, chip_config_name="default",
+        chips_per_host_bounds=(2, 2, 1), num_slices=1)
+    return list(topo.devices)
+
+
+def build_run(cfg: config_lib.ConfigDict, devices: Sequence[jax.Device]) -> train.Run:
+    """The parts of `train.prepare` the step needs (mesh, model, diffusion, the batch checks),
+    without the data pipeline or the workdir: the AOT compile reads no data."""
+    mesh = sharding.make_mesh(cfg.mesh.shape, devices)
+    dp, batch = sharding.data_parallel_size(mesh), cfg.data.batch_size
+    if batch % dp or batch % cfg.optim.grad_accum or (batch // cfg.optim.grad_accum) % dp:
+        raise ValueError(f"data.batch_size={batch} / optim.grad_accum={cfg.optim.grad_accum} is not "
+                         f"divisible by the data-parallel size {dp} (mesh {dict(mesh.shape)})")
+    tokenizer = Tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else default_tokenizer()
+    model_cfg = ModelConfig.from_config(cfg.model)
+    diffusion_cfg = diffusion.DiffusionConfig.from_config(cfg.diffusion, mask_id=tokenizer.mask_id)
+    return train.Run(cfg, "", mesh, model_cfg, diffusion_cfg, tokenizer, None, "")
+
+
+def lower_step(run: train.Run) -> tuple[Any, tuple]:
+    """The trainer's jitted step, lowered over abstract state and batch."""
+    graphdef, params, opt_state, tx = train.abstract_state(run)
+    step_fn = train.make_step_fn(run, graphdef, params, opt_state, tx)
+    cfg = run.cfg
+    batch = {"tokens": jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32,
+                                            sharding=sharding.batch_sharding(run.mesh))}
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=jax.sharding.NamedSharding(
+        run.mesh, jax.sharding.PartitionSpec()))
+    return step_fn.lower(params, opt_state, batch, step), (params, opt_state, batch)
+
+
+def _variant(cfg: config_lib.ConfigDict, **changes: Any) -> config_lib.ConfigDict:
+    c = config_lib.ConfigDict(cfg.to_dict())
+    for key, value in changes.items():
+        config_lib.set_key(c, key.replace("__", "."), value)
+    return c
+
+
+def estimate_cost(cfg: config_lib.ConfigDict, devices: Sequence[jax.Device]) -> dict[str, float]:
+    """XLA's per-chip FLOPs, bytes accessed and estimated seconds of one full step, from unrolled
+    1- and 2-layer compiles at the micro-batch size (see the module docstring)."""
+    accum = cfg.optim.grad_accum
+    costs = []
+    for layers in (1, 2):
+        c = _variant(cfg, model__n_layers=layers, model__scan_layers=False, optim__grad_accum=1,
+                     data__batch_size=cfg.data.batch_size // accum)
+        lowered, _ = lower_step(build_run(c, devices))
+        ca = lowered.compile().cost_analysis()
+        costs.append({k: float(ca.get(k, 0.0)) for k in ("flops", "bytes accessed",
+                                                          "optimal_seconds")})
+    n = cfg.model.n_layers
+    return {k: accum * (costs[0][k] + (n - 1) * (costs[1][k] - costs[0][k])) for k in costs[0]}
+
+
+COLLECTIVE = re.compile(
+    r"=\s*(\(?[a-z0-9]+\[[^=]*?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
+    r"collective-permute)(-start)?\(")
+
+
+def collective_summary(hlo: str) -> dict[str, collections.Counter]:
+    """Counts of the collectives in optimized HLO text, by op and result shape."""
+    out: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for line in hlo.splitlines():
+        m = COLLECTIVE.search(line)
+        if m:
+            out[m.group(2)][m.group(1).strip()] += 1
+    return out
+
+
+def chip_hbm(device_kind: str) -> int | None:
+    for name, size in HBM_BYTES.items():
+        if name in device_kind:
+            return size
+    return None
+
+
+def chip_peak(device_kind: str, dtype: str) -> float | None:
+    for name, peaks in metrics.PEAK_FLOPS.items():
+        if name in device_kind:
+            return peaks[dtype]
+    return None
+
+
+def aot_report(cfg: config_lib.ConfigDict, devices: Sequence[jax.Device], *,
+               estimate: bool = True, dump_hlo: str | None = None) -> dict[str, Any]:
+    """Compiles the configured step for `devices` and returns the report (per-chip numbers)."""
+    run = build_run(cfg, devices)
+    start = time.perf_counter()
+    lowered, (params, opt_state, _) = lower_step(run)
+    compiled = lowered.compile()
+    compile_sec = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    kind, chips = devices[0].device_kind, len(devices)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    state_bytes = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                      for x in jax.tree.leaves((params, opt_state)))
+    peak_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+                  + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+    hbm = chip_hbm(kind) if devices[0].platform == "tpu" else None
+    m = cfg.model
+    report: dict[str, Any] = dict(
+        device_kind=kind, chips=chips, mesh=dict(run.mesh.shape),
+        model=dict(params=n_params, n_layers=m.n_layers, d_model=m.d_model, remat=m.remat,
+                   scan_layers=m.scan_layers, dtype=m.dtype, param_dtype=m.param_dtype),
+        batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len, grad_accum=cfg.optim.grad_accum,
+        compile_sec=compile_sec,
+        memory=dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
+                    aliased=mem.alias_size_in_bytes, temporaries=mem.temp_size_in_bytes,
+                    code=mem.generated_code_size_in_bytes, peak=peak_bytes,
+                    state=state_bytes, hbm=hbm,
+                    headroom=None if hbm is None else hbm - peak_bytes,
+                    fits=None if hbm is None else peak_bytes <= hbm))
+    hlo = compiled.as_text()
+    report["collectives"] = {op: sum(c.values()) for op, c in collective_summary(hlo).items()}
+    if dump_hlo:
+        os.makedirs(dump_hlo, exist_ok=True)
+        with open(os.path.join(dump_hlo, "train_step.optimized.hlo.txt"), "w") as f:
+            f.write(hlo)
+        with open(os.path.join(dump_hlo, "collectives.txt"), "w") as f:
+            for op, counter in sorted(collective_summary(hlo).items()):
+                for shape, count in counter.most_common():
+                    f.write(f"{op:20s} {count:4d}  {shape}\n")
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    model_flops = metrics.train_flops_per_token(run.model_cfg, cfg.data.seq_len) * tokens / chips
+    report["model_flops_per_chip"] = model_flops
+    if estimate:
+        cost = estimate_cost(cfg, devices)
+        peak = chip_peak(kind, m.dtype) if devices[0].platform == "tpu" else None
+        sec = cost["optimal_seconds"]
+        report["estimate"] = dict(
+            xla_flops_per_chip=cost["flops"], bytes_accessed_per_chip=cost["bytes accessed"],
+            step_sec=sec, chip_peak_flops=peak,
+            mfu=model_flops / (sec * peak) if peak and sec > 0 else None,
+            tokens_per_sec_per_chip=tokens / chips / sec if sec > 0 else None,
+            xla_over_model_flops=cost["flops"] / model_flops)
+    return report
+
+
+def format_report(r: dict[str, Any]) -> str:
+    mem, g = r["memory"], lambda b: f"{b / GiB:8.2f} GiB"
+    lines = [
+        f"{r['chips']} x {r['device_kind']}, mesh {r['mesh']}; {r['model']['params'] / 1e9:.2f}B "
+        f"params, remat={r['model']['remat']}, scan_layers={r['model']['scan_layers']}, "
+        f"{r['model']['dtype']} compute / {r['model']['param_dtype']} params; batch "
+        f"{r['batch_size']} x {r['seq_len']}, grad_accum {r['grad_accum']} (compiled in "
+        f"{r['compile_sec']:.0f}s)",
+        "per-chip memory (XLA memory_analysis):",
+        f"  arguments   {g(mem['arguments'])}  (params + optimizer state {g(mem['state'])}, "
+        f"+ batch)",
+        f"  outputs     {g(mem['outputs'])}  (aliased with donated arguments {g(mem['aliased'])})",
+        f"  temporaries {g(mem['temporaries'])}",
+        f"  peak        {g(mem['peak'])}  (arguments + outputs - aliased + temporaries + code)",
+    ]
+    if mem["hbm"]:
+        lines.append(f"  HBM         {g(mem['hbm'])}  headroom {g(mem['headroom'])} "
+                     f"({100 * mem['headroom'] / mem['hbm']:.0f}%): "
+                     f"{'fits' if mem['fits'] else 'DOES NOT FIT'}")
+    lines.append(f"collectives in the optimized HLO: {r['collectives']}")
+    e = r.get("estimate")
+    if e:
+        lines += [
+            f"per-chip FLOPs/step: model {r['model_flops_per_chip'] / 1e12:.1f} T, XLA "
+            f"{e['xla_flops_per_chip'] / 1e12:.1f} T ({e['xla_over_model_flops']:.2f}x: remat, "
+            f"elementwise)",
+            f"estimated step time {e['step_sec']:.2f} s (XLA cost model, sum over ops)"
+            + (f"; MFU {100 * e['mfu']:.1f}% of {e['chip_peak_flops'] / 1e12:.0f} TFLOP/s"
+               if e["mfu"] else "")
+            + (f"; {e['tokens_per_sec_per_chip']:,.0f} tokens/s/chip"
+               if e["tokens_per_sec_per_chip"] else ""),
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    try:
+        rest, overrides = config_lib.split_overrides(argv[1:])
+        FLAGS([argv[0]] + rest)
+        if not FLAGS.config:
+            raise ValueError("--config=configs/<name>.py[:variant] is required")
+        cfg = config_lib.load(FLAGS.config, overrides)
+        if FLAGS.platform == "cpu":
+            devices = jax.devices("cpu")
+        else:
+            if bool(FLAGS.tpu) == bool(FLAGS.topology):
+                raise ValueError("give exactly one of --tpu=v5p-128 or --topology=v5p:4x4x4")
+            devices = topology_devices(FLAGS.topology or topology_for(FLAGS.tpu))
+        report = aot_report(cfg, devices, estimate=FLAGS.estimate, dump_hlo=FLAGS.dump_hlo)
+    except (ValueError, FileNotFoundError, flags.Error) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if FLAGS.tpu or FLAGS.topology:
+        report["topology"] = FLAGS.topology or topology_for(FLAGS.tpu)
+    print(json.dumps(report) if FLAGS.json else
+          (f"topology {report['topology']}: " if "topology" in report else "") + format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
