@@ -28,6 +28,7 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,9 @@ class ModelConfig:
     # scan's stacked per-layer residuals in place (it zero-fills and copies them, ~15% of a demo
     # step); on accelerators 1 keeps compile time independent of depth.
     scan_unroll: int = 1
+    # "xla": the einsum attention below (any backend); "cudnn": jax.nn.dot_product_attention's
+    # fused (flash) kernel on NVIDIA GPUs, which never materializes the L x L map.
+    attention: str = "xla"
     remat: str = "none"
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -67,6 +71,8 @@ class ModelConfig:
                 f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"model.attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
         for name in ("dtype", "param_dtype"):
@@ -212,11 +218,18 @@ class Attention(nnx.Module):
         self.o = Dense((h, hd), (d,), ("heads", "head_dim", "embed"), cfg, rngs=rngs)
         self.groups = h // k
         self.scale = hd ** -0.5
+        self.impl = cfg.attention
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], bias: jax.Array) -> jax.Array:
         """x (B, L, d_model), bias from `attention_bias` -> (B, L, d_model)."""
         b, length, _ = x.shape
         cos, sin = rope
+        if self.impl == "cudnn":
+            q, k = apply_rope(self.q(x), cos, sin), apply_rope(self.k(x), cos, sin)
+            bias = jnp.broadcast_to(bias, (b, 1, length, length)).astype(q.dtype)  # cuDNN: full L_q
+            out = jax.nn.dot_product_attention(q, k, self.v(x), bias=bias, scale=self.scale,
+                                               implementation="cudnn")
+            return self.o(out)
         # Heads before sequence; the query heads sharing a kv head are stacked along the query
         # axis, so each kv head is one (G*L, D) x (D, L) matmul and k, v are never repeated.
         q = apply_rope(self.q(x), cos * self.scale, sin * self.scale)
