@@ -3,7 +3,7 @@
 d_model 384, 6 layers, 6 heads, sequences of 256, batch 16 (the model of the issue's MFU
 comparison): in 120 steps the loss falls from ~8.3 (log of the 4096-token vocabulary) to ~6.0,
 the word statistics of the corpus; the samples at the end show its vocabulary (LORD, fathers,
-holy, ...) without phrasing yet. Longer runs (--config.train.steps=2000) go further.
+holy, ...) without phrasing yet; longer runs: --config.train.steps=N.
 """
 from llada_jax.config import ConfigDict, apply_variant, base_config
 
