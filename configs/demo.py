@@ -1,4 +1,4 @@
-"""Demo: a 16M-parameter LLaDA trained on the shipped KJV corpus in a few minutes on a CPU.
+"""Demo: a 14M-parameter LLaDA trained on the shipped KJV corpus in a few minutes on a CPU.
 
 d_model 384, 6 layers, 6 heads, sequences of 256, batch 16 (the model of the issue's MFU
 comparison): in 120 steps the loss falls from ~8.3 (log of the 4096-token vocabulary) to ~6.0,
