@@ -48,7 +48,7 @@ def test_overrides_are_typed():
     ("model.d_model", "abc", "config.model.d_model='abc' is not a valid int"),
     ("model.d_model", "1.5", "config.model.d_model=1.5 is not a valid int"),
     ("model.causal", "3", "config.model.causal=3 is not a valid bool"),
-    ("model.bogus", "1", "unknown config key 'model.bogus'; valid keys here: causal, d_model"),
+    ("model.bogus", "1", "unknown config key 'model.bogus'; valid keys here: attention, causal, d_model"),
     ("modle.d_model", "1", "unknown config key 'modle'; valid keys here: checkpoint, data, diffusion"),
     ("model", "1", "unknown config key 'model'"),
 ])
