@@ -36,7 +36,7 @@ from llada_jax.data import datasets, pipeline
 from llada_jax.data.tokenizer import Tokenizer, default_tokenizer
 from llada_jax.model import ModelConfig, Transformer
 from llada_jax.sampling import generate
-from llada_jax.train_step import StepConfig, jit_train_step, make_train_step
+from llada_jax.train_step import SFT_COUNTS, StepConfig, jit_train_step, make_train_step
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Config file and variant: configs/<name>.py[:variant]")
@@ -217,18 +217,20 @@ def restore_or_init(run: Run, ckpt: checkpoint.Checkpointer, params: Any, opt_st
     return params, opt_state, 0
 
 
-def interval_stats(interval: list[dict[str, jax.Array]]) -> tuple[dict[str, float], int]:
-    """Means of the step metrics since the last log line (skips summed), and the number of
-    skipped steps at its end in a row."""
+def interval_stats(interval: list[dict[str, jax.Array]], skipped_before: int = 0
+                   ) -> tuple[dict[str, float], int]:
+    """Means of the step metrics since the last log line (counts summed), and the number of
+    skipped steps in a row at its end, continuing the `skipped_before` run of the previous
+    interval when every step of this one was skipped."""
     stacked = jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(interval))
     means = {k: float(np.mean(v)) for k, v in stacked.items()}
-    means["skipped"] = int(np.sum(stacked["skipped"]))
-    tail = 0
-    for skipped in stacked["skipped"][::-1]:
-        if not skipped:
-            break
-        tail += 1
-    return means, tail
+    for key in ("skipped",) + SFT_COUNTS:  # counts: totals over the interval
+        if key in stacked:
+            means[key] = int(np.sum(stacked[key]))
+    taken = np.flatnonzero(stacked["skipped"] == 0)
+    if taken.size == 0:
+        return means, skipped_before + len(interval)
+    return means, len(interval) - 1 - int(taken[-1])
 
 
 def train(run: Run) -> dict[str, float]:
@@ -261,6 +263,7 @@ def train(run: Run) -> dict[str, float]:
     preemption = Preemption()
     last: dict[str, float] = {}
     interval: list[dict[str, jax.Array]] = []  # device metrics since the last log line
+    skipped_in_a_row = 0
     mark_step, mark_time = start, time.perf_counter()
     for step in range(start, total):
         batch = pipeline.to_global(next(batches), run.mesh, batch_size)
@@ -268,7 +271,7 @@ def train(run: Run) -> dict[str, float]:
         interval.append(out)
         done = step + 1
         if step == start or done % cfg.train.log_every == 0 or done == total:
-            means, skipped_in_a_row = interval_stats(interval)
+            means, skipped_in_a_row = interval_stats(interval, skipped_in_a_row)
             interval, now = [], time.perf_counter()
             if skipped_in_a_row > cfg.train.max_skipped_in_a_row:
                 ckpt.close()

@@ -18,6 +18,7 @@ from llada_jax import diffusion, optim, sharding
 
 PyTree = Any
 OBJECTIVES = ("pretrain", "sft")
+SFT_COUNTS = ("sft_dropped", "sft_truncated")  # pairs per step, from the SFT pipeline
 StepFn = Callable[[PyTree, PyTree, dict[str, jax.Array], jax.Array], tuple[PyTree, PyTree, dict]]
 
 
@@ -80,7 +81,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         metrics = dict(loss=loss, grad_norm=grad_norm, lr=lr_schedule(step),
                        num_valid=jnp.sum(noised["valid"]), skipped=(~finite).astype(jnp.int32),
-                       **aux)
+                       **aux, **{k: jnp.sum(batch[k]) for k in SFT_COUNTS if k in batch})
         return keep(new_params, params), keep(new_opt_state, opt_state), metrics
 
     return train_step

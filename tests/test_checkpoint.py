@@ -153,3 +153,23 @@ def test_nonfinite_step_is_skipped(tmp_path):
     stepped, _, _ = step_fn(stepped, opt, batch, jnp.int32(1))  # the first update has lr 0
     assert not np.array_equal(np.asarray(stepped["embed"]["embedding"][...]),
                               clean[0]["embed"]["embedding"][...])
+
+
+def test_interval_stats_count_skips_in_a_row():
+    steps = [(1.0, 0), (np.nan, 1), (2.0, 0), (np.nan, 1), (np.inf, 1)]
+    interval = [{"loss": jnp.float32(x), "skipped": jnp.int32(s)} for x, s in steps]
+    means, in_a_row = train.interval_stats(interval, skipped_before=5)
+    assert means["skipped"] == 3 and in_a_row == 2
+    assert train.interval_stats(interval[-2:], skipped_before=5)[1] == 7  # the run goes on
+
+
+def test_too_many_nonfinite_steps_stop_the_run(tmp_path):
+    """A learning rate that blows the weights up: every later step is skipped, and the run stops
+    with one error line once more than max_skipped_in_a_row happened in a row."""
+    proc = subprocess.run(
+        train_cmd(str(tmp_path / "w"), "--config.optim.lr=1e30", "--config.optim.clip_norm=0.0",
+                  "--config.train.max_skipped_in_a_row=2", "--config.train.steps=20"),
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: 3 steps in a row") and "max_skipped_in_a_row=2" in line

@@ -144,8 +144,9 @@ def test_sft_batches(prepared, pairs_per_row):
                                          process_count=2) for p in range(2)]
     for step in range(3):
         b = full[step]
-        assert set(b) == {"tokens", "prompt_mask", "segment_ids", "valid"}
-        assert all(v.shape == (4, 96) for v in b.values())
+        assert set(b) == {"tokens", "prompt_mask", "segment_ids", "valid", "sft_dropped",
+                          "sft_truncated"}
+        assert all(b[k].shape == (4, 96) for k in ("tokens", "prompt_mask", "segment_ids", "valid"))
         for k in b:
             np.testing.assert_array_equal(np.concatenate([h[step][k] for h in halves]), b[k])
         # each valid row starts with a prompt and ends in response (EOS padding, or truncated)
@@ -155,3 +156,21 @@ def test_sft_batches(prepared, pairs_per_row):
         assert (b["tokens"][:, -1] == tok.eos_id).any()
         if pairs_per_row == 3:
             assert b["segment_ids"].max() > 1  # several pairs share a row
+
+
+@pytest.mark.parametrize("overflow", ["truncate", "drop"])
+def test_sft_overflow_is_counted(prepared, overflow):
+    """Pairs longer than seq_len in a step's window are counted, summed over all processes."""
+    tok = default_tokenizer()
+    stream = pipeline.mixed_rows(
+        datasets.open_sources(((prepared["sft"], 1.0),), "sft", None, tok, 4096), 0)
+    seq_len = 16
+    halves = [pipeline.sft_local_batches(stream, 4, seq_len, tok.eos_id, 4096, overflow,
+                                         process_index=p, process_count=2) for p in range(2)]
+    for step in range(3):
+        too_long = sum(len(stream[step * 4 + i]) - 1 > seq_len for i in range(4))
+        assert too_long > 0
+        key = "sft_truncated" if overflow == "truncate" else "sft_dropped"
+        other = "sft_dropped" if overflow == "truncate" else "sft_truncated"
+        assert sum(int(h[step][key].sum()) for h in halves) == too_long
+        assert sum(int(h[step][other].sum()) for h in halves) == 0

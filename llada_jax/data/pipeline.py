@@ -131,9 +131,15 @@ class _SFTStep:
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         window = self.global_batch * self.pairs_per_row
         records = [self.stream[step * window + i] for i in range(window)]
-        batch, _ = sft.fixed_batch(records, self.global_batch, self.seq_len, self.eos_id,
-                                   self.overflow, pack=self.pairs_per_row > 1)
+        batch, stats = sft.fixed_batch(records, self.global_batch, self.seq_len, self.eos_id,
+                                       self.overflow, pack=self.pairs_per_row > 1)
         check_vocab(batch["tokens"], self.vocab_size)
+        # The step's counts ride in row 0 of (B,) arrays, so they survive the per-process split
+        # and the train step's sum over the global batch recovers them.
+        for key, count in (("sft_dropped", stats["dropped"] + stats["unplaced"]),
+                           ("sft_truncated", stats["truncated"])):
+            batch[key] = np.zeros(self.global_batch, np.int32)
+            batch[key][0] = count
         return {k: v[self.rows] for k, v in batch.items()}
 
 
@@ -142,7 +148,9 @@ def sft_local_batches(stream: grain.MapDataset, global_batch: int, seq_len: int,
                       process_index: int | None = None,
                       process_count: int | None = None) -> grain.MapDataset:
     """Element s: this process's rows of the SFT batch of step s: tokens, prompt_mask,
-    segment_ids, valid, each (local_batch, seq_len)."""
+    segment_ids, valid, each (local_batch, seq_len), and sft_dropped / sft_truncated (local_batch,)
+    whose global sums count the step's pairs dropped (too long, or not placed when packing) and
+    truncated."""
     if pairs_per_row < 1:
         raise ValueError(f"data.sft_pairs_per_row={pairs_per_row} must be >= 1")
     rows = process_slice(global_batch, process_index, process_count)
