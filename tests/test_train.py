@@ -118,4 +118,6 @@ def test_sft_training_on_prepared_pairs(tmp_path):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert rows[-1]["step"] == 4 and np.isfinite(rows[-1]["loss"]) and rows[-1]["num_masked"] > 0
-    assert rows[-1]["sft_dropped"] == 0 and rows[-1]["sft_truncated"] == 0
+    # Overflow counts reach the metrics (their exact values are checked in test_pipeline.py).
+    assert all(isinstance(r[k], int) and r[k] >= 0 for r in rows
+               for k in ("sft_dropped", "sft_truncated"))
