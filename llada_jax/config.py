@@ -13,6 +13,9 @@ import os
 from typing import Any, Callable, Mapping
 
 import ml_collections
+from absl import flags
+
+flags.DEFINE_string("config", None, "Config file and variant: configs/<name>.py[:variant]")
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -148,3 +151,12 @@ def load(spec: str, overrides: list[tuple[str, str]]) -> ConfigDict:
         set_key(c, key, value)
     c.lock()
     return c
+
+
+def from_command_line(argv: list[str]) -> ConfigDict:
+    """Parses absl flags from argv without its --config.* overrides, then loads --config with them."""
+    rest, overrides = split_overrides(argv[1:])
+    flags.FLAGS([argv[0]] + rest)
+    if not flags.FLAGS.config:
+        raise ConfigError("--config=configs/<name>.py[:variant] is required")
+    return load(flags.FLAGS.config, overrides)

@@ -39,7 +39,6 @@ from llada_jax.sampling import generate
 from llada_jax.train_step import SFT_COUNTS, StepConfig, jit_train_step, make_train_step
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", None, "Config file and variant: configs/<name>.py[:variant]")
 flags.DEFINE_string("workdir", None, "Directory for config.json, metrics and checkpoints")
 
 
@@ -337,12 +336,11 @@ def print_samples(run: Run, graphdef: nnx.GraphDef, params: Any) -> None:
 def main(argv: list[str]) -> int:
     """Command-line entry point; returns the exit code."""
     try:
-        rest, overrides = config_lib.split_overrides(argv[1:])
-        FLAGS([argv[0]] + rest)
-        if not FLAGS.config or not FLAGS.workdir:
-            raise ValueError("both --config=configs/<name>.py[:variant] and --workdir=DIR are required")
+        cfg = config_lib.from_command_line(argv)
+        if not FLAGS.workdir:
+            raise ValueError("--workdir=DIR is required")
         distributed.initialize()
-        run = prepare(config_lib.load(FLAGS.config, overrides), FLAGS.workdir)
+        run = prepare(cfg, FLAGS.workdir)
     except (ValueError, FileNotFoundError, flags.Error) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -49,7 +49,6 @@ from llada_jax.data.tokenizer import Tokenizer, default_tokenizer  # noqa: E402
 from llada_jax.model import ModelConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
-# --config is defined by llada_jax.train (imported above).
 flags.DEFINE_string("tpu", None, "Cloud TPU name: v5p-128 (TensorCores), v5litepod-16 / v5e-16, "
                     "v6e-16 (chips), v4-32 (TensorCores)")
 flags.DEFINE_string("topology", None, "libtpu topology name, e.g. v5p:4x4x4, v5e:4x4, v6e:4x4")
@@ -272,11 +271,7 @@ def format_report(r: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> int:
     try:
-        rest, overrides = config_lib.split_overrides(argv[1:])
-        FLAGS([argv[0]] + rest)
-        if not FLAGS.config:
-            raise ValueError("--config=configs/<name>.py[:variant] is required")
-        cfg = config_lib.load(FLAGS.config, overrides)
+        cfg = config_lib.from_command_line(argv)
         if FLAGS.platform == "cpu":
             devices = jax.devices("cpu")
         else:

@@ -39,7 +39,6 @@ from llada_jax.data import pipeline  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "train", ["train", "data", "checkpoint"], "What to benchmark.")
-# --config is defined by llada_jax.train (imported above), which parses it the same way.
 flags.DEFINE_integer("steps", 10, "Timed steps (train), batches (data) or saves (checkpoint).")
 flags.DEFINE_integer("warmup", 2, "Untimed repetitions first.")
 flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
@@ -179,13 +178,9 @@ def format_table(result: dict[str, Any]) -> str:
 def main(argv: list[str]) -> int:
     """Command-line entry point; returns the exit code."""
     try:
-        rest, overrides = config_lib.split_overrides(argv[1:])
-        FLAGS([argv[0]] + rest)
-        if not FLAGS.config:
-            raise ValueError("--config=configs/<name>.py[:variant] is required")
+        cfg = config_lib.from_command_line(argv)
         if FLAGS.steps < 1 or FLAGS.warmup < 0:
             raise ValueError(f"--steps={FLAGS.steps} must be >= 1 and --warmup={FLAGS.warmup} >= 0")
-        cfg = config_lib.load(FLAGS.config, overrides)
         result = MODES[FLAGS.mode](cfg, FLAGS.steps, FLAGS.warmup)
     except (ValueError, FileNotFoundError, flags.Error) as e:
         print(f"error: {e}", file=sys.stderr)
