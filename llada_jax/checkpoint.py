@@ -44,9 +44,16 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         return self.save_every > 0 and step % self.save_every == 0
 
-    def save(self, step: int, params: PyTree, opt_state: PyTree | None, meta: dict) -> None:
-        """Starts an asynchronous save (returns after the device-to-host copy)."""
-        items = dict(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta))
+    def save(self, step: int, params: PyTree, opt_state: PyTree | None, meta: dict,
+             chunk_bytes: int | None = None) -> None:
+        """Starts an asynchronous save (returns after the device-to-host copy).
+
+        chunk_bytes: the largest storage chunk of a parameter (None: Orbax's choice).
+        """
+        save_args = None if chunk_bytes is None else jax.tree.map(
+            lambda _: ocp.SaveArgs(chunk_byte_size=chunk_bytes), params)
+        items = dict(params=ocp.args.StandardSave(params, save_args=save_args),
+                     meta=ocp.args.JsonSave(meta))
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)

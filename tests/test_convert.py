@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -94,8 +95,9 @@ def test_fixture_round_trip_is_byte_identical(fixture_workdir, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-def synthetic_llada(directory, n_layers=3, d=32, heads=4, kv=2, f=48, vocab=64, shard_bytes=20_000):
-    """A bf16 HF LLaDA checkpoint split into shards with an index file."""
+def synthetic_llada(directory, n_layers=3, d=32, heads=4, kv=2, f=48, vocab=64, shard_bytes=20_000,
+                    dtype="bfloat16"):
+    """An HF LLaDA checkpoint split into shards with an index file."""
     rng = np.random.default_rng(0)
     p = "model.transformer."
     shapes = {p + "wte.weight": (vocab, d), p + "ln_f.weight": (d,), p + "ff_out.weight": (vocab, d)}
@@ -109,7 +111,7 @@ def synthetic_llada(directory, n_layers=3, d=32, heads=4, kv=2, f=48, vocab=64, 
     weight_map, shard, n = {}, {}, 0
     items = list(shapes.items())
     for j, (k, s) in enumerate(items):
-        shard[k] = rng.normal(0, 0.2, s).astype(ml_dtypes.bfloat16)
+        shard[k] = rng.normal(0, 0.2, s).astype(getattr(ml_dtypes, dtype, np.dtype(dtype)))
         if sum(t.nbytes for t in shard.values()) > shard_bytes or j == len(items) - 1:
             name = f"model-{n:05d}.safetensors"
             save_file(shard, os.path.join(directory, name), metadata={"format": "pt"})
@@ -119,7 +121,7 @@ def synthetic_llada(directory, n_layers=3, d=32, heads=4, kv=2, f=48, vocab=64, 
         json.dump({"metadata": {}, "weight_map": weight_map}, fh)
     config = dict(json.load(open(os.path.join(FIXTURE, "config.json"))), d_model=d, n_heads=heads,
                   n_kv_heads=kv, n_layers=n_layers, mlp_hidden_size=f, embedding_size=vocab,
-                  vocab_size=vocab, torch_dtype="bfloat16")
+                  vocab_size=vocab, torch_dtype=dtype)
     config.pop("dtype")
     with open(os.path.join(directory, "config.json"), "w") as fh:
         json.dump(config, fh)
@@ -269,6 +271,38 @@ def test_training_starts_from_a_converted_workdir(llama_workdir, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+def peak_anonymous_mib(args):
+    """Runs the converter; its exit code and peak anonymous (non-file) memory, sampled every 5 ms."""
+    proc = subprocess.Popen(CLI + list(args), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                peak = max([peak] + [int(line.split()[1]) for line in f if line.startswith("RssAnon")])
+        except OSError:  # exited between poll and open
+            pass
+        time.sleep(0.005)
+    return proc.returncode, peak / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux /proc")
+def test_import_memory_stays_near_one_parameter(tmp_path):
+    """A 72 MiB float32 import whose largest parameter (a stacked MLP matrix) is 16 MiB."""
+    src = tmp_path / "src"
+    synthetic_llada(str(src), n_layers=16, d=256, heads=4, kv=4, f=1024, vocab=4096,
+                    shard_bytes=30_000_000, dtype="float32")
+    model_mib = sum(os.path.getsize(src / n) for n in os.listdir(src)) / 2**20
+    largest_mib = 16 * 1024 * 256 * 4 / 2**20
+    rc, small = peak_anonymous_mib([f"--hf_dir={FIXTURE}", f"--workdir={tmp_path / 'small'}"])
+    assert rc == 0
+    rc, big = peak_anonymous_mib([f"--hf_dir={src}", f"--workdir={tmp_path / 'big'}"])
+    assert rc == 0
+    # Orbax's stock numpy writes held ~0.9x the model at once; one array at a time holds ~1.3x
+    # the largest parameter.
+    assert big - small < max(2 * largest_mib, 0.45 * model_mib), (big, small, model_mib)
+
+
 def _broken(tmp_path, name, edit):
     """A copy of the fixture with its tensors edited."""
     directory = tmp_path / name

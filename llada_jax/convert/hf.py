@@ -10,12 +10,15 @@ HF LLaDA code reads, model.safetensors or shards + index), in float32 or bfloat1
 
 Memory stays bounded by one parameter: import reads one HF tensor at a time into memory-mapped
 arrays in the output's temporary directory (layers filled one by one, never a copy of the state
-dict), which Orbax writes to the checkpoint without copying; export restores one parameter at a
-time as numpy and writes each HF tensor at its offset in the shard files. Outputs are written to a
+dict), which Orbax writes to the checkpoint one array at a time without copying; export restores
+one parameter at a time as numpy and writes each HF tensor at its offset in the shard files.
+(Peak anonymous memory is about one of our parameters, e.g. the stacked [n_layers, ...] MLP
+matrix, when freed buffers go back to the OS: see tools/convert_hf.py.) Outputs are written to a
 temporary directory next to the destination and renamed when complete.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -35,6 +38,9 @@ from llada_jax.convert.safetensors_io import (DTYPES, ConvertError, TensorReader
 from llada_jax.model import ModelConfig
 
 SOURCES = ("llada", "llama")
+# Import writes parameters in chunks of at most this size: tensorstore's buffers for an array
+# then stay near the array's own size (they reach ~2x with Orbax's default 2 GiB chunks).
+WRITE_CHUNK_BYTES = 16 << 20
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -99,17 +105,33 @@ def _output_dir(dest: str, flag: str) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class _OneArrayAtATime(_th.NumpyHandler):
+    """Orbax's numpy handler, writing one array at a time and without a copy first.
+
+    Orbax starts every array's write at once and tensorstore holds an array's encoded chunks
+    until its write commits, so the stock handler's memory grows to the whole model; it also
+    deep-copies numpy leaves, which our read-only memory-mapped leaves do not need.
+    """
+
+    def __init__(self):
+        super().__init__(deepcopy_host_arrays=False)
+        self._lock: asyncio.Lock | None = None
+
+    async def _open_and_write(self, value: np.ndarray, tspec: dict, ts_context: Any) -> None:
+        self._lock = self._lock or asyncio.Lock()
+        async with self._lock:
+            await super()._open_and_write(value, tspec, ts_context)
+
+
 @contextlib.contextmanager
-def _numpy_leaves_without_copy() -> Iterator[None]:
-    """Orbax deep-copies numpy leaves before an (async) save by default; our memory-mapped
-    leaves are not modified while it writes, so the copy (a whole model) is skipped."""
+def _numpy_leaves_one_at_a_time() -> Iterator[None]:
+    """Registers _OneArrayAtATime for numpy leaves while the block runs."""
     previous = ocp.type_handlers.get_type_handler(np.ndarray)
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)  # "overriding np.ndarray" warnings
     try:
-        ocp.type_handlers.register_type_handler(
-            np.ndarray, _th.NumpyHandler(deepcopy_host_arrays=False), override=True)
+        ocp.type_handlers.register_type_handler(np.ndarray, _OneArrayAtATime(), override=True)
         yield
     finally:
         ocp.type_handlers.register_type_handler(np.ndarray, previous, override=True)
@@ -175,9 +197,9 @@ def import_hf(hf_dir: str, workdir: str, source: str = "auto", dtype: str = "flo
             layouts.set_path(params, e.path, {"value": np.load(path, mmap_mode="r").view(out_dtype)})
         reader.close()
         meta = {"config": run_cfg.to_dict(), "step": 0, "hf_config": hf, "hf_source": source}
-        with _numpy_leaves_without_copy():
+        with _numpy_leaves_one_at_a_time():
             ckpt = checkpoint.Checkpointer(tmp, async_save=False)
-            ckpt.save(0, params, None, meta)
+            ckpt.save(0, params, None, meta, chunk_bytes=WRITE_CHUNK_BYTES)
             ckpt.close()
         del params
         shutil.rmtree(mm_dir)
