@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llada_jax import sharding
+from llada_jax import sharding, splash
 
 REMAT_POLICIES = {
     "none": None,
@@ -28,7 +28,7 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,8 @@ class ModelConfig:
     # step); on accelerators 1 keeps compile time independent of depth.
     scan_unroll: int = 1
     # "xla": the einsum attention below (any backend); "cudnn": jax.nn.dot_product_attention's
-    # fused (flash) kernel on NVIDIA GPUs, which never materializes the L x L map.
+    # fused (flash) kernel on NVIDIA GPUs, which never materializes the L x L map; "splash":
+    # JAX's Pallas splash-attention kernel on TPU (llada_jax/splash.py), likewise fused.
     attention: str = "xla"
     remat: str = "none"
     dtype: str = "float32"
@@ -174,6 +175,14 @@ def attention_bias(valid: jax.Array, segment_ids: jax.Array | None, causal: bool
     return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)[:, None]
 
 
+def attention_mask(valid: jax.Array, segment_ids: jax.Array | None, cfg: ModelConfig) -> jax.Array:
+    """The mask every layer's attention takes: `splash.segment_ids` for the splash kernel, else
+    `attention_bias`."""
+    if cfg.attention == "splash":
+        return splash.segment_ids(valid, segment_ids)
+    return attention_bias(valid, segment_ids, cfg.causal)
+
+
 @jax.custom_vjp
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
     """softmax(q k^T + bias) v for q (B, K, G*L, D) (already scaled), k, v (B, K, L, D), bias
@@ -219,14 +228,20 @@ class Attention(nnx.Module):
         self.groups = h // k
         self.scale = hd ** -0.5
         self.impl = cfg.attention
+        self.causal = cfg.causal
 
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], bias: jax.Array) -> jax.Array:
-        """x (B, L, d_model), bias from `attention_bias` -> (B, L, d_model)."""
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array) -> jax.Array:
+        """x (B, L, d_model), mask from `attention_mask` -> (B, L, d_model)."""
         b, length, _ = x.shape
         cos, sin = rope
+        if self.impl == "splash":
+            q = apply_rope(self.q(x), cos * self.scale, sin * self.scale).transpose(0, 2, 1, 3)
+            k = apply_rope(self.k(x), cos, sin).transpose(0, 2, 1, 3)
+            out = splash.splash_attention(q, k, self.v(x).transpose(0, 2, 1, 3), mask, self.causal)
+            return self.o(out.transpose(0, 2, 1, 3))
         if self.impl == "cudnn":
             q, k = apply_rope(self.q(x), cos, sin), apply_rope(self.k(x), cos, sin)
-            bias = jnp.broadcast_to(bias, (b, 1, length, length)).astype(q.dtype)  # cuDNN: full L_q
+            bias = jnp.broadcast_to(mask, (b, 1, length, length)).astype(q.dtype)  # cuDNN: full L_q
             out = jax.nn.dot_product_attention(q, k, self.v(x), bias=bias, scale=self.scale,
                                                implementation="cudnn")
             return self.o(out)
@@ -238,7 +253,7 @@ class Attention(nnx.Module):
         kv, hd = k.shape[2], k.shape[3]
         q = q.reshape(b, length, kv, self.groups, hd).transpose(0, 2, 3, 1, 4)
         q = q.reshape(b, kv, self.groups * length, hd)
-        out = attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), bias)
+        out = attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
         out = out.reshape(b, kv, self.groups, length, hd).transpose(0, 3, 1, 2, 4)
         return self.o(out.reshape(b, length, kv * self.groups, hd))
 
@@ -265,8 +280,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], bias: jax.Array) -> jax.Array:
-        h = x + self.attn(self.attn_norm(x), rope, bias)
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array) -> jax.Array:
+        h = x + self.attn(self.attn_norm(x), rope, mask)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -298,7 +313,7 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         if valid is None:
             valid = jnp.ones(tokens.shape, bool)
-        bias = attention_bias(valid, segment_ids, cfg.causal)
+        mask = attention_mask(valid, segment_ids, cfg)
         rope = rope_tables(tokens.shape[1], cfg.head_dim, cfg.rope_theta)
         # Activations are constrained to the batch sharding (a no-op without a mesh context): the
         # embedding's output would otherwise follow the FSDP-sharded table (embed dim split).
@@ -306,7 +321,7 @@ class Transformer(nnx.Module):
         # Layers run as pure functions of their state (jax.lax.scan / jax.checkpoint rather than
         # the nnx transforms), so the model also works inside other traced loops (the sampler).
         def layer(x: jax.Array, block_state: nnx.State) -> tuple[jax.Array, None]:
-            x = nnx.merge(block_def, block_state)(x, rope, bias)
+            x = nnx.merge(block_def, block_state)(x, rope, mask)
             return sharding.constrain(x, ("batch", None, None)), None
 
         unroll = min(cfg.scan_unroll, cfg.n_layers)

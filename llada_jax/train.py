@@ -31,7 +31,7 @@ from absl import flags
 from flax import nnx
 
 from llada_jax import config as config_lib
-from llada_jax import checkpoint, diffusion, distributed, metrics, optim, sharding
+from llada_jax import checkpoint, diffusion, distributed, metrics, optim, sharding, splash
 from llada_jax.data import datasets, pipeline
 from llada_jax.data.tokenizer import Tokenizer, default_tokenizer
 from llada_jax.model import ModelConfig, Transformer
@@ -75,6 +75,12 @@ def prepare(cfg: config_lib.ConfigDict, workdir: str,
                          f"{cfg.optim.grad_accum} x {jax.process_count()} processes")
     tokenizer = Tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else default_tokenizer()
     model_cfg = ModelConfig.from_config(cfg.model)
+    if model_cfg.attention == "splash":
+        splash.block_size(cfg.data.seq_len)  # a length the kernel cannot tile is refused here
+        if mesh.devices.flat[0].platform != "tpu":
+            print(f"warning: model.attention='splash' is a TPU kernel; on "
+                  f"{mesh.devices.flat[0].platform} it runs in Pallas's interpreter (slow)",
+                  file=sys.stderr, flush=True)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                          f"vocabulary ({tokenizer.vocab_size})")

@@ -82,3 +82,26 @@ def test_cpu_aot_report_memory_matches_the_state(tool, tmp_path):
     # Donation: the new state reuses the old state's buffers.
     assert mem["aliased"] == per_device
     assert report["chips"] == 8 and report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def test_kernel_matmuls_counts_splash_calls(tool):
+    """Splash-attention kernels are Mosaic custom calls that XLA's cost analysis counts as free;
+    the tool counts their L x L x head_dim matmuls from the optimized HLO instead (lines in the
+    form libtpu prints them)."""
+    line = ('  %{} = (bf16[5,32,4096,128]{{3,2,1,0}}) custom-call(%a, %b), '
+            'custom_call_target="tpu_custom_call", backend_config={{}}')
+    fused = "\n".join([line.format("splash_mha_fwd_segmented_residuals.1"),
+                       line.format("splash_mha_fwd_segmented_residuals.2"),  # remat recompute
+                       line.format("splash_mha_dkv_segmented_no_residuals"),
+                       "  %fusion.3 = bf16[8] fusion(%x), kind=kLoop"])
+    assert tool.kernel_matmuls(fused) == 2 + 2 + 5
+    unfused = "\n".join([line.format("splash_mha_fwd_residuals.7"),
+                         line.format("splash_mha_dkv_no_residuals.1"),
+                         line.format("splash_mha_dq_no_residuals.1")])
+    assert tool.kernel_matmuls(unfused) == 2 + 4 + 3
+    assert tool.kernel_matmuls("  %dot.1 = f32[4,4] dot(%a, %b)") == 0
+    cfg = config_lib.load("configs/tiny.py", [("model.attention", "splash")])
+    # One matmul over a chip's sequences: batch 8 / 4 data-parallel chips, heads 4 / 2 tensor.
+    m = cfg.model
+    want = 2.0 * (8 / 4) * cfg.data.seq_len ** 2 * (m.n_heads / 2) * (m.d_model // m.n_heads)
+    assert tool.attention_matmul_flops(cfg, 8, {"data": 2, "fsdp": 2, "tensor": 2}) == want

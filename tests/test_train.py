@@ -70,6 +70,8 @@ BAD = {
     "batch_not_divisible": (["--config.data.batch_size=6"],
                             "data.batch_size=6 is not divisible by the data-parallel size 8"),
     "unknown_section": (["--config.modle.d_model=3"], "unknown config key 'modle'"),
+    "splash_length": (["--config.model.attention=splash"],
+                      "needs a sequence length (data.seq_len) divisible by 128, got 64"),
 }
 
 

@@ -1,0 +1,70 @@
+"""Fused (flash) attention on TPU: the Pallas splash-attention kernel that ships with JAX.
+
+The einsum attention of model.py writes each layer's (B, H, L, L) score and probability maps to
+HBM; at L = 4096 that traffic costs more time than all of the layer's matmuls. The kernel keeps
+them in VMEM, block by block, and never materializes them, forward or backward.
+
+Masks become segment ids: a query sees the keys whose id equals its own. Key padding gives
+padded positions id -1, so real tokens never see them (padded queries see only padding, whose
+outputs nothing reads). With a mesh, the kernel runs per shard under shard_map (batch over the
+data-parallel axes, heads over `tensor`). On backends other than TPU it runs in Pallas's
+interpreter (for tests; slow).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as sa
+from jax.sharding import PartitionSpec as P
+
+from llada_jax import sharding
+
+BLOCKS = (512, 256, 128)  # tile sizes tried, largest first: the first that divides L is used
+
+
+def segment_ids(valid: jax.Array, segments: jax.Array | None) -> jax.Array:
+    """(B, L) int32 ids for the kernel: the packed-document id, -1 on key padding."""
+    ids = jnp.zeros(valid.shape, jnp.int32) if segments is None else segments.astype(jnp.int32)
+    return jnp.where(valid, ids, -1)
+
+
+def block_size(length: int) -> int:
+    for block in BLOCKS:
+        if length % block == 0:
+            return block
+    raise ValueError(f"model.attention='splash' needs a sequence length (data.seq_len) divisible "
+                     f"by {BLOCKS[-1]}, got {length}")
+
+
+def _kernel(heads: int, length: int, causal: bool, interpret: bool) -> sa.SplashAttentionKernel:
+    mask = sa.CausalMask((length, length)) if causal else sa.FullMask((length, length))
+    b = block_size(length)
+    blocks = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
+                           block_kv_dkv=b, block_kv_dkv_compute=b, use_fused_bwd_kernel=True)
+    return sa.make_splash_mha(sa.MultiHeadMask([mask] * heads), head_shards=1, q_seq_shards=1,
+                              block_sizes=blocks, interpret=interpret)
+
+
+def _local(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array, causal: bool,
+           interpret: bool) -> jax.Array:
+    kernel = _kernel(q.shape[1], q.shape[2], causal, interpret)
+    return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sa.SegmentIds(s, s)))(
+        q, k, v, ids)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array,
+                     causal: bool) -> jax.Array:
+    """softmax(q k^T) v within equal ids: q (B, H, L, D) already scaled, k, v (B, K, L, D) with K
+    dividing H (query head h uses kv head h // (H / K)), ids (B, L) from `segment_ids`
+    -> (B, H, L, D)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+    interpret = platform != "tpu"
+    if mesh.empty or mesh.size == 1:
+        return _local(q, k, v, ids, causal, interpret)
+    heads = sharding.logical_spec(("batch", "heads", None, None))
+    kv_heads = sharding.logical_spec(("batch", "kv_heads", None, None))
+    return jax.shard_map(
+        lambda q, k, v, ids: _local(q, k, v, ids, causal, interpret),
+        in_specs=(heads, kv_heads, kv_heads, sharding.logical_spec(("batch", None))),
+        out_specs=heads, check_vma=False)(q, k, v, ids)
