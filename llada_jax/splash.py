@@ -20,6 +20,9 @@ from jax.sharding import PartitionSpec as P
 from llada_jax import sharding
 
 BLOCKS = (512, 256, 128)  # tile sizes tried, largest first: the first that divides L is used
+# Name of the kernel's residuals (its output and log-sum-exp), which a remat policy may save
+# (model.REMAT_POLICIES["dots_attn"]) so the backward pass does not rerun the forward kernel.
+RESIDUALS = "splash_residuals"
 
 
 def segment_ids(valid: jax.Array, segments: jax.Array | None) -> jax.Array:
@@ -42,7 +45,8 @@ def _kernel(heads: int, length: int, causal: bool, interpret: bool) -> sa.Splash
     blocks = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
                            block_kv_dkv=b, block_kv_dkv_compute=b, use_fused_bwd_kernel=True)
     return sa.make_splash_mha(sa.MultiHeadMask([mask] * heads), head_shards=1, q_seq_shards=1,
-                              block_sizes=blocks, interpret=interpret)
+                              block_sizes=blocks, residual_checkpoint_name=RESIDUALS,
+                              interpret=interpret)
 
 
 def _local(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array, causal: bool,

@@ -161,13 +161,14 @@ def test_remat_and_bf16_agree_with_plain_float32():
     np.testing.assert_allclose(loss16, base_loss, rtol=5e-2)
 
 
-@pytest.mark.parametrize("causal,mesh_shape", [(False, (2, 2, 2)), (True, (1, 1, 1))])
-def test_splash_kernel_matches_einsum_attention(causal, mesh_shape):
+@pytest.mark.parametrize("causal,mesh_shape,remat", [(False, (2, 2, 2), "none"),
+                                                     (True, (1, 1, 1), "dots_attn")])
+def test_splash_kernel_matches_einsum_attention(causal, mesh_shape, remat):
     """The Pallas splash kernel (interpreted on CPU), sharded by shard_map on a mesh: the same
     logits on real tokens and the same gradients as the einsum attention, with GQA, key padding
     and packed segments."""
     cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                      mlp_hidden=48, causal=causal)
+                      mlp_hidden=48, causal=causal, remat=remat)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, 64, (4, 128)))
     valid = np.ones((4, 128), bool)
@@ -193,6 +194,26 @@ def test_splash_kernel_matches_einsum_attention(causal, mesh_shape):
     np.testing.assert_allclose(logits[real], want_logits[real], atol=1e-4, rtol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3),
                  grads, want_grads)
+
+
+def test_dots_attn_remat_saves_the_kernel_output(capsys):
+    """remat=dots_attn keeps the splash kernel's output (L, B, H, L, D) and log-sum-exp
+    (L, B, H, L) for the backward pass; dots_no_batch recomputes them."""
+    def saved_shapes(remat):
+        cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                          mlp_hidden=48, attention="splash", remat=remat)
+        graphdef, params = nnx.split(build(cfg), nnx.Param)
+        ids = jnp.zeros((2, 128), jnp.int32)
+        capsys.readouterr()
+        jax.ad_checkpoint.print_saved_residuals(
+            lambda p: jnp.sum(nnx.merge(graphdef, p)(ids)), params)
+        return capsys.readouterr().out
+
+    kernel_residuals = ("f32[2,2,4,128,16]", "f32[2,2,4,128]")
+    saved = saved_shapes("dots_attn")
+    assert all(f"{shape} output of scan" in saved for shape in kernel_residuals), saved
+    saved = saved_shapes("dots_no_batch")
+    assert not any(f"{shape} output of scan" in saved for shape in kernel_residuals), saved
 
 
 def test_every_parameter_has_logical_axes():
