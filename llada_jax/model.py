@@ -58,7 +58,8 @@ class ModelConfig:
     scan_unroll: int = 1
     # "xla": the einsum attention below (any backend); "cudnn": jax.nn.dot_product_attention's
     # fused (flash) kernel on NVIDIA GPUs, which never materializes the L x L map; "splash":
-    # JAX's Pallas splash-attention kernel on TPU (llada_jax/splash.py), likewise fused.
+    # JAX's Pallas splash-attention kernel on TPU (llada_jax/splash.py), likewise fused; at a
+    # length it cannot tile (not a multiple of 128, e.g. a sampling canvas) the einsum one runs.
     attention: str = "xla"
     remat: str = "none"
     dtype: str = "float32"
@@ -239,11 +240,13 @@ class Attention(nnx.Module):
         """x (B, L, d_model), mask from `attention_mask` -> (B, L, d_model)."""
         b, length, _ = x.shape
         cos, sin = rope
-        if self.impl == "splash":
+        if self.impl == "splash" and splash.tiles(length):
             q = apply_rope(self.q(x), cos * self.scale, sin * self.scale).transpose(0, 2, 1, 3)
             k = apply_rope(self.k(x), cos, sin).transpose(0, 2, 1, 3)
             out = splash.splash_attention(q, k, self.v(x).transpose(0, 2, 1, 3), mask, self.causal)
             return self.o(out.transpose(0, 2, 1, 3))
+        if self.impl == "splash":  # a length the kernel cannot tile, e.g. a sampling canvas
+            mask = attention_bias(mask >= 0, mask, self.causal)
         if self.impl == "cudnn":
             q, k = apply_rope(self.q(x), cos, sin), apply_rope(self.k(x), cos, sin)
             bias = jnp.broadcast_to(mask, (b, 1, length, length)).astype(q.dtype)  # cuDNN: full L_q

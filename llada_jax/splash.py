@@ -31,6 +31,11 @@ def segment_ids(valid: jax.Array, segments: jax.Array | None) -> jax.Array:
     return jnp.where(valid, ids, -1)
 
 
+def tiles(length: int) -> bool:
+    """Whether the kernel can run at this sequence length."""
+    return length % BLOCKS[-1] == 0
+
+
 def block_size(length: int) -> int:
     for block in BLOCKS:
         if length % block == 0:

@@ -196,6 +196,20 @@ def test_splash_kernel_matches_einsum_attention(causal, mesh_shape, remat):
                  grads, want_grads)
 
 
+def test_splash_config_falls_back_to_einsum_at_untileable_lengths():
+    """A sampling canvas need not be a multiple of 128: model.attention=splash then runs the
+    einsum attention, with the same masks."""
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=48)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 12)))
+    valid = jnp.asarray(np.arange(12)[None] >= np.array([[0], [3]]))
+    seg = jnp.asarray([[0] * 5 + [1] * 7, [0] * 12])
+    f = jax.jit(lambda m: m(ids, valid, seg))
+    got = f(build(ModelConfig(**{**cfg.__dict__, "attention": "splash"})))
+    want = f(build(cfg))
+    real = np.asarray(valid)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
+
+
 def test_dots_attn_remat_saves_the_kernel_output(capsys):
     """remat=dots_attn keeps the splash kernel's output (L, B, H, L, D) and log-sum-exp
     (L, B, H, L) for the backward pass; dots_no_batch recomputes them."""
