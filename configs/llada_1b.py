@@ -13,11 +13,16 @@ libtpu 0.0.42, no TPU attached): per chip, arguments 1.04 GiB, temporaries 66.6 
 tokens/s/chip, estimated MFU 59%. Attention is a quarter of this model's FLOPs (head_dim 64, L
 4096), so the kernels' real speed matters more here than for 8B. Splash with remat="dots_attn"
 and 4 micro-batches: 54% (79.3 GiB).
-On one NVIDIA GPU use model.attention="cudnn" (see the README for measured figures).
+One NVIDIA GPU: the `gpu` variant (cuDNN attention, layers unrolled, 64 micro-batches of 8 x 4096).
+Measured on one H200 (tools/benchmark.py, bfloat16): 48,600 tokens/s, MFU 47.1%, 82 GiB peak
+GPU memory per micro-batch of 8; an 80 GB H100 needs micro-batches of 4 (grad_accum=128).
 """
 from llada_jax.config import ConfigDict, apply_variant, base_config
 
-VARIANTS: dict = {}
+VARIANTS: dict = {
+    # One NVIDIA GPU: cuDNN flash attention, layers unrolled, micro-batches of 8 x 4096.
+    "gpu": {"model.attention": "cudnn", "model.scan_layers": False, "optim.grad_accum": 64},
+}
 
 
 def get_config(variant: str = "") -> ConfigDict:

@@ -57,7 +57,8 @@ class ModelConfig:
     # step); on accelerators 1 keeps compile time independent of depth.
     scan_unroll: int = 1
     # "xla": the einsum attention below (any backend); "cudnn": jax.nn.dot_product_attention's
-    # fused (flash) kernel on NVIDIA GPUs, which never materializes the L x L map; "splash":
+    # fused (flash) kernel on NVIDIA GPUs, which never materializes the L x L map (elsewhere
+    # jax's XLA implementation of the same call runs); "splash":
     # JAX's Pallas splash-attention kernel on TPU (llada_jax/splash.py), likewise fused; at a
     # length it cannot tile (not a multiple of 128, e.g. a sampling canvas) the einsum one runs.
     attention: str = "xla"
@@ -181,12 +182,36 @@ def attention_bias(valid: jax.Array, segment_ids: jax.Array | None, causal: bool
     return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)[:, None]
 
 
-def attention_mask(valid: jax.Array, segment_ids: jax.Array | None, cfg: ModelConfig) -> jax.Array:
-    """The mask every layer's attention takes: `splash.segment_ids` for the splash kernel, else
-    `attention_bias`."""
+def attention_mask(valid: jax.Array, segment_ids: jax.Array | None, cfg: ModelConfig,
+                   valid_prefix: bool = False) -> jax.Array:
+    """The mask every layer's attention takes: `splash.segment_ids` for the splash kernel; for
+    cuDNN, when each row's valid positions are a prefix (`valid_prefix`) and nothing is packed,
+    the (B,) int32 key lengths (see `fused_attention`); else `attention_bias`."""
     if cfg.attention == "splash":
         return splash.segment_ids(valid, segment_ids)
+    if cfg.attention == "cudnn" and valid_prefix and segment_ids is None:
+        # At least one key, so that a filler row (no valid position) stays finite, as with the
+        # bias: its NaNs would reach the weight gradients through 0 * NaN.
+        return jnp.maximum(jnp.sum(valid, axis=-1, dtype=jnp.int32), 1)
     return attention_bias(valid, segment_ids, cfg.causal)
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                    causal: bool) -> jax.Array:
+    """jax.nn.dot_product_attention for q (B, L, H, D), k, v (B, L, K, D) -> (B, L, H, D): cuDNN's
+    flash kernel on NVIDIA GPUs, jax's XLA implementation elsewhere.
+
+    mask: (B,) key lengths (each row's valid keys are its first `mask[b]`), or an
+    `attention_bias` (packed segments, left padding). Lengths let cuDNN skip the (B, 1, L, L)
+    bias, which every head's kernel would read from HBM.
+    """
+    impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    if mask.ndim == 1:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                            key_value_seq_lengths=mask, implementation=impl)
+    b, length = q.shape[:2]
+    bias = jnp.broadcast_to(mask, (b, 1, length, length)).astype(q.dtype)  # cuDNN: full L_q
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=impl)
 
 
 @jax.custom_vjp
@@ -249,10 +274,7 @@ class Attention(nnx.Module):
             mask = attention_bias(mask >= 0, mask, self.causal)
         if self.impl == "cudnn":
             q, k = apply_rope(self.q(x), cos, sin), apply_rope(self.k(x), cos, sin)
-            bias = jnp.broadcast_to(mask, (b, 1, length, length)).astype(q.dtype)  # cuDNN: full L_q
-            out = jax.nn.dot_product_attention(q, k, self.v(x), bias=bias, scale=self.scale,
-                                               implementation="cudnn")
-            return self.o(out)
+            return self.o(fused_attention(q, k, self.v(x), mask, self.scale, self.causal))
         # Heads before sequence; the query heads sharing a kv head are stacked along the query
         # axis, so each kv head is one (G*L, D) x (D, L) matmul and k, v are never repeated.
         q = apply_rope(self.q(x), cos * self.scale, sin * self.scale)
@@ -316,12 +338,16 @@ class Transformer(nnx.Module):
                                  rngs=rngs)
 
     def __call__(self, tokens: jax.Array, valid: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
-        """tokens (B, L) int; valid (B, L) bool key-padding mask; segment_ids (B, L) int."""
+                 segment_ids: jax.Array | None = None, *, valid_prefix: bool = False) -> jax.Array:
+        """tokens (B, L) int; valid (B, L) bool key-padding mask; segment_ids (B, L) int.
+
+        valid_prefix promises that each row's valid positions come first (padding trailing, as
+        in every training batch): the cuDNN attention then takes key lengths instead of a bias.
+        """
         cfg = self.cfg
         if valid is None:
-            valid = jnp.ones(tokens.shape, bool)
-        mask = attention_mask(valid, segment_ids, cfg)
+            valid, valid_prefix = jnp.ones(tokens.shape, bool), True
+        mask = attention_mask(valid, segment_ids, cfg, valid_prefix)
         rope = rope_tables(tokens.shape[1], cfg.head_dim, cfg.rope_theta)
         # Activations are constrained to the batch sharding (a no-op without a mesh context): the
         # embedding's output would otherwise follow the FSDP-sharded table (embed dim split).

@@ -31,7 +31,8 @@ from absl import flags
 from flax import nnx
 
 from llada_jax import config as config_lib
-from llada_jax import checkpoint, diffusion, distributed, metrics, optim, sharding, splash
+from llada_jax import (checkpoint, diffusion, distributed, metrics, optim, sharding, splash,
+                       xla_flags)
 from llada_jax.data import datasets, pipeline
 from llada_jax.data.tokenizer import Tokenizer, default_tokenizer
 from llada_jax.model import ModelConfig, Transformer
@@ -81,6 +82,10 @@ def prepare(cfg: config_lib.ConfigDict, workdir: str,
             print(f"warning: model.attention='splash' is a TPU kernel; on "
                   f"{mesh.devices.flat[0].platform} it runs in Pallas's interpreter (slow)",
                   file=sys.stderr, flush=True)
+    if model_cfg.attention == "cudnn" and mesh.devices.flat[0].platform != "gpu":
+        print(f"warning: model.attention='cudnn' is an NVIDIA GPU kernel; on "
+              f"{mesh.devices.flat[0].platform} jax's XLA implementation of it runs",
+              file=sys.stderr, flush=True)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                          f"vocabulary ({tokenizer.vocab_size})")
@@ -341,6 +346,7 @@ def print_samples(run: Run, graphdef: nnx.GraphDef, params: Any) -> None:
 
 def main(argv: list[str]) -> int:
     """Command-line entry point; returns the exit code."""
+    xla_flags.apply_defaults()
     try:
         cfg = config_lib.from_command_line(argv)
         if not FLAGS.workdir:

@@ -40,7 +40,8 @@ def loss_fn(graphdef: nnx.GraphDef, params: PyTree, noised: dict[str, jax.Array]
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Loss of the model on an already-noised (micro)batch: SFT when it has a response mask."""
     model = nnx.merge(graphdef, params)
-    logits = model(noised["inputs"], noised["valid"], noised.get("segment_ids"))
+    # Training batches pad at the end only (filler rows, random lengths, SFT rows).
+    logits = model(noised["inputs"], noised["valid"], noised.get("segment_ids"), valid_prefix=True)
     if "response_mask" in noised:
         return diffusion.sft_loss(logits, noised, noised["response_mask"])
     return diffusion.pretrain_loss(logits, noised)

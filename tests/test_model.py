@@ -1,4 +1,5 @@
 """The transformer against the HF reference logits and an independent numpy forward pass."""
+import dataclasses
 import json
 import os
 
@@ -11,7 +12,7 @@ from safetensors.numpy import load_file
 
 from llada_jax import sharding
 from llada_jax.convert.hf_llada import PREFIX, model_config_from_hf, params_from_hf
-from llada_jax.model import ModelConfig, Transformer
+from llada_jax.model import ModelConfig, Transformer, attention_mask
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf_llada_tiny")
 
@@ -140,6 +141,68 @@ def test_gqa_tied_causal_segments_match_numpy(tied, causal):
                                                    jnp.asarray(seg))
     want = np_forward(tensors, hf_cfg, ids, key_mask, seg, causal)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("causal,layout", [(False, "trailing"), (True, "trailing"),
+                                           (False, "leading"), (False, "packed")])
+def test_cudnn_config_matches_numpy(causal, layout):
+    """model.attention=cudnn (jax.nn.dot_product_attention; its XLA implementation on CPU): key
+    padding as lengths when the caller promises trailing padding, else (left padding, packed
+    segments) a bias. Real positions match numpy, and a filler row (no valid key) leaves the
+    gradients finite and equal to the einsum attention's."""
+    hf_cfg = dict(GQA_HF)
+    tensors = random_hf_tensors(hf_cfg)
+    cfg = model_config_from_hf(hf_cfg, causal=causal)
+    ids = np.random.default_rng(2).integers(0, 64, (3, 12))
+    valid = np.arange(12)[None] < np.array([[12], [9], [0]])
+    if layout == "leading":
+        valid = valid[:, ::-1]
+    seg = np.array([[0] * 5 + [1] * 7] * 3) if layout == "packed" else None
+    weights = jnp.asarray(np.random.default_rng(3).normal(size=(3, 12, 64)) * valid[..., None])
+    args = (jnp.asarray(ids), jnp.asarray(valid), None if seg is None else jnp.asarray(seg))
+    prefix = layout != "leading"
+    mask = attention_mask(args[1], args[2], dataclasses.replace(cfg, attention="cudnn"), prefix)
+    assert mask.ndim == (1 if layout == "trailing" else 4)  # lengths or a bias
+
+    def run(attention):
+        graphdef, params = nnx.split(build(dataclasses.replace(cfg, attention=attention), tensors),
+                                     nnx.Param)
+        logits = lambda p: nnx.merge(graphdef, p)(*args, valid_prefix=prefix)
+        return (np.asarray(jax.jit(logits)(params)),
+                jax.jit(jax.grad(lambda p: jnp.sum(logits(p) * weights)))(params))
+
+    logits, grads = run("cudnn")
+    want = np_forward(tensors, hf_cfg, ids, valid, seg, causal)
+    np.testing.assert_allclose(logits[valid], want[valid], atol=2e-4, rtol=2e-4)
+    _, want_grads = run("xla")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3),
+                 grads, want_grads)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU (cuDNN); run "
+                    "with JAX_PLATFORMS=cuda,cpu")
+def test_cudnn_kernel_matches_xla_attention_on_gpu():
+    """cuDNN's kernel in bfloat16 with key lengths (a filler row among them) and with a bias:
+    logits and gradients within bfloat16 noise of the XLA implementation, all finite."""
+    cfg = ModelConfig(vocab_size=128, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2,
+                      mlp_hidden=512, dtype="bfloat16")
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, 128, (3, 256)))
+    valid = np.arange(256)[None] < np.array([[256], [200], [0]])
+    weights = jnp.asarray(rng.normal(size=(3, 256, 128)) * valid[..., None], jnp.float32)
+    rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+    for seg in (None, jnp.asarray(np.repeat([[0, 1]], 3, 0).repeat(128, 1))):
+        def run(attention):
+            graphdef, params = nnx.split(build(dataclasses.replace(cfg, attention=attention)),
+                                         nnx.Param)
+            f = lambda p: nnx.merge(graphdef, p)(ids, jnp.asarray(valid), seg,
+                                                 valid_prefix=True).astype(jnp.float32)
+            return jax.jit(f)(params), jax.jit(jax.grad(lambda p: jnp.sum(f(p) * weights)))(params)
+
+        (logits, grads), (want, want_grads) = run("cudnn"), run("xla")
+        assert rel(logits[valid], want[valid]) < 2e-2
+        for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+            assert bool(jnp.all(jnp.isfinite(g))) and rel(g, w) < 5e-2
 
 
 def test_remat_and_bf16_agree_with_plain_float32():

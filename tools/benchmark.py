@@ -3,13 +3,15 @@
   python tools/benchmark.py --mode=train --config=configs/demo.py[:variant] [--config.key=value]
       [--steps=N] [--warmup=W] [--json]
 
+  python tools/benchmark.py --mode=train ... --profile_dir=DIR   (also writes a profiler trace)
   python tools/benchmark.py --mode=data --config=configs/demo.py --config.data.seq_len=2048
   python tools/benchmark.py --mode=checkpoint --config=configs/demo.py
 
 train: times the trainer's jitted step (built by `llada_jax.train`) on random token batches of
-the config's shape, and reports the median step time and its IQR, tokens/s, masked tokens/s,
-model TFLOP/step, achieved GFLOP/s, the peak FLOP/s, MFU, compile time and the process's peak RSS.
-Prints a table, or one JSON object with --json.
+the config's shape (with document segment ids when data.segment_ids is set), and reports the
+median step time and its IQR, tokens/s, masked tokens/s, model TFLOP/step, achieved GFLOP/s, the
+peak FLOP/s, MFU, compile time, the process's peak RSS and the device's peak memory
+(accelerators). Prints a table, or one JSON object with --json.
 
 On CPU the peak is the matmul peak measured in this run, before and after the timed steps (the
 machine's speed drifts with other load): both are reported, and MFU uses the larger of the two,
@@ -34,7 +36,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llada_jax import config as config_lib  # noqa: E402
-from llada_jax import checkpoint, metrics, train  # noqa: E402
+from llada_jax import checkpoint, metrics, train, xla_flags  # noqa: E402
 from llada_jax.data import pipeline  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -42,6 +44,8 @@ flags.DEFINE_enum("mode", "train", ["train", "data", "checkpoint"], "What to ben
 flags.DEFINE_integer("steps", 10, "Timed steps (train), batches (data) or saves (checkpoint).")
 flags.DEFINE_integer("warmup", 2, "Untimed repetitions first.")
 flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
+flags.DEFINE_string("profile_dir", "", "train: after the timed steps, trace 2 more steps into this "
+                    "directory (TensorBoard profile plugin and Perfetto formats).")
 
 
 def peak_rss_mib() -> float:
@@ -68,7 +72,10 @@ def bench_train(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str
 
     def batch() -> dict[str, jax.Array]:
         tokens = rng.integers(0, run.tokenizer.vocab_size, (batch_size, seq_len), np.int32)
-        return pipeline.to_global({"tokens": tokens}, run.mesh, batch_size)
+        arrays = {"tokens": tokens}
+        if cfg.data.segment_ids:  # packed documents: attention masked per document
+            arrays["segment_ids"] = pipeline.document_ids(tokens, run.tokenizer.eos_id)
+        return pipeline.to_global(arrays, run.mesh, batch_size)
 
     peak_before = peak_flops(run.model_cfg.dtype)
     start = time.perf_counter()
@@ -86,6 +93,11 @@ def bench_train(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str
             times.append(time.perf_counter() - start)
             masked.append(float(out["num_masked"]))
 
+    if FLAGS.profile_dir:
+        with jax.profiler.trace(FLAGS.profile_dir, create_perfetto_trace=True):
+            for step in range(2):
+                params, opt_state, out = compiled(params, opt_state, batch(), jnp.int32(step))
+            jax.block_until_ready((params, opt_state, out))
     peak_after = peak_flops(run.model_cfg.dtype) if jax.devices()[0].platform == "cpu" else None
     peak = max(peak_before, peak_after or 0.0) if peak_before else None
     step_sec = float(np.median(times))
@@ -102,8 +114,15 @@ def bench_train(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str
         model_tflop_per_step=flops / 1e12, achieved_gflops=achieved / 1e9,
         peak_gflops=peak / 1e9 if peak else None,
         peak_gflops_before=peak_before / 1e9 if peak_before else None,
-        peak_gflops_after=peak_after / 1e9 if peak_after else None, mfu=achieved / peak if peak else None,
-        compile_sec=compile_sec, peak_rss_mib=peak_rss_mib())
+        peak_gflops_after=peak_after / 1e9 if peak_after else None,
+        mfu=achieved / peak if peak else None, compile_sec=compile_sec,
+        peak_rss_mib=peak_rss_mib(), peak_device_mib=peak_device_mib())
+
+
+def peak_device_mib() -> float | None:
+    """Peak memory in use on the first device (GPU, TPU), or None where jax keeps no statistics."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 2 ** 20 if "peak_bytes_in_use" in stats else None
 
 
 def bench_data(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
@@ -177,6 +196,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> int:
     """Command-line entry point; returns the exit code."""
+    xla_flags.apply_defaults()
     try:
         cfg = config_lib.from_command_line(argv)
         if FLAGS.steps < 1 or FLAGS.warmup < 0:
