@@ -7,7 +7,7 @@ holy, ...) without phrasing yet; longer runs: --config.train.steps=N.
 """
 from llada_jax.config import ConfigDict, apply_variant, base_config
 
-VARIANTS = {"quick": {"train.steps": 30}}
+VARIANTS = {"quick": {"train.steps": 30, "optim.warmup_steps": 5, "optim.decay_steps": 15}}
 
 
 def get_config(variant: str = "") -> ConfigDict:
