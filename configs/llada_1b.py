@@ -14,8 +14,9 @@ tokens/s/chip, estimated MFU 59%. Attention is a quarter of this model's FLOPs (
 4096), so the kernels' real speed matters more here than for 8B. Splash with remat="dots_attn"
 and 4 micro-batches: 54% (79.3 GiB).
 One NVIDIA GPU: the `gpu` variant (cuDNN attention, layers unrolled, 64 micro-batches of 8 x 4096).
-Measured on one H200 (tools/benchmark.py, bfloat16): 48,600 tokens/s, MFU 47.1%, 82 GiB peak
-GPU memory per micro-batch of 8; an 80 GB H100 needs micro-batches of 4 (grad_accum=128).
+Measured on one H200 (tools/benchmark.py, bfloat16, two machines): 48,600-49,500 tokens/s, MFU
+47-48%, 82 GiB peak GPU memory at micro-batches of 8; an 80 GB H100 needs micro-batches of 4
+(grad_accum=128).
 """
 from llada_jax.config import ConfigDict, apply_variant, base_config
 
