@@ -6,7 +6,8 @@
 Multi-process runs: see llada_jax/distributed.py (TPU pods and SLURM are detected).
 
 Running it again with the same DIR resumes from the latest checkpoint in DIR/checkpoints, exactly
-(the data position and the masks are functions of the step); SIGTERM saves and exits 0.
+(the data position and the masks are functions of the step); SIGTERM saves and exits 0 (every
+process at the same step, whichever got it).
 Writes DIR/config.json (the resolved config), DIR/metrics.jsonl (one JSON object per logged
 step: step metrics averaged over the steps since the previous line, plus throughput, MFU and ETA)
 and TensorBoard events under DIR/tensorboard; prints one progress line per log interval
@@ -29,6 +30,7 @@ import numpy as np
 import optax
 from absl import flags
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from llada_jax import config as config_lib
 from llada_jax import (checkpoint, diffusion, distributed, metrics, optim, sharding, splash,
@@ -202,14 +204,29 @@ class MeshBound:
 
 
 class Preemption:
-    """Turns SIGTERM (preemption) into a flag the loop checks after every step."""
+    """SIGTERM (preemption) as a decision to save and stop, taken by every process at one step.
+
+    One process: a SIGTERM handler sets a flag. Several: the checkpoint save is collective, so a
+    process that stopped alone would leave the others hanging in their next step. JAX's
+    preemption sync service (started by `jax.distributed.initialize`, with its own SIGTERM
+    handler, which is why none is installed here) hears the signal of any process and agrees on
+    the step at which all of them stop.
+    """
 
     def __init__(self):
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self.multi_process = jax.process_count() > 1
+        if not self.multi_process:
+            signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
+
+    def check(self, step: int) -> bool:
+        """Whether to save and stop after `step`; called after every step, on every process."""
+        if self.multi_process:
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
 
 def restore_or_init(run: Run, ckpt: checkpoint.Checkpointer, params: Any, opt_state: Any
@@ -305,9 +322,10 @@ def train(run: Run) -> dict[str, float]:
                     print(metrics.format_log_line(done, total, last), flush=True)
             writer.write(done, last)
             mark_step, mark_time = done, now
-        if ckpt.should_save(done) or done == total or preemption.requested:
+        stop = preemption.check(done)
+        if ckpt.should_save(done) or done == total or stop:
             ckpt.save(done, params, opt_state, dict(meta, step=done))
-        if preemption.requested:
+        if stop:
             if is_writer:
                 print(f"SIGTERM: saved a checkpoint at step {done}; exiting", flush=True)
             break

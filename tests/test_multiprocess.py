@@ -1,12 +1,18 @@
 """Two real processes on localhost (CPU, gloo collectives), started by launch/local.py: same losses
 as one process with the same global batch; checkpoints move between 2 and 1 processes; only
-process 0 writes."""
+process 0 writes; a SIGTERM to one process stops both at one saved step."""
 import json
 import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+
+from llada_jax import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DETERMINISTIC = ("loss", "grad_norm", "lr", "num_masked", "masked_ce", "skipped")
@@ -67,3 +73,37 @@ def test_checkpoints_move_between_process_counts(runs):
     continued = metrics(two)
     assert [r["step"] for r in continued] == list(range(1, 9))
     assert_close(continued, metrics(one))
+
+
+def test_sigterm_to_one_process_stops_all_at_one_saved_step(tmp_path):
+    """A preemption notice reaching one process only: both save the same checkpoint (the save
+    is collective) and exit 0, instead of the signalled one saving alone while the other hangs
+    in its next step. The processes are launch/local.py's (its --dry_run commands), started
+    here so that only process 1 gets the signal."""
+    workdir = str(tmp_path / "preempted")
+    train = ["--config=configs/tiny.py", f"--workdir={workdir}", "--config.sample.num_samples=0",
+             "--config.train.log_every=1", "--config.train.steps=2000"]
+    dry = subprocess.run([sys.executable, "launch/local.py", "--num_processes=2",
+                          "--devices_per_process=4", "--dry_run", "--", *train],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    procs = []
+    for line in dry.stdout.splitlines():  # ENV=VALUE ... python -u -m llada_jax.train ...
+        words = shlex.split(line)
+        n_env = next(i for i, w in enumerate(words) if not re.match(r"[A-Z_][A-Z0-9_]*=", w))
+        procs.append(subprocess.Popen(
+            words[n_env:], cwd=ROOT, env=dict(os.environ, **dict(w.split("=", 1) for w in words[:n_env])),
+            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    try:
+        metrics_file, deadline = os.path.join(workdir, "metrics.jsonl"), time.time() + 300
+        while not (os.path.exists(metrics_file) and len(open(metrics_file).readlines()) >= 3):
+            assert time.time() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+        outputs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    saved = checkpoint.Checkpointer(workdir).latest_step()
+    assert 3 <= saved < 2000
+    assert f"SIGTERM: saved a checkpoint at step {saved}; exiting" in outputs[0][0]
