@@ -33,8 +33,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from llada_jax import config as config_lib
-from llada_jax import (checkpoint, diffusion, distributed, metrics, optim, sharding, splash,
-                       xla_flags)
+from llada_jax import (checkpoint, diffusion, distributed, host_memory, metrics, optim, sharding,
+                       splash, xla_flags)
 from llada_jax.data import datasets, pipeline
 from llada_jax.data.tokenizer import Tokenizer, default_tokenizer
 from llada_jax.model import ModelConfig, Transformer
@@ -365,6 +365,7 @@ def print_samples(run: Run, graphdef: nnx.GraphDef, params: Any) -> None:
 def main(argv: list[str]) -> int:
     """Command-line entry point; returns the exit code."""
     xla_flags.apply_defaults()
+    host_memory.keep_freed_memory()
     try:
         cfg = config_lib.from_command_line(argv)
         if not FLAGS.workdir:

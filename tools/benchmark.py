@@ -36,7 +36,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llada_jax import config as config_lib  # noqa: E402
-from llada_jax import checkpoint, metrics, train, xla_flags  # noqa: E402
+from llada_jax import checkpoint, host_memory, metrics, train, xla_flags  # noqa: E402
 from llada_jax.data import pipeline  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -197,6 +197,7 @@ def format_table(result: dict[str, Any]) -> str:
 def main(argv: list[str]) -> int:
     """Command-line entry point; returns the exit code."""
     xla_flags.apply_defaults()
+    host_memory.keep_freed_memory()
     try:
         cfg = config_lib.from_command_line(argv)
         if FLAGS.steps < 1 or FLAGS.warmup < 0:

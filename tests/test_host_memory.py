@@ -1,0 +1,71 @@
+"""glibc malloc settings of CPU runs: a large block freed by a worker thread stays in the heap."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llada_jax import host_memory
+
+# A 256 MiB block malloc'ed, written and freed on a worker thread (as XLA:CPU's executor does
+# with a step's temporary buffer); prints whether the settings were applied and glibc's counters.
+PROBE = """
+import ctypes, json, sys, threading
+from llada_jax import host_memory
+applied = host_memory.keep_freed_memory() if sys.argv[1] == "keep" else False
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+libc.mallinfo2.restype = MallInfo2
+size = 256 << 20
+during = {}
+
+def work():
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    during["mmapped"] = libc.mallinfo2().hblkhd
+    libc.free(block)
+
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+after = libc.mallinfo2()
+print(json.dumps(dict(applied=applied, size=size, mmapped_during=during["mmapped"],
+                      heap_free_after=after.fordblks)))
+"""
+
+
+def probe(mode: str) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], env=env, capture_output=True,
+                         text=True, check=True, timeout=60)
+    return json.loads(out.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_freed_block_stays_in_heap_only_with_the_settings():
+    default, keep = probe("default"), probe("keep")
+    # glibc's default: the block is mmapped, and its memory goes back to the kernel on free.
+    assert not default["applied"] and default["mmapped_during"] >= default["size"]
+    assert default["heap_free_after"] < default["size"]
+    # Kept: served from the heap, and still there (free, resident) for the next allocation.
+    assert keep["applied"] and keep["mmapped_during"] < keep["size"]
+    assert keep["heap_free_after"] >= keep["size"]
+
+
+@pytest.mark.parametrize("platforms, expected", [
+    ("cpu", True), ("cpu,tpu", False), ("tpu", False), ("cuda", False), (" cpu ", True)])
+def test_cpu_only_follows_jax_platforms(monkeypatch, platforms, expected):
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    assert host_memory.cpu_only() is expected
+
+
+def test_accelerator_runs_are_left_alone(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+    assert host_memory.keep_freed_memory() is False
