@@ -61,6 +61,11 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+@jax.jit
+def _square(x: jax.Array) -> jax.Array:
+    return x @ x
+
+
 def measure_cpu_matmul_peak(dtype: str = "float32", sizes: tuple[int, ...] = (1024, 2048),
                             repeats: int = 5) -> float:
     """Best FLOP/s of a jitted square matmul on the CPU (all cores, one device)."""
@@ -68,11 +73,10 @@ def measure_cpu_matmul_peak(dtype: str = "float32", sizes: tuple[int, ...] = (10
     best = 0.0
     for n in sizes:
         a = jax.device_put(jnp.ones((n, n), dtype), device)
-        f = jax.jit(lambda x: x @ x)
-        f(a).block_until_ready()
+        _square(a).block_until_ready()
         for _ in range(repeats):
             t = time.perf_counter()
-            f(a).block_until_ready()
+            _square(a).block_until_ready()
             best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
     return best
 
@@ -80,7 +84,8 @@ def measure_cpu_matmul_peak(dtype: str = "float32", sizes: tuple[int, ...] = (10
 @functools.lru_cache(maxsize=None)
 def cpu_peak_flops(dtype: str = "float32") -> float:
     """Measured CPU matmul peak, cached on disk per CPU model, core count and dtype."""
-    key = f"{_cpu_name()}|{os.cpu_count()}|{dtype}|jax{jax.__version__}"
+    # "kept": measured with host_memory's malloc settings (earlier entries paid page faults).
+    key = f"{_cpu_name()}|{os.cpu_count()}|{dtype}|jax{jax.__version__}|kept"
     path = os.path.join(CACHE_DIR, "cpu_peak_flops.json")
     cache: dict[str, float] = {}
     if os.path.exists(path):

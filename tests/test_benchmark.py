@@ -1,0 +1,39 @@
+"""tools/benchmark.py: the paired MFU arithmetic, and one real train-mode run of the tiny config."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import benchmark  # noqa: E402
+
+
+def test_paired_mfu_takes_the_better_neighbouring_probe():
+    # Steps of 1 s, 2 s, 4 s for 100 FLOPs; probes around them 200, 400, 100, 50 FLOP/s.
+    # Step 0: 100 / max(200, 400) = 0.25; step 1: 50 / max(400, 100) = 0.125;
+    # step 2: 25 / max(100, 50) = 0.25. Median 0.25.
+    assert benchmark.paired_mfu(100.0, [1.0, 2.0, 4.0], [200.0, 400.0, 100.0, 50.0]) == 0.25
+    assert benchmark.paired_mfu(100.0, [1.0, 2.0], [400.0, 400.0, 100.0]) == pytest.approx(
+        (0.25 + 0.125) / 2)
+    with pytest.raises(ValueError, match="3 probes for 3 steps"):
+        benchmark.paired_mfu(100.0, [1.0, 2.0, 4.0], [1.0, 2.0, 3.0])
+
+
+def test_train_mode_reports_both_mfus():
+    env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user's run
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--config=configs/tiny.py",
+         "--steps=2", "--warmup=1", "--json"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["mode"] == "train" and result["steps"] == 2
+    achieved = result["achieved_gflops"]
+    assert result["mfu"] == pytest.approx(achieved / result["peak_gflops"], rel=1e-6)
+    # The overall peak is the best of every probe, the paired ones included.
+    assert result["peak_gflops"] >= max(result["peak_gflops_before"], result["peak_gflops_after"])
+    assert 0 < result["mfu"] <= result["mfu_paired"]
