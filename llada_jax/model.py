@@ -219,37 +219,21 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, s
     return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=impl)
 
 
-@jax.custom_vjp
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
     """softmax(q k^T + bias) v for q (B, K, G*L, D) (already scaled), k, v (B, K, L, D), bias
-    (B, 1, 1 or L, L) -> (B, K, G*L, D). K kv heads, each shared by G query heads."""
-    return _attend_fwd(q, k, v, bias)[0]
+    (B, 1, 1 or L, L) -> (B, K, G*L, D). K kv heads, each shared by G query heads; scores and
+    softmax in float32.
 
-
-def _attend_fwd(q, k, v, bias):
+    Differentiated by autodiff: its residuals are q, k, v and the probabilities, as a hand-written
+    FlashAttention-style backward's would be, and on XLA:CPU it runs faster than one (demo
+    shapes: 60 vs 69 ms per layer, forward + backward).
+    """
     b, kv, gl, d = q.shape
     length = k.shape[2]
     s = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
     s = (s.reshape(b, kv, gl // length, length, length) + bias[:, :, None]).reshape(s.shape)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bkqs,bksd->bkqd", p, v)
-    return o, (q, k, v, p, o)
-
-
-def _attend_bwd(res, do):
-    # dS = P * (dP - rowsum(dP * P)) and rowsum(dP * P) == rowsum(dO * O) (the FlashAttention
-    # identity): a reduction over head_dim instead of over the L x L map.
-    q, k, v, p, o = res
-    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
-    dv = jnp.einsum("bkqs,bkqd->bksd", p, do)
-    dp = jnp.einsum("bkqd,bksd->bkqs", do, v, preferred_element_type=jnp.float32)
-    ds = (p.astype(jnp.float32) * (dp - delta)).astype(q.dtype)
-    dq = jnp.einsum("bkqs,bksd->bkqd", ds, k)
-    dk = jnp.einsum("bkqs,bkqd->bksd", ds, q)
-    return dq, dk, dv, None
-
-
-attend.defvjp(_attend_fwd, _attend_bwd)
+    return jnp.einsum("bkqs,bksd->bkqd", p, v)
 
 
 class Attention(nnx.Module):
