@@ -365,9 +365,10 @@ def print_samples(run: Run, graphdef: nnx.GraphDef, params: Any) -> None:
 def main(argv: list[str]) -> int:
     """Command-line entry point; returns the exit code."""
     xla_flags.apply_defaults()
-    host_memory.keep_freed_memory()
     try:
         cfg = config_lib.from_command_line(argv)
+        if cfg.train.keep_host_memory:  # before JAX starts its backend
+            host_memory.keep_freed_memory()
         if not FLAGS.workdir:
             raise ValueError("--workdir=DIR is required")
         distributed.initialize()

@@ -221,9 +221,10 @@ def format_table(result: dict[str, Any]) -> str:
 def main(argv: list[str]) -> int:
     """Command-line entry point; returns the exit code."""
     xla_flags.apply_defaults()
-    host_memory.keep_freed_memory()
     try:
         cfg = config_lib.from_command_line(argv)
+        if cfg.train.keep_host_memory:  # before JAX starts its backend
+            host_memory.keep_freed_memory()
         if FLAGS.steps < 1 or FLAGS.warmup < 0:
             raise ValueError(f"--steps={FLAGS.steps} must be >= 1 and --warmup={FLAGS.warmup} >= 0")
         result = MODES[FLAGS.mode](cfg, FLAGS.steps, FLAGS.warmup)
