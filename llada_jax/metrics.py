@@ -81,6 +81,15 @@ def measure_cpu_matmul_peak(dtype: str = "float32", sizes: tuple[int, ...] = (10
     return best
 
 
+def paired_mfu(flops: float, times: list[float], probes: list[float]) -> float:
+    """Median over steps of flops / times[i] / max(probes[i], probes[i + 1]): each step's FLOP/s
+    against the better of the peak probes taken just before and just after it (FLOP/s)."""
+    if len(probes) != len(times) + 1:
+        raise ValueError(f"{len(probes)} probes for {len(times)} steps: need one more than steps")
+    return float(np.median([flops / t / max(probes[i], probes[i + 1])
+                            for i, t in enumerate(times)]))
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_peak_flops(dtype: str = "float32") -> float:
     """Measured CPU matmul peak, cached on disk per CPU model, core count and dtype."""

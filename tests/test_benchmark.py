@@ -1,4 +1,5 @@
-"""tools/benchmark.py: the paired MFU arithmetic, and one real train-mode run of the tiny config."""
+"""tools/benchmark.py: the paired MFU arithmetic (metrics.paired_mfu), and one real train-mode
+run of the tiny config."""
 import json
 import os
 import subprocess
@@ -6,21 +7,20 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+from llada_jax import metrics
 
-import benchmark  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_paired_mfu_takes_the_better_neighbouring_probe():
     # Steps of 1 s, 2 s, 4 s for 100 FLOPs; probes around them 200, 400, 100, 50 FLOP/s.
     # Step 0: 100 / max(200, 400) = 0.25; step 1: 50 / max(400, 100) = 0.125;
     # step 2: 25 / max(100, 50) = 0.25. Median 0.25.
-    assert benchmark.paired_mfu(100.0, [1.0, 2.0, 4.0], [200.0, 400.0, 100.0, 50.0]) == 0.25
-    assert benchmark.paired_mfu(100.0, [1.0, 2.0], [400.0, 400.0, 100.0]) == pytest.approx(
+    assert metrics.paired_mfu(100.0, [1.0, 2.0, 4.0], [200.0, 400.0, 100.0, 50.0]) == 0.25
+    assert metrics.paired_mfu(100.0, [1.0, 2.0], [400.0, 400.0, 100.0]) == pytest.approx(
         (0.25 + 0.125) / 2)
     with pytest.raises(ValueError, match="3 probes for 3 steps"):
-        benchmark.paired_mfu(100.0, [1.0, 2.0, 4.0], [1.0, 2.0, 3.0])
+        metrics.paired_mfu(100.0, [1.0, 2.0, 4.0], [1.0, 2.0, 3.0])
 
 
 def test_train_mode_reports_both_mfus():

@@ -70,15 +70,6 @@ def interleaved_probe(dtype: str) -> float:
     return metrics.measure_cpu_matmul_peak(dtype, sizes=(2048,), repeats=3)
 
 
-def paired_mfu(flops: float, times: list[float], probes: list[float]) -> float:
-    """Median over steps of flops / times[i] / max(probes[i], probes[i + 1]): each step's FLOP/s
-    against the better of the peak probes taken just before and just after it (FLOP/s)."""
-    if len(probes) != len(times) + 1:
-        raise ValueError(f"{len(probes)} probes for {len(times)} steps: need one more than steps")
-    return float(np.median([flops / t / max(probes[i], probes[i + 1])
-                            for i, t in enumerate(times)]))
-
-
 def bench_train(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
     """Times the trainer's step; see the module docstring for what is reported."""
     # prepare() only checks the workdir's parent; nothing is written in train mode.
@@ -139,7 +130,8 @@ def bench_train(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str
         peak_gflops_before=peak_before / 1e9 if peak_before else None,
         peak_gflops_after=peak_after / 1e9 if peak_after else None,
         mfu=achieved / peak if peak else None,
-        mfu_paired=paired_mfu(flops, times, probes) if on_cpu else None, compile_sec=compile_sec,
+        mfu_paired=metrics.paired_mfu(flops, times, probes) if on_cpu else None,
+        compile_sec=compile_sec,
         peak_rss_mib=peak_rss_mib(), peak_device_mib=peak_device_mib())
 
 
