@@ -1,6 +1,8 @@
 """llada-jax: pretrain, fine-tune, sample from and evaluate masked-diffusion LMs in JAX."""
 from setuptools import find_packages, setup
 
+MKL = 'mkl>=2024; platform_machine == "x86_64" and sys_platform == "linux"'
+
 setup(
     name="llada_jax",
     version="0.1.0",
@@ -9,7 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["llada_jax", "llada_jax.*"]),
-    package_data={"llada_jax.data": ["assets/*"]},
+    package_data={"llada_jax": ["kernels/*.cc"], "llada_jax.data": ["assets/*"]},
     install_requires=[
         "jax>=0.10.2,<0.11",
         "flax>=0.12.8,<0.13",
@@ -28,7 +30,9 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # Intel oneMKL for float32 matmuls on x86-64 Linux CPUs (llada_jax/cpu_blas.py).
+        "mkl": [MKL],
+        "test": ["pytest>=8", MKL],
         "tpu": ["libtpu==0.0.42.*"],
     },
 )

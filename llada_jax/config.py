@@ -36,7 +36,7 @@ def base_config() -> ConfigDict:
     c.model = ConfigDict(dict(
         vocab_size=4096, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden=688,
         head_dim=0, rope_theta=500_000.0, norm_eps=1e-5, tie_embeddings=False, causal=False,
-        scan_layers=True, scan_unroll=1, attention="xla", remat="none", dtype="float32", param_dtype="float32", init_std=0.02))
+        scan_layers=True, scan_unroll=1, attention="xla", matmul="auto", remat="none", dtype="float32", param_dtype="float32", init_std=0.02))
     c.diffusion = ConfigDict(dict(
         schedule="linear", power=2.0, eps=1e-3, t_sampling="iid", random_length_prob=0.01,
         cfg_prompt_dropout=0.0))

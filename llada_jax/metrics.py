@@ -13,13 +13,14 @@ import json
 import os
 import platform
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llada_jax.model import ModelConfig
+from llada_jax import cpu_blas
+from llada_jax.model import DTYPES, ModelConfig
 
 # Dense peak FLOP/s per chip, by a substring of jax's `device_kind`. float32 matmuls run at the
 # bfloat16 rate on TPU (default precision) and as TF32 on NVIDIA GPUs.
@@ -66,18 +67,31 @@ def _square(x: jax.Array) -> jax.Array:
     return x @ x
 
 
+@jax.jit
+def _square_mkl(x: jax.Array) -> jax.Array:
+    return cpu_blas.matmul(x, x)
+
+
+def _cpu_matmuls(dtype: str) -> list[Callable[[jax.Array], jax.Array]]:
+    """The jitted square matmuls a CPU step can use: XLA's, and MKL's where it is installed."""
+    with_mkl = jax.default_backend() == "cpu" and cpu_blas.enabled("auto", DTYPES[dtype])
+    return [_square, _square_mkl] if with_mkl else [_square]
+
+
 def measure_cpu_matmul_peak(dtype: str = "float32", sizes: tuple[int, ...] = (1024, 2048),
                             repeats: int = 5) -> float:
-    """Best FLOP/s of a jitted square matmul on the CPU (all cores, one device)."""
+    """Best FLOP/s of a jitted square matmul on the CPU (all cores, one device), the best of
+    XLA's and MKL's where model.matmul can use MKL: the peak is the fastest matmul available."""
     device = jax.devices("cpu")[0]
     best = 0.0
     for n in sizes:
         a = jax.device_put(jnp.ones((n, n), dtype), device)
-        _square(a).block_until_ready()
-        for _ in range(repeats):
-            t = time.perf_counter()
-            _square(a).block_until_ready()
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
+        for square in _cpu_matmuls(dtype):
+            square(a).block_until_ready()
+            for _ in range(repeats):
+                t = time.perf_counter()
+                square(a).block_until_ready()
+                best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
     return best
 
 
@@ -95,6 +109,8 @@ def cpu_peak_flops(dtype: str = "float32") -> float:
     """Measured CPU matmul peak, cached on disk per CPU model, core count and dtype."""
     # "kept": measured with host_memory's malloc settings (earlier entries paid page faults).
     key = f"{_cpu_name()}|{os.cpu_count()}|{dtype}|jax{jax.__version__}|kept"
+    if len(_cpu_matmuls(dtype)) > 1:
+        key += "|mkl"
     path = os.path.join(CACHE_DIR, "cpu_peak_flops.json")
     cache: dict[str, float] = {}
     if os.path.exists(path):

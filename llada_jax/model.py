@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llada_jax import sharding, splash
+from llada_jax import cpu_blas, sharding, splash
 
 REMAT_POLICIES = {
     "none": None,
@@ -35,6 +35,7 @@ REMAT_POLICIES = {
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+MATMUL_IMPLS = ("auto", "xla", "mkl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,10 @@ class ModelConfig:
     # JAX's Pallas splash-attention kernel on TPU (llada_jax/splash.py), likewise fused; at a
     # length it cannot tile (not a multiple of 128, e.g. a sampling canvas) the einsum one runs.
     attention: str = "xla"
+    # Who computes float32 matmuls on a single CPU device: "mkl" (Intel oneMKL through
+    # llada_jax/cpu_blas.py, the `mkl` extra), "xla", or "auto" (MKL where it is installed).
+    # Elsewhere (accelerators, several devices, bfloat16) XLA always does.
+    matmul: str = "auto"
     remat: str = "none"
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -82,6 +87,8 @@ class ModelConfig:
             raise ValueError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"model.attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
+        if self.matmul not in MATMUL_IMPLS:
+            raise ValueError(f"model.matmul={self.matmul!r} is not one of {MATMUL_IMPLS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
         for name in ("dtype", "param_dtype"):
@@ -119,15 +126,34 @@ class Dense(nnx.Module):
                  names: tuple[str, ...], cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.in_shape, self.out_shape = in_shape, out_shape
         self.dtype = cfg.compute_dtype
+        self.matmul = cfg.matmul
         self.kernel = nnx.Param(_init(cfg.init_std, names)(
             rngs.params(), (*in_shape, *out_shape), cfg.weight_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         lead = x.shape[:x.ndim - len(self.in_shape)]
-        kernel = self.kernel[...].astype(self.dtype)
-        y = x.astype(self.dtype).reshape(-1, math.prod(self.in_shape)) @ kernel.reshape(
-            math.prod(self.in_shape), math.prod(self.out_shape))
+        x = x.astype(self.dtype).reshape(-1, math.prod(self.in_shape))
+        kernel = self.kernel[...].astype(self.dtype).reshape(x.shape[1], -1)
+        y = cpu_blas.matmul(x, kernel) if cpu_blas.enabled(self.matmul, self.dtype) else x @ kernel
         return y.reshape(*lead, *self.out_shape)
+
+
+def project(x: jax.Array, *denses: Dense) -> tuple[jax.Array, ...]:
+    """Each of `denses` (sharing in_shape) applied to x. Where MKL computes the matmuls (one
+    device) this is one matmul against the kernels concatenated along their output axis: wider
+    products run faster, and the backward's input gradient becomes one matmul instead of a sum of
+    several. Elsewhere concatenating kernels sharded over `tensor` would move them, so each
+    projection is its own matmul."""
+    first = denses[0]
+    if not cpu_blas.enabled(first.matmul, first.dtype):
+        return tuple(d(x) for d in denses)
+    lead = x.shape[:x.ndim - len(first.in_shape)]
+    x = x.astype(first.dtype).reshape(-1, math.prod(first.in_shape))
+    kernels = [d.kernel[...].astype(first.dtype).reshape(x.shape[1], -1) for d in denses]
+    y = cpu_blas.matmul(x, jnp.concatenate(kernels, axis=1))
+    splits = np.cumsum([k.shape[1] for k in kernels])[:-1]
+    return tuple(part.reshape(*lead, *d.out_shape)
+                 for part, d in zip(jnp.split(y, splits, axis=1), denses))
 
 
 class RMSNorm(nnx.Module):
@@ -219,7 +245,8 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, s
     return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=impl)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
+           matmul: str = "xla") -> jax.Array:
     """softmax(q k^T + bias) v for q (B, K, G*L, D) (already scaled), k, v (B, K, L, D), bias
     (B, 1, 1 or L, L) -> (B, K, G*L, D). K kv heads, each shared by G query heads; scores and
     softmax in float32.
@@ -230,9 +257,16 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Arr
     """
     b, kv, gl, d = q.shape
     length = k.shape[2]
-    s = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+    if cpu_blas.enabled(matmul, q.dtype):
+        s = cpu_blas.bmm(q.reshape(b * kv, gl, d), k.reshape(b * kv, length, d), trans_b=True)
+        s = s.reshape(b, kv, gl, length)
+    else:
+        s = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
     s = (s.reshape(b, kv, gl // length, length, length) + bias[:, :, None]).reshape(s.shape)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    if cpu_blas.enabled(matmul, q.dtype):
+        return cpu_blas.bmm(p.reshape(b * kv, gl, length), v.reshape(b * kv, length, d)).reshape(
+            b, kv, gl, d)
     return jnp.einsum("bkqs,bksd->bkqd", p, v)
 
 
@@ -248,6 +282,7 @@ class Attention(nnx.Module):
         self.groups = h // k
         self.scale = hd ** -0.5
         self.impl = cfg.attention
+        self.matmul = cfg.matmul
         self.causal = cfg.causal
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array) -> jax.Array:
@@ -255,24 +290,26 @@ class Attention(nnx.Module):
         b, length, _ = x.shape
         cos, sin = rope
         if self.impl == "splash" and splash.tiles(length):
-            q = apply_rope(self.q(x), cos * self.scale, sin * self.scale).transpose(0, 2, 1, 3)
-            k = apply_rope(self.k(x), cos, sin).transpose(0, 2, 1, 3)
-            out = splash.splash_attention(q, k, self.v(x).transpose(0, 2, 1, 3), mask, self.causal)
+            q, k, v = project(x, self.q, self.k, self.v)
+            q = apply_rope(q, cos * self.scale, sin * self.scale).transpose(0, 2, 1, 3)
+            k = apply_rope(k, cos, sin).transpose(0, 2, 1, 3)
+            out = splash.splash_attention(q, k, v.transpose(0, 2, 1, 3), mask, self.causal)
             return self.o(out.transpose(0, 2, 1, 3))
         if self.impl == "splash":  # a length the kernel cannot tile, e.g. a sampling canvas
             mask = attention_bias(mask >= 0, mask, self.causal)
         if self.impl == "cudnn":
-            q, k = apply_rope(self.q(x), cos, sin), apply_rope(self.k(x), cos, sin)
-            return self.o(fused_attention(q, k, self.v(x), mask, self.scale, self.causal))
+            q, k, v = project(x, self.q, self.k, self.v)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            return self.o(fused_attention(q, k, v, mask, self.scale, self.causal))
         # Heads before sequence; the query heads sharing a kv head are stacked along the query
         # axis, so each kv head is one (G*L, D) x (D, L) matmul and k, v are never repeated.
-        q = apply_rope(self.q(x), cos * self.scale, sin * self.scale)
-        k = apply_rope(self.k(x), cos, sin)
-        v = self.v(x)
+        q, k, v = project(x, self.q, self.k, self.v)
+        q = apply_rope(q, cos * self.scale, sin * self.scale)
+        k = apply_rope(k, cos, sin)
         kv, hd = k.shape[2], k.shape[3]
         q = q.reshape(b, length, kv, self.groups, hd).transpose(0, 2, 3, 1, 4)
         q = q.reshape(b, kv, self.groups * length, hd)
-        out = attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+        out = attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, self.matmul)
         out = out.reshape(b, kv, self.groups, length, hd).transpose(0, 3, 1, 2, 4)
         return self.o(out.reshape(b, length, kv * self.groups, hd))
 
@@ -287,7 +324,8 @@ class MLP(nnx.Module):
         self.down = Dense((f,), (d,), ("mlp", "embed"), cfg, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        gate, up = project(x, self.gate, self.up)
+        return self.down(jax.nn.silu(gate) * up)
 
 
 class Block(nnx.Module):
