@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llada_jax import cpu_blas
+from llada_jax import mkl
 from llada_jax.model import DTYPES, ModelConfig
 
 # Dense peak FLOP/s per chip, by a substring of jax's `device_kind`. float32 matmuls run at the
@@ -69,12 +69,12 @@ def _square(x: jax.Array) -> jax.Array:
 
 @jax.jit
 def _square_mkl(x: jax.Array) -> jax.Array:
-    return cpu_blas.matmul(x, x)
+    return mkl.matmul(x, x)
 
 
 def _cpu_matmuls(dtype: str) -> list[Callable[[jax.Array], jax.Array]]:
     """The jitted square matmuls a CPU step can use: XLA's, and MKL's where it is installed."""
-    with_mkl = jax.default_backend() == "cpu" and cpu_blas.enabled("auto", DTYPES[dtype])
+    with_mkl = jax.default_backend() == "cpu" and mkl.enabled("auto", DTYPES[dtype])
     return [_square, _square_mkl] if with_mkl else [_square]
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llada_jax import cpu_blas, sharding, splash
+from llada_jax import mkl, sharding, splash
 
 REMAT_POLICIES = {
     "none": None,
@@ -65,7 +65,7 @@ class ModelConfig:
     # length it cannot tile (not a multiple of 128, e.g. a sampling canvas) the einsum one runs.
     attention: str = "xla"
     # Who computes float32 matmuls on a single CPU device: "mkl" (Intel oneMKL through
-    # llada_jax/cpu_blas.py, the `mkl` extra), "xla", or "auto" (MKL where it is installed).
+    # llada_jax/mkl.py, the `mkl` extra), "xla", or "auto" (MKL where it is installed).
     # Elsewhere (accelerators, several devices, bfloat16) XLA always does.
     matmul: str = "auto"
     remat: str = "none"
@@ -134,7 +134,7 @@ class Dense(nnx.Module):
         lead = x.shape[:x.ndim - len(self.in_shape)]
         x = x.astype(self.dtype).reshape(-1, math.prod(self.in_shape))
         kernel = self.kernel[...].astype(self.dtype).reshape(x.shape[1], -1)
-        y = cpu_blas.matmul(x, kernel) if cpu_blas.enabled(self.matmul, self.dtype) else x @ kernel
+        y = mkl.matmul(x, kernel) if mkl.enabled(self.matmul, self.dtype) else x @ kernel
         return y.reshape(*lead, *self.out_shape)
 
 
@@ -145,12 +145,12 @@ def project(x: jax.Array, *denses: Dense) -> tuple[jax.Array, ...]:
     several. Elsewhere concatenating kernels sharded over `tensor` would move them, so each
     projection is its own matmul."""
     first = denses[0]
-    if not cpu_blas.enabled(first.matmul, first.dtype):
+    if not mkl.enabled(first.matmul, first.dtype):
         return tuple(d(x) for d in denses)
     lead = x.shape[:x.ndim - len(first.in_shape)]
     x = x.astype(first.dtype).reshape(-1, math.prod(first.in_shape))
     kernels = [d.kernel[...].astype(first.dtype).reshape(x.shape[1], -1) for d in denses]
-    y = cpu_blas.matmul(x, jnp.concatenate(kernels, axis=1))
+    y = mkl.matmul(x, jnp.concatenate(kernels, axis=1))
     splits = np.cumsum([k.shape[1] for k in kernels])[:-1]
     return tuple(part.reshape(*lead, *d.out_shape)
                  for part, d in zip(jnp.split(y, splits, axis=1), denses))
@@ -245,8 +245,7 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, s
     return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=impl)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
-           matmul: str = "xla") -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
     """softmax(q k^T + bias) v for q (B, K, G*L, D) (already scaled), k, v (B, K, L, D), bias
     (B, 1, 1 or L, L) -> (B, K, G*L, D). K kv heads, each shared by G query heads; scores and
     softmax in float32.
@@ -257,16 +256,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
     """
     b, kv, gl, d = q.shape
     length = k.shape[2]
-    if cpu_blas.enabled(matmul, q.dtype):
-        s = cpu_blas.bmm(q.reshape(b * kv, gl, d), k.reshape(b * kv, length, d), trans_b=True)
-        s = s.reshape(b, kv, gl, length)
-    else:
-        s = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+    s = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
     s = (s.reshape(b, kv, gl // length, length, length) + bias[:, :, None]).reshape(s.shape)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    if cpu_blas.enabled(matmul, q.dtype):
-        return cpu_blas.bmm(p.reshape(b * kv, gl, length), v.reshape(b * kv, length, d)).reshape(
-            b, kv, gl, d)
     return jnp.einsum("bkqs,bksd->bkqd", p, v)
 
 
@@ -306,10 +298,12 @@ class Attention(nnx.Module):
         q, k, v = project(x, self.q, self.k, self.v)
         q = apply_rope(q, cos * self.scale, sin * self.scale)
         k = apply_rope(k, cos, sin)
+        if mkl.enabled(self.matmul, q.dtype):
+            return self.o(mkl.attention(q, k, v, mask[:, 0]))
         kv, hd = k.shape[2], k.shape[3]
         q = q.reshape(b, length, kv, self.groups, hd).transpose(0, 2, 3, 1, 4)
         q = q.reshape(b, kv, self.groups * length, hd)
-        out = attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, self.matmul)
+        out = attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
         out = out.reshape(b, kv, self.groups, length, hd).transpose(0, 3, 1, 2, 4)
         return self.o(out.reshape(b, length, kv * self.groups, hd))
 

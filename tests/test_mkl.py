@@ -1,0 +1,122 @@
+"""MKL matmuls and attention on XLA:CPU (llada_jax/mkl.py) against numpy, gradients included."""
+import platform
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llada_jax import metrics, mkl, sharding
+from llada_jax.model import ModelConfig, Transformer, attention_bias
+
+# The test extra installs mkl on Linux x86-64; there the kernel must build, not quietly fall back.
+MKL_EXPECTED = sys.platform == "linux" and platform.machine() == "x86_64"
+needs_mkl = pytest.mark.skipif(not MKL_EXPECTED, reason="the mkl wheel is Linux x86-64 only")
+
+
+@needs_mkl
+def test_kernel_builds_and_is_enabled():
+    assert mkl._load() == ""
+    assert mkl.enabled("auto", jnp.float32) and mkl.enabled("mkl", jnp.float32)
+
+
+def test_disabled_for_xla_bfloat16_and_sharded_meshes():
+    assert not mkl.enabled("xla", jnp.float32)
+    assert not mkl.enabled("auto", jnp.bfloat16)
+    with sharding.use_mesh(sharding.make_mesh((2, 1, 1), jax.devices()[:2])):
+        assert not mkl.enabled("mkl", jnp.float32)
+
+
+@needs_mkl
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False),
+                                             (True, True)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_bmm_and_its_gradients_match_numpy(trans_a, trans_b, batch):
+    rng = np.random.default_rng(batch)
+    m, k, n = 37, 29, 41
+    a = rng.standard_normal((batch, k, m) if trans_a else (batch, m, k)).astype(np.float32)
+    b = rng.standard_normal((batch, n, k) if trans_b else (batch, k, n)).astype(np.float32)
+    r = rng.standard_normal((batch, m, n)).astype(np.float32)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    A = a64.transpose(0, 2, 1) if trans_a else a64
+    B = b64.transpose(0, 2, 1) if trans_b else b64
+
+    c = jax.jit(mkl.bmm, static_argnums=(2, 3))(a, b, trans_a, trans_b)
+    np.testing.assert_allclose(c, A @ B, rtol=1e-5, atol=1e-4)
+
+    # loss = sum(C * R): dA = R B^T, dB = A^T R, transposed back where the operand was.
+    da, db = jax.jit(jax.grad(lambda a, b: jnp.sum(mkl.bmm(a, b, trans_a, trans_b) * r),
+                              argnums=(0, 1)))(a, b)
+    dA, dB = r @ B.transpose(0, 2, 1), A.transpose(0, 2, 1) @ r
+    np.testing.assert_allclose(da, dA.transpose(0, 2, 1) if trans_a else dA, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(db, dB.transpose(0, 2, 1) if trans_b else dB, rtol=1e-5, atol=1e-4)
+
+
+def np_attention(q, k, v, bias, d_out):
+    """float64 attention and its hand-derived backward. q (B, L, H, D), k, v (B, L, K, D), bias
+    (B, LB, L) -> out, dq, dk, dv for the cotangent d_out."""
+    g = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)  # query head h uses kv head h // g
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) + bias[:, None]
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    out = np.einsum("bhqk,bkhd->bqhd", p, v)
+    dp = np.einsum("bqhd,bkhd->bhqk", d_out, v)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    dq = np.einsum("bhqk,bkhd->bqhd", ds, k)
+    fold = lambda x: x.reshape(*x.shape[:2], -1, g, x.shape[-1]).sum(3)  # sum a kv head's queries
+    dk = fold(np.einsum("bhqk,bqhd->bkhd", ds, q))
+    dv = fold(np.einsum("bhqk,bqhd->bkhd", p, d_out))
+    return out, dq, dk, dv
+
+
+@needs_mkl
+@pytest.mark.parametrize("heads,kv_heads,length,packed", [(4, 2, 150, True), (3, 3, 40, False)])
+def test_attention_and_its_gradients_match_numpy(heads, kv_heads, length, packed):
+    """150 rows: two blocks of query rows, the second partial; GQA; packed segments and padding."""
+    rng = np.random.default_rng(length)
+    b, d = 2, 16
+    q = rng.standard_normal((b, length, heads, d)).astype(np.float32) * 0.5
+    k, v = (rng.standard_normal((b, length, kv_heads, d)).astype(np.float32) for _ in range(2))
+    valid = rng.random((b, length)) > 0.2
+    segments = jnp.asarray(rng.integers(0, 3, (b, length))) if packed else None
+    bias = np.asarray(attention_bias(jnp.asarray(valid), segments, False))[:, 0]
+    assert bias.shape == (b, length if packed else 1, length)
+    d_out = rng.standard_normal(q.shape).astype(np.float32)
+
+    out, vjp = jax.vjp(lambda q, k, v: mkl.attention(q, k, v, bias), q, k, v)
+    want = np_attention(*(x.astype(np.float64) for x in (q, k, v, bias, d_out)))
+    for got, ref in zip((out, *vjp(d_out)), want):
+        np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-5)
+
+
+@needs_mkl
+def test_model_logits_and_gradients_match_xla_matmuls():
+    def build(matmul):
+        cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                          mlp_hidden=48, matmul=matmul)
+        with sharding.use_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1])):
+            return nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 16)), jnp.int32)
+    results = []
+    for matmul in ("mkl", "xla"):
+        graphdef, state = build(matmul)
+        loss = lambda s: jnp.mean(nnx.merge(graphdef, s)(tokens) ** 2)
+        step = jax.jit(jax.value_and_grad(loss))
+        hlo = step.lower(state).as_text()
+        for name, _ in mkl.TARGETS.values():
+            assert (name in hlo) == (matmul == "mkl")
+        results.append(step(state))
+    (l_mkl, g_mkl), (l_xla, g_xla) = results
+    np.testing.assert_allclose(l_mkl, l_xla, rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(g_mkl), jax.tree.leaves(g_xla)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+@needs_mkl
+def test_matmul_peak_probe_includes_mkl():
+    assert len(metrics._cpu_matmuls("float32")) == 2
+    assert len(metrics._cpu_matmuls("bfloat16")) == 1
