@@ -6,9 +6,10 @@ At the demo's shapes XLA:CPU's own matmuls (YNNPACK, Eigen) reach about 150-175 
 core; this is where an eager PyTorch step (which calls MKL) gains on a compiled JAX one. The
 attention kernel also keeps each block of query rows' L x L scores in cache, forward and backward.
 
-Needs the `mkl` extra (`pip install -e ".[mkl]"`) and a C++ compiler: the kernel is compiled on
-first use against jax's XLA FFI headers and libmkl_rt, and cached under $XDG_CACHE_HOME/llada_jax
-(else ~/.cache/llada_jax). Where that fails, XLA computes the matmuls (see `enabled`).
+Needs the `mkl` extra (`pip install -e ".[mkl]"`, Linux x86-64) and a C++ compiler: the kernels
+are compiled on first use against jax's XLA FFI headers, libmkl_rt and libiomp5 for this CPU, and
+cached under $XDG_CACHE_HOME/llada_jax (else ~/.cache/llada_jax). Where that fails, XLA computes
+everything (see `enabled`).
 """
 from __future__ import annotations
 
@@ -116,14 +117,15 @@ def _load() -> str:
 
 @functools.cache
 def _warn(reason: str) -> None:
-    print(f"warning: MKL kernels unavailable ({reason}); XLA computes the matmuls",
+    print(f"warning: model.matmul='mkl' is unavailable ({reason}); XLA computes the matmuls",
           file=sys.stderr, flush=True)
 
 
 def enabled(setting: str, dtype: jnp.dtype) -> bool:
-    """Whether a matmul traced now, in `dtype`, under model.matmul=`setting` runs on MKL: float32
-    on the CPU backend outside a multi-device mesh (the kernel has no partitioning rule), with the
-    kernel built; an explicit "mkl" that cannot be honoured says why once on stderr."""
+    """Whether a matmul (or attention) traced now, in `dtype`, under model.matmul=`setting` runs on
+    MKL: float32 on the CPU backend outside a multi-device mesh (the kernels have no partitioning
+    rule), with the kernels built; an explicit "mkl" that cannot be honoured says why once on
+    stderr."""
     if setting == "xla" or jnp.dtype(dtype) != jnp.float32 or jax.default_backend() != "cpu":
         return False
     mesh = jax.sharding.get_abstract_mesh()
@@ -136,38 +138,32 @@ def enabled(setting: str, dtype: jnp.dtype) -> bool:
 
 
 def _call(a: jax.Array, b: jax.Array, trans_a: bool, trans_b: bool) -> jax.Array:
-    m = a.shape[2] if trans_a else a.shape[1]
-    n = b.shape[1] if trans_b else b.shape[2]
-    out = jax.ShapeDtypeStruct((a.shape[0], m, n), jnp.float32)
+    out = jax.ShapeDtypeStruct((a.shape[1] if trans_a else a.shape[0],
+                                b.shape[0] if trans_b else b.shape[1]), jnp.float32)
     return jax.ffi.ffi_call(TARGETS["matmul"][0], out, vmap_method="sequential")(
         a, b, trans_a=trans_a, trans_b=trans_b)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def bmm(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
-    """op(a[i]) @ op(b[i]) for float32 a (N, M, K), or (N, K, M) if trans_a, and b (N, K, P), or
-    (N, P, K) if trans_b -> (N, M, P). Only where `enabled`."""
+def matmul(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+    """op(a) @ op(b) for float32 matrices, op transposing where asked: a (M, K) or (K, M) if
+    trans_a, b (K, N) or (N, K) if trans_b -> (M, N). Only where `enabled`."""
     return _call(a, b, trans_a, trans_b)
 
 
-def _bmm_fwd(a, b, trans_a, trans_b):
+def _matmul_fwd(a, b, trans_a, trans_b):
     return _call(a, b, trans_a, trans_b), (a, b)
 
 
-def _bmm_bwd(trans_a, trans_b, residuals, g):
+def _matmul_bwd(trans_a, trans_b, residuals, g):
     # With A = op(a), B = op(b), C = A B: dA = g B^T and dB = A^T g, each then undoing its op.
     a, b = residuals
-    da = bmm(b, g, trans_b, True) if trans_a else bmm(g, b, False, not trans_b)
-    db = bmm(g, a, True, trans_a) if trans_b else bmm(a, g, not trans_a, False)
+    da = matmul(b, g, trans_b, True) if trans_a else matmul(g, b, False, not trans_b)
+    db = matmul(g, a, True, trans_a) if trans_b else matmul(a, g, not trans_a, False)
     return da, db
 
 
-bmm.defvjp(_bmm_fwd, _bmm_bwd)
-
-
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x (M, K) @ w (K, N) -> (M, N), float32."""
-    return bmm(x[None], w[None])[0]
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:

@@ -64,9 +64,9 @@ class ModelConfig:
     # JAX's Pallas splash-attention kernel on TPU (llada_jax/splash.py), likewise fused; at a
     # length it cannot tile (not a multiple of 128, e.g. a sampling canvas) the einsum one runs.
     attention: str = "xla"
-    # Who computes float32 matmuls on a single CPU device: "mkl" (Intel oneMKL through
-    # llada_jax/mkl.py, the `mkl` extra), "xla", or "auto" (MKL where it is installed).
-    # Elsewhere (accelerators, several devices, bfloat16) XLA always does.
+    # Who computes float32 matmuls and the "xla" attention on a single CPU device: "mkl" (Intel
+    # oneMKL kernels, llada_jax/mkl.py, the `mkl` extra), "xla", or "auto" (MKL where it is
+    # installed). Elsewhere (accelerators, several devices, bfloat16) XLA always does.
     matmul: str = "auto"
     remat: str = "none"
     dtype: str = "float32"

@@ -1,12 +1,12 @@
 // float32 kernels for XLA:CPU through the XLA FFI, on Intel oneMKL (libmkl_rt from the `mkl`
 // wheel; linked when llada_jax/mkl.py builds this file):
 //
-// LladaMklMatmul: c[i] = op(a[i]) @ op(b[i]), op = transpose where the attribute says so.
+// LladaMklMatmul: c = op(a) @ op(b), op = transpose where the attribute says so.
 // LladaMklAttention / LladaMklAttentionGrad: softmax(q k^T + bias) v and its gradients, one
 //   (batch, kv head) item at a time with the scores of a block of query rows kept in cache
 //   (FlashAttention's recomputation: the backward rebuilds the probabilities from q, k and the
 //   rows' log-sum-exp instead of reading an L x L map back from memory).
-// Operands are row-major (batch, rows, cols).
+// Operands are row-major.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -24,10 +24,6 @@ namespace ffi = xla::ffi;
 extern "C" {
 void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
                  const float* a, int lda, const float* b, int ldb, float beta, float* c, int ldc);
-void cblas_sgemm_batch_strided(int layout, int trans_a, int trans_b, int m, int n, int k,
-                               float alpha, const float* a, int lda, int stride_a,
-                               const float* b, int ldb, int stride_b, float beta, float* c,
-                               int ldc, int stride_c, int batch);
 void vmsExp(int n, const float* a, float* r, long long mode);
 }
 
@@ -44,30 +40,20 @@ constexpr float kExpFloor = -87.0f;
 // whose thread teams each expect all the cores would oversubscribe them, so calls take turns.
 std::mutex mkl_turn;
 
-ffi::Error BatchedMatmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                         ffi::ResultBuffer<ffi::F32> c, bool trans_a, bool trans_b) {
+ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c,
+                  bool trans_a, bool trans_b) {
   auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
-  if (ad.size() != 3 || bd.size() != 3 || cd.size() != 3) {
-    return ffi::Error::InvalidArgument("cpu_blas: operands must be rank 3 (batch, rows, cols)");
+  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2) {
+    return ffi::Error::InvalidArgument("mkl matmul: operands must be matrices");
   }
-  const int64_t batch = ad[0], m = cd[1], n = cd[2];
-  const int64_t k = trans_a ? ad[1] : ad[2];
-  if (bd[0] != batch || cd[0] != batch || (trans_a ? ad[2] : ad[1]) != m ||
-      (trans_b ? bd[1] : bd[2]) != n || (trans_b ? bd[2] : bd[1]) != k) {
-    return ffi::Error::InvalidArgument("cpu_blas: operand shapes do not match");
+  const int64_t m = cd[0], n = cd[1], k = trans_a ? ad[0] : ad[1];
+  if ((trans_a ? ad[1] : ad[0]) != m || (trans_b ? bd[0] : bd[1]) != n ||
+      (trans_b ? bd[1] : bd[0]) != k) {
+    return ffi::Error::InvalidArgument("mkl matmul: operand shapes do not match");
   }
-  const int lda = static_cast<int>(ad[2]), ldb = static_cast<int>(bd[2]);
-  const int ta = trans_a ? kTrans : kNoTrans, tb = trans_b ? kTrans : kNoTrans;
   std::lock_guard<std::mutex> turn(mkl_turn);
-  if (batch == 1) {
-    cblas_sgemm(kRowMajor, ta, tb, m, n, k, 1.0f, a.typed_data(), lda, b.typed_data(), ldb, 0.0f,
-                c->typed_data(), n);
-  } else {
-    cblas_sgemm_batch_strided(kRowMajor, ta, tb, m, n, k, 1.0f, a.typed_data(), lda,
-                              static_cast<int>(ad[1] * ad[2]), b.typed_data(), ldb,
-                              static_cast<int>(bd[1] * bd[2]), 0.0f, c->typed_data(), n,
-                              static_cast<int>(m * n), static_cast<int>(batch));
-  }
+  cblas_sgemm(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, m, n, k, 1.0f,
+              a.typed_data(), ad[1], b.typed_data(), bd[1], 0.0f, c->typed_data(), n);
   return ffi::Error::Success();
 }
 
@@ -226,7 +212,7 @@ ffi::Error AttentionGrad(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LladaMklMatmul, BatchedMatmul,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LladaMklMatmul, Matmul,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
