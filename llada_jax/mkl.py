@@ -117,24 +117,33 @@ def _load() -> str:
 
 @functools.cache
 def _warn(reason: str) -> None:
-    print(f"warning: model.matmul='mkl' is unavailable ({reason}); XLA computes the matmuls",
+    print(f"warning: the MKL kernels are unavailable ({reason}); XLA computes the matmuls",
           file=sys.stderr, flush=True)
 
 
 def enabled(setting: str, dtype: jnp.dtype) -> bool:
     """Whether a matmul (or attention) traced now, in `dtype`, under model.matmul=`setting` runs on
     MKL: float32 on the CPU backend outside a multi-device mesh (the kernels have no partitioning
-    rule), with the kernels built; an explicit "mkl" that cannot be honoured says why once on
-    stderr."""
+    rule), with the kernels built. Where they cannot be built, an explicit "mkl", or "auto" with
+    the mkl wheel installed, says why once on stderr."""
     if setting == "xla" or jnp.dtype(dtype) != jnp.float32 or jax.default_backend() != "cpu":
         return False
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and mesh.size > 1:
         return False
     reason = _load()
-    if reason and setting == "mkl":
+    if reason and (setting == "mkl" or _installed()):
         _warn(reason)
     return not reason
+
+
+def _installed() -> bool:
+    """Whether the mkl wheel is installed (then "auto" falling back to XLA is worth a word)."""
+    try:
+        importlib.metadata.distribution("mkl")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
 
 
 def _call(a: jax.Array, b: jax.Array, trans_a: bool, trans_b: bool) -> jax.Array:
