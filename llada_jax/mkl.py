@@ -33,6 +33,10 @@ TARGETS = {"matmul": ("llada_mkl_matmul", "LladaMklMatmul"),
            "attention": ("llada_mkl_attention", "LladaMklAttention"),
            "attention_grad": ("llada_mkl_attention_grad", "LladaMklAttentionGrad")}
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-fopenmp")
+# XLA options for a step whose matmuls run here: XLA's remaining (elementwise) work on one thread
+# instead of its thread pool, which otherwise competes with MKL's threads for the cores: demo
+# step 0.938-0.956 of the time with the pool (in-process A/B, 8-12 alternated steps).
+STEP_COMPILER_OPTIONS = {"xla_cpu_multi_thread_eigen": False}
 
 
 def cache_dir() -> str:

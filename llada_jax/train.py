@@ -33,8 +33,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from llada_jax import config as config_lib
-from llada_jax import (checkpoint, diffusion, distributed, host_memory, metrics, optim, sharding,
-                       splash, xla_flags)
+from llada_jax import (checkpoint, diffusion, distributed, host_memory, metrics, mkl, optim,
+                       sharding, splash, xla_flags)
 from llada_jax.data import datasets, pipeline
 from llada_jax.data.tokenizer import Tokenizer, default_tokenizer
 from llada_jax.model import ModelConfig, Transformer
@@ -184,7 +184,14 @@ def make_step_fn(run: Run, graphdef: nnx.GraphDef, params: Any, opt_state: Any, 
         make_train_step(graphdef, tx, optim.make_lr_schedule(cfg.optim, cfg.train.steps),
                         StepConfig(run.diffusion_cfg, cfg.optim.grad_accum, cfg.seed,
                                    cfg.train.objective)),
-        params, opt_state, run.mesh), run.mesh)
+        params, opt_state, run.mesh,
+        mkl.STEP_COMPILER_OPTIONS if uses_mkl(run) else None), run.mesh)
+
+
+def uses_mkl(run: Run) -> bool:
+    """Whether the run's matmuls and attention run on the MKL kernels (llada_jax/mkl.py)."""
+    with sharding.use_mesh(run.mesh):
+        return mkl.enabled(run.model_cfg.matmul, run.model_cfg.compute_dtype)
 
 
 class MeshBound:

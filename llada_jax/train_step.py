@@ -88,10 +88,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return train_step
 
 
-def jit_train_step(step_fn: StepFn, params: PyTree, opt_state: PyTree, mesh: Mesh) -> StepFn:
+def jit_train_step(step_fn: StepFn, params: PyTree, opt_state: PyTree, mesh: Mesh,
+                   compiler_options: dict[str, Any] | None = None) -> StepFn:
     """jit with params / optimizer state donated and kept on their own shardings."""
     state_shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
     batch = sharding.batch_sharding(mesh)  # a prefix: every batch array is split the same way
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(step_fn, in_shardings=(*state_shardings, batch, replicated),
-                   out_shardings=(*state_shardings, replicated), donate_argnums=(0, 1))
+                   out_shardings=(*state_shardings, replicated), donate_argnums=(0, 1),
+                   compiler_options=compiler_options)

@@ -40,7 +40,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llada_jax import config as config_lib  # noqa: E402
-from llada_jax import checkpoint, host_memory, metrics, mkl, sharding, train, xla_flags  # noqa: E402
+from llada_jax import checkpoint, host_memory, metrics, train, xla_flags  # noqa: E402
 from llada_jax.data import pipeline  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -122,7 +122,7 @@ def bench_train(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str
     return dict(
         mode="train", device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         batch_size=batch_size, seq_len=seq_len, dtype=run.model_cfg.dtype,
-        matmul="mkl" if mkl_used(run) else "xla",
+        matmul="mkl" if train.uses_mkl(run) else "xla",
         n_params=int(sum(x.size for x in jax.tree.leaves(params))),
         steps=steps, warmup=warmup, step_sec_median=step_sec, step_sec_iqr=float(q75 - q25),
         tokens_per_sec=tokens / step_sec, masked_tokens_per_sec=float(np.median(masked)) / step_sec,
@@ -134,12 +134,6 @@ def bench_train(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str
         mfu_paired=metrics.paired_mfu(flops, times, probes) if on_cpu else None,
         compile_sec=compile_sec,
         peak_rss_mib=peak_rss_mib(), peak_device_mib=peak_device_mib())
-
-
-def mkl_used(run: train.Run) -> bool:
-    """Whether the step's matmuls and attention run on the MKL kernels (llada_jax/mkl.py)."""
-    with sharding.use_mesh(run.mesh):
-        return mkl.enabled(run.model_cfg.matmul, run.model_cfg.compute_dtype)
 
 
 def peak_device_mib() -> float | None:
