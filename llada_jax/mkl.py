@@ -69,7 +69,8 @@ def _cpu_flags() -> str:
 def _run(cmd: list[str]) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode:
-        detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        lines = result.stderr.strip().splitlines() or ["no output"]
+        detail = next((line for line in lines if "error" in line), lines[-1]).strip()
         raise RuntimeError(f"{cmd[0]} failed: {detail}")
 
 

@@ -118,3 +118,16 @@ def test_model_logits_and_gradients_match_xla_matmuls():
 def test_matmul_peak_probe_includes_mkl():
     assert len(metrics._cpu_matmuls("float32")) == 2
     assert len(metrics._cpu_matmuls("bfloat16")) == 1
+
+
+@needs_mkl
+def test_a_failed_build_says_which_line(tmp_path, monkeypatch):
+    source = tmp_path / "mkl.cc"
+    source.write_text(open(mkl.SOURCE).read() + "\nint broken( {\n")
+    monkeypatch.setattr(mkl, "SOURCE", str(source))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    libraries = [mkl._wheel_library("mkl", "libmkl_rt.so"),
+                 mkl._wheel_library("intel-openmp", "libiomp5.so")]
+    with pytest.raises(RuntimeError, match=r"mkl\.cc:\d+:\d+: error: "):
+        mkl._compile(libraries)
+    assert not list((tmp_path / "llada_jax").glob("*.so"))  # nothing half-built left behind
