@@ -30,7 +30,7 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        # Intel oneMKL for float32 matmuls on x86-64 Linux CPUs (llada_jax/cpu_blas.py).
+        # Intel oneMKL for float32 matmuls on x86-64 Linux CPUs (llada_jax/mkl.py).
         "mkl": [MKL],
         "test": ["pytest>=8", MKL],
         "tpu": ["libtpu==0.0.42.*"],

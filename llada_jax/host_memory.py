@@ -24,21 +24,50 @@ import sys
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 
 
+# Where the kernel lists PCI devices, and the vendor ids of accelerators an installed JAX plugin
+# would drive: Google (TPU), NVIDIA, AMD.
+PCI_DEVICES = "/sys/bus/pci/devices"
+ACCELERATOR_VENDORS = {"0x1ae0", "0x10de", "0x1002"}
+
+
+def accelerator_present() -> bool:
+    """Whether this host has a TPU or GPU on its PCI bus (an accelerator plugin installed on a
+    host without one leaves JAX on the CPU: libtpu from the `tpu` extra for AOT checks)."""
+    try:
+        devices = os.listdir(PCI_DEVICES)
+    except OSError:
+        return True  # cannot tell: assume the plugin has a device
+    for device in devices:
+        try:
+            with open(os.path.join(PCI_DEVICES, device, "vendor")) as f:
+                if f.read().strip().lower() in ACCELERATOR_VENDORS:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def cpu_only() -> bool:
     """Whether JAX will run on the CPU, decided without starting a backend: JAX_PLATFORMS when
-    set, else whether any accelerator plugin (libtpu, a jax_plugins package) is installed."""
+    set, else whether no accelerator plugin (libtpu, a jax_plugins package) is installed or no
+    accelerator is on the PCI bus."""
     platforms = os.environ.get("JAX_PLATFORMS", "").strip()
     if platforms:
         return {p.strip() for p in platforms.split(",")} == {"cpu"}
+    return not (_plugin_installed() and accelerator_present())
+
+
+def _plugin_installed() -> bool:
+    """Whether an accelerator plugin for JAX (libtpu, CUDA or ROCm) is installed."""
     if importlib.util.find_spec("libtpu") is not None:
-        return False
+        return True
     if importlib.metadata.entry_points(group="jax_plugins"):
-        return False
+        return True
     try:
         import jax_plugins  # namespace package of the CUDA / ROCm plugins
     except ImportError:
-        return True
-    return not list(getattr(jax_plugins, "__path__", []))
+        return False
+    return bool(list(getattr(jax_plugins, "__path__", [])))
 
 
 def keep_freed_memory() -> bool:

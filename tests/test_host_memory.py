@@ -69,3 +69,21 @@ def test_cpu_only_follows_jax_platforms(monkeypatch, platforms, expected):
 def test_accelerator_runs_are_left_alone(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "tpu")
     assert host_memory.keep_freed_memory() is False
+
+
+@pytest.mark.parametrize("vendors, plugin, expected", [
+    ([], True, True),  # libtpu installed (the `tpu` extra, for AOT checks) on a CPU-only host
+    (["0x8086", "0x1af4"], True, True),
+    (["0x8086", "0x1ae0"], True, False),  # a TPU chip (Google's PCI vendor id)
+    (["0x10de"], True, False),  # an NVIDIA GPU
+    (["0x10de"], False, True),  # a GPU, but no JAX plugin to drive it
+])
+def test_cpu_only_without_jax_platforms_looks_for_a_device(monkeypatch, tmp_path, vendors,
+                                                           plugin, expected):
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    for i, vendor in enumerate(vendors):
+        (tmp_path / f"0000:00:0{i}.0").mkdir()
+        (tmp_path / f"0000:00:0{i}.0" / "vendor").write_text(vendor + "\n")
+    monkeypatch.setattr(host_memory, "PCI_DEVICES", str(tmp_path))
+    monkeypatch.setattr(host_memory, "_plugin_installed", lambda: plugin)
+    assert host_memory.cpu_only() is expected
