@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <mutex>
 #include <vector>
 
@@ -24,16 +25,13 @@ namespace ffi = xla::ffi;
 extern "C" {
 void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
                  const float* a, int lda, const float* b, int ldb, float beta, float* c, int ldc);
-void vmsExp(int n, const float* a, float* r, long long mode);
 }
 
 namespace {
 
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-// vmsExp's mode: VML_LA (a few ulp, faster than VML_HA) | VML_ERRMODE_IGNORE | VML_FTZDAZ_ON.
-constexpr long long kVmlMode = 0x1 | 0x100 | 0x280000;
-// Exponents below this are raised to it, so that exp never underflows: VML's underflow path is
-// ~20x slower, and masked scores (bias -1e30) would take it. exp(-87) = 1.6e-38 is 0 to any sum.
+// Exponents below this are raised to it, so that `Exp` builds a normal float (masked scores, with
+// bias -1e30, reach here): exp(-87) = 1.6e-38 is 0 to any sum.
 constexpr float kExpFloor = -87.0f;
 
 // XLA runs independent thunks concurrently (a backward's dX and dW matmuls); two MKL calls
@@ -72,17 +70,103 @@ void ParallelItems(int64_t n, Body body) {
   }
 }
 
-// max(x[0], ..., x[n - 1]) over 16 independent lanes, which the compiler vectorizes (a single
-// running maximum is a serial dependency chain).
-float RowMax(const float* x, int64_t n) {
-  float lanes[16];
-  for (int l = 0; l < 16; ++l) lanes[l] = x[0];
+// 16 float32 lanes (GCC / Clang vector extensions): one AVX-512 register where the CPU has them,
+// two AVX2 ones elsewhere. The softmax passes below are written with them because the compiler
+// does not vectorize an exp it has to build from bit operations on its own.
+typedef float Floats __attribute__((vector_size(64)));
+typedef int32_t Ints __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+
+Floats Load(const float* p) {
+  Floats v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+void Store(float* p, Floats v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+// The first n < kLanes floats at p, the other lanes `fill` (a row's last, partial vector).
+Floats LoadPartial(const float* p, int64_t n, float fill) {
+  Floats v = Floats{} + fill;
+  for (int64_t l = 0; l < n; ++l) v[l] = p[l];
+  return v;
+}
+
+void StorePartial(float* p, Floats v, int64_t n) {
+  for (int64_t l = 0; l < n; ++l) p[l] = v[l];
+}
+
+float Max(Floats v) {
+  float m = v[0];
+  for (int64_t l = 1; l < kLanes; ++l) m = m > v[l] ? m : v[l];
+  return m;
+}
+
+float Sum(Floats v) {
+  float total = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) total += v[l];
+  return total;
+}
+
+// exp(x) lane-wise for x in [kExpFloor, 88): 2^(x log2 e) = 2^n 2^f with n the nearest integer
+// (rounded by adding 1.5 * 2^23, which leaves n in the low mantissa bits, whence 2^n's exponent
+// bits) and |f| <= 1/2 (Taylor series of degree 7). Relative error about 1e-6 at x = -87
+// (float32 rounding of x log2 e), 1e-7 near 0.
+Floats Exp(Floats x) {
+  const Floats t = x * 1.442695040888963f;
+  const Floats rounded = t + 12582912.0f;
+  const Floats f = t - (rounded - 12582912.0f);
+  Floats p = Floats{} + 1.5252733804059840e-5f;
+  p = p * f + 1.5403530393381608e-4f;
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  p = p * f + 1.0f;
+  const Ints exponent = ((Ints)rounded - 0x4B400000 + 127) << 23;
+  return p * (Floats)exponent;
+}
+
+// s += b over a row of n scores; returns the row's maximum.
+float AddBiasMax(float* s, const float* b, int64_t n) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  Floats m = Floats{} - kInf;
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    for (int l = 0; l < 16; ++l) lanes[l] = lanes[l] > x[j + l] ? lanes[l] : x[j + l];
+  for (; j + kLanes <= n; j += kLanes) {
+    const Floats v = Load(s + j) + Load(b + j);
+    Store(s + j, v);
+    m = m > v ? m : v;
   }
-  for (; j < n; ++j) lanes[0] = lanes[0] > x[j] ? lanes[0] : x[j];
-  return *std::max_element(lanes, lanes + 16);
+  if (j < n) {
+    const Floats v = LoadPartial(s + j, n - j, -kInf) + LoadPartial(b + j, n - j, 0.0f);
+    StorePartial(s + j, v, n - j);
+    m = m > v ? m : v;
+  }
+  return Max(m);
+}
+
+// exp(max(x - shift, kExpFloor)) lane-wise.
+Floats ShiftedExp(Floats x, float shift) {
+  x -= shift;
+  return Exp(x > kExpFloor ? x : Floats{} + kExpFloor);
+}
+
+// s = exp(s - shift) over a row of n scores, the exponent floored at kExpFloor; returns their sum.
+float ShiftedExp(float* s, float shift, int64_t n) {
+  Floats sum = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const Floats e = ShiftedExp(Load(s + j), shift);
+    Store(s + j, e);
+    sum += e;
+  }
+  if (j < n) {  // a partial last vector: its padding lanes are left out of the sum
+    const Floats e = ShiftedExp(LoadPartial(s + j, n - j, 0.0f), shift);
+    StorePartial(s + j, e, n - j);
+    for (int64_t l = 0; l < n - j; ++l) sum[l] += e[l];
+  }
+  return Sum(sum);
 }
 
 // The attention operands of one call. q, o, do: (N, GL, D) for N = batch * kv heads items, whose
@@ -92,17 +176,17 @@ struct AttentionShape {
   int64_t items, rows, length, dim, bias_rows, items_per_batch;
   static constexpr int64_t kBlock = 128;  // query rows whose scores are in cache at once
 
-  // Scores of rows [r0, r0 + n) of `item` with the bias added: s (n, L) = q k^T + bias.
+  // s (n, L) = q k^T for rows [r0, r0 + n) of `item`, without the bias.
   void Scores(int64_t item, int64_t r0, int64_t n, const float* q, const float* k,
-              const float* bias, float* s) const {
+              float* s) const {
     cblas_sgemm(kRowMajor, kNoTrans, kTrans, n, length, dim, 1.0f, q + (item * rows + r0) * dim,
                 dim, k + item * length * dim, dim, 0.0f, s, length);
+  }
+
+  // The bias row of row r of `item`.
+  const float* BiasRow(const float* bias, int64_t item, int64_t r) const {
     const float* b = bias + (item / items_per_batch) * bias_rows * length;
-    for (int64_t r = 0; r < n; ++r) {
-      const float* br = bias_rows == 1 ? b : b + ((r0 + r) % length) * length;
-      float* sr = s + r * length;
-      for (int64_t j = 0; j < length; ++j) sr[j] += br[j];
-    }
+    return bias_rows == 1 ? b : b + (r % length) * length;
   }
 };
 
@@ -131,29 +215,24 @@ ffi::Error Attention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buff
   float *op = o->typed_data(), *lp = lse->typed_data();
   std::lock_guard<std::mutex> turn(mkl_turn);
   ParallelItems(a.items, [&](int64_t item) {
-    std::vector<float> s(AttentionShape::kBlock * a.length);
+    std::vector<float> s(AttentionShape::kBlock * a.length), inv(AttentionShape::kBlock);
     for (int64_t r0 = 0; r0 < a.rows; r0 += AttentionShape::kBlock) {
       const int64_t n = std::min(AttentionShape::kBlock, a.rows - r0);
-      a.Scores(item, r0, n, qp, kp, bp, s.data());
-      for (int64_t r = 0; r < n; ++r) {
+      a.Scores(item, r0, n, qp, kp, s.data());
+      for (int64_t r = 0; r < n; ++r) {  // unnormalized p = exp(s - max), one pass
         float* sr = s.data() + r * a.length;
-        const float m = RowMax(sr, a.length);
-        for (int64_t j = 0; j < a.length; ++j) sr[j] = std::max(sr[j] - m, kExpFloor);
-        lp[item * a.rows + r0 + r] = m;
+        const float m = AddBiasMax(sr, a.BiasRow(bp, item, r0 + r), a.length);
+        const float sum = ShiftedExp(sr, m, a.length);
+        lp[item * a.rows + r0 + r] = m + std::log(sum);
+        inv[r] = 1.0f / sum;
       }
-      vmsExp(n * a.length, s.data(), s.data(), kVmlMode);
-      for (int64_t r = 0; r < n; ++r) {
-        float* sr = s.data() + r * a.length;
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < a.length; ++j) sum += sr[j];
-        const float inv = 1.0f / sum;
-        for (int64_t j = 0; j < a.length; ++j) sr[j] *= inv;
-        lp[item * a.rows + r0 + r] += std::log(sum);
-      }
+      float* out = op + (item * a.rows + r0) * a.dim;
       cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, n, a.dim, a.length, 1.0f, s.data(), a.length,
-                  vp + item * a.length * a.dim, a.dim, 0.0f, op + (item * a.rows + r0) * a.dim,
-                  a.dim);
+                  vp + item * a.length * a.dim, a.dim, 0.0f, out, a.dim);
+      // Normalized here, on D columns rather than on p's L.
+      for (int64_t r = 0; r < n; ++r) {
+        for (int64_t c = 0; c < a.dim; ++c) out[r * a.dim + c] *= inv[r];
+      }
     }
   });
   return ffi::Error::Success();
@@ -179,13 +258,12 @@ ffi::Error AttentionGrad(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
     for (int64_t r0 = 0; r0 < a.rows; r0 += AttentionShape::kBlock) {
       const int64_t n = std::min(AttentionShape::kBlock, a.rows - r0);
       const int64_t row = (item * a.rows + r0) * a.dim;
-      a.Scores(item, r0, n, qp, kp, bp, p.data());
-      for (int64_t r = 0; r < n; ++r) {  // p = exp(s - lse)
+      a.Scores(item, r0, n, qp, kp, p.data());
+      for (int64_t r = 0; r < n; ++r) {  // p = exp(s + bias - lse)
         float* pr = p.data() + r * a.length;
-        const float l = lp[item * a.rows + r0 + r];
-        for (int64_t j = 0; j < a.length; ++j) pr[j] = std::max(pr[j] - l, kExpFloor);
+        AddBiasMax(pr, a.BiasRow(bp, item, r0 + r), a.length);
+        ShiftedExp(pr, lp[item * a.rows + r0 + r], a.length);
       }
-      vmsExp(n * a.length, p.data(), p.data(), kVmlMode);
       // dp = do v^T; ds = p * (dp - rowsum(do * o)), written over dp.
       cblas_sgemm(kRowMajor, kNoTrans, kTrans, n, a.length, a.dim, 1.0f, gp + row, a.dim,
                   vp + kv, a.dim, 0.0f, dp.data(), a.length);
@@ -196,6 +274,7 @@ ffi::Error AttentionGrad(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
         for (int64_t c = 0; c < a.dim; ++c) delta += gr[c] * orow[c];
         const float* pr = p.data() + r * a.length;
         float* dr = dp.data() + r * a.length;
+#pragma omp simd
         for (int64_t j = 0; j < a.length; ++j) dr[j] = pr[j] * (dr[j] - delta);
       }
       const float beta = r0 == 0 ? 0.0f : 1.0f;  // dk, dv accumulate over the row blocks
