@@ -91,6 +91,21 @@ def test_attention_and_its_gradients_match_numpy(heads, kv_heads, length, packed
 
 
 @needs_mkl
+def test_attention_keeps_a_nan_score_nan():
+    """A NaN reaching the scores is not floored into a zero weight: its row's output is NaN (so
+    the train step sees a non-finite loss and skips the update), the other rows are untouched."""
+    assert mkl.enabled("mkl", jnp.float32)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 24, 2, 16)).astype(np.float32) for _ in range(3))
+    q[0, 3, 1, 5] = np.nan
+    bias = np.zeros((2, 1, 24), np.float32)
+    out = np.array(mkl.attention(q, k, v, bias))
+    assert np.isnan(out[0, 3, 1]).all()
+    out[0, 3, 1] = 0.0
+    assert np.isfinite(out).all()
+
+
+@needs_mkl
 def test_model_logits_and_gradients_match_xla_matmuls():
     def build(matmul):
         cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,

@@ -149,7 +149,7 @@ float AddBiasMax(float* s, const float* b, int64_t n) {
 // exp(max(x - shift, kExpFloor)) lane-wise.
 Floats ShiftedExp(Floats x, float shift) {
   x -= shift;
-  return Exp(x > kExpFloor ? x : Floats{} + kExpFloor);
+  return Exp(x < kExpFloor ? Floats{} + kExpFloor : x);  // a NaN stays NaN
 }
 
 // s = exp(s - shift) over a row of n scores, the exponent floored at kExpFloor; returns their sum.
