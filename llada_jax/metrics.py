@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llada_jax import mkl
+from llada_jax.cache import cache_dir
 from llada_jax.model import DTYPES, ModelConfig
 
 # Dense peak FLOP/s per chip, by a substring of jax's `device_kind`. float32 matmuls run at the
@@ -34,7 +35,6 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
     "H100": {"bfloat16": 989e12, "float32": 494e12},
     "A100": {"bfloat16": 312e12, "float32": 156e12},
 }
-CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "llada_jax")
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -111,14 +111,14 @@ def cpu_peak_flops(dtype: str = "float32") -> float:
     key = f"{_cpu_name()}|{os.cpu_count()}|{dtype}|jax{jax.__version__}|kept"
     if len(_cpu_matmuls(dtype)) > 1:
         key += "|mkl"
-    path = os.path.join(CACHE_DIR, "cpu_peak_flops.json")
+    path = os.path.join(cache_dir(), "cpu_peak_flops.json")
     cache: dict[str, float] = {}
     if os.path.exists(path):
         with open(path) as f:
             cache = json.load(f)
     if key not in cache:
         cache[key] = measure_cpu_matmul_peak(dtype)
-        os.makedirs(CACHE_DIR, exist_ok=True)
+        os.makedirs(cache_dir(), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             json.dump(cache, f, indent=1)

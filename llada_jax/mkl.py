@@ -27,6 +27,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from llada_jax.cache import cache_dir
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "mkl.cc")
 # The FFI targets: (name registered with XLA, symbol in the library).
 TARGETS = {"matmul": ("llada_mkl_matmul", "LladaMklMatmul"),
@@ -37,11 +39,6 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-fopenmp")
 # instead of its thread pool, which otherwise competes with MKL's threads for the cores: demo
 # step 0.938-0.956 of the time with the pool (in-process A/B, 8-12 alternated steps).
 STEP_COMPILER_OPTIONS = {"xla_cpu_multi_thread_eigen": False}
-
-
-def cache_dir() -> str:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "llada_jax")
 
 
 def _wheel_library(package: str, prefix: str) -> str:

@@ -49,14 +49,14 @@ def test_flops_match_traced_matmuls(tied, scan):
 
 def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(metrics, "CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(metrics, "measure_cpu_matmul_peak", lambda dtype: calls.append(dtype) or 1e11)
     metrics.cpu_peak_flops.cache_clear()
     assert metrics.cpu_peak_flops("float32") == 1e11
     metrics.cpu_peak_flops.cache_clear()
     assert metrics.cpu_peak_flops("float32") == 1e11
     assert calls == ["float32"]
-    (entry,) = json.loads((tmp_path / "cpu_peak_flops.json").read_text()).values()
+    (entry,) = json.loads((tmp_path / "llada_jax" / "cpu_peak_flops.json").read_text()).values()
     assert entry == 1e11
     metrics.cpu_peak_flops.cache_clear()
 

@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 from llada_jax.data import pipeline, prepare
 from llada_jax.data.corpus import DEFAULT_CORPUS_PATH
 from llada_jax.data.tokenizer import Tokenizer
-from llada_jax.metrics import CACHE_DIR
+from llada_jax.cache import cache_dir
 
 SHIPPED_CORPUS_SEPARATOR = "\n\n\n"  # between books: one document per book
 
@@ -26,7 +26,7 @@ def shipped_corpus_dir(tokenizer: Tokenizer, seq_len: int) -> str:
     """The shipped corpus prepared for this tokenizer and length (made on first use, cached)."""
     with open(DEFAULT_CORPUS_PATH, "rb") as f:
         corpus = hashlib.sha256(f.read()).hexdigest()[:12]
-    out = os.path.join(CACHE_DIR, "prepared", f"kjv-{corpus}-{tokenizer.fingerprint}-L{seq_len}")
+    out = os.path.join(cache_dir(), "prepared", f"kjv-{corpus}-{tokenizer.fingerprint}-L{seq_len}")
     # One process prepares; the others wait (they may share the cache directory).
     if jax.process_index() == 0 and not os.path.isfile(os.path.join(out, prepare.METADATA_FILE)):
         prepare.prepare([DEFAULT_CORPUS_PATH], out, "pretrain", seq_len=seq_len,
