@@ -14,6 +14,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include <xmmintrin.h>
@@ -328,34 +329,31 @@ ffi::Error AttentionGrad(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   return ffi::Error::Success();
 }
 
+// `binding` with kArgs float32 buffer arguments, then kRets float32 buffer results (at least one
+// of either). Each step returns the bound prvalue itself: XLA's Binding cannot be moved.
+template <int kArgs, int kRets, typename Binding>
+auto F32Buffers(Binding&& binding) {
+  using F32 = ffi::Buffer<ffi::F32>;
+  if constexpr (kArgs + kRets == 1) {
+    if constexpr (kArgs == 1) {
+      return std::move(binding).template Arg<F32>();
+    } else {
+      return std::move(binding).template Ret<F32>();
+    }
+  } else if constexpr (kArgs > 0) {
+    return F32Buffers<kArgs - 1, kRets>(std::move(binding).template Arg<F32>());
+  } else {
+    return F32Buffers<0, kRets - 1>(std::move(binding).template Ret<F32>());
+  }
+}
+
 }  // namespace
 
+// The macro's argument is parenthesized: its template argument list holds a comma.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LladaMklMatmul, Matmul,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("trans_a")
-                                  .Attr<bool>("trans_b"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LladaMklAttention, Attention,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
+                              (F32Buffers<2, 1>(ffi::Ffi::Bind())
+                                   .Attr<bool>("trans_a")
+                                   .Attr<bool>("trans_b")));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LladaMklAttention, Attention, (F32Buffers<4, 2>(ffi::Ffi::Bind())));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LladaMklAttentionGrad, AttentionGrad,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              (F32Buffers<7, 3>(ffi::Ffi::Bind())));
