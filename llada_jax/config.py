@@ -55,7 +55,10 @@ def base_config() -> ConfigDict:
     # the demo step ~17% faster, peak RSS ~2x).
     c.train = ConfigDict(dict(steps=1000, log_every=10, objective="pretrain", init_from="",
                               max_skipped_in_a_row=10, keep_host_memory=True))
-    c.checkpoint = ConfigDict(dict(save_every=500, max_to_keep=3, keep_every=0, async_save=True))
+    # wait_for_writer_sec: how long a (re)started trainer waits for another process that still
+    # writes the workdir (e.g. the job it replaces, saving after SIGTERM) before it gives up.
+    c.checkpoint = ConfigDict(dict(save_every=500, max_to_keep=3, keep_every=0, async_save=True,
+                                   wait_for_writer_sec=600.0))
     c.sample = ConfigDict(dict(
         num_samples=4, prompts=("In the beginning", "And the LORD said unto Moses,",
                                 "Blessed are", "Chapter 3\n"),

@@ -170,12 +170,8 @@ class MetricsWriter:
         from tensorboardX import SummaryWriter  # imported here: only process 0 writes
 
         path = os.path.join(workdir, "metrics.jsonl")
-        keep = []
-        if after_step and os.path.exists(path):
-            with open(path) as f:
-                keep = [line for line in f if json.loads(line)["step"] <= after_step]
-        with open(path, "w") as f:
-            f.writelines(keep)
+        keep = read_jsonl(path, up_to_step=after_step) if after_step else []
+        write_atomically(path, "".join(json.dumps(r) + "\n" for r in keep))
         self._jsonl = open(path, "a", buffering=1)
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -192,6 +188,39 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def read_jsonl(path: str, up_to_step: int | None = None) -> list[dict]:
+    """The records of a metrics file (those with step <= up_to_step, if given). A last line cut
+    short by a kill is dropped."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if up_to_step is None or record["step"] <= up_to_step:
+                records.append(record)
+    return records
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Replaces the file's contents in one step: a kill leaves either the old or the new file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _to_python(v: Any) -> Any:

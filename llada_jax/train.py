@@ -15,6 +15,7 @@ and, at the end, a few samples from the trained model.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -106,13 +107,13 @@ def check_resumable(cfg: config_lib.ConfigDict, workdir: str) -> None:
             if directory and what == "initialize from":
                 raise ValueError(f"train.init_from={directory!r} has no checkpoints/ directory")
             continue
-        ckpt = checkpoint.Checkpointer(directory)
-        step = ckpt.latest_step()
+        with checkpoint.Checkpointer(directory) as ckpt:
+            step = ckpt.latest_step()
+            saved = None if step is None else ckpt.meta(step)["config"]["model"]
         if step is None:
             if what == "initialize from":
                 raise ValueError(f"train.init_from={directory!r} holds no complete checkpoint")
             continue
-        saved = ckpt.meta(step)["config"]["model"]
         changes = checkpoint.shape_changes(saved, cfg.model.to_dict())
         if changes:
             raise ValueError(f"cannot {what} {directory!r} (step {step}): the config changes model "
@@ -245,9 +246,8 @@ def restore_or_init(run: Run, ckpt: checkpoint.Checkpointer, params: Any, opt_st
         params, opt_state = ckpt.restore(latest, params, opt_state)
         return params, opt_state, latest
     if run.cfg.train.init_from:
-        source = checkpoint.Checkpointer(run.cfg.train.init_from)
-        params, _ = source.restore(source.latest_step(), params)
-        source.close()
+        with checkpoint.Checkpointer(run.cfg.train.init_from) as source:
+            params, _ = source.restore(source.latest_step(), params)
     return params, opt_state, 0
 
 
@@ -270,17 +270,37 @@ def interval_stats(interval: list[dict[str, jax.Array]], skipped_before: int = 0
 def train(run: Run) -> dict[str, float]:
     """Runs (or resumes) up to cfg.train.steps steps; returns the last logged metrics."""
     cfg, is_writer = run.cfg, jax.process_index() == 0
-    os.makedirs(run.workdir, exist_ok=True)
-    if is_writer:
-        with open(os.path.join(run.workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json_best_effort(indent=2))
-        print(cfg, flush=True)
-    graphdef, params, opt_state, tx = create_state(run)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
     c = cfg.checkpoint
-    ckpt = checkpoint.Checkpointer(run.workdir, c.save_every, c.max_to_keep, c.keep_every,
-                                   c.async_save)
-    params, opt_state, start = restore_or_init(run, ckpt, params, opt_state)
+    # First of all, wait for any other process still writing the workdir (the job this one
+    # replaces may be saving); then the checkpointer clears what interrupted saves left behind.
+    # Leaving the `with` waits for the save in flight, on every exit path: an interpreter that
+    # exits under a save prints tracebacks.
+    lock = (checkpoint.WriterLock(run.workdir, c.wait_for_writer_sec) if is_writer
+            else contextlib.nullcontext())
+    with lock, checkpoint.Checkpointer(run.workdir, c.save_every, c.max_to_keep, c.keep_every,
+                                       c.async_save, writer=True) as ckpt:
+        if is_writer:
+            metrics.write_atomically(os.path.join(run.workdir, "config.json"),
+                                     cfg.to_json_best_effort(indent=2))
+            print(cfg, flush=True)
+        graphdef, params, opt_state, tx = create_state(run)
+        n_params = sum(x.size for x in jax.tree.leaves(params))
+        params, opt_state, start = restore_or_init(run, ckpt, params, opt_state)
+        preemption = Preemption()
+        with metrics.MetricsWriter(run.workdir, enabled=is_writer, after_step=start) as writer:
+            params, last = train_steps(run, ckpt, writer, preemption, graphdef, tx, params,
+                                       opt_state, start, n_params)
+    if is_writer and cfg.sample.num_samples > 0 and not preemption.requested:
+        print_samples(run, graphdef, params)
+    return last
+
+
+def train_steps(run: Run, ckpt: checkpoint.Checkpointer, writer: metrics.MetricsWriter,
+                preemption: Preemption, graphdef: nnx.GraphDef, tx: Any, params: Any,
+                opt_state: Any, start: int, n_params: int) -> tuple[Any, dict[str, float]]:
+    """Steps `start` .. cfg.train.steps (or up to a preemption), logging and saving as
+    configured; returns the final params and the last logged metrics."""
+    cfg, is_writer = run.cfg, jax.process_index() == 0
     step_fn = make_step_fn(run, graphdef, params, opt_state, tx)
 
     batch_size, seq_len, total = cfg.data.batch_size, cfg.data.seq_len, cfg.train.steps
@@ -292,9 +312,7 @@ def train(run: Run) -> dict[str, float]:
               f"(train); data: {run.data_summary}; devices: {jax.device_count()} "
               f"x {jax.devices()[0].device_kind}; peak {peak / 1e9 if peak else float('nan'):.1f} "
               f"GFLOP/s" + (f"; resumed at step {start}" if start else ""), flush=True)
-    writer = metrics.MetricsWriter(run.workdir, enabled=is_writer, after_step=start)
     meta = {"config": cfg.to_dict()}
-    preemption = Preemption()
     last: dict[str, float] = {}
     interval: list[dict[str, jax.Array]] = []  # device metrics since the last log line
     skipped_in_a_row = 0
@@ -308,7 +326,6 @@ def train(run: Run) -> dict[str, float]:
             means, skipped_in_a_row = interval_stats(interval, skipped_in_a_row)
             interval, now = [], time.perf_counter()
             if skipped_in_a_row > cfg.train.max_skipped_in_a_row:
-                ckpt.close()
                 raise FloatingPointError(
                     f"{skipped_in_a_row} steps in a row up to step {done} had a NaN/Inf loss or "
                     f"gradient (train.max_skipped_in_a_row={cfg.train.max_skipped_in_a_row}); "
@@ -336,11 +353,7 @@ def train(run: Run) -> dict[str, float]:
             if is_writer:
                 print(f"SIGTERM: saved a checkpoint at step {done}; exiting", flush=True)
             break
-    ckpt.close()
-    writer.close()
-    if is_writer and cfg.sample.num_samples > 0 and not preemption.requested:
-        print_samples(run, graphdef, params)
-    return last
+    return params, last
 
 
 def print_samples(run: Run, graphdef: nnx.GraphDef, params: Any) -> None:
@@ -385,9 +398,15 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         train(run)
+    except checkpoint.WorkdirBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:  # the save in flight has finished (train's `with` blocks)
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,9 +1,14 @@
-"""Checkpoints: exact resume, SIGTERM, kill -9 during a save, NaN skip, mesh change, refusal."""
+"""Checkpoints: exact resume, SIGTERM, kill -9 restart loops, leftovers of interrupted saves, NaN
+skip, mesh change, refusal."""
 import json
 import os
+import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -55,8 +60,8 @@ def uninterrupted(tmp_path_factory):
     return workdir
 
 
-def assert_same_metrics(a, b):
-    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
+def assert_same_metrics(a, b, steps=8):
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, steps + 1))
     for x, y in zip(a, b):
         assert {k: x[k] for k in DETERMINISTIC} == {k: y[k] for k in DETERMINISTIC}, (x, y)
 
@@ -77,22 +82,180 @@ def test_sigterm_saves_and_resume_is_bit_identical(uninterrupted, tmp_path):
     assert_same_metrics(read_metrics(uninterrupted), read_metrics(workdir))
 
 
-def test_kill_9_during_saves_then_resume(uninterrupted, tmp_path):
-    """kill -9 at several moments of a run that saves every step: the restart always finds a
-    complete checkpoint (or none) and finishes with the uninterrupted run's metrics."""
-    workdir = str(tmp_path / "killed")
-    for delay in (0.0, 0.15, 0.3):
-        proc = subprocess.Popen(train_cmd(workdir, "--config.checkpoint.save_every=1"), cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        wait_for_step(workdir, 1, proc)
-        time.sleep(delay)
-        proc.kill()
-        proc.wait()
-        if os.path.isdir(os.path.join(workdir, "checkpoints")) and \
-                checkpoint.Checkpointer(workdir).latest_step() == 8:
-            break
-    run(train_cmd(workdir, "--config.checkpoint.save_every=1"))
+class Watched:
+    """A training process whose output is read as it comes (threads), so a test can act on it."""
+
+    def __init__(self, cmd):
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        self.stdout, self.stderr = [], []
+        self.readers = [threading.Thread(target=lambda s=s, out=out: out.extend(s), daemon=True)
+                        for s, out in ((self.proc.stdout, self.stdout),
+                                       (self.proc.stderr, self.stderr))]
+        for r in self.readers:
+            r.start()
+
+    def logged_a_step(self):
+        return any(re.match(r"step \d+", line) for line in list(self.stdout))
+
+    def wait_for(self, condition, timeout=300):
+        """True once `condition()` holds, False if the process exited first."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            if condition():
+                return True
+            time.sleep(0.002)
+        raise TimeoutError(self.proc.args)
+
+    def finish(self, timeout=300):
+        self.proc.wait(timeout)
+        for r in self.readers:
+            r.join(timeout)
+        return self.proc.returncode, "".join(self.stdout), "".join(self.stderr)
+
+
+def saving(workdir):
+    """Whether a save is in progress (Orbax's temporary directory exists)."""
+    ckpts = checkpoint.checkpoint_dir(workdir)
+    return os.path.isdir(ckpts) and any(checkpoint.TMP_SUFFIX in n for n in os.listdir(ckpts))
+
+
+def interrupt(run, moment, workdir, rng):
+    """Kills `run` at one kind of moment; returns whether the SIGKILL found it alive."""
+    if moment == "starting":  # importing, compiling, cleaning up or restoring
+        time.sleep(rng.uniform(0.2, 3.0))
+    elif not run.wait_for(run.logged_a_step):
+        return False
+    elif moment == "saving":
+        run.wait_for(lambda: saving(workdir))
+    elif moment == "stepping":
+        time.sleep(rng.uniform(0.0, 0.3))
+    elif moment == "preempted":  # SIGTERM, then SIGKILL during the save it makes
+        run.proc.send_signal(signal.SIGTERM)
+        run.wait_for(lambda: saving(workdir), timeout=rng.uniform(0.0, 0.3))
+    alive = run.proc.poll() is None
+    run.proc.kill()
+    return alive
+
+
+LONG_STEPS = 30
+
+
+def long_cmd(workdir, *extra):
+    """A run long enough to be interrupted many times, saving every step."""
+    return train_cmd(workdir, "--config.checkpoint.save_every=1",
+                     f"--config.train.steps={LONG_STEPS}", *extra)
+
+
+@pytest.fixture(scope="module")
+def straight_long(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("ckpt") / "straight_long")
+    run(long_cmd(workdir))
+    return workdir
+
+
+def test_restart_loop_of_kills_loses_nothing(straight_long, tmp_path):
+    """A preemptible job's life: killed (SIGKILL) again and again at varied moments, during
+    saves too (one every step), and restarted with the same command each time. Every restart
+    exits 0 or is the one killed, none prints a traceback, the last one finishes, and the
+    metrics of every step equal an uninterrupted run's."""
+    steps, cmd = LONG_STEPS, long_cmd
+    workdir, rng = str(tmp_path / "killed"), random.Random(0)
+    moments = ["starting", "saving", "stepping", "preempted", "saving", "starting", "stepping",
+               "saving", "preempted", "saving", "stepping"]
+    kills, outputs = 0, []
+    for moment in moments:
+        r = Watched(cmd(workdir))
+        kills += interrupt(r, moment, workdir, rng)
+        outputs.append((moment, *r.finish()))
+    final = Watched(cmd(workdir))
+    outputs.append(("final", *final.finish()))
+    for moment, rc, _, stderr in outputs:
+        assert rc == 0 or (rc == -signal.SIGKILL and moment != "final"), (moment, stderr[-3000:])
+        assert "Traceback" not in stderr and "Exception ignored" not in stderr, (moment, stderr)
+    assert kills >= 8, kills
+    assert_same_metrics(read_metrics(straight_long), read_metrics(workdir), steps)
+    assert checkpoint.leftovers(checkpoint.checkpoint_dir(workdir)) == []
+    with checkpoint.Checkpointer(workdir) as ckpt:
+        assert ckpt.latest_step() == steps
+
+
+def test_a_restarted_trainer_waits_for_the_one_it_replaces(straight_long, tmp_path):
+    """The restart overlaps the old job (a killed launcher's trainer gets SIGTERM and saves
+    while the new one starts): the new trainer waits for the old one instead of clearing its
+    save in progress; one that may not wait that long stops with one error line."""
+    workdir = str(tmp_path / "overlap")
+    old = Watched(long_cmd(workdir))
+    assert old.wait_for(old.logged_a_step)
+    old.proc.send_signal(signal.SIGSTOP)  # a slow old job: it holds the workdir until SIGCONT
+    impatient = subprocess.run(long_cmd(workdir, "--config.checkpoint.wait_for_writer_sec=0.5"),
+                               cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert impatient.returncode == 2, impatient.stderr[-2000:]
+    line = impatient.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: --workdir=") and f"(pid {old.proc.pid})" in line, line
+    assert "checkpoint.wait_for_writer_sec" in line and "Traceback" not in impatient.stderr
+    new = Watched(long_cmd(workdir))
+    assert new.wait_for(lambda: any("waiting up to" in x for x in list(new.stdout)))
+    old.proc.send_signal(signal.SIGTERM)
+    old.proc.send_signal(signal.SIGCONT)
+    rc, stdout, stderr = old.finish()
+    assert rc == 0 and "SIGTERM: saved a checkpoint" in stdout, stderr[-3000:]
+    rc, stdout, stderr = new.finish()
+    assert rc == 0 and "Traceback" not in stderr, stderr[-3000:]
+    assert_same_metrics(read_metrics(straight_long), read_metrics(workdir), LONG_STEPS)
+
+
+def plant_leftovers(workdir):
+    """What interrupted saves leave, by hand, in a run saved at steps 4, 6 and 8: step 8 cut off
+    while it was written into its temporary directory, step 6 renamed without its commit file,
+    and step 2 half deleted by the clean-up of old steps. Returns the planted names."""
+    ckpts = checkpoint.checkpoint_dir(workdir)
+    shutil.rmtree(os.path.join(ckpts, "8"))
+    shutil.copytree(os.path.join(ckpts, "6"), os.path.join(ckpts, "8" + checkpoint.TMP_SUFFIX))
+    tmp = os.path.join(ckpts, "8" + checkpoint.TMP_SUFFIX)
+    os.remove(os.path.join(tmp, checkpoint.COMMIT_FILE))
+    os.rename(os.path.join(tmp, "params"), os.path.join(tmp, "params" + checkpoint.TMP_SUFFIX))
+    os.remove(os.path.join(ckpts, "6", checkpoint.COMMIT_FILE))
+    shutil.copytree(os.path.join(ckpts, "4", "meta"), os.path.join(ckpts, "2", "meta"))
+    return ["2", "6", "8" + checkpoint.TMP_SUFFIX]
+
+
+def test_leftovers_of_interrupted_saves_are_removed(uninterrupted, tmp_path):
+    workdir = str(tmp_path / "leftovers")
+    shutil.copytree(uninterrupted, workdir)
+    planted = plant_leftovers(workdir)
+    assert checkpoint.leftovers(checkpoint.checkpoint_dir(workdir)) == planted
+    with checkpoint.Checkpointer(workdir) as reader:  # a reader sees the complete steps only
+        assert reader.complete_steps() == [4] and reader.latest_step() == 4
+    assert checkpoint.leftovers(checkpoint.checkpoint_dir(workdir)) == planted  # left alone
+    proc = run(train_cmd(workdir))
+    removed = [line for line in proc.stdout.splitlines() if line.startswith("checkpoints: ")]
+    assert len(removed) == 1 and removed[0].endswith(", ".join(planted)), proc.stdout[-3000:]
+    assert "resumed at step 4" in proc.stdout
+    assert "Traceback" not in proc.stderr
     assert_same_metrics(read_metrics(uninterrupted), read_metrics(workdir))
+    assert checkpoint.leftovers(checkpoint.checkpoint_dir(workdir)) == []
+    with checkpoint.Checkpointer(workdir) as ckpt:
+        assert ckpt.complete_steps() == [4, 6, 8]
+
+
+def test_save_of_an_existing_step_keeps_a_complete_one_and_replaces_an_incomplete_one(tmp_path):
+    workdir = str(tmp_path / "w")
+    tree = lambda v: {"w": jnp.full((4, 3), v, jnp.float32)}
+    with checkpoint.Checkpointer(workdir, async_save=False, writer=True) as ckpt:
+        assert ckpt.save(1, tree(1.0), None, {"step": 1})
+        assert not ckpt.save(1, tree(2.0), None, {"step": 1})  # complete: kept
+        # Step 2 appears without its commit file while the run goes on: replaced.
+        shutil.copytree(os.path.join(ckpt.directory, "1"), os.path.join(ckpt.directory, "2"))
+        os.remove(os.path.join(ckpt.directory, "2", checkpoint.COMMIT_FILE))
+        assert ckpt.save(2, tree(3.0), None, {"step": 2})
+    with checkpoint.Checkpointer(workdir) as ckpt:
+        assert ckpt.complete_steps() == [1, 2]
+        for step, value in ((1, 1.0), (2, 3.0)):
+            params, _ = ckpt.restore(step, tree(0.0))
+            np.testing.assert_array_equal(np.asarray(params["w"]), np.full((4, 3), value))
 
 
 def test_changed_model_shapes_are_refused(uninterrupted):

@@ -1,5 +1,6 @@
 """FLOPs accounting against the matmuls actually traced, and the CPU peak cache."""
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -68,3 +69,17 @@ def test_matmul_probe_is_plausible():
 
 def test_format_duration():
     assert [metrics.format_duration(s) for s in (0, 45, 192, 3720)] == ["0s", "45s", "3m12s", "1h02m"]
+
+
+def test_resumed_writer_keeps_earlier_lines_and_drops_a_cut_off_one(tmp_path):
+    """A resumed run keeps the lines up to its step; a last line cut short by a kill and the
+    lines past the resume step are dropped, and the file is replaced in one step."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": NaN}\n{"step": 3, "loss": 2.0}\n'
+                    '{"step": 4, "lo')
+    with metrics.MetricsWriter(str(tmp_path), after_step=2) as writer:
+        writer.write(3, {"loss": 1.5})
+    records = metrics.read_jsonl(str(path))
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[0]["loss"] == 2.5 and np.isnan(records[1]["loss"]) and records[2]["loss"] == 1.5
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "tensorboard"]

@@ -168,7 +168,7 @@ def bench_checkpoint(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dic
     _, params, opt_state, _ = train.create_state(run)
     state_bytes = sum(x.nbytes for x in jax.tree.leaves((params, opt_state)))
     blocked, full, restore = [], [], []
-    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=2)
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=2, writer=True)
     for i in range(warmup + steps):
         start = time.perf_counter()
         ckpt.save(i + 1, params, opt_state, {"step": i + 1})

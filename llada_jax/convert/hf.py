@@ -198,7 +198,7 @@ def import_hf(hf_dir: str, workdir: str, source: str = "auto", dtype: str = "flo
         reader.close()
         meta = {"config": run_cfg.to_dict(), "step": 0, "hf_config": hf, "hf_source": source}
         with _numpy_leaves_one_at_a_time():
-            ckpt = checkpoint.Checkpointer(tmp, async_save=False)
+            ckpt = checkpoint.Checkpointer(tmp, async_save=False, writer=True)
             ckpt.save(0, params, None, meta, chunk_bytes=WRITE_CHUNK_BYTES)
             ckpt.close()
         del params
@@ -278,7 +278,7 @@ def export_hf(workdir: str, hf_dir: str, dtype: str = "", max_shard_size: str | 
     shard_bytes = parse_size(max_shard_size)
     ckpt = checkpoint.Checkpointer(workdir)
     step = ckpt.latest_step() if step is None else step
-    if step is None or step not in ckpt.manager.all_steps():
+    if step is None or step not in ckpt.complete_steps():
         ckpt.close()
         raise ConvertError(f"--workdir={workdir!r} holds no complete checkpoint"
                            + (f" at step {step}" if step is not None else ""))
