@@ -11,7 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["llada_jax", "llada_jax.*"]),
-    package_data={"llada_jax": ["kernels/*.cc"], "llada_jax.data": ["assets/*"]},
+    package_data={"llada_jax.kernels": ["*.cc"], "llada_jax.data": ["assets/*"]},
     install_requires=[
         "jax>=0.10.2,<0.11",
         "flax>=0.12.8,<0.13",

@@ -51,7 +51,7 @@ def base_config() -> ConfigDict:
                              sft_pairs_per_row=1))
     # init_from: a workdir whose latest checkpoint's params start this run (e.g. converted HF
     # weights); max_skipped_in_a_row: NaN/Inf steps skipped in a row before the run stops.
-    # keep_host_memory: on CPU, glibc keeps freed memory for the next step (llada_jax/host_memory:
+    # keep_host_memory: on CPU, glibc keeps freed memory for the next step (llada_jax/host/memory.py:
     # the demo step ~17% faster, peak RSS ~2x).
     c.train = ConfigDict(dict(steps=1000, log_every=10, objective="pretrain", init_from="",
                               max_skipped_in_a_row=10, keep_host_memory=True))

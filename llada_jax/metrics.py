@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llada_jax import mkl
-from llada_jax.cache import cache_dir
+from llada_jax.kernels import mkl
+from llada_jax.host.cache import cache_dir
 from llada_jax.model import DTYPES, ModelConfig
 
 # Dense peak FLOP/s per chip, by a substring of jax's `device_kind`. float32 matmuls run at the
@@ -74,7 +74,8 @@ def _square_mkl(x: jax.Array) -> jax.Array:
 
 def _cpu_matmuls(dtype: str) -> list[Callable[[jax.Array], jax.Array]]:
     """The jitted square matmuls a CPU step can use: XLA's, and MKL's where it is installed."""
-    with_mkl = jax.default_backend() == "cpu" and mkl.enabled("auto", DTYPES[dtype])
+    with_mkl = (jax.default_backend() == "cpu" and jnp.dtype(DTYPES[dtype]) == jnp.float32
+                and mkl.available("auto"))
     return [_square, _square_mkl] if with_mkl else [_square]
 
 

@@ -1,4 +1,4 @@
-"""The LLaDA / LLaMA-style transformer (REFERENCES §5), bidirectional by default.
+"""The LLaDA / LLaMA-style transformer, bidirectional by default.
 
 Pre-norm blocks: x + Attn(RMSNorm(x)), then h + SwiGLU(RMSNorm(h)). RMSNorm is computed in
 float32, RoPE is rotate-half (NeoX) style on positions 0..L-1, no biases anywhere. Multi-head and
@@ -7,7 +7,11 @@ valid key) unless `causal` is set, for autoregressive baselines and imported AR 
 
 Every parameter carries logical axis names (vocab, embed, heads, kv_heads, head_dim, mlp, layers);
 `llada_jax.sharding` maps them to mesh axes. Parameters are stored in `param_dtype` and cast to the
-compute `dtype` at use.
+compute `dtype` at use. Which kernels compute the matmuls and the attention is chosen once, when
+the model is built (`llada_jax.kernels.select`); this file only calls them.
+
+Letters in names: B batch, L length, D d_model, N query heads, K kv heads, H head dim, F MLP
+hidden size, V vocabulary, M rows of a 2-D matmul.
 """
 from __future__ import annotations
 
@@ -20,7 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llada_jax import mkl, sharding, splash
+from llada_jax import kernels as kernels_lib
+from llada_jax import sharding
+from llada_jax.kernels import attention as attention_lib
+from llada_jax.kernels import matmul as matmul_lib
+from llada_jax.kernels.choice import Kernels
 
 REMAT_POLICIES = {
     "none": None,
@@ -31,11 +39,9 @@ REMAT_POLICIES = {
     # (norms, RoPE) are recomputed, not the attention.
     "dots_attn": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(splash.RESIDUALS)),
+        jax.checkpoint_policies.save_only_these_names(attention_lib.SAVED_RESIDUALS)),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ATTENTION_IMPLS = ("xla", "cudnn", "splash")
-MATMUL_IMPLS = ("auto", "xla", "mkl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,15 +64,15 @@ class ModelConfig:
     # scan's stacked per-layer residuals in place (it zero-fills and copies them, ~15% of a demo
     # step); on accelerators 1 keeps compile time independent of depth.
     scan_unroll: int = 1
-    # "xla": the einsum attention below (any backend); "cudnn": jax.nn.dot_product_attention's
+    # "xla": the einsum attention (any backend); "cudnn": jax.nn.dot_product_attention's
     # fused (flash) kernel on NVIDIA GPUs, which never materializes the L x L map (elsewhere
-    # jax's XLA implementation of the same call runs); "splash":
-    # JAX's Pallas splash-attention kernel on TPU (llada_jax/splash.py), likewise fused; at a
-    # length it cannot tile (not a multiple of 128, e.g. a sampling canvas) the einsum one runs.
+    # jax's XLA implementation of the same call runs); "splash": JAX's Pallas splash-attention
+    # kernel on TPU, likewise fused; at a length it cannot tile (not a multiple of 128, e.g. a
+    # sampling canvas) the einsum one runs. See llada_jax/kernels/attention.py.
     attention: str = "xla"
     # Who computes float32 matmuls and the "xla" attention on a single CPU device: "mkl" (Intel
-    # oneMKL kernels, llada_jax/mkl.py, the `mkl` extra), "xla", or "auto" (MKL where it is
-    # installed). Elsewhere (accelerators, several devices, bfloat16) XLA always does.
+    # oneMKL kernels, llada_jax/kernels/mkl.py, the `mkl` extra), "xla", or "auto" (MKL where it
+    # is installed). Elsewhere (accelerators, several devices, bfloat16) XLA always does.
     matmul: str = "auto"
     remat: str = "none"
     dtype: str = "float32"
@@ -85,10 +91,12 @@ class ModelConfig:
                 f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(f"model.attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
-        if self.matmul not in MATMUL_IMPLS:
-            raise ValueError(f"model.matmul={self.matmul!r} is not one of {MATMUL_IMPLS}")
+        if self.attention not in kernels_lib.ATTENTION_SETTINGS:
+            raise ValueError(f"model.attention={self.attention!r} is not one of "
+                             f"{kernels_lib.ATTENTION_SETTINGS}")
+        if self.matmul not in kernels_lib.MATMUL_SETTINGS:
+            raise ValueError(f"model.matmul={self.matmul!r} is not one of "
+                             f"{kernels_lib.MATMUL_SETTINGS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
         for name in ("dtype", "param_dtype"):
@@ -115,45 +123,33 @@ def _init(std: float, names: tuple[str | None, ...]) -> nnx.Initializer:
 
 
 class Dense(nnx.Module):
-    """A bias-free projection: x (..., *in_shape) -> (..., *out_shape), kernel (*in_shape, *out_shape).
-
-    Computed as one 2-D matmul (leading dims and in_shape flattened): with several contracting or
-    batch-like dims, XLA:CPU canonicalizes the backward weight-gradient dots by materializing large
-    transposes of the activations, which cost about as much as the matmuls themselves.
-    """
+    """A bias-free projection: x (..., *in_shape) -> (..., *out_shape), kernel (*in_shape, *out_shape)."""
 
     def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
-                 names: tuple[str, ...], cfg: ModelConfig, *, rngs: nnx.Rngs):
+                 names: tuple[str, ...], cfg: ModelConfig, kernels: Kernels, *, rngs: nnx.Rngs):
         self.in_shape, self.out_shape = in_shape, out_shape
         self.dtype = cfg.compute_dtype
-        self.matmul = cfg.matmul
+        self.matmul = kernels.matmul
         self.kernel = nnx.Param(_init(cfg.init_std, names)(
             rngs.params(), (*in_shape, *out_shape), cfg.weight_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        lead = x.shape[:x.ndim - len(self.in_shape)]
-        x = x.astype(self.dtype).reshape(-1, math.prod(self.in_shape))
-        kernel = self.kernel[...].astype(self.dtype).reshape(x.shape[1], -1)
-        y = mkl.matmul(x, kernel) if mkl.enabled(self.matmul, self.dtype) else x @ kernel
-        return y.reshape(*lead, *self.out_shape)
+        return project(x, self)[0]
 
 
 def project(x: jax.Array, *denses: Dense) -> tuple[jax.Array, ...]:
-    """Each of `denses` (sharing in_shape) applied to x. Where MKL computes the matmuls (one
-    device) this is one matmul against the kernels concatenated along their output axis: wider
-    products run faster, and the backward's input gradient becomes one matmul instead of a sum of
-    several. Elsewhere concatenating kernels sharded over `tensor` would move them, so each
-    projection is its own matmul."""
+    """Each of `denses` (sharing in_shape and kernels) applied to x.
+
+    Computed as 2-D matmuls (leading dims and in_shape flattened): with several contracting or
+    batch-like dims, XLA:CPU canonicalizes the backward weight-gradient dots by materializing
+    large transposes of the activations.
+    """
     first = denses[0]
-    if not mkl.enabled(first.matmul, first.dtype):
-        return tuple(d(x) for d in denses)
     lead = x.shape[:x.ndim - len(first.in_shape)]
-    x = x.astype(first.dtype).reshape(-1, math.prod(first.in_shape))
-    kernels = [d.kernel[...].astype(first.dtype).reshape(x.shape[1], -1) for d in denses]
-    y = mkl.matmul(x, jnp.concatenate(kernels, axis=1))
-    splits = np.cumsum([k.shape[1] for k in kernels])[:-1]
-    return tuple(part.reshape(*lead, *d.out_shape)
-                 for part, d in zip(jnp.split(y, splits, axis=1), denses))
+    x_MxK = x.astype(first.dtype).reshape(-1, math.prod(first.in_shape))
+    w_KxN = [d.kernel[...].astype(first.dtype).reshape(x_MxK.shape[1], -1) for d in denses]
+    y_MxN = matmul_lib.matmuls(x_MxK, w_KxN, first.matmul)
+    return tuple(y.reshape(*lead, *d.out_shape) for y, d in zip(y_MxN, denses))
 
 
 class RMSNorm(nnx.Module):
@@ -175,8 +171,8 @@ class RMSNorm(nnx.Module):
 def rope_tables(length: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin of shape (length, head_dim) in float32 for rotate-half RoPE.
 
-    Computed on the host, so they enter the program as constants: traced, XLA fuses the cos/sin
-    into every layer's RoPE and evaluates them per batch row and head (~10% of a CPU demo step).
+    Computed on the host, so that they enter the program as constants: traced, XLA fuses the
+    cos/sin into every layer's RoPE and evaluates them per batch row and head.
     """
     inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
     angles = np.arange(length, dtype=np.float32)[:, None] * inv_freq[None, :]
@@ -184,163 +180,82 @@ def rope_tables(length: int, head_dim: int, theta: float) -> tuple[np.ndarray, n
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates x (B, L, heads, head_dim) by position; computed in float32, returned in x.dtype."""
-    x32 = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
+def apply_rope(x_BxLxNxH: jax.Array, cos_LxH: jax.Array, sin_LxH: jax.Array) -> jax.Array:
+    """Rotates x by position; computed in float32, returned in x.dtype."""
+    x32 = x_BxLxNxH.astype(jnp.float32)
+    half = x32.shape[-1] // 2
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    out = x32 * cos[None, :, None, :] + rotated * sin[None, :, None, :]
-    return out.astype(x.dtype)
-
-
-NEG_INF = -1e30  # additive mask bias: finite, so a row with no visible key is uniform, not NaN
-
-
-def attention_bias(valid: jax.Array, segment_ids: jax.Array | None, causal: bool) -> jax.Array:
-    """Additive float32 bias over the scores, 0 where a query may see a key, NEG_INF elsewhere.
-
-    valid (B, L): key-padding mask (False = padding, never attended to).
-    segment_ids (B, L): packed documents; attention stays within equal ids.
-    Shape (B, 1, 1, L_k) for key padding alone, else (B, 1, L_q, L_k); computed once per forward
-    and shared by every layer and head.
-    """
-    mask = valid[:, None, :]
-    if segment_ids is not None:
-        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    if causal:
-        length = valid.shape[1]
-        mask = mask & jnp.tril(jnp.ones((length, length), bool))[None]
-    return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)[:, None]
-
-
-def attention_mask(valid: jax.Array, segment_ids: jax.Array | None, cfg: ModelConfig,
-                   valid_prefix: bool = False) -> jax.Array:
-    """The mask every layer's attention takes: `splash.segment_ids` for the splash kernel; for
-    cuDNN, when each row's valid positions are a prefix (`valid_prefix`) and nothing is packed,
-    the (B,) int32 key lengths (see `fused_attention`); else `attention_bias`."""
-    if cfg.attention == "splash":
-        return splash.segment_ids(valid, segment_ids)
-    if cfg.attention == "cudnn" and valid_prefix and segment_ids is None:
-        # At least one key, so that a filler row (no valid position) stays finite, as with the
-        # bias: its NaNs would reach the weight gradients through 0 * NaN.
-        return jnp.maximum(jnp.sum(valid, axis=-1, dtype=jnp.int32), 1)
-    return attention_bias(valid, segment_ids, cfg.causal)
-
-
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
-                    causal: bool) -> jax.Array:
-    """jax.nn.dot_product_attention for q (B, L, H, D), k, v (B, L, K, D) -> (B, L, H, D): cuDNN's
-    flash kernel on NVIDIA GPUs, jax's XLA implementation elsewhere.
-
-    mask: (B,) key lengths (each row's valid keys are its first `mask[b]`), or an
-    `attention_bias` (packed segments, left padding). Lengths let cuDNN skip the (B, 1, L, L)
-    bias, which every head's kernel would read from HBM.
-    """
-    impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
-    if mask.ndim == 1:
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
-                                            key_value_seq_lengths=mask, implementation=impl)
-    b, length = q.shape[:2]
-    bias = jnp.broadcast_to(mask, (b, 1, length, length)).astype(q.dtype)  # cuDNN: full L_q
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=impl)
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-    """softmax(q k^T + bias) v for q (B, K, G*L, D) (already scaled), k, v (B, K, L, D), bias
-    (B, 1, 1 or L, L) -> (B, K, G*L, D). K kv heads, each shared by G query heads; scores and
-    softmax in float32.
-
-    Differentiated by autodiff: its residuals are q, k, v and the probabilities, as a hand-written
-    FlashAttention-style backward's would be, and on XLA:CPU it runs faster than one (demo
-    shapes: 60 vs 69 ms per layer, forward + backward).
-    """
-    b, kv, gl, d = q.shape
-    length = k.shape[2]
-    s = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
-    s = (s.reshape(b, kv, gl // length, length, length) + bias[:, :, None]).reshape(s.shape)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkqs,bksd->bkqd", p, v)
+    out = x32 * cos_LxH[None, :, None, :] + rotated * sin_LxH[None, :, None, :]
+    return out.astype(x_BxLxNxH.dtype)
 
 
 class Attention(nnx.Module):
     """Multi-head / grouped-query attention with rotary embeddings and no biases."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q = Dense((d,), (h, hd), ("embed", "heads", "head_dim"), cfg, rngs=rngs)
-        self.k = Dense((d,), (k, hd), ("embed", "kv_heads", "head_dim"), cfg, rngs=rngs)
-        self.v = Dense((d,), (k, hd), ("embed", "kv_heads", "head_dim"), cfg, rngs=rngs)
-        self.o = Dense((h, hd), (d,), ("heads", "head_dim", "embed"), cfg, rngs=rngs)
-        self.groups = h // k
-        self.scale = hd ** -0.5
-        self.impl = cfg.attention
-        self.matmul = cfg.matmul
+    def __init__(self, cfg: ModelConfig, kernels: Kernels, *, rngs: nnx.Rngs):
+        d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q = Dense((d,), (n, h), ("embed", "heads", "head_dim"), cfg, kernels, rngs=rngs)
+        self.k = Dense((d,), (k, h), ("embed", "kv_heads", "head_dim"), cfg, kernels, rngs=rngs)
+        self.v = Dense((d,), (k, h), ("embed", "kv_heads", "head_dim"), cfg, kernels, rngs=rngs)
+        self.o = Dense((n, h), (d,), ("heads", "head_dim", "embed"), cfg, kernels, rngs=rngs)
+        self.scale = h ** -0.5
+        self.kernels = kernels
         self.causal = cfg.causal
 
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array) -> jax.Array:
-        """x (B, L, d_model), mask from `attention_mask` -> (B, L, d_model)."""
-        b, length, _ = x.shape
-        cos, sin = rope
-        if self.impl == "splash" and splash.tiles(length):
-            q, k, v = project(x, self.q, self.k, self.v)
-            q = apply_rope(q, cos * self.scale, sin * self.scale).transpose(0, 2, 1, 3)
-            k = apply_rope(k, cos, sin).transpose(0, 2, 1, 3)
-            out = splash.splash_attention(q, k, v.transpose(0, 2, 1, 3), mask, self.causal)
-            return self.o(out.transpose(0, 2, 1, 3))
-        if self.impl == "splash":  # a length the kernel cannot tile, e.g. a sampling canvas
-            mask = attention_bias(mask >= 0, mask, self.causal)
-        if self.impl == "cudnn":
-            q, k, v = project(x, self.q, self.k, self.v)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            return self.o(fused_attention(q, k, v, mask, self.scale, self.causal))
-        # Heads before sequence; the query heads sharing a kv head are stacked along the query
-        # axis, so each kv head is one (G*L, D) x (D, L) matmul and k, v are never repeated.
-        q, k, v = project(x, self.q, self.k, self.v)
-        q = apply_rope(q, cos * self.scale, sin * self.scale)
-        k = apply_rope(k, cos, sin)
-        if mkl.enabled(self.matmul, q.dtype):
-            return self.o(mkl.attention(q, k, v, mask[:, 0]))
-        kv, hd = k.shape[2], k.shape[3]
-        q = q.reshape(b, length, kv, self.groups, hd).transpose(0, 2, 3, 1, 4)
-        q = q.reshape(b, kv, self.groups * length, hd)
-        out = attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
-        out = out.reshape(b, kv, self.groups, length, hd).transpose(0, 3, 1, 2, 4)
-        return self.o(out.reshape(b, length, kv * self.groups, hd))
+    def __call__(self, x_BxLxD: jax.Array, rope: tuple[jax.Array, jax.Array],
+                 mask: jax.Array) -> jax.Array:
+        """x -> (B, L, D); rope: (cos, sin) (L, H) tables; mask from `attention_lib.mask`."""
+        cos_LxH, sin_LxH = rope
+        q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = project(x_BxLxD, self.q, self.k, self.v)
+        # The 1/sqrt(H) scale of the scores is folded into the rotation of q.
+        q_BxLxNxH = apply_rope(q_BxLxNxH, cos_LxH * self.scale, sin_LxH * self.scale)
+        k_BxLxKxH = apply_rope(k_BxLxKxH, cos_LxH, sin_LxH)
+        out_BxLxNxH = attention_lib.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask,
+                                              self.kernels, self.causal)
+        return self.o(out_BxLxNxH)
 
 
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels, *, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.mlp_hidden
-        self.gate = Dense((d,), (f,), ("embed", "mlp"), cfg, rngs=rngs)
-        self.up = Dense((d,), (f,), ("embed", "mlp"), cfg, rngs=rngs)
-        self.down = Dense((f,), (d,), ("mlp", "embed"), cfg, rngs=rngs)
+        self.gate = Dense((d,), (f,), ("embed", "mlp"), cfg, kernels, rngs=rngs)
+        self.up = Dense((d,), (f,), ("embed", "mlp"), cfg, kernels, rngs=rngs)
+        self.down = Dense((f,), (d,), ("mlp", "embed"), cfg, kernels, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        gate, up = project(x, self.gate, self.up)
-        return self.down(jax.nn.silu(gate) * up)
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        gate_BxLxF, up_BxLxF = project(x_BxLxD, self.gate, self.up)
+        return self.down(jax.nn.silu(gate_BxLxF) * up_BxLxF)
 
 
 class Block(nnx.Module):
     """One pre-norm transformer layer."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels, *, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg, rngs=rngs)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = Attention(cfg, kernels, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg, rngs=rngs)
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, kernels, rngs=rngs)
 
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array) -> jax.Array:
-        h = x + self.attn(self.attn_norm(x), rope, mask)
-        return h + self.mlp(self.mlp_norm(h))
+    def __call__(self, x_BxLxD: jax.Array, rope: tuple[jax.Array, jax.Array],
+                 mask: jax.Array) -> jax.Array:
+        h_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), rope, mask)
+        return h_BxLxD + self.mlp(self.mlp_norm(h_BxLxD))
 
 
 class Transformer(nnx.Module):
-    """Token ids (B, L) -> logits (B, L, vocab) in the compute dtype."""
+    """Token ids (B, L) -> logits (B, L, V) in the compute dtype.
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    kernels: what computes the matmuls and attention; default `kernels.select` for the mesh in
+    context (else this process's default backend).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, kernels: Kernels | None = None):
         self.cfg = cfg
+        if kernels is None:
+            kernels = kernels_lib.select(cfg.matmul, cfg.attention, cfg.compute_dtype)
+        self.kernels = kernels
         self.embed = nnx.Embed(
             cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
             embedding_init=_init(cfg.init_std, ("vocab", "embed")), rngs=rngs)
@@ -348,15 +263,15 @@ class Transformer(nnx.Module):
             @nnx.split_rngs(splits=cfg.n_layers)
             @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make_blocks(rngs: nnx.Rngs) -> Block:
-                return Block(cfg, rngs=rngs)
+                return Block(cfg, kernels, rngs=rngs)
 
             self.blocks = make_blocks(rngs)
         else:
-            self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+            self.blocks = nnx.List([Block(cfg, kernels, rngs=rngs) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg, rngs=rngs)
         if not cfg.tie_embeddings:
             self.lm_head = Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), cfg,
-                                 rngs=rngs)
+                                 kernels, rngs=rngs)
 
     def __call__(self, tokens: jax.Array, valid: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, *, valid_prefix: bool = False) -> jax.Array:
@@ -368,7 +283,7 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         if valid is None:
             valid, valid_prefix = jnp.ones(tokens.shape, bool), True
-        mask = attention_mask(valid, segment_ids, cfg, valid_prefix)
+        mask = attention_lib.mask(valid, segment_ids, self.kernels, cfg.causal, valid_prefix)
         rope = rope_tables(tokens.shape[1], cfg.head_dim, cfg.rope_theta)
         # Activations are constrained to the batch sharding (a no-op without a mesh context): the
         # embedding's output would otherwise follow the FSDP-sharded table (embed dim split).

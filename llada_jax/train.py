@@ -34,8 +34,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from llada_jax import config as config_lib
-from llada_jax import (checkpoint, diffusion, distributed, host_memory, metrics, mkl, optim,
-                       sharding, splash, xla_flags)
+from llada_jax import checkpoint, diffusion, kernels, metrics, optim, sharding
+from llada_jax.host import distributed, xla_flags
+from llada_jax.host import memory as host_memory
+from llada_jax.kernels import mkl, splash
 from llada_jax.data import datasets, pipeline
 from llada_jax.data.tokenizer import Tokenizer, default_tokenizer
 from llada_jax.model import ModelConfig, Transformer
@@ -143,7 +145,7 @@ def create_state(run: Run) -> tuple[nnx.GraphDef, Any, Any, Any]:
     """Model parameters and optimizer state, created directly in their shardings."""
     tx = optim.make_optimizer(run.cfg.optim, run.cfg.train.steps)
     with sharding.use_mesh(run.mesh):
-        model = Transformer(run.model_cfg, rngs=nnx.Rngs(run.cfg.seed))
+        model = Transformer(run.model_cfg, rngs=nnx.Rngs(run.cfg.seed), kernels=run_kernels(run))
         graphdef, params = nnx.split(model, nnx.Param)
         opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, run.mesh))(
             params)
@@ -165,8 +167,10 @@ def abstract_state(run: Run) -> tuple[nnx.GraphDef, Any, Any, Any]:
     `jax.ShapeDtypeStruct`s carrying the shardings `create_state` gives them (for ahead-of-time
     compilation, e.g. for a TPU topology from a CPU machine: tools/aot_compile.py)."""
     tx = optim.make_optimizer(run.cfg.optim, run.cfg.train.steps)
+    chosen = run_kernels(run)  # before tracing: choosing may build a kernel library
     with sharding.use_mesh(run.mesh):
-        model = nnx.eval_shape(lambda: Transformer(run.model_cfg, rngs=nnx.Rngs(run.cfg.seed)))
+        model = nnx.eval_shape(lambda: Transformer(run.model_cfg, rngs=nnx.Rngs(run.cfg.seed),
+                                                   kernels=chosen))
         graphdef, params = nnx.split(model, nnx.Param)
         params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               params, nnx.get_named_sharding(params, run.mesh))
@@ -189,10 +193,15 @@ def make_step_fn(run: Run, graphdef: nnx.GraphDef, params: Any, opt_state: Any, 
         mkl.STEP_COMPILER_OPTIONS if uses_mkl(run) else None), run.mesh)
 
 
+def run_kernels(run: Run) -> kernels.Kernels:
+    """What computes the run's matmuls and attention on its mesh (llada_jax/kernels)."""
+    m = run.model_cfg
+    return kernels.select(m.matmul, m.attention, m.compute_dtype, run.mesh)
+
+
 def uses_mkl(run: Run) -> bool:
-    """Whether the run's matmuls and attention run on the MKL kernels (llada_jax/mkl.py)."""
-    with sharding.use_mesh(run.mesh):
-        return mkl.enabled(run.model_cfg.matmul, run.model_cfg.compute_dtype)
+    """Whether the run's matmuls and attention run on the MKL kernels (llada_jax/kernels/mkl.py)."""
+    return run_kernels(run).matmul == "mkl"
 
 
 class MeshBound:

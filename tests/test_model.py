@@ -12,7 +12,9 @@ from safetensors.numpy import load_file
 
 from llada_jax import sharding
 from llada_jax.convert.hf_llada import PREFIX, model_config_from_hf, params_from_hf
-from llada_jax.model import ModelConfig, Transformer, attention_mask
+from llada_jax.kernels import Kernels
+from llada_jax.kernels import attention as attention_lib
+from llada_jax.model import ModelConfig, Transformer
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf_llada_tiny")
 
@@ -161,7 +163,7 @@ def test_cudnn_config_matches_numpy(causal, layout):
     weights = jnp.asarray(np.random.default_rng(3).normal(size=(3, 12, 64)) * valid[..., None])
     args = (jnp.asarray(ids), jnp.asarray(valid), None if seg is None else jnp.asarray(seg))
     prefix = layout != "leading"
-    mask = attention_mask(args[1], args[2], dataclasses.replace(cfg, attention="cudnn"), prefix)
+    mask = attention_lib.mask(args[1], args[2], Kernels("xla", "cudnn", "cpu"), causal, prefix)
     assert mask.ndim == (1 if layout == "trailing" else 4)  # lengths or a bias
 
     def run(attention):

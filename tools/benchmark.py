@@ -9,7 +9,7 @@
 
 train: times the trainer's jitted step (built by `llada_jax.train`) on random token batches of
 the config's shape (with document segment ids when data.segment_ids is set), and reports who
-computes the matmuls (`matmul`: XLA, or the MKL kernels of llada_jax/mkl.py), the median step time and its IQR, tokens/s, masked tokens/s, model TFLOP/step, achieved GFLOP/s, the
+computes the matmuls (`matmul`: XLA, or the MKL kernels of llada_jax/kernels/mkl.py), the median step time and its IQR, tokens/s, masked tokens/s, model TFLOP/step, achieved GFLOP/s, the
 peak FLOP/s, MFU, compile time, the process's peak RSS and the device's peak memory
 (accelerators). Prints a table, or one JSON object with --json.
 
@@ -40,7 +40,9 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llada_jax import config as config_lib  # noqa: E402
-from llada_jax import checkpoint, host_memory, metrics, train, xla_flags  # noqa: E402
+from llada_jax import checkpoint, metrics, train  # noqa: E402
+from llada_jax.host import memory as host_memory  # noqa: E402
+from llada_jax.host import xla_flags  # noqa: E402
 from llada_jax.data import pipeline  # noqa: E402
 
 FLAGS = flags.FLAGS

@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 from llada_jax.data import pipeline, prepare
 from llada_jax.data.corpus import DEFAULT_CORPUS_PATH
 from llada_jax.data.tokenizer import Tokenizer
-from llada_jax.cache import cache_dir
+from llada_jax.host.cache import cache_dir
 
 SHIPPED_CORPUS_SEPARATOR = "\n\n\n"  # between books: one document per book
 

@@ -1,15 +1,15 @@
-"""Matmuls and attention on XLA:CPU computed with Intel oneMKL (llada_jax/kernels/mkl.cc, via
-the XLA FFI).
+"""Matmuls and attention on XLA:CPU computed with Intel oneMKL (mkl.cc here, via the XLA FFI).
 
-At the demo's shapes XLA:CPU's own matmuls (YNNPACK, Eigen) reach about 150-175 GFLOP/s on a
-2-core AVX-512 machine where MKL reaches 215-230, and XLA runs attention's batched matmuls on one
-core; this is where an eager PyTorch step (which calls MKL) gains on a compiled JAX one. The
-attention kernel also keeps each block of query rows' L x L scores in cache, forward and backward.
+XLA:CPU's own matmuls are slower than MKL's at the model's shapes, and XLA runs attention's
+batched matmuls on one core; this is where an eager PyTorch step (which calls MKL) gains on a
+compiled JAX one. The attention kernel also keeps each block of query rows' L x L scores in
+cache, forward and backward. Measurements: docs/performance.md.
 
 Needs the `mkl` extra (`pip install -e ".[mkl]"`, Linux x86-64) and a C++ compiler: the kernels
 are compiled on first use against jax's XLA FFI headers, libmkl_rt and libiomp5 for this CPU, and
-cached under $XDG_CACHE_HOME/llada_jax (else ~/.cache/llada_jax). Where that fails, XLA computes
-everything (see `enabled`).
+cached under $XDG_CACHE_HOME/llada_jax (else ~/.cache/llada_jax). Whether a model uses them is
+decided once, when it is built (llada_jax/kernels/choice.py); `available` says whether they
+can run here.
 """
 from __future__ import annotations
 
@@ -27,17 +27,16 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from llada_jax.cache import cache_dir
+from llada_jax.host.cache import cache_dir
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "mkl.cc")
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mkl.cc")
 # The FFI targets: (name registered with XLA, symbol in the library).
 TARGETS = {"matmul": ("llada_mkl_matmul", "LladaMklMatmul"),
            "attention": ("llada_mkl_attention", "LladaMklAttention"),
            "attention_grad": ("llada_mkl_attention_grad", "LladaMklAttentionGrad")}
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-fopenmp")
 # XLA options for a step whose matmuls run here: XLA's remaining (elementwise) work on one thread
-# instead of its thread pool, which otherwise competes with MKL's threads for the cores: demo
-# step 0.938-0.956 of the time with the pool (in-process A/B, 8-12 alternated steps).
+# instead of its thread pool, which would compete with MKL's threads for the cores.
 STEP_COMPILER_OPTIONS = {"xla_cpu_multi_thread_eigen": False}
 
 
@@ -108,8 +107,7 @@ def _load() -> str:
         if platform.machine() not in ("x86_64", "AMD64"):
             raise RuntimeError(f"oneMKL needs x86-64, this is {platform.machine()}")
         # Read when libiomp5 starts. By default its idle threads spin for 200 ms after each
-        # parallel region, on the cores XLA's threads need next: the XLA part of a demo step
-        # took 0.82 s so, 0.58-0.60 s with 0.
+        # parallel region, on the cores XLA's threads need next.
         os.environ.setdefault("KMP_BLOCKTIME", "0")
         library = ctypes.CDLL(_compile([_wheel_library("mkl", "libmkl_rt.so"),
                                         _wheel_library("intel-openmp", "libiomp5.so")]))
@@ -127,16 +125,10 @@ def _warn(reason: str) -> None:
           file=sys.stderr, flush=True)
 
 
-def enabled(setting: str, dtype: jnp.dtype) -> bool:
-    """Whether a matmul (or attention) traced now, in `dtype`, under model.matmul=`setting` runs on
-    MKL: float32 on the CPU backend outside a multi-device mesh (the kernels have no partitioning
-    rule), with the kernels built. Where they cannot be built, an explicit "mkl", or "auto" with
-    the mkl wheel installed, says why once on stderr."""
-    if setting == "xla" or jnp.dtype(dtype) != jnp.float32 or jax.default_backend() != "cpu":
-        return False
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
-        return False
+def available(setting: str) -> bool:
+    """Whether the kernels can run in this process (built and registered with XLA:CPU) for
+    model.matmul=`setting` ("auto" or "mkl"). Where they cannot, an explicit "mkl", or "auto"
+    with the mkl wheel installed, says why once on stderr."""
     reason = _load()
     if reason and (setting == "mkl" or _installed()):
         _warn(reason)
@@ -162,7 +154,7 @@ def _call(a: jax.Array, b: jax.Array, trans_a: bool, trans_b: bool) -> jax.Array
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def matmul(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
     """op(a) @ op(b) for float32 matrices, op transposing where asked: a (M, K) or (K, M) if
-    trans_a, b (K, N) or (N, K) if trans_b -> (M, N). Only where `enabled`."""
+    trans_a, b (K, N) or (N, K) if trans_b -> (M, N). Only where `available`."""
     return _call(a, b, trans_a, trans_b)
 
 
@@ -184,7 +176,7 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
     """softmax(q k^T + bias) v, float32, in the projections' layout: q (B, L, H, D) already
     scaled, k, v (B, L, K, D) with K dividing H (query head h uses kv head h // (H / K)), bias
-    (B, 1 or L, L) additive -> (B, L, H, D). The bias gets no gradient. Only where `enabled`.
+    (B, 1 or L, L) additive -> (B, L, H, D). The bias gets no gradient. Only where `available`.
 
     The kernel takes each kv head's G = H / K query heads stacked, (B * K, G * L, D): contiguous
     per work item, which runs faster than reading the projections' layout in place (the

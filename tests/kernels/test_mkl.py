@@ -1,4 +1,5 @@
-"""MKL matmuls and attention on XLA:CPU (llada_jax/mkl.py) against numpy, gradients included."""
+"""MKL matmuls and attention on XLA:CPU (llada_jax/kernels/mkl.py) against numpy, gradients
+included; which models use them (llada_jax/kernels/choice.py)."""
 import platform
 import sys
 
@@ -8,8 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llada_jax import metrics, mkl, sharding
-from llada_jax.model import ModelConfig, Transformer, attention_bias
+from llada_jax import kernels, metrics, sharding
+from llada_jax.kernels import mkl
+from llada_jax.kernels.attention import bias as attention_bias
+from llada_jax.model import ModelConfig, Transformer
 
 # The test extra installs mkl on Linux x86-64; there the kernel must build, not quietly fall back.
 MKL_EXPECTED = sys.platform == "linux" and platform.machine() == "x86_64"
@@ -17,16 +20,25 @@ needs_mkl = pytest.mark.skipif(not MKL_EXPECTED, reason="the mkl wheel is Linux 
 
 
 @needs_mkl
-def test_kernel_builds_and_is_enabled():
-    assert mkl._load() == ""
-    assert mkl.enabled("auto", jnp.float32) and mkl.enabled("mkl", jnp.float32)
+def test_kernel_builds_and_is_chosen_for_one_cpu_device():
+    assert mkl._load() == "" and mkl.available("auto")
+    one = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    for setting in ("auto", "mkl"):
+        assert kernels.select(setting, "xla", jnp.float32, one) == kernels.Kernels("mkl", "mkl", "cpu")
+    assert kernels.select("auto", "xla", jnp.float32) == kernels.Kernels("mkl", "mkl", "cpu")
+    # The cuDNN and splash settings keep their attention; MKL still computes the matmuls.
+    assert kernels.select("auto", "cudnn", jnp.float32, one) == kernels.Kernels("mkl", "cudnn", "cpu")
 
 
-def test_disabled_for_xla_bfloat16_and_sharded_meshes():
-    assert not mkl.enabled("xla", jnp.float32)
-    assert not mkl.enabled("auto", jnp.bfloat16)
-    with sharding.use_mesh(sharding.make_mesh((2, 1, 1), jax.devices()[:2])):
-        assert not mkl.enabled("mkl", jnp.float32)
+def test_not_chosen_for_xla_bfloat16_and_sharded_meshes():
+    one = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    xla = kernels.Kernels("xla", "xla", "cpu")
+    assert kernels.select("xla", "xla", jnp.float32, one) == xla
+    assert kernels.select("auto", "xla", jnp.bfloat16, one) == xla
+    two = sharding.make_mesh((2, 1, 1), jax.devices()[:2])
+    assert kernels.select("mkl", "xla", jnp.float32, two) == xla
+    with sharding.use_mesh(two):  # the mesh in context, as when a model is built under it
+        assert kernels.select("mkl", "splash", jnp.float32) == kernels.Kernels("xla", "splash", "cpu")
 
 
 @needs_mkl
@@ -94,7 +106,7 @@ def test_attention_and_its_gradients_match_numpy(heads, kv_heads, length, packed
 def test_attention_keeps_a_nan_score_nan():
     """A NaN reaching the scores is not floored into a zero weight: its row's output is NaN (so
     the train step sees a non-finite loss and skips the update), the other rows are untouched."""
-    assert mkl.enabled("mkl", jnp.float32)
+    assert mkl.available("mkl")
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((2, 24, 2, 16)).astype(np.float32) for _ in range(3))
     q[0, 3, 1, 5] = np.nan

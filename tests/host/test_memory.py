@@ -6,13 +6,13 @@ import sys
 
 import pytest
 
-from llada_jax import host_memory
+from llada_jax.host import memory as host_memory
 
 # A 256 MiB block malloc'ed, written and freed on a worker thread (as XLA:CPU's executor does
 # with a step's temporary buffer); prints whether the settings were applied and glibc's counters.
 PROBE = """
 import ctypes, json, sys, threading
-from llada_jax import host_memory
+from llada_jax.host import memory as host_memory
 applied = host_memory.keep_freed_memory() if sys.argv[1] == "keep" else False
 
 class MallInfo2(ctypes.Structure):

@@ -1,6 +1,6 @@
 """Fused (flash) attention on TPU: the Pallas splash-attention kernel that ships with JAX.
 
-The einsum attention of model.py writes each layer's (B, H, L, L) score and probability maps to
+The einsum attention (llada_jax/kernels/attention.py) writes each layer's (B, H, L, L) score and probability maps to
 HBM; at L = 4096 that traffic costs more time than all of the layer's matmuls. The kernel keeps
 them in VMEM, block by block, and never materializes them, forward or backward.
 
@@ -15,13 +15,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
-from jax.sharding import PartitionSpec as P
 
 from llada_jax import sharding
 
 BLOCKS = (512, 256, 128)  # tile sizes tried, largest first: the first that divides L is used
 # Name of the kernel's residuals (its output and log-sum-exp), which a remat policy may save
-# (model.REMAT_POLICIES["dots_attn"]) so the backward pass does not rerun the forward kernel.
+# (model.REMAT_POLICIES["dots_attn"]) so that the backward pass does not rerun the kernel.
 RESIDUALS = "splash_residuals"
 
 
@@ -62,13 +61,11 @@ def _local(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array, causal: boo
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array,
-                     causal: bool) -> jax.Array:
+                     causal: bool, interpret: bool) -> jax.Array:
     """softmax(q k^T) v within equal ids: q (B, H, L, D) already scaled, k, v (B, K, L, D) with K
     dividing H (query head h uses kv head h // (H / K)), ids (B, L) from `segment_ids`
-    -> (B, H, L, D)."""
+    -> (B, H, L, D). interpret: run in Pallas's interpreter (not on a TPU)."""
     mesh = jax.sharding.get_abstract_mesh()
-    platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
-    interpret = platform != "tpu"
     if mesh.empty or mesh.size == 1:
         return _local(q, k, v, ids, causal, interpret)
     heads = sharding.logical_spec(("batch", "heads", None, None))

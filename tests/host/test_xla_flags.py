@@ -1,5 +1,5 @@
 """Default XLA flags: appended to XLA_FLAGS unless the user set the same flag."""
-from llada_jax import xla_flags
+from llada_jax.host import xla_flags
 
 
 def test_defaults_are_appended_and_user_flags_win():
