@@ -1,4 +1,5 @@
 """llada-jax: pretrain, fine-tune, sample from and evaluate masked-diffusion LMs in JAX."""
+
 from setuptools import find_packages, setup
 
 MKL = 'mkl>=2024; platform_machine == "x86_64" and sys_platform == "linux"'
@@ -32,7 +33,8 @@ setup(
     extras_require={
         # Intel oneMKL for float32 matmuls on x86-64 Linux CPUs (llada_jax/mkl.py).
         "mkl": [MKL],
-        "test": ["pytest>=8", MKL],
+        # ruff: the linter and formatter tests/test_lint.py runs (its style is pinned by version).
+        "test": ["pytest>=8", "ruff==0.17.*", MKL],
         "tpu": ["libtpu==0.0.42.*"],
     },
 )

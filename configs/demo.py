@@ -5,6 +5,7 @@ comparison): in 120 steps the loss falls from ~8.3 (log of the 4096-token vocabu
 the word statistics of the corpus; the samples at the end show its vocabulary (LORD, fathers,
 holy, ...) without phrasing yet; longer runs: --config.train.steps=N.
 """
+
 from llada_jax.config import ConfigDict, apply_variant, base_config
 
 VARIANTS = {"quick": {"train.steps": 30, "optim.warmup_steps": 5, "optim.decay_steps": 15}}
@@ -12,8 +13,7 @@ VARIANTS = {"quick": {"train.steps": 30, "optim.warmup_steps": 5, "optim.decay_s
 
 def get_config(variant: str = "") -> ConfigDict:
     c = base_config()
-    c.model.update(d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, mlp_hidden=1024,
-                   scan_unroll=6)
+    c.model.update(d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, mlp_hidden=1024, scan_unroll=6)
     c.data.update(seq_len=256, batch_size=16)
     c.optim.update(lr=2e-3, warmup_steps=10, decay_steps=30, final_lr=2e-4, weight_decay=0.01)
     c.train.update(steps=120, log_every=10)

@@ -18,6 +18,7 @@ Measured on one H200 (tools/benchmark.py, bfloat16, two machines): 48,600-49,500
 47-48%, 82 GiB peak GPU memory at micro-batches of 8. An 80 GB H100 needs micro-batches of 4
 (grad_accum=128): 45,500 tokens/s, MFU 44.1%, 53 GiB.
 """
+
 from llada_jax.config import ConfigDict, apply_variant, base_config
 
 VARIANTS: dict = {
@@ -28,12 +29,28 @@ VARIANTS: dict = {
 
 def get_config(variant: str = "") -> ConfigDict:
     c = base_config()
-    c.model.update(vocab_size=126464, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
-                   mlp_hidden=5634, rope_theta=500_000.0, dtype="bfloat16", remat="none",
-                   attention="splash")
+    c.model.update(
+        vocab_size=126464,
+        d_model=2048,
+        n_layers=22,
+        n_heads=32,
+        n_kv_heads=4,
+        mlp_hidden=5634,
+        rope_theta=500_000.0,
+        dtype="bfloat16",
+        remat="none",
+        attention="splash",
+    )
     c.data.update(seq_len=4096, batch_size=512)
-    c.optim.update(lr=4e-4, schedule="wsd", warmup_steps=2000, weight_decay=0.1,
-                   decay_steps=10_000, final_lr=4e-5, grad_accum=8)
+    c.optim.update(
+        lr=4e-4,
+        schedule="wsd",
+        warmup_steps=2000,
+        weight_decay=0.1,
+        decay_steps=10_000,
+        final_lr=4e-5,
+        grad_accum=8,
+    )
     c.train.update(steps=100_000, log_every=10)
     c.mesh.update(shape=(1, -1, 1))
     return apply_variant(c, variant, VARIANTS)

@@ -19,6 +19,7 @@ Alternatives measured the same way: the einsum attention with full remat and 4 m
 44.1% (36.1 GiB); splash with remat="dots_attn" and 5 micro-batches, 64.6% (78.1 GiB).
 On GPUs use model.attention="cudnn" instead.
 """
+
 from llada_jax.config import ConfigDict, apply_variant, base_config
 
 TOKENS_PER_STEP = 4096 * 1280
@@ -32,13 +33,29 @@ def steps_for(tokens: float) -> int:
 
 def get_config(variant: str = "") -> ConfigDict:
     c = base_config()
-    c.model.update(vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
-                   mlp_hidden=12288, rope_theta=500_000.0, dtype="bfloat16", remat="none",
-                   attention="splash")
+    c.model.update(
+        vocab_size=126464,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=32,
+        mlp_hidden=12288,
+        rope_theta=500_000.0,
+        dtype="bfloat16",
+        remat="none",
+        attention="splash",
+    )
     c.data.update(seq_len=4096, batch_size=1280)
-    c.optim.update(lr=4e-4, schedule="wsd", warmup_steps=2000, weight_decay=0.1,
-                   lr_drops=((steps_for(1.2e12), 1e-4),), decay_steps=steps_for(0.3e12),
-                   final_lr=1e-5, grad_accum=10)
+    c.optim.update(
+        lr=4e-4,
+        schedule="wsd",
+        warmup_steps=2000,
+        weight_decay=0.1,
+        lr_drops=((steps_for(1.2e12), 1e-4),),
+        decay_steps=steps_for(0.3e12),
+        final_lr=1e-5,
+        grad_accum=10,
+    )
     c.train.update(steps=steps_for(2.3e12), log_every=10)
     c.mesh.update(shape=(1, -1, 1))
     return apply_variant(c, variant, VARIANTS)

@@ -1,4 +1,5 @@
 """Tiny: a 2-layer GQA model for tests and smoke runs (seconds on a CPU)."""
+
 from llada_jax.config import ConfigDict, apply_variant, base_config
 
 VARIANTS = {"untied": {"model.tie_embeddings": False}}
@@ -6,8 +7,15 @@ VARIANTS = {"untied": {"model.tie_embeddings": False}}
 
 def get_config(variant: str = "") -> ConfigDict:
     c = base_config()
-    c.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=128,
-                   tie_embeddings=True, scan_unroll=2)
+    c.model.update(
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        mlp_hidden=128,
+        tie_embeddings=True,
+        scan_unroll=2,
+    )
     c.data.update(seq_len=64, batch_size=8)
     c.optim.update(lr=1e-3, warmup_steps=2, decay_steps=2)
     c.train.update(steps=6, log_every=2)

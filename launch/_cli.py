@@ -3,6 +3,7 @@
 Launcher flags come before `--`, the training flags (passed to `python -m llada_jax.train`
 unchanged) after it. Bad arguments are one `error: ...` line on stderr and exit status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,15 +48,14 @@ def boolean(value: str) -> bool:
 
 
 def add_bool(parser: argparse.ArgumentParser, name: str, help: str):
-    parser.add_argument(f"--{name}", type=boolean, nargs="?", const=True, default=False,
-                        help=help)
+    parser.add_argument(f"--{name}", type=boolean, nargs="?", const=True, default=False, help=help)
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     """(launcher flags, training flags): everything after the first `--` is for the trainer."""
     if "--" in argv:
         i = argv.index("--")
-        return argv[:i], argv[i + 1:]
+        return argv[:i], argv[i + 1 :]
     return argv, []
 
 

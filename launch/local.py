@@ -20,6 +20,7 @@ session and get SIGTERM if the launcher dies.
 --dry_run prints the command of each process, one per line with its environment assignments
 (as a shell would take them), and exits 0.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,16 +39,30 @@ DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 def parse(argv: list[str]):
     own, train_args = _cli.split_argv(argv)
-    p = _cli.Parser(prog="launch/local.py",
-                    description="Run N training processes on this machine (jax.distributed).")
+    p = _cli.Parser(
+        prog="launch/local.py",
+        description="Run N training processes on this machine (jax.distributed).",
+    )
     p.add_argument("--num_processes", type=int, required=True, help="Number of processes.")
-    p.add_argument("--devices_per_process", type=int, default=None,
-                   help="Fake CPU devices per process (XLA_FLAGS), for testing.")
-    p.add_argument("--gpus_per_process", type=int, default=None,
-                   help="GPUs per process: CUDA_VISIBLE_DEVICES split in consecutive groups.")
+    p.add_argument(
+        "--devices_per_process",
+        type=int,
+        default=None,
+        help="Fake CPU devices per process (XLA_FLAGS), for testing.",
+    )
+    p.add_argument(
+        "--gpus_per_process",
+        type=int,
+        default=None,
+        help="GPUs per process: CUDA_VISIBLE_DEVICES split in consecutive groups.",
+    )
     p.add_argument("--port", type=int, default=0, help="Coordinator port; 0 picks a free one.")
-    p.add_argument("--kill_after", type=float, default=30.0,
-                   help="Seconds between SIGTERM and SIGKILL when stopping after a failure.")
+    p.add_argument(
+        "--kill_after",
+        type=float,
+        default=30.0,
+        help="Seconds between SIGTERM and SIGKILL when stopping after a failure.",
+    )
     p.add_argument("--python", default=sys.executable, help="Python interpreter to run.")
     _cli.add_bool(p, "dry_run", "Print the commands and exit.")
     args = p.parse_args(own)
@@ -61,8 +76,10 @@ def parse(argv: list[str]):
     if args.kill_after < 0:
         raise _cli.UsageError(f"--kill_after={args.kill_after} must be >= 0")
     if not train_args:
-        raise _cli.UsageError("no training flags: give them after `--`, e.g. "
-                              "-- --config=configs/tiny.py --workdir=runs/x")
+        raise _cli.UsageError(
+            "no training flags: give them after `--`, e.g. "
+            "-- --config=configs/tiny.py --workdir=runs/x"
+        )
     _cli.reject_flags(train_args, _cli.DISTRIBUTED_FLAGS, "local.py sets it for each process")
     return args, train_args
 
@@ -79,20 +96,28 @@ def xla_flags(inherited: str, devices: int) -> str:
 
 
 def gpu_groups(n: int, per: int, inherited: str | None) -> list[str]:
-    visible = ([g for g in inherited.split(",") if g] if inherited is not None
-               else [str(i) for i in range(n * per)])
+    visible = (
+        [g for g in inherited.split(",") if g]
+        if inherited is not None
+        else [str(i) for i in range(n * per)]
+    )
     if len(visible) < n * per:
-        raise _cli.UsageError(f"--num_processes={n} x --gpus_per_process={per} needs {n * per} "
-                              f"GPUs but CUDA_VISIBLE_DEVICES={inherited} has {len(visible)}")
-    return [",".join(visible[i * per:(i + 1) * per]) for i in range(n)]
+        raise _cli.UsageError(
+            f"--num_processes={n} x --gpus_per_process={per} needs {n * per} "
+            f"GPUs but CUDA_VISIBLE_DEVICES={inherited} has {len(visible)}"
+        )
+    return [",".join(visible[i * per : (i + 1) * per]) for i in range(n)]
 
 
 def commands(args, train_args: list[str], environ) -> list[tuple[list[str], dict[str, str]]]:
     """(argv, environment variables set by the launcher) of each process."""
     n = args.num_processes
     port = args.port or free_port()
-    gpus = (gpu_groups(n, args.gpus_per_process, environ.get("CUDA_VISIBLE_DEVICES"))
-            if args.gpus_per_process else None)
+    gpus = (
+        gpu_groups(n, args.gpus_per_process, environ.get("CUDA_VISIBLE_DEVICES"))
+        if args.gpus_per_process
+        else None
+    )
     out = []
     for i in range(n):
         env = {}
@@ -102,8 +127,7 @@ def commands(args, train_args: list[str], environ) -> list[tuple[list[str], dict
             env["CUDA_VISIBLE_DEVICES"] = gpus[i]
         argv = [args.python, "-u", "-m", "llada_jax.train", *train_args]
         if n > 1:
-            argv += [f"--coordinator=127.0.0.1:{port}", f"--num_processes={n}",
-                     f"--process_id={i}"]
+            argv += [f"--coordinator=127.0.0.1:{port}", f"--num_processes={n}", f"--process_id={i}"]
         out.append((argv, env))
     return out
 
@@ -112,6 +136,7 @@ def _die_with_parent():
     """In the child: SIGTERM when the launcher dies (Linux), so no run outlives it."""
     try:
         import ctypes
+
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except Exception:  # not Linux: best effort
         pass
@@ -138,20 +163,35 @@ def run(cmds, kill_after: float) -> int:
         signal.signal(s, lambda signum, frame: received.append(signum))
     if n == 1:  # nothing to interleave: the process writes straight to our stdout/stderr
         argv, env = cmds[0]
-        procs = [subprocess.Popen(argv, env=dict(os.environ, **env), start_new_session=True,
-                                  preexec_fn=_die_with_parent)]
+        procs = [
+            subprocess.Popen(
+                argv,
+                env=dict(os.environ, **env),
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        ]
     else:
-        procs = [subprocess.Popen(argv, env=dict(os.environ, **env), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, start_new_session=True,
-                                  preexec_fn=_die_with_parent) for argv, env in cmds]
+        procs = [
+            subprocess.Popen(
+                argv,
+                env=dict(os.environ, **env),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+            for argv, env in cmds
+        ]
     # Readers start after every process is forked (preexec_fn and threads do not mix).
     lock = threading.Lock()
     threads = []
     if n > 1:
         for i, p in enumerate(procs):
             for pipe, out in ((p.stdout, sys.stdout.buffer), (p.stderr, sys.stderr.buffer)):
-                t = threading.Thread(target=_pump, args=(pipe, out, f"[{i}] ".encode(), lock),
-                                     daemon=True)
+                t = threading.Thread(
+                    target=_pump, args=(pipe, out, f"[{i}] ".encode(), lock), daemon=True
+                )
                 t.start()
                 threads.append(t)
 
@@ -168,9 +208,9 @@ def run(cmds, kill_after: float) -> int:
             sys.stdout.flush()
             print(f"launch/local.py: {msg}", file=sys.stderr, flush=True)
 
-    failure = None       # exit status of the first process that failed on its own
-    forwarded = 0        # signals forwarded from the user
-    kill_at = None       # when to SIGKILL what is left after a failure
+    failure = None  # exit status of the first process that failed on its own
+    forwarded = 0  # signals forwarded from the user
+    kill_at = None  # when to SIGKILL what is left after a failure
     reported = set()
     while True:
         while received:
@@ -192,8 +232,10 @@ def run(cmds, kill_after: float) -> int:
                 if rc != 0 and failure is None:
                     failure = _status(rc)
                     if not forwarded and any(q.poll() is None for q in procs):
-                        note(f"process {i} exited with status {failure}; sending SIGTERM to "
-                             f"the others")
+                        note(
+                            f"process {i} exited with status {failure}; sending SIGTERM to "
+                            f"the others"
+                        )
                         send(signal.SIGTERM)
                         kill_at = time.monotonic() + kill_after
         if not running:

@@ -15,6 +15,7 @@ srun (e.g. --setup='source ~/venv/bin/activate').
 Writes the script to --script and runs `sbatch SCRIPT`. --dry_run prints the script and then the
 sbatch command line, writes nothing and exits 0.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,28 +34,43 @@ NO_SPACE = re.compile(r"\S+")
 
 def parse(argv: list[str]):
     own, train_args = _cli.split_argv(argv)
-    p = _cli.Parser(prog="launch/slurm.py",
-                    description="Render and submit a SLURM batch script for GPU training.")
+    p = _cli.Parser(
+        prog="launch/slurm.py",
+        description="Render and submit a SLURM batch script for GPU training.",
+    )
     p.add_argument("--nodes", type=int, required=True, help="Number of nodes.")
-    p.add_argument("--gpus_per_node", type=int, required=True,
-                   help="GPUs per node = tasks (processes) per node.")
+    p.add_argument(
+        "--gpus_per_node",
+        type=int,
+        required=True,
+        help="GPUs per node = tasks (processes) per node.",
+    )
     p.add_argument("--cpus_per_task", type=int, default=8, help="CPU cores per task.")
     p.add_argument("--time", default="24:00:00", help="Time limit (SLURM format).")
     p.add_argument("--job_name", default="llada", help="Job name.")
     p.add_argument("--output", default="%x-%j.out", help="Log file pattern.")
     p.add_argument("--partition", default=None, help="Partition.")
     p.add_argument("--account", default=None, help="Account to charge.")
-    p.add_argument("--term_before_end", type=int, default=300,
-                   help="SIGTERM the tasks this many seconds before the time limit (0: off).")
-    p.add_argument("--mem_fraction", type=float, default=None,
-                   help="XLA_PYTHON_CLIENT_MEM_FRACTION (0, 1].")
+    p.add_argument(
+        "--term_before_end",
+        type=int,
+        default=300,
+        help="SIGTERM the tasks this many seconds before the time limit (0: off).",
+    )
+    p.add_argument(
+        "--mem_fraction", type=float, default=None, help="XLA_PYTHON_CLIENT_MEM_FRACTION (0, 1]."
+    )
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE to export; repeatable.")
-    p.add_argument("--setup", action="append", default=[],
-                   help="Shell line to run before srun; repeatable.")
+    p.add_argument(
+        "--setup", action="append", default=[], help="Shell line to run before srun; repeatable."
+    )
     p.add_argument("--python", default="python", help="Python on the compute nodes.")
     p.add_argument("--chdir", default=_cli.ROOT, help="Directory the tasks run in.")
-    p.add_argument("--script", default=None, help="Where to write the script "
-                   "(default: JOB_NAME.sbatch in the current directory).")
+    p.add_argument(
+        "--script",
+        default=None,
+        help="Where to write the script (default: JOB_NAME.sbatch in the current directory).",
+    )
     p.add_argument("--template", default=TEMPLATE, help="Batch script template.")
     _cli.add_bool(p, "dry_run", "Print the script and the sbatch command and exit.")
     args = p.parse_args(own)
@@ -76,8 +92,10 @@ def parse(argv: list[str]):
         if "\n" in line:
             raise _cli.UsageError("--setup takes one line; repeat it for more")
     if not train_args:
-        raise _cli.UsageError("no training flags: give them after `--`, e.g. "
-                              "-- --config=configs/llada_1b.py --workdir=/shared/runs/x")
+        raise _cli.UsageError(
+            "no training flags: give them after `--`, e.g. "
+            "-- --config=configs/llada_1b.py --workdir=/shared/runs/x"
+        )
     _cli.reject_flags(train_args, _cli.DISTRIBUTED_FLAGS, "JAX detects the SLURM job by itself")
     args.script = args.script or f"{args.job_name}.sbatch"
     return args, train_args
@@ -95,10 +113,15 @@ def render(args, train_args: list[str]) -> str:
         key, value = kv.split("=", 1)
         env.append(f"export {key}={shlex.quote(value)}")
     values = {
-        "job_name": args.job_name, "nodes": str(args.nodes),
-        "gpus_per_node": str(args.gpus_per_node), "cpus_per_task": str(args.cpus_per_task),
-        "time": args.time, "output": args.output, "optional_sbatch": "\n".join(optional),
-        "chdir": shlex.quote(os.path.abspath(args.chdir)), "setup": "\n".join(args.setup),
+        "job_name": args.job_name,
+        "nodes": str(args.nodes),
+        "gpus_per_node": str(args.gpus_per_node),
+        "cpus_per_task": str(args.cpus_per_task),
+        "time": args.time,
+        "output": args.output,
+        "optional_sbatch": "\n".join(optional),
+        "chdir": shlex.quote(os.path.abspath(args.chdir)),
+        "setup": "\n".join(args.setup),
         "environment": "\n".join(env),
         "command": shlex.join([args.python, "-u", "-m", "llada_jax.train", *train_args]),
     }
@@ -112,8 +135,7 @@ def render(args, train_args: list[str]) -> str:
         m = re.fullmatch(r"\{\{(\w+)\}\}", line)
         if m and m.group(1) in values and not values[m.group(1)]:
             continue  # an optional section left empty: no blank line
-        lines.append(re.sub(r"\{\{(\w+)\}\}",
-                            lambda m: values.get(m.group(1), m.group(0)), line))
+        lines.append(re.sub(r"\{\{(\w+)\}\}", lambda m: values.get(m.group(1), m.group(0)), line))
     script = "\n".join(lines) + "\n"
     left = re.findall(r"\{\{\w+\}\}", script)
     if left:
@@ -135,8 +157,11 @@ def main(argv: list[str]) -> int:
     with open(args.script, "w", encoding="utf-8") as f:
         f.write(script)
     if shutil.which("sbatch") is None:
-        _cli.fail(f"sbatch not found on PATH: the script is written to {args.script}; submit "
-                  f"it on the cluster with `{shlex.join(submit)}`", 1)
+        _cli.fail(
+            f"sbatch not found on PATH: the script is written to {args.script}; submit "
+            f"it on the cluster with `{shlex.join(submit)}`",
+            1,
+        )
     print(f"+ {shlex.join(submit)}", file=sys.stderr, flush=True)
     return subprocess.run(submit).returncode
 

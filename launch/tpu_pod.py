@@ -21,6 +21,7 @@ Remote paths (--remote_dir, --venv, --log) are relative to the workers' home dir
 --dry_run prints the exact gcloud commands, one per line, and exits 0; otherwise they run in
 order (each echoed to stderr with `+ `), stopping at the first that fails, with its status.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,15 +46,20 @@ def parse(argv: list[str]):
     common.add_argument("--name", required=True, help="TPU VM name.")
     common.add_argument("--zone", required=True, help="Zone, e.g. us-east5-a.")
     common.add_argument("--project", default=None, help="Google Cloud project (else gcloud's).")
-    common.add_argument("--remote_dir", default="llada_jax",
-                        help="Code directory on the workers, relative to home.")
-    common.add_argument("--venv", default="llada_venv",
-                        help="Virtual environment on the workers, relative to home.")
-    common.add_argument("--log", default="llada_train.log",
-                        help="Training log on the workers, relative to home.")
+    common.add_argument(
+        "--remote_dir", default="llada_jax", help="Code directory on the workers, relative to home."
+    )
+    common.add_argument(
+        "--venv", default="llada_venv", help="Virtual environment on the workers, relative to home."
+    )
+    common.add_argument(
+        "--log", default="llada_train.log", help="Training log on the workers, relative to home."
+    )
     _cli.add_bool(common, "dry_run", "Print the gcloud commands and exit.")
-    p = _cli.Parser(prog="launch/tpu_pod.py",
-                    description="Create, set up, run, watch and stop a TPU VM pod slice.")
+    p = _cli.Parser(
+        prog="launch/tpu_pod.py",
+        description="Create, set up, run, watch and stop a TPU VM pod slice.",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     create = sub.add_parser("create", parents=[common], help="Create the TPU VM.")
     create.add_argument("--accelerator_type", required=True, help="e.g. v5p-128, v4-32.")
@@ -77,27 +83,34 @@ def parse(argv: list[str]):
     for flag in ("remote_dir", "venv", "log"):
         value = getattr(args, flag)
         if not SIMPLE_PATH.fullmatch(value) or ".." in value.split("/"):
-            raise _cli.UsageError(f"--{flag}={value} must be a plain path relative to the "
-                                  "home directory (letters, digits, . _ - /)")
+            raise _cli.UsageError(
+                f"--{flag}={value} must be a plain path relative to the "
+                "home directory (letters, digits, . _ - /)"
+            )
     if args.command == "create" and args.spot and args.preemptible:
         raise _cli.UsageError("--spot and --preemptible are exclusive: give one")
     if args.command == "tail":
         _cli.positive("worker", args.worker, 0)
         _cli.positive("lines", args.lines, 0)
     if args.command == "install" and args.repo_url is None:
-        missing = [i for i in CHECKOUT_ITEMS[:3]
-                   if not os.path.exists(os.path.join(args.source_dir, i))]
+        missing = [
+            i for i in CHECKOUT_ITEMS[:3] if not os.path.exists(os.path.join(args.source_dir, i))
+        ]
         if missing:
-            raise _cli.UsageError(f"--source_dir={args.source_dir} is not a llada_jax checkout "
-                                  f"(no {', '.join(missing)}); give --repo_url or a checkout")
+            raise _cli.UsageError(
+                f"--source_dir={args.source_dir} is not a llada_jax checkout "
+                f"(no {', '.join(missing)}); give --repo_url or a checkout"
+            )
     if args.command == "install" and args.branch and not args.repo_url:
         raise _cli.UsageError("--branch needs --repo_url")
     if train_args and args.command != "run":
-        raise _cli.UsageError(f"`{args.command}` takes no training flags (only `run` does): "
-                              f"{shlex.join(train_args)}")
+        raise _cli.UsageError(
+            f"`{args.command}` takes no training flags (only `run` does): {shlex.join(train_args)}"
+        )
     _cli.reject_flags(train_args, _cli.DISTRIBUTED_FLAGS, "JAX detects the pod by itself")
-    _cli.reject_flags(train_args, ("--config", "--workdir"),
-                      "give it as a launcher flag before `--`")
+    _cli.reject_flags(
+        train_args, ("--config", "--workdir"), "give it as a launcher flag before `--`"
+    )
     return args, train_args
 
 
@@ -115,56 +128,97 @@ def commands(args, train_args: list[str]) -> list[list[str]]:
     pid = f"{log}.pid"
     if args.command == "create":
         cmd = gcloud(args, "create", args.name) + [
-            f"--accelerator-type={args.accelerator_type}", f"--version={args.runtime_version}"]
+            f"--accelerator-type={args.accelerator_type}",
+            f"--version={args.runtime_version}",
+        ]
         return [cmd + ["--spot"] * args.spot + ["--preemptible"] * args.preemptible]
     if args.command == "install":
         # Images without python3-venv get it from the system package manager once.
-        pip = (f"{{ python3 -m venv {venv} || {{ sudo apt-get update -q && sudo apt-get "
-               f"install -y -q python3-venv && python3 -m venv --clear {venv}; }}; }} && "
-               f"{venv}/bin/pip install --upgrade pip && "
-               f"cd {code} && {venv}/bin/pip install -e '.[tpu]'")
+        pip = (
+            f"{{ python3 -m venv {venv} || {{ sudo apt-get update -q && sudo apt-get "
+            f"install -y -q python3-venv && python3 -m venv --clear {venv}; }}; }} && "
+            f"{venv}/bin/pip install --upgrade pip && "
+            f"cd {code} && {venv}/bin/pip install -e '.[tpu]'"
+        )
         if args.repo_url:
             branch = f" --branch={shlex.quote(args.branch)}" if args.branch else ""
-            return [ssh(args, f"set -e; rm -rf {code}; git clone --depth=1{branch} "
-                              f"{shlex.quote(args.repo_url)} {code}; {pip}")]
-        sources = [os.path.join(os.path.abspath(args.source_dir), i) for i in CHECKOUT_ITEMS
-                   if os.path.exists(os.path.join(args.source_dir, i))]
-        return [ssh(args, f"rm -rf {code} && mkdir -p {code}"),
-                gcloud(args, "scp", *sources, f"{args.name}:{args.remote_dir}")
-                + ["--worker=all", "--recurse"],
-                ssh(args, pip)]
+            return [
+                ssh(
+                    args,
+                    f"set -e; rm -rf {code}; git clone --depth=1{branch} "
+                    f"{shlex.quote(args.repo_url)} {code}; {pip}",
+                )
+            ]
+        sources = [
+            os.path.join(os.path.abspath(args.source_dir), i)
+            for i in CHECKOUT_ITEMS
+            if os.path.exists(os.path.join(args.source_dir, i))
+        ]
+        return [
+            ssh(args, f"rm -rf {code} && mkdir -p {code}"),
+            gcloud(args, "scp", *sources, f"{args.name}:{args.remote_dir}")
+            + ["--worker=all", "--recurse"],
+            ssh(args, pip),
+        ]
     if args.command == "run":
-        train = shlex.join(["-u", "-m", "llada_jax.train", f"--config={args.config}",
-                            f"--workdir={args.workdir}", *train_args])
-        return [ssh(args, (
-            f"cd {code} || exit 1; "
-            f'if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then '
-            f'echo "$(hostname): training is still running (pid $(cat {pid}))" >&2; exit 1; fi; '
-            f"nohup {venv}/bin/python {train} >> {log} 2>&1 < /dev/null & "
-            f'echo $! > {pid}; echo "$(hostname): started pid $!, log {log}"'))]
+        train = shlex.join(
+            [
+                "-u",
+                "-m",
+                "llada_jax.train",
+                f"--config={args.config}",
+                f"--workdir={args.workdir}",
+                *train_args,
+            ]
+        )
+        return [
+            ssh(
+                args,
+                (
+                    f"cd {code} || exit 1; "
+                    f'if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then '
+                    f'echo "$(hostname): training is still running (pid $(cat {pid}))" >&2; '
+                    f"exit 1; fi; "
+                    f"nohup {venv}/bin/python {train} >> {log} 2>&1 < /dev/null & "
+                    f'echo $! > {pid}; echo "$(hostname): started pid $!, log {log}"'
+                ),
+            )
+        ]
     if args.command == "tail":
         return [ssh(args, f"tail -n {args.lines} -F {log}", worker=str(args.worker))]
     if args.command == "stop":
-        return [ssh(args, (
-            f'if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then '
-            f'p=$(cat {pid}); kill -TERM "$p"; '
-            f'echo "$(hostname): sent SIGTERM to $p, waiting for it to save and exit"; '
-            f'while kill -0 "$p" 2>/dev/null; do sleep 2; done; echo "$(hostname): stopped"; '
-            f'else echo "$(hostname): not running"; fi'))]
+        return [
+            ssh(
+                args,
+                (
+                    f'if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then '
+                    f'p=$(cat {pid}); kill -TERM "$p"; '
+                    f'echo "$(hostname): sent SIGTERM to $p, waiting for it to save and exit"; '
+                    f'while kill -0 "$p" 2>/dev/null; do sleep 2; done; '
+                    f'echo "$(hostname): stopped"; '
+                    f'else echo "$(hostname): not running"; fi'
+                ),
+            )
+        ]
     return [gcloud(args, "delete", args.name)]  # delete
 
 
 def execute(cmds: list[list[str]]) -> int:
     if shutil.which("gcloud") is None:
-        _cli.fail("gcloud not found on PATH: install the Google Cloud CLI (and run `gcloud auth "
-                  "login`), or use --dry_run to see the commands", 1)
+        _cli.fail(
+            "gcloud not found on PATH: install the Google Cloud CLI (and run `gcloud auth "
+            "login`), or use --dry_run to see the commands",
+            1,
+        )
     for cmd in cmds:
         print(f"+ {shlex.join(cmd)}", file=sys.stderr, flush=True)
         try:
             subprocess.run(cmd, check=True)
         except subprocess.CalledProcessError as e:
-            _cli.fail(f"gcloud exited with status {e.returncode}: {shlex.join(cmd)}",
-                      e.returncode if e.returncode > 0 else 1)
+            _cli.fail(
+                f"gcloud exited with status {e.returncode}: {shlex.join(cmd)}",
+                e.returncode if e.returncode > 0 else 1,
+            )
         except KeyboardInterrupt:
             return 130
     return 0
@@ -177,8 +231,11 @@ def main(argv: list[str]) -> int:
     except _cli.UsageError as e:
         _cli.fail(str(e))
     if args.command == "run" and not args.workdir.startswith("gs://"):
-        print(f"warning: --workdir={args.workdir} is not a gs:// path: every worker must see "
-              "the same directory", file=sys.stderr)
+        print(
+            f"warning: --workdir={args.workdir} is not a gs:// path: every worker must see "
+            "the same directory",
+            file=sys.stderr,
+        )
     if args.dry_run:
         for cmd in cmds:
             print(shlex.join(cmd))

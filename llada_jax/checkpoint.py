@@ -16,11 +16,13 @@ removes both when it starts, before anything is restored or saved: process 0 rem
 looks unfinished to them may be a save in progress.
 
 One writer at a time: process 0 of a trainer holds an exclusive lock on DIR/writer.lock
-(`WriterLock`) while it runs. A restarted job can overlap the one it replaces (a launcher killed by the scheduler
-passes SIGTERM to its trainer, which saves while the new one starts); the new writer waits for
+(`WriterLock`) while it runs. A restarted job can overlap the one it replaces (a launcher killed
+by the scheduler passes SIGTERM to its trainer, which saves while the new one starts); the new
+writer waits for
 the lock instead of removing the other's save in progress. The kernel drops the lock of a killed
 process, so a crash never leaves DIR locked.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -39,8 +41,18 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a directory being writt
 COMMIT_FILE = "commit_success.txt"  # written by Orbax as the last file of a step
 
 # Model keys that change parameter shapes or tree structure: a resumed run may not change them.
-SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-              "mlp_hidden", "tie_embeddings", "scan_layers", "param_dtype")
+SHAPE_KEYS = (
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "mlp_hidden",
+    "tie_embeddings",
+    "scan_layers",
+    "param_dtype",
+)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -55,18 +67,30 @@ class Checkpointer:
     created or removed, and `save` is refused.
     """
 
-    def __init__(self, workdir: str, save_every: int = 0, max_to_keep: int | None = 3,
-                 keep_every: int | None = None, async_save: bool = True, writer: bool = False):
+    def __init__(
+        self,
+        workdir: str,
+        save_every: int = 0,
+        max_to_keep: int | None = 3,
+        keep_every: int | None = None,
+        async_save: bool = True,
+        writer: bool = False,
+    ):
         self.save_every, self.writer = save_every, writer
         self.directory = checkpoint_dir(workdir)
         if writer:
             remove_leftovers(self.directory)
         self.manager = ocp.CheckpointManager(
-            self.directory, item_names=ITEMS,
+            self.directory,
+            item_names=ITEMS,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, keep_period=keep_every or None,
-                enable_async_checkpointing=async_save, create=writer,
-                cleanup_tmp_directories=writer))
+                max_to_keep=max_to_keep,
+                keep_period=keep_every or None,
+                enable_async_checkpointing=async_save,
+                create=writer,
+                cleanup_tmp_directories=writer,
+            ),
+        )
 
     def latest_step(self) -> int | None:
         """The newest complete step, or None."""
@@ -82,8 +106,14 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         return self.save_every > 0 and step % self.save_every == 0
 
-    def save(self, step: int, params: PyTree, opt_state: PyTree | None, meta: dict,
-             chunk_bytes: int | None = None) -> bool:
+    def save(
+        self,
+        step: int,
+        params: PyTree,
+        opt_state: PyTree | None,
+        meta: dict,
+        chunk_bytes: int | None = None,
+    ) -> bool:
         """Starts an asynchronous save (returns after the device-to-host copy). A step that is
         already saved completely is kept as it is (returns False); an incomplete one is replaced.
 
@@ -99,20 +129,27 @@ class Checkpointer:
                 shutil.rmtree(os.path.join(self.directory, str(step)))
             sync_processes(f"checkpoint_replace_{step}")
             self.manager.reload()
-        save_args = None if chunk_bytes is None else jax.tree.map(
-            lambda _: ocp.SaveArgs(chunk_byte_size=chunk_bytes), params)
-        items = dict(params=ocp.args.StandardSave(params, save_args=save_args),
-                     meta=ocp.args.JsonSave(meta))
+        save_args = (
+            None
+            if chunk_bytes is None
+            else jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=chunk_bytes), params)
+        )
+        items = dict(
+            params=ocp.args.StandardSave(params, save_args=save_args), meta=ocp.args.JsonSave(meta)
+        )
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         return True
 
     def meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"
+        ]
 
-    def restore(self, step: int, params: PyTree, opt_state: PyTree | None = None
-                ) -> tuple[PyTree, PyTree | None]:
+    def restore(
+        self, step: int, params: PyTree, opt_state: PyTree | None = None
+    ) -> tuple[PyTree, PyTree | None]:
         """Restores onto the shapes and shardings of the given (abstract or real) trees."""
         items = dict(params=ocp.args.StandardRestore(abstract(params)))
         if opt_state is not None:
@@ -161,10 +198,14 @@ class WriterLock:
                 raise WorkdirBusy(
                     f"--workdir={workdir!r} is still written by another process (pid {holder}) "
                     f"after {wait_sec:.0f}s (checkpoint.wait_for_writer_sec): stop it, or use "
-                    f"another workdir")
+                    f"another workdir"
+                )
             if not told:
-                print(f"checkpoints: waiting up to {wait_sec:.0f}s for the process that writes "
-                      f"{workdir} (pid {holder}) to exit", flush=True)
+                print(
+                    f"checkpoints: waiting up to {wait_sec:.0f}s for the process that writes "
+                    f"{workdir} (pid {holder}) to exit",
+                    flush=True,
+                )
                 told = True
             time.sleep(0.2)
         os.ftruncate(self.fd, 0)
@@ -177,8 +218,11 @@ class WriterLock:
         except BlockingIOError:
             return False
         except OSError as e:
-            print(f"warning: cannot lock {self.path} ({e.strerror}); make sure only one trainer "
-                  f"writes this workdir", flush=True)
+            print(
+                f"warning: cannot lock {self.path} ({e.strerror}); make sure only one trainer "
+                f"writes this workdir",
+                flush=True,
+            )
             self.release()
             return False
 
@@ -208,8 +252,9 @@ def leftovers(directory: str) -> list[str]:
         path = os.path.join(directory, name)
         if not os.path.isdir(path):
             continue
-        if TMP_SUFFIX in name or (name.isdigit()
-                                  and not os.path.isfile(os.path.join(path, COMMIT_FILE))):
+        if TMP_SUFFIX in name or (
+            name.isdigit() and not os.path.isfile(os.path.join(path, COMMIT_FILE))
+        ):
             names.append(name)
     return names
 
@@ -226,8 +271,11 @@ def remove_leftovers(directory: str) -> None:
             if TMP_SUFFIX not in name:
                 shutil.rmtree(os.path.join(directory, name))
         if names:
-            print(f"checkpoints: removing what interrupted saves left in {directory}: "
-                  f"{', '.join(names)}", flush=True)
+            print(
+                f"checkpoints: removing what interrupted saves left in {directory}: "
+                f"{', '.join(names)}",
+                flush=True,
+            )
     sync_processes("checkpoint_remove_leftovers")
 
 
@@ -240,10 +288,15 @@ def sync_processes(name: str) -> None:
 def abstract(tree: PyTree) -> PyTree:
     """ShapeDtypeStructs carrying each leaf's sharding (the restore target)."""
     return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        tree,
+    )
 
 
 def shape_changes(saved_model: dict, model: dict) -> list[str]:
     """Model keys whose change would alter parameter shapes: 'key: saved -> new'."""
-    return [f"model.{k}: {saved_model.get(k)!r} -> {model.get(k)!r}" for k in SHAPE_KEYS
-            if saved_model.get(k) != model.get(k)]
+    return [
+        f"model.{k}: {saved_model.get(k)!r} -> {model.get(k)!r}"
+        for k in SHAPE_KEYS
+        if saved_model.get(k) != model.get(k)
+    ]

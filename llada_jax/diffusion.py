@@ -18,11 +18,13 @@ the mask probability at time ``t`` is ``1 - alpha(t)`` and the continuous-time E
 (The cosine forms are the algebraically identical, numerically stable rewrites of
 ``1 - cos(pi t/2)`` and ``(pi/2) sin(pi t/2) / (1 - cos(pi t/2))``.)
 
-The eps floor, LLaDA's way: a time ``t`` in [0, 1) is mapped to ``t' = eps + (1 - eps) t``; the
-mask probability is ``p = 1 - alpha(t')`` and the loss weight ``w(t')``. For the linear schedule this
-is exactly LLaDA: ``p = (1 - eps) t + eps`` and weight ``1 / p``. As in LLaDA, the constant Jacobian
-``dt'/dt = 1 - eps`` is dropped from the weight (a constant factor ~0.999 on the loss).
+The eps floor, LLaDA's way: a time ``t`` in [0, 1) is mapped to ``t' = eps + (1 - eps) t``;
+the mask probability is ``p = 1 - alpha(t')`` and the loss weight ``w(t')``. For the linear
+schedule this is exactly LLaDA: ``p = (1 - eps) t + eps`` and weight ``1 / p``. As in LLaDA,
+the constant Jacobian ``dt'/dt = 1 - eps`` is dropped from the weight (a constant factor
+~0.999 on the loss).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -146,7 +148,7 @@ def alpha(t: Array, cfg: DiffusionConfig) -> Array:
     if cfg.schedule == "cosine":
         return jnp.cos(0.5 * jnp.pi * t)
     if cfg.schedule == "polynomial":
-        return 1.0 - t ** cfg.power
+        return 1.0 - t**cfg.power
     raise ValueError(f"unknown schedule {cfg.schedule!r}; valid choices: {SCHEDULES}")
 
 
@@ -158,7 +160,7 @@ def mask_prob(t: Array, cfg: DiffusionConfig) -> Array:
     if cfg.schedule == "cosine":
         return 2.0 * jnp.sin(0.25 * jnp.pi * t) ** 2  # = 1 - cos(pi t / 2)
     if cfg.schedule == "polynomial":
-        return t ** cfg.power
+        return t**cfg.power
     raise ValueError(f"unknown schedule {cfg.schedule!r}; valid choices: {SCHEDULES}")
 
 
@@ -391,9 +393,10 @@ def sft_loss(
     pair_len = jax.ops.segment_sum(
         response.astype(jnp.float32).reshape(-1), slot, num_segments=num_slots
     )
-    present = jax.ops.segment_sum(
-        in_pair.astype(jnp.float32).reshape(-1), slot, num_segments=num_slots
-    ) > 0
+    present = (
+        jax.ops.segment_sum(in_pair.astype(jnp.float32).reshape(-1), slot, num_segments=num_slots)
+        > 0
+    )
     per_pair = jnp.where(present, pair_sum / jnp.maximum(pair_len, 1.0), 0.0)
     num_pairs = jnp.sum(present.astype(jnp.float32))
     loss = jnp.sum(per_pair) / jnp.maximum(num_pairs, 1.0)

@@ -6,6 +6,7 @@ FLOPs accounting (one function, used by the trainer and the benchmark):
   attention is bidirectional, so there is no causal halving). Training = 3 x forward (backward
   costs twice the forward). Rematerialization is not counted: MFU measures useful model work.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llada_jax.kernels import mkl
 from llada_jax.host.cache import cache_dir
+from llada_jax.kernels import mkl
 from llada_jax.model import DTYPES, ModelConfig
 
 # Dense peak FLOP/s per chip, by a substring of jax's `device_kind`. float32 matmuls run at the
@@ -74,13 +75,17 @@ def _square_mkl(x: jax.Array) -> jax.Array:
 
 def _cpu_matmuls(dtype: str) -> list[Callable[[jax.Array], jax.Array]]:
     """The jitted square matmuls a CPU step can use: XLA's, and MKL's where it is installed."""
-    with_mkl = (jax.default_backend() == "cpu" and jnp.dtype(DTYPES[dtype]) == jnp.float32
-                and mkl.available("auto"))
+    with_mkl = (
+        jax.default_backend() == "cpu"
+        and jnp.dtype(DTYPES[dtype]) == jnp.float32
+        and mkl.available("auto")
+    )
     return [_square, _square_mkl] if with_mkl else [_square]
 
 
-def measure_cpu_matmul_peak(dtype: str = "float32", sizes: tuple[int, ...] = (1024, 2048),
-                            repeats: int = 5) -> float:
+def measure_cpu_matmul_peak(
+    dtype: str = "float32", sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5
+) -> float:
     """Best FLOP/s of a jitted square matmul on the CPU (all cores, one device), the best of
     XLA's and MKL's where model.matmul can use MKL: the peak is the fastest matmul available."""
     device = jax.devices("cpu")[0]
@@ -92,7 +97,7 @@ def measure_cpu_matmul_peak(dtype: str = "float32", sizes: tuple[int, ...] = (10
             for _ in range(repeats):
                 t = time.perf_counter()
                 square(a).block_until_ready()
-                best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
+                best = max(best, 2 * n**3 / (time.perf_counter() - t))
     return best
 
 
@@ -101,8 +106,9 @@ def paired_mfu(flops: float, times: list[float], probes: list[float]) -> float:
     against the better of the peak probes taken just before and just after it (FLOP/s)."""
     if len(probes) != len(times) + 1:
         raise ValueError(f"{len(probes)} probes for {len(times)} steps: need one more than steps")
-    return float(np.median([flops / t / max(probes[i], probes[i + 1])
-                            for i, t in enumerate(times)]))
+    return float(
+        np.median([flops / t / max(probes[i], probes[i + 1]) for i, t in enumerate(times)])
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -153,10 +159,12 @@ def format_duration(seconds: float) -> str:
 def format_log_line(step: int, total: int, m: Mapping[str, float]) -> str:
     """One human-readable progress line from a metrics dict."""
     mfu = f"{100 * m['mfu']:.1f}%" if m.get("mfu") is not None else "n/a"
-    return (f"step {step}/{total} | loss {m['loss']:.4f} | grad_norm {m['grad_norm']:.3f} "
-            f"| lr {m['lr']:.2e} | tok/s {m['tokens_per_sec']:,.0f} "
-            f"| masked tok/s {m['masked_tokens_per_sec']:,.0f} | mfu {mfu} "
-            f"| eta {format_duration(m['eta_sec'])}")
+    return (
+        f"step {step}/{total} | loss {m['loss']:.4f} | grad_norm {m['grad_norm']:.3f} "
+        f"| lr {m['lr']:.2e} | tok/s {m['tokens_per_sec']:,.0f} "
+        f"| masked tok/s {m['masked_tokens_per_sec']:,.0f} | mfu {mfu} "
+        f"| eta {format_duration(m['eta_sec'])}"
+    )
 
 
 class MetricsWriter:

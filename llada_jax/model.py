@@ -13,6 +13,7 @@ the model is built (`llada_jax.kernels.select`); this file only calls them.
 Letters in names: B batch, L length, D d_model, N query heads, K kv heads, H head dim, F MLP
 hidden size, V vocabulary, M rows of a 2-D matmul.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,7 +40,8 @@ REMAT_POLICIES = {
     # (norms, RoPE) are recomputed, not the attention.
     "dots_attn": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(attention_lib.SAVED_RESIDUALS)),
+        jax.checkpoint_policies.save_only_these_names(attention_lib.SAVED_RESIDUALS),
+    ),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -82,26 +84,39 @@ class ModelConfig:
     def __post_init__(self):
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden",
-                     "scan_unroll"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "mlp_hidden",
+            "scan_unroll",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be a positive integer")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
-                f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}")
+                f"model.n_heads={self.n_heads} must be a multiple of "
+                f"model.n_kv_heads={self.n_kv_heads}"
+            )
         if self.head_dim % 2:
             raise ValueError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
         if self.attention not in kernels_lib.ATTENTION_SETTINGS:
-            raise ValueError(f"model.attention={self.attention!r} is not one of "
-                             f"{kernels_lib.ATTENTION_SETTINGS}")
+            raise ValueError(
+                f"model.attention={self.attention!r} is not one of {kernels_lib.ATTENTION_SETTINGS}"
+            )
         if self.matmul not in kernels_lib.MATMUL_SETTINGS:
-            raise ValueError(f"model.matmul={self.matmul!r} is not one of "
-                             f"{kernels_lib.MATMUL_SETTINGS}")
+            raise ValueError(
+                f"model.matmul={self.matmul!r} is not one of {kernels_lib.MATMUL_SETTINGS}"
+            )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
-                raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {sorted(DTYPES)}")
+                raise ValueError(
+                    f"model.{name}={getattr(self, name)!r} is not one of {sorted(DTYPES)}"
+                )
 
     @classmethod
     def from_config(cls, c: Any) -> "ModelConfig":
@@ -123,15 +138,25 @@ def _init(std: float, names: tuple[str | None, ...]) -> nnx.Initializer:
 
 
 class Dense(nnx.Module):
-    """A bias-free projection: x (..., *in_shape) -> (..., *out_shape), kernel (*in_shape, *out_shape)."""
+    """A bias-free projection: x (..., *in_shape) -> (..., *out_shape), with a kernel of shape
+    (*in_shape, *out_shape)."""
 
-    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
-                 names: tuple[str, ...], cfg: ModelConfig, kernels: Kernels, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_shape: tuple[int, ...],
+        out_shape: tuple[int, ...],
+        names: tuple[str, ...],
+        cfg: ModelConfig,
+        kernels: Kernels,
+        *,
+        rngs: nnx.Rngs,
+    ):
         self.in_shape, self.out_shape = in_shape, out_shape
         self.dtype = cfg.compute_dtype
         self.matmul = kernels.matmul
-        self.kernel = nnx.Param(_init(cfg.init_std, names)(
-            rngs.params(), (*in_shape, *out_shape), cfg.weight_dtype))
+        self.kernel = nnx.Param(
+            _init(cfg.init_std, names)(rngs.params(), (*in_shape, *out_shape), cfg.weight_dtype)
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return project(x, self)[0]
@@ -145,7 +170,7 @@ def project(x: jax.Array, *denses: Dense) -> tuple[jax.Array, ...]:
     large transposes of the activations.
     """
     first = denses[0]
-    lead = x.shape[:x.ndim - len(first.in_shape)]
+    lead = x.shape[: x.ndim - len(first.in_shape)]
     x_MxK = x.astype(first.dtype).reshape(-1, math.prod(first.in_shape))
     w_KxN = [d.kernel[...].astype(first.dtype).reshape(x_MxK.shape[1], -1) for d in denses]
     y_MxN = matmul_lib.matmuls(x_MxK, w_KxN, first.matmul)
@@ -160,7 +185,9 @@ class RMSNorm(nnx.Module):
         self.dtype = cfg.compute_dtype
         self.scale = nnx.Param(
             nnx.with_partitioning(nnx.initializers.ones, ("embed",))(
-                rngs.params(), (cfg.d_model,), cfg.weight_dtype))
+                rngs.params(), (cfg.d_model,), cfg.weight_dtype
+            )
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -198,20 +225,22 @@ class Attention(nnx.Module):
         self.k = Dense((d,), (k, h), ("embed", "kv_heads", "head_dim"), cfg, kernels, rngs=rngs)
         self.v = Dense((d,), (k, h), ("embed", "kv_heads", "head_dim"), cfg, kernels, rngs=rngs)
         self.o = Dense((n, h), (d,), ("heads", "head_dim", "embed"), cfg, kernels, rngs=rngs)
-        self.scale = h ** -0.5
+        self.scale = h**-0.5
         self.kernels = kernels
         self.causal = cfg.causal
 
-    def __call__(self, x_BxLxD: jax.Array, rope: tuple[jax.Array, jax.Array],
-                 mask: jax.Array) -> jax.Array:
+    def __call__(
+        self, x_BxLxD: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array
+    ) -> jax.Array:
         """x -> (B, L, D); rope: (cos, sin) (L, H) tables; mask from `attention_lib.mask`."""
         cos_LxH, sin_LxH = rope
         q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = project(x_BxLxD, self.q, self.k, self.v)
         # The 1/sqrt(H) scale of the scores is folded into the rotation of q.
         q_BxLxNxH = apply_rope(q_BxLxNxH, cos_LxH * self.scale, sin_LxH * self.scale)
         k_BxLxKxH = apply_rope(k_BxLxKxH, cos_LxH, sin_LxH)
-        out_BxLxNxH = attention_lib.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask,
-                                              self.kernels, self.causal)
+        out_BxLxNxH = attention_lib.attention(
+            q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask, self.kernels, self.causal
+        )
         return self.o(out_BxLxNxH)
 
 
@@ -238,8 +267,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg, rngs=rngs)
         self.mlp = MLP(cfg, kernels, rngs=rngs)
 
-    def __call__(self, x_BxLxD: jax.Array, rope: tuple[jax.Array, jax.Array],
-                 mask: jax.Array) -> jax.Array:
+    def __call__(
+        self, x_BxLxD: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array
+    ) -> jax.Array:
         h_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), rope, mask)
         return h_BxLxD + self.mlp(self.mlp_norm(h_BxLxD))
 
@@ -257,9 +287,15 @@ class Transformer(nnx.Module):
             kernels = kernels_lib.select(cfg.matmul, cfg.attention, cfg.compute_dtype)
         self.kernels = kernels
         self.embed = nnx.Embed(
-            cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-            embedding_init=_init(cfg.init_std, ("vocab", "embed")), rngs=rngs)
+            cfg.vocab_size,
+            cfg.d_model,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weight_dtype,
+            embedding_init=_init(cfg.init_std, ("vocab", "embed")),
+            rngs=rngs,
+        )
         if cfg.scan_layers:
+
             @nnx.split_rngs(splits=cfg.n_layers)
             @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make_blocks(rngs: nnx.Rngs) -> Block:
@@ -270,11 +306,18 @@ class Transformer(nnx.Module):
             self.blocks = nnx.List([Block(cfg, kernels, rngs=rngs) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg, rngs=rngs)
         if not cfg.tie_embeddings:
-            self.lm_head = Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), cfg,
-                                 kernels, rngs=rngs)
+            self.lm_head = Dense(
+                (cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), cfg, kernels, rngs=rngs
+            )
 
-    def __call__(self, tokens: jax.Array, valid: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, *, valid_prefix: bool = False) -> jax.Array:
+    def __call__(
+        self,
+        tokens: jax.Array,
+        valid: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        valid_prefix: bool = False,
+    ) -> jax.Array:
         """tokens (B, L) int; valid (B, L) bool key-padding mask; segment_ids (B, L) int.
 
         valid_prefix promises that each row's valid positions come first (padding trailing, as
@@ -288,6 +331,7 @@ class Transformer(nnx.Module):
         # Activations are constrained to the batch sharding (a no-op without a mesh context): the
         # embedding's output would otherwise follow the FSDP-sharded table (embed dim split).
         x = sharding.constrain(self.embed(tokens), ("batch", None, None))
+
         # Layers run as pure functions of their state (jax.lax.scan / jax.checkpoint rather than
         # the nnx transforms), so the model also works inside other traced loops (the sampler).
         def layer(x: jax.Array, block_state: nnx.State) -> tuple[jax.Array, None]:
@@ -297,8 +341,11 @@ class Transformer(nnx.Module):
         unroll = min(cfg.scan_unroll, cfg.n_layers)
         if cfg.remat != "none":
             # A rolled loop already keeps XLA from CSE-ing the recomputation away.
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat],
-                                   prevent_cse=not cfg.scan_layers or unroll > 1)
+            layer = jax.checkpoint(
+                layer,
+                policy=REMAT_POLICIES[cfg.remat],
+                prevent_cse=not cfg.scan_layers or unroll > 1,
+            )
         if cfg.scan_layers:
             block_def, states = nnx.split(self.blocks)
             x, _ = jax.lax.scan(layer, x, states, unroll=unroll)

@@ -47,9 +47,7 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     except (TypeError, ValueError):
         ok = False
     if not ok or value < minimum:
-        raise ValueError(
-            f"optim.{name}={value!r} is invalid: expected an integer >= {minimum}."
-        )
+        raise ValueError(f"optim.{name}={value!r} is invalid: expected an integer >= {minimum}.")
     return int(value)
 
 
@@ -60,15 +58,11 @@ def _check_nonneg(name: str, value: Any) -> float:
     except (TypeError, ValueError):
         number = math.nan
     if not math.isfinite(number) or number < 0:
-        raise ValueError(
-            f"optim.{name}={value!r} is invalid: expected a finite number >= 0."
-        )
+        raise ValueError(f"optim.{name}={value!r} is invalid: expected a finite number >= 0.")
     return number
 
 
-def _check_drops(
-    drops: Sequence[Any], start: int, end: int
-) -> tuple[tuple[int, float], ...]:
+def _check_drops(drops: Sequence[Any], start: int, end: int) -> tuple[tuple[int, float], ...]:
     """Validates wsd ``lr_drops``: increasing steps inside [start, end)."""
     out: list[tuple[int, float]] = []
     for drop in drops:
@@ -112,9 +106,7 @@ def _constant(lr: float, warmup_steps: int) -> optax.Schedule:
     return schedule
 
 
-def _cosine(
-    lr: float, final_lr: float, warmup_steps: int, total_steps: int
-) -> optax.Schedule:
+def _cosine(lr: float, final_lr: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
     """Warmup, then cosine decay lr -> final_lr at ``total_steps``."""
     length = max(total_steps - warmup_steps, 1)
 

@@ -90,9 +90,7 @@ def sample_tokens(logits: jax.Array, key: jax.Array, temperature: float) -> jax.
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def token_confidence(
-    logits: jax.Array, x0: jax.Array, key: jax.Array, remasking: str
-) -> jax.Array:
+def token_confidence(logits: jax.Array, x0: jax.Array, key: jax.Array, remasking: str) -> jax.Array:
     """Confidence of each proposed token.
 
     Args:
@@ -196,17 +194,24 @@ def generate(
     """
     prompt = jnp.asarray(prompt, jnp.int32)
     prompt_valid = jnp.asarray(prompt_valid, jnp.bool_)
-    _validate(prompt, prompt_valid, gen_length, steps, block_length, temperature, remasking,
-              eos_id, ban_eos)
+    _validate(
+        prompt,
+        prompt_valid,
+        gen_length,
+        steps,
+        block_length,
+        temperature,
+        remasking,
+        eos_id,
+        ban_eos,
+    )
 
     batch, prompt_len = prompt.shape
     total_len = prompt_len + gen_length
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
 
-    canvas = jnp.concatenate(
-        [prompt, jnp.full((batch, gen_length), mask_id, jnp.int32)], axis=1
-    )
+    canvas = jnp.concatenate([prompt, jnp.full((batch, gen_length), mask_id, jnp.int32)], axis=1)
     valid = jnp.concatenate([prompt_valid, jnp.ones((batch, gen_length), jnp.bool_)], axis=1)
     positions = jnp.arange(total_len, dtype=jnp.int32)
 

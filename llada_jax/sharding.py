@@ -4,6 +4,7 @@ Parameters and activations are named by logical axes (batch, vocab, embed, heads
 head_dim, mlp, layers); the rules below map them to the mesh axes (data, fsdp, tensor). The
 same config runs on one device and on a pod: only the `mesh` section changes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +14,8 @@ import jax
 import numpy as np
 from flax import nnx
 from flax.core import spmd as flax_spmd
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -35,18 +37,25 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     devices = list(jax.devices() if devices is None else devices)
     shape = list(shape)
     if len(shape) != len(MESH_AXES) or shape.count(-1) > 1:
-        raise ValueError(f"mesh.shape={tuple(shape)} must have {len(MESH_AXES)} entries "
-                         f"{MESH_AXES} with at most one -1")
+        raise ValueError(
+            f"mesh.shape={tuple(shape)} must have {len(MESH_AXES)} entries "
+            f"{MESH_AXES} with at most one -1"
+        )
     known = int(np.prod([s for s in shape if s != -1]))
     if -1 in shape:
         if known <= 0 or len(devices) % known:
-            raise ValueError(f"mesh.shape={tuple(shape)} does not divide the {len(devices)} devices")
+            raise ValueError(
+                f"mesh.shape={tuple(shape)} does not divide the {len(devices)} devices"
+            )
         shape[shape.index(-1)] = len(devices) // known
     if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh.shape={tuple(shape)} needs {int(np.prod(shape))} devices "
-                         f"but {len(devices)} are available")
-    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+        raise ValueError(
+            f"mesh.shape={tuple(shape)} needs {int(np.prod(shape))} devices "
+            f"but {len(devices)} are available"
+        )
+    return jax.make_mesh(
+        tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -59,8 +68,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def logical_spec(names: Sequence[str | None],
-                 rules: Sequence[tuple[str, Any]] | None = None) -> P:
+def logical_spec(names: Sequence[str | None], rules: Sequence[tuple[str, Any]] | None = None) -> P:
     """PartitionSpec of logical axis names under `rules` (default: the active
     `nnx.logical_axis_rules`, else DEFAULT_RULES); None and unknown names stay unsharded."""
     if rules is None:

@@ -13,11 +13,11 @@ step: step metrics averaged over the steps since the previous line, plus through
 and TensorBoard events under DIR/tensorboard; prints one progress line per log interval
 and, at the end, a few samples from the trained model.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import signal
 import sys
@@ -33,13 +33,13 @@ from absl import flags
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from llada_jax import config as config_lib
 from llada_jax import checkpoint, diffusion, kernels, metrics, optim, sharding
+from llada_jax import config as config_lib
+from llada_jax.data import datasets, pipeline
+from llada_jax.data.tokenizer import Tokenizer, default_tokenizer
 from llada_jax.host import distributed, xla_flags
 from llada_jax.host import memory as host_memory
 from llada_jax.kernels import mkl, splash
-from llada_jax.data import datasets, pipeline
-from llada_jax.data.tokenizer import Tokenizer, default_tokenizer
 from llada_jax.model import ModelConfig, Transformer
 from llada_jax.sampling import generate
 from llada_jax.train_step import SFT_COUNTS, StepConfig, jit_train_step, make_train_step
@@ -62,8 +62,9 @@ class Run:
     data_summary: str
 
 
-def prepare(cfg: config_lib.ConfigDict, workdir: str,
-            devices: list[jax.Device] | None = None) -> Run:
+def prepare(
+    cfg: config_lib.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
+) -> Run:
     """Validates the config against the machine (or the given devices); raises ValueError with
     one clear line."""
     parent = os.path.dirname(os.path.abspath(workdir))
@@ -74,26 +75,38 @@ def prepare(cfg: config_lib.ConfigDict, workdir: str,
     mesh = sharding.make_mesh(cfg.mesh.shape, devices)
     dp, batch = sharding.data_parallel_size(mesh), cfg.data.batch_size
     if batch % dp:
-        raise ValueError(f"data.batch_size={batch} is not divisible by the data-parallel size {dp} "
-                         f"(mesh {dict(mesh.shape)} over {jax.device_count()} devices)")
+        raise ValueError(
+            f"data.batch_size={batch} is not divisible by the data-parallel size {dp} "
+            f"(mesh {dict(mesh.shape)} over {jax.device_count()} devices)"
+        )
     if batch % (cfg.optim.grad_accum * jax.process_count()):
-        raise ValueError(f"data.batch_size={batch} is not divisible by optim.grad_accum="
-                         f"{cfg.optim.grad_accum} x {jax.process_count()} processes")
+        raise ValueError(
+            f"data.batch_size={batch} is not divisible by optim.grad_accum="
+            f"{cfg.optim.grad_accum} x {jax.process_count()} processes"
+        )
     tokenizer = Tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else default_tokenizer()
     model_cfg = ModelConfig.from_config(cfg.model)
     if model_cfg.attention == "splash":
         splash.block_size(cfg.data.seq_len)  # a length the kernel cannot tile is refused here
         if mesh.devices.flat[0].platform != "tpu":
-            print(f"warning: model.attention='splash' is a TPU kernel; on "
-                  f"{mesh.devices.flat[0].platform} it runs in Pallas's interpreter (slow)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"warning: model.attention='splash' is a TPU kernel; on "
+                f"{mesh.devices.flat[0].platform} it runs in Pallas's interpreter (slow)",
+                file=sys.stderr,
+                flush=True,
+            )
     if model_cfg.attention == "cudnn" and mesh.devices.flat[0].platform != "gpu":
-        print(f"warning: model.attention='cudnn' is an NVIDIA GPU kernel; on "
-              f"{mesh.devices.flat[0].platform} jax's XLA implementation of it runs",
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: model.attention='cudnn' is an NVIDIA GPU kernel; on "
+            f"{mesh.devices.flat[0].platform} jax's XLA implementation of it runs",
+            file=sys.stderr,
+            flush=True,
+        )
     if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-                         f"vocabulary ({tokenizer.vocab_size})")
+        raise ValueError(
+            f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+            f"vocabulary ({tokenizer.vocab_size})"
+        )
     diffusion_cfg = diffusion.DiffusionConfig.from_config(cfg.diffusion, mask_id=tokenizer.mask_id)
     StepConfig(diffusion_cfg, cfg.optim.grad_accum, cfg.seed, cfg.train.objective)  # validates
     optim.make_optimizer(cfg.optim, cfg.train.steps)  # validates the optimizer section
@@ -118,26 +131,42 @@ def check_resumable(cfg: config_lib.ConfigDict, workdir: str) -> None:
             continue
         changes = checkpoint.shape_changes(saved, cfg.model.to_dict())
         if changes:
-            raise ValueError(f"cannot {what} {directory!r} (step {step}): the config changes model "
-                             f"shapes: {'; '.join(changes)}")
+            raise ValueError(
+                f"cannot {what} {directory!r} (step {step}): the config changes model "
+                f"shapes: {'; '.join(changes)}"
+            )
 
 
-def open_batches(cfg: config_lib.ConfigDict, tokenizer: Tokenizer,
-                 vocab_size: int) -> tuple[grain.MapDataset, str]:
+def open_batches(
+    cfg: config_lib.ConfigDict, tokenizer: Tokenizer, vocab_size: int
+) -> tuple[grain.MapDataset, str]:
     """The configured datasets, checked against the run, as per-step local batches."""
     d = cfg.data
     if cfg.train.objective == "sft":
         if not d.datasets:
-            raise ValueError("train.objective='sft' needs data.datasets: prepared SFT data "
-                             "(tools/prepare_data.py --format=sft)")
+            raise ValueError(
+                "train.objective='sft' needs data.datasets: prepared SFT data "
+                "(tools/prepare_data.py --format=sft)"
+            )
         sources = datasets.open_sources(d.datasets, "sft", None, tokenizer, vocab_size)
         batches = pipeline.sft_local_batches(
-            pipeline.mixed_rows(sources, cfg.seed), d.batch_size, d.seq_len, tokenizer.eos_id,
-            vocab_size, d.sft_overflow, d.sft_pairs_per_row)
+            pipeline.mixed_rows(sources, cfg.seed),
+            d.batch_size,
+            d.seq_len,
+            tokenizer.eos_id,
+            vocab_size,
+            d.sft_overflow,
+            d.sft_pairs_per_row,
+        )
     else:
         sources = datasets.pretrain_sources(d, tokenizer, vocab_size)
-        batches = pipeline.local_batches(pipeline.mixed_rows(sources, cfg.seed), d.batch_size,
-                                         vocab_size, tokenizer.eos_id, d.segment_ids)
+        batches = pipeline.local_batches(
+            pipeline.mixed_rows(sources, cfg.seed),
+            d.batch_size,
+            vocab_size,
+            tokenizer.eos_id,
+            d.segment_ids,
+        )
     return batches, pipeline.describe(sources)
 
 
@@ -148,7 +177,8 @@ def create_state(run: Run) -> tuple[nnx.GraphDef, Any, Any, Any]:
         model = Transformer(run.model_cfg, rngs=nnx.Rngs(run.cfg.seed), kernels=run_kernels(run))
         graphdef, params = nnx.split(model, nnx.Param)
         opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, run.mesh))(
-            params)
+            params
+        )
     return graphdef, params, opt_state, tx
 
 
@@ -157,9 +187,13 @@ def opt_state_shardings(tx: Any, params: Any, mesh: jax.sharding.Mesh) -> Any:
     sharded like the parameters, everything else (counts) replicated. A bare `jax.jit(tx.init)`
     does not do this: zeros do not depend on their input, and XLA replicates them."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params),
-                                 jax.tree.map(lambda p: p.sharding, params),
-                                 transform_non_params=lambda _: replicated)
+    return optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        jax.eval_shape(tx.init, params),
+        jax.tree.map(lambda p: p.sharding, params),
+        transform_non_params=lambda _: replicated,
+    )
 
 
 def abstract_state(run: Run) -> tuple[nnx.GraphDef, Any, Any, Any]:
@@ -169,28 +203,43 @@ def abstract_state(run: Run) -> tuple[nnx.GraphDef, Any, Any, Any]:
     tx = optim.make_optimizer(run.cfg.optim, run.cfg.train.steps)
     chosen = run_kernels(run)  # before tracing: choosing may build a kernel library
     with sharding.use_mesh(run.mesh):
-        model = nnx.eval_shape(lambda: Transformer(run.model_cfg, rngs=nnx.Rngs(run.cfg.seed),
-                                                   kernels=chosen))
+        model = nnx.eval_shape(
+            lambda: Transformer(run.model_cfg, rngs=nnx.Rngs(run.cfg.seed), kernels=chosen)
+        )
         graphdef, params = nnx.split(model, nnx.Param)
-        params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              params, nnx.get_named_sharding(params, run.mesh))
+        params = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            params,
+            nnx.get_named_sharding(params, run.mesh),
+        )
     # Outside the mesh context: optax runs tx.init eagerly on placeholders, which fails on a mesh
     # of abstract (topology) devices.
-    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                             jax.eval_shape(tx.init, params),
-                             opt_state_shardings(tx, params, run.mesh))
+    opt_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        jax.eval_shape(tx.init, params),
+        opt_state_shardings(tx, params, run.mesh),
+    )
     return graphdef, params, opt_state, tx
 
 
 def make_step_fn(run: Run, graphdef: nnx.GraphDef, params: Any, opt_state: Any, tx: Any) -> Any:
     """The jitted training step, as the trainer runs it (the benchmark times this function)."""
     cfg = run.cfg
-    return MeshBound(jit_train_step(
-        make_train_step(graphdef, tx, optim.make_lr_schedule(cfg.optim, cfg.train.steps),
-                        StepConfig(run.diffusion_cfg, cfg.optim.grad_accum, cfg.seed,
-                                   cfg.train.objective)),
-        params, opt_state, run.mesh,
-        mkl.STEP_COMPILER_OPTIONS if uses_mkl(run) else None), run.mesh)
+    return MeshBound(
+        jit_train_step(
+            make_train_step(
+                graphdef,
+                tx,
+                optim.make_lr_schedule(cfg.optim, cfg.train.steps),
+                StepConfig(run.diffusion_cfg, cfg.optim.grad_accum, cfg.seed, cfg.train.objective),
+            ),
+            params,
+            opt_state,
+            run.mesh,
+            mkl.STEP_COMPILER_OPTIONS if uses_mkl(run) else None,
+        ),
+        run.mesh,
+    )
 
 
 def run_kernels(run: Run) -> kernels.Kernels:
@@ -246,8 +295,9 @@ class Preemption:
         return self.requested
 
 
-def restore_or_init(run: Run, ckpt: checkpoint.Checkpointer, params: Any, opt_state: Any
-                    ) -> tuple[Any, Any, int]:
+def restore_or_init(
+    run: Run, ckpt: checkpoint.Checkpointer, params: Any, opt_state: Any
+) -> tuple[Any, Any, int]:
     """Resumes from the workdir's latest checkpoint, else starts from train.init_from's params
     (fresh optimizer), else from the initialization. Returns (params, opt_state, start_step)."""
     latest = ckpt.latest_step()
@@ -260,8 +310,9 @@ def restore_or_init(run: Run, ckpt: checkpoint.Checkpointer, params: Any, opt_st
     return params, opt_state, 0
 
 
-def interval_stats(interval: list[dict[str, jax.Array]], skipped_before: int = 0
-                   ) -> tuple[dict[str, float], int]:
+def interval_stats(
+    interval: list[dict[str, jax.Array]], skipped_before: int = 0
+) -> tuple[dict[str, float], int]:
     """Means of the step metrics since the last log line (counts summed), and the number of
     skipped steps in a row at its end, continuing the `skipped_before` run of the previous
     interval when every step of this one was skipped."""
@@ -284,29 +335,47 @@ def train(run: Run) -> dict[str, float]:
     # replaces may be saving); then the checkpointer clears what interrupted saves left behind.
     # Leaving the `with` waits for the save in flight, on every exit path: an interpreter that
     # exits under a save prints tracebacks.
-    lock = (checkpoint.WriterLock(run.workdir, c.wait_for_writer_sec) if is_writer
-            else contextlib.nullcontext())
-    with lock, checkpoint.Checkpointer(run.workdir, c.save_every, c.max_to_keep, c.keep_every,
-                                       c.async_save, writer=True) as ckpt:
+    lock = (
+        checkpoint.WriterLock(run.workdir, c.wait_for_writer_sec)
+        if is_writer
+        else contextlib.nullcontext()
+    )
+    with (
+        lock,
+        checkpoint.Checkpointer(
+            run.workdir, c.save_every, c.max_to_keep, c.keep_every, c.async_save, writer=True
+        ) as ckpt,
+    ):
         if is_writer:
-            metrics.write_atomically(os.path.join(run.workdir, "config.json"),
-                                     cfg.to_json_best_effort(indent=2))
+            metrics.write_atomically(
+                os.path.join(run.workdir, "config.json"), cfg.to_json_best_effort(indent=2)
+            )
             print(cfg, flush=True)
         graphdef, params, opt_state, tx = create_state(run)
         n_params = sum(x.size for x in jax.tree.leaves(params))
         params, opt_state, start = restore_or_init(run, ckpt, params, opt_state)
         preemption = Preemption()
         with metrics.MetricsWriter(run.workdir, enabled=is_writer, after_step=start) as writer:
-            params, last = train_steps(run, ckpt, writer, preemption, graphdef, tx, params,
-                                       opt_state, start, n_params)
+            params, last = train_steps(
+                run, ckpt, writer, preemption, graphdef, tx, params, opt_state, start, n_params
+            )
     if is_writer and cfg.sample.num_samples > 0 and not preemption.requested:
         print_samples(run, graphdef, params)
     return last
 
 
-def train_steps(run: Run, ckpt: checkpoint.Checkpointer, writer: metrics.MetricsWriter,
-                preemption: Preemption, graphdef: nnx.GraphDef, tx: Any, params: Any,
-                opt_state: Any, start: int, n_params: int) -> tuple[Any, dict[str, float]]:
+def train_steps(
+    run: Run,
+    ckpt: checkpoint.Checkpointer,
+    writer: metrics.MetricsWriter,
+    preemption: Preemption,
+    graphdef: nnx.GraphDef,
+    tx: Any,
+    params: Any,
+    opt_state: Any,
+    start: int,
+    n_params: int,
+) -> tuple[Any, dict[str, float]]:
     """Steps `start` .. cfg.train.steps (or up to a preemption), logging and saving as
     configured; returns the final params and the last logged metrics."""
     cfg, is_writer = run.cfg, jax.process_index() == 0
@@ -317,10 +386,13 @@ def train_steps(run: Run, ckpt: checkpoint.Checkpointer, writer: metrics.Metrics
     flops_per_token = metrics.train_flops_per_token(run.model_cfg, seq_len)
     peak = metrics.total_peak_flops(run.model_cfg.dtype)
     if is_writer:
-        print(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token "
-              f"(train); data: {run.data_summary}; devices: {jax.device_count()} "
-              f"x {jax.devices()[0].device_kind}; peak {peak / 1e9 if peak else float('nan'):.1f} "
-              f"GFLOP/s" + (f"; resumed at step {start}" if start else ""), flush=True)
+        print(
+            f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token "
+            f"(train); data: {run.data_summary}; devices: {jax.device_count()} "
+            f"x {jax.devices()[0].device_kind}; peak {peak / 1e9 if peak else float('nan'):.1f} "
+            f"GFLOP/s" + (f"; resumed at step {start}" if start else ""),
+            flush=True,
+        )
     meta = {"config": cfg.to_dict()}
     last: dict[str, float] = {}
     interval: list[dict[str, jax.Array]] = []  # device metrics since the last log line
@@ -338,19 +410,27 @@ def train_steps(run: Run, ckpt: checkpoint.Checkpointer, writer: metrics.Metrics
                 raise FloatingPointError(
                     f"{skipped_in_a_row} steps in a row up to step {done} had a NaN/Inf loss or "
                     f"gradient (train.max_skipped_in_a_row={cfg.train.max_skipped_in_a_row}); "
-                    f"the last checkpoint holds no NaN: lower the learning rate and resume")
+                    f"the last checkpoint holds no NaN: lower the learning rate and resume"
+                )
             if step == start:  # includes compilation: no throughput; time from here on
                 last = means
                 if is_writer:
-                    print(f"step {done} compiled and ran in {now - mark_time:.1f}s, loss "
-                          f"{means['loss']:.4f}", flush=True)
+                    print(
+                        f"step {done} compiled and ran in {now - mark_time:.1f}s, loss "
+                        f"{means['loss']:.4f}",
+                        flush=True,
+                    )
             else:
                 sec_per_step = (now - mark_time) / (done - mark_step)
                 tokens_per_sec = batch_size * seq_len / sec_per_step
-                last = dict(means, tokens_per_sec=tokens_per_sec,
-                            masked_tokens_per_sec=means["num_masked"] / sec_per_step,
-                            mfu=flops_per_token * tokens_per_sec / peak if peak else None,
-                            step_time_sec=sec_per_step, eta_sec=(total - done) * sec_per_step)
+                last = dict(
+                    means,
+                    tokens_per_sec=tokens_per_sec,
+                    masked_tokens_per_sec=means["num_masked"] / sec_per_step,
+                    mfu=flops_per_token * tokens_per_sec / peak if peak else None,
+                    step_time_sec=sec_per_step,
+                    eta_sec=(total - done) * sec_per_step,
+                )
                 if is_writer:
                     print(metrics.format_log_line(done, total, last), flush=True)
             writer.write(done, last)
@@ -373,15 +453,24 @@ def print_samples(run: Run, graphdef: nnx.GraphDef, params: Any) -> None:
     prompt = np.full((len(prompts), width), tok.pad_id, np.int32)
     valid = np.zeros((len(prompts), width), bool)
     for i, p in enumerate(prompts):  # left padding, as the sampler expects
-        prompt[i, width - len(p):], valid[i, width - len(p):] = p, True
+        prompt[i, width - len(p) :], valid[i, width - len(p) :] = p, True
 
     def sample(params: Any, prompt: jax.Array, valid: jax.Array, key: jax.Array) -> jax.Array:
         def logits_fn(tokens: jax.Array, valid: jax.Array) -> jax.Array:
             return nnx.merge(graphdef, params)(tokens, valid)  # merged inside the sampler's loop
 
-        return generate(logits_fn, prompt, valid, key, gen_length=s.gen_length, steps=s.steps,
-                        block_length=s.block_length, mask_id=tok.mask_id, temperature=s.temperature,
-                        remasking=s.remasking)[0]
+        return generate(
+            logits_fn,
+            prompt,
+            valid,
+            key,
+            gen_length=s.gen_length,
+            steps=s.steps,
+            block_length=s.block_length,
+            mask_id=tok.mask_id,
+            temperature=s.temperature,
+            remasking=s.remasking,
+        )[0]
 
     t = time.perf_counter()
     out = np.asarray(jax.jit(sample)(params, prompt, valid, jax.random.key(run.cfg.seed)))

@@ -3,6 +3,7 @@
 `train_step(params, opt_state, batch, step) -> (params, opt_state, metrics)`; the PRNG key is
 the run's seed with the step folded in, so masks depend only on (seed, step), not on sharding.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,9 @@ class StepConfig:
             raise ValueError(f"train.objective={self.objective!r} is not one of {OBJECTIVES}")
 
 
-def loss_fn(graphdef: nnx.GraphDef, params: PyTree, noised: dict[str, jax.Array]
-            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def loss_fn(
+    graphdef: nnx.GraphDef, params: PyTree, noised: dict[str, jax.Array]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Loss of the model on an already-noised (micro)batch: SFT when it has a response mask."""
     model = nnx.merge(graphdef, params)
     # Training batches pad at the end only (filler rows, random lengths, SFT rows).
@@ -54,8 +56,9 @@ def noise(key: jax.Array, batch: dict[str, jax.Array], cfg: StepConfig) -> dict[
     (B, L) (filler rows); for SFT prompt_mask (B, L), True on prompt tokens, never masked.
     """
     prompt_mask = batch["prompt_mask"] if cfg.objective == "sft" else None
-    noised = diffusion.noise_batch(key, batch["tokens"], cfg.diffusion, prompt_mask=prompt_mask,
-                                   valid=batch.get("valid"))
+    noised = diffusion.noise_batch(
+        key, batch["tokens"], cfg.diffusion, prompt_mask=prompt_mask, valid=batch.get("valid")
+    )
     if "segment_ids" in batch:
         noised["segment_ids"] = batch["segment_ids"]
     if prompt_mask is not None:
@@ -63,13 +66,18 @@ def noise(key: jax.Array, batch: dict[str, jax.Array], cfg: StepConfig) -> dict[
     return noised
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    lr_schedule: optax.Schedule, cfg: StepConfig) -> StepFn:
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+    cfg: StepConfig,
+) -> StepFn:
     """The un-jitted step function; `jit_train_step` compiles it with shardings and donation."""
     grad_fn = jax.value_and_grad(lambda p, b: loss_fn(graphdef, p, b), has_aux=True)
 
-    def train_step(params: PyTree, opt_state: PyTree, batch: dict[str, jax.Array],
-                   step: jax.Array) -> tuple[PyTree, PyTree, dict[str, jax.Array]]:
+    def train_step(
+        params: PyTree, opt_state: PyTree, batch: dict[str, jax.Array], step: jax.Array
+    ) -> tuple[PyTree, PyTree, dict[str, jax.Array]]:
         key = jax.random.fold_in(jax.random.key(cfg.seed), step)
         noised = noise(key, batch, cfg)
         loss, aux, grads = optim.accumulate_gradients(grad_fn, params, noised, cfg.grad_accum)
@@ -80,20 +88,35 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         # checkpoint); the host loop counts skips and stops after too many in a row.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        metrics = dict(loss=loss, grad_norm=grad_norm, lr=lr_schedule(step),
-                       num_valid=jnp.sum(noised["valid"]), skipped=(~finite).astype(jnp.int32),
-                       **aux, **{k: jnp.sum(batch[k]) for k in SFT_COUNTS if k in batch})
+        metrics = dict(
+            loss=loss,
+            grad_norm=grad_norm,
+            lr=lr_schedule(step),
+            num_valid=jnp.sum(noised["valid"]),
+            skipped=(~finite).astype(jnp.int32),
+            **aux,
+            **{k: jnp.sum(batch[k]) for k in SFT_COUNTS if k in batch},
+        )
         return keep(new_params, params), keep(new_opt_state, opt_state), metrics
 
     return train_step
 
 
-def jit_train_step(step_fn: StepFn, params: PyTree, opt_state: PyTree, mesh: Mesh,
-                   compiler_options: dict[str, Any] | None = None) -> StepFn:
+def jit_train_step(
+    step_fn: StepFn,
+    params: PyTree,
+    opt_state: PyTree,
+    mesh: Mesh,
+    compiler_options: dict[str, Any] | None = None,
+) -> StepFn:
     """jit with params / optimizer state donated and kept on their own shardings."""
     state_shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
     batch = sharding.batch_sharding(mesh)  # a prefix: every batch array is split the same way
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(step_fn, in_shardings=(*state_shardings, batch, replicated),
-                   out_shardings=(*state_shardings, replicated), donate_argnums=(0, 1),
-                   compiler_options=compiler_options)
+    return jax.jit(
+        step_fn,
+        in_shardings=(*state_shardings, batch, replicated),
+        out_shardings=(*state_shardings, replicated),
+        donate_argnums=(0, 1),
+        compiler_options=compiler_options,
+    )

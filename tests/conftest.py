@@ -1,4 +1,5 @@
 """Test setup: 8 fake CPU devices, set before jax is imported anywhere."""
+
 import os
 import sys
 

@@ -1,6 +1,7 @@
 """tools/aot_compile.py on the 8 fake CPU devices (no libtpu needed): the trainer's step compiled
 ahead of time over abstract state, and its per-device memory report checked against the state
 the trainer really allocates."""
+
 import importlib.util
 import os
 
@@ -15,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_tool():
     spec = importlib.util.spec_from_file_location(
-        "aot_compile", os.path.join(ROOT, "tools", "aot_compile.py"))
+        "aot_compile", os.path.join(ROOT, "tools", "aot_compile.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -47,15 +49,17 @@ def test_abstract_state_matches_create_state(tmp_path):
         assert (a.shape, a.dtype) == (r.shape, r.dtype)
         assert a.sharding.is_equivalent_to(r.sharding, r.ndim), (a.sharding, r.sharding)
     # Adam's moments are sharded like the parameters (a bare jax.jit(tx.init) replicates them).
-    param_specs = {jax.tree_util.keystr(p): x.sharding
-                   for p, x in jax.tree_util.tree_leaves_with_path(real_params)}
+    param_specs = {
+        jax.tree_util.keystr(p): x.sharding
+        for p, x in jax.tree_util.tree_leaves_with_path(real_params)
+    }
     moments = 0
     for path, x in jax.tree_util.tree_leaves_with_path(real_opt):
         key = jax.tree_util.keystr(path)
         for name in (".mu", ".nu"):
             if name in key:
                 moments += 1
-                want = param_specs[key[key.index(name) + len(name):]]
+                want = param_specs[key[key.index(name) + len(name) :]]
                 assert x.sharding.is_equivalent_to(want, x.ndim), (key, x.sharding, want)
     assert moments == 2 * len(param_specs)
 
@@ -88,20 +92,30 @@ def test_kernel_matmuls_counts_splash_calls(tool):
     """Splash-attention kernels are Mosaic custom calls that XLA's cost analysis counts as free;
     the tool counts their L x L x head_dim matmuls from the optimized HLO instead (lines in the
     form libtpu prints them)."""
-    line = ('  %{} = (bf16[5,32,4096,128]{{3,2,1,0}}) custom-call(%a, %b), '
-            'custom_call_target="tpu_custom_call", backend_config={{}}')
-    fused = "\n".join([line.format("splash_mha_fwd_segmented_residuals.1"),
-                       line.format("splash_mha_fwd_segmented_residuals.2"),  # remat recompute
-                       line.format("splash_mha_dkv_segmented_no_residuals"),
-                       "  %fusion.3 = bf16[8] fusion(%x), kind=kLoop"])
+    line = (
+        "  %{} = (bf16[5,32,4096,128]{{3,2,1,0}}) custom-call(%a, %b), "
+        'custom_call_target="tpu_custom_call", backend_config={{}}'
+    )
+    fused = "\n".join(
+        [
+            line.format("splash_mha_fwd_segmented_residuals.1"),
+            line.format("splash_mha_fwd_segmented_residuals.2"),  # remat recompute
+            line.format("splash_mha_dkv_segmented_no_residuals"),
+            "  %fusion.3 = bf16[8] fusion(%x), kind=kLoop",
+        ]
+    )
     assert tool.kernel_matmuls(fused) == 2 + 2 + 5
-    unfused = "\n".join([line.format("splash_mha_fwd_residuals.7"),
-                         line.format("splash_mha_dkv_no_residuals.1"),
-                         line.format("splash_mha_dq_no_residuals.1")])
+    unfused = "\n".join(
+        [
+            line.format("splash_mha_fwd_residuals.7"),
+            line.format("splash_mha_dkv_no_residuals.1"),
+            line.format("splash_mha_dq_no_residuals.1"),
+        ]
+    )
     assert tool.kernel_matmuls(unfused) == 2 + 4 + 3
     assert tool.kernel_matmuls("  %dot.1 = f32[4,4] dot(%a, %b)") == 0
     cfg = config_lib.load("configs/tiny.py", [("model.attention", "splash")])
     # One matmul over a chip's sequences: batch 8 / 4 data-parallel chips, heads 4 / 2 tensor.
     m = cfg.model
-    want = 2.0 * (8 / 4) * cfg.data.seq_len ** 2 * (m.n_heads / 2) * (m.d_model // m.n_heads)
+    want = 2.0 * (8 / 4) * cfg.data.seq_len**2 * (m.n_heads / 2) * (m.d_model // m.n_heads)
     assert tool.attention_matmul_flops(cfg, 8, {"data": 2, "fsdp": 2, "tensor": 2}) == want

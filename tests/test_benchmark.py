@@ -1,5 +1,6 @@
 """tools/benchmark.py: the paired MFU arithmetic (metrics.paired_mfu), and one real train-mode
 run of the tiny config."""
+
 import json
 import os
 import platform
@@ -19,7 +20,8 @@ def test_paired_mfu_takes_the_better_neighbouring_probe():
     # step 2: 25 / max(100, 50) = 0.25. Median 0.25.
     assert metrics.paired_mfu(100.0, [1.0, 2.0, 4.0], [200.0, 400.0, 100.0, 50.0]) == 0.25
     assert metrics.paired_mfu(100.0, [1.0, 2.0], [400.0, 400.0, 100.0]) == pytest.approx(
-        (0.25 + 0.125) / 2)
+        (0.25 + 0.125) / 2
+    )
     with pytest.raises(ValueError, match="3 probes for 3 steps"):
         metrics.paired_mfu(100.0, [1.0, 2.0, 4.0], [1.0, 2.0, 3.0])
 
@@ -27,9 +29,20 @@ def test_paired_mfu_takes_the_better_neighbouring_probe():
 def test_train_mode_reports_both_mfus():
     env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user's run
     out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--config=configs/tiny.py",
-         "--steps=2", "--warmup=1", "--json"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "benchmark.py"),
+            "--config=configs/tiny.py",
+            "--steps=2",
+            "--warmup=1",
+            "--json",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["mode"] == "train" and result["steps"] == 2

@@ -1,5 +1,6 @@
 """Checkpoints: exact resume, SIGTERM, kill -9 restart loops, leftovers of interrupted saves, NaN
 skip, mesh change, refusal."""
+
 import json
 import os
 import random
@@ -21,13 +22,24 @@ from llada_jax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DETERMINISTIC = ("loss", "grad_norm", "lr", "num_masked", "masked_ce", "num_valid", "skipped")
-RUN = ["--config.sample.num_samples=0", "--config.train.log_every=1",
-       "--config.checkpoint.save_every=2", "--config.train.steps=8"]
+RUN = [
+    "--config.sample.num_samples=0",
+    "--config.train.log_every=1",
+    "--config.checkpoint.save_every=2",
+    "--config.train.steps=8",
+]
 
 
 def train_cmd(workdir, *extra):
-    return [sys.executable, "-m", "llada_jax.train", "--config=configs/tiny.py",
-            f"--workdir={workdir}", *RUN, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "llada_jax.train",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        *RUN,
+        *extra,
+    ]
 
 
 def read_metrics(workdir):
@@ -36,8 +48,7 @@ def read_metrics(workdir):
 
 
 def run(cmd, env=None, timeout=600):
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=env)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -47,7 +58,9 @@ def wait_for_step(workdir, step, proc, timeout=300):
     path, deadline = os.path.join(workdir, "metrics.jsonl"), time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, proc.communicate()[1][-2000:]
-        if os.path.exists(path) and any(json.loads(x)["step"] >= step for x in open(path) if x.strip()):
+        if os.path.exists(path) and any(
+            json.loads(x)["step"] >= step for x in open(path) if x.strip()
+        ):
             return
         time.sleep(0.05)
     raise TimeoutError(step)
@@ -69,8 +82,9 @@ def assert_same_metrics(a, b, steps=8):
 def test_sigterm_saves_and_resume_is_bit_identical(uninterrupted, tmp_path):
     workdir = str(tmp_path / "interrupted")
     # A slowed-down copy of the same run (slower logging only), so SIGTERM lands mid-run.
-    proc = subprocess.Popen(train_cmd(workdir), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_cmd(workdir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     wait_for_step(workdir, 3, proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
@@ -86,12 +100,14 @@ class Watched:
     """A training process whose output is read as it comes (threads), so a test can act on it."""
 
     def __init__(self, cmd):
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         self.stdout, self.stderr = [], []
-        self.readers = [threading.Thread(target=lambda s=s, out=out: out.extend(s), daemon=True)
-                        for s, out in ((self.proc.stdout, self.stdout),
-                                       (self.proc.stderr, self.stderr))]
+        self.readers = [
+            threading.Thread(target=lambda s=s, out=out: out.extend(s), daemon=True)
+            for s, out in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr))
+        ]
         for r in self.readers:
             r.start()
 
@@ -145,8 +161,9 @@ LONG_STEPS = 30
 
 def long_cmd(workdir, *extra):
     """A run long enough to be interrupted many times, saving every step."""
-    return train_cmd(workdir, "--config.checkpoint.save_every=1",
-                     f"--config.train.steps={LONG_STEPS}", *extra)
+    return train_cmd(
+        workdir, "--config.checkpoint.save_every=1", f"--config.train.steps={LONG_STEPS}", *extra
+    )
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +180,19 @@ def test_restart_loop_of_kills_loses_nothing(straight_long, tmp_path):
     metrics of every step equal an uninterrupted run's."""
     steps, cmd = LONG_STEPS, long_cmd
     workdir, rng = str(tmp_path / "killed"), random.Random(0)
-    moments = ["starting", "saving", "stepping", "preempted", "saving", "starting", "stepping",
-               "saving", "preempted", "saving", "stepping"]
+    moments = [
+        "starting",
+        "saving",
+        "stepping",
+        "preempted",
+        "saving",
+        "starting",
+        "stepping",
+        "saving",
+        "preempted",
+        "saving",
+        "stepping",
+    ]
     kills, outputs = 0, []
     for moment in moments:
         r = Watched(cmd(workdir))
@@ -190,8 +218,13 @@ def test_a_restarted_trainer_waits_for_the_one_it_replaces(straight_long, tmp_pa
     old = Watched(long_cmd(workdir))
     assert old.wait_for(old.logged_a_step)
     old.proc.send_signal(signal.SIGSTOP)  # a slow old job: it holds the workdir until SIGCONT
-    impatient = subprocess.run(long_cmd(workdir, "--config.checkpoint.wait_for_writer_sec=0.5"),
-                               cwd=ROOT, capture_output=True, text=True, timeout=300)
+    impatient = subprocess.run(
+        long_cmd(workdir, "--config.checkpoint.wait_for_writer_sec=0.5"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert impatient.returncode == 2, impatient.stderr[-2000:]
     line = impatient.stderr.strip().splitlines()[-1]
     assert line.startswith("error: --workdir=") and f"(pid {old.proc.pid})" in line, line
@@ -260,9 +293,18 @@ def test_save_of_an_existing_step_keeps_a_complete_one_and_replaces_an_incomplet
 
 def test_changed_model_shapes_are_refused(uninterrupted):
     before = sorted(os.listdir(os.path.join(uninterrupted, "checkpoints")))
-    proc = subprocess.run(train_cmd(uninterrupted, "--config.model.n_layers=3",
-                                    "--config.model.mlp_hidden=96", "--config.optim.lr=0.1"),
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        train_cmd(
+            uninterrupted,
+            "--config.model.n_layers=3",
+            "--config.model.mlp_hidden=96",
+            "--config.optim.lr=0.1",
+        ),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]
     assert "changes model shapes: model.n_layers: 2 -> 3; model.mlp_hidden: 128 -> 96" in line
@@ -279,7 +321,8 @@ def test_restore_on_another_mesh_and_params_only(uninterrupted, tmp_path):
         "p, _ = checkpoint.Checkpointer(sys.argv[1]).restore(8, params)\n"
         "k = p['blocks']['mlp']['up']['kernel'][...]\n"
         "assert len(k.sharding.device_set) == 4 and k.sharding.spec[1:] == ('fsdp', 'tensor')\n"
-        "np.savez(sys.argv[2], *[np.asarray(x) for x in jax.tree.leaves(p)])\n")
+        "np.savez(sys.argv[2], *[np.asarray(x) for x in jax.tree.leaves(p)])\n"
+    )
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     out = str(tmp_path / "restored.npz")
     run([sys.executable, "-c", script, uninterrupted, out], env=env)
@@ -307,15 +350,19 @@ def test_nonfinite_step_is_skipped(tmp_path):
     before = jax.tree.map(np.asarray, (bad, opt_state))
     new_params, new_opt, out = step_fn(bad, opt_state, batch, jnp.int32(0))
     assert int(out["skipped"]) == 1 and not np.isfinite(float(out["loss"]))
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, (new_params, new_opt)),
-                 before)
+    jax.tree.map(
+        np.testing.assert_array_equal, jax.tree.map(np.asarray, (new_params, new_opt)), before
+    )
     # The same step from clean parameters is taken.
-    restored = jax.tree.map(lambda a, ref: jax.device_put(a, ref.sharding), clean, (new_params, new_opt))
+    restored = jax.tree.map(
+        lambda a, ref: jax.device_put(a, ref.sharding), clean, (new_params, new_opt)
+    )
     stepped, opt, ok = step_fn(*restored, batch, jnp.int32(0))
     assert int(ok["skipped"]) == 0 and np.isfinite(float(ok["loss"]))
     stepped, _, _ = step_fn(stepped, opt, batch, jnp.int32(1))  # the first update has lr 0
-    assert not np.array_equal(np.asarray(stepped["embed"]["embedding"][...]),
-                              clean[0]["embed"]["embedding"][...])
+    assert not np.array_equal(
+        np.asarray(stepped["embed"]["embedding"][...]), clean[0]["embed"]["embedding"][...]
+    )
 
 
 def test_interval_stats_count_skips_in_a_row():
@@ -330,9 +377,18 @@ def test_too_many_nonfinite_steps_stop_the_run(tmp_path):
     """A learning rate that blows the weights up: every later step is skipped, and the run stops
     with one error line once more than max_skipped_in_a_row happened in a row."""
     proc = subprocess.run(
-        train_cmd(str(tmp_path / "w"), "--config.optim.lr=1e30", "--config.optim.clip_norm=0.0",
-                  "--config.train.max_skipped_in_a_row=2", "--config.train.steps=20"),
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        train_cmd(
+            str(tmp_path / "w"),
+            "--config.optim.lr=1e30",
+            "--config.optim.clip_norm=0.0",
+            "--config.train.max_skipped_in_a_row=2",
+            "--config.train.steps=20",
+        ),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 3, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: 3 steps in a row") and "max_skipped_in_a_row=2" in line

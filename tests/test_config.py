@@ -1,4 +1,5 @@
 """Config files, variants and command-line overrides."""
+
 import importlib.util
 
 import jax
@@ -41,26 +42,49 @@ def test_llada_8b_schedule_in_steps():
     assert c.optim.lr_drops == ((round(1.2e12 / tokens_per_step), 1e-4),)
     assert c.optim.decay_steps == round(0.3e12 / tokens_per_step)
     assert (c.optim.lr, c.optim.warmup_steps, c.optim.final_lr, c.optim.weight_decay) == (
-        4e-4, 2000, 1e-5, 0.1)
+        4e-4,
+        2000,
+        1e-5,
+        0.1,
+    )
 
 
 def test_overrides_are_typed():
-    c = config.load("configs/tiny.py", [
-        ("model.d_model", "128"), ("optim.lr", "1"), ("model.causal", "true"),
-        ("mesh.shape", "(2,2,2)"), ("model.remat", "full"), ("sample.prompts", "('a','b')")])
+    c = config.load(
+        "configs/tiny.py",
+        [
+            ("model.d_model", "128"),
+            ("optim.lr", "1"),
+            ("model.causal", "true"),
+            ("mesh.shape", "(2,2,2)"),
+            ("model.remat", "full"),
+            ("sample.prompts", "('a','b')"),
+        ],
+    )
     assert c.model.d_model == 128 and c.optim.lr == 1.0 and isinstance(c.optim.lr, float)
     assert c.model.causal is True and c.mesh.shape == (2, 2, 2) and c.model.remat == "full"
     assert c.sample.prompts == ("a", "b")
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("model.d_model", "abc", "config.model.d_model='abc' is not a valid int"),
-    ("model.d_model", "1.5", "config.model.d_model=1.5 is not a valid int"),
-    ("model.causal", "3", "config.model.causal=3 is not a valid bool"),
-    ("model.bogus", "1", "unknown config key 'model.bogus'; valid keys here: attention, causal, d_model"),
-    ("modle.d_model", "1", "unknown config key 'modle'; valid keys here: checkpoint, data, diffusion"),
-    ("model", "1", "unknown config key 'model'"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("model.d_model", "abc", "config.model.d_model='abc' is not a valid int"),
+        ("model.d_model", "1.5", "config.model.d_model=1.5 is not a valid int"),
+        ("model.causal", "3", "config.model.causal=3 is not a valid bool"),
+        (
+            "model.bogus",
+            "1",
+            "unknown config key 'model.bogus'; valid keys here: attention, causal, d_model",
+        ),
+        (
+            "modle.d_model",
+            "1",
+            "unknown config key 'modle'; valid keys here: checkpoint, data, diffusion",
+        ),
+        ("model", "1", "unknown config key 'model'"),
+    ],
+)
 def test_bad_overrides(key, value, message):
     with pytest.raises(config.ConfigError) as e:
         config.load("configs/tiny.py", [(key, value)])
@@ -69,9 +93,16 @@ def test_bad_overrides(key, value, message):
 
 def test_variants_compose_and_unknown_lists_valid():
     c = config.load("configs/demo.py:cosine+stratified+quick", [])
-    assert (c.diffusion.schedule, c.diffusion.t_sampling, c.train.steps) == ("cosine", "stratified", 30)
-    with pytest.raises(config.ConfigError, match="unknown config variant 'huge'; valid variants: "
-                                                 "bf16, cosine, linear, poly2, quick, stratified"):
+    assert (c.diffusion.schedule, c.diffusion.t_sampling, c.train.steps) == (
+        "cosine",
+        "stratified",
+        30,
+    )
+    with pytest.raises(
+        config.ConfigError,
+        match="unknown config variant 'huge'; valid variants: "
+        "bf16, cosine, linear, poly2, quick, stratified",
+    ):
         config.load("configs/demo.py:huge", [])
 
 

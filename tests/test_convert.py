@@ -1,5 +1,6 @@
 """Hugging Face import/export (tools/convert_hf.py): reference logits, byte-identical round trips,
 an independent numpy LLaMA forward pass, training from a converted workdir, one-line errors."""
+
 import json
 import os
 import subprocess
@@ -29,10 +30,14 @@ def convert(*args):
 
 
 def read_all(directory):
-    """Every tensor of an HF directory (via its index when sharded): name -> (dtype, shape, bytes)."""
+    """Every tensor of an HF directory (via its index when sharded): name -> (dtype, shape,
+    bytes)."""
     index = os.path.join(directory, "model.safetensors.index.json")
-    files = (sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index)
-             else ["model.safetensors"])
+    files = (
+        sorted(set(json.load(open(index))["weight_map"].values()))
+        if os.path.exists(index)
+        else ["model.safetensors"]
+    )
     out = {}
     for name in files:
         with safe_open(os.path.join(directory, name), framework="numpy") as f:
@@ -80,8 +85,9 @@ def test_imported_fixture_reproduces_reference_logits(fixture_workdir):
     np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-4, rtol=1e-4)
     valid = jnp.asarray(ref["attention_mask"], bool)
     masked = jax.jit(lambda m, x, v: m(x, v))(model, ids, valid)
-    np.testing.assert_allclose(np.asarray(masked), ref["logits_with_attention_mask"], atol=1e-4,
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(masked), ref["logits_with_attention_mask"], atol=1e-4, rtol=1e-4
+    )
 
 
 def test_fixture_round_trip_is_byte_identical(fixture_workdir, tmp_path):
@@ -90,22 +96,38 @@ def test_fixture_round_trip_is_byte_identical(fixture_workdir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     assert read_all(out) == read_all(FIXTURE)
-    with open(os.path.join(out, "config.json")) as f, open(os.path.join(FIXTURE, "config.json")) as g:
+    with (
+        open(os.path.join(out, "config.json")) as f,
+        open(os.path.join(FIXTURE, "config.json")) as g,
+    ):
         assert json.load(f) == json.load(g)
 
 
 # ----------------------------------------------------------------------------------------------
-def synthetic_llada(directory, n_layers=3, d=32, heads=4, kv=2, f=48, vocab=64, shard_bytes=20_000,
-                    dtype="bfloat16"):
+def synthetic_llada(
+    directory, n_layers=3, d=32, heads=4, kv=2, f=48, vocab=64, shard_bytes=20_000, dtype="bfloat16"
+):
     """An HF LLaDA checkpoint split into shards with an index file."""
     rng = np.random.default_rng(0)
     p = "model.transformer."
-    shapes = {p + "wte.weight": (vocab, d), p + "ln_f.weight": (d,), p + "ff_out.weight": (vocab, d)}
+    shapes = {
+        p + "wte.weight": (vocab, d),
+        p + "ln_f.weight": (d,),
+        p + "ff_out.weight": (vocab, d),
+    }
     hd = d // heads
     for i in range(n_layers):
-        for name, s in dict(attn_norm=(d,), q_proj=(d, d), k_proj=(kv * hd, d), v_proj=(kv * hd, d),
-                            attn_out=(d, d), ff_norm=(d,), ff_proj=(f, d), up_proj=(f, d),
-                            ff_out=(d, f)).items():
+        for name, s in dict(
+            attn_norm=(d,),
+            q_proj=(d, d),
+            k_proj=(kv * hd, d),
+            v_proj=(kv * hd, d),
+            attn_out=(d, d),
+            ff_norm=(d,),
+            ff_proj=(f, d),
+            up_proj=(f, d),
+            ff_out=(d, f),
+        ).items():
             shapes[f"{p}blocks.{i}.{name}.weight"] = s
     os.makedirs(directory)
     weight_map, shard, n = {}, {}, 0
@@ -119,9 +141,17 @@ def synthetic_llada(directory, n_layers=3, d=32, heads=4, kv=2, f=48, vocab=64, 
             shard, n = {}, n + 1
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as fh:
         json.dump({"metadata": {}, "weight_map": weight_map}, fh)
-    config = dict(json.load(open(os.path.join(FIXTURE, "config.json"))), d_model=d, n_heads=heads,
-                  n_kv_heads=kv, n_layers=n_layers, mlp_hidden_size=f, embedding_size=vocab,
-                  vocab_size=vocab, torch_dtype=dtype)
+    config = dict(
+        json.load(open(os.path.join(FIXTURE, "config.json"))),
+        d_model=d,
+        n_heads=heads,
+        n_kv_heads=kv,
+        n_layers=n_layers,
+        mlp_hidden_size=f,
+        embedding_size=vocab,
+        vocab_size=vocab,
+        torch_dtype=dtype,
+    )
     config.pop("dtype")
     with open(os.path.join(directory, "config.json"), "w") as fh:
         json.dump(config, fh)
@@ -133,9 +163,13 @@ def test_bf16_sharded_round_trip_is_byte_identical(tmp_path):
     assert synthetic_llada(src) >= 3
     workdir, out = str(tmp_path / "w"), str(tmp_path / "out")
     hf.import_hf(src, workdir)  # float32 parameters (exact for bf16 inputs)
-    assert json.load(open(os.path.join(workdir, "config.json")))["model"]["param_dtype"] == "float32"
+    assert (
+        json.load(open(os.path.join(workdir, "config.json")))["model"]["param_dtype"] == "float32"
+    )
     files = hf.export_hf(workdir, out, max_shard_size="20KB")  # bf16: the source's torch_dtype
-    assert len(files) > 2 and all(os.path.getsize(os.path.join(out, n)) <= 20_000 + 8192 for n in files)
+    assert len(files) > 2 and all(
+        os.path.getsize(os.path.join(out, n)) <= 20_000 + 8192 for n in files
+    )
     index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
     assert set(index["weight_map"].values()) == set(files)
     got = read_all(out)
@@ -171,7 +205,7 @@ def np_llama_forward(t, c, ids):
     cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
 
     def rope(x):  # HF rotate_half
-        rot = np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1)
+        rot = np.concatenate([-x[..., hd // 2 :], x[..., : hd // 2]], -1)
         return x * cos[None, :, None] + rot * sin[None, :, None]
 
     x = t["model.embed_tokens.weight"][ids]
@@ -195,10 +229,21 @@ def np_llama_forward(t, c, ids):
     return x @ head.T
 
 
-LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64,
-             num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-             num_hidden_layers=2, vocab_size=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
-             tie_word_embeddings=True, hidden_act="silu", torch_dtype="float32")
+LLAMA = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    vocab_size=4096,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    hidden_act="silu",
+    torch_dtype="float32",
+)
 
 
 def synthetic_llama(directory, c=LLAMA, seed=0):
@@ -206,19 +251,25 @@ def synthetic_llama(directory, c=LLAMA, seed=0):
     d, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     hd = d // c["num_attention_heads"]
     q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
-    t = {"model.embed_tokens.weight": rng.normal(0, 0.5, (v, d)),
-         "model.norm.weight": rng.uniform(0.5, 1.5, d)}
+    t = {
+        "model.embed_tokens.weight": rng.normal(0, 0.5, (v, d)),
+        "model.norm.weight": rng.uniform(0.5, 1.5, d),
+    }
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        t.update({p + "input_layernorm.weight": rng.uniform(0.5, 1.5, d),
-                  p + "post_attention_layernorm.weight": rng.uniform(0.5, 1.5, d),
-                  p + "self_attn.q_proj.weight": rng.normal(0, 0.2, (q, d)),
-                  p + "self_attn.k_proj.weight": rng.normal(0, 0.2, (kv, d)),
-                  p + "self_attn.v_proj.weight": rng.normal(0, 0.2, (kv, d)),
-                  p + "self_attn.o_proj.weight": rng.normal(0, 0.2, (d, q)),
-                  p + "mlp.gate_proj.weight": rng.normal(0, 0.2, (f, d)),
-                  p + "mlp.up_proj.weight": rng.normal(0, 0.2, (f, d)),
-                  p + "mlp.down_proj.weight": rng.normal(0, 0.2, (d, f))})
+        t.update(
+            {
+                p + "input_layernorm.weight": rng.uniform(0.5, 1.5, d),
+                p + "post_attention_layernorm.weight": rng.uniform(0.5, 1.5, d),
+                p + "self_attn.q_proj.weight": rng.normal(0, 0.2, (q, d)),
+                p + "self_attn.k_proj.weight": rng.normal(0, 0.2, (kv, d)),
+                p + "self_attn.v_proj.weight": rng.normal(0, 0.2, (kv, d)),
+                p + "self_attn.o_proj.weight": rng.normal(0, 0.2, (d, q)),
+                p + "mlp.gate_proj.weight": rng.normal(0, 0.2, (f, d)),
+                p + "mlp.up_proj.weight": rng.normal(0, 0.2, (f, d)),
+                p + "mlp.down_proj.weight": rng.normal(0, 0.2, (d, f)),
+            }
+        )
     t = {k: a.astype(np.float32) for k, a in t.items()}
     os.makedirs(directory)
     save_file(t, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
@@ -242,8 +293,9 @@ def test_llama_import_matches_numpy_causal_forward(llama_workdir):
     model = restore_model(workdir, causal=True)
     ids = np.random.default_rng(1).integers(0, LLAMA["vocab_size"], (2, 10))
     got = jax.jit(lambda m, x: m(x))(model, jnp.asarray(ids))
-    np.testing.assert_allclose(np.asarray(got), np_llama_forward(tensors, LLAMA, ids), atol=2e-4,
-                               rtol=2e-4)
+    np.testing.assert_allclose(
+        np.asarray(got), np_llama_forward(tensors, LLAMA, ids), atol=2e-4, rtol=2e-4
+    )
 
 
 def test_training_starts_from_a_converted_workdir(llama_workdir, tmp_path):
@@ -252,18 +304,33 @@ def test_training_starts_from_a_converted_workdir(llama_workdir, tmp_path):
     source, tensors = llama_workdir
     run = str(tmp_path / "run")
     proc = subprocess.run(
-        [sys.executable, "-m", "llada_jax.train", "--config=configs/tiny.py", f"--workdir={run}",
-         f"--config.train.init_from={source}", "--config.train.steps=2", "--config.optim.lr=0.0",
-         "--config.optim.final_lr=0.0", "--config.optim.warmup_steps=1",
-         "--config.optim.decay_steps=1", "--config.sample.num_samples=0"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "llada_jax.train",
+            "--config=configs/tiny.py",
+            f"--workdir={run}",
+            f"--config.train.init_from={source}",
+            "--config.train.steps=2",
+            "--config.optim.lr=0.0",
+            "--config.optim.final_lr=0.0",
+            "--config.optim.warmup_steps=1",
+            "--config.optim.decay_steps=1",
+            "--config.sample.num_samples=0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = checkpoint.Checkpointer(run)
     assert ckpt.latest_step() == 2
     ckpt.close()
     model = restore_model(run)
-    np.testing.assert_array_equal(np.asarray(model.embed.embedding[...]),
-                                  tensors["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(
+        np.asarray(model.embed.embedding[...]), tensors["model.embed_tokens.weight"]
+    )
     q = np.asarray(model.blocks.attn.q.kernel[...])[1].reshape(64, -1)
     np.testing.assert_array_equal(q, tensors["model.layers.1.self_attn.q_proj.weight"].T)
     down = np.asarray(model.blocks.mlp.down.kernel[...])[0]
@@ -272,14 +339,18 @@ def test_training_starts_from_a_converted_workdir(llama_workdir, tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 def peak_anonymous_mib(args):
-    """Runs the converter; its exit code and peak anonymous (non-file) memory, sampled every 5 ms."""
-    proc = subprocess.Popen(CLI + list(args), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    """Runs the converter; its exit code and peak anonymous (non-file) memory, sampled every
+    5 ms."""
+    proc = subprocess.Popen(
+        CLI + list(args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     peak = 0
     while proc.poll() is None:
         try:
             with open(f"/proc/{proc.pid}/status") as f:
-                peak = max([peak] + [int(line.split()[1]) for line in f if line.startswith("RssAnon")])
+                peak = max(
+                    [peak] + [int(line.split()[1]) for line in f if line.startswith("RssAnon")]
+                )
         except OSError:  # exited between poll and open
             pass
         time.sleep(0.005)
@@ -290,8 +361,17 @@ def peak_anonymous_mib(args):
 def test_import_memory_stays_near_one_parameter(tmp_path):
     """A 72 MiB float32 import whose largest parameter (a stacked MLP matrix) is 16 MiB."""
     src = tmp_path / "src"
-    synthetic_llada(str(src), n_layers=16, d=256, heads=4, kv=4, f=1024, vocab=4096,
-                    shard_bytes=30_000_000, dtype="float32")
+    synthetic_llada(
+        str(src),
+        n_layers=16,
+        d=256,
+        heads=4,
+        kv=4,
+        f=1024,
+        vocab=4096,
+        shard_bytes=30_000_000,
+        dtype="float32",
+    )
     model_mib = sum(os.path.getsize(src / n) for n in os.listdir(src)) / 2**20
     largest_mib = 16 * 1024 * 256 * 4 / 2**20
     rc, small = peak_anonymous_mib([f"--hf_dir={FIXTURE}", f"--workdir={tmp_path / 'small'}"])
@@ -317,29 +397,37 @@ def _broken(tmp_path, name, edit):
 
 
 def test_bad_inputs_give_one_clear_line(tmp_path, fixture_workdir):
-    missing = _broken(tmp_path, "missing", lambda t: t.pop("model.transformer.blocks.1.q_proj.weight"))
+    missing = _broken(
+        tmp_path, "missing", lambda t: t.pop("model.transformer.blocks.1.q_proj.weight")
+    )
     key = "model.transformer.blocks.0.up_proj.weight"
     wrong = _broken(tmp_path, "wrong", lambda t: t.__setitem__(key, t[key][:, :10].copy()))
     unknown = tmp_path / "unknown"
     unknown.mkdir()
-    (unknown / "config.json").write_text(json.dumps({"model_type": "gpt2",
-                                                     "architectures": ["GPT2LMHeadModel"]}))
+    (unknown / "config.json").write_text(
+        json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    )
     cases = {
         "missing_tensor": ([f"--hf_dir={missing}"], "model.transformer.blocks.1.q_proj.weight"),
         "wrong_shape": ([f"--hf_dir={wrong}"], f"{key!r} has shape (96, 10), expected (96, 64)"),
         "missing_dir": ([f"--hf_dir={tmp_path / 'nope'}"], "does not exist"),
         "unknown_arch": ([f"--hf_dir={unknown}"], "unknown architecture"),
-        "export_no_ckpt": ([f"--workdir={tmp_path / 'nope'}", f"--hf_dir={tmp_path / 'x'}",
-                            "--export"], "does not exist"),
-        "export_exists": ([f"--workdir={fixture_workdir}", f"--hf_dir={FIXTURE}", "--export"],
-                          "already exists"),
+        "export_no_ckpt": (
+            [f"--workdir={tmp_path / 'nope'}", f"--hf_dir={tmp_path / 'x'}", "--export"],
+            "does not exist",
+        ),
+        "export_exists": (
+            [f"--workdir={fixture_workdir}", f"--hf_dir={FIXTURE}", "--export"],
+            "already exists",
+        ),
     }
     procs = {}
     for name, (args, _) in cases.items():
         if not any(a.startswith("--workdir") for a in args):
             args = args + [f"--workdir={tmp_path / ('out_' + name)}"]
-        procs[name] = subprocess.Popen(CLI + args, cwd=ROOT, stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True)
+        procs[name] = subprocess.Popen(
+            CLI + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
     for name, proc in procs.items():
         _, stderr = proc.communicate(timeout=300)
         lines = [line for line in stderr.splitlines() if line.strip()]

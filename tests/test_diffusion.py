@@ -1,4 +1,5 @@
 """Tests of llada_jax.diffusion against independent numpy computations."""
+
 import math
 
 import jax
@@ -67,12 +68,15 @@ SCHEDULE_CASES = [("linear", 2.0), ("cosine", 2.0), ("polynomial", 2.0), ("polyn
 def test_schedule_values_match_numpy(schedule, k):
     cfg = cfg_of(schedule, k)
     t = np.linspace(0.01, 1.0, 50)
-    np.testing.assert_allclose(np.asarray(D.alpha(t, cfg)), np_alpha(t, schedule, k),
-                               rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(D.mask_prob(t, cfg)), 1 - np_alpha(t, schedule, k),
-                               rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(D.elbo_weight(t, cfg)), np_weight(t, schedule, k),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(D.alpha(t, cfg)), np_alpha(t, schedule, k), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(D.mask_prob(t, cfg)), 1 - np_alpha(t, schedule, k), rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        np.asarray(D.elbo_weight(t, cfg)), np_weight(t, schedule, k), rtol=1e-5
+    )
     # Spot values by hand.
     a_half = float(D.alpha(jnp.float32(0.5), cfg))
     expected = {"linear": 0.5, "cosine": math.cos(math.pi / 4), "polynomial": 1 - 0.5**k}[schedule]
@@ -96,13 +100,15 @@ def test_cosine_weight_is_stable_near_eps():
     cfg = cfg_of("cosine")
     t = np.array([EPS, 2 * EPS, 1e-2])
     np.testing.assert_allclose(np.asarray(D.elbo_weight(t, cfg)), np_weight(t, "cosine"), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(D.mask_prob(t, cfg)), 1 - np.cos(np.pi * t / 2),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(D.mask_prob(t, cfg)), 1 - np.cos(np.pi * t / 2), rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("schedule,k", SCHEDULE_CASES[:3])
 def test_monte_carlo_elbo_identity(schedule, k):
-    """mean_t w(t') (1 - alpha(t')) ~= E_{t'~U(eps,1)}[-alpha'(t')] = (alpha(eps)-alpha(1))/(1-eps)."""
+    """mean_t w(t') (1 - alpha(t')) ~= E_{t'~U(eps,1)}[-alpha'(t')]
+    = (alpha(eps) - alpha(1)) / (1 - eps)."""
     cfg = cfg_of(schedule, k)
     B = 1 << 16
     analytic = (np_alpha(EPS, schedule, k) - np_alpha(1.0, schedule, k)) / (1 - EPS)
@@ -152,8 +158,9 @@ def test_forward_mask_statistics():
     p = np.array([0.0, 0.01, 0.25, 0.5, 0.9, 1.0], np.float32)
     tokens = rng.integers(0, MASK_ID, (B, L)).astype(np.int32)
     maskable = rng.random((B, L)) < 0.7
-    inputs, is_masked = D.forward_mask(jax.random.PRNGKey(0), jnp.asarray(tokens), jnp.asarray(p),
-                                       jnp.asarray(maskable), MASK_ID)
+    inputs, is_masked = D.forward_mask(
+        jax.random.PRNGKey(0), jnp.asarray(tokens), jnp.asarray(p), jnp.asarray(maskable), MASK_ID
+    )
     inputs, is_masked = np.asarray(inputs), np.asarray(is_masked)
     assert inputs.dtype == np.int32 and is_masked.dtype == np.bool_
     assert not np.any(is_masked & ~maskable)
@@ -192,9 +199,14 @@ def test_noise_batch_shapes_determinism_and_jit():
     assert set(b1) == {"inputs", "targets", "is_masked", "weight", "p", "valid"}
     shapes = {k: (v.shape, v.dtype) for k, v in b1.items()}
     BL = (NB_B, NB_L)
-    assert shapes == {"inputs": (BL, jnp.int32), "targets": (BL, jnp.int32),
-                      "is_masked": (BL, jnp.bool_), "weight": ((NB_B,), jnp.float32),
-                      "p": ((NB_B,), jnp.float32), "valid": (BL, jnp.bool_)}
+    assert shapes == {
+        "inputs": (BL, jnp.int32),
+        "targets": (BL, jnp.int32),
+        "is_masked": (BL, jnp.bool_),
+        "weight": ((NB_B,), jnp.float32),
+        "p": ((NB_B,), jnp.float32),
+        "valid": (BL, jnp.bool_),
+    }
     for k in b1:
         np.testing.assert_allclose(np.asarray(b1[k]), np.asarray(b2[k]), rtol=1e-6)
     assert not np.array_equal(np.asarray(b1["p"]), np.asarray(b3["p"]))
@@ -209,8 +221,9 @@ def test_prompt_never_masked_and_cfg_dropout(dropout):
     plen = rng.integers(1, 8, B)
     prompt = np.arange(L)[None, :] < plen[:, None]
     cfg = cfg_of("linear", cfg_prompt_dropout=dropout)
-    b = D.noise_batch(jax.random.PRNGKey(7), jnp.asarray(tokens), cfg,
-                      prompt_mask=jnp.asarray(prompt))
+    b = D.noise_batch(
+        jax.random.PRNGKey(7), jnp.asarray(tokens), cfg, prompt_mask=jnp.asarray(prompt)
+    )
     inputs, is_masked = np.asarray(b["inputs"]), np.asarray(b["is_masked"])
     assert not np.any(is_masked & prompt)
     assert np.any(is_masked)  # responses do get masked
@@ -238,20 +251,20 @@ def test_random_length():
     tokens = jnp.ones((B, L), jnp.int32)
     lengths = set()
     cfg1 = cfg_of("linear", random_length_prob=1.0)
-    for seed in range(64):  # 64 draws: l = 0 or l > L would show up with high probability
+    for seed in range(64):  # 64 draws: length = 0 or length > L would show up with high probability
         b = D.noise_batch(jax.random.PRNGKey(seed), tokens, cfg1)
         valid, is_masked = np.asarray(b["valid"]), np.asarray(b["is_masked"])
-        l = int(valid[0].sum())
-        assert 1 <= l <= L
-        np.testing.assert_array_equal(valid, np.broadcast_to(np.arange(L) < l, (B, L)))
+        length = int(valid[0].sum())
+        assert 1 <= length <= L
+        np.testing.assert_array_equal(valid, np.broadcast_to(np.arange(L) < length, (B, L)))
         assert not np.any(is_masked & ~valid)
-        lengths.add(l)
-    assert len(lengths) >= 8  # l varies across keys (U{1..16} gives ~14 distinct in 64 draws)
+        lengths.add(length)
+    assert len(lengths) >= 8  # length varies across keys (U{1..16} gives ~14 distinct in 64 draws)
     # A caller-provided valid mask is intersected with the cut.
     user_valid = np.arange(L)[None, :] < np.array([[16], [3], [10], [1], [16], [5], [0], [12]])
     b = D.noise_batch(jax.random.PRNGKey(0), tokens, cfg1, valid=jnp.asarray(user_valid))
-    l = int(np.asarray(b["valid"])[0].sum())
-    np.testing.assert_array_equal(np.asarray(b["valid"]), user_valid & (np.arange(L) < l))
+    length = int(np.asarray(b["valid"])[0].sum())
+    np.testing.assert_array_equal(np.asarray(b["valid"]), user_valid & (np.arange(L) < length))
     cfg0 = cfg_of("linear", random_length_prob=0.0)
     for seed in range(3):
         assert np.all(np.asarray(D.noise_batch(jax.random.PRNGKey(seed), tokens, cfg0)["valid"]))
@@ -278,8 +291,9 @@ def test_cross_entropy_float32_and_bf16():
     lb = jnp.asarray(logits, jnp.bfloat16)
     ce_b = D.cross_entropy(lb, jnp.asarray(targets))
     assert ce_b.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(ce_b), np_ce(np.asarray(lb, np.float32), targets),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(ce_b), np_ce(np.asarray(lb, np.float32), targets), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_pretrain_loss_hand_built():
@@ -287,8 +301,12 @@ def test_pretrain_loss_hand_built():
     targets = np.array([[0, 2, 1, 7, 3, 5], [3, 2, 0, 6, 6, 1]], np.int32)
     is_masked = np.array([[1, 0, 1, 0, 0, 1], [0, 1, 1, 1, 0, 0]], bool)
     weight = np.array([2.0, 4.0], np.float32)
-    batch = {"targets": jnp.asarray(targets), "is_masked": jnp.asarray(is_masked),
-             "weight": jnp.asarray(weight), "valid": jnp.ones((LB, LL), bool)}
+    batch = {
+        "targets": jnp.asarray(targets),
+        "is_masked": jnp.asarray(is_masked),
+        "weight": jnp.asarray(weight),
+        "valid": jnp.ones((LB, LL), bool),
+    }
     loss, aux = D.pretrain_loss(jnp.asarray(logits), batch)
     ce = np_ce(logits, targets)
     expected = (ce * weight[:, None] * is_masked).sum() / (LB * LL)
@@ -302,19 +320,23 @@ def test_pretrain_loss_hand_built():
 
 def test_pretrain_loss_random_length_batch():
     rng = np.random.default_rng(4)
-    l = 4
+    length = 4
     logits = rng.normal(size=(LB, LL, LV)).astype(np.float32)
     targets = rng.integers(0, LV, (LB, LL)).astype(np.int32)
-    valid = np.broadcast_to(np.arange(LL) < l, (LB, LL))
+    valid = np.broadcast_to(np.arange(LL) < length, (LB, LL))
     # Invalid positions flagged as masked on purpose: they must still be excluded.
     is_masked = np.array([[1, 0, 1, 0, 1, 1], [1, 1, 0, 1, 1, 0]], bool)
     weight = np.array([1.5, 3.0], np.float32)
-    batch = {"targets": jnp.asarray(targets), "is_masked": jnp.asarray(is_masked),
-             "weight": jnp.asarray(weight), "valid": jnp.asarray(valid)}
+    batch = {
+        "targets": jnp.asarray(targets),
+        "is_masked": jnp.asarray(is_masked),
+        "weight": jnp.asarray(weight),
+        "valid": jnp.asarray(valid),
+    }
     loss, aux = D.pretrain_loss(jnp.asarray(logits), batch)
     ce = np_ce(logits, targets)
     m = is_masked & valid
-    expected = (ce * weight[:, None] * m).sum() / (LB * l)
+    expected = (ce * weight[:, None] * m).sum() / (LB * length)
     assert float(loss) == pytest.approx(expected, rel=1e-5)
     assert int(aux["num_masked"]) == 5
     assert float(aux["masked_ce"]) == pytest.approx(ce[m].mean(), rel=1e-5)
@@ -332,8 +354,12 @@ def test_sft_loss_hand_built():
     response = ~prompt
     is_masked = np.array([[0, 0, 1, 0, 1, 1], [0, 0, 0, 1, 0, 0]], bool)
     weight = np.array([2.0, 5.0], np.float32)
-    batch = {"targets": jnp.asarray(targets), "is_masked": jnp.asarray(is_masked),
-             "weight": jnp.asarray(weight), "valid": jnp.asarray(valid)}
+    batch = {
+        "targets": jnp.asarray(targets),
+        "is_masked": jnp.asarray(is_masked),
+        "weight": jnp.asarray(weight),
+        "valid": jnp.asarray(valid),
+    }
     loss, aux = D.sft_loss(jnp.asarray(logits), batch, jnp.asarray(response))
     ce = np_ce(logits, targets)
     seq0 = 2.0 * (ce[0, 2] + ce[0, 4] + ce[0, 5]) / 4
@@ -341,7 +367,8 @@ def test_sft_loss_hand_built():
     assert float(loss) == pytest.approx((seq0 + seq1) / 2, rel=1e-5)
     assert int(aux["num_masked"]) == 4
     assert float(aux["masked_ce"]) == pytest.approx(
-        (ce[0, 2] + ce[0, 4] + ce[0, 5] + ce[1, 3]) / 4, rel=1e-5)
+        (ce[0, 2] + ce[0, 4] + ce[0, 5] + ce[1, 3]) / 4, rel=1e-5
+    )
     # Zero-length answer: guarded, contributes 0 to the mean.
     batch0 = dict(batch, valid=jnp.asarray(np.array([valid[0], prompt[1]])))
     loss0, _ = D.sft_loss(jnp.asarray(logits), batch0, jnp.asarray(response))
@@ -352,11 +379,21 @@ def test_sft_loss_hand_built():
 # ------------------------------------------------------------------ config
 
 
-@pytest.mark.parametrize("field,value", [
-    ("schedule", "bogus_sched"), ("t_sampling", "sobol_x"), ("power", -1.5), ("power", 0.0),
-    ("eps", 0.0), ("eps", 1.25), ("random_length_prob", 1.5), ("cfg_prompt_dropout", -0.25),
-    ("mask_id", -7), ("mask_id", 3.5),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("schedule", "bogus_sched"),
+        ("t_sampling", "sobol_x"),
+        ("power", -1.5),
+        ("power", 0.0),
+        ("eps", 0.0),
+        ("eps", 1.25),
+        ("random_length_prob", 1.5),
+        ("cfg_prompt_dropout", -0.25),
+        ("mask_id", -7),
+        ("mask_id", 3.5),
+    ],
+)
 def test_invalid_config_raises(field, value):
     kwargs = {"mask_id": MASK_ID, field: value}
     with pytest.raises(ValueError) as e:
@@ -365,16 +402,34 @@ def test_invalid_config_raises(field, value):
 
 
 def test_from_config():
-    c = ml_collections.ConfigDict({"schedule": "polynomial", "power": 3.0, "eps": 1e-2,
-                                   "t_sampling": "stratified", "random_length_prob": 0.0,
-                                   "cfg_prompt_dropout": 0.1})
+    c = ml_collections.ConfigDict(
+        {
+            "schedule": "polynomial",
+            "power": 3.0,
+            "eps": 1e-2,
+            "t_sampling": "stratified",
+            "random_length_prob": 0.0,
+            "cfg_prompt_dropout": 0.1,
+        }
+    )
     cfg = D.DiffusionConfig.from_config(c, mask_id=126336)
-    assert cfg == D.DiffusionConfig(mask_id=126336, schedule="polynomial", power=3.0, eps=1e-2,
-                                    t_sampling="stratified", random_length_prob=0.0,
-                                    cfg_prompt_dropout=0.1)
+    assert cfg == D.DiffusionConfig(
+        mask_id=126336,
+        schedule="polynomial",
+        power=3.0,
+        eps=1e-2,
+        t_sampling="stratified",
+        random_length_prob=0.0,
+        cfg_prompt_dropout=0.1,
+    )
     default = D.DiffusionConfig(mask_id=5)
-    assert (default.schedule, default.power, default.eps, default.t_sampling,
-            default.random_length_prob, default.cfg_prompt_dropout) == (
-        "linear", 2.0, 1e-3, "iid", 0.01, 0.0)
+    assert (
+        default.schedule,
+        default.power,
+        default.eps,
+        default.t_sampling,
+        default.random_length_prob,
+        default.cfg_prompt_dropout,
+    ) == ("linear", 2.0, 1e-3, "iid", 0.01, 0.0)
     with pytest.raises(ValueError, match="'nope'"):
         D.DiffusionConfig.from_config(ml_collections.ConfigDict({"schedule": "nope"}), 1)

@@ -1,6 +1,7 @@
 """The launchers in launch/: exact dry-run command lines built here independently, one-line errors,
 and the parts that can run without a cluster (local processes with a stand-in trainer, the TPU
 workers' shell commands run by bash on a fake home, stand-in gcloud and sbatch executables)."""
+
 import contextlib
 import importlib.util
 import io
@@ -19,17 +20,21 @@ TRAIN = ["--config=configs/tiny.py", "--workdir=/tmp/run a", "--config.optim.lr=
 
 
 def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("XLA_FLAGS", "CUDA_VISIBLE_DEVICES")}
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "CUDA_VISIBLE_DEVICES")}
     env.update(extra)
     return env
 
 
 def launcher_process(name, *args, env=None, cwd=ROOT, timeout=30):
     """Runs launch/NAME as a separate process (what a user does)."""
-    return subprocess.run([PY, os.path.join(ROOT, "launch", name), *args], cwd=cwd,
-                          env=env or clean_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [PY, os.path.join(ROOT, "launch", name), *args],
+        cwd=cwd,
+        env=env or clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 _MODULES = {}
@@ -39,8 +44,9 @@ def launcher(name, *args, env=None):
     """Runs launch/NAME's main() in this process (fast; dry runs and argument errors only),
     with its environment, stdout, stderr and exit status as a separate process would have."""
     if name not in _MODULES:
-        spec = importlib.util.spec_from_file_location(f"launch_{name[:-3]}",
-                                                      os.path.join(ROOT, "launch", name))
+        spec = importlib.util.spec_from_file_location(
+            f"launch_{name[:-3]}", os.path.join(ROOT, "launch", name)
+        )
         _MODULES[name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(_MODULES[name])
     saved = dict(os.environ)
@@ -75,41 +81,92 @@ def assert_one_line_error(p, *fragments, status=2):
 
 # ---------------------------------------------------------------------------------- local.py
 
+
 def test_local_dry_run_cpu_devices():
-    out = lines(launcher("local.py", "--num_processes=2", "--devices_per_process=4",
-                         "--port=12345", "--dry_run", "--", *TRAIN))
+    out = lines(
+        launcher(
+            "local.py",
+            "--num_processes=2",
+            "--devices_per_process=4",
+            "--port=12345",
+            "--dry_run",
+            "--",
+            *TRAIN,
+        )
+    )
     expected = [
         f"XLA_FLAGS=--xla_force_host_platform_device_count=4 {PY} -u -m llada_jax.train "
         f"--config=configs/tiny.py '--workdir=/tmp/run a' --config.optim.lr=1e-3 "
-        f"--coordinator=127.0.0.1:12345 --num_processes=2 --process_id={i}" for i in range(2)]
+        f"--coordinator=127.0.0.1:12345 --num_processes=2 --process_id={i}"
+        for i in range(2)
+    ]
     assert out == expected
     assert shlex.split(out[1]) == [
-        "XLA_FLAGS=--xla_force_host_platform_device_count=4", PY, "-u", "-m", "llada_jax.train",
-        *TRAIN, "--coordinator=127.0.0.1:12345", "--num_processes=2", "--process_id=1"]
+        "XLA_FLAGS=--xla_force_host_platform_device_count=4",
+        PY,
+        "-u",
+        "-m",
+        "llada_jax.train",
+        *TRAIN,
+        "--coordinator=127.0.0.1:12345",
+        "--num_processes=2",
+        "--process_id=1",
+    ]
 
 
 def test_local_keeps_other_xla_flags_and_replaces_the_device_count():
     env = clean_env(XLA_FLAGS="--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=8")
-    out = lines(launcher("local.py", "--num_processes=3", "--devices_per_process=2",
-                         "--port=999", "--dry_run", "--", "--config=c.py", env=env))
+    out = lines(
+        launcher(
+            "local.py",
+            "--num_processes=3",
+            "--devices_per_process=2",
+            "--port=999",
+            "--dry_run",
+            "--",
+            "--config=c.py",
+            env=env,
+        )
+    )
     assert out == [
         f"XLA_FLAGS='--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=2' {PY} -u -m "
         f"llada_jax.train --config=c.py --coordinator=127.0.0.1:999 --num_processes=3 "
-        f"--process_id={i}" for i in range(3)]
+        f"--process_id={i}"
+        for i in range(3)
+    ]
 
 
 def test_local_gpu_split_and_free_port():
-    out = lines(launcher("local.py", "--num_processes=2", "--gpus_per_process=2", "--dry_run",
-                         "--", "--config=c.py"))
+    out = lines(
+        launcher(
+            "local.py",
+            "--num_processes=2",
+            "--gpus_per_process=2",
+            "--dry_run",
+            "--",
+            "--config=c.py",
+        )
+    )
     port = shlex.split(out[0])[-3].rsplit(":", 1)[1]
     assert 0 < int(port) < 65536
-    assert out == [f"CUDA_VISIBLE_DEVICES={g} {PY} -u -m llada_jax.train --config=c.py "
-                   f"--coordinator=127.0.0.1:{port} --num_processes=2 --process_id={i}"
-                   for i, g in enumerate(("0,1", "2,3"))]
+    assert out == [
+        f"CUDA_VISIBLE_DEVICES={g} {PY} -u -m llada_jax.train --config=c.py "
+        f"--coordinator=127.0.0.1:{port} --num_processes=2 --process_id={i}"
+        for i, g in enumerate(("0,1", "2,3"))
+    ]
     # Within an inherited CUDA_VISIBLE_DEVICES.
-    out = lines(launcher("local.py", "--num_processes=2", "--gpus_per_process=1", "--port=5",
-                         "--dry_run", "--", "--config=c.py",
-                         env=clean_env(CUDA_VISIBLE_DEVICES="4,6")))
+    out = lines(
+        launcher(
+            "local.py",
+            "--num_processes=2",
+            "--gpus_per_process=1",
+            "--port=5",
+            "--dry_run",
+            "--",
+            "--config=c.py",
+            env=clean_env(CUDA_VISIBLE_DEVICES="4,6"),
+        )
+    )
     assert [shlex.split(o)[0] for o in out] == ["CUDA_VISIBLE_DEVICES=4", "CUDA_VISIBLE_DEVICES=6"]
 
 
@@ -118,19 +175,26 @@ def test_local_single_process_has_no_distributed_flags():
     assert out == [f"{PY} -u -m llada_jax.train --config=c.py"]
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--num_processes=0", "--", "--config=c"], "--num_processes=0 must be >= 1"),
-    (["--num_processes=2", "--devices_per_process=0", "--", "--config=c"],
-     "--devices_per_process=0 must be >= 1"),
-    (["--num_processes=2", "--port=70000", "--", "--config=c"], "--port=70000"),
-    (["--num_processes=2"], "no training flags"),
-    (["--num_processes=2", "--", "--config=c", "--process_id=1"], "--process_id"),
-    (["--num_processes=two", "--", "--config=c"], "invalid int value: 'two'"),
-    (["--num_processes=2", "--devices=4", "--", "--config=c"],
-     "unrecognized arguments: --devices=4"),
-    (["--", "--config=c"], "--num_processes"),
-    (["--num_processes=3", "--gpus_per_process=2", "--", "--config=c"], "needs 6 GPUs"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--num_processes=0", "--", "--config=c"], "--num_processes=0 must be >= 1"),
+        (
+            ["--num_processes=2", "--devices_per_process=0", "--", "--config=c"],
+            "--devices_per_process=0 must be >= 1",
+        ),
+        (["--num_processes=2", "--port=70000", "--", "--config=c"], "--port=70000"),
+        (["--num_processes=2"], "no training flags"),
+        (["--num_processes=2", "--", "--config=c", "--process_id=1"], "--process_id"),
+        (["--num_processes=two", "--", "--config=c"], "invalid int value: 'two'"),
+        (
+            ["--num_processes=2", "--devices=4", "--", "--config=c"],
+            "unrecognized arguments: --devices=4",
+        ),
+        (["--", "--config=c"], "--num_processes"),
+        (["--num_processes=3", "--gpus_per_process=2", "--", "--config=c"], "needs 6 GPUs"),
+    ],
+)
 def test_local_bad_arguments(args, fragment):
     env = clean_env(CUDA_VISIBLE_DEVICES="0,1,2,3")
     assert_one_line_error(launcher("local.py", *args, env=env), fragment)
@@ -169,17 +233,30 @@ def fake_trainer(tmp_path):
 
 
 def test_local_prefixes_output_of_each_process(fake_trainer):
-    p = launcher_process("local.py", "--num_processes=2", "--devices_per_process=3", "--",
-                         "--mode=ok", cwd=fake_trainer)
+    p = launcher_process(
+        "local.py",
+        "--num_processes=2",
+        "--devices_per_process=3",
+        "--",
+        "--mode=ok",
+        cwd=fake_trainer,
+    )
     assert p.returncode == 0, p.stderr
     assert sorted(p.stdout.splitlines()) == [
-        f"[{i}] hello from {i} of 2 --xla_force_host_platform_device_count=3" for i in range(2)]
+        f"[{i}] hello from {i} of 2 --xla_force_host_platform_device_count=3" for i in range(2)
+    ]
     assert sorted(p.stderr.splitlines()) == ["[0] note 0", "[1] note 1"]
 
 
 def test_local_failure_stops_the_others(fake_trainer):
-    p = launcher_process("local.py", "--num_processes=2", "--devices_per_process=1", "--",
-                         "--mode=fail", cwd=fake_trainer)
+    p = launcher_process(
+        "local.py",
+        "--num_processes=2",
+        "--devices_per_process=1",
+        "--",
+        "--mode=fail",
+        cwd=fake_trainer,
+    )
     assert p.returncode == 3, p.stderr
     assert "[0] 0 got SIGTERM" in p.stdout.splitlines()
     assert "process 1 exited with status 3; sending SIGTERM to the others" in p.stderr
@@ -187,17 +264,35 @@ def test_local_failure_stops_the_others(fake_trainer):
 
 def test_local_kills_what_ignores_sigterm(fake_trainer):
     t = time.monotonic()
-    p = launcher_process("local.py", "--num_processes=2", "--devices_per_process=1",
-                         "--kill_after=0.5", "--", "--mode=hang", cwd=fake_trainer)
+    p = launcher_process(
+        "local.py",
+        "--num_processes=2",
+        "--devices_per_process=1",
+        "--kill_after=0.5",
+        "--",
+        "--mode=hang",
+        cwd=fake_trainer,
+    )
     assert p.returncode == 3, p.stderr
     assert "killing" in p.stderr and time.monotonic() - t < 20
 
 
 def test_local_forwards_sigterm(fake_trainer):
-    p = subprocess.Popen([PY, os.path.join(ROOT, "launch", "local.py"), "--num_processes=2",
-                          "--devices_per_process=1", "--", "--mode=wait"], cwd=fake_trainer,
-                         env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+    p = subprocess.Popen(
+        [
+            PY,
+            os.path.join(ROOT, "launch", "local.py"),
+            "--num_processes=2",
+            "--devices_per_process=1",
+            "--",
+            "--mode=wait",
+        ],
+        cwd=fake_trainer,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen = []
     while sum(line.endswith("] ready\n") for line in seen) < 2:
         line = p.stdout.readline()
@@ -207,7 +302,9 @@ def test_local_forwards_sigterm(fake_trainer):
     out, err = p.communicate(timeout=20)
     assert p.returncode == 0, err
     assert sorted(line for line in out.splitlines() if "SIGTERM" in line) == [
-        "[0] 0 got SIGTERM", "[1] 1 got SIGTERM"]
+        "[0] 0 got SIGTERM",
+        "[1] 1 got SIGTERM",
+    ]
     assert "got SIGTERM; forwarding it to the processes" in err
 
 
@@ -216,10 +313,12 @@ def test_local_forwards_sigterm(fake_trainer):
 POD = ["--name=pod-1", "--zone=us-east5-a", "--project=my-proj"]
 GC = "gcloud compute tpus tpu-vm"
 WHERE = "--zone=us-east5-a --project=my-proj"
-VENV = ("{ python3 -m venv ~/llada_venv || { sudo apt-get update -q && sudo apt-get install -y "
-        "-q python3-venv && python3 -m venv --clear ~/llada_venv; }; } && "
-        "~/llada_venv/bin/pip install --upgrade pip && cd ~/llada_jax && "
-        "~/llada_venv/bin/pip install -e '.[tpu]'")
+VENV = (
+    "{ python3 -m venv ~/llada_venv || { sudo apt-get update -q && sudo apt-get install -y "
+    "-q python3-venv && python3 -m venv --clear ~/llada_venv; }; } && "
+    "~/llada_venv/bin/pip install --upgrade pip && cd ~/llada_jax && "
+    "~/llada_venv/bin/pip install -e '.[tpu]'"
+)
 RUN_REMOTE = (
     "cd ~/llada_jax || exit 1; "
     'if [ -f ~/llada_train.log.pid ] && kill -0 "$(cat ~/llada_train.log.pid)" 2>/dev/null; '
@@ -229,15 +328,22 @@ RUN_REMOTE = (
     "--workdir=gs://bucket/run1 --config.train.steps=10 "
     "'--config.data.datasets=((\"d e\", 1.0),)' "
     ">> ~/llada_train.log 2>&1 < /dev/null & "
-    'echo $! > ~/llada_train.log.pid; echo "$(hostname): started pid $!, log ~/llada_train.log"')
+    'echo $! > ~/llada_train.log.pid; echo "$(hostname): started pid $!, log ~/llada_train.log"'
+)
 STOP_REMOTE = (
     'if [ -f ~/llada_train.log.pid ] && kill -0 "$(cat ~/llada_train.log.pid)" 2>/dev/null; '
     'then p=$(cat ~/llada_train.log.pid); kill -TERM "$p"; '
     'echo "$(hostname): sent SIGTERM to $p, waiting for it to save and exit"; '
     'while kill -0 "$p" 2>/dev/null; do sleep 2; done; echo "$(hostname): stopped"; '
-    'else echo "$(hostname): not running"; fi')
-RUN_ARGS = ["--config=configs/llada_1b.py:bf16", "--workdir=gs://bucket/run1", "--",
-            "--config.train.steps=10", '--config.data.datasets=(("d e", 1.0),)']
+    'else echo "$(hostname): not running"; fi'
+)
+RUN_ARGS = [
+    "--config=configs/llada_1b.py:bf16",
+    "--workdir=gs://bucket/run1",
+    "--",
+    "--config.train.steps=10",
+    '--config.data.datasets=(("d e", 1.0),)',
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -259,25 +365,57 @@ def pod_process(*args, env=None):
 
 
 def ssh_argv(remote, worker="all"):
-    return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod-1", "--zone=us-east5-a",
-            "--project=my-proj", f"--worker={worker}", f"--command={remote}"]
+    return [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "ssh",
+        "pod-1",
+        "--zone=us-east5-a",
+        "--project=my-proj",
+        f"--worker={worker}",
+        f"--command={remote}",
+    ]
 
 
 def test_pod_create():
-    out = lines(pod("create", *POD, "--accelerator_type=v5p-128",
-                    "--runtime_version=v2-alpha-tpuv5", "--spot", "--dry_run"))
-    assert out == [f"{GC} create pod-1 {WHERE} --accelerator-type=v5p-128 "
-                   "--version=v2-alpha-tpuv5 --spot"]
-    out = lines(pod("create", "--name=p", "--zone=z", "--accelerator_type=v4-32",
-                    "--runtime_version=tpu-ubuntu2204-base", "--preemptible", "--dry_run"))
-    assert out == [f"{GC} create p --zone=z --accelerator-type=v4-32 "
-                   "--version=tpu-ubuntu2204-base --preemptible"]
+    out = lines(
+        pod(
+            "create",
+            *POD,
+            "--accelerator_type=v5p-128",
+            "--runtime_version=v2-alpha-tpuv5",
+            "--spot",
+            "--dry_run",
+        )
+    )
+    assert out == [
+        f"{GC} create pod-1 {WHERE} --accelerator-type=v5p-128 --version=v2-alpha-tpuv5 --spot"
+    ]
+    out = lines(
+        pod(
+            "create",
+            "--name=p",
+            "--zone=z",
+            "--accelerator_type=v4-32",
+            "--runtime_version=tpu-ubuntu2204-base",
+            "--preemptible",
+            "--dry_run",
+        )
+    )
+    assert out == [
+        f"{GC} create p --zone=z --accelerator-type=v4-32 "
+        "--version=tpu-ubuntu2204-base --preemptible"
+    ]
 
 
 def test_pod_install_by_copy():
     out = lines(pod("install", *POD, "--dry_run"))
-    sources = " ".join(os.path.join(ROOT, i) for i in
-                       ("setup.py", "README.md", "llada_jax", "configs", "tools", "launch"))
+    sources = " ".join(
+        os.path.join(ROOT, i)
+        for i in ("setup.py", "README.md", "llada_jax", "configs", "tools", "launch")
+    )
     assert out == [
         f"{GC} ssh pod-1 {WHERE} --worker=all '--command=rm -rf ~/llada_jax && mkdir -p "
         "~/llada_jax'",
@@ -288,11 +426,21 @@ def test_pod_install_by_copy():
 
 
 def test_pod_install_by_clone():
-    out = lines(pod("install", *POD, "--repo_url=https://example.com/me/llada jax.git",
-                    "--branch=v1", "--remote_dir=code/llada", "--dry_run"))
-    remote = ("set -e; rm -rf ~/code/llada; git clone --depth=1 --branch=v1 "
-              "'https://example.com/me/llada jax.git' ~/code/llada; "
-              + VENV.replace("~/llada_jax", "~/code/llada"))
+    out = lines(
+        pod(
+            "install",
+            *POD,
+            "--repo_url=https://example.com/me/llada jax.git",
+            "--branch=v1",
+            "--remote_dir=code/llada",
+            "--dry_run",
+        )
+    )
+    remote = (
+        "set -e; rm -rf ~/code/llada; git clone --depth=1 --branch=v1 "
+        "'https://example.com/me/llada jax.git' ~/code/llada; "
+        + VENV.replace("~/llada_jax", "~/code/llada")
+    )
     assert out == [shlex.join(ssh_argv(remote))]
 
 
@@ -301,11 +449,11 @@ def test_pod_run_tail_stop_delete():
     assert out == [shlex.join(ssh_argv(RUN_REMOTE))]
     assert out[0].startswith(f"{GC} ssh pod-1 {WHERE} --worker=all '--command=cd ~/llada_jax ")
     out = lines(pod("tail", *POD, "--worker=3", "--lines=20", "--dry_run"))
-    assert out == [f"{GC} ssh pod-1 {WHERE} --worker=3 '--command=tail -n 20 -F "
-                   "~/llada_train.log'"]
+    assert out == [f"{GC} ssh pod-1 {WHERE} --worker=3 '--command=tail -n 20 -F ~/llada_train.log'"]
     assert lines(pod("stop", *POD, "--dry_run")) == [shlex.join(ssh_argv(STOP_REMOTE))]
     assert lines(pod("delete", "--name=pod-1", "--zone=europe-west4-b", "--dry_run")) == [
-        f"{GC} delete pod-1 --zone=europe-west4-b"]
+        f"{GC} delete pod-1 --zone=europe-west4-b"
+    ]
 
 
 def test_pod_workdir_warning_goes_to_stderr():
@@ -321,15 +469,20 @@ def test_pod_remote_commands_run_and_stop_a_training_process(tmp_path):
     (home / "llada_jax").mkdir(parents=True)
     (home / "llada_venv" / "bin").mkdir(parents=True)
     python = home / "llada_venv" / "bin" / "python"
-    python.write_text(f"#!{PY}\n" + (
-        "import json, os, signal, sys, time\n"
-        "signal.signal(signal.SIGTERM, lambda *a: (print('saved', flush=True), sys.exit(0)))\n"
-        "print(json.dumps([os.getcwd()] + sys.argv[1:]), flush=True)\n"
-        "time.sleep(60)\n"))
+    python.write_text(
+        f"#!{PY}\n"
+        + (
+            "import json, os, signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *a: (print('saved', flush=True), sys.exit(0)))\n"
+            "print(json.dumps([os.getcwd()] + sys.argv[1:]), flush=True)\n"
+            "time.sleep(60)\n"
+        )
+    )
     python.chmod(0o755)
     env = clean_env(HOME=str(home))
-    bash = lambda cmd: subprocess.run(["bash", "-c", cmd], env=env, capture_output=True,
-                                      text=True, timeout=30)
+    bash = lambda cmd: subprocess.run(
+        ["bash", "-c", cmd], env=env, capture_output=True, text=True, timeout=30
+    )
     log = home / "llada_train.log"
     started = bash(RUN_REMOTE)
     assert started.returncode == 0 and "started pid" in started.stdout, started.stderr
@@ -340,7 +493,8 @@ def test_pod_remote_commands_run_and_stop_a_training_process(tmp_path):
     assert log.read_text().splitlines()[0] == (
         f'["{home}/llada_jax", "-u", "-m", "llada_jax.train", "--config=configs/llada_1b.py:bf16",'
         ' "--workdir=gs://bucket/run1", "--config.train.steps=10", '
-        '"--config.data.datasets=((\\"d e\\", 1.0),)"]')
+        '"--config.data.datasets=((\\"d e\\", 1.0),)"]'
+    )
     again = bash(RUN_REMOTE)
     assert again.returncode == 1 and "training is still running" in again.stderr
     stopped = bash(STOP_REMOTE)
@@ -349,21 +503,36 @@ def test_pod_remote_commands_run_and_stop_a_training_process(tmp_path):
     assert bash(STOP_REMOTE).stdout.strip().endswith("not running")
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["create", *POD, "--accelerator_type=v5p-8", "--runtime_version=x", "--spot",
-      "--preemptible"], "--spot and --preemptible are exclusive"),
-    (["create", *POD, "--runtime_version=x"], "--accelerator_type"),
-    (["run", *POD, "--config=c.py"], "--workdir"),
-    (["run", *POD, "--config=c.py", "--workdir=gs://b", "--", "--process_id=0"], "--process_id"),
-    (["run", *POD, "--config=c.py", "--workdir=gs://b", "--", "--config=d.py"], "--config"),
-    (["stop", *POD, "--", "--config.x=1"], "`stop` takes no training flags"),
-    (["tail", *POD, "--worker=-1"], "--worker=-1 must be >= 0"),
-    (["install", *POD, "--remote_dir=../x"], "--remote_dir=../x"),
-    (["install", *POD, "--source_dir=/nonexistent"], "not a llada_jax checkout"),
-    (["start", *POD], "invalid choice: 'start'"),
-    (["stop", "--zone=z"], "--name"),
-    ([], "COMMAND"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (
+            [
+                "create",
+                *POD,
+                "--accelerator_type=v5p-8",
+                "--runtime_version=x",
+                "--spot",
+                "--preemptible",
+            ],
+            "--spot and --preemptible are exclusive",
+        ),
+        (["create", *POD, "--runtime_version=x"], "--accelerator_type"),
+        (["run", *POD, "--config=c.py"], "--workdir"),
+        (
+            ["run", *POD, "--config=c.py", "--workdir=gs://b", "--", "--process_id=0"],
+            "--process_id",
+        ),
+        (["run", *POD, "--config=c.py", "--workdir=gs://b", "--", "--config=d.py"], "--config"),
+        (["stop", *POD, "--", "--config.x=1"], "`stop` takes no training flags"),
+        (["tail", *POD, "--worker=-1"], "--worker=-1 must be >= 0"),
+        (["install", *POD, "--remote_dir=../x"], "--remote_dir=../x"),
+        (["install", *POD, "--source_dir=/nonexistent"], "not a llada_jax checkout"),
+        (["start", *POD], "invalid choice: 'start'"),
+        (["stop", "--zone=z"], "--name"),
+        ([], "COMMAND"),
+    ],
+)
 def test_pod_bad_arguments(args, fragment):
     assert_one_line_error(pod(*args[:1], "--dry_run", *args[1:]) if args else pod(), fragment)
 
@@ -376,15 +545,18 @@ def test_pod_without_gcloud(tmp_path):
 def fake_tool(directory, name, status=0):
     """An executable `name` on a PATH of its own that appends its argv to calls.txt."""
     tool = directory / name
-    tool.write_text(f"#!{PY}\nimport json, sys\n"
-                    f"open({str(directory / 'calls.txt')!r}, 'a').write(json.dumps(sys.argv[1:]) "
-                    f"+ '\\n')\nprint('Submitted batch job 42')\nsys.exit({status})\n")
+    tool.write_text(
+        f"#!{PY}\nimport json, sys\n"
+        f"open({str(directory / 'calls.txt')!r}, 'a').write(json.dumps(sys.argv[1:]) "
+        f"+ '\\n')\nprint('Submitted batch job 42')\nsys.exit({status})\n"
+    )
     tool.chmod(0o755)
     return clean_env(PATH=f"{directory}{os.pathsep}{os.environ['PATH']}")
 
 
 def calls(directory):
     import json
+
     return [json.loads(line) for line in (directory / "calls.txt").read_text().splitlines()]
 
 
@@ -393,7 +565,8 @@ def test_pod_runs_the_dry_run_commands_with_gcloud(tmp_path):
     p = pod_process("install", *POD, env=env)
     assert p.returncode == 0, p.stderr
     assert [shlex.join(["gcloud"] + c) for c in calls(tmp_path)] == lines(
-        pod("install", *POD, "--dry_run"))
+        pod("install", *POD, "--dry_run")
+    )
     assert p.stderr.count("\n+ gcloud ") + p.stderr.startswith("+ gcloud ") == 3
 
 
@@ -407,10 +580,22 @@ def test_pod_stops_at_a_failing_gcloud(tmp_path):
 
 # -------------------------------------------------------------------------------- slurm.py
 
-def expected_script(sbatch_extra="", body_extra="", job="llada", nodes=2, gpus=8, cpus=8,
-                    time_limit="24:00:00", output="%x-%j.out", command=None):
-    command = command or ("python -u -m llada_jax.train --config=configs/tiny.py "
-                          "'--workdir=/tmp/run a' --config.optim.lr=1e-3")
+
+def expected_script(
+    sbatch_extra="",
+    body_extra="",
+    job="llada",
+    nodes=2,
+    gpus=8,
+    cpus=8,
+    time_limit="24:00:00",
+    output="%x-%j.out",
+    command=None,
+):
+    command = command or (
+        "python -u -m llada_jax.train --config=configs/tiny.py "
+        "'--workdir=/tmp/run a' --config.optim.lr=1e-3"
+    )
     return (
         "#!/bin/bash\n"
         "# llada-jax training on a GPU cluster, rendered from launch/slurm.sbatch by "
@@ -429,7 +614,8 @@ def expected_script(sbatch_extra="", body_extra="", job="llada", nodes=2, gpus=8
         "set -euo pipefail\n"
         f"cd {ROOT}\n"
         f"{body_extra}"
-        f"srun --kill-on-bad-exit=1 {command}\n")
+        f"srun --kill-on-bad-exit=1 {command}\n"
+    )
 
 
 def test_slurm_dry_run_defaults():
@@ -440,21 +626,47 @@ def test_slurm_dry_run_defaults():
 
 def test_slurm_dry_run_all_options(tmp_path):
     script = str(tmp_path / "job 1.sbatch")
-    p = launcher("slurm.py", "--nodes=4", "--gpus_per_node=4", "--partition=gpu-h100",
-                 "--account=proj7", "--time=2-00:00:00", "--job_name=abl", "--cpus_per_task=12",
-                 "--output=logs/%j.txt", "--term_before_end=0", "--mem_fraction=0.9",
-                 "--env=NCCL_DEBUG=WARN", "--env=MSG=a b", "--setup=module load cuda/12",
-                 "--setup=source ~/venv/bin/activate", "--python=/opt/py/bin/python3",
-                 f"--script={script}", "--dry_run", "--", "--config=configs/llada_1b.py",
-                 "--workdir=/shared/x")
+    p = launcher(
+        "slurm.py",
+        "--nodes=4",
+        "--gpus_per_node=4",
+        "--partition=gpu-h100",
+        "--account=proj7",
+        "--time=2-00:00:00",
+        "--job_name=abl",
+        "--cpus_per_task=12",
+        "--output=logs/%j.txt",
+        "--term_before_end=0",
+        "--mem_fraction=0.9",
+        "--env=NCCL_DEBUG=WARN",
+        "--env=MSG=a b",
+        "--setup=module load cuda/12",
+        "--setup=source ~/venv/bin/activate",
+        "--python=/opt/py/bin/python3",
+        f"--script={script}",
+        "--dry_run",
+        "--",
+        "--config=configs/llada_1b.py",
+        "--workdir=/shared/x",
+    )
     assert p.returncode == 0, p.stderr
-    assert p.stdout == expected_script(
-        "#SBATCH --partition=gpu-h100\n#SBATCH --account=proj7\n",
-        "module load cuda/12\nsource ~/venv/bin/activate\n"
-        "export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9\nexport NCCL_DEBUG=WARN\nexport MSG='a b'\n",
-        job="abl", nodes=4, gpus=4, cpus=12, time_limit="2-00:00:00", output="logs/%j.txt",
-        command="/opt/py/bin/python3 -u -m llada_jax.train --config=configs/llada_1b.py "
-                "--workdir=/shared/x") + f"sbatch '{script}'\n"
+    assert (
+        p.stdout
+        == expected_script(
+            "#SBATCH --partition=gpu-h100\n#SBATCH --account=proj7\n",
+            "module load cuda/12\nsource ~/venv/bin/activate\n"
+            "export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9\nexport NCCL_DEBUG=WARN\nexport MSG='a b'\n",
+            job="abl",
+            nodes=4,
+            gpus=4,
+            cpus=12,
+            time_limit="2-00:00:00",
+            output="logs/%j.txt",
+            command="/opt/py/bin/python3 -u -m llada_jax.train --config=configs/llada_1b.py "
+            "--workdir=/shared/x",
+        )
+        + f"sbatch '{script}'\n"
+    )
     assert not os.path.exists(script)  # a dry run writes nothing
 
 
@@ -462,8 +674,9 @@ def test_slurm_writes_and_submits(tmp_path):
     bindir = tmp_path / "bin"
     bindir.mkdir()
     env = fake_tool(bindir, "sbatch")
-    p = launcher_process("slurm.py", "--nodes=2", "--gpus_per_node=8", "--", *TRAIN, env=env,
-                         cwd=str(tmp_path))
+    p = launcher_process(
+        "slurm.py", "--nodes=2", "--gpus_per_node=8", "--", *TRAIN, env=env, cwd=str(tmp_path)
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout == "Submitted batch job 42\n"
     assert calls(bindir) == [["llada.sbatch"]]
@@ -471,28 +684,48 @@ def test_slurm_writes_and_submits(tmp_path):
 
 
 def test_slurm_without_sbatch_keeps_the_script(tmp_path):
-    p = launcher_process("slurm.py", "--nodes=1", "--gpus_per_node=1", "--", "--config=c.py",
-                         env=clean_env(PATH=str(tmp_path)), cwd=str(tmp_path))
+    p = launcher_process(
+        "slurm.py",
+        "--nodes=1",
+        "--gpus_per_node=1",
+        "--",
+        "--config=c.py",
+        env=clean_env(PATH=str(tmp_path)),
+        cwd=str(tmp_path),
+    )
     assert_one_line_error(p, "sbatch not found on PATH", "llada.sbatch", status=1)
     assert (tmp_path / "llada.sbatch").exists()
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--nodes=0", "--gpus_per_node=8"], "--nodes=0 must be >= 1"),
-    (["--nodes=1", "--gpus_per_node=0"], "--gpus_per_node=0 must be >= 1"),
-    (["--gpus_per_node=8"], "--nodes"),
-    (["--nodes=1", "--gpus_per_node=8", "--mem_fraction=1.5"], "--mem_fraction=1.5"),
-    (["--nodes=1", "--gpus_per_node=8", "--env=1X=2"], "--env=1X=2"),
-    (["--nodes=1", "--gpus_per_node=8", "--job_name=a b"], "--job_name='a b'"),
-    (["--nodes=1", "--gpus_per_node=8", "--term_before_end=-1"], "--term_before_end=-1"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--nodes=0", "--gpus_per_node=8"], "--nodes=0 must be >= 1"),
+        (["--nodes=1", "--gpus_per_node=0"], "--gpus_per_node=0 must be >= 1"),
+        (["--gpus_per_node=8"], "--nodes"),
+        (["--nodes=1", "--gpus_per_node=8", "--mem_fraction=1.5"], "--mem_fraction=1.5"),
+        (["--nodes=1", "--gpus_per_node=8", "--env=1X=2"], "--env=1X=2"),
+        (["--nodes=1", "--gpus_per_node=8", "--job_name=a b"], "--job_name='a b'"),
+        (["--nodes=1", "--gpus_per_node=8", "--term_before_end=-1"], "--term_before_end=-1"),
+    ],
+)
 def test_slurm_bad_arguments(args, fragment):
-    assert_one_line_error(launcher("slurm.py", *args, "--dry_run", "--", "--config=c.py"),
-                          fragment)
+    assert_one_line_error(launcher("slurm.py", *args, "--dry_run", "--", "--config=c.py"), fragment)
 
 
 def test_slurm_needs_training_flags_without_distributed_ones():
-    assert_one_line_error(launcher("slurm.py", "--nodes=1", "--gpus_per_node=8", "--dry_run"),
-                          "no training flags")
-    assert_one_line_error(launcher("slurm.py", "--nodes=1", "--gpus_per_node=8", "--dry_run",
-                                   "--", "--config=c.py", "--coordinator=h:1"), "--coordinator")
+    assert_one_line_error(
+        launcher("slurm.py", "--nodes=1", "--gpus_per_node=8", "--dry_run"), "no training flags"
+    )
+    assert_one_line_error(
+        launcher(
+            "slurm.py",
+            "--nodes=1",
+            "--gpus_per_node=8",
+            "--dry_run",
+            "--",
+            "--config=c.py",
+            "--coordinator=h:1",
+        ),
+        "--coordinator",
+    )

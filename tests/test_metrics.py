@@ -1,4 +1,5 @@
 """FLOPs accounting against the matmuls actually traced, and the CPU peak cache."""
+
 import json
 import os
 
@@ -33,9 +34,17 @@ def dot_flops(jaxpr) -> float:
 
 @pytest.mark.parametrize("tied,scan", [(False, True), (True, False)])
 def test_flops_match_traced_matmuls(tied, scan):
-    cfg = ModelConfig(vocab_size=96, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2,
-                      mlp_hidden=40, tie_embeddings=tied, scan_layers=scan,
-                      matmul="xla")  # counts dot_general equations; MKL's are custom calls
+    cfg = ModelConfig(
+        vocab_size=96,
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        mlp_hidden=40,
+        tie_embeddings=tied,
+        scan_layers=scan,
+        matmul="xla",
+    )  # counts dot_general equations; MKL's are custom calls
     b, length = 2, 24
     with sharding.use_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1])):
         graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
@@ -51,7 +60,9 @@ def test_flops_match_traced_matmuls(tied, scan):
 def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(metrics, "measure_cpu_matmul_peak", lambda dtype: calls.append(dtype) or 1e11)
+    monkeypatch.setattr(
+        metrics, "measure_cpu_matmul_peak", lambda dtype: calls.append(dtype) or 1e11
+    )
     metrics.cpu_peak_flops.cache_clear()
     assert metrics.cpu_peak_flops("float32") == 1e11
     metrics.cpu_peak_flops.cache_clear()
@@ -68,15 +79,22 @@ def test_matmul_probe_is_plausible():
 
 
 def test_format_duration():
-    assert [metrics.format_duration(s) for s in (0, 45, 192, 3720)] == ["0s", "45s", "3m12s", "1h02m"]
+    assert [metrics.format_duration(s) for s in (0, 45, 192, 3720)] == [
+        "0s",
+        "45s",
+        "3m12s",
+        "1h02m",
+    ]
 
 
 def test_resumed_writer_keeps_earlier_lines_and_drops_a_cut_off_one(tmp_path):
     """A resumed run keeps the lines up to its step; a last line cut short by a kill and the
     lines past the resume step are dropped, and the file is replaced in one step."""
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": NaN}\n{"step": 3, "loss": 2.0}\n'
-                    '{"step": 4, "lo')
+    path.write_text(
+        '{"step": 1, "loss": 2.5}\n{"step": 2, "loss": NaN}\n{"step": 3, "loss": 2.0}\n'
+        '{"step": 4, "lo'
+    )
     with metrics.MetricsWriter(str(tmp_path), after_step=2) as writer:
         writer.write(3, {"loss": 1.5})
     records = metrics.read_jsonl(str(path))

@@ -1,4 +1,5 @@
 """The transformer against the HF reference logits and an independent numpy forward pass."""
+
 import dataclasses
 import json
 import os
@@ -31,7 +32,7 @@ def np_rope(x, theta):
     inv = 1.0 / theta ** (np.arange(0, d, 2) / d)
     ang = np.arange(x.shape[1])[:, None] * inv[None]
     cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     rot = np.concatenate([-x2, x1], -1)
     return x * cos[None, :, None] + rot * sin[None, :, None]
 
@@ -86,8 +87,11 @@ def build(cfg: ModelConfig, tensors=None) -> Transformer:
 def hf():
     with open(os.path.join(FIXTURE, "config.json")) as f:
         config = json.load(f)
-    return config, load_file(os.path.join(FIXTURE, "model.safetensors")), np.load(
-        os.path.join(FIXTURE, "reference_logits.npz"))
+    return (
+        config,
+        load_file(os.path.join(FIXTURE, "model.safetensors")),
+        np.load(os.path.join(FIXTURE, "reference_logits.npz")),
+    )
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
@@ -103,7 +107,9 @@ def test_matches_hf_reference_logits(hf, scan_layers):
     # compare all rows, since the reference also computes them with the same key mask.
     np.testing.assert_allclose(masked, ref["logits_with_attention_mask"], atol=1e-4, rtol=1e-4)
     # The numpy reference agrees with the HF logits too, so it is a valid oracle below.
-    np.testing.assert_allclose(np_forward(tensors, config, ref["input_ids"]), ref["logits"], atol=1e-4)
+    np.testing.assert_allclose(
+        np_forward(tensors, config, ref["input_ids"]), ref["logits"], atol=1e-4
+    )
 
 
 def random_hf_tensors(hf_cfg, seed=0):
@@ -115,17 +121,38 @@ def random_hf_tensors(hf_cfg, seed=0):
     shapes = {"wte": (v, d), "ln_f": (d,), "ff_out": (v, d)}
     t = {PREFIX + k + ".weight": s for k, s in shapes.items()}
     for i in range(hf_cfg["n_layers"]):
-        for name, s in dict(attn_norm=(d,), ff_norm=(d,), q_proj=(d, d), k_proj=(kv, d), v_proj=(kv, d),
-                            attn_out=(d, d), ff_proj=(f, d), up_proj=(f, d), ff_out=(d, f)).items():
+        for name, s in dict(
+            attn_norm=(d,),
+            ff_norm=(d,),
+            q_proj=(d, d),
+            k_proj=(kv, d),
+            v_proj=(kv, d),
+            attn_out=(d, d),
+            ff_proj=(f, d),
+            up_proj=(f, d),
+            ff_out=(d, f),
+        ).items():
             t[f"{PREFIX}blocks.{i}.{name}.weight"] = s
     out = {}
     for k, s in t.items():
-        out[k] = (rng.uniform(0.5, 1.5, s) if len(s) == 1 else rng.normal(0, 0.2, s)).astype(np.float32)
+        out[k] = (rng.uniform(0.5, 1.5, s) if len(s) == 1 else rng.normal(0, 0.2, s)).astype(
+            np.float32
+        )
     return out
 
 
-GQA_HF = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=48, embedding_size=64,
-              vocab_size=64, rope_theta=10000.0, rms_norm_eps=1e-5, weight_tying=False)
+GQA_HF = dict(
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    mlp_hidden_size=48,
+    embedding_size=64,
+    vocab_size=64,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    weight_tying=False,
+)
 
 
 @pytest.mark.parametrize("tied,causal", [(False, False), (True, True)])
@@ -139,14 +166,17 @@ def test_gqa_tied_causal_segments_match_numpy(tied, causal):
     key_mask = np.ones((2, 12), bool)
     key_mask[1, :3] = False
     seg = np.array([[0] * 5 + [1] * 7, [0] * 12])
-    got = jax.jit(lambda m, x, k, s: m(x, k, s))(model, jnp.asarray(ids), jnp.asarray(key_mask),
-                                                   jnp.asarray(seg))
+    got = jax.jit(lambda m, x, k, s: m(x, k, s))(
+        model, jnp.asarray(ids), jnp.asarray(key_mask), jnp.asarray(seg)
+    )
     want = np_forward(tensors, hf_cfg, ids, key_mask, seg, causal)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-4, rtol=2e-4)
 
 
-@pytest.mark.parametrize("causal,layout", [(False, "trailing"), (True, "trailing"),
-                                           (False, "leading"), (False, "packed")])
+@pytest.mark.parametrize(
+    "causal,layout",
+    [(False, "trailing"), (True, "trailing"), (False, "leading"), (False, "packed")],
+)
 def test_cudnn_config_matches_numpy(causal, layout):
     """model.attention=cudnn (jax.nn.dot_product_attention; its XLA implementation on CPU): key
     padding as lengths when the caller promises trailing padding, else (left padding, packed
@@ -167,38 +197,54 @@ def test_cudnn_config_matches_numpy(causal, layout):
     assert mask.ndim == (1 if layout == "trailing" else 4)  # lengths or a bias
 
     def run(attention):
-        graphdef, params = nnx.split(build(dataclasses.replace(cfg, attention=attention), tensors),
-                                     nnx.Param)
+        graphdef, params = nnx.split(
+            build(dataclasses.replace(cfg, attention=attention), tensors), nnx.Param
+        )
         logits = lambda p: nnx.merge(graphdef, p)(*args, valid_prefix=prefix)
-        return (np.asarray(jax.jit(logits)(params)),
-                jax.jit(jax.grad(lambda p: jnp.sum(logits(p) * weights)))(params))
+        return (
+            np.asarray(jax.jit(logits)(params)),
+            jax.jit(jax.grad(lambda p: jnp.sum(logits(p) * weights)))(params),
+        )
 
     logits, grads = run("cudnn")
     want = np_forward(tensors, hf_cfg, ids, valid, seg, causal)
     np.testing.assert_allclose(logits[valid], want[valid], atol=2e-4, rtol=2e-4)
     _, want_grads = run("xla")
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3),
-                 grads, want_grads)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3), grads, want_grads
+    )
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU (cuDNN); run "
-                    "with JAX_PLATFORMS=cuda,cpu")
+@pytest.mark.skipif(
+    jax.default_backend() != "gpu",
+    reason="needs an NVIDIA GPU (cuDNN); run with JAX_PLATFORMS=cuda,cpu",
+)
 def test_cudnn_kernel_matches_xla_attention_on_gpu():
     """cuDNN's kernel in bfloat16 with key lengths (a filler row among them) and with a bias:
     logits and gradients within bfloat16 noise of the XLA implementation, all finite."""
-    cfg = ModelConfig(vocab_size=128, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2,
-                      mlp_hidden=512, dtype="bfloat16")
+    cfg = ModelConfig(
+        vocab_size=128,
+        d_model=256,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        mlp_hidden=512,
+        dtype="bfloat16",
+    )
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, 128, (3, 256)))
     valid = np.arange(256)[None] < np.array([[256], [200], [0]])
     weights = jnp.asarray(rng.normal(size=(3, 256, 128)) * valid[..., None], jnp.float32)
     rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
     for seg in (None, jnp.asarray(np.repeat([[0, 1]], 3, 0).repeat(128, 1))):
+
         def run(attention):
-            graphdef, params = nnx.split(build(dataclasses.replace(cfg, attention=attention)),
-                                         nnx.Param)
-            f = lambda p: nnx.merge(graphdef, p)(ids, jnp.asarray(valid), seg,
-                                                 valid_prefix=True).astype(jnp.float32)
+            graphdef, params = nnx.split(
+                build(dataclasses.replace(cfg, attention=attention)), nnx.Param
+            )
+            f = lambda p: nnx.merge(graphdef, p)(
+                ids, jnp.asarray(valid), seg, valid_prefix=True
+            ).astype(jnp.float32)
             return jax.jit(f)(params), jax.jit(jax.grad(lambda p: jnp.sum(f(p) * weights)))(params)
 
         (logits, grads), (want, want_grads) = run("cudnn"), run("xla")
@@ -221,19 +267,30 @@ def test_remat_and_bf16_agree_with_plain_float32():
     for remat in ("full", "dots"):
         loss, grad = loss_and_grad(ModelConfig(**{**cfg.__dict__, "remat": remat}))
         np.testing.assert_allclose(loss, base_loss, rtol=1e-6)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grad, base_grad)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grad, base_grad
+        )
     loss16, _ = loss_and_grad(ModelConfig(**{**cfg.__dict__, "dtype": "bfloat16"}))
     np.testing.assert_allclose(loss16, base_loss, rtol=5e-2)
 
 
-@pytest.mark.parametrize("causal,mesh_shape,remat", [(False, (2, 2, 2), "none"),
-                                                     (True, (1, 1, 1), "dots_attn")])
+@pytest.mark.parametrize(
+    "causal,mesh_shape,remat", [(False, (2, 2, 2), "none"), (True, (1, 1, 1), "dots_attn")]
+)
 def test_splash_kernel_matches_einsum_attention(causal, mesh_shape, remat):
     """The Pallas splash kernel (interpreted on CPU), sharded by shard_map on a mesh: the same
     logits on real tokens and the same gradients as the einsum attention, with GQA, key padding
     and packed segments."""
-    cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                      mlp_hidden=48, causal=causal, remat=remat)
+    cfg = ModelConfig(
+        vocab_size=64,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        mlp_hidden=48,
+        causal=causal,
+        remat=remat,
+    )
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, 64, (4, 128)))
     valid = np.ones((4, 128), bool)
@@ -242,12 +299,13 @@ def test_splash_kernel_matches_einsum_attention(causal, mesh_shape, remat):
     seg = jnp.asarray(np.repeat([[0, 1, 2, 3]], 4, 0).repeat(32, 1))
     weights = jnp.asarray(rng.normal(size=(4, 128, 64)) * valid[..., None], jnp.float32)
     valid = jnp.asarray(valid)
-    mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
+    mesh = sharding.make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
 
     def run(attention):
         with sharding.use_mesh(mesh):
-            model = Transformer(ModelConfig(**{**cfg.__dict__, "attention": attention}),
-                                rngs=nnx.Rngs(0))
+            model = Transformer(
+                ModelConfig(**{**cfg.__dict__, "attention": attention}), rngs=nnx.Rngs(0)
+            )
             graphdef, params = nnx.split(model, nnx.Param)
             f = lambda p: jnp.sum(nnx.merge(graphdef, p)(ids, valid, seg) * weights)
             logits = jax.jit(lambda p: nnx.merge(graphdef, p)(ids, valid, seg))(params)
@@ -257,8 +315,9 @@ def test_splash_kernel_matches_einsum_attention(causal, mesh_shape, remat):
     want_logits, want_grads = run("xla")
     real = np.asarray(valid)
     np.testing.assert_allclose(logits[real], want_logits[real], atol=1e-4, rtol=1e-4)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3),
-                 grads, want_grads)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3), grads, want_grads
+    )
 
 
 def test_splash_config_falls_back_to_einsum_at_untileable_lengths():
@@ -278,14 +337,24 @@ def test_splash_config_falls_back_to_einsum_at_untileable_lengths():
 def test_dots_attn_remat_saves_the_kernel_output(capsys):
     """remat=dots_attn keeps the splash kernel's output (L, B, H, L, D) and log-sum-exp
     (L, B, H, L) for the backward pass; dots_no_batch recomputes them."""
+
     def saved_shapes(remat):
-        cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                          mlp_hidden=48, attention="splash", remat=remat)
+        cfg = ModelConfig(
+            vocab_size=64,
+            d_model=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            mlp_hidden=48,
+            attention="splash",
+            remat=remat,
+        )
         graphdef, params = nnx.split(build(cfg), nnx.Param)
         ids = jnp.zeros((2, 128), jnp.int32)
         capsys.readouterr()
         jax.ad_checkpoint.print_saved_residuals(
-            lambda p: jnp.sum(nnx.merge(graphdef, p)(ids)), params)
+            lambda p: jnp.sum(nnx.merge(graphdef, p)(ids)), params
+        )
         return capsys.readouterr().out
 
     kernel_residuals = ("f32[2,2,4,128,16]", "f32[2,2,4,128]")
@@ -304,15 +373,19 @@ def test_every_parameter_has_logical_axes():
         names = var.get_metadata()["out_sharding"]
         assert len(names) == var.get_value().ndim and all(n is not None for n in names)
     assert nnx.get_partition_spec(state)["blocks"]["attn"]["k"]["kernel"].get_metadata()[
-        "out_sharding"] == ("layers", "embed", "kv_heads", "head_dim")
+        "out_sharding"
+    ] == ("layers", "embed", "kv_heads", "head_dim")
 
 
-@pytest.mark.parametrize("field,value,words", [
-    ("n_kv_heads", 3, "multiple of model.n_kv_heads=3"),
-    ("remat", "sometimes", "'sometimes'"),
-    ("dtype", "float16", "'float16'"),
-    ("d_model", 0, "model.d_model=0"),
-])
+@pytest.mark.parametrize(
+    "field,value,words",
+    [
+        ("n_kv_heads", 3, "multiple of model.n_kv_heads=3"),
+        ("remat", "sometimes", "'sometimes'"),
+        ("dtype", "float16", "'float16'"),
+        ("d_model", 0, "model.d_model=0"),
+    ],
+)
 def test_bad_model_config_is_one_clear_error(field, value, words):
     fields = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=48)
     fields[field] = value

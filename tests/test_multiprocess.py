@@ -1,6 +1,7 @@
 """Two real processes on localhost (CPU, gloo collectives), started by launch/local.py: same losses
 as one process with the same global batch; checkpoints move between 2 and 1 processes; only
 process 0 writes; a SIGTERM to one process stops both at one saved step."""
+
 import json
 import os
 import re
@@ -22,19 +23,37 @@ def launch(workdir, processes, steps):
     """Runs the tiny config over 8 devices in total through launch/local.py: 8 fake CPU devices
     in one process, or 4 in each of 2. Returns each process's stdout (the launcher prefixes the
     lines of process i with `[i] ` when there are several)."""
-    train = ["--config=configs/tiny.py", f"--workdir={workdir}", "--config.sample.num_samples=0",
-             "--config.train.log_every=1", f"--config.train.steps={steps}",
-             "--config.checkpoint.save_every=3"]
-    p = subprocess.run([sys.executable, "launch/local.py", f"--num_processes={processes}",
-                        f"--devices_per_process={8 // processes}", "--", *train],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    train = [
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        "--config.sample.num_samples=0",
+        "--config.train.log_every=1",
+        f"--config.train.steps={steps}",
+        "--config.checkpoint.save_every=3",
+    ]
+    p = subprocess.run(
+        [
+            sys.executable,
+            "launch/local.py",
+            f"--num_processes={processes}",
+            f"--devices_per_process={8 // processes}",
+            "--",
+            *train,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     if processes == 1:
         return [p.stdout]
     lines = p.stdout.splitlines(keepends=True)
     assert all(line.startswith(tuple(f"[{i}] " for i in range(processes))) for line in lines)
-    return ["".join(line[len(f"[{i}] "):] for line in lines if line.startswith(f"[{i}] "))
-            for i in range(processes)]
+    return [
+        "".join(line[len(f"[{i}] ") :] for line in lines if line.startswith(f"[{i}] "))
+        for i in range(processes)
+    ]
 
 
 def metrics(workdir):
@@ -81,18 +100,43 @@ def test_sigterm_to_one_process_stops_all_at_one_saved_step(tmp_path):
     in its next step. The processes are launch/local.py's (its --dry_run commands), started
     here so that only process 1 gets the signal."""
     workdir = str(tmp_path / "preempted")
-    train = ["--config=configs/tiny.py", f"--workdir={workdir}", "--config.sample.num_samples=0",
-             "--config.train.log_every=1", "--config.train.steps=2000"]
-    dry = subprocess.run([sys.executable, "launch/local.py", "--num_processes=2",
-                          "--devices_per_process=4", "--dry_run", "--", *train],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    train = [
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        "--config.sample.num_samples=0",
+        "--config.train.log_every=1",
+        "--config.train.steps=2000",
+    ]
+    dry = subprocess.run(
+        [
+            sys.executable,
+            "launch/local.py",
+            "--num_processes=2",
+            "--devices_per_process=4",
+            "--dry_run",
+            "--",
+            *train,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     procs = []
     for line in dry.stdout.splitlines():  # ENV=VALUE ... python -u -m llada_jax.train ...
         words = shlex.split(line)
         n_env = next(i for i, w in enumerate(words) if not re.match(r"[A-Z_][A-Z0-9_]*=", w))
-        procs.append(subprocess.Popen(
-            words[n_env:], cwd=ROOT, env=dict(os.environ, **dict(w.split("=", 1) for w in words[:n_env])),
-            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        procs.append(
+            subprocess.Popen(
+                words[n_env:],
+                cwd=ROOT,
+                env=dict(os.environ, **dict(w.split("=", 1) for w in words[:n_env])),
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        )
     try:
         metrics_file, deadline = os.path.join(workdir, "metrics.jsonl"), time.time() + 300
         while not (os.path.exists(metrics_file) and len(open(metrics_file).readlines()) >= 3):

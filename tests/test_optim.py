@@ -100,8 +100,14 @@ def test_llada_8b_schedule():
     total = round(2.3e12 / tokens_per_step)
     drop = round(1.2e12 / tokens_per_step)
     decay = round(0.3e12 / tokens_per_step)
-    c = cfg(lr=4e-4, schedule="wsd", warmup_steps=2000, final_lr=1e-5,
-            decay_steps=decay, lr_drops=((drop, 1e-4),))
+    c = cfg(
+        lr=4e-4,
+        schedule="wsd",
+        warmup_steps=2000,
+        final_lr=1e-5,
+        decay_steps=decay,
+        lr_drops=((drop, 1e-4),),
+    )
     sched = optim.make_lr_schedule(c, total)
     start = total - decay
     points = {
@@ -117,8 +123,9 @@ def test_llada_8b_schedule():
         total + 100: 1e-5,
     }
     for step, want in points.items():
-        np.testing.assert_allclose(float(sched(step)), want, rtol=1e-5, atol=1e-12,
-                                   err_msg=f"step {step}")
+        np.testing.assert_allclose(
+            float(sched(step)), want, rtol=1e-5, atol=1e-12, err_msg=f"step {step}"
+        )
         np.testing.assert_allclose(want, ref_lr(step, c, total), rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(float(sched(start + decay // 2)), 5.5e-5, rtol=1e-5)
 
@@ -224,14 +231,26 @@ def test_optimizer_mask_on_nnx_state(toy_params, on):
 
 def test_adamw_with_clipping_matches_numpy():
     rng = np.random.default_rng(0)
-    params = {"kernel": rng.normal(size=(3, 2)).astype(np.float32),
-              "scale": (1 + 0.1 * rng.normal(size=(2,))).astype(np.float32)}
+    params = {
+        "kernel": rng.normal(size=(3, 2)).astype(np.float32),
+        "scale": (1 + 0.1 * rng.normal(size=(2,))).astype(np.float32),
+    }
     g1 = {k: (5.0 * rng.normal(size=v.shape)).astype(np.float32) for k, v in params.items()}
     g2 = {k: (0.1 * rng.normal(size=v.shape)).astype(np.float32) for k, v in params.items()}
     assert math.sqrt(sum((x**2).sum() for x in g1.values())) > 1.0  # clipped
     assert math.sqrt(sum((x**2).sum() for x in g2.values())) < 1.0  # not clipped
-    c = cfg(schedule="wsd", warmup_steps=0, decay_steps=2, final_lr=1e-3, lr=1e-2,
-            weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
+    c = cfg(
+        schedule="wsd",
+        warmup_steps=0,
+        decay_steps=2,
+        final_lr=1e-3,
+        lr=1e-2,
+        weight_decay=0.1,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        clip_norm=1.0,
+    )
     total = 3
     sched = optim.make_lr_schedule(c, total)
     lrs = [ref_lr(0, c, total), ref_lr(1, c, total)]
@@ -252,8 +271,9 @@ def test_adamw_with_clipping_matches_numpy():
     # Sanity: the test is sensitive to clipping and to decaying the scale.
     unclipped = ref_adamw(params, [g1, g2], lrs, mask, 0.9, 0.95, 1e-8, 0.1, clip=None)
     assert not np.allclose(unclipped["kernel"], want["kernel"], rtol=1e-5, atol=1e-7)
-    decayed = ref_adamw(params, [g1, g2], lrs, {"kernel": True, "scale": True},
-                        0.9, 0.95, 1e-8, 0.1, clip=1.0)
+    decayed = ref_adamw(
+        params, [g1, g2], lrs, {"kernel": True, "scale": True}, 0.9, 0.95, 1e-8, 0.1, clip=1.0
+    )
     assert not np.allclose(decayed["scale"], want["scale"], rtol=1e-5, atol=1e-7)
 
 
@@ -268,8 +288,17 @@ def test_clip_disabled(clip):
     for g in (g1, g2):
         upd, state = tx.update(g, state, params)
         params = optax.apply_updates(params, upd)
-    want = ref_adamw({"kernel": np.ones((2, 2))}, [g1, g2], [1e-2, 1e-2],
-                     {"kernel": False}, 0.9, 0.95, 1e-8, 0.0, clip=None)
+    want = ref_adamw(
+        {"kernel": np.ones((2, 2))},
+        [g1, g2],
+        [1e-2, 1e-2],
+        {"kernel": False},
+        0.9,
+        0.95,
+        1e-8,
+        0.0,
+        clip=None,
+    )
     np.testing.assert_allclose(np.asarray(params["kernel"]), want["kernel"], rtol=1e-5)
 
 
@@ -295,10 +324,14 @@ def _loss(params, batch):
 
 def test_accumulate_gradients_matches_full_batch():
     rng = np.random.default_rng(1)
-    params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
-              "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
-    batch = {"x": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32),
-             "y": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)}
+    params = {
+        "w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32),
+    }
+    batch = {
+        "x": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32),
+        "y": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32),
+    }
     grad_fn = jax.value_and_grad(_loss, has_aux=True)
     (loss_full, aux_full), g_full = grad_fn(params, batch)
     acc = jax.jit(optim.accumulate_gradients, static_argnums=(0, 3))

@@ -1,4 +1,5 @@
 """Batches from prepared shards: determinism, exact resume, per-process slices, mixtures, SFT."""
+
 import json
 import os
 
@@ -29,15 +30,32 @@ def prepared(tmp_path_factory):
     for name, n_docs, seed in (("a", 40, 0), ("b", 15, 1)):
         write_docs(root / f"{name}_txt", n_docs, seed)
         dirs[name] = str(root / name)
-        prepare.prepare([str(root / f"{name}_txt")], dirs[name], "pretrain", seq_len=SEQ,
-                        workers=1, progress=False, log=lambda *_: None)
+        prepare.prepare(
+            [str(root / f"{name}_txt")],
+            dirs[name],
+            "pretrain",
+            seq_len=SEQ,
+            workers=1,
+            progress=False,
+            log=lambda *_: None,
+        )
     with open(root / "chat.jsonl", "w") as f:
         for i in range(30):
-            f.write(json.dumps({"prompt": f"Question {i}?" * (1 + i % 3),
-                                "response": "Answer " * (1 + i % 5)}) + "\n")
+            f.write(
+                json.dumps(
+                    {"prompt": f"Question {i}?" * (1 + i % 3), "response": "Answer " * (1 + i % 5)}
+                )
+                + "\n"
+            )
     dirs["sft"] = str(root / "sft")
-    prepare.prepare([str(root / "chat.jsonl")], dirs["sft"], "sft", workers=1, progress=False,
-                    log=lambda *_: None)
+    prepare.prepare(
+        [str(root / "chat.jsonl")],
+        dirs["sft"],
+        "sft",
+        workers=1,
+        progress=False,
+        log=lambda *_: None,
+    )
     return dirs
 
 
@@ -49,16 +67,29 @@ def sources(prepared, names_weights, seq_len=SEQ):
 def global_batches(prepared, names_weights, steps, batch=8, seed=0, processes=1, start=0):
     """Global batches of `steps`, assembled from every process's local rows."""
     stream = pipeline.mixed_rows(sources(prepared, names_weights), seed)
-    per_process = [pipeline.local_batches(stream, batch, 4096, default_tokenizer().eos_id,
-                                          process_index=p, process_count=processes)
-                   for p in range(processes)]
+    per_process = [
+        pipeline.local_batches(
+            stream,
+            batch,
+            4096,
+            default_tokenizer().eos_id,
+            process_index=p,
+            process_count=processes,
+        )
+        for p in range(processes)
+    ]
     return [np.concatenate([ds[s]["tokens"] for ds in per_process]) for s in range(start, steps)]
 
 
 def test_rows_are_the_prepared_rows_and_epochs_reshuffle(prepared):
     meta = prepare.load_metadata(prepared["a"])
-    rows = np.stack([r for s in meta["shards"]
-                     for r in prepare.read_shard(os.path.join(prepared["a"], s["path"]))])
+    rows = np.stack(
+        [
+            r
+            for s in meta["shards"]
+            for r in prepare.read_shard(os.path.join(prepared["a"], s["path"]))
+        ]
+    )
     n = len(rows)
     stream = pipeline.mixed_rows(sources(prepared, [("a", 1.0)]), seed=3)
     epoch1 = np.stack([stream[i] for i in range(n)])
@@ -100,8 +131,11 @@ def test_resume_from_any_step_with_and_without_workers(prepared):
 
 def test_mixture_proportions(prepared):
     """Rows of a 3:1 mixture come from each dataset in that proportion (binomial tolerance)."""
-    a_rows = {tuple(r) for s in prepare.load_metadata(prepared["a"])["shards"]
-              for r in prepare.read_shard(os.path.join(prepared["a"], s["path"]))}
+    a_rows = {
+        tuple(r)
+        for s in prepare.load_metadata(prepared["a"])["shards"]
+        for r in prepare.read_shard(os.path.join(prepared["a"], s["path"]))
+    }
     rows = np.concatenate(global_batches(prepared, [("a", 3.0), ("b", 1.0)], 50))
     frac = np.mean([tuple(r) in a_rows for r in rows])
     assert abs(frac - 0.75) < 4 * np.sqrt(0.75 * 0.25 / len(rows)), frac
@@ -139,13 +173,29 @@ def test_sft_batches(prepared, pairs_per_row):
     srcs = datasets.open_sources(((prepared["sft"], 1.0),), "sft", None, tok, 4096)
     stream = pipeline.mixed_rows(srcs, 0)
     full = pipeline.sft_local_batches(stream, 4, 96, tok.eos_id, 4096, pairs_per_row=pairs_per_row)
-    halves = [pipeline.sft_local_batches(stream, 4, 96, tok.eos_id, 4096,
-                                         pairs_per_row=pairs_per_row, process_index=p,
-                                         process_count=2) for p in range(2)]
+    halves = [
+        pipeline.sft_local_batches(
+            stream,
+            4,
+            96,
+            tok.eos_id,
+            4096,
+            pairs_per_row=pairs_per_row,
+            process_index=p,
+            process_count=2,
+        )
+        for p in range(2)
+    ]
     for step in range(3):
         b = full[step]
-        assert set(b) == {"tokens", "prompt_mask", "segment_ids", "valid", "sft_dropped",
-                          "sft_truncated"}
+        assert set(b) == {
+            "tokens",
+            "prompt_mask",
+            "segment_ids",
+            "valid",
+            "sft_dropped",
+            "sft_truncated",
+        }
         assert all(b[k].shape == (4, 96) for k in ("tokens", "prompt_mask", "segment_ids", "valid"))
         for k in b:
             np.testing.assert_array_equal(np.concatenate([h[step][k] for h in halves]), b[k])
@@ -163,10 +213,15 @@ def test_sft_overflow_is_counted(prepared, overflow):
     """Pairs longer than seq_len in a step's window are counted, summed over all processes."""
     tok = default_tokenizer()
     stream = pipeline.mixed_rows(
-        datasets.open_sources(((prepared["sft"], 1.0),), "sft", None, tok, 4096), 0)
+        datasets.open_sources(((prepared["sft"], 1.0),), "sft", None, tok, 4096), 0
+    )
     seq_len = 16
-    halves = [pipeline.sft_local_batches(stream, 4, seq_len, tok.eos_id, 4096, overflow,
-                                         process_index=p, process_count=2) for p in range(2)]
+    halves = [
+        pipeline.sft_local_batches(
+            stream, 4, seq_len, tok.eos_id, 4096, overflow, process_index=p, process_count=2
+        )
+        for p in range(2)
+    ]
     for step in range(3):
         too_long = sum(len(stream[step * 4 + i]) - 1 > seq_len for i in range(4))
         assert too_long > 0

@@ -47,8 +47,7 @@ def jax_logits(tokens: jax.Array, valid: jax.Array) -> jax.Array:
     bump = jax.nn.one_hot((prev + 1) % VOCAB, VOCAB, dtype=jnp.float32) * jnp.float32(BUMP)
     n_valid = jnp.sum(valid, axis=1) % VOCAB
     valid_bump = jax.nn.one_hot(n_valid, VOCAB, dtype=jnp.float32) * jnp.float32(VALID_BUMP)
-    return (jnp.asarray(W)[None, :t] + jnp.where(use[..., None], bump, 0.0)
-            + valid_bump[:, None, :])
+    return jnp.asarray(W)[None, :t] + jnp.where(use[..., None], bump, 0.0) + valid_bump[:, None, :]
 
 
 # ----------------------------------------------------------------------------- numpy reference
@@ -62,7 +61,8 @@ def np_num_transfer(mask_count: np.ndarray, steps: int) -> np.ndarray:
 
 
 def np_generate(prompt, prompt_valid, *, gen_length, steps, block_length):
-    """Greedy (temperature 0), low_confidence LLaDA generate; returns (canvas, commit_step, history)."""
+    """Greedy (temperature 0), low_confidence LLaDA generate; returns (canvas, commit_step,
+    history)."""
     b, lp = prompt.shape
     x = np.concatenate([prompt, np.full((b, gen_length), MASK_ID, prompt.dtype)], axis=1)
     valid = np.concatenate([prompt_valid, np.ones((b, gen_length), bool)], axis=1)
@@ -96,12 +96,29 @@ def np_generate(prompt, prompt_valid, *, gen_length, steps, block_length):
 
 # ----------------------------------------------------------------------------- helpers
 @functools.lru_cache(maxsize=None)
-def jitted(gen_length, steps, block_length, temperature=0.0, remasking="low_confidence",
-           ban_eos=False, logits_fn=jax_logits):
-    return jax.jit(functools.partial(
-        generate, logits_fn, gen_length=gen_length, steps=steps, block_length=block_length,
-        mask_id=MASK_ID, temperature=temperature, remasking=remasking, eos_id=EOS_ID,
-        ban_eos=ban_eos))
+def jitted(
+    gen_length,
+    steps,
+    block_length,
+    temperature=0.0,
+    remasking="low_confidence",
+    ban_eos=False,
+    logits_fn=jax_logits,
+):
+    return jax.jit(
+        functools.partial(
+            generate,
+            logits_fn,
+            gen_length=gen_length,
+            steps=steps,
+            block_length=block_length,
+            mask_id=MASK_ID,
+            temperature=temperature,
+            remasking=remasking,
+            eos_id=EOS_ID,
+            ban_eos=ban_eos,
+        )
+    )
 
 
 def make_prompt(lengths, lp):
@@ -110,8 +127,8 @@ def make_prompt(lengths, lp):
     prompt = np.zeros((len(lengths), lp), np.int32)
     valid = np.zeros((len(lengths), lp), bool)
     for i, n in enumerate(lengths):
-        prompt[i, lp - n:] = rng.integers(0, MASK_ID, size=n)
-        valid[i, lp - n:] = True
+        prompt[i, lp - n :] = rng.integers(0, MASK_ID, size=n)
+        valid[i, lp - n :] = True
     return prompt, valid
 
 
@@ -142,8 +159,9 @@ def test_num_transfer_tokens_hand_values():
     got = np.asarray(num_transfer_tokens(jnp.array([32]), 4))
     np.testing.assert_array_equal(got, [[8, 8, 8, 8]])
     counts = np.array([0, 1, 7, 8, 13, 31])
-    np.testing.assert_array_equal(num_transfer_tokens(jnp.array(counts), 5),
-                                  np_num_transfer(counts, 5))
+    np.testing.assert_array_equal(
+        num_transfer_tokens(jnp.array(counts), 5), np_num_transfer(counts, 5)
+    )
 
 
 def test_select_top_k_mask_exact_k_with_ties():
@@ -156,17 +174,18 @@ def test_select_top_k_mask_exact_k_with_ties():
 @pytest.mark.parametrize(
     "lengths,lp,gen_length,steps,block_length",
     [
-        ((4,), 4, 8, 4, 8),        # one block
-        ((4,), 4, 16, 8, 4),       # several blocks
-        ((5, 2), 5, 16, 4, 8),     # batch 2, left padding in row 1
-        ((3, 3), 3, 16, 6, 8),     # remainder: 8 tokens over 3 steps -> 3, 3, 2
+        ((4,), 4, 8, 4, 8),  # one block
+        ((4,), 4, 16, 8, 4),  # several blocks
+        ((5, 2), 5, 16, 4, 8),  # batch 2, left padding in row 1
+        ((3, 3), 3, 16, 6, 8),  # remainder: 8 tokens over 3 steps -> 3, 3, 2
     ],
 )
 def test_matches_numpy_reference(lengths, lp, gen_length, steps, block_length):
     prompt, valid = make_prompt(lengths, lp)
     canvas, nfe = jitted(gen_length, steps, block_length)(prompt, valid, KEY)
-    ref, _, _ = np_generate(prompt, valid, gen_length=gen_length, steps=steps,
-                            block_length=block_length)
+    ref, _, _ = np_generate(
+        prompt, valid, gen_length=gen_length, steps=steps, block_length=block_length
+    )
     canvas = np.asarray(canvas)
     np.testing.assert_array_equal(canvas, ref)
     assert canvas.dtype == np.int32 and canvas.shape == (len(lengths), lp + gen_length)
@@ -185,23 +204,32 @@ def test_commit_order_is_blockwise():
         jax.debug.callback(lambda t: seen.append(np.asarray(t).copy()), tokens, ordered=True)
         return jax_logits(tokens, v)
 
-    canvas, nfe = generate(recording_logits, prompt, valid, KEY, gen_length=gen_length,
-                           steps=steps, block_length=block_length, mask_id=MASK_ID)
+    canvas, nfe = generate(
+        recording_logits,
+        prompt,
+        valid,
+        KEY,
+        gen_length=gen_length,
+        steps=steps,
+        block_length=block_length,
+        mask_id=MASK_ID,
+    )
     jax.effects_barrier()
-    ref, commit_step, history = np_generate(prompt, valid, gen_length=gen_length, steps=steps,
-                                            block_length=block_length)
+    ref, commit_step, history = np_generate(
+        prompt, valid, gen_length=gen_length, steps=steps, block_length=block_length
+    )
     assert len(seen) == steps == int(nfe)
     for got, want in zip(seen, history):
         np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(np.asarray(canvas), ref)
     # Second block untouched during the first block's steps, first block complete after them.
     for s in range(steps // 2):
-        assert (seen[s][:, lp + block_length:] == MASK_ID).all()
-    assert not (seen[steps // 2][:, lp:lp + block_length] == MASK_ID).any()
-    assert (seen[steps // 2][:, lp + block_length:] == MASK_ID).all()
+        assert (seen[s][:, lp + block_length :] == MASK_ID).all()
+    assert not (seen[steps // 2][:, lp : lp + block_length] == MASK_ID).any()
+    assert (seen[steps // 2][:, lp + block_length :] == MASK_ID).all()
     # Reference commit order is block-wise: block 0 in steps {0,1}, block 1 in steps {2,3}.
-    assert set(commit_step[0, lp:lp + block_length]) == {0, 1}
-    assert set(commit_step[0, lp + block_length:]) == {2, 3}
+    assert set(commit_step[0, lp : lp + block_length]) == {0, 1}
+    assert set(commit_step[0, lp + block_length :]) == {2, 3}
 
 
 @pytest.mark.parametrize("temperature,remasking", [(0.0, "random"), (1.0, "low_confidence")])

@@ -1,4 +1,5 @@
 """SFT batch builder (llada_jax.data.sft) and the packed-row sft_loss (llada_jax.diffusion)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,8 +38,15 @@ def test_decode_record_array_and_bytes():
     assert q.size == 0
 
 
-@pytest.mark.parametrize("bad", [np.zeros((0,), np.int32), np.asarray([3, 1, 2], np.int32),
-                                 np.asarray([-1, 1], np.int32), b"\x01\x00\x00"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((0,), np.int32),
+        np.asarray([3, 1, 2], np.int32),
+        np.asarray([-1, 1], np.int32),
+        b"\x01\x00\x00",
+    ],
+)
 def test_decode_record_malformed(bad):
     with pytest.raises(ValueError):
         S.decode_record(bad)
@@ -95,11 +103,11 @@ def test_fit_pair_cases():
 
 def test_pack_pairs_hand_built():
     pairs = [
-        ([1, 2], [3, 4]),     # 4 tokens -> row 0, seg 1
+        ([1, 2], [3, 4]),  # 4 tokens -> row 0, seg 1
         ([5, 6, 7], [8, 9]),  # 5 -> row 0 is at 4, 4 + 5 > 8 -> row 1, seg 1
-        ([10], [11, 12]),     # 3 -> row 0 (4 + 3 = 7), seg 2
-        ([13, 14], [15]),     # 3 -> row 0 full-ish (7 + 3 > 8) -> row 1 (5 + 3 = 8), seg 2
-        ([16], [17]),         # 2 -> no room -> row 2, seg 1
+        ([10], [11, 12]),  # 3 -> row 0 (4 + 3 = 7), seg 2
+        ([13, 14], [15]),  # 3 -> row 0 full-ish (7 + 3 > 8) -> row 1 (5 + 3 = 8), seg 2
+        ([16], [17]),  # 2 -> no room -> row 2, seg 1
     ]
     pairs = [(np.asarray(p), np.asarray(r)) for p, r in pairs]
     rows = S.pack_pairs(pairs, seq_len=8, eos_id=EOS)
@@ -149,7 +157,11 @@ def test_pack_pairs_never_splits_and_keeps_every_pair():
     for p, r in recovered:
         for j in remaining:
             pp, rr = pairs[j]
-            if np.array_equal(p, pp) and np.array_equal(r[:rr.size], rr) and np.all(r[rr.size:] == EOS):
+            if (
+                np.array_equal(p, pp)
+                and np.array_equal(r[: rr.size], rr)
+                and np.all(r[rr.size :] == EOS)
+            ):
                 remaining.remove(j)
                 break
         else:
@@ -158,8 +170,12 @@ def test_pack_pairs_never_splits_and_keeps_every_pair():
 
 
 def test_sft_batch_stats_and_shapes():
-    recs = [_rec([1, 2], [3, 4]), _rec([5] * 7, [6, 7]), _rec([8], [9]),
-            _rec([1] * 3, [2] * 3).tobytes()]
+    recs = [
+        _rec([1, 2], [3, 4]),
+        _rec([5] * 7, [6, 7]),
+        _rec([8], [9]),
+        _rec([1] * 3, [2] * 3).tobytes(),
+    ]
     batch, stats = S.sft_batch(recs, seq_len=6, eos_id=EOS, overflow="drop", pack=False)
     assert stats == {"dropped": 1, "truncated": 0}
     assert batch["tokens"].shape == (3, 6)
@@ -191,9 +207,11 @@ def _np_ce(logits, targets):
 
 
 def _packed_rows():
-    pairs = [([1, 2], [3, 4, 5]),       # row 0 seg 1 (5 tokens)
-             ([6, 7, 8, 9], [10, 11]),  # 6 tokens -> row 1 seg 1
-             ([12], [13])]              # 2 -> row 0 seg 2 (7 tokens) + 3 EOS padding
+    pairs = [
+        ([1, 2], [3, 4, 5]),  # row 0 seg 1 (5 tokens)
+        ([6, 7, 8, 9], [10, 11]),  # 6 tokens -> row 1 seg 1
+        ([12], [13]),
+    ]  # 2 -> row 0 seg 2 (7 tokens) + 3 EOS padding
     pairs = [(np.asarray(p), np.asarray(r)) for p, r in pairs]
     rows = S.pack_pairs(pairs, seq_len=10, eos_id=EOS)
     assert len(rows) == 2
@@ -213,16 +231,20 @@ def test_sft_loss_packed_vs_numpy():
     valid = np.ones((B, L), bool)
     valid[1, 9] = False  # an invalid position is neither in the loss nor in the answer length
     weight = np.asarray([2.0, 5.0], np.float32)
-    batch = {"targets": jnp.asarray(targets), "is_masked": jnp.asarray(is_masked),
-             "weight": jnp.asarray(weight), "valid": jnp.asarray(valid),
-             "segment_ids": jnp.asarray(b["segment_ids"])}
+    batch = {
+        "targets": jnp.asarray(targets),
+        "is_masked": jnp.asarray(is_masked),
+        "weight": jnp.asarray(weight),
+        "valid": jnp.asarray(valid),
+        "segment_ids": jnp.asarray(b["segment_ids"]),
+    }
     loss, aux = D.sft_loss(jnp.asarray(logits), batch, jnp.asarray(response))
 
     ce = _np_ce(logits.astype(np.float64), targets)
     per_pair = []
     for r in range(B):
         for s in np.unique(b["segment_ids"][r]):
-            sel = (b["segment_ids"][r] == s)
+            sel = b["segment_ids"][r] == s
             resp = sel & response[r] & valid[r]
             num = np.sum(ce[r] * weight[r] * (resp & is_masked[r]))
             per_pair.append(num / max(resp.sum(), 1))
@@ -233,8 +255,9 @@ def test_sft_loss_packed_vs_numpy():
     assert int(aux["num_masked"]) == lm.sum()
     np.testing.assert_allclose(float(aux["masked_ce"]), ce[lm].mean(), rtol=1e-5)
     # Differs from the per-row normalization (packing really changes the weighting).
-    row_ref = np.mean([np.sum(ce[r] * weight[r] * lm[r]) / (response[r] & valid[r]).sum()
-                       for r in range(B)])
+    row_ref = np.mean(
+        [np.sum(ce[r] * weight[r] * lm[r]) / (response[r] & valid[r]).sum() for r in range(B)]
+    )
     assert abs(ref - row_ref) > 1e-3
     # Jit-able with the dict structure static.
     loss_j, _ = jax.jit(D.sft_loss)(jnp.asarray(logits), batch, jnp.asarray(response))
@@ -248,19 +271,25 @@ def test_sft_loss_packed_matches_unpacked_one_pair_per_row():
     rng = np.random.default_rng(2)
     logits = jnp.asarray(rng.normal(size=(3, 8, 128)).astype(np.float32))
     cfg = D.DiffusionConfig(mask_id=MASK, random_length_prob=0.0)
-    nb = D.noise_batch(jax.random.PRNGKey(3), jnp.asarray(b["tokens"]), cfg,
-                       prompt_mask=jnp.asarray(b["prompt_mask"]))
+    nb = D.noise_batch(
+        jax.random.PRNGKey(3),
+        jnp.asarray(b["tokens"]),
+        cfg,
+        prompt_mask=jnp.asarray(b["prompt_mask"]),
+    )
     response = ~jnp.asarray(b["prompt_mask"])
     l_row, aux_row = D.sft_loss(logits, nb, response)
-    l_seg, aux_seg = D.sft_loss(logits, {**nb, "segment_ids": jnp.asarray(b["segment_ids"])},
-                                response)
+    l_seg, aux_seg = D.sft_loss(
+        logits, {**nb, "segment_ids": jnp.asarray(b["segment_ids"])}, response
+    )
     np.testing.assert_allclose(float(l_seg), float(l_row), rtol=1e-6)
     assert int(aux_seg["num_masked"]) == int(aux_row["num_masked"])
     # Also with a random-length cut (all rows still count as pairs in both paths).
     nb_cut = {**nb, "valid": jnp.arange(8)[None, :] < 4}
     l_row, _ = D.sft_loss(logits, nb_cut, response)
-    l_seg, _ = D.sft_loss(logits, {**nb_cut, "segment_ids": jnp.asarray(b["segment_ids"])},
-                          response)
+    l_seg, _ = D.sft_loss(
+        logits, {**nb_cut, "segment_ids": jnp.asarray(b["segment_ids"])}, response
+    )
     np.testing.assert_allclose(float(l_seg), float(l_row), rtol=1e-6)
 
 
@@ -282,12 +311,18 @@ def test_noise_batch_never_masks_prompt_positions():
 
 def test_fixed_batch_fills_and_cuts_to_num_rows():
     eos = 2
-    recs = [np.array([1, 10, 11, 12], np.int32), np.array([2, 20, 21, 22, 23], np.int32),
-            np.array([0, 30, 31, 32, 33, 34, 35, 36, 37], np.int32)]  # the last is too long
+    recs = [
+        np.array([1, 10, 11, 12], np.int32),
+        np.array([2, 20, 21, 22, 23], np.int32),
+        np.array([0, 30, 31, 32, 33, 34, 35, 36, 37], np.int32),
+    ]  # the last is too long
     batch, stats = S.fixed_batch(recs, 4, 6, eos, overflow="drop")
-    np.testing.assert_array_equal(batch["tokens"], [[10, 11, 12, 2, 2, 2], [20, 21, 22, 23, 2, 2],
-                                                    [2] * 6, [2] * 6])
-    np.testing.assert_array_equal(batch["valid"], [[True] * 6, [True] * 6, [False] * 6, [False] * 6])
+    np.testing.assert_array_equal(
+        batch["tokens"], [[10, 11, 12, 2, 2, 2], [20, 21, 22, 23, 2, 2], [2] * 6, [2] * 6]
+    )
+    np.testing.assert_array_equal(
+        batch["valid"], [[True] * 6, [True] * 6, [False] * 6, [False] * 6]
+    )
     np.testing.assert_array_equal(batch["segment_ids"][2:], 0)
     assert stats == {"dropped": 1, "truncated": 0, "unplaced": 0}
     batch, stats = S.fixed_batch(recs[:2], 1, 6, eos)

@@ -1,9 +1,9 @@
 """The same config on 1 device and on 8 fake devices under several meshes: same loss and
 gradients; parameters stored sharded as the logical-axis rules say."""
+
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -47,8 +47,13 @@ def test_loss_and_grads_match_one_device(single, mesh_shape, tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), grads, grads1)
     # Per-device bytes: each dimension is split by the size of the mesh axes its logical name
     # maps to (embed -> fsdp; vocab, heads, kv_heads, mlp -> tensor), computed here by hand.
-    split = {"embed": mesh_shape[1], "vocab": mesh_shape[2], "heads": mesh_shape[2],
-             "kv_heads": mesh_shape[2], "mlp": mesh_shape[2]}
+    split = {
+        "embed": mesh_shape[1],
+        "vocab": mesh_shape[2],
+        "heads": mesh_shape[2],
+        "kv_heads": mesh_shape[2],
+        "mlp": mesh_shape[2],
+    }
     leaves = jax.tree.leaves(params, is_leaf=lambda x: hasattr(x, "get_metadata"))
     for var in leaves:
         value = var.get_value()

@@ -1,4 +1,5 @@
 """Tests of the shipped tokenizer and corpus (llada_jax.data.tokenizer / corpus)."""
+
 import hashlib
 import json
 import os
@@ -10,7 +11,12 @@ import pytest
 import sentencepiece as spm
 
 from llada_jax.data.corpus import read_default_corpus
-from llada_jax.data.tokenizer import DEFAULT_TOKENIZER_PATH, MASK_PIECE, Tokenizer, default_tokenizer
+from llada_jax.data.tokenizer import (
+    DEFAULT_TOKENIZER_PATH,
+    MASK_PIECE,
+    Tokenizer,
+    default_tokenizer,
+)
 
 TRICKY = (
     "def f(x):\n    return x + 12345  # héllo 日本語 🙂\n\n\tif x:\n\t\tpass  \n"
@@ -26,14 +32,16 @@ def tok() -> Tokenizer:
 def test_corpus_round_trip(tok: Tokenizer) -> None:
     text = read_default_corpus()
     assert len(text) > 3_000_000
-    sample = text[:200_000] + text[len(text) // 2:len(text) // 2 + 100_000] + text[-100_000:]
+    sample = text[:200_000] + text[len(text) // 2 : len(text) // 2 + 100_000] + text[-100_000:]
     ids = tok.encode(sample)
     assert tok.decode(ids) == sample
     assert tok.unk_id not in ids
     assert len(ids) < 0.3 * len(sample.encode())  # BPE actually compresses English.
 
 
-@pytest.mark.parametrize("text", [TRICKY, "", " ", "\n", "\n\n  \n", "0123456789", "Chapter 12\nAnd"])
+@pytest.mark.parametrize(
+    "text", [TRICKY, "", " ", "\n", "\n\n  \n", "0123456789", "Chapter 12\nAnd"]
+)
 def test_round_trip_exact_without_unk(tok: Tokenizer, text: str) -> None:
     ids = tok.encode(text)
     assert tok.decode(ids) == text
@@ -57,9 +65,15 @@ def test_special_ids(tok: Tokenizer) -> None:
     assert all(0 <= i < tok.vocab_size for i in special)
     assert (tok.pad_id, tok.unk_id, tok.eos_id) == (0, 1, 2)
     assert tok.vocab_size == 4096
-    with open(DEFAULT_TOKENIZER_PATH[:-len(".model")] + ".json", encoding="utf-8") as f:
-        assert json.load(f) == {"vocab_size": tok.vocab_size, "pad_id": tok.pad_id, "eos_id": tok.eos_id,
-                                "mask_id": tok.mask_id, "eot_id": tok.eot_id, "unk_id": tok.unk_id}
+    with open(DEFAULT_TOKENIZER_PATH[: -len(".model")] + ".json", encoding="utf-8") as f:
+        assert json.load(f) == {
+            "vocab_size": tok.vocab_size,
+            "pad_id": tok.pad_id,
+            "eos_id": tok.eos_id,
+            "mask_id": tok.mask_id,
+            "eot_id": tok.eot_id,
+            "unk_id": tok.unk_id,
+        }
 
 
 def test_mask_and_eot_pieces_are_single_ids(tok: Tokenizer) -> None:
@@ -87,20 +101,29 @@ def test_missing_file_gives_clear_error(tmp_path) -> None:
 def test_missing_special_piece_gives_clear_error(tmp_path) -> None:
     prefix = os.path.join(tmp_path, "plain")
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(read_default_corpus()[:20_000].splitlines()), model_prefix=prefix,
-        vocab_size=100, model_type="bpe", minloglevel=2, num_threads=1)
+        sentence_iterator=iter(read_default_corpus()[:20_000].splitlines()),
+        model_prefix=prefix,
+        vocab_size=100,
+        model_type="bpe",
+        minloglevel=2,
+        num_threads=1,
+    )
     with pytest.raises(ValueError, match=r"plain\.model.*<pad>"):
         Tokenizer(prefix + ".model")
 
 
 def test_training_sentences_from_jsonl_text_and_dirs(tmp_path) -> None:
     from llada_jax.data.prepare import tokenizer_training_sentences
+
     os.makedirs(tmp_path / "d" / "sub")
     with open(tmp_path / "d" / "a.txt", "w", encoding="utf-8") as f:
         f.write("line one\n\n  \nline two\n")
-    rows = [{"text": "doc A\nsecond line"}, {"prompt": "P?", "response": "R."},
-            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
-            {"other": 1}]
+    rows = [
+        {"text": "doc A\nsecond line"},
+        {"prompt": "P?", "response": "R."},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        {"other": 1},
+    ]
     with open(tmp_path / "d" / "sub" / "b.jsonl", "w", encoding="utf-8") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows) + "{bad json\n")
     stats: dict = {}
@@ -109,11 +132,14 @@ def test_training_sentences_from_jsonl_text_and_dirs(tmp_path) -> None:
     assert stats == {"total_sentences": 8, "sampled_sentences": 8, "bad_records": 2}
     with open(tmp_path / "c.jsonl", "w", encoding="utf-8") as f:
         f.write(json.dumps({"body": "custom field"}) + "\n")
-    assert tokenizer_training_sentences([str(tmp_path / "c.jsonl")], text_field="body") == ["custom field"]
+    assert tokenizer_training_sentences([str(tmp_path / "c.jsonl")], text_field="body") == [
+        "custom field"
+    ]
 
 
 def test_training_sentence_sampling(tmp_path) -> None:
     from llada_jax.data.prepare import tokenizer_training_sentences
+
     path = os.path.join(tmp_path, "many.txt")
     with open(path, "w", encoding="utf-8") as f:
         f.write("".join(f"sentence {i}\n" for i in range(1000)))
@@ -129,18 +155,30 @@ def test_training_sentence_sampling(tmp_path) -> None:
 
 def _train_tokenizer(*args: str) -> subprocess.CompletedProcess:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return subprocess.run([sys.executable, os.path.join(root, "tools", "train_tokenizer.py"), *args],
-                          capture_output=True, text=True, timeout=300, cwd=root)
+    return subprocess.run(
+        [sys.executable, os.path.join(root, "tools", "train_tokenizer.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+    )
 
 
 def test_shipped_tokenizer_is_reproducible(tmp_path) -> None:
     prefix = os.path.join(tmp_path, "tok")
-    proc = _train_tokenizer("--input=llada_jax/data/assets/corpus.txt.xz", f"--model_prefix={prefix}",
-                            "--vocab_size=4096", "--model_type=bpe")
+    proc = _train_tokenizer(
+        "--input=llada_jax/data/assets/corpus.txt.xz",
+        f"--model_prefix={prefix}",
+        "--vocab_size=4096",
+        "--model_type=bpe",
+    )
     assert proc.returncode == 0, proc.stderr
     with open(prefix + ".model", "rb") as f, open(DEFAULT_TOKENIZER_PATH, "rb") as g:
         assert f.read() == g.read()
-    with open(prefix + ".json", "rb") as f, open(DEFAULT_TOKENIZER_PATH[:-len(".model")] + ".json", "rb") as g:
+    with (
+        open(prefix + ".json", "rb") as f,
+        open(DEFAULT_TOKENIZER_PATH[: -len(".model")] + ".json", "rb") as g,
+    ):
         assert f.read() == g.read()
 
 
@@ -148,17 +186,26 @@ def test_train_tokenizer_on_sampled_jsonl(tmp_path) -> None:
     text = read_default_corpus()[:300_000]
     path = os.path.join(tmp_path, "docs.jsonl.gz")
     import gzip
+
     with gzip.open(path, "wt", encoding="utf-8") as f:
         for para in text.split("\n"):
             if para.strip():
                 f.write(json.dumps({"content": para}) + "\n")
     prefix = os.path.join(tmp_path, "small")
-    proc = _train_tokenizer(f"--input={path}", f"--model_prefix={prefix}", "--vocab_size=600",
-                            "--text_field=content", "--max_sentences=40", "--seed=3")
+    proc = _train_tokenizer(
+        f"--input={path}",
+        f"--model_prefix={prefix}",
+        "--vocab_size=600",
+        "--text_field=content",
+        "--max_sentences=40",
+        "--seed=3",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "training on 40 of" in proc.stdout
     t = Tokenizer(prefix + ".model")
     assert t.vocab_size == 600 and (t.pad_id, t.unk_id, t.eos_id) == (0, 1, 2)
     assert t.decode(t.encode(TRICKY)) == TRICKY
     proc = _train_tokenizer(f"--input={os.path.join(tmp_path, 'nope')}", f"--model_prefix={prefix}")
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: input not found")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        "error: input not found"
+    )

@@ -1,4 +1,5 @@
 """The training command end to end (real subprocesses), and its one-line errors."""
+
 import glob
 import json
 import os
@@ -12,8 +13,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def train_cmd(workdir, *extra, config="configs/tiny.py"):
-    return [sys.executable, "-m", "llada_jax.train", f"--config={config}", f"--workdir={workdir}",
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "llada_jax.train",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +28,19 @@ def tiny_run(tmp_path_factory):
     """40 steps of the tiny config on 8 fake devices (the conftest's XLA_FLAGS are inherited)."""
     workdir = str(tmp_path_factory.mktemp("run") / "tiny")
     proc = subprocess.run(
-        train_cmd(workdir, "--config.train.steps=40", "--config.train.log_every=10",
-                  "--config.optim.lr=0.003", "--config.optim.warmup_steps=5",
-                  "--config.optim.decay_steps=5"),
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        train_cmd(
+            workdir,
+            "--config.train.steps=40",
+            "--config.train.log_every=10",
+            "--config.optim.lr=0.003",
+            "--config.optim.warmup_steps=5",
+            "--config.optim.decay_steps=5",
+        ),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir, proc.stdout
 
@@ -39,8 +55,15 @@ def test_training_writes_config_metrics_and_events(tiny_run):
     assert [r["step"] for r in rows] == [1, 10, 20, 30, 40]
     assert "tokens_per_sec" not in rows[0]  # the first step includes compilation
     for r in rows[1:]:
-        for key in ("loss", "grad_norm", "lr", "tokens_per_sec", "masked_tokens_per_sec", "mfu",
-                    "eta_sec"):
+        for key in (
+            "loss",
+            "grad_norm",
+            "lr",
+            "tokens_per_sec",
+            "masked_tokens_per_sec",
+            "mfu",
+            "eta_sec",
+        ):
             assert key in r, key
         assert 0 < r["masked_tokens_per_sec"] < r["tokens_per_sec"]
         assert 0 < r["mfu"] < 1
@@ -67,11 +90,15 @@ BAD = {
     "wrong_type": (["--config.model.d_model=abc"], "config.model.d_model='abc' is not a valid int"),
     "unknown_variant": ([], "unknown config variant 'huge'"),
     "missing_parent": ([], "parent directory"),
-    "batch_not_divisible": (["--config.data.batch_size=6"],
-                            "data.batch_size=6 is not divisible by the data-parallel size 8"),
+    "batch_not_divisible": (
+        ["--config.data.batch_size=6"],
+        "data.batch_size=6 is not divisible by the data-parallel size 8",
+    ),
     "unknown_section": (["--config.modle.d_model=3"], "unknown config key 'modle'"),
-    "splash_length": (["--config.model.attention=splash"],
-                      "needs a sequence length (data.seq_len) divisible by 128, got 64"),
+    "splash_length": (
+        ["--config.model.attention=splash"],
+        "needs a sequence length (data.seq_len) divisible by 128, got 64",
+    ),
 }
 
 
@@ -83,9 +110,16 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
         config = "configs/tiny.py:huge" if name == "unknown_variant" else "configs/tiny.py"
         if name == "missing_parent":
             workdir = str(tmp_path / "no" / "such" / "dir")
-        procs[name] = (workdir, subprocess.Popen(train_cmd(workdir, *extra, config=config), cwd=ROOT,
-                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                 text=True))
+        procs[name] = (
+            workdir,
+            subprocess.Popen(
+                train_cmd(workdir, *extra, config=config),
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        )
     for name, (workdir, proc) in procs.items():
         stdout, stderr = proc.communicate(timeout=300)
         lines = [line for line in stderr.splitlines() if line.strip()]
@@ -100,26 +134,57 @@ def test_sft_training_on_prepared_pairs(tmp_path):
     chat = tmp_path / "chat.jsonl"
     with open(chat, "w") as f:
         for i in range(20):
-            f.write(json.dumps({"messages": [
-                {"role": "user", "content": f"What is {i} plus {i}?"},
-                {"role": "assistant", "content": f"It is {2 * i}."},
-                {"role": "user", "content": "Thanks."},
-                {"role": "assistant", "content": "You are welcome."}]}) + "\n")
-    prep = subprocess.run([sys.executable, "tools/prepare_data.py", f"--input={chat}",
-                           f"--output_dir={tmp_path / 'sft'}", "--format=sft", "--workers=1",
-                           "--noprogress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"What is {i} plus {i}?"},
+                            {"role": "assistant", "content": f"It is {2 * i}."},
+                            {"role": "user", "content": "Thanks."},
+                            {"role": "assistant", "content": "You are welcome."},
+                        ]
+                    }
+                )
+                + "\n"
+            )
+    prep = subprocess.run(
+        [
+            sys.executable,
+            "tools/prepare_data.py",
+            f"--input={chat}",
+            f"--output_dir={tmp_path / 'sft'}",
+            "--format=sft",
+            "--workers=1",
+            "--noprogress",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert prep.returncode == 0, prep.stderr
     workdir = str(tmp_path / "run")
     proc = subprocess.run(
-        train_cmd(workdir, "--config.train.objective=sft", "--config.train.steps=4",
-                  f"--config.data.datasets=(('{tmp_path / 'sft'}', 1.0),)",
-                  "--config.data.sft_pairs_per_row=2", "--config.diffusion.random_length_prob=0.0",
-                  "--config.diffusion.cfg_prompt_dropout=0.1", "--config.sample.num_samples=0"),
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        train_cmd(
+            workdir,
+            "--config.train.objective=sft",
+            "--config.train.steps=4",
+            f"--config.data.datasets=(('{tmp_path / 'sft'}', 1.0),)",
+            "--config.data.sft_pairs_per_row=2",
+            "--config.diffusion.random_length_prob=0.0",
+            "--config.diffusion.cfg_prompt_dropout=0.1",
+            "--config.sample.num_samples=0",
+        ),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert rows[-1]["step"] == 4 and np.isfinite(rows[-1]["loss"]) and rows[-1]["num_masked"] > 0
     # Overflow counts reach the metrics (their exact values are checked in test_pipeline.py).
-    assert all(isinstance(r[k], int) and r[k] >= 0 for r in rows
-               for k in ("sft_dropped", "sft_truncated"))
+    assert all(
+        isinstance(r[k], int) and r[k] >= 0 for r in rows for k in ("sft_dropped", "sft_truncated")
+    )

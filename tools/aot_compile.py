@@ -32,6 +32,7 @@ calls in the optimized HLO (L x L x head_dim matmuls per call: forward 2, fused 
 their time is that work at `--kernel_efficiency` of the chip's peak, an assumption printed with
 the result (default 50%; XLA's model gives large bf16 matmuls ~86%).
 """
+
 from __future__ import annotations
 
 import collections
@@ -57,18 +58,29 @@ from llada_jax.data.tokenizer import Tokenizer, default_tokenizer  # noqa: E402
 from llada_jax.model import ModelConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("tpu", None, "Cloud TPU name: v5p-128 (TensorCores), v5litepod-16 / v5e-16, "
-                    "v6e-16 (chips), v4-32 (TensorCores)")
+flags.DEFINE_string(
+    "tpu",
+    None,
+    "Cloud TPU name: v5p-128 (TensorCores), v5litepod-16 / v5e-16, "
+    "v6e-16 (chips), v4-32 (TensorCores)",
+)
 flags.DEFINE_string("topology", None, "libtpu topology name, e.g. v5p:4x4x4, v5e:4x4, v6e:4x4")
 flags.DEFINE_enum("platform", "tpu", ["tpu", "cpu"], "Compile for a TPU topology or this CPU")
 flags.DEFINE_bool("json", False, "Print one JSON object instead of the table")
 flags.DEFINE_string("dump_hlo", None, "Write the optimized HLO and a collective summary here")
-flags.DEFINE_float("kernel_efficiency", 0.5, "Fraction of the chip's peak FLOP/s assumed for the "
-                   "Pallas attention kernels, whose time XLA's cost model does not estimate")
-flags.DEFINE_bool("estimate", True, "Also compile the 1- and 2-layer programs for the time "
-                  "estimate (the FLOPs / time / MFU lines)")
+flags.DEFINE_float(
+    "kernel_efficiency",
+    0.5,
+    "Fraction of the chip's peak FLOP/s assumed for the "
+    "Pallas attention kernels, whose time XLA's cost model does not estimate",
+)
+flags.DEFINE_bool(
+    "estimate",
+    True,
+    "Also compile the 1- and 2-layer programs for the time estimate (the FLOPs / time / MFU lines)",
+)
 
-GiB = 1024 ** 3
+GiB = 1024**3
 # HBM per chip, by a substring of the device kind (first match wins: "lite" before "v5").
 HBM_BYTES: dict[str, int] = {
     "TPU v5 lite": 16 * GiB,
@@ -78,8 +90,13 @@ HBM_BYTES: dict[str, int] = {
     "TPU v4": 32 * GiB,
 }
 # --tpu prefix -> (libtpu topology prefix, TensorCores per chip in the name's count, dims).
-TPU_FAMILIES = {"v5p": ("v5p", 2, 3), "v4": ("v4", 2, 3), "v5litepod": ("v5e", 1, 2),
-                "v5e": ("v5e", 1, 2), "v6e": ("v6e", 1, 2)}
+TPU_FAMILIES = {
+    "v5p": ("v5p", 2, 3),
+    "v4": ("v4", 2, 3),
+    "v5litepod": ("v5e", 1, 2),
+    "v5e": ("v5e", 1, 2),
+    "v6e": ("v6e", 1, 2),
+}
 
 
 def topology_for(tpu: str) -> str:
@@ -87,8 +104,10 @@ def topology_for(tpu: str) -> str:
     The chips are laid out as the smallest torus sides, powers of two, largest last."""
     family, _, count = tpu.rpartition("-")
     if family not in TPU_FAMILIES or not count.isdigit():
-        raise ValueError(f"--tpu={tpu!r}: expected one of {sorted(TPU_FAMILIES)} followed by "
-                         f"-<count>, e.g. v5p-128")
+        raise ValueError(
+            f"--tpu={tpu!r}: expected one of {sorted(TPU_FAMILIES)} followed by "
+            f"-<count>, e.g. v5p-128"
+        )
     prefix, cores, dims = TPU_FAMILIES[family]
     chips = int(count) // cores
     if chips < 1 or chips & (chips - 1) or int(count) % cores:
@@ -106,8 +125,12 @@ def topology_devices(topology: str) -> list[jax.Device]:
     from jax.experimental import topologies
 
     topo = topologies.get_topology_desc(
-        platform="tpu", topology_name=topology, chip_config_name="default",
-        chips_per_host_bounds=(2, 2, 1), num_slices=1)
+        platform="tpu",
+        topology_name=topology,
+        chip_config_name="default",
+        chips_per_host_bounds=(2, 2, 1),
+        num_slices=1,
+    )
     return list(topo.devices)
 
 
@@ -117,8 +140,10 @@ def build_run(cfg: config_lib.ConfigDict, devices: Sequence[jax.Device]) -> trai
     mesh = sharding.make_mesh(cfg.mesh.shape, devices)
     dp, batch = sharding.data_parallel_size(mesh), cfg.data.batch_size
     if batch % dp or batch % cfg.optim.grad_accum or (batch // cfg.optim.grad_accum) % dp:
-        raise ValueError(f"data.batch_size={batch} / optim.grad_accum={cfg.optim.grad_accum} is not "
-                         f"divisible by the data-parallel size {dp} (mesh {dict(mesh.shape)})")
+        raise ValueError(
+            f"data.batch_size={batch} / optim.grad_accum={cfg.optim.grad_accum} is not "
+            f"divisible by the data-parallel size {dp} (mesh {dict(mesh.shape)})"
+        )
     tokenizer = Tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else default_tokenizer()
     model_cfg = ModelConfig.from_config(cfg.model)
     diffusion_cfg = diffusion.DiffusionConfig.from_config(cfg.diffusion, mask_id=tokenizer.mask_id)
@@ -130,10 +155,16 @@ def lower_step(run: train.Run) -> tuple[Any, tuple]:
     graphdef, params, opt_state, tx = train.abstract_state(run)
     step_fn = train.make_step_fn(run, graphdef, params, opt_state, tx)
     cfg = run.cfg
-    batch = {"tokens": jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32,
-                                            sharding=sharding.batch_sharding(run.mesh))}
-    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=jax.sharding.NamedSharding(
-        run.mesh, jax.sharding.PartitionSpec()))
+    batch = {
+        "tokens": jax.ShapeDtypeStruct(
+            (cfg.data.batch_size, cfg.data.seq_len),
+            jnp.int32,
+            sharding=sharding.batch_sharding(run.mesh),
+        )
+    }
+    step = jax.ShapeDtypeStruct(
+        (), jnp.int32, sharding=jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
+    )
     return step_fn.lower(params, opt_state, batch, step), (params, opt_state, batch)
 
 
@@ -173,8 +204,10 @@ def attention_matmul_flops(cfg: config_lib.ConfigDict, chips: int, mesh_shape: d
 # collective-permutes (a windowed einsum), and its cost analysis counts a loop body once. The
 # estimate's programs are compiled without them: the same matmuls, with communication overlapped
 # differently.
-NO_WINDOWED_EINSUM = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
-                      "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+NO_WINDOWED_EINSUM = {
+    "xla_tpu_enable_windowed_einsum_for_all_gather": False,
+    "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False,
+}
 
 
 def estimate_cost(cfg: config_lib.ConfigDict, devices: Sequence[jax.Device]) -> dict[str, float]:
@@ -184,15 +217,21 @@ def estimate_cost(cfg: config_lib.ConfigDict, devices: Sequence[jax.Device]) -> 
     accum = cfg.optim.grad_accum
     costs = []
     for layers in (1, 2):
-        c = _variant(cfg, model__n_layers=layers, model__scan_layers=False, optim__grad_accum=1,
-                     data__batch_size=cfg.data.batch_size // accum)
+        c = _variant(
+            cfg,
+            model__n_layers=layers,
+            model__scan_layers=False,
+            optim__grad_accum=1,
+            data__batch_size=cfg.data.batch_size // accum,
+        )
         run = build_run(c, devices)
         options = NO_WINDOWED_EINSUM if devices[0].platform == "tpu" else {}
         compiled = lower_step(run)[0].compile(compiler_options=options)
         ca = compiled.cost_analysis()
         cost = {k: float(ca.get(k, 0.0)) for k in ("flops", "bytes accessed", "optimal_seconds")}
         cost["kernel_flops"] = kernel_matmuls(compiled.as_text()) * attention_matmul_flops(
-            c, len(devices), dict(run.mesh.shape))
+            c, len(devices), dict(run.mesh.shape)
+        )
         costs.append(cost)
     n = cfg.model.n_layers
     return {k: accum * (costs[0][k] + (n - 1) * (costs[1][k] - costs[0][k])) for k in costs[0]}
@@ -200,7 +239,8 @@ def estimate_cost(cfg: config_lib.ConfigDict, devices: Sequence[jax.Device]) -> 
 
 COLLECTIVE = re.compile(
     r"=\s*(\(?[a-z0-9]+\[[^=]*?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
-    r"collective-permute)(-start)?\(")
+    r"collective-permute)(-start)?\("
+)
 
 
 def collective_summary(hlo: str) -> dict[str, collections.Counter]:
@@ -227,9 +267,14 @@ def chip_peak(device_kind: str, dtype: str) -> float | None:
     return None
 
 
-def aot_report(cfg: config_lib.ConfigDict, devices: Sequence[jax.Device], *,
-               estimate: bool = True, dump_hlo: str | None = None,
-               kernel_efficiency: float = 0.5) -> dict[str, Any]:
+def aot_report(
+    cfg: config_lib.ConfigDict,
+    devices: Sequence[jax.Device],
+    *,
+    estimate: bool = True,
+    dump_hlo: str | None = None,
+    kernel_efficiency: float = 0.5,
+) -> dict[str, Any]:
     """Compiles the configured step for `devices` and returns the report (per-chip numbers)."""
     run = build_run(cfg, devices)
     start = time.perf_counter()
@@ -239,24 +284,49 @@ def aot_report(cfg: config_lib.ConfigDict, devices: Sequence[jax.Device], *,
     mem = compiled.memory_analysis()
     kind, chips = devices[0].device_kind, len(devices)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    state_bytes = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-                      for x in jax.tree.leaves((params, opt_state)))
-    peak_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-                  + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+    state_bytes = sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+        for x in jax.tree.leaves((params, opt_state))
+    )
+    peak_bytes = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+        + mem.generated_code_size_in_bytes
+    )
     hbm = chip_hbm(kind) if devices[0].platform == "tpu" else None
     m = cfg.model
     report: dict[str, Any] = dict(
-        device_kind=kind, chips=chips, mesh=dict(run.mesh.shape),
-        model=dict(params=n_params, n_layers=m.n_layers, d_model=m.d_model, remat=m.remat,
-                   scan_layers=m.scan_layers, dtype=m.dtype, param_dtype=m.param_dtype),
-        batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len, grad_accum=cfg.optim.grad_accum,
+        device_kind=kind,
+        chips=chips,
+        mesh=dict(run.mesh.shape),
+        model=dict(
+            params=n_params,
+            n_layers=m.n_layers,
+            d_model=m.d_model,
+            remat=m.remat,
+            scan_layers=m.scan_layers,
+            dtype=m.dtype,
+            param_dtype=m.param_dtype,
+        ),
+        batch_size=cfg.data.batch_size,
+        seq_len=cfg.data.seq_len,
+        grad_accum=cfg.optim.grad_accum,
         compile_sec=compile_sec,
-        memory=dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
-                    aliased=mem.alias_size_in_bytes, temporaries=mem.temp_size_in_bytes,
-                    code=mem.generated_code_size_in_bytes, peak=peak_bytes,
-                    state=state_bytes, hbm=hbm,
-                    headroom=None if hbm is None else hbm - peak_bytes,
-                    fits=None if hbm is None else peak_bytes <= hbm))
+        memory=dict(
+            arguments=mem.argument_size_in_bytes,
+            outputs=mem.output_size_in_bytes,
+            aliased=mem.alias_size_in_bytes,
+            temporaries=mem.temp_size_in_bytes,
+            code=mem.generated_code_size_in_bytes,
+            peak=peak_bytes,
+            state=state_bytes,
+            hbm=hbm,
+            headroom=None if hbm is None else hbm - peak_bytes,
+            fits=None if hbm is None else peak_bytes <= hbm,
+        ),
+    )
     hlo = compiled.as_text()
     report["collectives"] = {op: sum(c.values()) for op, c in collective_summary(hlo).items()}
     if dump_hlo:
@@ -276,17 +346,23 @@ def aot_report(cfg: config_lib.ConfigDict, devices: Sequence[jax.Device], *,
         kernel_sec = cost["kernel_flops"] / (peak * kernel_efficiency) if peak else 0.0
         sec = cost["optimal_seconds"] + kernel_sec
         report["estimate"] = dict(
-            xla_flops_per_chip=cost["flops"], bytes_accessed_per_chip=cost["bytes accessed"],
-            xla_sec=cost["optimal_seconds"], kernel_flops_per_chip=cost["kernel_flops"],
-            kernel_efficiency=kernel_efficiency, kernel_sec=kernel_sec,
-            step_sec=sec, chip_peak_flops=peak,
+            xla_flops_per_chip=cost["flops"],
+            bytes_accessed_per_chip=cost["bytes accessed"],
+            xla_sec=cost["optimal_seconds"],
+            kernel_flops_per_chip=cost["kernel_flops"],
+            kernel_efficiency=kernel_efficiency,
+            kernel_sec=kernel_sec,
+            step_sec=sec,
+            chip_peak_flops=peak,
             mfu=model_flops / (sec * peak) if peak and sec > 0 else None,
             tokens_per_sec_per_chip=tokens / chips / sec if sec > 0 else None,
-            xla_over_model_flops=(cost["flops"] + cost["kernel_flops"]) / model_flops)
+            xla_over_model_flops=(cost["flops"] + cost["kernel_flops"]) / model_flops,
+        )
         if report["estimate"]["xla_over_model_flops"] < 0.99:
             report["estimate"]["warning"] = (
                 "XLA counted fewer FLOPs than the model needs (a loop counted once?): the time "
-                "estimate is too low and its MFU too high")
+                "estimate is too low and its MFU too high"
+            )
     return report
 
 
@@ -306,9 +382,11 @@ def format_report(r: dict[str, Any]) -> str:
         f"  peak        {g(mem['peak'])}  (arguments + outputs - aliased + temporaries + code)",
     ]
     if mem["hbm"]:
-        lines.append(f"  HBM         {g(mem['hbm'])}  headroom {g(mem['headroom'])} "
-                     f"({100 * mem['headroom'] / mem['hbm']:.0f}%): "
-                     f"{'fits' if mem['fits'] else 'DOES NOT FIT'}")
+        lines.append(
+            f"  HBM         {g(mem['hbm'])}  headroom {g(mem['headroom'])} "
+            f"({100 * mem['headroom'] / mem['hbm']:.0f}%): "
+            f"{'fits' if mem['fits'] else 'DOES NOT FIT'}"
+        )
     lines.append(f"collectives in the optimized HLO: {r['collectives']}")
     e = r.get("estimate")
     if e:
@@ -316,16 +394,28 @@ def format_report(r: dict[str, Any]) -> str:
             f"per-chip FLOPs/step: model {r['model_flops_per_chip'] / 1e12:.1f} T, executed "
             f"{(e['xla_flops_per_chip'] + e['kernel_flops_per_chip']) / 1e12:.1f} T "
             f"({e['xla_over_model_flops']:.2f}x: remat, elementwise)"
-            + (f", of which attention kernels {e['kernel_flops_per_chip'] / 1e12:.1f} T"
-               if e["kernel_flops_per_chip"] else ""),
+            + (
+                f", of which attention kernels {e['kernel_flops_per_chip'] / 1e12:.1f} T"
+                if e["kernel_flops_per_chip"]
+                else ""
+            ),
             f"estimated step time {e['step_sec']:.2f} s (XLA cost model, sum over ops"
-            + (f": {e['xla_sec']:.2f} s, + attention kernels at an assumed "
-               f"{100 * e['kernel_efficiency']:.0f}% of peak: {e['kernel_sec']:.2f} s)"
-               if e["kernel_flops_per_chip"] else ")")
-            + (f"; MFU {100 * e['mfu']:.1f}% of {e['chip_peak_flops'] / 1e12:.0f} TFLOP/s"
-               if e["mfu"] else "")
-            + (f"; {e['tokens_per_sec_per_chip']:,.0f} tokens/s/chip"
-               if e["tokens_per_sec_per_chip"] else ""),
+            + (
+                f": {e['xla_sec']:.2f} s, + attention kernels at an assumed "
+                f"{100 * e['kernel_efficiency']:.0f}% of peak: {e['kernel_sec']:.2f} s)"
+                if e["kernel_flops_per_chip"]
+                else ")"
+            )
+            + (
+                f"; MFU {100 * e['mfu']:.1f}% of {e['chip_peak_flops'] / 1e12:.0f} TFLOP/s"
+                if e["mfu"]
+                else ""
+            )
+            + (
+                f"; {e['tokens_per_sec_per_chip']:,.0f} tokens/s/chip"
+                if e["tokens_per_sec_per_chip"]
+                else ""
+            ),
         ]
         if e.get("warning"):
             lines.append(f"WARNING: {e['warning']}")
@@ -343,15 +433,24 @@ def main(argv: list[str]) -> int:
             devices = topology_devices(FLAGS.topology or topology_for(FLAGS.tpu))
         if not 0 < FLAGS.kernel_efficiency <= 1:
             raise ValueError(f"--kernel_efficiency={FLAGS.kernel_efficiency} must be in (0, 1]")
-        report = aot_report(cfg, devices, estimate=FLAGS.estimate, dump_hlo=FLAGS.dump_hlo,
-                            kernel_efficiency=FLAGS.kernel_efficiency)
+        report = aot_report(
+            cfg,
+            devices,
+            estimate=FLAGS.estimate,
+            dump_hlo=FLAGS.dump_hlo,
+            kernel_efficiency=FLAGS.kernel_efficiency,
+        )
     except (ValueError, FileNotFoundError, flags.Error) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if FLAGS.tpu or FLAGS.topology:
         report["topology"] = FLAGS.topology or topology_for(FLAGS.tpu)
-    print(json.dumps(report) if FLAGS.json else
-          (f"topology {report['topology']}: " if "topology" in report else "") + format_report(report))
+    print(
+        json.dumps(report)
+        if FLAGS.json
+        else (f"topology {report['topology']}: " if "topology" in report else "")
+        + format_report(report)
+    )
     return 0
 
 

@@ -9,7 +9,8 @@
 
 train: times the trainer's jitted step (built by `llada_jax.train`) on random token batches of
 the config's shape (with document segment ids when data.segment_ids is set), and reports who
-computes the matmuls (`matmul`: XLA, or the MKL kernels of llada_jax/kernels/mkl.py), the median step time and its IQR, tokens/s, masked tokens/s, model TFLOP/step, achieved GFLOP/s, the
+computes the matmuls (`matmul`: XLA, or the MKL kernels of llada_jax/kernels/mkl.py), the median
+step time and its IQR, tokens/s, masked tokens/s, model TFLOP/step, achieved GFLOP/s, the
 peak FLOP/s, MFU, compile time, the process's peak RSS and the device's peak memory
 (accelerators). Prints a table, or one JSON object with --json.
 
@@ -21,6 +22,7 @@ from 125 to 215 GFLOP/s between 2-second windows), that compares a typical step 
 fastest moment; `mfu_paired` is the median over steps of each step's FLOP/s over the better of
 the probes just before and just after it: the same moment's peak.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,19 +41,23 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llada_jax import config as config_lib  # noqa: E402
 from llada_jax import checkpoint, metrics, train  # noqa: E402
+from llada_jax import config as config_lib  # noqa: E402
+from llada_jax.data import pipeline  # noqa: E402
 from llada_jax.host import memory as host_memory  # noqa: E402
 from llada_jax.host import xla_flags  # noqa: E402
-from llada_jax.data import pipeline  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "train", ["train", "data", "checkpoint"], "What to benchmark.")
 flags.DEFINE_integer("steps", 10, "Timed steps (train), batches (data) or saves (checkpoint).")
 flags.DEFINE_integer("warmup", 2, "Untimed repetitions first.")
 flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
-flags.DEFINE_string("profile_dir", "", "train: after the timed steps, trace 2 more steps into this "
-                    "directory (TensorBoard profile plugin and Perfetto formats).")
+flags.DEFINE_string(
+    "profile_dir",
+    "",
+    "train: after the timed steps, trace 2 more steps into this "
+    "directory (TensorBoard profile plugin and Perfetto formats).",
+)
 
 
 def peak_rss_mib() -> float:
@@ -122,34 +128,49 @@ def bench_train(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str
     flops = metrics.train_flops_per_token(run.model_cfg, seq_len) * tokens
     achieved = flops / step_sec
     return dict(
-        mode="train", device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-        batch_size=batch_size, seq_len=seq_len, dtype=run.model_cfg.dtype,
+        mode="train",
+        device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        batch_size=batch_size,
+        seq_len=seq_len,
+        dtype=run.model_cfg.dtype,
         matmul="mkl" if train.uses_mkl(run) else "xla",
         n_params=int(sum(x.size for x in jax.tree.leaves(params))),
-        steps=steps, warmup=warmup, step_sec_median=step_sec, step_sec_iqr=float(q75 - q25),
-        tokens_per_sec=tokens / step_sec, masked_tokens_per_sec=float(np.median(masked)) / step_sec,
-        model_tflop_per_step=flops / 1e12, achieved_gflops=achieved / 1e9,
+        steps=steps,
+        warmup=warmup,
+        step_sec_median=step_sec,
+        step_sec_iqr=float(q75 - q25),
+        tokens_per_sec=tokens / step_sec,
+        masked_tokens_per_sec=float(np.median(masked)) / step_sec,
+        model_tflop_per_step=flops / 1e12,
+        achieved_gflops=achieved / 1e9,
         peak_gflops=peak / 1e9 if peak else None,
         peak_gflops_before=peak_before / 1e9 if peak_before else None,
         peak_gflops_after=peak_after / 1e9 if peak_after else None,
         mfu=achieved / peak if peak else None,
         mfu_paired=metrics.paired_mfu(flops, times, probes) if on_cpu else None,
         compile_sec=compile_sec,
-        peak_rss_mib=peak_rss_mib(), peak_device_mib=peak_device_mib())
+        peak_rss_mib=peak_rss_mib(),
+        peak_device_mib=peak_device_mib(),
+    )
 
 
 def peak_device_mib() -> float | None:
     """Peak memory in use on the first device (GPU, TPU), or None where jax keeps no statistics."""
     stats = jax.devices()[0].memory_stats() or {}
-    return stats["peak_bytes_in_use"] / 2 ** 20 if "peak_bytes_in_use" in stats else None
+    return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
 
 
 def bench_data(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
     """Tokens/s of the pretraining pipeline alone (grain threads, and worker processes)."""
     run = train.prepare(cfg, tempfile.gettempdir())
     batch_size, seq_len = cfg.data.batch_size, cfg.data.seq_len
-    result: dict[str, Any] = dict(mode="data", batch_size=batch_size, seq_len=seq_len,
-                                  datasets=run.data_summary, batches=steps)
+    result: dict[str, Any] = dict(
+        mode="data",
+        batch_size=batch_size,
+        seq_len=seq_len,
+        datasets=run.data_summary,
+        batches=steps,
+    )
     for workers in (0, 2):
         it = pipeline.iterate(run.batches, 0, workers, cfg.data.prefetch)
         for _ in range(warmup):
@@ -157,8 +178,9 @@ def bench_data(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str,
         start = time.perf_counter()
         for _ in range(steps):
             pipeline.to_global(next(it), run.mesh, batch_size)
-        result[f"tokens_per_sec_workers{workers}"] = steps * batch_size * seq_len / (
-            time.perf_counter() - start)
+        result[f"tokens_per_sec_workers{workers}"] = (
+            steps * batch_size * seq_len / (time.perf_counter() - start)
+        )
     result["peak_rss_mib"] = peak_rss_mib()
     return result
 
@@ -185,17 +207,27 @@ def bench_checkpoint(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dic
             restore.append(time.perf_counter() - done)
     ckpt.close()
     shutil.rmtree(workdir)
-    return dict(mode="checkpoint", state_mib=state_bytes / 2 ** 20, saves=steps,
-                save_blocking_sec=float(np.median(blocked)), save_total_sec=float(np.median(full)),
-                restore_sec=float(np.median(restore)), peak_rss_mib=peak_rss_mib())
+    return dict(
+        mode="checkpoint",
+        state_mib=state_bytes / 2**20,
+        saves=steps,
+        save_blocking_sec=float(np.median(blocked)),
+        save_total_sec=float(np.median(full)),
+        restore_sec=float(np.median(restore)),
+        peak_rss_mib=peak_rss_mib(),
+    )
 
 
 MODES: dict[str, Callable[..., dict[str, Any]]] = {
-    "train": bench_train, "data": bench_data, "checkpoint": bench_checkpoint}
+    "train": bench_train,
+    "data": bench_data,
+    "checkpoint": bench_checkpoint,
+}
 
 
 def format_table(result: dict[str, Any]) -> str:
     """Two aligned columns, numbers with units."""
+
     def fmt(key: str, value: Any) -> str:
         if value is None:
             return "n/a"

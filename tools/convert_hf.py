@@ -11,6 +11,7 @@
 
 Errors are one line `error: ...` on stderr with exit status 2; nothing is left half-written.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -30,8 +31,12 @@ flags.DEFINE_string("hf_dir", None, "HF checkpoint directory (input; output with
 flags.DEFINE_string("workdir", None, "Workdir (output; input with --export)")
 flags.DEFINE_bool("export", False, "Write the workdir's checkpoint to --hf_dir in the HF layout")
 flags.DEFINE_string("source", "auto", "Import layout: auto (from config.json), llada or llama")
-flags.DEFINE_string("dtype", "", "Import: parameter dtype (default float32). Export: tensor dtype "
-                    "(default: the imported HF checkpoint's, else the parameters')")
+flags.DEFINE_string(
+    "dtype",
+    "",
+    "Import: parameter dtype (default float32). Export: tensor dtype "
+    "(default: the imported HF checkpoint's, else the parameters')",
+)
 flags.DEFINE_string("max_shard_size", "5GB", "Export: largest safetensors shard")
 flags.DEFINE_integer("step", None, "Export: checkpoint step (default: the latest)")
 
@@ -59,16 +64,21 @@ def main(argv: list[str]) -> int:
             raise ConvertError("both --hf_dir=DIR and --workdir=DIR are required")
         t = time.perf_counter()
         if FLAGS.export:
-            names = hf.export_hf(FLAGS.workdir, FLAGS.hf_dir, FLAGS.dtype, FLAGS.max_shard_size,
-                                 FLAGS.step)
-            print(f"exported {FLAGS.workdir} -> {FLAGS.hf_dir} ({len(names)} safetensors file(s)) "
-                  f"in {time.perf_counter() - t:.1f}s")
+            names = hf.export_hf(
+                FLAGS.workdir, FLAGS.hf_dir, FLAGS.dtype, FLAGS.max_shard_size, FLAGS.step
+            )
+            print(
+                f"exported {FLAGS.workdir} -> {FLAGS.hf_dir} ({len(names)} safetensors file(s)) "
+                f"in {time.perf_counter() - t:.1f}s"
+            )
         else:
             cfg = hf.import_hf(FLAGS.hf_dir, FLAGS.workdir, FLAGS.source, FLAGS.dtype or "float32")
             m = cfg["model"]
-            print(f"imported {FLAGS.hf_dir} -> {FLAGS.workdir}/checkpoints/0 ({m['n_layers']} layers,"
-                  f" d_model {m['d_model']}, vocab {m['vocab_size']}, {m['param_dtype']}) in "
-                  f"{time.perf_counter() - t:.1f}s")
+            print(
+                f"imported {FLAGS.hf_dir} -> {FLAGS.workdir}/checkpoints/0 ({m['n_layers']} layers,"
+                f" d_model {m['d_model']}, vocab {m['vocab_size']}, {m['param_dtype']}) in "
+                f"{time.perf_counter() - t:.1f}s"
+            )
     except (ConvertError, flags.Error) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ tokens. sft: JSONL lines {"prompt", "response"[, "system"]} or {"messages": [{"r
 details. Deterministic for any --workers; a rerun skips shards already complete. Bad records are
 reported with file:line and skipped; an unreadable input prints "error: ..." and exits 2.
 """
+
 import os
 import sys
 
@@ -23,18 +24,28 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llada_jax.data import prepare  # noqa: E402
 
-_INPUT = flags.DEFINE_list("input", None, "Comma-separated input files / directories.", required=True)
+_INPUT = flags.DEFINE_list(
+    "input", None, "Comma-separated input files / directories.", required=True
+)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Output directory.", required=True)
 _FORMAT = flags.DEFINE_enum("format", "pretrain", list(prepare.FORMATS), "Record format.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", prepare.DEFAULT_SEQ_LEN, "pretrain: tokens per record.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Sentencepiece model (default: the shipped one).")
-_TEXT_FIELD = flags.DEFINE_string("text_field", "text", "pretrain JSONL: the field holding the text.")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", None, "Sentencepiece model (default: the shipped one)."
+)
+_TEXT_FIELD = flags.DEFINE_string(
+    "text_field", "text", "pretrain JSONL: the field holding the text."
+)
 _DOC_SEPARATOR = flags.DEFINE_string(
-    "doc_separator", "", "pretrain text files: split documents on this string, with Python "
-    "escapes (e.g. '\\n\\n\\n'); empty: one document per file.")
+    "doc_separator",
+    "",
+    "pretrain text files: split documents on this string, with Python "
+    "escapes (e.g. '\\n\\n\\n'); empty: one document per file.",
+)
 _WORKERS = flags.DEFINE_integer("workers", None, "Worker processes (default: os.cpu_count()).")
-_SHARD_MB = flags.DEFINE_float("shard_mb", prepare.DEFAULT_SHARD_BYTES / (1 << 20),
-                               "Input MiB per work unit / output shard.")
+_SHARD_MB = flags.DEFINE_float(
+    "shard_mb", prepare.DEFAULT_SHARD_BYTES / (1 << 20), "Input MiB per work unit / output shard."
+)
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (tokens/s).")
 
 
@@ -43,10 +54,17 @@ def main(argv: list[str]) -> int:
     separator = _DOC_SEPARATOR.value.encode("latin-1", "backslashreplace").decode("unicode_escape")
     try:
         prepare.prepare(
-            _INPUT.value, _OUTPUT_DIR.value, _FORMAT.value, seq_len=_SEQ_LEN.value,
-            tokenizer_path=_TOKENIZER.value, text_field=_TEXT_FIELD.value, doc_separator=separator,
-            workers=_WORKERS.value, shard_bytes=max(1, int(_SHARD_MB.value * (1 << 20))),
-            progress=_PROGRESS.value)
+            _INPUT.value,
+            _OUTPUT_DIR.value,
+            _FORMAT.value,
+            seq_len=_SEQ_LEN.value,
+            tokenizer_path=_TOKENIZER.value,
+            text_field=_TEXT_FIELD.value,
+            doc_separator=separator,
+            workers=_WORKERS.value,
+            shard_bytes=max(1, int(_SHARD_MB.value * (1 << 20))),
+            progress=_PROGRESS.value,
+        )
     except (prepare.InputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

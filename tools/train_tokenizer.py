@@ -21,12 +21,13 @@ is, no dummy prefix, "\\n" as its own piece and byte fallback (no unk ids), so
 `decode(encode(text)) == text` for any text. Ids: 0 "<pad>", 1 "<unk>",
 2 "<|eos|>", then the user-defined "<|mdm_mask|>", "<|eot|>" and "\\n"; no BOS.
 """
+
 import json
 import os
 import sys
 
-from absl import app, flags
 import sentencepiece as spm
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,14 +38,25 @@ EOS_PIECE = "<|eos|>"
 MASK_PIECE = "<|mdm_mask|>"
 EOT_PIECE = "<|eot|>"
 
-_INPUT = flags.DEFINE_list("input", None, "Comma-separated text / JSONL files or directories (.xz / .gz allowed).",
-                          required=True)
-_MODEL_PREFIX = flags.DEFINE_string("model_prefix", None, "Output path without extension.", required=True)
-_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 4096, "Vocabulary size, special and byte pieces included.")
-_MODEL_TYPE = flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "Sentencepiece model type.")
+_INPUT = flags.DEFINE_list(
+    "input",
+    None,
+    "Comma-separated text / JSONL files or directories (.xz / .gz allowed).",
+    required=True,
+)
+_MODEL_PREFIX = flags.DEFINE_string(
+    "model_prefix", None, "Output path without extension.", required=True
+)
+_VOCAB_SIZE = flags.DEFINE_integer(
+    "vocab_size", 4096, "Vocabulary size, special and byte pieces included."
+)
+_MODEL_TYPE = flags.DEFINE_enum(
+    "model_type", "bpe", ["bpe", "unigram"], "Sentencepiece model type."
+)
 _TEXT_FIELD = flags.DEFINE_string("text_field", "text", "JSONL inputs: the field holding the text.")
 _MAX_SENTENCES = flags.DEFINE_integer(
-    "max_sentences", 0, "Train on a uniform random sample of at most this many sentences (0: all).")
+    "max_sentences", 0, "Train on a uniform random sample of at most this many sentences (0: all)."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the --max_sentences sample.")
 
 
@@ -53,12 +65,15 @@ def main(argv: list[str]) -> None:
     stats: dict[str, int] = {}
     try:
         sentences = prepare.tokenizer_training_sentences(
-            _INPUT.value, _TEXT_FIELD.value, _MAX_SENTENCES.value, _SEED.value, stats)
+            _INPUT.value, _TEXT_FIELD.value, _MAX_SENTENCES.value, _SEED.value, stats
+        )
     except prepare.InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"training on {stats['sampled_sentences']} of {stats['total_sentences']} sentences"
-          + (f" ({stats['bad_records']} bad JSONL records skipped)" if stats["bad_records"] else ""))
+    print(
+        f"training on {stats['sampled_sentences']} of {stats['total_sentences']} sentences"
+        + (f" ({stats['bad_records']} bad JSONL records skipped)" if stats["bad_records"] else "")
+    )
     with open(_MODEL_PREFIX.value + ".model", "wb") as model_file:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sentences),
@@ -67,7 +82,8 @@ def main(argv: list[str]) -> None:
             vocab_size=_VOCAB_SIZE.value,
             input_sentence_size=0,  # Sampling is done above (--max_sentences), reproducibly.
             shuffle_input_sentence=True,
-            max_sentence_length=1 << 16,  # Lines are whole chapters; the default 4192 drops long ones.
+            max_sentence_length=1
+            << 16,  # Lines are whole chapters; the default 4192 drops long ones.
             byte_fallback=True,
             character_coverage=1.0,
             normalization_rule_name="identity",
@@ -76,10 +92,12 @@ def main(argv: list[str]) -> None:
             add_dummy_prefix=False,
             allow_whitespace_only_pieces=True,
             user_defined_symbols=[MASK_PIECE, EOT_PIECE, "\n"],
-            pad_id=0, pad_piece=PAD_PIECE,
+            pad_id=0,
+            pad_piece=PAD_PIECE,
             unk_id=1,
             bos_id=-1,
-            eos_id=2, eos_piece=EOS_PIECE,
+            eos_id=2,
+            eos_piece=EOS_PIECE,
             num_threads=2,
             minloglevel=2,
         )

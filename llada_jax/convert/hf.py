@@ -16,6 +16,7 @@ one parameter at a time as numpy and writes each HF tensor at its offset in the 
 matrix, when freed buffers go back to the OS: see tools/convert_hf.py.) Outputs are written to a
 temporary directory next to the destination and renamed when complete.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,8 +34,13 @@ from orbax.checkpoint._src.serialization import type_handlers as _th
 from llada_jax import checkpoint
 from llada_jax import config as config_lib
 from llada_jax.convert import hf_llada, hf_llama, layouts
-from llada_jax.convert.safetensors_io import (DTYPES, ConvertError, TensorReader, parse_size,
-                                              write_sharded)
+from llada_jax.convert.safetensors_io import (
+    DTYPES,
+    ConvertError,
+    TensorReader,
+    parse_size,
+    write_sharded,
+)
 from llada_jax.model import ModelConfig
 
 SOURCES = ("llada", "llama")
@@ -48,7 +54,9 @@ def read_hf_config(hf_dir: str) -> dict:
         raise ConvertError(f"--hf_dir={hf_dir!r} does not exist or is not a directory")
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
-        raise ConvertError(f"{path!r} does not exist (an HF checkpoint directory holds config.json)")
+        raise ConvertError(
+            f"{path!r} does not exist (an HF checkpoint directory holds config.json)"
+        )
     with open(path) as f:
         try:
             return json.load(f)
@@ -63,8 +71,10 @@ def detect_source(hf: dict) -> str:
         return "llada"
     if model_type == "llama" or "LlamaForCausalLM" in archs:
         return "llama"
-    raise ConvertError(f"unknown architecture (model_type={model_type!r}, architectures={archs}); "
-                       f"supported: LLaDA (model_type 'llada') and LlamaForCausalLM ('llama')")
+    raise ConvertError(
+        f"unknown architecture (model_type={model_type!r}, architectures={archs}); "
+        f"supported: LLaDA (model_type 'llada') and LlamaForCausalLM ('llama')"
+    )
 
 
 def model_config(hf: dict, source: str, **overrides: Any) -> ModelConfig:
@@ -74,7 +84,8 @@ def model_config(hf: dict, source: str, **overrides: Any) -> ModelConfig:
 
 
 def run_config(cfg: ModelConfig) -> config_lib.ConfigDict:
-    """base_config() with this model section (head_dim 0 when it is the default d_model // heads)."""
+    """base_config() with this model section (head_dim 0 when it is the default d_model //
+    heads)."""
     c = config_lib.base_config()
     model = {f: getattr(cfg, f) for f in c.model.keys()}
     if cfg.head_dim == cfg.d_model // cfg.n_heads:
@@ -143,18 +154,27 @@ def check_tensors(reader: TensorReader, cfg: ModelConfig, source: str) -> None:
     expected = {e.hf_key(i): e.hf_shape for e, i in layouts.hf_tensor_list(cfg, source)}
     missing = [k for k in expected if k not in reader]
     if missing:
-        raise ConvertError(f"{len(missing)} tensor(s) missing from {reader.directory!r}, e.g. "
-                           f"{', '.join(missing[:4])}")
+        raise ConvertError(
+            f"{len(missing)} tensor(s) missing from {reader.directory!r}, e.g. "
+            f"{', '.join(missing[:4])}"
+        )
     for key, shape in expected.items():
         if reader.shape(key) != shape:
-            raise ConvertError(f"tensor {key!r} has shape {reader.shape(key)}, expected {shape} "
-                               f"from config.json")
-    extra = [k for k in reader.keys() if k not in expected
-             and not k.endswith(layouts.IGNORED_SUFFIXES)
-             and not (cfg.tie_embeddings and k == layouts.KEYS[source]["lm_head"])]
+            raise ConvertError(
+                f"tensor {key!r} has shape {reader.shape(key)}, expected {shape} from config.json"
+            )
+    extra = [
+        k
+        for k in reader.keys()
+        if k not in expected
+        and not k.endswith(layouts.IGNORED_SUFFIXES)
+        and not (cfg.tie_embeddings and k == layouts.KEYS[source]["lm_head"])
+    ]
     if extra:
-        raise ConvertError(f"{len(extra)} unexpected tensor(s) in {reader.directory!r} for this "
-                           f"config, e.g. {', '.join(extra[:4])}")
+        raise ConvertError(
+            f"{len(extra)} unexpected tensor(s) in {reader.directory!r} for this "
+            f"config, e.g. {', '.join(extra[:4])}"
+        )
 
 
 def import_hf(hf_dir: str, workdir: str, source: str = "auto", dtype: str = "float32") -> dict:
@@ -194,7 +214,9 @@ def import_hf(hf_dir: str, workdir: str, source: str = "auto", dtype: str = "flo
                 out[...] = e.to_ours(reader.get(e.hf_key()))
             out.flush()
             del out
-            layouts.set_path(params, e.path, {"value": np.load(path, mmap_mode="r").view(out_dtype)})
+            layouts.set_path(
+                params, e.path, {"value": np.load(path, mmap_mode="r").view(out_dtype)}
+            )
         reader.close()
         meta = {"config": run_cfg.to_dict(), "step": 0, "hf_config": hf, "hf_source": source}
         with _numpy_leaves_one_at_a_time():
@@ -231,11 +253,14 @@ def _restore_numpy(params_dir: str, saved_path: tuple, shape: tuple, dtype: np.d
     layouts.set_path(item, saved_path, np.empty(0, dtype))  # placeholder leaf; only its type counts
     layouts.set_path(args, saved_path, ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype))
     out = ocp.PyTreeCheckpointer().restore(
-        params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
+        params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
+    )
     array = layouts.get_path(out, saved_path)
     if tuple(array.shape) != tuple(shape):
-        raise ConvertError(f"checkpoint parameter {'.'.join(map(str, saved_path))} has shape "
-                           f"{array.shape}, expected {shape} from its config")
+        raise ConvertError(
+            f"checkpoint parameter {'.'.join(map(str, saved_path))} has shape "
+            f"{array.shape}, expected {shape} from its config"
+        )
     return array
 
 
@@ -256,6 +281,7 @@ def _find_hf_config(workdir: str, meta: dict, depth: int = 0) -> dict | None:
 def _special_ids(run_cfg: dict) -> dict:
     """mask/eos/pad ids of the run's tokenizer (for a config with no HF LLaDA ancestor)."""
     from llada_jax.data.tokenizer import Tokenizer, default_tokenizer
+
     path = run_cfg.get("data", {}).get("tokenizer", "")
     try:
         tok = Tokenizer(path) if path else default_tokenizer()
@@ -264,8 +290,13 @@ def _special_ids(run_cfg: dict) -> dict:
     return {"mask_token_id": tok.mask_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
 
 
-def export_hf(workdir: str, hf_dir: str, dtype: str = "", max_shard_size: str | int = "5GB",
-              step: int | None = None) -> list[str]:
+def export_hf(
+    workdir: str,
+    hf_dir: str,
+    dtype: str = "",
+    max_shard_size: str | int = "5GB",
+    step: int | None = None,
+) -> list[str]:
     """A workdir's checkpoint (latest, or `step`) -> hf_dir in the HF LLaDA layout.
 
     dtype: float32 or bfloat16; "" = the dtype of the HF checkpoint it was imported from, else
@@ -280,8 +311,10 @@ def export_hf(workdir: str, hf_dir: str, dtype: str = "", max_shard_size: str | 
     step = ckpt.latest_step() if step is None else step
     if step is None or step not in ckpt.complete_steps():
         ckpt.close()
-        raise ConvertError(f"--workdir={workdir!r} holds no complete checkpoint"
-                           + (f" at step {step}" if step is not None else ""))
+        raise ConvertError(
+            f"--workdir={workdir!r} holds no complete checkpoint"
+            + (f" at step {step}" if step is not None else "")
+        )
     meta = ckpt.meta(step)
     ckpt.close()
     run_cfg = meta["config"]
@@ -292,20 +325,28 @@ def export_hf(workdir: str, hf_dir: str, dtype: str = "", max_shard_size: str | 
         print("warning: model.causal=True; HF LLaDA attention is bidirectional", flush=True)
     template = _find_hf_config(workdir, meta)
     if not dtype:
-        dtype = (template or {}).get("torch_dtype") or (template or {}).get("dtype") or cfg.param_dtype
+        dtype = (
+            (template or {}).get("torch_dtype") or (template or {}).get("dtype") or cfg.param_dtype
+        )
     if dtype not in ("float32", "bfloat16"):
         raise ConvertError(f"--dtype={dtype!r} is not float32 or bfloat16")
     out_dtype = DTYPES[dtype]
     hf_cfg = hf_llada.hf_config_from_model(
-        cfg, template, dtype, None if template else _special_ids(run_cfg),
-        None if template else run_cfg.get("data", {}).get("seq_len"))
+        cfg,
+        template,
+        dtype,
+        None if template else _special_ids(run_cfg),
+        None if template else run_cfg.get("data", {}).get("seq_len"),
+    )
     params_dir = _params_dir(workdir, step)
     saved = _saved_paths(params_dir)
     entries = layouts.entries(cfg, "llada")
     for e in entries:
         if e.path not in saved:
             raise ConvertError(f"checkpoint {params_dir!r} lacks parameter {'.'.join(e.path)}")
-    tensors = [(e.hf_key(i), e.hf_shape, out_dtype) for e, i in layouts.hf_tensor_list(cfg, "llada")]
+    tensors = [
+        (e.hf_key(i), e.hf_shape, out_dtype) for e, i in layouts.hf_tensor_list(cfg, "llada")
+    ]
     param_dtype = np.dtype(cfg.weight_dtype)
 
     def produce(e: layouts.Entry):

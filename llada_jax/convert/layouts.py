@@ -12,6 +12,7 @@ Layouts:
 - `llama`: LlamaForCausalLM (GQA, optional tied embeddings). HF Llama stores q/k already in the
   rotate-half (NeoX) order our RoPE uses, so no permutation is needed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,10 +26,10 @@ from llada_jax.model import ModelConfig
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    path: tuple[str, ...]     # our parameter path, e.g. ("blocks", "attn", "q", "kernel")
-    key: str                  # HF key; "{i}" is the layer index for per-layer entries
-    shape: tuple[int, ...]    # our shape (one layer's, for per-layer entries)
-    n_in: int                 # leading input axes of a linear kernel; 0: stored as is
+    path: tuple[str, ...]  # our parameter path, e.g. ("blocks", "attn", "q", "kernel")
+    key: str  # HF key; "{i}" is the layer index for per-layer entries
+    shape: tuple[int, ...]  # our shape (one layer's, for per-layer entries)
+    n_in: int  # leading input axes of a linear kernel; 0: stored as is
     per_layer: bool
 
     def hf_key(self, layer: int | None = None) -> str:
@@ -38,7 +39,7 @@ class Entry:
     def hf_shape(self) -> tuple[int, ...]:
         if not self.n_in:
             return self.shape
-        return (math.prod(self.shape[self.n_in:]), math.prod(self.shape[:self.n_in]))
+        return (math.prod(self.shape[self.n_in :]), math.prod(self.shape[: self.n_in]))
 
     def to_ours(self, w: np.ndarray) -> np.ndarray:
         """HF tensor -> our (one layer's) array; a view where possible."""
@@ -48,29 +49,58 @@ class Entry:
         """Our (one layer's) array -> the HF tensor."""
         if not self.n_in:
             return w
-        return w.reshape(math.prod(self.shape[:self.n_in]), -1).T
+        return w.reshape(math.prod(self.shape[: self.n_in]), -1).T
 
 
 # (our path under a block, HF name, n_in) in HF's per-layer order.
 _LAYER = (
-    (("attn_norm", "scale"), 0), (("attn", "q", "kernel"), 1), (("attn", "k", "kernel"), 1),
-    (("attn", "v", "kernel"), 1), (("attn", "o", "kernel"), 2), (("mlp_norm", "scale"), 0),
-    (("mlp", "gate", "kernel"), 1), (("mlp", "up", "kernel"), 1), (("mlp", "down", "kernel"), 1),
+    (("attn_norm", "scale"), 0),
+    (("attn", "q", "kernel"), 1),
+    (("attn", "k", "kernel"), 1),
+    (("attn", "v", "kernel"), 1),
+    (("attn", "o", "kernel"), 2),
+    (("mlp_norm", "scale"), 0),
+    (("mlp", "gate", "kernel"), 1),
+    (("mlp", "up", "kernel"), 1),
+    (("mlp", "down", "kernel"), 1),
 )
 KEYS = {
     "llada": dict(
-        prefix="model.transformer.", layer="model.transformer.blocks.{i}.",
-        embed="model.transformer.wte.weight", final_norm="model.transformer.ln_f.weight",
+        prefix="model.transformer.",
+        layer="model.transformer.blocks.{i}.",
+        embed="model.transformer.wte.weight",
+        final_norm="model.transformer.ln_f.weight",
         lm_head="model.transformer.ff_out.weight",
-        names=("attn_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_norm", "ff_proj",
-               "up_proj", "ff_out")),
+        names=(
+            "attn_norm",
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "attn_out",
+            "ff_norm",
+            "ff_proj",
+            "up_proj",
+            "ff_out",
+        ),
+    ),
     "llama": dict(
-        prefix="model.", layer="model.layers.{i}.",
-        embed="model.embed_tokens.weight", final_norm="model.norm.weight",
+        prefix="model.",
+        layer="model.layers.{i}.",
+        embed="model.embed_tokens.weight",
+        final_norm="model.norm.weight",
         lm_head="lm_head.weight",
-        names=("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-               "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
-               "mlp.down_proj")),
+        names=(
+            "input_layernorm",
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "post_attention_layernorm",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ),
+    ),
 }
 # Tensors that hold no parameters (old Llama checkpoints store RoPE's inverse frequencies).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -78,11 +108,17 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 def _layer_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     d, h, k, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_hidden
-    return {("attn_norm", "scale"): (d,), ("attn", "q", "kernel"): (d, h, hd),
-            ("attn", "k", "kernel"): (d, k, hd), ("attn", "v", "kernel"): (d, k, hd),
-            ("attn", "o", "kernel"): (h, hd, d), ("mlp_norm", "scale"): (d,),
-            ("mlp", "gate", "kernel"): (d, f), ("mlp", "up", "kernel"): (d, f),
-            ("mlp", "down", "kernel"): (f, d)}
+    return {
+        ("attn_norm", "scale"): (d,),
+        ("attn", "q", "kernel"): (d, h, hd),
+        ("attn", "k", "kernel"): (d, k, hd),
+        ("attn", "v", "kernel"): (d, k, hd),
+        ("attn", "o", "kernel"): (h, hd, d),
+        ("mlp_norm", "scale"): (d,),
+        ("mlp", "gate", "kernel"): (d, f),
+        ("mlp", "up", "kernel"): (d, f),
+        ("mlp", "down", "kernel"): (f, d),
+    }
 
 
 def entries(cfg: ModelConfig, layout: str) -> list[Entry]:
@@ -91,12 +127,14 @@ def entries(cfg: ModelConfig, layout: str) -> list[Entry]:
     shapes = _layer_shapes(cfg)
     out = [Entry(("embed", "embedding"), keys["embed"], (cfg.vocab_size, cfg.d_model), 0, False)]
     for (path, n_in), name in zip(_LAYER, keys["names"]):
-        out.append(Entry(("blocks", *path), keys["layer"] + name + ".weight", shapes[path], n_in,
-                         True))
+        out.append(
+            Entry(("blocks", *path), keys["layer"] + name + ".weight", shapes[path], n_in, True)
+        )
     out.append(Entry(("final_norm", "scale"), keys["final_norm"], (cfg.d_model,), 0, False))
     if not cfg.tie_embeddings:
-        out.append(Entry(("lm_head", "kernel"), keys["lm_head"], (cfg.d_model, cfg.vocab_size), 1,
-                         False))
+        out.append(
+            Entry(("lm_head", "kernel"), keys["lm_head"], (cfg.d_model, cfg.vocab_size), 1, False)
+        )
     return out
 
 

@@ -10,6 +10,7 @@ at most `max_shard_size` bytes plus an index file when there is more than one). 
 computed up front, so each tensor is produced by a callback and written at its offset on its own:
 the memory held is one tensor, whatever the order the callbacks are called in.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,10 +26,16 @@ from safetensors import safe_open
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
-DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-          "float16": np.dtype(np.float16)}
-_ST_NAMES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
-             np.dtype(np.float16): "F16"}
+DTYPES = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
+_ST_NAMES = {
+    np.dtype(np.float32): "F32",
+    np.dtype(ml_dtypes.bfloat16): "BF16",
+    np.dtype(np.float16): "F16",
+}
 _ST_DTYPES = {v: k for k, v in _ST_NAMES.items()}
 
 
@@ -37,7 +44,8 @@ class ConvertError(ValueError):
 
 
 class TensorReader:
-    """Tensor names, shapes and dtypes of an HF safetensors checkpoint; data one tensor at a time."""
+    """Tensor names, shapes and dtypes of an HF safetensors checkpoint; data one tensor at a
+    time."""
 
     def __init__(self, directory: str):
         self.directory = directory
@@ -66,8 +74,9 @@ class TensorReader:
                 sl = handle.get_slice(key)
                 dtype = sl.get_dtype()
                 if dtype not in _ST_DTYPES:
-                    raise ConvertError(f"tensor {key!r} has dtype {dtype}; only F32, BF16 and "
-                                       f"F16 are supported")
+                    raise ConvertError(
+                        f"tensor {key!r} has dtype {dtype}; only F32, BF16 and F16 are supported"
+                    )
                 self._info[key] = (tuple(sl.get_shape()), _ST_DTYPES[dtype])
         if self.files is not None:
             missing = [k for k in self.files if k not in self._info]
@@ -101,23 +110,34 @@ class TensorReader:
 
 
 def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '2GiB', '1000' -> bytes (decimal units as in Hugging Face's save_pretrained)."""
+    """'5GB', '500MB', '2GiB', '1000' -> bytes (decimal units, as Hugging Face's save_pretrained
+    reads them)."""
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
     if not m:
         raise ConvertError(f"--max_shard_size={text!r} is not a size such as 5GB or 500MB")
     unit = m.group(2).rstrip("B") or ""
-    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    scale = {
+        "": 1,
+        "K": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "T": 10**12,
+        "KI": 2**10,
+        "MI": 2**20,
+        "GI": 2**30,
+        "TI": 2**40,
+    }[unit]
     size = int(float(m.group(1)) * scale)
     if size <= 0:
         raise ConvertError(f"--max_shard_size={text!r} must be positive")
     return size
 
 
-def plan_shards(tensors: Sequence[tuple[str, tuple[int, ...], np.dtype]],
-                max_shard_size: int) -> list[list[tuple[str, tuple[int, ...], np.dtype]]]:
+def plan_shards(
+    tensors: Sequence[tuple[str, tuple[int, ...], np.dtype]], max_shard_size: int
+) -> list[list[tuple[str, tuple[int, ...], np.dtype]]]:
     """Greedy, in order: a shard closes when the next tensor would take it over the limit."""
     shards: list[list] = [[]]
     size = 0
@@ -131,9 +151,14 @@ def plan_shards(tensors: Sequence[tuple[str, tuple[int, ...], np.dtype]],
     return shards
 
 
-def write_sharded(directory: str, tensors: Sequence[tuple[str, tuple[int, ...], np.dtype]],
-                  produce: Iterable[str], get: Callable[[str], Iterable[tuple[str, np.ndarray]]],
-                  max_shard_size: int, metadata: Mapping[str, str] | None = None) -> list[str]:
+def write_sharded(
+    directory: str,
+    tensors: Sequence[tuple[str, tuple[int, ...], np.dtype]],
+    produce: Iterable[str],
+    get: Callable[[str], Iterable[tuple[str, np.ndarray]]],
+    max_shard_size: int,
+    metadata: Mapping[str, str] | None = None,
+) -> list[str]:
     """Writes `tensors` (name, shape, dtype; in file order) into `directory`.
 
     `produce` lists the groups to ask `get` for; `get(group)` yields (name, array) pairs in any
@@ -150,8 +175,11 @@ def write_sharded(directory: str, tensors: Sequence[tuple[str, tuple[int, ...], 
         offset = 0
         for key, shape, dtype in shard:
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            header[key] = {"dtype": _ST_NAMES[dtype], "shape": list(shape),
-                           "data_offsets": [offset, offset + nbytes]}
+            header[key] = {
+                "dtype": _ST_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offset += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)
@@ -169,8 +197,9 @@ def write_sharded(directory: str, tensors: Sequence[tuple[str, tuple[int, ...], 
             for key, array in get(group):
                 i, pos, shape, dtype = where[key]
                 if tuple(array.shape) != tuple(shape) or array.dtype != dtype:
-                    raise AssertionError(f"{key}: produced {array.shape} {array.dtype}, "
-                                         f"planned {shape} {dtype}")
+                    raise AssertionError(
+                        f"{key}: produced {array.shape} {array.dtype}, planned {shape} {dtype}"
+                    )
                 files[i].seek(pos)
                 files[i].write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
                 written.add(key)

@@ -4,10 +4,13 @@
 chapter, about 4.2 MB of UTF-8); see `assets/CORPUS_LICENSE.md` for its source and
 cleaning. The shipped tokenizer was trained on it.
 """
+
 import lzma
 import os
 
-DEFAULT_CORPUS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "corpus.txt.xz")
+DEFAULT_CORPUS_PATH = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "assets", "corpus.txt.xz"
+)
 
 
 def read_default_corpus() -> str:

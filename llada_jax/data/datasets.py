@@ -5,6 +5,7 @@ prepared once into the cache with the run's tokenizer and sequence length. Every
 checked against the run before training starts: format, sequence length, tokenizer fingerprint
 and vocabulary size.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,41 +30,68 @@ def shipped_corpus_dir(tokenizer: Tokenizer, seq_len: int) -> str:
     out = os.path.join(cache_dir(), "prepared", f"kjv-{corpus}-{tokenizer.fingerprint}-L{seq_len}")
     # One process prepares; the others wait (they may share the cache directory).
     if jax.process_index() == 0 and not os.path.isfile(os.path.join(out, prepare.METADATA_FILE)):
-        prepare.prepare([DEFAULT_CORPUS_PATH], out, "pretrain", seq_len=seq_len,
-                        tokenizer_path=tokenizer.path, doc_separator=SHIPPED_CORPUS_SEPARATOR,
-                        workers=1, progress=False, log=lambda *_: None)
+        prepare.prepare(
+            [DEFAULT_CORPUS_PATH],
+            out,
+            "pretrain",
+            seq_len=seq_len,
+            tokenizer_path=tokenizer.path,
+            doc_separator=SHIPPED_CORPUS_SEPARATOR,
+            workers=1,
+            progress=False,
+            log=lambda *_: None,
+        )
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("shipped corpus prepared")
     return out
 
 
-def check_metadata(name: str, meta: dict[str, Any], fmt: str, seq_len: int | None,
-                   tokenizer: Tokenizer, vocab_size: int) -> None:
+def check_metadata(
+    name: str,
+    meta: dict[str, Any],
+    fmt: str,
+    seq_len: int | None,
+    tokenizer: Tokenizer,
+    vocab_size: int,
+) -> None:
     """Refuses a dataset that does not fit the run, with one line naming both values."""
     if meta["format"] != fmt:
         raise ValueError(f"dataset {name!r} has format {meta['format']!r}; this run needs {fmt!r}")
     if seq_len is not None and meta["seq_len"] != seq_len:
-        raise ValueError(f"dataset {name!r} was prepared with seq_len={meta['seq_len']}, but "
-                         f"data.seq_len={seq_len}: prepare it again with --seq_len={seq_len}")
+        raise ValueError(
+            f"dataset {name!r} was prepared with seq_len={meta['seq_len']}, but "
+            f"data.seq_len={seq_len}: prepare it again with --seq_len={seq_len}"
+        )
     fingerprint = meta["tokenizer"]["fingerprint"]
     if fingerprint != tokenizer.fingerprint:
-        raise ValueError(f"dataset {name!r} was tokenized with tokenizer {fingerprint} "
-                         f"({meta['tokenizer']['path']}), but this run uses {tokenizer.fingerprint} "
-                         f"({tokenizer.path})")
+        raise ValueError(
+            f"dataset {name!r} was tokenized with tokenizer {fingerprint} "
+            f"({meta['tokenizer']['path']}), but this run uses {tokenizer.fingerprint} "
+            f"({tokenizer.path})"
+        )
     if meta["vocab_size"] > vocab_size:
-        raise ValueError(f"dataset {name!r} has vocabulary size {meta['vocab_size']} > "
-                         f"model.vocab_size={vocab_size}")
+        raise ValueError(
+            f"dataset {name!r} has vocabulary size {meta['vocab_size']} > "
+            f"model.vocab_size={vocab_size}"
+        )
     if meta["num_records"] == 0:
         raise ValueError(f"dataset {name!r} holds no records")
 
 
-def open_sources(datasets: Sequence[tuple[str, float]], fmt: str, seq_len: int | None,
-                 tokenizer: Tokenizer, vocab_size: int) -> list[pipeline.RowSource]:
+def open_sources(
+    datasets: Sequence[tuple[str, float]],
+    fmt: str,
+    seq_len: int | None,
+    tokenizer: Tokenizer,
+    vocab_size: int,
+) -> list[pipeline.RowSource]:
     """Checked row sources for the configured (dir, weight) pairs."""
     sources = []
     for entry in datasets:
         if len(entry) != 2 or float(entry[1]) <= 0:
-            raise ValueError(f"data.datasets entry {entry!r} must be a (prepared_dir, weight > 0) pair")
+            raise ValueError(
+                f"data.datasets entry {entry!r} must be a (prepared_dir, weight > 0) pair"
+            )
         path, weight = entry
         meta = prepare.load_metadata(path)
         check_metadata(path, meta, fmt, seq_len, tokenizer, vocab_size)

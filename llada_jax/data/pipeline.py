@@ -11,6 +11,7 @@ SFT batches are built the same way from prepared single-turn pairs: global step 
 pairs [s * W, (s + 1) * W) of the mixed stream (W = batch * pairs_per_row), pads them with EOS
 one per row, or packs them (pairs_per_row > 1), to exactly `batch` rows.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,7 +25,7 @@ from jax.sharding import Mesh
 from llada_jax import sharding
 from llada_jax.data import sft
 
-ENDLESS = 2 ** 62  # length of the row index space of an infinite stream
+ENDLESS = 2**62  # length of the row index space of an infinite stream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,9 @@ def decode_record(record: bytes) -> np.ndarray:
 
 def array_records(paths: Sequence[str]) -> grain.MapDataset:
     """The int32 records of ArrayRecord shards, in shard order."""
-    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(paths))).map(decode_record)
+    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(paths))).map(
+        decode_record
+    )
 
 
 def mixed_rows(sources: Sequence[RowSource], seed: int) -> grain.MapDataset:
@@ -63,7 +66,11 @@ class _GlobalRow:
 
     def __init__(self, stream: grain.MapDataset, global_batch: int, local_batch: int, offset: int):
         self.stream, self.global_batch, self.local_batch, self.offset = (
-            stream, global_batch, local_batch, offset)
+            stream,
+            global_batch,
+            local_batch,
+            offset,
+        )
 
     def __call__(self, k: int) -> np.ndarray:
         step, j = divmod(k, self.local_batch)
@@ -74,8 +81,10 @@ def check_vocab(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
     """Returns tokens; raises if an id is outside [0, vocab_size)."""
     bad = (tokens < 0) | (tokens >= vocab_size)
     if bad.any():
-        raise ValueError(f"token id {int(tokens[bad][0])} is outside the model's vocabulary "
-                         f"[0, {vocab_size}): the data was prepared with another tokenizer")
+        raise ValueError(
+            f"token id {int(tokens[bad][0])} is outside the model's vocabulary "
+            f"[0, {vocab_size}): the data was prepared with another tokenizer"
+        )
     return tokens
 
 
@@ -107,23 +116,40 @@ def process_slice(global_batch: int, index: int | None = None, count: int | None
     return slice(index * per, (index + 1) * per)
 
 
-def local_batches(stream: grain.MapDataset, global_batch: int, vocab_size: int, eos_id: int,
-                  segment_ids: bool = False, process_index: int | None = None,
-                  process_count: int | None = None) -> grain.MapDataset:
+def local_batches(
+    stream: grain.MapDataset,
+    global_batch: int,
+    vocab_size: int,
+    eos_id: int,
+    segment_ids: bool = False,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.MapDataset:
     """Element s: this process's rows of the global batch of step s, as a batch dict."""
     rows = process_slice(global_batch, process_index, process_count)
     local = rows.stop - rows.start
-    return (grain.MapDataset.range(0, ENDLESS)
-            .map(_GlobalRow(stream, global_batch, local, rows.start))
-            .batch(local)
-            .map(_ToBatch(vocab_size, eos_id, segment_ids)))
+    return (
+        grain.MapDataset.range(0, ENDLESS)
+        .map(_GlobalRow(stream, global_batch, local, rows.start))
+        .batch(local)
+        .map(_ToBatch(vocab_size, eos_id, segment_ids))
+    )
 
 
 class _SFTStep:
     """Global step s -> this process's rows of the SFT batch of that step (picklable)."""
 
-    def __init__(self, stream: grain.MapDataset, global_batch: int, pairs_per_row: int,
-                 seq_len: int, eos_id: int, overflow: str, vocab_size: int, rows: slice):
+    def __init__(
+        self,
+        stream: grain.MapDataset,
+        global_batch: int,
+        pairs_per_row: int,
+        seq_len: int,
+        eos_id: int,
+        overflow: str,
+        vocab_size: int,
+        rows: slice,
+    ):
         self.stream, self.global_batch, self.pairs_per_row = stream, global_batch, pairs_per_row
         self.seq_len, self.eos_id, self.overflow = seq_len, eos_id, overflow
         self.vocab_size, self.rows = vocab_size, rows
@@ -131,22 +157,37 @@ class _SFTStep:
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         window = self.global_batch * self.pairs_per_row
         records = [self.stream[step * window + i] for i in range(window)]
-        batch, stats = sft.fixed_batch(records, self.global_batch, self.seq_len, self.eos_id,
-                                       self.overflow, pack=self.pairs_per_row > 1)
+        batch, stats = sft.fixed_batch(
+            records,
+            self.global_batch,
+            self.seq_len,
+            self.eos_id,
+            self.overflow,
+            pack=self.pairs_per_row > 1,
+        )
         check_vocab(batch["tokens"], self.vocab_size)
         # The step's counts ride in row 0 of (B,) arrays, so they survive the per-process split
         # and the train step's sum over the global batch recovers them.
-        for key, count in (("sft_dropped", stats["dropped"] + stats["unplaced"]),
-                           ("sft_truncated", stats["truncated"])):
+        for key, count in (
+            ("sft_dropped", stats["dropped"] + stats["unplaced"]),
+            ("sft_truncated", stats["truncated"]),
+        ):
             batch[key] = np.zeros(self.global_batch, np.int32)
             batch[key][0] = count
         return {k: v[self.rows] for k, v in batch.items()}
 
 
-def sft_local_batches(stream: grain.MapDataset, global_batch: int, seq_len: int, eos_id: int,
-                      vocab_size: int, overflow: str = "truncate", pairs_per_row: int = 1,
-                      process_index: int | None = None,
-                      process_count: int | None = None) -> grain.MapDataset:
+def sft_local_batches(
+    stream: grain.MapDataset,
+    global_batch: int,
+    seq_len: int,
+    eos_id: int,
+    vocab_size: int,
+    overflow: str = "truncate",
+    pairs_per_row: int = 1,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.MapDataset:
     """Element s: this process's rows of the SFT batch of step s: tokens, prompt_mask,
     segment_ids, valid, each (local_batch, seq_len), and sft_dropped / sft_truncated (local_batch,)
     whose global sums count the step's pairs dropped (too long, or not placed when packing) and
@@ -155,25 +196,31 @@ def sft_local_batches(stream: grain.MapDataset, global_batch: int, seq_len: int,
         raise ValueError(f"data.sft_pairs_per_row={pairs_per_row} must be >= 1")
     rows = process_slice(global_batch, process_index, process_count)
     return grain.MapDataset.range(0, ENDLESS).map(
-        _SFTStep(stream, global_batch, pairs_per_row, seq_len, eos_id, overflow, vocab_size, rows))
+        _SFTStep(stream, global_batch, pairs_per_row, seq_len, eos_id, overflow, vocab_size, rows)
+    )
 
 
-def iterate(batches: grain.MapDataset, start_step: int, workers: int = 0,
-            prefetch: int = 4) -> Iterator[dict[str, np.ndarray]]:
+def iterate(
+    batches: grain.MapDataset, start_step: int, workers: int = 0, prefetch: int = 4
+) -> Iterator[dict[str, np.ndarray]]:
     """Batches of steps start_step, start_step + 1, ...: threads, or worker processes."""
     ds = batches[start_step:].to_iter_dataset(
-        grain.ReadOptions(num_threads=max(1, min(prefetch, 8)), prefetch_buffer_size=prefetch))
+        grain.ReadOptions(num_threads=max(1, min(prefetch, 8)), prefetch_buffer_size=prefetch)
+    )
     if workers > 0:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                         per_worker_buffer_size=prefetch))
+        ds = ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch)
+        )
     return iter(ds)
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh, global_batch: int) -> dict[str, jax.Array]:
     """Per-process numpy rows -> global jax arrays sharded over the data-parallel axes."""
     spec = sharding.batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(spec, v, (global_batch,) + v.shape[1:])
-            for k, v in batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(spec, v, (global_batch,) + v.shape[1:])
+        for k, v in batch.items()
+    }
 
 
 def describe(sources: Sequence[RowSource]) -> str:

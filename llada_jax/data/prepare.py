@@ -34,6 +34,7 @@ Bad records (invalid UTF-8, invalid JSON, a missing or non-string field, empty t
 malformed dialogue) are counted and reported with file and line; they are not fatal. An input
 that cannot be read at all raises `InputError` (the CLI prints "error: ..." and exits 2).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -116,7 +117,7 @@ def is_jsonl(path: str) -> bool:
     name = path
     for suffix in _COMPRESSED_SUFFIXES:
         if name.endswith(suffix):
-            name = name[:-len(suffix)]
+            name = name[: -len(suffix)]
     return name.endswith(_JSON_SUFFIXES)
 
 
@@ -169,6 +170,7 @@ def _split_stream(f: IO[bytes], sep: bytes, path: str) -> Iterator[tuple[bytes, 
 @dataclasses.dataclass(frozen=True)
 class Piece:
     """Bytes [start, end) of one input file (end None: to the end)."""
+
     path: str
     start: int = 0
     end: int | None = None
@@ -216,6 +218,7 @@ def _split_points(path: str, sep: bytes, shard_bytes: int) -> list[int]:
                 target = point + shard_bytes
         else:
             import mmap
+
             if size == 0:
                 return points
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
@@ -235,7 +238,9 @@ def _split_points(path: str, sep: bytes, shard_bytes: int) -> list[int]:
 # Documents and chat formatting.
 
 
-def format_turns(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]]) -> list[tuple[list[int], list[int]]]:
+def format_turns(
+    tokenizer: Tokenizer, messages: Sequence[dict[str, Any]]
+) -> list[tuple[list[int], list[int]]]:
     """A dialogue -> one (prompt_ids, response_ids) pair per assistant reply.
 
     Each message is {"role": "system" | "user" | "assistant", "content": str}. A turn is the
@@ -282,8 +287,10 @@ def dialogue_messages(obj: Any) -> list[dict[str, Any]]:
     if "messages" in obj:
         return obj["messages"]
     if "prompt" in obj and "response" in obj:
-        messages = [{"role": "user", "content": obj["prompt"]},
-                    {"role": "assistant", "content": obj["response"]}]
+        messages = [
+            {"role": "user", "content": obj["prompt"]},
+            {"role": "assistant", "content": obj["response"]},
+        ]
         if obj.get("system") is not None:
             messages.insert(0, {"role": "system", "content": obj["system"]})
         return messages
@@ -309,10 +316,12 @@ def _decode(raw: bytes) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise BadRecord(f"invalid UTF-8 (byte {e.start})", raw[:e.start].count(b"\n")) from None
+        raise BadRecord(f"invalid UTF-8 (byte {e.start})", raw[: e.start].count(b"\n")) from None
 
 
-def iter_records(piece: Piece, kind: str, doc_separator: str, text_field: str) -> Iterator[tuple[int, Any]]:
+def iter_records(
+    piece: Piece, kind: str, doc_separator: str, text_field: str
+) -> Iterator[tuple[int, Any]]:
     """Yields (line, value) for the records of `piece`; `line` is 1-based within the piece.
 
     kind "text": value is a document str (text files, split on `doc_separator`; whitespace-only
@@ -363,7 +372,9 @@ def _any_json_texts(obj: Any, text_field: str) -> list[str]:
     messages = dialogue_messages(obj)
     if not isinstance(messages, list):
         raise BadRecord("'messages' is not a list")
-    texts = [m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    texts = [
+        m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)
+    ]
     if not texts:
         raise BadRecord("empty text")
     return texts
@@ -373,8 +384,13 @@ def _any_json_texts(obj: Any, text_field: str) -> list[str]:
 # Tokenizer training input.
 
 
-def tokenizer_training_sentences(inputs: Sequence[str], text_field: str = "text", max_sentences: int = 0,
-                                 seed: int = 0, stats: dict[str, int] | None = None) -> list[str]:
+def tokenizer_training_sentences(
+    inputs: Sequence[str],
+    text_field: str = "text",
+    max_sentences: int = 0,
+    seed: int = 0,
+    stats: dict[str, int] | None = None,
+) -> list[str]:
     """The non-empty lines of all documents of `inputs` (text files: their lines; JSONL: the
     lines of each line's text field, or of its messages / prompt and response), in input order.
 
@@ -399,7 +415,13 @@ def tokenizer_training_sentences(inputs: Sequence[str], text_field: str = "text"
                     for text in value:
                         yield from (s for s in text.splitlines() if s.strip())
             else:
-                opener = lzma.open if path.endswith(".xz") else gzip.open if path.endswith(".gz") else open
+                opener = (
+                    lzma.open
+                    if path.endswith(".xz")
+                    else gzip.open
+                    if path.endswith(".gz")
+                    else open
+                )
                 try:
                     with opener(path, "rt", encoding="utf-8", errors="replace") as f:
                         yield from (line.rstrip("\n") for line in f if line.strip())
@@ -429,6 +451,7 @@ def tokenizer_training_sentences(inputs: Sequence[str], text_field: str = "text"
 @dataclasses.dataclass(frozen=True)
 class Options:
     """What, besides the inputs, decides the shards' content."""
+
     format: str
     tokenizer_path: str
     tokenizer_fingerprint: str
@@ -442,10 +465,21 @@ def _unit_spec(pieces: Sequence[Piece], options: Options) -> dict[str, Any]:
     files = []
     for p in pieces:
         st = os.stat(p.path)
-        files.append({"path": os.path.abspath(p.path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                      "start": p.start, "end": p.end})
-    spec = {"version": PREPARE_VERSION, "pieces": files, "format": options.format,
-            "tokenizer_fingerprint": options.tokenizer_fingerprint}
+        files.append(
+            {
+                "path": os.path.abspath(p.path),
+                "size": st.st_size,
+                "mtime_ns": st.st_mtime_ns,
+                "start": p.start,
+                "end": p.end,
+            }
+        )
+    spec = {
+        "version": PREPARE_VERSION,
+        "pieces": files,
+        "format": options.format,
+        "tokenizer_fingerprint": options.tokenizer_fingerprint,
+    }
     if options.format == "pretrain":
         spec["seq_len"] = options.seq_len
     if any(is_jsonl(p.path) for p in pieces):
@@ -520,6 +554,7 @@ def _write_json_atomic(path: str, obj: Any) -> None:
 def _process_unit(job: tuple[int, str, list[Piece], Options, dict[str, Any]]) -> dict[str, Any]:
     """Tokenizes one unit and writes its shard and sidecar; returns the sidecar's result."""
     from array_record.python.array_record_module import ArrayRecordWriter
+
     index, out_path, pieces, options, spec = job
     tok = _get_tokenizer(options.tokenizer_path)
     t0 = time.perf_counter()
@@ -539,16 +574,18 @@ def _process_unit(job: tuple[int, str, list[Piece], Options, dict[str, Any]]) ->
         stream = np.concatenate(pending) if pending else np.zeros(0, np.int32)
         rows = len(stream) // seq_len
         for r in range(rows):
-            writer.write(stream[r * seq_len:(r + 1) * seq_len].tobytes())
+            writer.write(stream[r * seq_len : (r + 1) * seq_len].tobytes())
         num_records += rows
         num_tokens += rows * seq_len
-        rest = stream[rows * seq_len:]
+        rest = stream[rows * seq_len :]
         pending, pending_len = ([rest] if len(rest) else []), len(rest)
         return len(rest)
 
     try:
         for pi, piece in enumerate(pieces):
-            kind = "sft" if options.format == "sft" else ("json" if is_jsonl(piece.path) else "text")
+            kind = (
+                "sft" if options.format == "sft" else ("json" if is_jsonl(piece.path) else "text")
+            )
             seen = 0
             for line, value in iter_records(piece, kind, options.doc_separator, options.text_field):
                 seen += 1
@@ -587,12 +624,21 @@ def _process_unit(job: tuple[int, str, list[Piece], Options, dict[str, Any]]) ->
             os.remove(tmp)
         raise
     os.replace(tmp, out_path)
-    result = {"num_documents": num_docs, "num_records": num_records, "num_tokens": num_tokens,
-              "dropped_tail_tokens": dropped, "bad_record_count": bad_count, "bad_records": bad,
-              "piece_newlines": piece_newlines, "input_bytes": sum(
-                  (os.path.getsize(p.path) if p.end is None else p.end - p.start) for p in pieces),
-              "shard_bytes": os.path.getsize(out_path), "seconds": round(time.perf_counter() - t0, 3),
-              "tokenized_tokens": num_tokens + dropped}
+    result = {
+        "num_documents": num_docs,
+        "num_records": num_records,
+        "num_tokens": num_tokens,
+        "dropped_tail_tokens": dropped,
+        "bad_record_count": bad_count,
+        "bad_records": bad,
+        "piece_newlines": piece_newlines,
+        "input_bytes": sum(
+            (os.path.getsize(p.path) if p.end is None else p.end - p.start) for p in pieces
+        ),
+        "shard_bytes": os.path.getsize(out_path),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "tokenized_tokens": num_tokens + dropped,
+    }
     _write_json_atomic(out_path + ".json", {"spec": spec, "result": result})
     return result
 
@@ -613,10 +659,20 @@ def _complete_result(out_path: str, spec: dict[str, Any]) -> dict[str, Any] | No
 # Driver.
 
 
-def prepare(inputs: Sequence[str], output_dir: str, format: str = "pretrain", *,  # noqa: A002
-            seq_len: int = DEFAULT_SEQ_LEN, tokenizer_path: str | None = None, text_field: str = "text",
-            doc_separator: str = "", workers: int | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
-            progress: bool = True, log=print) -> dict[str, Any]:
+def prepare(
+    inputs: Sequence[str],
+    output_dir: str,
+    format: str = "pretrain",
+    *,  # noqa: A002
+    seq_len: int = DEFAULT_SEQ_LEN,
+    tokenizer_path: str | None = None,
+    text_field: str = "text",
+    doc_separator: str = "",
+    workers: int | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = True,
+    log=print,
+) -> dict[str, Any]:
     """Prepares `inputs` into `output_dir` (see the module docstring); returns the metadata.
 
     The returned dict is what `metadata.json` holds plus two run statistics not written there:
@@ -647,16 +703,23 @@ def prepare(inputs: Sequence[str], output_dir: str, format: str = "pretrain", *,
         if format == "sft" and not is_jsonl(path):
             raise InputError(f"format 'sft' needs JSONL inputs (*.jsonl / *.json), got {path}")
         check_readable(path)
-    options = Options(format, tokenizer_path, tok.fingerprint, seq_len if format == "pretrain" else 0,
-                      text_field, doc_separator)
+    options = Options(
+        format,
+        tokenizer_path,
+        tok.fingerprint,
+        seq_len if format == "pretrain" else 0,
+        text_field,
+        doc_separator,
+    )
     units = plan_units(files, options, shard_bytes)
     count = len(units)
     names = [shard_name(format, i, count) for i in range(count)]
     specs = [_unit_spec(u, options) for u in units]
 
     os.makedirs(output_dir, exist_ok=True)
-    results: list[dict[str, Any] | None] = [_complete_result(os.path.join(output_dir, n), s)
-                                            for n, s in zip(names, specs)]
+    results: list[dict[str, Any] | None] = [
+        _complete_result(os.path.join(output_dir, n), s) for n, s in zip(names, specs)
+    ]
     todo = [i for i, r in enumerate(results) if r is None]
     skipped = count - len(todo)
     if skipped:
@@ -669,7 +732,10 @@ def prepare(inputs: Sequence[str], output_dir: str, format: str = "pretrain", *,
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=None, unit="tok", unit_scale=True, desc=f"{format} shards", dynamic_ncols=True)
+
+        bar = tqdm(
+            total=None, unit="tok", unit_scale=True, desc=f"{format} shards", dynamic_ncols=True
+        )
         bar.set_postfix_str(f"{skipped}/{count} shards")
     t0 = time.perf_counter()
     done = skipped
@@ -681,7 +747,9 @@ def prepare(inputs: Sequence[str], output_dir: str, format: str = "pretrain", *,
             pool = None
         else:
             ctx = multiprocessing.get_context("spawn")
-            pool = ctx.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(tokenizer_path,))
+            pool = ctx.Pool(
+                min(workers, len(jobs)), initializer=_init_worker, initargs=(tokenizer_path,)
+            )
             it = pool.imap(_process_unit, jobs, chunksize=1)
         try:
             for (i, *_), result in zip(jobs, it):
@@ -717,18 +785,30 @@ def prepare(inputs: Sequence[str], output_dir: str, format: str = "pretrain", *,
         bad_total += result["bad_record_count"]
         for pi, line, reason in result["bad_records"]:
             if len(bad_list) < MAX_BAD_RECORDS_LISTED:
-                bad_list.append({"file": unit[pi].path, "line": offsets[pi] + line, "reason": reason})
+                bad_list.append(
+                    {"file": unit[pi].path, "line": offsets[pi] + line, "reason": reason}
+                )
 
     meta = {
         "format": format,
         "seq_len": seq_len if format == "pretrain" else None,
         "record_dtype": "<i4",
-        "record_layout": ("seq_len tokens, documents joined with eos" if format == "pretrain"
-                          else "[prompt_len, *prompt_ids, *response_ids]"),
+        "record_layout": (
+            "seq_len tokens, documents joined with eos"
+            if format == "pretrain"
+            else "[prompt_len, *prompt_ids, *response_ids]"
+        ),
         "tokenizer": {"path": tokenizer_path, "fingerprint": tok.fingerprint},
         "vocab_size": tok.vocab_size,
-        "special_ids": {"pad": tok.pad_id, "eos": tok.eos_id, "mask": tok.mask_id, "eot": tok.eot_id},
-        "chat_format": {"role_headers": ROLE_HEADERS, "turn_end": "eot"} if format == "sft" else None,
+        "special_ids": {
+            "pad": tok.pad_id,
+            "eos": tok.eos_id,
+            "mask": tok.mask_id,
+            "eot": tok.eot_id,
+        },
+        "chat_format": {"role_headers": ROLE_HEADERS, "turn_end": "eot"}
+        if format == "sft"
+        else None,
         "text_field": text_field,
         "doc_separator": doc_separator,
         "num_documents": sum(r["num_documents"] for r in results),
@@ -744,15 +824,21 @@ def prepare(inputs: Sequence[str], output_dir: str, format: str = "pretrain", *,
     }
     _write_json_atomic(meta_path, meta)
     rate = tokenized / seconds if seconds > 0 and tokenized else 0.0
-    log(f"{format}: {meta['num_records']} records, {meta['num_tokens']} tokens, "
-        f"{meta['num_documents']} documents in {count} shards ({len(jobs)} written, {skipped} skipped); "
-        f"{meta['dropped_tail_tokens']} tail tokens dropped; {rate:,.0f} tokens/s")
+    log(
+        f"{format}: {meta['num_records']} records, {meta['num_tokens']} tokens, "
+        f"{meta['num_documents']} documents in {count} shards ({len(jobs)} written, "
+        f"{skipped} skipped); "
+        f"{meta['dropped_tail_tokens']} tail tokens dropped; {rate:,.0f} tokens/s"
+    )
     if bad_total:
         log(f"{bad_total} bad records (skipped):")
         for b in bad_list[:20]:
             log(f"  {b['file']}:{b['line']}: {b['reason']}")
         if bad_total > 20:
-            log(f"  ... ({bad_total - 20} more; up to {MAX_BAD_RECORDS_LISTED} listed in {meta_path})")
+            log(
+                f"  ... ({bad_total - 20} more; up to {MAX_BAD_RECORDS_LISTED} listed in "
+                f"{meta_path})"
+            )
     meta["_tokens_per_second"] = rate
     meta["_shards_written"] = len(jobs)
     return meta
@@ -781,8 +867,10 @@ def load_metadata(output_dir: str) -> dict[str, Any]:
     """
     path = os.path.join(output_dir, METADATA_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {METADATA_FILE} in {output_dir}: prepare the data with "
-                                "tools/prepare_data.py (an interrupted run leaves none; rerun it)")
+        raise FileNotFoundError(
+            f"no {METADATA_FILE} in {output_dir}: prepare the data with "
+            "tools/prepare_data.py (an interrupted run leaves none; rerun it)"
+        )
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -790,6 +878,7 @@ def load_metadata(output_dir: str) -> dict[str, Any]:
 def read_shard(path: str) -> list[np.ndarray]:
     """All records of one shard as int32 arrays."""
     from array_record.python.array_record_module import ArrayRecordReader
+
     reader = ArrayRecordReader(path)
     try:
         return [np.frombuffer(b, "<i4") for b in reader.read_all()]

@@ -17,6 +17,7 @@ length. With packing, the trailing padding of a row therefore carries the segmen
 pair of the row (it is that pair's response tail), so every position of a row belongs to a pair
 and no position has segment id 0.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
@@ -62,7 +63,7 @@ def decode_record(record: Union[bytes, bytearray, memoryview, np.ndarray]) -> Pa
         raise ValueError(
             f"decode_record: prompt_len={n_prompt} is invalid for a record of {arr.size - 1} ids"
         )
-    return arr[1:1 + n_prompt].copy(), arr[1 + n_prompt:].copy()
+    return arr[1 : 1 + n_prompt].copy(), arr[1 + n_prompt :].copy()
 
 
 def _check_overflow(overflow: str) -> None:
@@ -111,7 +112,7 @@ def fit_pair(
     if prompt.size < seq_len:
         return prompt, response[: seq_len - prompt.size]
     keep = seq_len - 1
-    return prompt[prompt.size - keep:], response[:1]
+    return prompt[prompt.size - keep :], response[:1]
 
 
 def _row_from_pairs(pairs: Sequence[Pair], seq_len: int, eos_id: int) -> Row:
@@ -122,10 +123,10 @@ def _row_from_pairs(pairs: Sequence[Pair], seq_len: int, eos_id: int) -> Row:
     pos = 0
     for seg, (prompt, response) in enumerate(pairs, start=1):
         n_p, n_r = prompt.size, response.size
-        tokens[pos:pos + n_p] = prompt
-        tokens[pos + n_p:pos + n_p + n_r] = response
-        prompt_mask[pos:pos + n_p] = True
-        segment_ids[pos:pos + n_p + n_r] = seg
+        tokens[pos : pos + n_p] = prompt
+        tokens[pos + n_p : pos + n_p + n_r] = response
+        prompt_mask[pos : pos + n_p] = True
+        segment_ids[pos : pos + n_p + n_r] = seg
         pos += n_p + n_r
     if pos > seq_len:
         raise ValueError(f"pairs of {pos} tokens do not fit in seq_len={seq_len}")
@@ -263,9 +264,15 @@ def fixed_batch(
     unplaced = int(sum(len(np.unique(r)) for r in batch["segment_ids"][kept:]))
     fill = num_rows - kept
     out = {
-        "tokens": np.concatenate([batch["tokens"][:kept], np.full((fill, seq_len), eos_id, np.int32)]),
-        "prompt_mask": np.concatenate([batch["prompt_mask"][:kept], np.zeros((fill, seq_len), bool)]),
-        "segment_ids": np.concatenate([batch["segment_ids"][:kept], np.zeros((fill, seq_len), np.int32)]),
+        "tokens": np.concatenate(
+            [batch["tokens"][:kept], np.full((fill, seq_len), eos_id, np.int32)]
+        ),
+        "prompt_mask": np.concatenate(
+            [batch["prompt_mask"][:kept], np.zeros((fill, seq_len), bool)]
+        ),
+        "segment_ids": np.concatenate(
+            [batch["segment_ids"][:kept], np.zeros((fill, seq_len), np.int32)]
+        ),
         "valid": np.arange(num_rows)[:, None] < np.full((1, seq_len), kept),
     }
     return out, dict(stats, unplaced=unplaced)

@@ -4,6 +4,7 @@ The shipped model (`assets/tokenizer.model`, made by `tools/train_tokenizer.py`)
 lossless: `decode(encode(text)) == text` for any text, since it keeps whitespace and
 newlines as they are and falls back to bytes instead of an unknown id.
 """
+
 import functools
 import hashlib
 import os
@@ -17,7 +18,9 @@ EOS_PIECE = "<|eos|>"
 MASK_PIECE = "<|mdm_mask|>"
 EOT_PIECE = "<|eot|>"
 
-DEFAULT_TOKENIZER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer.model")
+DEFAULT_TOKENIZER_PATH = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer.model"
+)
 
 
 class Tokenizer:
@@ -38,7 +41,9 @@ class Tokenizer:
         self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
         self._fingerprint = hashlib.sha256(model_bytes).hexdigest()[:16]
         self._pad_id, self._eos_id, self._mask_id, self._eot_id = (
-            self._special_id(model_file, piece) for piece in (PAD_PIECE, EOS_PIECE, MASK_PIECE, EOT_PIECE))
+            self._special_id(model_file, piece)
+            for piece in (PAD_PIECE, EOS_PIECE, MASK_PIECE, EOT_PIECE)
+        )
 
     def _special_id(self, model_file: str, piece: str) -> int:
         """Returns the id of `piece`, or raises ValueError if the model lacks it."""

@@ -1,5 +1,6 @@
 """Where llada_jax keeps what it computes once per machine: the measured CPU matmul peak, the
 MKL kernels built for this CPU, the tokenized default corpus."""
+
 from __future__ import annotations
 
 import os

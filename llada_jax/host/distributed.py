@@ -4,6 +4,7 @@ Explicit: --coordinator=HOST:PORT --num_processes=N --process_id=I (any cluster,
 processes on one machine). Otherwise TPU pod slices and SLURM jobs of more than one task are
 detected from their environment by JAX itself; a single process needs nothing.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,11 +32,14 @@ def initialize() -> str:
     """Starts the JAX distributed runtime if this is a multi-process run; returns how."""
     if FLAGS.coordinator:
         if FLAGS.num_processes is None or FLAGS.process_id is None:
-            raise ValueError(f"--coordinator={FLAGS.coordinator} needs --num_processes and "
-                             "--process_id")
+            raise ValueError(
+                f"--coordinator={FLAGS.coordinator} needs --num_processes and --process_id"
+            )
         if not 0 <= FLAGS.process_id < FLAGS.num_processes:
-            raise ValueError(f"--process_id={FLAGS.process_id} must be in "
-                             f"[0, --num_processes={FLAGS.num_processes})")
+            raise ValueError(
+                f"--process_id={FLAGS.process_id} must be in "
+                f"[0, --num_processes={FLAGS.num_processes})"
+            )
         jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
         return f"explicit ({FLAGS.process_id} of {FLAGS.num_processes})"
     cluster = detected_cluster()

@@ -12,6 +12,7 @@ reaches every step anyway.
 thing): a thread keeps the arena it first allocated from. Accelerator runs are left alone: their
 large buffers live on the device, not in host malloc.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -78,5 +79,7 @@ def keep_freed_memory() -> bool:
     libc = ctypes.CDLL(None)
     if not hasattr(libc, "gnu_get_libc_version"):  # musl and others: no mallopt parameters
         return False
-    return all(libc.mallopt(param, value) == 1 for param, value in (
-        (M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)))
+    return all(
+        libc.mallopt(param, value) == 1
+        for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
+    )

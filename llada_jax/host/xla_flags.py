@@ -4,6 +4,7 @@
 a flag already present in XLA_FLAGS is left as the user set it. Flags of other backends are
 accepted and ignored by every backend, so the defaults do not depend on the platform.
 """
+
 from __future__ import annotations
 
 import os

@@ -7,6 +7,7 @@
 - mkl.py, mkl.cc: oneMKL matmul and attention kernels for XLA:CPU through the XLA FFI.
 - splash.py: the Pallas splash-attention kernel for TPU.
 """
+
 from llada_jax.kernels.choice import ATTENTION_SETTINGS, MATMUL_SETTINGS, Kernels, select
 
 __all__ = ["ATTENTION_SETTINGS", "MATMUL_SETTINGS", "Kernels", "select"]

@@ -14,6 +14,7 @@ implementation runs is `Kernels.attention`, chosen when the model is built
 Letters in names: B batch, L length, N query heads, K kv heads (K divides N; query head n uses kv
 head n // G), G = N / K, H head dim.
 """
+
 from __future__ import annotations
 
 import jax
@@ -44,8 +45,13 @@ def bias(valid_BxL: jax.Array, segment_ids_BxL: jax.Array | None, causal: bool) 
     return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)[:, None]
 
 
-def mask(valid_BxL: jax.Array, segment_ids_BxL: jax.Array | None, kernels: Kernels,
-         causal: bool, valid_prefix: bool = False) -> jax.Array:
+def mask(
+    valid_BxL: jax.Array,
+    segment_ids_BxL: jax.Array | None,
+    kernels: Kernels,
+    causal: bool,
+    valid_prefix: bool = False,
+) -> jax.Array:
     """What `attention` takes: segment ids (B, L) for splash (-1 on padding); for cuDNN, when each
     row's valid positions are a prefix (`valid_prefix`) and nothing is packed, the (B,) int32 key
     lengths, which spare cuDNN reading a bias per head; else `bias`."""
@@ -58,29 +64,47 @@ def mask(valid_BxL: jax.Array, segment_ids_BxL: jax.Array | None, kernels: Kerne
     return bias(valid_BxL, segment_ids_BxL, causal)
 
 
-def attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array,
-              mask: jax.Array, kernels: Kernels, causal: bool) -> jax.Array:
+def attention(
+    q_BxLxNxH: jax.Array,
+    k_BxLxKxH: jax.Array,
+    v_BxLxKxH: jax.Array,
+    mask: jax.Array,
+    kernels: Kernels,
+    causal: bool,
+) -> jax.Array:
     """softmax(q k^T + mask) v -> (B, L, N, H), q already scaled by 1 / sqrt(H); scores and
     softmax in float32. `mask` from `mask` with the same kernels."""
     impl = kernels.attention
     if impl == "splash" and splash.tiles(q_BxLxNxH.shape[1]):
         to_heads_first = lambda x: x.transpose(0, 2, 1, 3)
         out_BxNxLxH = splash.splash_attention(
-            to_heads_first(q_BxLxNxH), to_heads_first(k_BxLxKxH), to_heads_first(v_BxLxKxH),
-            mask, causal, interpret=kernels.platform != "tpu")
+            to_heads_first(q_BxLxNxH),
+            to_heads_first(k_BxLxKxH),
+            to_heads_first(v_BxLxKxH),
+            mask,
+            causal,
+            interpret=kernels.platform != "tpu",
+        )
         return out_BxNxLxH.transpose(0, 2, 1, 3)
     if impl == "splash":  # a length the kernel cannot tile: `mask` holds segment ids
         mask = bias(mask >= 0, mask, causal)
     if impl == "cudnn":
-        return _dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask, causal,
-                                      "cudnn" if kernels.platform == "gpu" else "xla")
+        return _dot_product_attention(
+            q_BxLxNxH,
+            k_BxLxKxH,
+            v_BxLxKxH,
+            mask,
+            causal,
+            "cudnn" if kernels.platform == "gpu" else "xla",
+        )
     if impl == "mkl":
         return mkl.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask[:, 0])
     return _grouped_einsums(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask)
 
 
-def _grouped_einsums(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array,
-                     bias_Bx1xLxL: jax.Array) -> jax.Array:
+def _grouped_einsums(
+    q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array, bias_Bx1xLxL: jax.Array
+) -> jax.Array:
     """The einsum attention. Heads go before the sequence, and the G query heads sharing a kv
     head are stacked along the query axis, so each kv head is one (G*L, H) x (H, L) matmul and
     k, v are never repeated. Differentiated by autodiff: its residuals are q, k, v and the
@@ -92,26 +116,41 @@ def _grouped_einsums(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.
     q_BxKxGLxH = q_BxKxGLxH.reshape(b, kv, n // kv * length, h)
     k_BxKxLxH = k_BxLxKxH.transpose(0, 2, 1, 3)
     v_BxKxLxH = v_BxLxKxH.transpose(0, 2, 1, 3)
-    s_BxKxGLxL = jnp.einsum("bkqh,bksh->bkqs", q_BxKxGLxH, k_BxKxLxH,
-                            preferred_element_type=jnp.float32)
-    s_BxKxGLxL = (s_BxKxGLxL.reshape(b, kv, n // kv, length, length)
-                  + bias_Bx1xLxL[:, :, None]).reshape(s_BxKxGLxL.shape)
+    s_BxKxGLxL = jnp.einsum(
+        "bkqh,bksh->bkqs", q_BxKxGLxH, k_BxKxLxH, preferred_element_type=jnp.float32
+    )
+    s_BxKxGLxL = (
+        s_BxKxGLxL.reshape(b, kv, n // kv, length, length) + bias_Bx1xLxL[:, :, None]
+    ).reshape(s_BxKxGLxL.shape)
     p_BxKxGLxL = jax.nn.softmax(s_BxKxGLxL, axis=-1).astype(v_BxKxLxH.dtype)
     out_BxKxGLxH = jnp.einsum("bkqs,bksh->bkqh", p_BxKxGLxL, v_BxKxLxH)
     out_BxKxGxLxH = out_BxKxGLxH.reshape(b, kv, n // kv, length, h)
     return out_BxKxGxLxH.transpose(0, 3, 1, 2, 4).reshape(b, length, n, h)
 
 
-def _dot_product_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array,
-                           mask: jax.Array, causal: bool, implementation: str) -> jax.Array:
+def _dot_product_attention(
+    q_BxLxNxH: jax.Array,
+    k_BxLxKxH: jax.Array,
+    v_BxLxKxH: jax.Array,
+    mask: jax.Array,
+    causal: bool,
+    implementation: str,
+) -> jax.Array:
     """jax.nn.dot_product_attention. mask: (B,) key lengths (each row's valid keys are its first
     `mask[b]`), or a `bias` (packed segments, left padding), broadcast to the full (B, 1, L, L)
     that cuDNN expects."""
     if mask.ndim == 1:
         return jax.nn.dot_product_attention(
-            q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, scale=1.0, is_causal=causal,
-            key_value_seq_lengths=mask, implementation=implementation)
+            q_BxLxNxH,
+            k_BxLxKxH,
+            v_BxLxKxH,
+            scale=1.0,
+            is_causal=causal,
+            key_value_seq_lengths=mask,
+            implementation=implementation,
+        )
     b, length = q_BxLxNxH.shape[:2]
     bias_Bx1xLxL = jnp.broadcast_to(mask, (b, 1, length, length)).astype(q_BxLxNxH.dtype)
-    return jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, bias=bias_Bx1xLxL,
-                                        scale=1.0, implementation=implementation)
+    return jax.nn.dot_product_attention(
+        q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, bias=bias_Bx1xLxL, scale=1.0, implementation=implementation
+    )

@@ -4,6 +4,7 @@ The config names what the user wants (`model.matmul`: auto, xla, mkl; `model.att
 cudnn, splash); `select` turns it into what runs on this platform and mesh, when the model is
 built. Traced code only reads the choice: it never inspects the backend or builds a kernel.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,12 @@ class Kernels:
     platform: str = "cpu"
 
 
-def select(matmul: str, attention: str, dtype: jnp.dtype,
-           mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None) -> Kernels:
+def select(
+    matmul: str,
+    attention: str,
+    dtype: jnp.dtype,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+) -> Kernels:
     """The kernels for a model whose config says `matmul` and `attention`, computing in `dtype`
     on `mesh` (default: the mesh in context, else this process's default backend, one device).
 
@@ -49,8 +54,13 @@ def select(matmul: str, attention: str, dtype: jnp.dtype,
     else:
         device = mesh.abstract_device
         platform, size = device.platform if device else jax.default_backend(), mesh.size
-    use_mkl = (matmul != "xla" and jnp.dtype(dtype) == jnp.float32 and platform == "cpu"
-               and size == 1 and mkl.available(matmul))
+    use_mkl = (
+        matmul != "xla"
+        and jnp.dtype(dtype) == jnp.float32
+        and platform == "cpu"
+        and size == 1
+        and mkl.available(matmul)
+    )
     if use_mkl and attention == "xla":
         attention = "mkl"
     return Kernels("mkl" if use_mkl else "xla", attention, platform)

@@ -2,6 +2,7 @@
 
 Letters in names: M rows (batch x length), K contracted, N output columns.
 """
+
 from __future__ import annotations
 
 import jax

@@ -11,6 +11,7 @@ cached under $XDG_CACHE_HOME/llada_jax (else ~/.cache/llada_jax). Whether a mode
 decided once, when it is built (llada_jax/kernels/choice.py); `available` says whether they
 can run here.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -31,9 +32,11 @@ from llada_jax.host.cache import cache_dir
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mkl.cc")
 # The FFI targets: (name registered with XLA, symbol in the library).
-TARGETS = {"matmul": ("llada_mkl_matmul", "LladaMklMatmul"),
-           "attention": ("llada_mkl_attention", "LladaMklAttention"),
-           "attention_grad": ("llada_mkl_attention_grad", "LladaMklAttentionGrad")}
+TARGETS = {
+    "matmul": ("llada_mkl_matmul", "LladaMklMatmul"),
+    "attention": ("llada_mkl_attention", "LladaMklAttention"),
+    "attention_grad": ("llada_mkl_attention_grad", "LladaMklAttentionGrad"),
+}
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-fopenmp")
 # XLA options for a step whose matmuls run here: XLA's remaining (elementwise) work on one thread
 # instead of its thread pool, which would compete with MKL's threads for the cores.
@@ -46,8 +49,9 @@ def _wheel_library(package: str, prefix: str) -> str:
     try:
         dist = importlib.metadata.distribution(package)
     except importlib.metadata.PackageNotFoundError:
-        raise RuntimeError(f'the {package} package is not installed (pip install -e ".[mkl]")'
-                           ) from None
+        raise RuntimeError(
+            f'the {package} package is not installed (pip install -e ".[mkl]")'
+        ) from None
     for f in dist.files or ():
         if os.path.basename(str(f)).startswith(prefix):
             return os.path.realpath(dist.locate_file(f))
@@ -78,9 +82,18 @@ def _compile(libraries: list[str]) -> str:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
     with open(SOURCE, "rb") as f:
         # -march=native: a home directory shared by different CPUs keeps one build per CPU.
-        key = hashlib.sha256(b"\0".join(
-            [f.read(), " ".join(FLAGS).encode(), compiler.encode(), jax.__version__.encode(),
-             *map(str.encode, libraries), _cpu_flags().encode()])).hexdigest()[:16]
+        key = hashlib.sha256(
+            b"\0".join(
+                [
+                    f.read(),
+                    " ".join(FLAGS).encode(),
+                    compiler.encode(),
+                    jax.__version__.encode(),
+                    *map(str.encode, libraries),
+                    _cpu_flags().encode(),
+                ]
+            )
+        ).hexdigest()[:16]
     path = os.path.join(cache_dir(), f"mkl-{key}.so")
     if os.path.exists(path):
         return path
@@ -88,12 +101,25 @@ def _compile(libraries: list[str]) -> str:
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         # Compiled with -fopenmp but linked without it: the OpenMP runtime is MKL's libiomp5
         # (which implements GCC's OpenMP ABI), so the kernel's threads are the ones MKL uses.
-        _run([compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), "-c", SOURCE,
-              "-o", os.path.join(tmp, "mkl.o")])
+        _run(
+            [
+                compiler,
+                *FLAGS,
+                "-isystem",
+                jax.ffi.include_dir(),
+                "-c",
+                SOURCE,
+                "-o",
+                os.path.join(tmp, "mkl.o"),
+            ]
+        )
         link = [compiler, "-shared", os.path.join(tmp, "mkl.o"), "-o", os.path.join(tmp, "mkl.so")]
         for library in libraries:
-            link += [f"-L{os.path.dirname(library)}", f"-l:{os.path.basename(library)}",
-                     f"-Wl,-rpath,{os.path.dirname(library)}"]
+            link += [
+                f"-L{os.path.dirname(library)}",
+                f"-l:{os.path.basename(library)}",
+                f"-Wl,-rpath,{os.path.dirname(library)}",
+            ]
         _run(link)
         # Renamed into place, so concurrent processes never load a partly written library.
         os.replace(os.path.join(tmp, "mkl.so"), path)
@@ -109,20 +135,30 @@ def _load() -> str:
         # Read when libiomp5 starts. By default its idle threads spin for 200 ms after each
         # parallel region, on the cores XLA's threads need next.
         os.environ.setdefault("KMP_BLOCKTIME", "0")
-        library = ctypes.CDLL(_compile([_wheel_library("mkl", "libmkl_rt.so"),
-                                        _wheel_library("intel-openmp", "libiomp5.so")]))
+        library = ctypes.CDLL(
+            _compile(
+                [
+                    _wheel_library("mkl", "libmkl_rt.so"),
+                    _wheel_library("intel-openmp", "libiomp5.so"),
+                ]
+            )
+        )
     except (RuntimeError, OSError) as e:
         return str(e)
     for name, symbol in TARGETS.values():
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
-                                    platform="cpu")
+        jax.ffi.register_ffi_target(
+            name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
+        )
     return ""
 
 
 @functools.cache
 def _warn(reason: str) -> None:
-    print(f"warning: the MKL kernels are unavailable ({reason}); XLA computes the matmuls",
-          file=sys.stderr, flush=True)
+    print(
+        f"warning: the MKL kernels are unavailable ({reason}); XLA computes the matmuls",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def available(setting: str) -> bool:
@@ -145,10 +181,12 @@ def _installed() -> bool:
 
 
 def _call(a: jax.Array, b: jax.Array, trans_a: bool, trans_b: bool) -> jax.Array:
-    out = jax.ShapeDtypeStruct((a.shape[1] if trans_a else a.shape[0],
-                                b.shape[0] if trans_b else b.shape[1]), jnp.float32)
+    out = jax.ShapeDtypeStruct(
+        (a.shape[1] if trans_a else a.shape[0], b.shape[0] if trans_b else b.shape[1]), jnp.float32
+    )
     return jax.ffi.ffi_call(TARGETS["matmul"][0], out, vmap_method="sequential")(
-        a, b, trans_a=trans_a, trans_b=trans_b)
+        a, b, trans_a=trans_a, trans_b=trans_b
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -183,8 +221,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.
     transposes fuse into the rotary embedding that produces q and k)."""
     b, length, heads, d = q.shape
     kv = k.shape[2]
-    items = lambda x: x.reshape(b, length, kv, -1, d).transpose(0, 2, 3, 1, 4).reshape(
-        b * kv, -1, d)
+    items = lambda x: (
+        x.reshape(b, length, kv, -1, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, -1, d)
+    )
     out = _attention(items(q), items(k), items(v), bias)
     return out.reshape(b, kv, heads // kv, length, d).transpose(0, 3, 1, 2, 4).reshape(q.shape)
 
@@ -201,7 +240,8 @@ def _attention_fwd(q, k, v, bias):
     out, lse = jax.ffi.ffi_call(
         TARGETS["attention"][0],
         (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((n, rows), jnp.float32)),
-        vmap_method="sequential")(q, k, v, bias)
+        vmap_method="sequential",
+    )(q, k, v, bias)
     return out, (q, k, v, bias, out, lse)
 
 
@@ -209,7 +249,8 @@ def _attention_bwd(residuals, g):
     q, k, v, bias, out, lse = residuals
     shapes = [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)]
     dq, dk, dv = jax.ffi.ffi_call(TARGETS["attention_grad"][0], shapes, vmap_method="sequential")(
-        q, k, v, bias, out, lse, g)
+        q, k, v, bias, out, lse, g
+    )
     return dq, dk, dv, jnp.zeros_like(bias)
 
 

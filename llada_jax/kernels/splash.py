@@ -1,7 +1,8 @@
 """Fused (flash) attention on TPU: the Pallas splash-attention kernel that ships with JAX.
 
-The einsum attention (llada_jax/kernels/attention.py) writes each layer's (B, H, L, L) score and probability maps to
-HBM; at L = 4096 that traffic costs more time than all of the layer's matmuls. The kernel keeps
+The einsum attention (llada_jax/kernels/attention.py) writes each layer's (B, H, L, L) score and
+probability maps to HBM; at long sequences that traffic costs more time than all of the layer's
+matmuls. The kernel keeps
 them in VMEM, block by block, and never materializes them, forward or backward.
 
 Masks become segment ids: a query sees the keys whose id equals its own. Key padding gives
@@ -10,6 +11,7 @@ outputs nothing reads). With a mesh, the kernel runs per shard under shard_map (
 data-parallel axes, heads over `tensor`). On backends other than TPU it runs in Pallas's
 interpreter (for tests; slow).
 """
+
 from __future__ import annotations
 
 import jax
@@ -39,29 +41,46 @@ def block_size(length: int) -> int:
     for block in BLOCKS:
         if length % block == 0:
             return block
-    raise ValueError(f"model.attention='splash' needs a sequence length (data.seq_len) divisible "
-                     f"by {BLOCKS[-1]}, got {length}")
+    raise ValueError(
+        f"model.attention='splash' needs a sequence length (data.seq_len) divisible "
+        f"by {BLOCKS[-1]}, got {length}"
+    )
 
 
 def _kernel(heads: int, length: int, causal: bool, interpret: bool) -> sa.SplashAttentionKernel:
     mask = sa.CausalMask((length, length)) if causal else sa.FullMask((length, length))
     b = block_size(length)
-    blocks = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
-                           block_kv_dkv=b, block_kv_dkv_compute=b, use_fused_bwd_kernel=True)
-    return sa.make_splash_mha(sa.MultiHeadMask([mask] * heads), head_shards=1, q_seq_shards=1,
-                              block_sizes=blocks, residual_checkpoint_name=RESIDUALS,
-                              interpret=interpret)
+    blocks = sa.BlockSizes(
+        block_q=b,
+        block_kv=b,
+        block_kv_compute=b,
+        block_q_dkv=b,
+        block_kv_dkv=b,
+        block_kv_dkv_compute=b,
+        use_fused_bwd_kernel=True,
+    )
+    return sa.make_splash_mha(
+        sa.MultiHeadMask([mask] * heads),
+        head_shards=1,
+        q_seq_shards=1,
+        block_sizes=blocks,
+        residual_checkpoint_name=RESIDUALS,
+        interpret=interpret,
+    )
 
 
-def _local(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array, causal: bool,
-           interpret: bool) -> jax.Array:
+def _local(
+    q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array, causal: bool, interpret: bool
+) -> jax.Array:
     kernel = _kernel(q.shape[1], q.shape[2], causal, interpret)
     return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sa.SegmentIds(s, s)))(
-        q, k, v, ids)
+        q, k, v, ids
+    )
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array,
-                     causal: bool, interpret: bool) -> jax.Array:
+def splash_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array, causal: bool, interpret: bool
+) -> jax.Array:
     """softmax(q k^T) v within equal ids: q (B, H, L, D) already scaled, k, v (B, K, L, D) with K
     dividing H (query head h uses kv head h // (H / K)), ids (B, L) from `segment_ids`
     -> (B, H, L, D). interpret: run in Pallas's interpreter (not on a TPU)."""
@@ -73,4 +92,6 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array,
     return jax.shard_map(
         lambda q, k, v, ids: _local(q, k, v, ids, causal, interpret),
         in_specs=(heads, kv_heads, kv_heads, sharding.logical_spec(("batch", None))),
-        out_specs=heads, check_vma=False)(q, k, v, ids)
+        out_specs=heads,
+        check_vma=False,
+    )(q, k, v, ids)

@@ -1,4 +1,5 @@
 """glibc malloc settings of CPU runs: a large block freed by a worker thread stays in the heap."""
+
 import json
 import os
 import subprocess
@@ -43,8 +44,14 @@ print(json.dumps(dict(applied=applied, size=size, mmapped_during=during["mmapped
 
 def probe(mode: str) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], env=env, capture_output=True,
-                         text=True, check=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     return json.loads(out.stdout)
 
 
@@ -59,8 +66,10 @@ def test_freed_block_stays_in_heap_only_with_the_settings():
     assert keep["heap_free_after"] >= keep["size"]
 
 
-@pytest.mark.parametrize("platforms, expected", [
-    ("cpu", True), ("cpu,tpu", False), ("tpu", False), ("cuda", False), (" cpu ", True)])
+@pytest.mark.parametrize(
+    "platforms, expected",
+    [("cpu", True), ("cpu,tpu", False), ("tpu", False), ("cuda", False), (" cpu ", True)],
+)
 def test_cpu_only_follows_jax_platforms(monkeypatch, platforms, expected):
     monkeypatch.setenv("JAX_PLATFORMS", platforms)
     assert host_memory.cpu_only() is expected
@@ -71,15 +80,19 @@ def test_accelerator_runs_are_left_alone(monkeypatch):
     assert host_memory.keep_freed_memory() is False
 
 
-@pytest.mark.parametrize("vendors, plugin, expected", [
-    ([], True, True),  # libtpu installed (the `tpu` extra, for AOT checks) on a CPU-only host
-    (["0x8086", "0x1af4"], True, True),
-    (["0x8086", "0x1ae0"], True, False),  # a TPU chip (Google's PCI vendor id)
-    (["0x10de"], True, False),  # an NVIDIA GPU
-    (["0x10de"], False, True),  # a GPU, but no JAX plugin to drive it
-])
-def test_cpu_only_without_jax_platforms_looks_for_a_device(monkeypatch, tmp_path, vendors,
-                                                           plugin, expected):
+@pytest.mark.parametrize(
+    "vendors, plugin, expected",
+    [
+        ([], True, True),  # libtpu installed (the `tpu` extra, for AOT checks) on a CPU-only host
+        (["0x8086", "0x1af4"], True, True),
+        (["0x8086", "0x1ae0"], True, False),  # a TPU chip (Google's PCI vendor id)
+        (["0x10de"], True, False),  # an NVIDIA GPU
+        (["0x10de"], False, True),  # a GPU, but no JAX plugin to drive it
+    ],
+)
+def test_cpu_only_without_jax_platforms_looks_for_a_device(
+    monkeypatch, tmp_path, vendors, plugin, expected
+):
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
     for i, vendor in enumerate(vendors):
         (tmp_path / f"0000:00:0{i}.0").mkdir()

@@ -1,5 +1,6 @@
 """MKL matmuls and attention on XLA:CPU (llada_jax/kernels/mkl.py) against numpy, gradients
 included; which models use them (llada_jax/kernels/choice.py)."""
+
 import platform
 import sys
 
@@ -24,10 +25,14 @@ def test_kernel_builds_and_is_chosen_for_one_cpu_device():
     assert mkl._load() == "" and mkl.available("auto")
     one = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     for setting in ("auto", "mkl"):
-        assert kernels.select(setting, "xla", jnp.float32, one) == kernels.Kernels("mkl", "mkl", "cpu")
+        assert kernels.select(setting, "xla", jnp.float32, one) == kernels.Kernels(
+            "mkl", "mkl", "cpu"
+        )
     assert kernels.select("auto", "xla", jnp.float32) == kernels.Kernels("mkl", "mkl", "cpu")
     # The cuDNN and splash settings keep their attention; MKL still computes the matmuls.
-    assert kernels.select("auto", "cudnn", jnp.float32, one) == kernels.Kernels("mkl", "cudnn", "cpu")
+    assert kernels.select("auto", "cudnn", jnp.float32, one) == kernels.Kernels(
+        "mkl", "cudnn", "cpu"
+    )
 
 
 def test_not_chosen_for_xla_bfloat16_and_sharded_meshes():
@@ -38,12 +43,15 @@ def test_not_chosen_for_xla_bfloat16_and_sharded_meshes():
     two = sharding.make_mesh((2, 1, 1), jax.devices()[:2])
     assert kernels.select("mkl", "xla", jnp.float32, two) == xla
     with sharding.use_mesh(two):  # the mesh in context, as when a model is built under it
-        assert kernels.select("mkl", "splash", jnp.float32) == kernels.Kernels("xla", "splash", "cpu")
+        assert kernels.select("mkl", "splash", jnp.float32) == kernels.Kernels(
+            "xla", "splash", "cpu"
+        )
 
 
 @needs_mkl
-@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False),
-                                             (True, True)])
+@pytest.mark.parametrize(
+    "trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)]
+)
 def test_matmul_and_its_gradients_match_numpy(trans_a, trans_b):
     rng = np.random.default_rng(int(trans_a) * 2 + int(trans_b))
     m, k, n = 37, 29, 41
@@ -57,8 +65,9 @@ def test_matmul_and_its_gradients_match_numpy(trans_a, trans_b):
     np.testing.assert_allclose(c, A @ B, rtol=1e-5, atol=1e-4)
 
     # loss = sum(C * R): dA = R B^T, dB = A^T R, transposed back where the operand was.
-    da, db = jax.jit(jax.grad(lambda a, b: jnp.sum(mkl.matmul(a, b, trans_a, trans_b) * r),
-                              argnums=(0, 1)))(a, b)
+    da, db = jax.jit(
+        jax.grad(lambda a, b: jnp.sum(mkl.matmul(a, b, trans_a, trans_b) * r), argnums=(0, 1))
+    )(a, b)
     dA, dB = r @ B.T, A.T @ r
     np.testing.assert_allclose(da, dA.T if trans_a else dA, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(db, dB.T if trans_b else dB, rtol=1e-5, atol=1e-4)
@@ -120,8 +129,15 @@ def test_attention_keeps_a_nan_score_nan():
 @needs_mkl
 def test_model_logits_and_gradients_match_xla_matmuls():
     def build(matmul):
-        cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                          mlp_hidden=48, matmul=matmul)
+        cfg = ModelConfig(
+            vocab_size=64,
+            d_model=32,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            mlp_hidden=48,
+            matmul=matmul,
+        )
         with sharding.use_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1])):
             return nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
 
@@ -153,8 +169,10 @@ def test_a_failed_build_says_which_line(tmp_path, monkeypatch):
     source.write_text(open(mkl.SOURCE).read() + "\nint broken( {\n")
     monkeypatch.setattr(mkl, "SOURCE", str(source))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    libraries = [mkl._wheel_library("mkl", "libmkl_rt.so"),
-                 mkl._wheel_library("intel-openmp", "libiomp5.so")]
+    libraries = [
+        mkl._wheel_library("mkl", "libmkl_rt.so"),
+        mkl._wheel_library("intel-openmp", "libiomp5.so"),
+    ]
     with pytest.raises(RuntimeError, match=r"mkl\.cc:\d+:\d+: error: "):
         mkl._compile(libraries)
     assert not list((tmp_path / "llada_jax").glob("*.so"))  # nothing half-built left behind
