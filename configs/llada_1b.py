@@ -1,6 +1,11 @@
 """LLaDA 1B (the paper's 1B ablation architecture, Table 5): 22 layers, d_model 2048, 32 heads
 with 4 KV heads (GQA), SwiGLU 5634, vocab 126464; 1.49B parameters (0.97B non-embedding).
 
+  python launch/tpu_pod.py run --name=NAME --zone=ZONE --config=configs/llada_1b.py \
+      --workdir=RUN_DIR   (a pod slice made with `create` and `install`)
+  python tools/aot_compile.py --config=configs/llada_1b.py --tpu=v5p-32   (memory and step time,
+      from a CPU machine with the `tpu` extra)
+
 Optimizer as for 8B (AdamW, weight decay 0.1, warmup-stable-decay to 4e-4); our choice of run
 length: 100k steps of 512 x 4096 tokens (210B tokens), decaying linearly over the last 10%.
 

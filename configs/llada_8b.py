@@ -1,4 +1,9 @@
-"""LLaDA 8B (REFERENCES §5): the paper's architecture and pretraining optimizer.
+"""LLaDA 8B: the paper's architecture and pretraining optimizer.
+
+  python launch/tpu_pod.py run --name=NAME --zone=ZONE --config=configs/llada_8b.py \
+      --workdir=RUN_DIR   (a pod slice made with `create` and `install`)
+  python tools/aot_compile.py --config=configs/llada_8b.py --tpu=v5p-128   (memory and step
+      time, from a CPU machine with the `tpu` extra)
 
 32 layers, d_model 4096, 32 heads (MHA), SwiGLU 12288, vocab 126464, untied head, RoPE theta 5e5.
 2.3T tokens at sequence length 4096 and global batch 1280 (5,242,880 tokens per step):

@@ -1,4 +1,10 @@
-"""Tiny: a 2-layer GQA model for tests and smoke runs (seconds on a CPU)."""
+"""Tiny: a 2-layer GQA model for tests and smoke runs.
+
+  python -m llada_jax.train --config=configs/tiny.py --workdir=runs/tiny
+
+Expected: 6 steps in seconds on a CPU (most of it compilation), the loss near log(4096) = 8.3
+(the model is far too small and short-lived to learn), two short samples printed at the end.
+"""
 
 from llada_jax.config import ConfigDict, apply_variant, base_config
 

@@ -33,110 +33,89 @@ COMMON_VARIANTS: dict[str, dict[str, Any]] = {
 def base_config() -> ConfigDict:
     """Every key a run reads, with defaults (LLaDA's objective and optimizer settings)."""
     c = ConfigDict()
-    c.seed = 0
-    c.model = ConfigDict(
-        dict(
-            vocab_size=4096,
-            d_model=256,
-            n_layers=4,
-            n_heads=4,
-            n_kv_heads=4,
-            mlp_hidden=688,
-            head_dim=0,
-            rope_theta=500_000.0,
-            norm_eps=1e-5,
-            tie_embeddings=False,
-            causal=False,
-            scan_layers=True,
-            scan_unroll=1,
-            attention="xla",
-            matmul="auto",
-            remat="none",
-            dtype="float32",
-            param_dtype="float32",
-            init_std=0.02,
-        )
-    )
-    c.diffusion = ConfigDict(
-        dict(
-            schedule="linear",
-            power=2.0,
-            eps=1e-3,
-            t_sampling="iid",
-            random_length_prob=0.01,
-            cfg_prompt_dropout=0.0,
-        )
-    )
-    c.optim = ConfigDict(
-        dict(
-            lr=4e-4,
-            schedule="wsd",
-            warmup_steps=2000,
-            final_lr=1e-5,
-            decay_steps=0,
-            lr_drops=(),
-            weight_decay=0.1,
-            weight_decay_on="matrices",
-            b1=0.9,
-            b2=0.95,
-            eps=1e-8,
-            clip_norm=1.0,
-            grad_accum=1,
-        )
-    )
-    # datasets: ((prepared_dir, weight), ...); empty = the shipped corpus. tokenizer: "" = shipped.
-    # SFT: pairs longer than seq_len are truncated or dropped; pairs_per_row > 1 packs pairs.
-    c.data = ConfigDict(
-        dict(
-            datasets=(),
-            tokenizer="",
-            seq_len=256,
-            batch_size=16,
-            segment_ids=False,
-            workers=0,
-            prefetch=4,
-            sft_overflow="truncate",
-            sft_pairs_per_row=1,
-        )
-    )
-    # init_from: a workdir whose latest checkpoint's params start this run (e.g. converted HF
-    # weights); max_skipped_in_a_row: NaN/Inf steps skipped in a row before the run stops.
-    # keep_host_memory: on CPU, glibc keeps freed memory for the next step
-    # (llada_jax/host/memory.py): faster steps, a higher resident peak.
-    c.train = ConfigDict(
-        dict(
-            steps=1000,
-            log_every=10,
-            objective="pretrain",
-            init_from="",
-            max_skipped_in_a_row=10,
-            keep_host_memory=True,
-        )
-    )
-    # wait_for_writer_sec: how long a (re)started trainer waits for another process that still
-    # writes the workdir (e.g. the job it replaces, saving after SIGTERM) before it gives up.
-    c.checkpoint = ConfigDict(
-        dict(
-            save_every=500, max_to_keep=3, keep_every=0, async_save=True, wait_for_writer_sec=600.0
-        )
-    )
-    c.sample = ConfigDict(
-        dict(
-            num_samples=4,
-            prompts=(
-                "In the beginning",
-                "And the LORD said unto Moses,",
-                "Blessed are",
-                "Chapter 3\n",
-            ),
-            gen_length=64,
-            steps=64,
-            block_length=64,
-            temperature=0.0,
-            remasking="low_confidence",
-        )
-    )
-    c.mesh = ConfigDict(dict(shape=(-1, 1, 1)))
+    c.seed = 0  # seeds the initialization, the data order and every mask
+
+    c.model = m = ConfigDict()
+    m.vocab_size = 4096  # embedding rows; at least the tokenizer's vocabulary
+    m.d_model = 256  # width of the residual stream
+    m.n_layers = 4  # transformer blocks
+    m.n_heads = 4  # query heads
+    m.n_kv_heads = 4  # key/value heads (grouped-query attention when fewer); divides n_heads
+    m.mlp_hidden = 688  # SwiGLU hidden width
+    m.head_dim = 0  # per head; 0: d_model // n_heads
+    m.rope_theta = 500_000.0  # RoPE base frequency
+    m.norm_eps = 1e-5  # RMSNorm epsilon
+    m.tie_embeddings = False  # logits from the embedding table (no lm_head)
+    m.causal = False  # causal attention (autoregressive baselines); LLaDA is bidirectional
+    m.scan_layers = True  # layers as one lax.scan over stacked parameters
+    m.scan_unroll = 1  # layers per scan iteration (CPU configs unroll fully)
+    m.attention = "xla"  # xla (einsums) | cudnn (NVIDIA GPUs) | splash (TPU); llada_jax/kernels
+    m.matmul = "auto"  # auto | xla | mkl: who computes float32 matmuls on one CPU device
+    m.remat = "none"  # none | full | dots | dots_no_batch | dots_attn: what the backward recomputes
+    m.dtype = "float32"  # compute dtype: float32 | bfloat16
+    m.param_dtype = "float32"  # storage dtype of the parameters
+    m.init_std = 0.02  # std of the normal initialization
+
+    c.diffusion = d = ConfigDict()
+    d.schedule = "linear"  # mask-rate schedule alpha(t): linear | cosine | polynomial
+    d.power = 2.0  # exponent of the polynomial schedule
+    d.eps = 1e-3  # floor of the mask rate: t is mapped to eps + (1 - eps) t
+    d.t_sampling = "iid"  # iid | stratified (antithetic t over the global batch)
+    d.random_length_prob = 0.01  # share of sequences cut to a random length (LLaDA: 1%)
+    d.cfg_prompt_dropout = 0.0  # SFT: share of prompts masked whole (for classifier-free guidance)
+
+    c.optim = o = ConfigDict()
+    o.lr = 4e-4  # peak learning rate
+    o.schedule = "wsd"  # wsd (warmup-stable-decay) | cosine | constant
+    o.warmup_steps = 2000  # linear warmup from 0, in steps
+    o.final_lr = 1e-5  # learning rate at the last step
+    o.decay_steps = 0  # wsd: linear decay to final_lr over the last decay_steps steps
+    o.lr_drops = ()  # wsd: ((step, lr), ...) held from each step on
+    o.weight_decay = 0.1  # AdamW decoupled weight decay
+    o.weight_decay_on = "matrices"  # matrices (not norms) | all
+    o.b1 = 0.9  # Adam beta1
+    o.b2 = 0.95  # Adam beta2
+    o.eps = 1e-8  # Adam epsilon
+    o.clip_norm = 1.0  # global gradient-norm clip; 0 disables it
+    o.grad_accum = 1  # micro-batches per step (the batch is split, the step is the same)
+
+    c.data = a = ConfigDict()
+    a.datasets = ()  # ((prepared_dir, weight), ...); empty: the shipped corpus
+    a.tokenizer = ""  # sentencepiece model path; empty: the shipped tokenizer
+    a.seq_len = 256  # tokens per row
+    a.batch_size = 16  # rows per step, global (all processes together)
+    a.segment_ids = False  # keep packed documents apart in attention
+    a.workers = 0  # grain worker processes (0: in the training process)
+    a.prefetch = 4  # batches prepared ahead
+    a.sft_overflow = "truncate"  # SFT pairs longer than seq_len: truncate | drop
+    a.sft_pairs_per_row = 1  # SFT pairs packed per row (> 1 uses segment ids)
+
+    c.train = t = ConfigDict()
+    t.steps = 1000  # optimizer steps of the whole run
+    t.log_every = 10  # steps between progress lines (metrics are averaged over them)
+    t.objective = "pretrain"  # pretrain | sft
+    t.init_from = ""  # a workdir whose latest params start this run (e.g. converted HF weights)
+    t.max_skipped_in_a_row = 10  # NaN/Inf steps skipped in a row before the run stops
+    t.keep_host_memory = True  # CPU: glibc keeps freed memory for the next step (host/memory.py)
+
+    c.checkpoint = k = ConfigDict()
+    k.save_every = 500  # steps between checkpoints (also saved at the end and on SIGTERM)
+    k.max_to_keep = 3  # most recent checkpoints kept
+    k.keep_every = 0  # also keep every keep_every-th step for good; 0: none
+    k.async_save = True  # write in the background (only the device-to-host copy blocks)
+    k.wait_for_writer_sec = 600.0  # wait for another process still writing the workdir, seconds
+
+    c.sample = p = ConfigDict()
+    p.num_samples = 4  # samples printed at the end of training (0: none)
+    p.prompts = ("In the beginning", "And the LORD said unto Moses,", "Blessed are", "Chapter 3\n")
+    p.gen_length = 64  # generated tokens per prompt
+    p.steps = 64  # sampling steps (forward passes) for the whole generation
+    p.block_length = 64  # semi-autoregressive block; divides gen_length
+    p.temperature = 0.0  # 0: greedy; > 0: Gumbel-max sampling
+    p.remasking = "low_confidence"  # low_confidence | random
+
+    c.mesh = ConfigDict()
+    c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor) device counts; -1: the remaining devices
     return c
 
 

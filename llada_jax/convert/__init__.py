@@ -1,4 +1,4 @@
-"""Hugging Face interop: LLaDA (REFERENCES §5) and LlamaForCausalLM checkpoints <-> workdirs.
+"""Hugging Face interop: LLaDA (LLaDAModelLM) and LlamaForCausalLM checkpoints <-> workdirs.
 
 - `hf.import_hf(hf_dir, workdir)`, `hf.export_hf(workdir, hf_dir)`: whole directories, one tensor
   in memory at a time (the CLI is tools/convert_hf.py).

@@ -1,6 +1,6 @@
 """Hugging Face checkpoint directories <-> workdirs that train, sample and evaluate start from.
 
-`import_hf(hf_dir, workdir)`: an HF LLaDA (REFERENCES §5) or LlamaForCausalLM checkpoint
+`import_hf(hf_dir, workdir)`: an HF LLaDA (LLaDAModelLM) or LlamaForCausalLM checkpoint
 (config.json + model.safetensors, or shards + model.safetensors.index.json; float32 or bfloat16)
 -> workdir/config.json (base_config() with the model section from the HF config) and a
 params-only Orbax checkpoint workdir/checkpoints/0 whose meta holds that config and the HF one.

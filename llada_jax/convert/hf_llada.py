@@ -1,4 +1,4 @@
-"""Hugging Face LLaDA (REFERENCES §5: LLaDAModelLM, block_type llama) configs and weights.
+"""Hugging Face LLaDA (LLaDAModelLM, block_type llama) configs and weights.
 
 HF linear weights are stored (out_features, in_features) under `model.transformer.`; ours are
 kernels (in, ...out) with heads split out, and layers stacked on a leading axis when the model
@@ -32,7 +32,7 @@ _REQUIRED = {
     "block_group_size": (1,),
 }
 
-# A config.json for LLaDAModelLM with LLaDA-8B's values (REFERENCES §5); export overwrites the
+# A config.json for LLaDAModelLM with LLaDA-8B's values; export overwrites the
 # architecture fields. Used when the checkpoint was not imported from an HF LLaDA config.
 TEMPLATE: dict[str, Any] = {
     "activation_type": "silu",

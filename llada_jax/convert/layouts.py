@@ -8,7 +8,8 @@ q (d_model, heads, head_dim) and o (heads, head_dim, d_model). `n_in` is the num
 Both directions are a transpose and a reshape, so a round trip is exact.
 
 Layouts:
-- `llada` (REFERENCES §5): LLaDAModelLM, block_type llama, keys under `model.transformer.`.
+- `llada` (the public LLaDA checkpoints): LLaDAModelLM, block_type llama, keys under
+  `model.transformer.`.
 - `llama`: LlamaForCausalLM (GQA, optional tied embeddings). HF Llama stores q/k already in the
   rotate-half (NeoX) order our RoPE uses, so no permutation is needed.
 """

@@ -8,10 +8,10 @@ multi-turn dialogues were already split into single-turn pairs (prompt = full hi
 
 A row is a dict of three (L,) arrays:
     tokens      (L,) int32: prompt + response (+ more pairs when packed) + EOS padding;
-    prompt_mask (L,) bool:  True exactly at prompt positions (never noised, REFERENCES §2);
+    prompt_mask (L,) bool:  True exactly at prompt positions (never noised);
     segment_ids (L,) int32: pair index 1, 2, 3 ... within the row (no packing: all 1).
 
-EOS padding semantics (REFERENCES §2): the EOS tokens that pad a row up to L are part of the
+EOS padding semantics, as in LLaDA's SFT: the EOS tokens that pad a row up to L are part of the
 response of the pair they follow: they are masked, trained on and counted in that pair's answer
 length. With packing, the trailing padding of a row therefore carries the segment id of the LAST
 pair of the row (it is that pair's response tail), so every position of a row belongs to a pair
