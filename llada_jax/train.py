@@ -1,9 +1,9 @@
-"""Pretraining loop.
+"""The training loop (pretraining and SFT) and its command line.
 
   python -m llada_jax.train --config=configs/demo.py[:variant] --workdir=DIR [--config.key=value]
       [--coordinator=HOST:PORT --num_processes=N --process_id=I]
 
-Multi-process runs: see llada_jax/distributed.py (TPU pods and SLURM are detected).
+Multi-process runs: see llada_jax/host/distributed.py (TPU pods and SLURM are detected).
 
 Running it again with the same DIR resumes from the latest checkpoint in DIR/checkpoints, exactly
 (the data position and the masks are functions of the step); SIGTERM saves and exits 0 (every
@@ -17,256 +17,30 @@ and, at the end, a few samples from the trained model.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import signal
 import sys
 import time
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import flags
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from llada_jax import checkpoint, diffusion, kernels, metrics, optim, sharding
+from llada_jax import checkpoint, metrics
 from llada_jax import config as config_lib
-from llada_jax.data import datasets, pipeline
-from llada_jax.data.tokenizer import Tokenizer, default_tokenizer
+from llada_jax.data import pipeline
 from llada_jax.host import distributed, xla_flags
 from llada_jax.host import memory as host_memory
-from llada_jax.kernels import mkl, splash
-from llada_jax.model import ModelConfig, Transformer
+from llada_jax.run import Run, build_run, create_state, make_step_fn
 from llada_jax.sampling import generate
-from llada_jax.train_step import SFT_COUNTS, StepConfig, jit_train_step, make_train_step
+from llada_jax.train_step import SFT_COUNTS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for config.json, metrics and checkpoints")
-
-
-@dataclasses.dataclass
-class Run:
-    """Everything a training run is built from, checked before anything is written."""
-
-    cfg: config_lib.ConfigDict
-    workdir: str
-    mesh: jax.sharding.Mesh
-    model_cfg: ModelConfig
-    diffusion_cfg: diffusion.DiffusionConfig
-    tokenizer: Tokenizer
-    batches: grain.MapDataset  # element s: this process's rows of the batch of step s
-    data_summary: str
-
-
-def prepare(
-    cfg: config_lib.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
-) -> Run:
-    """Validates the config against the machine (or the given devices); raises ValueError with
-    one clear line."""
-    parent = os.path.dirname(os.path.abspath(workdir))
-    if not os.path.isdir(parent):
-        raise ValueError(f"--workdir={workdir!r}: parent directory {parent!r} does not exist")
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise ValueError(f"--workdir={workdir!r} exists and is not a directory")
-    mesh = sharding.make_mesh(cfg.mesh.shape, devices)
-    dp, batch = sharding.data_parallel_size(mesh), cfg.data.batch_size
-    if batch % dp:
-        raise ValueError(
-            f"data.batch_size={batch} is not divisible by the data-parallel size {dp} "
-            f"(mesh {dict(mesh.shape)} over {jax.device_count()} devices)"
-        )
-    if batch % (cfg.optim.grad_accum * jax.process_count()):
-        raise ValueError(
-            f"data.batch_size={batch} is not divisible by optim.grad_accum="
-            f"{cfg.optim.grad_accum} x {jax.process_count()} processes"
-        )
-    tokenizer = Tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else default_tokenizer()
-    model_cfg = ModelConfig.from_config(cfg.model)
-    if model_cfg.attention == "splash":
-        splash.block_size(cfg.data.seq_len)  # a length the kernel cannot tile is refused here
-        if mesh.devices.flat[0].platform != "tpu":
-            print(
-                f"warning: model.attention='splash' is a TPU kernel; on "
-                f"{mesh.devices.flat[0].platform} it runs in Pallas's interpreter (slow)",
-                file=sys.stderr,
-                flush=True,
-            )
-    if model_cfg.attention == "cudnn" and mesh.devices.flat[0].platform != "gpu":
-        print(
-            f"warning: model.attention='cudnn' is an NVIDIA GPU kernel; on "
-            f"{mesh.devices.flat[0].platform} jax's XLA implementation of it runs",
-            file=sys.stderr,
-            flush=True,
-        )
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-            f"vocabulary ({tokenizer.vocab_size})"
-        )
-    diffusion_cfg = diffusion.DiffusionConfig.from_config(cfg.diffusion, mask_id=tokenizer.mask_id)
-    StepConfig(diffusion_cfg, cfg.optim.grad_accum, cfg.seed, cfg.train.objective)  # validates
-    optim.make_optimizer(cfg.optim, cfg.train.steps)  # validates the optimizer section
-    check_resumable(cfg, workdir)
-    batches, summary = open_batches(cfg, tokenizer, model_cfg.vocab_size)
-    return Run(cfg, workdir, mesh, model_cfg, diffusion_cfg, tokenizer, batches, summary)
-
-
-def check_resumable(cfg: config_lib.ConfigDict, workdir: str) -> None:
-    """Refuses to resume (or initialize from train.init_from) with different model shapes."""
-    for directory, what in ((workdir, "resume"), (cfg.train.init_from, "initialize from")):
-        if not directory or not os.path.isdir(checkpoint.checkpoint_dir(directory)):
-            if directory and what == "initialize from":
-                raise ValueError(f"train.init_from={directory!r} has no checkpoints/ directory")
-            continue
-        with checkpoint.Checkpointer(directory) as ckpt:
-            step = ckpt.latest_step()
-            saved = None if step is None else ckpt.meta(step)["config"]["model"]
-        if step is None:
-            if what == "initialize from":
-                raise ValueError(f"train.init_from={directory!r} holds no complete checkpoint")
-            continue
-        changes = checkpoint.shape_changes(saved, cfg.model.to_dict())
-        if changes:
-            raise ValueError(
-                f"cannot {what} {directory!r} (step {step}): the config changes model "
-                f"shapes: {'; '.join(changes)}"
-            )
-
-
-def open_batches(
-    cfg: config_lib.ConfigDict, tokenizer: Tokenizer, vocab_size: int
-) -> tuple[grain.MapDataset, str]:
-    """The configured datasets, checked against the run, as per-step local batches."""
-    d = cfg.data
-    if cfg.train.objective == "sft":
-        if not d.datasets:
-            raise ValueError(
-                "train.objective='sft' needs data.datasets: prepared SFT data "
-                "(tools/prepare_data.py --format=sft)"
-            )
-        sources = datasets.open_sources(d.datasets, "sft", None, tokenizer, vocab_size)
-        batches = pipeline.sft_local_batches(
-            pipeline.mixed_rows(sources, cfg.seed),
-            d.batch_size,
-            d.seq_len,
-            tokenizer.eos_id,
-            vocab_size,
-            d.sft_overflow,
-            d.sft_pairs_per_row,
-        )
-    else:
-        sources = datasets.pretrain_sources(d, tokenizer, vocab_size)
-        batches = pipeline.local_batches(
-            pipeline.mixed_rows(sources, cfg.seed),
-            d.batch_size,
-            vocab_size,
-            tokenizer.eos_id,
-            d.segment_ids,
-        )
-    return batches, pipeline.describe(sources)
-
-
-def create_state(run: Run) -> tuple[nnx.GraphDef, Any, Any, Any]:
-    """Model parameters and optimizer state, created directly in their shardings."""
-    tx = optim.make_optimizer(run.cfg.optim, run.cfg.train.steps)
-    with sharding.use_mesh(run.mesh):
-        model = Transformer(run.model_cfg, rngs=nnx.Rngs(run.cfg.seed), kernels=run_kernels(run))
-        graphdef, params = nnx.split(model, nnx.Param)
-        opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, run.mesh))(
-            params
-        )
-    return graphdef, params, opt_state, tx
-
-
-def opt_state_shardings(tx: Any, params: Any, mesh: jax.sharding.Mesh) -> Any:
-    """Shardings of `tx.init(params)`: every copy of the parameter tree in it (Adam's moments)
-    sharded like the parameters, everything else (counts) replicated. A bare `jax.jit(tx.init)`
-    does not do this: zeros do not depend on their input, and XLA replicates them."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        jax.eval_shape(tx.init, params),
-        jax.tree.map(lambda p: p.sharding, params),
-        transform_non_params=lambda _: replicated,
-    )
-
-
-def abstract_state(run: Run) -> tuple[nnx.GraphDef, Any, Any, Any]:
-    """`create_state`'s result without allocating anything: params and optimizer state as
-    `jax.ShapeDtypeStruct`s carrying the shardings `create_state` gives them (for ahead-of-time
-    compilation, e.g. for a TPU topology from a CPU machine: tools/aot_compile.py)."""
-    tx = optim.make_optimizer(run.cfg.optim, run.cfg.train.steps)
-    chosen = run_kernels(run)  # before tracing: choosing may build a kernel library
-    with sharding.use_mesh(run.mesh):
-        model = nnx.eval_shape(
-            lambda: Transformer(run.model_cfg, rngs=nnx.Rngs(run.cfg.seed), kernels=chosen)
-        )
-        graphdef, params = nnx.split(model, nnx.Param)
-        params = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            params,
-            nnx.get_named_sharding(params, run.mesh),
-        )
-    # Outside the mesh context: optax runs tx.init eagerly on placeholders, which fails on a mesh
-    # of abstract (topology) devices.
-    opt_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        jax.eval_shape(tx.init, params),
-        opt_state_shardings(tx, params, run.mesh),
-    )
-    return graphdef, params, opt_state, tx
-
-
-def make_step_fn(run: Run, graphdef: nnx.GraphDef, params: Any, opt_state: Any, tx: Any) -> Any:
-    """The jitted training step, as the trainer runs it (the benchmark times this function)."""
-    cfg = run.cfg
-    return MeshBound(
-        jit_train_step(
-            make_train_step(
-                graphdef,
-                tx,
-                optim.make_lr_schedule(cfg.optim, cfg.train.steps),
-                StepConfig(run.diffusion_cfg, cfg.optim.grad_accum, cfg.seed, cfg.train.objective),
-            ),
-            params,
-            opt_state,
-            run.mesh,
-            mkl.STEP_COMPILER_OPTIONS if uses_mkl(run) else None,
-        ),
-        run.mesh,
-    )
-
-
-def run_kernels(run: Run) -> kernels.Kernels:
-    """What computes the run's matmuls and attention on its mesh (llada_jax/kernels)."""
-    m = run.model_cfg
-    return kernels.select(m.matmul, m.attention, m.compute_dtype, run.mesh)
-
-
-def uses_mkl(run: Run) -> bool:
-    """Whether the run's matmuls and attention run on the MKL kernels (llada_jax/kernels/mkl.py)."""
-    return run_kernels(run).matmul == "mkl"
-
-
-class MeshBound:
-    """A jitted function traced (called or lowered) under the run's mesh and logical rules, so
-    the model's activation sharding constraints (`sharding.constrain`) apply."""
-
-    def __init__(self, fn: Any, mesh: jax.sharding.Mesh):
-        self.fn, self.mesh = fn, mesh
-
-    def __call__(self, *args: Any) -> Any:
-        with sharding.use_mesh(self.mesh):
-            return self.fn(*args)
-
-    def lower(self, *args: Any) -> Any:
-        with sharding.use_mesh(self.mesh):
-            return self.fn.lower(*args)
 
 
 class Preemption:
@@ -351,13 +125,13 @@ def train(run: Run) -> dict[str, float]:
                 os.path.join(run.workdir, "config.json"), cfg.to_json_best_effort(indent=2)
             )
             print(cfg, flush=True)
-        graphdef, params, opt_state, tx = create_state(run)
+        graphdef, params, opt_state = create_state(run)
         n_params = sum(x.size for x in jax.tree.leaves(params))
         params, opt_state, start = restore_or_init(run, ckpt, params, opt_state)
         preemption = Preemption()
         with metrics.MetricsWriter(run.workdir, enabled=is_writer, after_step=start) as writer:
             params, last = train_steps(
-                run, ckpt, writer, preemption, graphdef, tx, params, opt_state, start, n_params
+                run, ckpt, writer, preemption, graphdef, params, opt_state, start, n_params
             )
     if is_writer and cfg.sample.num_samples > 0 and not preemption.requested:
         print_samples(run, graphdef, params)
@@ -370,7 +144,6 @@ def train_steps(
     writer: metrics.MetricsWriter,
     preemption: Preemption,
     graphdef: nnx.GraphDef,
-    tx: Any,
     params: Any,
     opt_state: Any,
     start: int,
@@ -379,7 +152,7 @@ def train_steps(
     """Steps `start` .. cfg.train.steps (or up to a preemption), logging and saving as
     configured; returns the final params and the last logged metrics."""
     cfg, is_writer = run.cfg, jax.process_index() == 0
-    step_fn = make_step_fn(run, graphdef, params, opt_state, tx)
+    step_fn = make_step_fn(run, graphdef, params, opt_state)
 
     batch_size, seq_len, total = cfg.data.batch_size, cfg.data.seq_len, cfg.train.steps
     batches = pipeline.iterate(run.batches, start, cfg.data.workers, cfg.data.prefetch)
@@ -490,7 +263,7 @@ def main(argv: list[str]) -> int:
         if not FLAGS.workdir:
             raise ValueError("--workdir=DIR is required")
         distributed.initialize()
-        run = prepare(cfg, FLAGS.workdir)
+        run = build_run(cfg, workdir=FLAGS.workdir)
     except (ValueError, FileNotFoundError, flags.Error) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,8 @@ import jax
 import pytest
 
 from llada_jax import config as config_lib
-from llada_jax import sharding, train
+from llada_jax import run as run_lib
+from llada_jax import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,11 +39,11 @@ def test_tpu_names_map_to_topologies(tool):
         tool.topology_for("v5p-12")
 
 
-def test_abstract_state_matches_create_state(tmp_path):
+def test_abstract_state_matches_create_state():
     cfg = config_lib.load("configs/tiny.py", [("mesh.shape", "(2,2,2)")])
-    run = train.prepare(cfg, str(tmp_path / "unused"))
-    _, params, opt_state, _ = train.abstract_state(run)
-    _, real_params, real_opt, _ = train.create_state(run)
+    run = run_lib.build_run(cfg, data=False)
+    _, params, opt_state = run_lib.abstract_state(run)
+    _, real_params, real_opt = run_lib.create_state(run)
     abstract, real = jax.tree.leaves((params, opt_state)), jax.tree.leaves((real_params, real_opt))
     assert len(abstract) == len(real)
     for a, r in zip(abstract, real):
@@ -64,7 +65,7 @@ def test_abstract_state_matches_create_state(tmp_path):
     assert moments == 2 * len(param_specs)
 
 
-def test_cpu_aot_report_memory_matches_the_state(tool, tmp_path):
+def test_cpu_aot_report_memory_matches_the_state(tool):
     """Argument bytes per device = the state's bytes per device (measured on the arrays the
     trainer creates) + the batch's rows on one device + the step scalar."""
     cfg = config_lib.load("configs/tiny.py", [("mesh.shape", "(2,2,2)")])
@@ -72,8 +73,8 @@ def test_cpu_aot_report_memory_matches_the_state(tool, tmp_path):
     mem = report["memory"]
     for key in ("arguments", "outputs", "temporaries", "peak"):
         assert mem[key] > 0, (key, mem)
-    run = train.prepare(cfg, str(tmp_path / "unused"))
-    _, params, opt_state, _ = train.create_state(run)
+    run = run_lib.build_run(cfg, data=False)
+    _, params, opt_state = run_lib.create_state(run)
     state = jax.tree.leaves((params, opt_state))
     per_device = sum(x.addressable_shards[0].data.nbytes for x in state)
     assert per_device == mem["state"]

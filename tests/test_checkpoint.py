@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from llada_jax import checkpoint, config, train
+from llada_jax import run as run_lib
 from llada_jax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -315,9 +316,9 @@ def test_changed_model_shapes_are_refused(uninterrupted):
 def test_restore_on_another_mesh_and_params_only(uninterrupted, tmp_path):
     """Saved on 8 devices (mesh 8x1x1); restored params-only on 4 devices as a 1x2x2 mesh."""
     script = (
-        "import sys, numpy as np, jax; from llada_jax import checkpoint, config, train\n"
+        "import sys, numpy as np, jax; from llada_jax import checkpoint, config, run\n"
         "cfg = config.load('configs/tiny.py', [('mesh.shape', '(1,2,2)')])\n"
-        "r = train.prepare(cfg, sys.argv[1]); _, params, _, _ = train.create_state(r)\n"
+        "r = run.build_run(cfg, workdir=sys.argv[1]); _, params, _ = run.create_state(r)\n"
         "p, _ = checkpoint.Checkpointer(sys.argv[1]).restore(8, params)\n"
         "k = p['blocks']['mlp']['up']['kernel'][...]\n"
         "assert len(k.sharding.device_set) == 4 and k.sharding.spec[1:] == ('fsdp', 'tensor')\n"
@@ -327,7 +328,7 @@ def test_restore_on_another_mesh_and_params_only(uninterrupted, tmp_path):
     out = str(tmp_path / "restored.npz")
     run([sys.executable, "-c", script, uninterrupted, out], env=env)
     cfg = config.load("configs/tiny.py", [])
-    _, params, _, _ = train.create_state(train.prepare(cfg, uninterrupted))
+    _, params, _ = run_lib.create_state(run_lib.build_run(cfg, workdir=uninterrupted))
     want, _ = checkpoint.Checkpointer(uninterrupted).restore(8, params)
     got = np.load(out)
     leaves = jax.tree.leaves(want)
@@ -339,9 +340,9 @@ def test_restore_on_another_mesh_and_params_only(uninterrupted, tmp_path):
 
 def test_nonfinite_step_is_skipped(tmp_path):
     """A NaN loss leaves params and optimizer state untouched and is reported as skipped."""
-    run_ = train.prepare(config.load("configs/tiny.py", []), str(tmp_path / "w"))
-    graphdef, params, opt_state, tx = train.create_state(run_)
-    step_fn = train.make_step_fn(run_, graphdef, params, opt_state, tx)
+    run_ = run_lib.build_run(config.load("configs/tiny.py", []), workdir=str(tmp_path / "w"))
+    graphdef, params, opt_state = run_lib.create_state(run_)
+    step_fn = run_lib.make_step_fn(run_, graphdef, params, opt_state)
     batch = pipeline.to_global(run_.batches[0], run_.mesh, run_.cfg.data.batch_size)
     clean = jax.tree.map(np.asarray, (params, opt_state))
     bad = jax.tree.map(lambda x: x, params)

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from llada_jax import config, sharding, train, train_step
+from llada_jax import config, sharding, train_step
+from llada_jax import run as run_lib
 from llada_jax.data import pipeline
 
 # heads, kv heads, mlp and vocab all divide 8, so every mesh below can shard them.
@@ -17,9 +18,9 @@ MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
 
 def loss_and_grads(mesh_shape, workdir, devices=None):
     cfg = config.load("configs/tiny.py", OVERRIDES + [("mesh.shape", str(mesh_shape))])
-    run = train.prepare(cfg, workdir, devices)
-    graphdef, params, _, _ = train.create_state(run)
-    step_cfg = train_step.StepConfig(run.diffusion_cfg, 1, cfg.seed)
+    run = run_lib.build_run(cfg, workdir=workdir, devices=devices)
+    graphdef, params, _ = run_lib.create_state(run)
+    step_cfg = run.step_cfg
     batch = pipeline.to_global(run.batches[0], run.mesh, cfg.data.batch_size)
 
     @jax.jit

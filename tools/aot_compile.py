@@ -7,7 +7,7 @@ Needs libtpu (the `tpu` extra: pip install -e ".[tpu]"); no TPU is used or neede
 default backend stays the CPU. `--platform=cpu` compiles for this machine's CPU devices instead
 (no libtpu; what the tests use).
 
-The step is the trainer's own (`train.make_step_fn` over `train.abstract_state`: same shardings,
+The step is the trainer's own (`run.make_step_fn` over `run.abstract_state`: same shardings,
 donation, remat, grad accumulation), lowered with abstract arguments, so nothing is allocated.
 Reported, per chip: XLA's memory analysis (arguments = params + optimizer state + batch; outputs;
 temporaries; peak = arguments + outputs - aliased (donated) + temporaries + code) against the
@@ -53,8 +53,8 @@ from absl import flags  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llada_jax import config as config_lib  # noqa: E402
-from llada_jax import diffusion, metrics, sharding, train  # noqa: E402
-from llada_jax.data.tokenizer import Tokenizer, default_tokenizer  # noqa: E402
+from llada_jax import metrics, sharding  # noqa: E402
+from llada_jax import run as run_lib  # noqa: E402
 from llada_jax.model import ModelConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -134,26 +134,10 @@ def topology_devices(topology: str) -> list[jax.Device]:
     return list(topo.devices)
 
 
-def build_run(cfg: config_lib.ConfigDict, devices: Sequence[jax.Device]) -> train.Run:
-    """The parts of `train.prepare` the step needs (mesh, model, diffusion, the batch checks),
-    without the data pipeline or the workdir: the AOT compile reads no data."""
-    mesh = sharding.make_mesh(cfg.mesh.shape, devices)
-    dp, batch = sharding.data_parallel_size(mesh), cfg.data.batch_size
-    if batch % dp or batch % cfg.optim.grad_accum or (batch // cfg.optim.grad_accum) % dp:
-        raise ValueError(
-            f"data.batch_size={batch} / optim.grad_accum={cfg.optim.grad_accum} is not "
-            f"divisible by the data-parallel size {dp} (mesh {dict(mesh.shape)})"
-        )
-    tokenizer = Tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else default_tokenizer()
-    model_cfg = ModelConfig.from_config(cfg.model)
-    diffusion_cfg = diffusion.DiffusionConfig.from_config(cfg.diffusion, mask_id=tokenizer.mask_id)
-    return train.Run(cfg, "", mesh, model_cfg, diffusion_cfg, tokenizer, None, "")
-
-
-def lower_step(run: train.Run) -> tuple[Any, tuple]:
+def lower_step(run: run_lib.Run) -> tuple[Any, tuple]:
     """The trainer's jitted step, lowered over abstract state and batch."""
-    graphdef, params, opt_state, tx = train.abstract_state(run)
-    step_fn = train.make_step_fn(run, graphdef, params, opt_state, tx)
+    graphdef, params, opt_state = run_lib.abstract_state(run)
+    step_fn = run_lib.make_step_fn(run, graphdef, params, opt_state)
     cfg = run.cfg
     batch = {
         "tokens": jax.ShapeDtypeStruct(
@@ -224,7 +208,7 @@ def estimate_cost(cfg: config_lib.ConfigDict, devices: Sequence[jax.Device]) -> 
             optim__grad_accum=1,
             data__batch_size=cfg.data.batch_size // accum,
         )
-        run = build_run(c, devices)
+        run = run_lib.build_run(c, devices=devices, data=False)
         options = NO_WINDOWED_EINSUM if devices[0].platform == "tpu" else {}
         compiled = lower_step(run)[0].compile(compiler_options=options)
         ca = compiled.cost_analysis()
@@ -276,7 +260,7 @@ def aot_report(
     kernel_efficiency: float = 0.5,
 ) -> dict[str, Any]:
     """Compiles the configured step for `devices` and returns the report (per-chip numbers)."""
-    run = build_run(cfg, devices)
+    run = run_lib.build_run(cfg, devices=devices, data=False)
     start = time.perf_counter()
     lowered, (params, opt_state, _) = lower_step(run)
     compiled = lowered.compile()

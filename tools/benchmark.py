@@ -41,8 +41,9 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llada_jax import checkpoint, metrics, train  # noqa: E402
+from llada_jax import checkpoint, metrics  # noqa: E402
 from llada_jax import config as config_lib  # noqa: E402
+from llada_jax import run as run_lib  # noqa: E402
 from llada_jax.data import pipeline  # noqa: E402
 from llada_jax.host import memory as host_memory  # noqa: E402
 from llada_jax.host import xla_flags  # noqa: E402
@@ -80,10 +81,9 @@ def interleaved_probe(dtype: str) -> float:
 
 def bench_train(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
     """Times the trainer's step; see the module docstring for what is reported."""
-    # prepare() only checks the workdir's parent; nothing is written in train mode.
-    run = train.prepare(cfg, tempfile.gettempdir())
-    graphdef, params, opt_state, tx = train.create_state(run)
-    step_fn = train.make_step_fn(run, graphdef, params, opt_state, tx)
+    run = run_lib.build_run(cfg, data=False)  # random batches: no data, nothing written
+    graphdef, params, opt_state = run_lib.create_state(run)
+    step_fn = run_lib.make_step_fn(run, graphdef, params, opt_state)
     batch_size, seq_len = cfg.data.batch_size, cfg.data.seq_len
     rng = np.random.default_rng(cfg.seed)
 
@@ -133,7 +133,7 @@ def bench_train(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str
         batch_size=batch_size,
         seq_len=seq_len,
         dtype=run.model_cfg.dtype,
-        matmul="mkl" if train.uses_mkl(run) else "xla",
+        matmul=run.kernels.matmul,
         n_params=int(sum(x.size for x in jax.tree.leaves(params))),
         steps=steps,
         warmup=warmup,
@@ -162,7 +162,7 @@ def peak_device_mib() -> float | None:
 
 def bench_data(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
     """Tokens/s of the pretraining pipeline alone (grain threads, and worker processes)."""
-    run = train.prepare(cfg, tempfile.gettempdir())
+    run = run_lib.build_run(cfg)
     batch_size, seq_len = cfg.data.batch_size, cfg.data.seq_len
     result: dict[str, Any] = dict(
         mode="data",
@@ -188,8 +188,7 @@ def bench_data(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str,
 def bench_checkpoint(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
     """How long a save blocks the step, the full save, and the restore, for cfg's train state."""
     workdir = tempfile.mkdtemp(prefix="llada_ckpt_bench_")
-    run = train.prepare(cfg, workdir)
-    _, params, opt_state, _ = train.create_state(run)
+    _, params, opt_state = run_lib.create_state(run_lib.build_run(cfg, data=False))
     state_bytes = sum(x.nbytes for x in jax.tree.leaves((params, opt_state)))
     blocked, full, restore = [], [], []
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=2, writer=True)

@@ -1,0 +1,283 @@
+"""A run built from its config: the objects every job (train, benchmark, AOT compile, and the
+coming sample and evaluate) is made of, each built once and checked against the machine.
+
+  run = build_run(cfg, workdir=DIR)                   # the trainer: data and workdir checked
+  run = build_run(cfg, devices=topology, data=False)  # AOT compile: no data, nothing on disk
+  graphdef, params, opt_state = create_state(run)     # or abstract_state(run): nothing allocated
+  step = make_step_fn(run, graphdef, params, opt_state)
+
+Every check raises ValueError with one line naming the config key as the user types it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import jax
+import optax
+from flax import nnx
+
+from llada_jax import checkpoint, diffusion, kernels, optim, sharding
+from llada_jax import config as config_lib
+from llada_jax.data import datasets, pipeline
+from llada_jax.data.tokenizer import Tokenizer, default_tokenizer
+from llada_jax.kernels import mkl, splash
+from llada_jax.model import ModelConfig, Transformer
+from llada_jax.train_step import StepConfig, jit_train_step, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything a job is built from."""
+
+    cfg: config_lib.ConfigDict
+    workdir: str  # "" for a job that writes nothing (AOT compile, benchmarks)
+    mesh: jax.sharding.Mesh
+    model_cfg: ModelConfig
+    kernels: kernels.Kernels  # what computes the model's matmuls and attention on this mesh
+    diffusion_cfg: diffusion.DiffusionConfig
+    step_cfg: StepConfig
+    tokenizer: Tokenizer
+    optimizer: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    batches: grain.MapDataset | None  # element s: this process's rows of step s; None: no data
+    data_summary: str
+
+
+def build_run(
+    cfg: config_lib.ConfigDict,
+    *,
+    workdir: str = "",
+    devices: Sequence[jax.Device] | None = None,
+    data: bool = True,
+) -> Run:
+    """Checks `cfg` against the machine (or `devices`, e.g. a TPU topology) and builds the run.
+
+    workdir: where the job writes (checked: its parent exists, and a checkpoint in it has the
+      config's model shapes); "" for none. data: open the configured datasets.
+    """
+    if workdir:
+        check_workdir(workdir)
+    mesh = sharding.make_mesh(cfg.mesh.shape, list(devices) if devices is not None else None)
+    check_batch(cfg, mesh)
+    tokenizer = Tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else default_tokenizer()
+    model_cfg = ModelConfig.from_config(cfg.model)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+            f"vocabulary ({tokenizer.vocab_size})"
+        )
+    chosen = kernels.select(model_cfg.matmul, model_cfg.attention, model_cfg.compute_dtype, mesh)
+    check_attention(model_cfg, chosen, cfg.data.seq_len)
+    diffusion_cfg = diffusion.DiffusionConfig.from_config(cfg.diffusion, mask_id=tokenizer.mask_id)
+    step_cfg = StepConfig(diffusion_cfg, cfg.optim.grad_accum, cfg.seed, cfg.train.objective)
+    optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    lr_schedule = optim.make_lr_schedule(cfg.optim, cfg.train.steps)
+    if workdir:
+        check_resumable(cfg, workdir)
+    batches, summary = open_batches(cfg, tokenizer, model_cfg.vocab_size) if data else (None, "")
+    return Run(
+        cfg=cfg,
+        workdir=workdir,
+        mesh=mesh,
+        model_cfg=model_cfg,
+        kernels=chosen,
+        diffusion_cfg=diffusion_cfg,
+        step_cfg=step_cfg,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        lr_schedule=lr_schedule,
+        batches=batches,
+        data_summary=summary,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------
+def check_workdir(workdir: str) -> None:
+    parent = os.path.dirname(os.path.abspath(workdir))
+    if not os.path.isdir(parent):
+        raise ValueError(f"--workdir={workdir!r}: parent directory {parent!r} does not exist")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir={workdir!r} exists and is not a directory")
+
+
+def check_batch(cfg: config_lib.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """The global batch splits into micro-batches (optim.grad_accum), each over the data-parallel
+    devices, and into equal parts per process."""
+    dp, batch, accum = sharding.data_parallel_size(mesh), cfg.data.batch_size, cfg.optim.grad_accum
+    where = f"mesh {dict(mesh.shape)} over {mesh.size} devices"
+    if batch % dp:
+        raise ValueError(
+            f"data.batch_size={batch} is not divisible by the data-parallel size {dp} ({where})"
+        )
+    if batch % accum or (batch // accum) % dp:
+        raise ValueError(
+            f"data.batch_size={batch} / optim.grad_accum={accum} is not a micro-batch divisible "
+            f"by the data-parallel size {dp} ({where})"
+        )
+    if batch % (accum * jax.process_count()):
+        raise ValueError(
+            f"data.batch_size={batch} is not divisible by optim.grad_accum={accum} x "
+            f"{jax.process_count()} processes"
+        )
+
+
+# model.attention settings that name a kernel of one platform: (platform, what, what runs else).
+PLATFORM_KERNELS = {
+    "splash": ("tpu", "a TPU kernel", "it runs in Pallas's interpreter (slow)"),
+    "cudnn": ("gpu", "an NVIDIA GPU kernel", "jax's XLA implementation of it runs"),
+}
+
+
+def check_attention(model_cfg: ModelConfig, chosen: kernels.Kernels, seq_len: int) -> None:
+    """A length the splash kernel cannot tile is refused; a kernel off its platform is said."""
+    if model_cfg.attention == "splash":
+        splash.block_size(seq_len)
+    if model_cfg.attention in PLATFORM_KERNELS:
+        platform, what, instead = PLATFORM_KERNELS[model_cfg.attention]
+        if platform != chosen.platform:
+            print(
+                f"warning: model.attention={model_cfg.attention!r} is {what}; on "
+                f"{chosen.platform} {instead}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def check_resumable(cfg: config_lib.ConfigDict, workdir: str) -> None:
+    """Refuses to resume (or initialize from train.init_from) with different model shapes."""
+    for directory, what in ((workdir, "resume"), (cfg.train.init_from, "initialize from")):
+        if not directory or not os.path.isdir(checkpoint.checkpoint_dir(directory)):
+            if directory and what == "initialize from":
+                raise ValueError(f"train.init_from={directory!r} has no checkpoints/ directory")
+            continue
+        with checkpoint.Checkpointer(directory) as ckpt:
+            step = ckpt.latest_step()
+            saved = None if step is None else ckpt.meta(step)["config"]["model"]
+        if step is None:
+            if what == "initialize from":
+                raise ValueError(f"train.init_from={directory!r} holds no complete checkpoint")
+            continue
+        changes = checkpoint.shape_changes(saved, cfg.model.to_dict())
+        if changes:
+            raise ValueError(
+                f"cannot {what} {directory!r} (step {step}): the config changes model "
+                f"shapes: {'; '.join(changes)}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+def open_batches(
+    cfg: config_lib.ConfigDict, tokenizer: Tokenizer, vocab_size: int
+) -> tuple[grain.MapDataset, str]:
+    """The configured datasets, checked against the run, as per-step local batches."""
+    d = cfg.data
+    if cfg.train.objective == "sft":
+        if not d.datasets:
+            raise ValueError(
+                "train.objective='sft' needs data.datasets: prepared SFT data "
+                "(tools/prepare_data.py --format=sft)"
+            )
+        sources = datasets.open_sources(d.datasets, "sft", None, tokenizer, vocab_size)
+        batches = pipeline.sft_local_batches(
+            pipeline.mixed_rows(sources, cfg.seed),
+            d.batch_size,
+            d.seq_len,
+            tokenizer.eos_id,
+            vocab_size,
+            d.sft_overflow,
+            d.sft_pairs_per_row,
+        )
+    else:
+        sources = datasets.pretrain_sources(d, tokenizer, vocab_size)
+        batches = pipeline.local_batches(
+            pipeline.mixed_rows(sources, cfg.seed),
+            d.batch_size,
+            vocab_size,
+            tokenizer.eos_id,
+            d.segment_ids,
+        )
+    return batches, pipeline.describe(sources)
+
+
+# ----------------------------------------------------------------------------------------------
+# State and step
+# ----------------------------------------------------------------------------------------------
+def create_state(run: Run) -> tuple[nnx.GraphDef, Any, Any]:
+    """Model parameters and optimizer state, created directly in their shardings."""
+    with sharding.use_mesh(run.mesh):
+        model = Transformer(run.model_cfg, rngs=nnx.Rngs(run.cfg.seed), kernels=run.kernels)
+        graphdef, params = nnx.split(model, nnx.Param)
+        shardings = opt_state_shardings(run.optimizer, params, run.mesh)
+        opt_state = jax.jit(run.optimizer.init, out_shardings=shardings)(params)
+    return graphdef, params, opt_state
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, params: Any, mesh: jax.sharding.Mesh):
+    """Shardings of `tx.init(params)`: every copy of the parameter tree in it (Adam's moments)
+    sharded like the parameters, everything else (counts) replicated. A bare `jax.jit(tx.init)`
+    does not do this: zeros do not depend on their input, and XLA replicates them."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        jax.eval_shape(tx.init, params),
+        jax.tree.map(lambda p: p.sharding, params),
+        transform_non_params=lambda _: replicated,
+    )
+
+
+def abstract_state(run: Run) -> tuple[nnx.GraphDef, Any, Any]:
+    """`create_state`'s result without allocating anything: params and optimizer state as
+    `jax.ShapeDtypeStruct`s carrying the shardings `create_state` gives them (for ahead-of-time
+    compilation, e.g. for a TPU topology from a CPU machine: tools/aot_compile.py)."""
+    with sharding.use_mesh(run.mesh):
+        model = nnx.eval_shape(
+            lambda: Transformer(run.model_cfg, rngs=nnx.Rngs(run.cfg.seed), kernels=run.kernels)
+        )
+        graphdef, params = nnx.split(model, nnx.Param)
+        params = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            params,
+            nnx.get_named_sharding(params, run.mesh),
+        )
+    # Outside the mesh context: optax runs tx.init eagerly on placeholders, which fails on a mesh
+    # of abstract (topology) devices.
+    opt_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        jax.eval_shape(run.optimizer.init, params),
+        opt_state_shardings(run.optimizer, params, run.mesh),
+    )
+    return graphdef, params, opt_state
+
+
+def make_step_fn(run: Run, graphdef: nnx.GraphDef, params: Any, opt_state: Any) -> MeshBound:
+    """The jitted training step, as the trainer runs it (the benchmark times this function)."""
+    step = make_train_step(graphdef, run.optimizer, run.lr_schedule, run.step_cfg)
+    options = mkl.STEP_COMPILER_OPTIONS if run.kernels.matmul == "mkl" else None
+    return MeshBound(jit_train_step(step, params, opt_state, run.mesh, options), run.mesh)
+
+
+class MeshBound:
+    """A jitted function traced (called or lowered) under the run's mesh and logical rules, so
+    the model's activation sharding constraints (`sharding.constrain`) apply."""
+
+    def __init__(self, fn: Any, mesh: jax.sharding.Mesh):
+        self.fn, self.mesh = fn, mesh
+
+    def __call__(self, *args: Any) -> Any:
+        with sharding.use_mesh(self.mesh):
+            return self.fn(*args)
+
+    def lower(self, *args: Any) -> Any:
+        with sharding.use_mesh(self.mesh):
+            return self.fn.lower(*args)
