@@ -4,6 +4,16 @@ A config file in configs/ defines `get_config(variant: str = "") -> ConfigDict`,
 `base_config()` and applying its own sizes. Variants are `+`-joined names: the file's own plus the
 shared ablation variants below, e.g. `configs/demo.py:cosine+stratified`. Overrides are
 `--config.<section>.<key>=<value>`, type-checked against the default.
+
+Each section is checked in one place, with errors that name the key as the user types it
+(`diffusion.schedule`), the bad value and what would be valid: here the keys, variants and types;
+the values by what reads the section (`model.ModelConfig`, `diffusion.DiffusionConfig`,
+`optim.make_optimizer`, `sampling.check_settings`, `run.build_run` for the mesh, batch and data).
+
+Not `ml_collections.config_flags`: for an unknown override key it raises an AttributeError
+traceback through absl's flag parser instead of listing the valid keys, a value of the wrong
+type is reported as Python's `invalid literal for int()`, and it knows nothing of `+`-joined
+variants' names, so its errors would not be one actionable line.
 """
 
 from __future__ import annotations

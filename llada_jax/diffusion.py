@@ -73,30 +73,29 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(
-                f"DiffusionConfig.schedule={self.schedule!r} is invalid; valid choices: {SCHEDULES}"
+                f"diffusion.schedule={self.schedule!r} is invalid; valid choices: {SCHEDULES}"
             )
         if self.t_sampling not in T_SAMPLING:
             raise ValueError(
-                f"DiffusionConfig.t_sampling={self.t_sampling!r} is invalid; "
-                f"valid choices: {T_SAMPLING}"
+                f"diffusion.t_sampling={self.t_sampling!r} is invalid; valid choices: {T_SAMPLING}"
             )
         if not _is_real(self.power) or not (math.isfinite(self.power) and self.power > 0):
             raise ValueError(
-                f"DiffusionConfig.power={self.power!r} is invalid; valid: a finite number > 0"
+                f"diffusion.power={self.power!r} is invalid; valid: a finite number > 0"
             )
         if not _is_real(self.eps) or not (0.0 < self.eps < 1.0):
             raise ValueError(
-                f"DiffusionConfig.eps={self.eps!r} is invalid; valid: a number with 0 < eps < 1"
+                f"diffusion.eps={self.eps!r} is invalid; valid: a number with 0 < eps < 1"
             )
         for name in ("random_length_prob", "cfg_prompt_dropout"):
             v = getattr(self, name)
             if not _is_real(v) or not (0.0 <= v <= 1.0):
                 raise ValueError(
-                    f"DiffusionConfig.{name}={v!r} is invalid; valid: a probability in [0, 1]"
+                    f"diffusion.{name}={v!r} is invalid; valid: a probability in [0, 1]"
                 )
         if not _is_int(self.mask_id) or self.mask_id < 0:
             raise ValueError(
-                f"DiffusionConfig.mask_id={self.mask_id!r} is invalid; "
+                f"the tokenizer's mask id {self.mask_id!r} is invalid; "
                 "valid: a non-negative integer token id"
             )
         # Normalize numpy scalars to Python numbers (stable hashing as a static jit argument).

@@ -228,16 +228,19 @@ def decay_mask(params: PyTree, weight_decay_on: str = "matrices") -> PyTree:
     Returns:
       A pytree of Python bools with the structure of ``params``.
     """
-    if weight_decay_on not in WEIGHT_DECAY_ON:
-        raise ValueError(
-            f"optim.weight_decay_on={weight_decay_on!r} is unknown: expected one of "
-            f"{WEIGHT_DECAY_ON}."
-        )
+    _check_weight_decay_on(weight_decay_on)
     if weight_decay_on == "all":
         return jax.tree.map(lambda _: True, params)
     return jax.tree_util.tree_map_with_path(
         lambda path, _: _param_name(path) not in NO_DECAY_NAMES, params
     )
+
+
+def _check_weight_decay_on(on: str) -> None:
+    if on not in WEIGHT_DECAY_ON:
+        raise ValueError(
+            f"optim.weight_decay_on={on!r} is unknown: expected one of {WEIGHT_DECAY_ON}."
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -257,10 +260,7 @@ def make_optimizer(c: Any, total_steps: int) -> optax.GradientTransformation:
     """
     schedule = make_lr_schedule(c, total_steps)
     on = c["weight_decay_on"]
-    if on not in WEIGHT_DECAY_ON:
-        raise ValueError(
-            f"optim.weight_decay_on={on!r} is unknown: expected one of {WEIGHT_DECAY_ON}."
-        )
+    _check_weight_decay_on(on)
     for name in ("b1", "b2"):
         value = float(c[name])
         if not 0.0 <= value < 1.0:

@@ -22,9 +22,9 @@ import jax
 import optax
 from flax import nnx
 
-from llada_jax import checkpoint, diffusion, kernels, optim, sharding
+from llada_jax import checkpoint, diffusion, kernels, optim, sampling, sharding
 from llada_jax import config as config_lib
-from llada_jax.data import datasets, pipeline
+from llada_jax.data import datasets, pipeline, sft
 from llada_jax.data.tokenizer import Tokenizer, default_tokenizer
 from llada_jax.kernels import mkl, splash
 from llada_jax.model import ModelConfig, Transformer
@@ -65,6 +65,7 @@ def build_run(
         check_workdir(workdir)
     mesh = sharding.make_mesh(cfg.mesh.shape, list(devices) if devices is not None else None)
     check_batch(cfg, mesh)
+    check_sft_settings(cfg.data)
     tokenizer = Tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else default_tokenizer()
     model_cfg = ModelConfig.from_config(cfg.model)
     if tokenizer.vocab_size > model_cfg.vocab_size:
@@ -78,6 +79,11 @@ def build_run(
     step_cfg = StepConfig(diffusion_cfg, cfg.optim.grad_accum, cfg.seed, cfg.train.objective)
     optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
     lr_schedule = optim.make_lr_schedule(cfg.optim, cfg.train.steps)
+    if cfg.sample.num_samples > 0:  # printed after training: checked before it starts
+        s = cfg.sample
+        sampling.check_settings(
+            s.gen_length, s.steps, s.block_length, s.temperature, s.remasking, prefix="sample."
+        )
     if workdir:
         check_resumable(cfg, workdir)
     batches, summary = open_batches(cfg, tokenizer, model_cfg.vocab_size) if data else (None, "")
@@ -126,6 +132,18 @@ def check_batch(cfg: config_lib.ConfigDict, mesh: jax.sharding.Mesh) -> None:
         raise ValueError(
             f"data.batch_size={batch} is not divisible by optim.grad_accum={accum} x "
             f"{jax.process_count()} processes"
+        )
+
+
+def check_sft_settings(d: config_lib.ConfigDict) -> None:
+    """The data section's SFT keys (checked whatever the objective: a typo is a typo)."""
+    if d.sft_overflow not in sft.OVERFLOW:
+        raise ValueError(
+            f"data.sft_overflow={d.sft_overflow!r} is invalid; valid choices: {sft.OVERFLOW}"
+        )
+    if d.sft_pairs_per_row < 1:
+        raise ValueError(
+            f"data.sft_pairs_per_row={d.sft_pairs_per_row} is invalid; valid: an integer >= 1"
         )
 
 

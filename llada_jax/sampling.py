@@ -110,6 +110,42 @@ def token_confidence(logits: jax.Array, x0: jax.Array, key: jax.Array, remasking
     raise ValueError(f"remasking must be one of {REMASKING_STRATEGIES}, got {remasking!r}")
 
 
+def check_settings(
+    gen_length: int,
+    steps: int,
+    block_length: int,
+    temperature: float,
+    remasking: str,
+    prefix: str = "",
+) -> None:
+    """Raises ValueError (one line naming the setting as `prefix` + its name, e.g. the config
+    key `sample.block_length`) unless the settings describe a sampler this module can run."""
+    p = prefix
+    for name, value in (
+        ("gen_length", gen_length),
+        ("steps", steps),
+        ("block_length", block_length),
+    ):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{p}{name}={value!r} is invalid; valid: a positive integer")
+    if gen_length % block_length != 0:
+        raise ValueError(
+            f"{p}block_length={block_length} does not divide {p}gen_length={gen_length}"
+        )
+    num_blocks = gen_length // block_length
+    if steps % num_blocks != 0:
+        raise ValueError(
+            f"{p}steps={steps} is not divisible by the number of blocks, {num_blocks} "
+            f"({p}gen_length={gen_length} / {p}block_length={block_length})"
+        )
+    if remasking not in REMASKING_STRATEGIES:
+        raise ValueError(
+            f"{p}remasking={remasking!r} is invalid; valid choices: {REMASKING_STRATEGIES}"
+        )
+    if temperature < 0:
+        raise ValueError(f"{p}temperature={temperature!r} is invalid; valid: a number >= 0")
+
+
 def _validate(
     prompt: jax.Array,
     prompt_valid: jax.Array,
@@ -126,25 +162,7 @@ def _validate(
             f"prompt must be (B, Lp) with prompt_valid of the same shape, got "
             f"{prompt.shape} and {prompt_valid.shape}"
         )
-    if gen_length <= 0 or block_length <= 0 or steps <= 0:
-        raise ValueError(
-            f"gen_length ({gen_length}), block_length ({block_length}) and steps ({steps}) "
-            "must be positive"
-        )
-    if gen_length % block_length != 0:
-        raise ValueError(
-            f"gen_length ({gen_length}) must be divisible by block_length ({block_length})"
-        )
-    num_blocks = gen_length // block_length
-    if steps % num_blocks != 0:
-        raise ValueError(
-            f"steps ({steps}) must be divisible by the number of blocks ({num_blocks} = "
-            f"gen_length {gen_length} / block_length {block_length})"
-        )
-    if remasking not in REMASKING_STRATEGIES:
-        raise ValueError(f"remasking must be one of {REMASKING_STRATEGIES}, got {remasking!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_settings(gen_length, steps, block_length, temperature, remasking)
     if ban_eos and eos_id is None:
         raise ValueError("ban_eos=True requires eos_id")
 

@@ -99,6 +99,19 @@ BAD = {
         ["--config.model.attention=splash"],
         "needs a sequence length (data.seq_len) divisible by 128, got 64",
     ),
+    # Checked before training starts, although the samples are printed after it.
+    "sample_blocks": (
+        ["--config.sample.block_length=5"],
+        "sample.block_length=5 does not divide sample.gen_length=16",
+    ),
+    "diffusion_schedule": (
+        ["--config.diffusion.schedule=cosin"],
+        "diffusion.schedule='cosin' is invalid; valid choices: ('linear', 'cosine', 'polynomial')",
+    ),
+    "sft_overflow": (
+        ["--config.data.sft_overflow=cut"],
+        "data.sft_overflow='cut' is invalid; valid choices: ('truncate', 'drop')",
+    ),
 }
 
 

@@ -193,7 +193,7 @@ def sft_local_batches(
     whose global sums count the step's pairs dropped (too long, or not placed when packing) and
     truncated."""
     if pairs_per_row < 1:
-        raise ValueError(f"data.sft_pairs_per_row={pairs_per_row} must be >= 1")
+        raise ValueError(f"pairs_per_row={pairs_per_row} must be >= 1")
     rows = process_slice(global_batch, process_index, process_count)
     return grain.MapDataset.range(0, ENDLESS).map(
         _SFTStep(stream, global_batch, pairs_per_row, seq_len, eos_id, overflow, vocab_size, rows)
