@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from llada_jax.data import datasets, pipeline, prepare
+from llada_jax.data import datasets, pipeline, prepare, shards
 from llada_jax.data.tokenizer import default_tokenizer
 
 SEQ = 16
@@ -87,7 +87,7 @@ def test_rows_are_the_prepared_rows_and_epochs_reshuffle(prepared):
         [
             r
             for s in meta["shards"]
-            for r in prepare.read_shard(os.path.join(prepared["a"], s["path"]))
+            for r in shards.read_shard(os.path.join(prepared["a"], s["path"]))
         ]
     )
     n = len(rows)
@@ -134,7 +134,7 @@ def test_mixture_proportions(prepared):
     a_rows = {
         tuple(r)
         for s in prepare.load_metadata(prepared["a"])["shards"]
-        for r in prepare.read_shard(os.path.join(prepared["a"], s["path"]))
+        for r in shards.read_shard(os.path.join(prepared["a"], s["path"]))
     }
     rows = np.concatenate(global_batches(prepared, [("a", 3.0), ("b", 1.0)], 50))
     frac = np.mean([tuple(r) in a_rows for r in rows])

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from llada_jax.data import prepare, sft
+from llada_jax.data import chat, inputs, prepare, sft, shards
 from llada_jax.data.tokenizer import Tokenizer, default_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +33,7 @@ def _jsonl(rows) -> str:
 
 
 def _all_records(out_dir, meta) -> list[np.ndarray]:
-    return [r for s in meta["shards"] for r in prepare.read_shard(os.path.join(out_dir, s["path"]))]
+    return [r for s in meta["shards"] for r in shards.read_shard(os.path.join(out_dir, s["path"]))]
 
 
 def _expected_rows(tok, docs, seq_len) -> np.ndarray:
@@ -191,10 +191,10 @@ def test_rerun_skips_complete_shards_and_redoes_changed(tmp_path) -> None:
 
 
 def test_format_turns(tok) -> None:
-    h = {role: tok.encode(text) for role, text in prepare.ROLE_HEADERS.items()}
+    h = {role: tok.encode(text) for role, text in chat.ROLE_HEADERS.items()}
     eot = [tok.eot_id]
     e = tok.encode
-    pairs = prepare.format_turns(
+    pairs = chat.format_turns(
         tok,
         [
             {"role": "system", "content": "Be brief."},
@@ -226,15 +226,15 @@ def test_format_turns(tok) -> None:
         [{"role": "assistant", "content": "  "}],
         ["not a dict"],
     ):
-        with pytest.raises(prepare.BadRecord):
-            prepare.format_turns(tok, bad)
+        with pytest.raises(inputs.BadRecord):
+            chat.format_turns(tok, bad)
 
 
 def test_sft_records(tmp_path, tok) -> None:
     e, eot, h = (
         tok.encode,
         [tok.eot_id],
-        {r: tok.encode(t) for r, t in prepare.ROLE_HEADERS.items()},
+        {r: tok.encode(t) for r, t in chat.ROLE_HEADERS.items()},
     )
     rows = [
         {"prompt": "What is 1+1?", "response": "2"},

@@ -113,7 +113,7 @@ def test_missing_special_piece_gives_clear_error(tmp_path) -> None:
 
 
 def test_training_sentences_from_jsonl_text_and_dirs(tmp_path) -> None:
-    from llada_jax.data.prepare import tokenizer_training_sentences
+    from llada_jax.data.tokenizer_training import tokenizer_training_sentences
 
     os.makedirs(tmp_path / "d" / "sub")
     with open(tmp_path / "d" / "a.txt", "w", encoding="utf-8") as f:
@@ -138,7 +138,7 @@ def test_training_sentences_from_jsonl_text_and_dirs(tmp_path) -> None:
 
 
 def test_training_sentence_sampling(tmp_path) -> None:
-    from llada_jax.data.prepare import tokenizer_training_sentences
+    from llada_jax.data.tokenizer_training import tokenizer_training_sentences
 
     path = os.path.join(tmp_path, "many.txt")
     with open(path, "w", encoding="utf-8") as f:

@@ -10,7 +10,7 @@ pretrain: documents (a text file, or its pieces between --doc_separator; a JSONL
 --text_field) are tokenized, each followed by EOS, and cut into rows of exactly --seq_len int32
 tokens. sft: JSONL lines {"prompt", "response"[, "system"]} or {"messages": [{"role",
 "content"}, ...]} become one record [prompt_len, *prompt_ids, *response_ids] per assistant reply
-(chat format: `llada_jax.data.prepare.format_turns`). See `llada_jax/data/prepare.py` for the
+(chat format: `llada_jax.data.chat.format_turns`). See `llada_jax/data/prepare.py` for the
 details. Deterministic for any --workers; a rerun skips shards already complete. Bad records are
 reported with file:line and skipped; an unreadable input prints "error: ..." and exits 2.
 """

@@ -15,28 +15,19 @@ For very large corpora, `--max_sentences=N` trains on a uniform random sample of
 sentences, drawn with a seeded reservoir in one streaming pass (`--seed`), so memory stays
 bounded; the shipped tokenizer used all sentences.
 
-It writes `<model_prefix>.model` and `<model_prefix>.json` (the special ids). The
-settings make the tokenizer lossless: identity normalization, whitespace kept as
-is, no dummy prefix, "\\n" as its own piece and byte fallback (no unk ids), so
-`decode(encode(text)) == text` for any text. Ids: 0 "<pad>", 1 "<unk>",
-2 "<|eos|>", then the user-defined "<|mdm_mask|>", "<|eot|>" and "\\n"; no BOS.
+It writes `<model_prefix>.model` and `<model_prefix>.json` (the special ids); the settings
+(a lossless tokenizer) are described in `llada_jax/data/tokenizer_training.py`.
 """
 
-import json
 import os
 import sys
 
-import sentencepiece as spm
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llada_jax.data import prepare  # noqa: E402
-
-PAD_PIECE = "<pad>"
-EOS_PIECE = "<|eos|>"
-MASK_PIECE = "<|mdm_mask|>"
-EOT_PIECE = "<|eot|>"
+from llada_jax.data import tokenizer_training  # noqa: E402
+from llada_jax.data.inputs import InputError  # noqa: E402
 
 _INPUT = flags.DEFINE_list(
     "input",
@@ -64,55 +55,19 @@ def main(argv: list[str]) -> None:
     del argv
     stats: dict[str, int] = {}
     try:
-        sentences = prepare.tokenizer_training_sentences(
+        sentences = tokenizer_training.tokenizer_training_sentences(
             _INPUT.value, _TEXT_FIELD.value, _MAX_SENTENCES.value, _SEED.value, stats
         )
-    except prepare.InputError as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(
         f"training on {stats['sampled_sentences']} of {stats['total_sentences']} sentences"
         + (f" ({stats['bad_records']} bad JSONL records skipped)" if stats["bad_records"] else "")
     )
-    with open(_MODEL_PREFIX.value + ".model", "wb") as model_file:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences),
-            model_writer=model_file,
-            model_type=_MODEL_TYPE.value,
-            vocab_size=_VOCAB_SIZE.value,
-            input_sentence_size=0,  # Sampling is done above (--max_sentences), reproducibly.
-            shuffle_input_sentence=True,
-            max_sentence_length=1
-            << 16,  # Lines are whole chapters; the default 4192 drops long ones.
-            byte_fallback=True,
-            character_coverage=1.0,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            split_digits=True,
-            add_dummy_prefix=False,
-            allow_whitespace_only_pieces=True,
-            user_defined_symbols=[MASK_PIECE, EOT_PIECE, "\n"],
-            pad_id=0,
-            pad_piece=PAD_PIECE,
-            unk_id=1,
-            bos_id=-1,
-            eos_id=2,
-            eos_piece=EOS_PIECE,
-            num_threads=2,
-            minloglevel=2,
-        )
-    sp = spm.SentencePieceProcessor(model_file=_MODEL_PREFIX.value + ".model")
-    ids = {
-        "vocab_size": sp.vocab_size(),
-        "pad_id": sp.piece_to_id(PAD_PIECE),
-        "eos_id": sp.piece_to_id(EOS_PIECE),
-        "mask_id": sp.piece_to_id(MASK_PIECE),
-        "eot_id": sp.piece_to_id(EOT_PIECE),
-        "unk_id": sp.unk_id(),
-    }
-    with open(_MODEL_PREFIX.value + ".json", "w", encoding="utf-8") as f:
-        json.dump(ids, f, indent=2)
-        f.write("\n")
+    ids = tokenizer_training.train_sentencepiece(
+        sentences, _MODEL_PREFIX.value, _VOCAB_SIZE.value, _MODEL_TYPE.value
+    )
     print(ids)
 
 
