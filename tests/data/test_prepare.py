@@ -12,7 +12,7 @@ import pytest
 from llada_jax.data import chat, inputs, prepare, sft, shards
 from llada_jax.data.tokenizer import Tokenizer, default_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

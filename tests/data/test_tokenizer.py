@@ -154,7 +154,7 @@ def test_training_sentence_sampling(tmp_path) -> None:
 
 
 def _train_tokenizer(*args: str) -> subprocess.CompletedProcess:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return subprocess.run(
         [sys.executable, os.path.join(root, "tools", "train_tokenizer.py"), *args],
         capture_output=True,
