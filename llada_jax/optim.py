@@ -36,8 +36,9 @@ SCHEDULES = ("wsd", "cosine", "constant")
 WEIGHT_DECAY_ON = ("matrices", "all")
 NO_DECAY_NAMES = ("scale",)
 
-# ----------------------------------------------------------------------------
-# Validation.
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -86,8 +87,9 @@ def _check_drops(drops: Sequence[Any], start: int, end: int) -> tuple[tuple[int,
     return tuple(out)
 
 
-# ----------------------------------------------------------------------------
-# Schedules.
+# --------------------------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------------------------
 
 
 def _warmup(step: jax.Array, lr: float, warmup_steps: int) -> jax.Array:
@@ -191,8 +193,9 @@ def make_lr_schedule(c: Any, total_steps: int) -> optax.Schedule:
     return _wsd(lr, final_lr, warmup, decay, drops, total_steps)
 
 
-# ----------------------------------------------------------------------------
-# Weight-decay mask.
+# --------------------------------------------------------------------------------------------
+# Weight-decay mask
+# --------------------------------------------------------------------------------------------
 
 
 def _param_name(path: tuple[Any, ...]) -> str:
@@ -243,8 +246,9 @@ def _check_weight_decay_on(on: str) -> None:
         )
 
 
-# ----------------------------------------------------------------------------
-# Optimizer.
+# --------------------------------------------------------------------------------------------
+# Optimizer
+# --------------------------------------------------------------------------------------------
 
 
 def make_optimizer(c: Any, total_steps: int) -> optax.GradientTransformation:
@@ -279,8 +283,9 @@ def make_optimizer(c: Any, total_steps: int) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(_check_nonneg("clip_norm", clip)), adamw)
 
 
-# ----------------------------------------------------------------------------
-# Gradient accumulation.
+# --------------------------------------------------------------------------------------------
+# Gradient accumulation
+# --------------------------------------------------------------------------------------------
 
 
 def _split_microbatches(batch: PyTree, num_microbatches: int) -> PyTree:

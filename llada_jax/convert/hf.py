@@ -94,7 +94,9 @@ def run_config(cfg: ModelConfig) -> config_lib.ConfigDict:
     return c
 
 
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------
+# Import: HF directory -> workdir
+# --------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _output_dir(dest: str, flag: str) -> Iterator[str]:
     """A temporary directory renamed to `dest` on success and removed on failure."""
@@ -230,7 +232,9 @@ def import_hf(hf_dir: str, workdir: str, source: str = "auto", dtype: str = "flo
     return run_cfg.to_dict()
 
 
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------
+# Export: workdir -> HF directory
+# --------------------------------------------------------------------------------------------
 def _params_dir(workdir: str, step: int) -> str:
     return os.path.join(checkpoint.checkpoint_dir(workdir), str(step), "params")
 
