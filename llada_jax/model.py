@@ -63,8 +63,8 @@ class ModelConfig:
     causal: bool = False
     scan_layers: bool = True
     # Layers per scan iteration. CPU configs unroll fully: XLA:CPU does not update a rolled
-    # scan's stacked per-layer residuals in place (it zero-fills and copies them, ~15% of a demo
-    # step); on accelerators 1 keeps compile time independent of depth.
+    # scan's stacked per-layer residuals in place (it zero-fills and copies them every step);
+    # on accelerators 1 keeps compile time independent of depth.
     scan_unroll: int = 1
     # "xla": the einsum attention (any backend); "cudnn": jax.nn.dot_product_attention's
     # fused (flash) kernel on NVIDIA GPUs, which never materializes the L x L map (elsewhere

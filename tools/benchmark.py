@@ -15,12 +15,12 @@ peak FLOP/s, MFU, compile time, the process's peak RSS and the device's peak mem
 (accelerators). Prints a table, or one JSON object with --json.
 
 On CPU the peak is the matmul peak measured in this run: before and after the timed steps (both
-reported), and in a short probe between every two steps. `mfu` divides the median step's FLOP/s
-by the best of all of them, so a momentarily slow probe cannot inflate it. On a shared machine
-whose speed drifts with its neighbours' load (this project's 2-core VMs: 2048^3 matmuls vary
-from 125 to 215 GFLOP/s between 2-second windows), that compares a typical step with the
-fastest moment; `mfu_paired` is the median over steps of each step's FLOP/s over the better of
-the probes just before and just after it: the same moment's peak.
+reported), and in a short probe between every two steps. `mfu` divides the median step's FLOP/s by
+the best of all of them, so a momentarily slow probe cannot inflate it. On a shared machine whose
+speed drifts with its neighbours' load (as this project's 2-core VMs' does from one 2-second window
+to the next), that compares a typical step with the fastest moment; `mfu_paired` is the median over
+steps of each step's FLOP/s over the better of the probes just before and just after it: the same
+moment's peak.
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
 """glibc malloc settings for XLA:CPU runs: freed memory stays in the process for the next step.
 
-XLA:CPU mallocs each run of an executable's temporary buffer (1.25 GiB for the demo train step)
-and frees it when the run ends. glibc serves a block that large with a fresh mmap (from a worker
-thread's arena it always does) and returns it with munmap, so every step page-faults and zeroes
-the whole buffer again: 0.6-0.8 s of kernel time per demo step on 2 cores, about a quarter of
-the step. With one arena, no mmap and no trimming, the freed buffer stays in the heap and the next
-step reuses it; the process's resident memory then stays at its peak, which a training step
-reaches every step anyway.
+XLA:CPU mallocs each run of an executable's temporary buffer (more than a GiB for the demo train
+step) and frees it when the run ends. glibc serves a block that large with a fresh mmap (from a
+worker thread's arena it always does) and returns it with munmap, so every step page-faults and
+zeroes the whole buffer again, in kernel time the step waits for. With one arena, no mmap and no
+trimming, the freed buffer stays in the heap and the next step reuses it; the process's resident
+memory then stays at its peak, which a training step reaches every step anyway.
 
 `keep_freed_memory()` must run before JAX starts its backend (the entry points call it first
 thing): a thread keeps the arena it first allocated from. Accelerator runs are left alone: their
