@@ -94,28 +94,38 @@ class ModelConfig:
             "scan_unroll",
         ):
             if getattr(self, name) <= 0:
-                raise ValueError(f"model.{name}={getattr(self, name)} must be a positive integer")
+                raise ValueError(
+                    f"model.{name}={getattr(self, name)!r} is invalid; valid: a positive integer"
+                )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
-                f"model.n_heads={self.n_heads} must be a multiple of "
+                f"model.n_heads={self.n_heads} is invalid; valid: a multiple of "
                 f"model.n_kv_heads={self.n_kv_heads}"
             )
         if self.head_dim % 2:
-            raise ValueError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
+            raise ValueError(
+                f"model.head_dim={self.head_dim} is invalid; valid: an even number (rotary "
+                f"embeddings rotate pairs)"
+            )
         if self.attention not in kernels_lib.ATTENTION_SETTINGS:
             raise ValueError(
-                f"model.attention={self.attention!r} is not one of {kernels_lib.ATTENTION_SETTINGS}"
+                f"model.attention={self.attention!r} is invalid; valid choices: "
+                f"{kernels_lib.ATTENTION_SETTINGS}"
             )
         if self.matmul not in kernels_lib.MATMUL_SETTINGS:
             raise ValueError(
-                f"model.matmul={self.matmul!r} is not one of {kernels_lib.MATMUL_SETTINGS}"
+                f"model.matmul={self.matmul!r} is invalid; valid choices: "
+                f"{kernels_lib.MATMUL_SETTINGS}"
             )
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+            raise ValueError(
+                f"model.remat={self.remat!r} is invalid; valid choices: {tuple(REMAT_POLICIES)}"
+            )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(
-                    f"model.{name}={getattr(self, name)!r} is not one of {sorted(DTYPES)}"
+                    f"model.{name}={getattr(self, name)!r} is invalid; valid choices: "
+                    f"{tuple(DTYPES)}"
                 )
 
     @classmethod

@@ -42,13 +42,15 @@ NO_DECAY_NAMES = ("scale",)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
-    """Returns ``value`` as an int, or raises if not an integer >= minimum."""
+    """Returns ``value`` as an int, or raises if not an integer >= minimum. ``name``: the key
+    in the optim section, or a dotted key of another section."""
     try:
         ok = not isinstance(value, bool) and float(value).is_integer()
     except (TypeError, ValueError):
         ok = False
     if not ok or value < minimum:
-        raise ValueError(f"optim.{name}={value!r} is invalid: expected an integer >= {minimum}.")
+        key = name if "." in name else f"optim.{name}"
+        raise ValueError(f"{key}={value!r} is invalid; valid: an integer >= {minimum}")
     return int(value)
 
 
@@ -59,7 +61,7 @@ def _check_nonneg(name: str, value: Any) -> float:
     except (TypeError, ValueError):
         number = math.nan
     if not math.isfinite(number) or number < 0:
-        raise ValueError(f"optim.{name}={value!r} is invalid: expected a finite number >= 0.")
+        raise ValueError(f"optim.{name}={value!r} is invalid; valid: a finite number >= 0")
     return number
 
 
@@ -68,20 +70,18 @@ def _check_drops(drops: Sequence[Any], start: int, end: int) -> tuple[tuple[int,
     out: list[tuple[int, float]] = []
     for drop in drops:
         if len(drop) != 2:
-            raise ValueError(
-                f"optim.lr_drops entry {drop!r} is invalid: expected a (step, lr) pair."
-            )
+            raise ValueError(f"optim.lr_drops entry {drop!r} is invalid; valid: a (step, lr) pair")
         step = _check_int("lr_drops step", drop[0], 0)
         lr = _check_nonneg("lr_drops lr", drop[1])
         if not start <= step < end:
             raise ValueError(
-                f"optim.lr_drops step {step} is outside the stable phase: expected "
-                f"warmup_steps ({start}) <= step < total_steps - decay_steps ({end})."
+                f"optim.lr_drops step {step} is invalid; valid: a step of the stable phase, "
+                f"optim.warmup_steps ({start}) <= step < train.steps - optim.decay_steps ({end})"
             )
         if out and step <= out[-1][0]:
             raise ValueError(
-                f"optim.lr_drops={tuple(drops)!r} is invalid: expected strictly "
-                f"increasing steps (step {step} follows {out[-1][0]})."
+                f"optim.lr_drops={tuple(drops)!r} is invalid; valid: strictly "
+                f"increasing steps (step {step} follows {out[-1][0]})"
             )
         out.append((step, lr))
     return tuple(out)
@@ -164,20 +164,20 @@ def make_lr_schedule(c: Any, total_steps: int) -> optax.Schedule:
     """
     name = c["schedule"]
     if name not in SCHEDULES:
-        raise ValueError(f"optim.schedule={name!r} is unknown: expected one of {SCHEDULES}.")
-    total_steps = _check_int("total_steps", total_steps, 1)
+        raise ValueError(f"optim.schedule={name!r} is invalid; valid choices: {SCHEDULES}")
+    total_steps = _check_int("train.steps", total_steps, 1)
     warmup = _check_int("warmup_steps", c["warmup_steps"], 0)
     lr = _check_nonneg("lr", c["lr"])
     final_lr = _check_nonneg("final_lr", c["final_lr"])
     drops = tuple(c["lr_drops"] or ())
     if name != "wsd" and drops:
         raise ValueError(
-            f"optim.lr_drops={drops!r} is only valid with schedule 'wsd' "
-            f"(schedule is {name!r}): expected ()."
+            f"optim.lr_drops={drops!r} is invalid with optim.schedule={name!r}; valid: () "
+            f"(drops belong to the 'wsd' schedule)"
         )
     if warmup > total_steps:
         raise ValueError(
-            f"optim.warmup_steps={warmup} is invalid: expected <= total_steps ({total_steps})."
+            f"optim.warmup_steps={warmup} is invalid; valid: <= train.steps ({total_steps})"
         )
     if name == "constant":
         return _constant(lr, warmup)
@@ -187,7 +187,7 @@ def make_lr_schedule(c: Any, total_steps: int) -> optax.Schedule:
     if warmup + decay > total_steps:
         raise ValueError(
             f"optim.warmup_steps + optim.decay_steps = {warmup} + {decay} = "
-            f"{warmup + decay} is invalid: expected <= total_steps ({total_steps})."
+            f"{warmup + decay} is invalid; valid: <= train.steps ({total_steps})"
         )
     drops = _check_drops(drops, warmup, total_steps - decay)
     return _wsd(lr, final_lr, warmup, decay, drops, total_steps)
@@ -242,7 +242,7 @@ def decay_mask(params: PyTree, weight_decay_on: str = "matrices") -> PyTree:
 def _check_weight_decay_on(on: str) -> None:
     if on not in WEIGHT_DECAY_ON:
         raise ValueError(
-            f"optim.weight_decay_on={on!r} is unknown: expected one of {WEIGHT_DECAY_ON}."
+            f"optim.weight_decay_on={on!r} is invalid; valid choices: {WEIGHT_DECAY_ON}"
         )
 
 
@@ -268,7 +268,7 @@ def make_optimizer(c: Any, total_steps: int) -> optax.GradientTransformation:
     for name in ("b1", "b2"):
         value = float(c[name])
         if not 0.0 <= value < 1.0:
-            raise ValueError(f"optim.{name}={value!r} is invalid: expected 0 <= {name} < 1.")
+            raise ValueError(f"optim.{name}={value!r} is invalid; valid: 0 <= {name} < 1")
     clip = c["clip_norm"]
     adamw = optax.adamw(
         schedule,

@@ -34,7 +34,9 @@ class StepConfig:
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"train.objective={self.objective!r} is not one of {OBJECTIVES}")
+            raise ValueError(
+                f"train.objective={self.objective!r} is invalid; valid choices: {OBJECTIVES}"
+            )
 
 
 def loss_fn(

@@ -380,7 +380,7 @@ def test_every_parameter_has_logical_axes():
 @pytest.mark.parametrize(
     "field,value,words",
     [
-        ("n_kv_heads", 3, "multiple of model.n_kv_heads=3"),
+        ("n_kv_heads", 3, "valid: a multiple of model.n_kv_heads=3"),
         ("remat", "sometimes", "'sometimes'"),
         ("dtype", "float16", "'float16'"),
         ("d_model", 0, "model.d_model=0"),

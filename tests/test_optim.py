@@ -143,13 +143,13 @@ BAD_SCHEDULES = [
     (dict(warmup_steps=10, lr_drops=((50,),)), 100, "(50,)"),
     (dict(schedule="cosine", warmup_steps=10, lr_drops=((50, 1e-4),)), 100, "lr_drops"),
     (dict(lr=-1.0), 100, "-1.0"),
-    (dict(warmup_steps=0), 0, "total_steps=0"),
+    (dict(warmup_steps=0), 0, "train.steps=0"),
 ]
 
 
 @pytest.mark.parametrize("overrides,total,needle", BAD_SCHEDULES)
 def test_bad_schedule_raises(overrides, total, needle):
-    with pytest.raises(ValueError, match="expected") as e:
+    with pytest.raises(ValueError, match="is invalid") as e:
         optim.make_lr_schedule(cfg(**overrides), total)
     assert needle in str(e.value)
 
