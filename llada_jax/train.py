@@ -30,13 +30,12 @@ from absl import flags
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from llada_jax import checkpoint, metrics
+from llada_jax import checkpoint, inference, metrics
 from llada_jax import config as config_lib
 from llada_jax.data import pipeline
 from llada_jax.host import distributed, xla_flags
 from llada_jax.host import memory as host_memory
 from llada_jax.run import Run, build_run, create_state, make_step_fn
-from llada_jax.sampling import generate
 from llada_jax.train_step import SFT_COUNTS
 
 FLAGS = flags.FLAGS
@@ -219,37 +218,18 @@ def train_steps(
 
 
 def print_samples(run: Run, graphdef: nnx.GraphDef, params: Any) -> None:
-    """Generates from the config's prompts with the low-confidence sampler and prints them."""
+    """Generates from the config's prompts and prints them."""
     s, tok = run.cfg.sample, run.tokenizer
     prompts = [tok.encode(p) for p in list(s.prompts)[: s.num_samples]]
-    width = max(len(p) for p in prompts)
-    prompt = np.full((len(prompts), width), tok.pad_id, np.int32)
-    valid = np.zeros((len(prompts), width), bool)
-    for i, p in enumerate(prompts):  # left padding, as the sampler expects
-        prompt[i, width - len(p) :], valid[i, width - len(p) :] = p, True
-
-    def sample(params: Any, prompt: jax.Array, valid: jax.Array, key: jax.Array) -> jax.Array:
-        def logits_fn(tokens: jax.Array, valid: jax.Array) -> jax.Array:
-            return nnx.merge(graphdef, params)(tokens, valid)  # merged inside the sampler's loop
-
-        return generate(
-            logits_fn,
-            prompt,
-            valid,
-            key,
-            gen_length=s.gen_length,
-            steps=s.steps,
-            block_length=s.block_length,
-            mask_id=tok.mask_id,
-            temperature=s.temperature,
-            remasking=s.remasking,
-        )[0]
-
+    ids, valid = inference.left_pad(prompts, tok.pad_id)
+    sample = inference.make_sampler(
+        graphdef, inference.SampleSettings.from_config(s), mask_id=tok.mask_id
+    )
     t = time.perf_counter()
-    out = np.asarray(jax.jit(sample)(params, prompt, valid, jax.random.key(run.cfg.seed)))
+    out = np.asarray(sample(params, ids, valid, jax.random.key(run.cfg.seed))[0])
     print(f"samples ({s.steps} steps, {s.gen_length} tokens, {time.perf_counter() - t:.1f}s):")
     for i, p in enumerate(prompts):
-        text = tok.decode(out[i, width:])
+        text = tok.decode(out[i, ids.shape[1] :])
         print(f"--- {tok.decode(p)!r} ->\n{tok.decode(p)}{text}", flush=True)
 
 

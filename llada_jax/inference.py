@@ -1,0 +1,135 @@
+"""A trained model put to use: a workdir's checkpoint loaded for inference, prompts encoded,
+samples drawn. The runner under tools/sample.py and the trainer's end-of-run samples.
+
+  model = load(workdir)                                   # latest complete step, params only
+  ids_BxP, valid_BxP = left_pad([tok.encode(p) for p in prompts], tok.pad_id)
+  sample = make_sampler(model.graphdef, settings, mask_id=tok.mask_id)
+  canvas_BxT, nfe = sample(model.params, ids_BxP, valid_BxP, jax.random.key(0))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from llada_jax import checkpoint, sampling
+from llada_jax import config as config_lib
+from llada_jax.run import Run, abstract_state, build_run
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+    """How the reverse process runs (the `sample` section of a config, or tools/sample.py's
+    flags)."""
+
+    gen_length: int  # generated tokens per prompt
+    steps: int  # denoising steps over the whole generation (model calls)
+    block_length: int  # semi-autoregressive block; divides gen_length
+    temperature: float = 0.0  # 0: greedy; > 0: Gumbel-max sampling
+    remasking: str = "low_confidence"  # low_confidence | random
+
+    def __post_init__(self) -> None:
+        sampling.check_settings(
+            self.gen_length, self.steps, self.block_length, self.temperature, self.remasking
+        )
+
+    @classmethod
+    def from_config(cls, s: config_lib.ConfigDict) -> SampleSettings:
+        return cls(s.gen_length, s.steps, s.block_length, s.temperature, s.remasking)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A checkpoint's parameters with the run its config describes."""
+
+    run: Run
+    step: int
+    graphdef: nnx.GraphDef
+    params: Any
+
+
+def load(workdir: str, step: int | None = None) -> LoadedModel:
+    """The parameters of `workdir`'s latest complete checkpoint (or `step`), on one device, with
+    the run built from the config saved in it. Works on any workdir that holds parameters,
+    including a params-only one from tools/convert_hf.py. Raises ValueError with one line."""
+    if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+        raise ValueError(f"--workdir={workdir!r} holds no checkpoints/ directory")
+    with checkpoint.Checkpointer(workdir) as ckpt:
+        steps = ckpt.complete_steps()
+        if not steps or (step is not None and step not in steps):
+            found = f"complete steps: {steps}" if steps else "no complete checkpoint"
+            raise ValueError(f"--workdir={workdir!r} has no checkpoint at step {step} ({found})")
+        step = steps[-1] if step is None else step
+        cfg = saved_config(ckpt.meta(step)["config"])
+        run = build_run(cfg, devices=jax.local_devices()[:1], data=False)
+        graphdef, params, _ = abstract_state(run)
+        params, _ = ckpt.restore(step, params)
+    return LoadedModel(run, step, graphdef, params)
+
+
+def saved_config(saved: dict) -> config_lib.ConfigDict:
+    """A checkpoint's config over today's defaults (keys added since it was saved keep their
+    defaults), on a one-device mesh: sampling needs neither the training mesh nor its batch."""
+    cfg = config_lib.base_config()
+    for name, value in saved.items():
+        if name not in cfg:
+            continue
+        if isinstance(cfg[name], config_lib.ConfigDict):
+            for key, v in value.items():
+                if key in cfg[name]:
+                    cfg[name][key] = _tuples(v)
+        else:
+            cfg[name] = _tuples(value)
+    cfg.mesh.shape = (1, 1, 1)
+    cfg.data.batch_size = 1
+    cfg.optim.grad_accum = 1
+    return cfg
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples a config holds."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts of different lengths as one left-padded batch, as the sampler takes them:
+    ids (B, P) int32 and valid (B, P) bool (False on the pads), P the longest prompt."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, np.int32)
+    valid = np.zeros((len(prompts), width), bool)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, width - len(p) :], valid[i, width - len(p) :] = p, True
+    return ids, valid
+
+
+def make_sampler(
+    graphdef: nnx.GraphDef, settings: SampleSettings, mask_id: int
+) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """The jitted reverse process: (params, ids (B, P), valid (B, P), key) -> (canvas (B, P +
+    gen_length) int32, nfe: the model calls it ran)."""
+
+    def sample(params: Any, ids: jax.Array, valid: jax.Array, key: jax.Array):
+        def logits_fn(tokens: jax.Array, tokens_valid: jax.Array) -> jax.Array:
+            return nnx.merge(graphdef, params)(tokens, tokens_valid)  # merged inside the loop
+
+        return sampling.generate(
+            logits_fn,
+            ids,
+            valid,
+            key,
+            gen_length=settings.gen_length,
+            steps=settings.steps,
+            block_length=settings.block_length,
+            mask_id=mask_id,
+            temperature=settings.temperature,
+            remasking=settings.remasking,
+        )
+
+    return jax.jit(sample)

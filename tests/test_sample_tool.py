@@ -1,0 +1,149 @@
+"""tools/sample.py: a trained workdir sampled from the command line, against the sampler called
+directly on the checkpoint's parameters; its errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llada_jax import checkpoint, sampling, sharding
+from llada_jax.data.tokenizer import default_tokenizer
+from llada_jax.model import ModelConfig, Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = [sys.executable, "tools/sample.py"]
+SETTINGS = ["--gen_length=16", "--steps=8", "--block_length=8"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("sample") / "tiny")
+    cmd = [
+        sys.executable,
+        "-m",
+        "llada_jax.train",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        "--config.train.steps=4",
+        "--config.sample.num_samples=0",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir
+
+
+def reference_tokens(workdir, prompts, gen_length, steps, block_length):
+    """The sampler called directly: the model rebuilt from config.json, the checkpoint's
+    parameters restored into it, the prompts left-padded by hand."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        cfg = ModelConfig(**json.load(f)["model"])
+    with sharding.use_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1])):
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    with checkpoint.Checkpointer(workdir) as ckpt:
+        params, _ = ckpt.restore(ckpt.latest_step(), params)
+    tok = default_tokenizer()
+    width = max(map(len, prompts))
+    ids = np.array([[tok.pad_id] * (width - len(p)) + p for p in prompts], np.int32)
+    valid = np.array([[False] * (width - len(p)) + [True] * len(p) for p in prompts])
+
+    @jax.jit
+    def run(params, ids, valid):
+        logits_fn = lambda t, v: nnx.merge(graphdef, params)(t, v)
+        return sampling.generate(
+            logits_fn,
+            ids,
+            valid,
+            jax.random.key(0),
+            gen_length=gen_length,
+            steps=steps,
+            block_length=block_length,
+            mask_id=tok.mask_id,
+        )
+
+    canvas, nfe = run(params, jnp.asarray(ids), jnp.asarray(valid))
+    return np.asarray(canvas)[:, width:].tolist(), int(nfe)
+
+
+def test_json_output_is_the_sampler_on_the_checkpoint(workdir, tmp_path):
+    out = tmp_path / "samples.jsonl"
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text('{"prompt": "Blessed are"}\n\n{"prompt_ids": [9, 10, 11, 12]}\n')
+    proc = subprocess.run(
+        SAMPLE
+        + [
+            f"--workdir={workdir}",
+            "--prompt=In the beginning",
+            "--prompt_ids=5,6,7",
+            f"--prompts_file={prompts_file}",
+            *SETTINGS,
+            "--json",
+            f"--output={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == results
+    tok = default_tokenizer()
+    want_prompts = [
+        tok.encode("In the beginning"),
+        [5, 6, 7],
+        tok.encode("Blessed are"),
+        [9, 10, 11, 12],
+    ]
+    assert [r["prompt_ids"] for r in results] == want_prompts
+    assert [r["prompt"] for r in results] == ["In the beginning", None, "Blessed are", None]
+    tokens, nfe = reference_tokens(workdir, want_prompts, 16, 8, 8)
+    assert [r["tokens"] for r in results] == tokens
+    for r in results:
+        assert len(r["tokens"]) == 16 and r["nfe"] == nfe == 8
+        assert r["text"] == tok.decode(r["tokens"]) and r["seconds"] > 0
+
+
+def test_text_output(workdir):
+    proc = subprocess.run(
+        SAMPLE + [f"--workdir={workdir}", "--prompt=In the beginning", *SETTINGS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("--- 'In the beginning' ->\nIn the beginning")
+
+
+def test_bad_inputs_give_one_clear_line(workdir, tmp_path):
+    cases = {
+        "no_checkpoint": ([f"--workdir={tmp_path}", "--prompt=a"], "holds no checkpoints/"),
+        "no_step": ([f"--workdir={workdir}", "--prompt=a", "--step=3"], "complete steps: [4]"),
+        "no_prompt": ([f"--workdir={workdir}"], "give a prompt"),
+        "bad_ids": ([f"--workdir={workdir}", "--prompt_ids=1,x"], "--prompt_ids='1,x' is invalid"),
+        "id_range": ([f"--workdir={workdir}", "--prompt_ids=99999"], "99999 is out of range"),
+        "blocks": (
+            [f"--workdir={workdir}", "--prompt=a", "--gen_length=16", "--block_length=5"],
+            "block_length=5 does not divide gen_length=16",
+        ),
+        "cfg": ([f"--workdir={workdir}", "--prompt=a", "--cfg_scale=1.5"], "not implemented yet"),
+    }
+    procs = {
+        name: subprocess.Popen(
+            SAMPLE + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for name, (args, _) in cases.items()
+    }
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(timeout=600)
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2, (name, stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("error: "), (name, stderr[-2000:])
+        assert cases[name][1] in lines[0], (name, lines[0])

@@ -1,0 +1,170 @@
+"""Sample from a trained (or converted) checkpoint with the LLaDA reverse process.
+
+  python tools/sample.py --workdir=DIR (--prompt="text" | --prompt_ids=1,2,3 | --prompts_file=F)
+      [--gen_length=64 --steps=64 --block_length=64 --remasking=low_confidence|random
+       --temperature=0 --cfg_scale=0 --threshold=...] [--step=N] [--seed=0] [--json]
+      [--output=out.jsonl]
+
+--prompt and --prompt_ids may be given several times; --prompts_file is JSON lines with a
+"prompt" (text) or "prompt_ids" (list of ids) field. All prompts are sampled as one left-padded
+batch, on one device. The model, tokenizer and special ids come from the config saved in the
+checkpoint. Without --json, prints each prompt and its completion; with --json, one JSON object
+per prompt: prompt, prompt_ids, tokens (the generated ids), text, nfe (model calls run) and
+seconds (wall time of the batched generation, compilation excluded). --output writes the same
+objects as JSON lines. Bad flags or a workdir without parameters: one error line, exit 2.
+
+Not implemented yet: classifier-free guidance (--cfg_scale other than 0) and confidence-threshold
+decoding (--threshold); asking for them is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from llada_jax import inference  # noqa: E402
+from llada_jax.host import xla_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A workdir holding a checkpoint (trained or converted).")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest complete one).")
+flags.DEFINE_multi_string("prompt", [], "A text prompt (repeatable).")
+flags.DEFINE_multi_string("prompt_ids", [], "A prompt as comma-separated token ids (repeatable).")
+flags.DEFINE_string("prompts_file", None, 'JSON lines with "prompt" or "prompt_ids".')
+flags.DEFINE_integer("gen_length", 64, "Generated tokens per prompt.")
+flags.DEFINE_integer("steps", 64, "Denoising steps over the whole generation.")
+flags.DEFINE_integer("block_length", 64, "Semi-autoregressive block length; divides gen_length.")
+flags.DEFINE_string("remasking", "low_confidence", "low_confidence | random.")
+flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: Gumbel-max sampling.")
+flags.DEFINE_float("cfg_scale", 0.0, "Classifier-free guidance scale (0: none).")
+flags.DEFINE_float("threshold", None, "Confidence-threshold parallel decoding.")
+flags.DEFINE_integer("seed", 0, "PRNG seed (temperature > 0, random remasking).")
+flags.DEFINE_bool("json", False, "Print one JSON object per prompt.")
+flags.DEFINE_string("output", None, "Also write the JSON objects to this JSONL file.")
+
+
+def read_prompts(tokenizer) -> list[tuple[str | None, list[int]]]:
+    """(text or None, ids) for every prompt the flags name, in order."""
+    prompts = [(text, tokenizer.encode(text)) for text in FLAGS.prompt]
+    for spec in FLAGS.prompt_ids:
+        prompts.append((None, parse_ids(spec, "--prompt_ids")))
+    if FLAGS.prompts_file:
+        if not os.path.isfile(FLAGS.prompts_file):
+            raise ValueError(f"--prompts_file={FLAGS.prompts_file!r} does not exist")
+        with open(FLAGS.prompts_file, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    prompts.append(prompt_of_line(line, n, tokenizer))
+    if not prompts:
+        raise ValueError("give a prompt: --prompt=TEXT, --prompt_ids=1,2,3 or --prompts_file=F")
+    for text, ids in prompts:
+        bad = [i for i in ids if not 0 <= i < tokenizer.vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompt token id {bad[0]} is out of range; valid: 0 .. {tokenizer.vocab_size - 1}"
+            )
+    return prompts
+
+
+def parse_ids(spec: str, where: str) -> list[int]:
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{where}={spec!r} is invalid; valid: comma-separated integers") from None
+
+
+def prompt_of_line(line: str, n: int, tokenizer) -> tuple[str | None, list[int]]:
+    where = f"--prompts_file={FLAGS.prompts_file!r} line {n}"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+        return obj["prompt"], tokenizer.encode(obj["prompt"])
+    if isinstance(obj, dict) and isinstance(obj.get("prompt_ids"), list):
+        return None, parse_ids(",".join(map(str, obj["prompt_ids"])), where)
+    raise ValueError(f'{where}: expected an object with "prompt" (text) or "prompt_ids" (ids)')
+
+
+def sample(argv: list[str]) -> list[dict]:
+    """Parses flags, samples, prints; returns the result objects."""
+    FLAGS(argv)
+    if not FLAGS.workdir:
+        raise ValueError("--workdir=DIR is required")
+    if FLAGS.cfg_scale != 0.0:
+        raise ValueError(
+            f"--cfg_scale={FLAGS.cfg_scale}: classifier-free guidance is not "
+            "implemented yet; valid: 0"
+        )
+    if FLAGS.threshold is not None:
+        raise ValueError(
+            f"--threshold={FLAGS.threshold}: confidence-threshold decoding is not "
+            "implemented yet; leave it unset"
+        )
+    settings = inference.SampleSettings(
+        FLAGS.gen_length, FLAGS.steps, FLAGS.block_length, FLAGS.temperature, FLAGS.remasking
+    )
+    model = inference.load(FLAGS.workdir, FLAGS.step)
+    tok = model.run.tokenizer
+    prompts = read_prompts(tok)
+    ids, valid = inference.left_pad([p for _, p in prompts], tok.pad_id)
+    key = jax.random.key(FLAGS.seed)
+    t = time.perf_counter()
+    compiled = (
+        inference.make_sampler(model.graphdef, settings, tok.mask_id)
+        .lower(model.params, ids, valid, key)
+        .compile()
+    )
+    compile_sec = time.perf_counter() - t
+    t = time.perf_counter()
+    canvas, nfe = jax.block_until_ready(compiled(model.params, ids, valid, key))
+    seconds = time.perf_counter() - t
+    print(
+        f"step {model.step} of {FLAGS.workdir}: {len(prompts)} prompts, compiled in "
+        f"{compile_sec:.1f}s, sampled in {seconds:.2f}s",
+        file=sys.stderr,
+    )
+    results = []
+    for (text, prompt_ids), row in zip(prompts, canvas.tolist()):
+        tokens = row[ids.shape[1] :]
+        results.append(
+            dict(
+                prompt=text,
+                prompt_ids=prompt_ids,
+                tokens=tokens,
+                text=tok.decode(tokens),
+                nfe=int(nfe),
+                seconds=seconds,
+            )
+        )
+    for r in results:
+        if FLAGS.json:
+            print(json.dumps(r), flush=True)
+        else:
+            shown = r["prompt"] if r["prompt"] is not None else tok.decode(r["prompt_ids"])
+            print(f"--- {shown!r} ->\n{shown}{r['text']}", flush=True)
+    if FLAGS.output:
+        with open(FLAGS.output, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in results)
+    return results
+
+
+def main(argv: list[str]) -> int:
+    xla_flags.apply_defaults()
+    try:
+        sample(argv)
+    except (ValueError, FileNotFoundError, flags.Error) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
