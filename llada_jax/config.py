@@ -123,6 +123,7 @@ def base_config() -> ConfigDict:
     p.block_length = 64  # semi-autoregressive block; divides gen_length
     p.temperature = 0.0  # 0: greedy; > 0: Gumbel-max sampling
     p.remasking = "low_confidence"  # low_confidence | random
+    p.cfg_scale = 0.0  # classifier-free guidance weight w; 0: none
 
     c.mesh = ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor) device counts; -1: the remaining devices

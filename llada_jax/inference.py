@@ -33,15 +33,21 @@ class SampleSettings:
     block_length: int  # semi-autoregressive block; divides gen_length
     temperature: float = 0.0  # 0: greedy; > 0: Gumbel-max sampling
     remasking: str = "low_confidence"  # low_confidence | random
+    cfg_scale: float = 0.0  # classifier-free guidance weight; 0: none
 
     def __post_init__(self) -> None:
         sampling.check_settings(
-            self.gen_length, self.steps, self.block_length, self.temperature, self.remasking
+            self.gen_length,
+            self.steps,
+            self.block_length,
+            self.temperature,
+            self.remasking,
+            cfg_scale=self.cfg_scale,
         )
 
     @classmethod
     def from_config(cls, s: config_lib.ConfigDict) -> SampleSettings:
-        return cls(s.gen_length, s.steps, s.block_length, s.temperature, s.remasking)
+        return cls(s.gen_length, s.steps, s.block_length, s.temperature, s.remasking, s.cfg_scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +136,7 @@ def make_sampler(
             mask_id=mask_id,
             temperature=settings.temperature,
             remasking=settings.remasking,
+            cfg_scale=settings.cfg_scale,
         )
 
     return jax.jit(sample)

@@ -82,7 +82,13 @@ def build_run(
     if cfg.sample.num_samples > 0:  # printed after training: checked before it starts
         s = cfg.sample
         sampling.check_settings(
-            s.gen_length, s.steps, s.block_length, s.temperature, s.remasking, prefix="sample."
+            s.gen_length,
+            s.steps,
+            s.block_length,
+            s.temperature,
+            s.remasking,
+            prefix="sample.",
+            cfg_scale=s.cfg_scale,
         )
     if workdir:
         check_resumable(cfg, workdir)

@@ -117,6 +117,7 @@ def check_settings(
     temperature: float,
     remasking: str,
     prefix: str = "",
+    cfg_scale: float = 0.0,
 ) -> None:
     """Raises ValueError (one line naming the setting as `prefix` + its name, e.g. the config
     key `sample.block_length`) unless the settings describe a sampler this module can run."""
@@ -144,6 +145,8 @@ def check_settings(
         )
     if temperature < 0:
         raise ValueError(f"{p}temperature={temperature!r} is invalid; valid: a number >= 0")
+    if cfg_scale < 0:
+        raise ValueError(f"{p}cfg_scale={cfg_scale!r} is invalid; valid: a number >= 0")
 
 
 def _validate(
@@ -156,15 +159,34 @@ def _validate(
     remasking: str,
     eos_id: int | None,
     ban_eos: bool,
+    cfg_scale: float,
 ) -> None:
     if prompt.ndim != 2 or prompt_valid.shape != prompt.shape:
         raise ValueError(
             f"prompt must be (B, Lp) with prompt_valid of the same shape, got "
             f"{prompt.shape} and {prompt_valid.shape}"
         )
-    check_settings(gen_length, steps, block_length, temperature, remasking)
+    check_settings(gen_length, steps, block_length, temperature, remasking, cfg_scale=cfg_scale)
     if ban_eos and eos_id is None:
         raise ValueError("ban_eos=True requires eos_id")
+
+
+def guided_logits(
+    logits_fn: LogitsFn,
+    x: jax.Array,
+    valid: jax.Array,
+    prompt_index: jax.Array,
+    mask_id: int,
+    cfg_scale: float,
+) -> jax.Array:
+    """logits_fn(x, valid) (B, T, V), guided when cfg_scale > 0 by the unconditional canvas
+    (x with `prompt_index` (B, T) masked), both computed in one call on 2B rows."""
+    if cfg_scale == 0:
+        return logits_fn(x, valid)
+    uncond = jnp.where(prompt_index, mask_id, x)
+    both = logits_fn(jnp.concatenate([x, uncond]), jnp.concatenate([valid, valid]))
+    cond_logits, uncond_logits = jnp.split(both, 2)
+    return uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
 
 
 def generate(
@@ -181,6 +203,7 @@ def generate(
     remasking: str = "low_confidence",
     eos_id: int | None = None,
     ban_eos: bool = False,
+    cfg_scale: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Sample ``gen_length`` tokens after ``prompt`` with the LLaDA reverse process.
 
@@ -201,6 +224,10 @@ def generate(
       remasking: ``"low_confidence"`` or ``"random"``.
       eos_id: EOS id, needed for ``ban_eos``.
       ban_eos: if True the EOS logit is set to ``-inf`` before sampling.
+      cfg_scale: classifier-free guidance weight w (0: none). The unconditional branch is the
+        same canvas with every non-mask position of the prompt region (left pads included)
+        masked; logits = uncond + (w + 1) * (cond - uncond). Both branches run as one batch of
+        2B rows, one model call per step.
 
     Returns:
       ``(canvas, nfe)``: canvas (B, T) int32 with the prompt unchanged and the generated tokens
@@ -222,6 +249,7 @@ def generate(
         remasking,
         eos_id,
         ban_eos,
+        cfg_scale,
     )
 
     batch, prompt_len = prompt.shape
@@ -232,6 +260,7 @@ def generate(
     canvas = jnp.concatenate([prompt, jnp.full((batch, gen_length), mask_id, jnp.int32)], axis=1)
     valid = jnp.concatenate([prompt_valid, jnp.ones((batch, gen_length), jnp.bool_)], axis=1)
     positions = jnp.arange(total_len, dtype=jnp.int32)
+    prompt_index = canvas != mask_id  # at the start: the prompt region's non-mask positions
 
     def step_fn(step: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         x, schedule = carry  # (B, T) int32, (B, steps_per_block) int32
@@ -250,7 +279,7 @@ def generate(
         )
         k = schedule[:, inner]  # (B,)
 
-        logits = logits_fn(x, valid)
+        logits = guided_logits(logits_fn, x, valid, prompt_index, mask_id, cfg_scale)
         if ban_eos:
             logits = logits.at[..., eos_id].set(-jnp.inf)
         step_key = jax.random.fold_in(key, step)

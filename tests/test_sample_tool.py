@@ -133,7 +133,11 @@ def test_bad_inputs_give_one_clear_line(workdir, tmp_path):
             [f"--workdir={workdir}", "--prompt=a", "--gen_length=16", "--block_length=5"],
             "block_length=5 does not divide gen_length=16",
         ),
-        "cfg": ([f"--workdir={workdir}", "--prompt=a", "--cfg_scale=1.5"], "not implemented yet"),
+        "threshold": ([f"--workdir={workdir}", "--prompt=a", "--threshold=0.9"], "not implemented"),
+        "cfg": (
+            [f"--workdir={workdir}", "--prompt=a", "--cfg_scale=-1"],
+            "cfg_scale=-1.0 is invalid",
+        ),
     }
     procs = {
         name: subprocess.Popen(

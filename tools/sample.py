@@ -13,8 +13,9 @@ per prompt: prompt, prompt_ids, tokens (the generated ids), text, nfe (model cal
 seconds (wall time of the batched generation, compilation excluded). --output writes the same
 objects as JSON lines. Bad flags or a workdir without parameters: one error line, exit 2.
 
-Not implemented yet: classifier-free guidance (--cfg_scale other than 0) and confidence-threshold
-decoding (--threshold); asking for them is an error.
+--cfg_scale=W guides each step by the canvas with its prompt masked (one doubled batch per
+step, so nfe stays the step count). Not implemented yet: confidence-threshold decoding
+(--threshold); asking for it is an error.
 """
 
 from __future__ import annotations
@@ -98,18 +99,18 @@ def sample(argv: list[str]) -> list[dict]:
     FLAGS(argv)
     if not FLAGS.workdir:
         raise ValueError("--workdir=DIR is required")
-    if FLAGS.cfg_scale != 0.0:
-        raise ValueError(
-            f"--cfg_scale={FLAGS.cfg_scale}: classifier-free guidance is not "
-            "implemented yet; valid: 0"
-        )
     if FLAGS.threshold is not None:
         raise ValueError(
             f"--threshold={FLAGS.threshold}: confidence-threshold decoding is not "
             "implemented yet; leave it unset"
         )
     settings = inference.SampleSettings(
-        FLAGS.gen_length, FLAGS.steps, FLAGS.block_length, FLAGS.temperature, FLAGS.remasking
+        FLAGS.gen_length,
+        FLAGS.steps,
+        FLAGS.block_length,
+        FLAGS.temperature,
+        FLAGS.remasking,
+        FLAGS.cfg_scale,
     )
     model = inference.load(FLAGS.workdir, FLAGS.step)
     tok = model.run.tokenizer
