@@ -124,6 +124,7 @@ def base_config() -> ConfigDict:
     p.temperature = 0.0  # 0: greedy; > 0: Gumbel-max sampling
     p.remasking = "low_confidence"  # low_confidence | random
     p.cfg_scale = 0.0  # classifier-free guidance weight w; 0: none
+    p.threshold = 0.0  # commit every token this confident per step (Fast-dLLM); 0: off
 
     c.mesh = ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor) device counts; -1: the remaining devices

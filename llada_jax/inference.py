@@ -34,6 +34,7 @@ class SampleSettings:
     temperature: float = 0.0  # 0: greedy; > 0: Gumbel-max sampling
     remasking: str = "low_confidence"  # low_confidence | random
     cfg_scale: float = 0.0  # classifier-free guidance weight; 0: none
+    threshold: float = 0.0  # confidence-threshold decoding; 0: fixed per-step counts
 
     def __post_init__(self) -> None:
         sampling.check_settings(
@@ -43,11 +44,20 @@ class SampleSettings:
             self.temperature,
             self.remasking,
             cfg_scale=self.cfg_scale,
+            threshold=self.threshold or None,
         )
 
     @classmethod
     def from_config(cls, s: config_lib.ConfigDict) -> SampleSettings:
-        return cls(s.gen_length, s.steps, s.block_length, s.temperature, s.remasking, s.cfg_scale)
+        return cls(
+            s.gen_length,
+            s.steps,
+            s.block_length,
+            s.temperature,
+            s.remasking,
+            s.cfg_scale,
+            s.threshold,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +147,7 @@ def make_sampler(
             temperature=settings.temperature,
             remasking=settings.remasking,
             cfg_scale=settings.cfg_scale,
+            threshold=settings.threshold or None,
         )
 
     return jax.jit(sample)

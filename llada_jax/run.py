@@ -89,6 +89,7 @@ def build_run(
             s.remasking,
             prefix="sample.",
             cfg_scale=s.cfg_scale,
+            threshold=s.threshold or None,
         )
     if workdir:
         check_resumable(cfg, workdir)

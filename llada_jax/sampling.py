@@ -118,6 +118,7 @@ def check_settings(
     remasking: str,
     prefix: str = "",
     cfg_scale: float = 0.0,
+    threshold: float | None = None,
 ) -> None:
     """Raises ValueError (one line naming the setting as `prefix` + its name, e.g. the config
     key `sample.block_length`) unless the settings describe a sampler this module can run."""
@@ -147,6 +148,8 @@ def check_settings(
         raise ValueError(f"{p}temperature={temperature!r} is invalid; valid: a number >= 0")
     if cfg_scale < 0:
         raise ValueError(f"{p}cfg_scale={cfg_scale!r} is invalid; valid: a number >= 0")
+    if threshold is not None and not 0 < threshold <= 1:
+        raise ValueError(f"{p}threshold={threshold!r} is invalid; valid: 0 < threshold <= 1")
 
 
 def _validate(
@@ -160,13 +163,22 @@ def _validate(
     eos_id: int | None,
     ban_eos: bool,
     cfg_scale: float,
+    threshold: float | None,
 ) -> None:
     if prompt.ndim != 2 or prompt_valid.shape != prompt.shape:
         raise ValueError(
             f"prompt must be (B, Lp) with prompt_valid of the same shape, got "
             f"{prompt.shape} and {prompt_valid.shape}"
         )
-    check_settings(gen_length, steps, block_length, temperature, remasking, cfg_scale=cfg_scale)
+    check_settings(
+        gen_length,
+        steps,
+        block_length,
+        temperature,
+        remasking,
+        cfg_scale=cfg_scale,
+        threshold=threshold,
+    )
     if ban_eos and eos_id is None:
         raise ValueError("ban_eos=True requires eos_id")
 
@@ -204,6 +216,7 @@ def generate(
     eos_id: int | None = None,
     ban_eos: bool = False,
     cfg_scale: float = 0.0,
+    threshold: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Sample ``gen_length`` tokens after ``prompt`` with the LLaDA reverse process.
 
@@ -228,6 +241,11 @@ def generate(
         same canvas with every non-mask position of the prompt region (left pads included)
         masked; logits = uncond + (w + 1) * (cond - uncond). Both branches run as one batch of
         2B rows, one model call per step.
+      threshold: confidence-threshold parallel decoding (Fast-dLLM) instead of the fixed
+        per-step counts: each step commits, in every row whose block still has masks, the most
+        confident masked token of the block and every other one whose confidence is at least
+        `threshold`; a block ends when it has no masks left. `steps` is then unused, and the
+        returned nfe counts the model calls actually run.
 
     Returns:
       ``(canvas, nfe)``: canvas (B, T) int32 with the prompt unchanged and the generated tokens
@@ -250,6 +268,7 @@ def generate(
         eos_id,
         ban_eos,
         cfg_scale,
+        threshold,
     )
 
     batch, prompt_len = prompt.shape
@@ -279,18 +298,61 @@ def generate(
         )
         k = schedule[:, inner]  # (B,)
 
-        logits = guided_logits(logits_fn, x, valid, prompt_index, mask_id, cfg_scale)
-        if ban_eos:
-            logits = logits.at[..., eos_id].set(-jnp.inf)
-        step_key = jax.random.fold_in(key, step)
-        gumbel_key, remask_key = jax.random.split(step_key)
-        x0 = sample_tokens(logits, gumbel_key, temperature)
-        confidence = token_confidence(logits, x0, remask_key, remasking)
-        confidence = jnp.where(candidates, confidence, -jnp.inf)
-
+        x0, confidence = propose(x, step, candidates)
         commit = select_top_k_mask(confidence, k) & candidates
         return jnp.where(commit, x0, x), schedule
 
+    def propose(x: jax.Array, step: jax.Array, candidates: jax.Array):
+        """x0 (B, T) and its confidence, -inf outside `candidates`, for the canvas x."""
+        logits = guided_logits(logits_fn, x, valid, prompt_index, mask_id, cfg_scale)
+        if ban_eos:
+            logits = logits.at[..., eos_id].set(-jnp.inf)
+        gumbel_key, remask_key = jax.random.split(jax.random.fold_in(key, step))
+        x0 = sample_tokens(logits, gumbel_key, temperature)
+        confidence = token_confidence(logits, x0, remask_key, remasking)
+        return x0, jnp.where(candidates, confidence, -jnp.inf)
+
+    if threshold is not None:
+        return _threshold_decode(
+            canvas, prompt_len, block_length, num_blocks, mask_id, threshold, propose
+        )
     schedule0 = jnp.zeros((batch, steps_per_block), jnp.int32)
     canvas, _ = jax.lax.fori_loop(0, steps, step_fn, (canvas, schedule0))
     return canvas, jnp.asarray(steps, jnp.int32)
+
+
+def _threshold_decode(
+    canvas: jax.Array,
+    prompt_len: int,
+    block_length: int,
+    num_blocks: int,
+    mask_id: int,
+    threshold: float,
+    propose: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]],
+) -> tuple[jax.Array, jax.Array]:
+    """Blocks left to right, each a lax.while_loop of steps until it has no masks; returns the
+    canvas (B, T) and the model calls run (int32)."""
+    positions = jnp.arange(canvas.shape[1], dtype=jnp.int32)
+
+    def block_fn(block: jax.Array, carry: tuple[jax.Array, jax.Array]):
+        start = prompt_len + block * block_length
+        in_block = (positions >= start) & (positions < start + block_length)
+
+        # Every step commits at least one token per unfinished row, so block_length steps end
+        # the block; the bound also ends it should a NaN confidence commit nothing.
+        def unfinished(state: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+            x, _, taken = state
+            return jnp.any((x == mask_id) & in_block[None, :]) & (taken < block_length)
+
+        def step(state: tuple[jax.Array, jax.Array, jax.Array]):
+            x, nfe, taken = state
+            candidates = (x == mask_id) & in_block[None, :]
+            x0, confidence = propose(x, nfe, candidates)
+            top1 = select_top_k_mask(confidence, jnp.ones(x.shape[:1], jnp.int32))
+            commit = (top1 | (confidence >= threshold)) & candidates
+            return jnp.where(commit, x0, x), nfe + 1, taken + 1
+
+        x, nfe, _ = jax.lax.while_loop(unfinished, step, (*carry, jnp.int32(0)))
+        return x, nfe
+
+    return jax.lax.fori_loop(0, num_blocks, block_fn, (canvas, jnp.int32(0)))

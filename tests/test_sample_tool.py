@@ -38,7 +38,7 @@ def workdir(tmp_path_factory):
     return workdir
 
 
-def reference_tokens(workdir, prompts, gen_length, steps, block_length):
+def reference_tokens(workdir, prompts, gen_length, steps, block_length, **options):
     """The sampler called directly: the model rebuilt from config.json, the checkpoint's
     parameters restored into it, the prompts left-padded by hand."""
     with open(os.path.join(workdir, "config.json")) as f:
@@ -65,6 +65,7 @@ def reference_tokens(workdir, prompts, gen_length, steps, block_length):
             steps=steps,
             block_length=block_length,
             mask_id=tok.mask_id,
+            **options,
         )
 
     canvas, nfe = run(params, jnp.asarray(ids), jnp.asarray(valid))
@@ -110,6 +111,30 @@ def test_json_output_is_the_sampler_on_the_checkpoint(workdir, tmp_path):
         assert r["text"] == tok.decode(r["tokens"]) and r["seconds"] > 0
 
 
+def test_guidance_and_threshold_decoding(workdir):
+    """--cfg_scale and --threshold reach the sampler; with threshold decoding nfe is the model
+    calls run (a threshold below every confidence: one per block)."""
+    tok = default_tokenizer()
+    for flags, options, calls in (
+        (["--cfg_scale=2.0"], dict(cfg_scale=2.0), 8),
+        (["--threshold=0.000001"], dict(threshold=1e-6), 2),
+    ):
+        proc = subprocess.run(
+            SAMPLE
+            + [f"--workdir={workdir}", "--prompt=In the beginning", *SETTINGS, "--json", *flags],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (result,) = [json.loads(line) for line in proc.stdout.splitlines()]
+        tokens, nfe = reference_tokens(
+            workdir, [tok.encode("In the beginning")], 16, 8, 8, **options
+        )
+        assert result["tokens"] == tokens[0] and result["nfe"] == nfe == calls
+
+
 def test_text_output(workdir):
     proc = subprocess.run(
         SAMPLE + [f"--workdir={workdir}", "--prompt=In the beginning", *SETTINGS],
@@ -133,7 +158,7 @@ def test_bad_inputs_give_one_clear_line(workdir, tmp_path):
             [f"--workdir={workdir}", "--prompt=a", "--gen_length=16", "--block_length=5"],
             "block_length=5 does not divide gen_length=16",
         ),
-        "threshold": ([f"--workdir={workdir}", "--prompt=a", "--threshold=0.9"], "not implemented"),
+        "threshold": ([f"--workdir={workdir}", "--prompt=a", "--threshold=1.5"], "threshold=1.5"),
         "cfg": (
             [f"--workdir={workdir}", "--prompt=a", "--cfg_scale=-1"],
             "cfg_scale=-1.0 is invalid",

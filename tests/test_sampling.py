@@ -111,6 +111,7 @@ def jitted(
     ban_eos=False,
     logits_fn=jax_logits,
     cfg_scale=0.0,
+    threshold=None,
 ):
     return jax.jit(
         functools.partial(
@@ -125,6 +126,7 @@ def jitted(
             eos_id=EOS_ID,
             ban_eos=ban_eos,
             cfg_scale=cfg_scale,
+            threshold=threshold,
         )
     )
 
@@ -298,3 +300,49 @@ def test_classifier_free_guidance_matches_numpy():
     assert int(nfe) == 4
     plain, _, _ = np_generate(prompt, valid, gen_length=8, steps=4, block_length=4)
     assert not np.array_equal(plain, want)
+
+
+def np_threshold_generate(prompt, prompt_valid, *, gen_length, block_length, threshold):
+    """Greedy confidence-threshold decoding: per block, steps until the block has no masks; each
+    step commits, per row with masks left, the block's most confident masked token and every
+    other one at or above the threshold. Returns (canvas, model calls)."""
+    b, lp = prompt.shape
+    x = np.concatenate([prompt, np.full((b, gen_length), MASK_ID, prompt.dtype)], axis=1)
+    valid = np.concatenate([prompt_valid, np.ones((b, gen_length), bool)], axis=1)
+    calls = 0
+    for nb in range(gen_length // block_length):
+        start, end = lp + nb * block_length, lp + (nb + 1) * block_length
+        while (x[:, start:end] == MASK_ID).any():
+            logits = np_logits(x, valid)
+            calls += 1
+            x0 = logits.argmax(-1)
+            z = logits.astype(np.float64)
+            p = np.exp(z - z.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            conf = np.take_along_axis(p, x0[..., None], -1)[..., 0]
+            for j in range(b):
+                cand = [i for i in range(start, end) if x[j, i] == MASK_ID]
+                if not cand:
+                    continue
+                best = max(cand, key=lambda i: (conf[j, i], -i))  # ties: the lower position
+                for i in cand:
+                    if i == best or conf[j, i] >= threshold:
+                        x[j, i] = x0[j, i]
+    return x, calls
+
+
+@pytest.mark.parametrize("threshold", [0.9, 0.2, 1e-6])
+def test_threshold_decoding_matches_numpy(threshold):
+    """Every token at or above the threshold per step, at least one always; the model calls
+    actually run are counted."""
+    prompt, valid = make_prompt((5, 3, 1), 6)
+    want, calls = np_threshold_generate(
+        prompt, valid, gen_length=8, block_length=4, threshold=threshold
+    )
+    got, nfe = jitted(8, 8, 4, threshold=threshold)(prompt, valid, KEY)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert int(nfe) == calls
+    # 0.9: one token per call (the fake model is never that confident); 0.2: some calls commit
+    # several; a threshold below every confidence commits a whole block per call.
+    assert calls == {0.9: 8, 0.2: 6, 1e-6: 2}[threshold]
+    assert not (np.asarray(got) == MASK_ID).any()
