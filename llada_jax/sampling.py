@@ -12,10 +12,10 @@ Semantics (see LLaDA's ``generate.py``):
   block) is spread evenly over the block's steps, the remainder going to the first steps
   (:func:`num_transfer_tokens`).
 * Each step runs the model on the whole canvas, draws ``x0 = argmax(logits / T + Gumbel)``
-  (plain argmax for ``T == 0``), scores every candidate (masked position inside the current
-  block) by the softmax probability of ``x0`` (``"low_confidence"``) or ``U(0, 1)``
-  (``"random"``), and commits the top-k candidates of each row. Committed tokens are never
-  remasked.
+  (plain argmax for ``T == 0``), scores every candidate (a masked position before the end of
+  the current block, so mask tokens inside the prompt compete too) by the softmax probability
+  of ``x0`` (``"low_confidence"``) or ``U(0, 1)`` (``"random"``), and commits the top-k
+  candidates of each row. Committed tokens are never remasked.
 
 Precision note: the reference samples the Gumbel noise in float64 (``logits.exp() / (-log u)^T``,
 which is the same argmax as ``logits / T + Gumbel``). Here the Gumbel/argmax is done in float32,
@@ -286,14 +286,18 @@ def generate(
         block = step // steps_per_block
         inner = step % steps_per_block
         block_start = prompt_len + block * block_length
-        in_block = (positions >= block_start) & (positions < block_start + block_length)  # (T,)
+        block_end = block_start + block_length
+        in_block = (positions >= block_start) & (positions < block_end)  # (T,)
         is_mask = x == mask_id  # (B, T)
-        candidates = is_mask & in_block[None, :]
+        # Every mask before the block's end competes, mask tokens inside the prompt (infilling
+        # templates) included, while the count per step comes from the block's own masks at
+        # its start: as the reference does, a block can thus end with masks left.
+        candidates = is_mask & (positions < block_end)[None, :]
 
         # New block: schedule its masked tokens over its steps.
         schedule = jnp.where(
             inner == 0,
-            num_transfer_tokens(jnp.sum(candidates, axis=-1), steps_per_block),
+            num_transfer_tokens(jnp.sum(is_mask & in_block[None, :], axis=-1), steps_per_block),
             schedule,
         )
         k = schedule[:, inner]  # (B,)

@@ -346,3 +346,17 @@ def test_threshold_decoding_matches_numpy(threshold):
     # several; a threshold below every confidence commits a whole block per call.
     assert calls == {0.9: 8, 0.2: 6, 1e-6: 2}[threshold]
     assert not (np.asarray(got) == MASK_ID).any()
+
+
+def test_mask_tokens_in_the_prompt_compete_with_the_block():
+    """An infilling template: mask tokens inside the prompt are candidates of every block's
+    top-k (they are before its end) while each block's per-step counts come from the block's
+    own masks, as the reference does; matches the numpy reference, which differs from filling
+    the block alone."""
+    prompt, valid = make_prompt((6, 5, 4), 6)
+    prompt[0, 2] = prompt[1, 3] = prompt[1, 4] = MASK_ID
+    want, _, _ = np_generate(prompt, valid, gen_length=8, steps=4, block_length=4)
+    got, _ = jitted(8, 4, 4)(prompt, valid, KEY)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    # Prompt masks were filled, and the blocks they took turns from end with masks left.
+    assert (want[:2, :6] != prompt[:2]).any() and (want[:, 6:] == MASK_ID).any()
