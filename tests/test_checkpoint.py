@@ -112,8 +112,11 @@ class Watched:
         for r in self.readers:
             r.start()
 
+    def steps_logged(self):
+        return sum(bool(re.match(r"step \d+", line)) for line in list(self.stdout))
+
     def logged_a_step(self):
-        return any(re.match(r"step \d+", line) for line in list(self.stdout))
+        return self.steps_logged() > 0
 
     def wait_for(self, condition, timeout=300):
         """True once `condition()` holds, False if the process exited first."""
@@ -147,8 +150,10 @@ def interrupt(run, moment, workdir, rng):
         return False
     elif moment == "saving":
         run.wait_for(lambda: saving(workdir))
-    elif moment == "stepping":
-        time.sleep(rng.uniform(0.0, 0.3))
+    elif moment == "stepping":  # a few steps on, between a step's log line and its save's end
+        more = rng.randint(1, 3)
+        run.wait_for(lambda: run.steps_logged() > more)
+        time.sleep(rng.uniform(0.0, 0.05))
     elif moment == "preempted":  # SIGTERM, then SIGKILL during the save it makes
         run.proc.send_signal(signal.SIGTERM)
         run.wait_for(lambda: saving(workdir), timeout=rng.uniform(0.0, 0.3))
@@ -157,7 +162,7 @@ def interrupt(run, moment, workdir, rng):
     return alive
 
 
-LONG_STEPS = 30
+LONG_STEPS = 40  # more than the kills below can get through, so that each finds the run alive
 
 
 def long_cmd(workdir, *extra):
