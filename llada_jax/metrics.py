@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llada_jax.files import write_atomically
 from llada_jax.host.cache import cache_dir
 from llada_jax.kernels import mkl
 from llada_jax.model import DTYPES, ModelConfig
@@ -220,16 +221,6 @@ def read_jsonl(path: str, up_to_step: int | None = None) -> list[dict]:
             if up_to_step is None or record["step"] <= up_to_step:
                 records.append(record)
     return records
-
-
-def write_atomically(path: str, text: str) -> None:
-    """Replaces the file's contents in one step: a kill leaves either the old or the new file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _to_python(v: Any) -> Any:

@@ -30,7 +30,7 @@ from absl import flags
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from llada_jax import checkpoint, inference, metrics
+from llada_jax import checkpoint, files, inference, metrics
 from llada_jax import config as config_lib
 from llada_jax.data import pipeline
 from llada_jax.host import distributed, xla_flags
@@ -120,7 +120,7 @@ def train(run: Run) -> dict[str, float]:
         ) as ckpt,
     ):
         if is_writer:
-            metrics.write_atomically(
+            files.write_atomically(
                 os.path.join(run.workdir, "config.json"), cfg.to_json_best_effort(indent=2)
             )
             print(cfg, flush=True)

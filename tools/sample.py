@@ -92,9 +92,12 @@ def prompt_of_line(line: str, n: int, tokenizer) -> tuple[str | None, list[int]]
         raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
     if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
         return obj["prompt"], tokenizer.encode(obj["prompt"])
-    if isinstance(obj, dict) and isinstance(obj.get("prompt_ids"), list):
-        return None, parse_ids(",".join(map(str, obj["prompt_ids"])), where)
-    raise ValueError(f'{where}: expected an object with "prompt" (text) or "prompt_ids" (ids)')
+    ids = obj.get("prompt_ids") if isinstance(obj, dict) else None
+    if isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return None, ids
+    raise ValueError(
+        f'{where}: expected an object with "prompt" (text) or "prompt_ids" (a list of ids)'
+    )
 
 
 def sample(argv: list[str]) -> list[dict]:

@@ -122,7 +122,7 @@ def prepare(
         names,
         results,
     )
-    shards.write_json_atomic(meta_path, meta)
+    shards.write_json(meta_path, meta)
     _log_summary(log, meta, len(jobs), skipped, rate, meta_path)
     meta["_tokens_per_second"] = rate
     meta["_shards_written"] = len(jobs)

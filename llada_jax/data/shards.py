@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from llada_jax import files
 from llada_jax.data import chat
 from llada_jax.data.inputs import (
     COMPRESSED_SUFFIXES,
@@ -180,7 +181,7 @@ def write_shard(job: Job) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - t0, 3),
         "tokenized_tokens": shard.num_tokens + dropped,
     }
-    write_json_atomic(job.out_path + ".json", {"spec": job.spec, "result": result})
+    write_json(job.out_path + ".json", {"spec": job.spec, "result": result})
     return result
 
 
@@ -266,12 +267,9 @@ class _ShardWriter:
         self.writer.close()
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+def write_json(path: str, obj: Any) -> None:
+    """`obj` as indented JSON, replacing `path` in one step."""
+    files.write_atomically(path, json.dumps(obj, indent=1) + "\n")
 
 
 def complete_result(out_path: str, spec: dict[str, Any]) -> dict[str, Any] | None:
