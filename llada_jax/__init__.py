@@ -5,8 +5,8 @@ Where each concept lives, by layer:
   `diffusion` (noise schedules, t-sampling, masking, the losses), `sampling` (the reverse
   process), `optim` (optimizer, LR schedules), `train_step` (the jitted step).
 - The runner: `run` (`build_run`: a run's objects from its config), `train` (the loop),
-  `config`, `checkpoint`, `metrics`, `sharding`, `data/` (tokenizers, prepared shards, grain
-  pipelines, SFT), `convert/` (Hugging Face import, export).
+  `config`, `checkpoint`, `metrics`, `files`, `sharding`, `data/` (tokenizers, prepared
+  shards, grain pipelines, SFT), `convert/` (Hugging Face import, export).
 - The platform: `kernels/` (matmul and attention implementations, chosen once per model by
   `kernels.select`), `host/` (XLA flags, malloc settings, cache directory, multi-process start).
 """
