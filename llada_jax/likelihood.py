@@ -1,0 +1,171 @@
+"""Likelihood under a masked-diffusion LM: Monte-Carlo upper bounds on the negative log-likelihood.
+
+A row holds T target tokens (what is scored), optionally preceded or surrounded by a prompt
+(conditioning, never masked) and padding (key-masked). One Monte-Carlo sample of the bound:
+
+  draw l ~ U{1..T}; mask exactly l of the T targets, uniformly without replacement;
+  estimate = (T / l) * sum over the masked targets of -log p(x_i | the masked row)     [nats]
+
+Its expectation is an upper bound on -log p(targets | prompt). It names no noise schedule, so it
+compares models trained with any schedule on the same footing. With no prompt it is the bound on
+the row's unconditional NLL; per token it reads in nats, or in bits after dividing by ln 2.
+
+The n samples of a row are stratified over l: they take l_j = ((k + floor(j T / n)) mod T) + 1
+for j = 0..n-1 with one k ~ U{0..T-1} per row, so each l_j is uniform on 1..T (the estimate
+stays unbiased) while together they spread over 1..T evenly (its variance drops): each count
+appears n / T times when T divides n. The masks are
+drawn from PRNG keys folded from (seed, row id, sample index): a row's samples are the same for
+every checkpoint and every run evaluated with the same seed (common random numbers).
+
+With classifier-free guidance (cfg_scale w > 0) each model call becomes
+un + (w + 1) (cond - un), where un sees the row with its prompt masked too.
+
+Documents longer than the context are scored in windows (`rolling_windows`): each window ends
+with a chunk of new targets and fills the rest with the tokens before it as the prompt, so every
+token is a target exactly once and the document's bound is the sum over its windows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llada_jax.sampling import LogitsFn, guided_logits
+
+
+def stratified_mask_counts(
+    key: jax.Array, row_id_B: jax.Array, sample_B: jax.Array, targets_B: jax.Array, n: int
+) -> jax.Array:
+    """l (B,) int32 in 1..T: sample `sample_B` of the `n` stratified draws of each row.
+
+    The offset k ~ U{0..T-1} comes from `key` folded with the row id, so the n samples of a row
+    share it wherever they are computed. Rows with T = 0 get l = 1 (they score nothing).
+    """
+    targets_B = jnp.maximum(targets_B, 1)
+    row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_id_B)
+    k_B = jax.vmap(lambda kk, t: jax.random.randint(kk, (), 0, t))(row_keys, targets_B)
+    offset_B = sample_B * targets_B // n
+    return (k_B + offset_B) % targets_B + 1
+
+
+def mask_exactly(key_B: jax.Array, target_BxL: jax.Array, l_B: jax.Array) -> jax.Array:
+    """(B, L) bool: `l_B[b]` of row b's target positions, uniformly without replacement.
+
+    key_B: (B,) PRNG keys, one per row. The targets are ranked by an independent uniform score
+    each; the l lowest ranks are masked.
+    """
+    score_BxL = jax.vmap(lambda k: jax.random.uniform(k, target_BxL.shape[1:]))(key_B)
+    score_BxL = jnp.where(target_BxL, score_BxL, jnp.inf)
+    rank_BxL = jnp.argsort(jnp.argsort(score_BxL, axis=-1), axis=-1)
+    return target_BxL & (rank_BxL < l_B[:, None])
+
+
+def nll_samples(
+    logits_fn: LogitsFn,
+    tokens_BxL: jax.Array,
+    target_BxL: jax.Array,
+    valid_BxL: jax.Array,
+    row_id_B: jax.Array,
+    sample_B: jax.Array,
+    key: jax.Array,
+    *,
+    num_samples: int,
+    mask_id: int,
+    cfg_scale: float = 0.0,
+) -> jax.Array:
+    """One Monte-Carlo sample of the NLL bound per row: (B,) float32 nats.
+
+    Row b is sample `sample_B[b]` (of `num_samples`) of row `row_id_B[b]`; the same
+    (row id, sample) pair draws the same mask in any batch. Positions that are valid and not
+    targets are the prompt (never masked); invalid positions are padding.
+
+    Args:
+      logits_fn: (tokens (B, L) int32, valid (B, L) bool) -> logits (B, L, V).
+      tokens_BxL: (B, L) int32 clean tokens.
+      target_BxL: (B, L) bool, the positions scored (valid ones only).
+      valid_BxL: (B, L) bool key-padding mask.
+      row_id_B, sample_B: (B,) int32.
+      key: the estimator's PRNG key (its seed).
+      num_samples: samples per row (the stratification's n), static.
+      mask_id: the mask token id, static.
+      cfg_scale: classifier-free guidance weight w (0: none), static.
+    """
+    target_BxL = target_BxL & valid_BxL
+    targets_B = jnp.sum(target_BxL, axis=-1)
+    l_B = stratified_mask_counts(key, row_id_B, sample_B, targets_B, num_samples)
+    sample_keys = jax.vmap(
+        lambda r, s: jax.random.fold_in(jax.random.fold_in(key, r), s + 1)  # s + 1: not k's key
+    )(row_id_B, sample_B)
+    masked_BxL = mask_exactly(sample_keys, target_BxL, l_B)
+    noisy_BxL = jnp.where(masked_BxL, mask_id, tokens_BxL)
+    prompt_BxL = valid_BxL & ~target_BxL
+    logits_BxLxV = guided_logits(logits_fn, noisy_BxL, valid_BxL, prompt_BxL, mask_id, cfg_scale)
+    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+    token_logp_BxL = jnp.take_along_axis(logp_BxLxV, tokens_BxL[..., None], axis=-1)[..., 0]
+    masked_nll_B = -jnp.sum(jnp.where(masked_BxL, token_logp_BxL, 0.0), axis=-1)
+    return jnp.where(targets_B > 0, masked_nll_B * targets_B / l_B, 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side: windows of long documents, and the estimate with its standard error
+# --------------------------------------------------------------------------------------------
+def rolling_windows(ids: Sequence[int], max_len: int, context_len: int) -> list[tuple[list, int]]:
+    """A document as (window ids, number of targets at its end) pairs covering every token once.
+
+    The first window scores the first `max_len` tokens with no prompt; each later one scores the
+    next `max_len - context_len` tokens, preceded by as many earlier tokens as fit in `max_len`
+    (at least `context_len`).
+    """
+    if not 0 <= context_len < max_len:
+        raise ValueError(f"context_len={context_len} must be in [0, max_len={max_len})")
+    windows, end = [], min(len(ids), max_len)
+    windows.append((list(ids[:end]), end))
+    while end < len(ids):
+        new_end = min(len(ids), end + max_len - context_len)
+        windows.append((list(ids[max(0, new_end - max_len) : new_end]), new_end - end))
+        end = new_end
+    return windows
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """A Monte-Carlo NLL bound over some rows, with its standard error."""
+
+    nll: float  # nats, summed over the rows (the mean of each row's samples, summed)
+    stderr: float  # nats, standard error of `nll`
+    tokens: int  # target tokens scored
+
+    @property
+    def nll_per_token(self) -> float:
+        return self.nll / self.tokens
+
+    @property
+    def stderr_per_token(self) -> float:
+        return self.stderr / self.tokens
+
+    @property
+    def bits_per_token(self) -> float:
+        return self.nll_per_token / math.log(2)
+
+    @property
+    def bits_stderr_per_token(self) -> float:
+        return self.stderr_per_token / math.log(2)
+
+
+def estimate(samples_RxN: np.ndarray, tokens: int) -> Estimate:
+    """The bound from `samples_RxN` (R rows, N samples each, nats) over `tokens` targets.
+
+    Each row's mean is unbiased for its bound; rows are independent, so the variance of the sum
+    is the sum of each row's sample variance / N (ddof 1; zero when N = 1, where nothing
+    measures it). The variance is that of independent samples: stratification only lowers it, so
+    the error reported errs on the safe side.
+    """
+    samples_RxN = np.asarray(samples_RxN, np.float64)
+    n = samples_RxN.shape[1]
+    var = samples_RxN.var(axis=1, ddof=1).sum() / n if n > 1 else 0.0
+    return Estimate(float(samples_RxN.mean(axis=1).sum()), float(np.sqrt(var)), int(tokens))

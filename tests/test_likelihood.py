@@ -1,0 +1,176 @@
+"""The likelihood estimators against exact enumeration over every mask of a toy model."""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llada_jax import likelihood
+
+V = 3  # token ids 0..2; the mask is id 3
+MASK = V
+L = 5
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """A toy bidirectional 'model': logits_i = sum over valid j of W[i, j, token_j], in jax and
+    numpy. Every position sees every other, so the masked context matters."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(L, L, V + 1, V + 1)).astype(np.float32)
+
+    def logits_jax(tokens, valid):
+        onehot = jax.nn.one_hot(tokens, V + 1) * valid[..., None]
+        return jnp.einsum("bjt,ijtv->biv", onehot, jnp.asarray(w))
+
+    def logits_np(tokens, valid):  # (L,), (L,) -> (L, V + 1)
+        return sum(w[:, j, tokens[j]] for j in range(L) if valid[j])
+
+    return logits_jax, logits_np
+
+
+def exact_bound(logits_np, tokens, target, valid, cfg_scale=0.0):
+    """E over l ~ U{1..T} and every l-subset of the targets of (T / l) sum -log p, enumerated."""
+    idx = [i for i in range(L) if target[i] and valid[i]]
+    t = len(idx)
+    prompt = [valid[i] and not target[i] for i in range(L)]
+    total = 0.0
+    for count in range(1, t + 1):
+        subsets = list(itertools.combinations(idx, count))
+        for s in subsets:
+            x = np.array(tokens)
+            x[list(s)] = MASK
+            logits = logits_np(x, valid)
+            if cfg_scale:
+                un = logits_np(np.where(prompt, MASK, x), valid)
+                logits = un + (cfg_scale + 1) * (logits - un)
+            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            nll = -sum(logp[i, tokens[i]] for i in s)
+            total += (1 / t) * (1 / len(subsets)) * (t / count) * nll
+    return total
+
+
+ROWS = [  # tokens, target, valid
+    ([0, 1, 2, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]),  # unconditional
+    ([2, 2, 0, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]),  # prompt of 2, 3 targets
+    ([1, 0, 2, 0, 0], [0, 1, 1, 0, 0], [1, 1, 1, 0, 0]),  # prompt of 1, 2 targets, 2 pads
+]
+
+
+@pytest.fixture(scope="module")
+def estimator(toy):
+    logits_jax, _ = toy
+
+    def run(num_samples, cfg_scale, seed=0):
+        tokens, target, valid = (np.array([r[i] for r in ROWS]) for i in range(3))
+        rows = len(ROWS)
+        row_id = np.repeat(np.arange(rows), num_samples)
+        sample = np.tile(np.arange(num_samples), rows)
+        fn = jax.jit(
+            lambda *a: likelihood.nll_samples(
+                logits_jax, *a, num_samples=num_samples, mask_id=MASK, cfg_scale=cfg_scale
+            )
+        )
+        out = fn(
+            jnp.asarray(tokens[row_id], jnp.int32),
+            jnp.asarray(target[row_id], bool),
+            jnp.asarray(valid[row_id], bool),
+            jnp.asarray(row_id, jnp.int32),
+            jnp.asarray(sample, jnp.int32),
+            jax.random.key(seed),
+        )
+        return np.asarray(out).reshape(rows, num_samples)
+
+    return run
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+def test_estimator_is_unbiased_against_exact_enumeration(toy, estimator, cfg_scale):
+    _, logits_np = toy
+    n = 4000
+    samples = estimator(n, cfg_scale)
+    for r, (tokens, target, valid) in enumerate(ROWS):
+        exact = exact_bound(logits_np, tokens, target, valid, cfg_scale)
+        est = likelihood.estimate(samples[r : r + 1], sum(t and v for t, v in zip(target, valid)))
+        assert est.stderr > 0
+        assert abs(est.nll - exact) < 4 * est.stderr, (r, est.nll, exact, est.stderr)
+        # the error is small enough for the check to mean something
+        assert est.stderr < 0.05 * exact
+
+
+def test_stratified_counts_cover_every_mask_count_evenly():
+    key = jax.random.key(3)
+    for t, n in [(5, 5), (5, 10), (7, 7), (4, 12)]:
+        for row in range(6):
+            counts_drawn = likelihood.stratified_mask_counts(
+                key,
+                jnp.full((n,), row, jnp.int32),
+                jnp.arange(n, dtype=jnp.int32),
+                jnp.full((n,), t, jnp.int32),
+                n,
+            )
+            counts = np.bincount(np.asarray(counts_drawn), minlength=t + 1)[1:]
+            assert counts.tolist() == [n // t] * t, (t, n, row, counts)
+
+
+def test_masks_exactly_l_targets_and_never_the_prompt_or_pads():
+    target = jnp.asarray([[0, 1, 1, 1, 1, 0, 0, 1]] * 4, bool)
+    count = jnp.asarray([1, 2, 3, 5], jnp.int32)
+    keys = jax.random.split(jax.random.key(0), 4)
+    mask = np.asarray(likelihood.mask_exactly(keys, target, count))
+    assert mask.sum(1).tolist() == [1, 2, 3, 5]
+    assert not (mask & ~np.asarray(target)).any()
+
+
+def test_same_row_and_sample_draw_the_same_mask_in_any_batch(toy):
+    logits_jax, _ = toy
+    tokens, target, valid = (np.array([r[i] for r in ROWS]) for i in range(3))
+
+    def one(rows, samples):
+        return likelihood.nll_samples(
+            logits_jax,
+            jnp.asarray(tokens[rows]),
+            jnp.asarray(target[rows], bool),
+            jnp.asarray(valid[rows], bool),
+            jnp.asarray(rows, jnp.int32),
+            jnp.asarray(samples, jnp.int32),
+            jax.random.key(7),
+            num_samples=4,
+            mask_id=MASK,
+        )
+
+    a = np.asarray(one([0, 1, 2, 1], [0, 3, 2, 1]))
+    b = np.asarray(one([1, 2, 1, 0], [1, 2, 3, 0]))
+    np.testing.assert_allclose(a[0], b[3])
+    np.testing.assert_allclose(a[1], b[2])
+    np.testing.assert_allclose(a[2], b[1])
+    np.testing.assert_allclose(a[3], b[0])
+
+
+def test_rolling_windows_cover_each_token_once_with_the_context_before_it():
+    ids = list(range(10))
+    windows = likelihood.rolling_windows(ids, max_len=4, context_len=1)
+    assert windows == [
+        ([0, 1, 2, 3], 4),
+        ([3, 4, 5, 6], 3),
+        ([6, 7, 8, 9], 3),
+    ]
+    windows = likelihood.rolling_windows(list(range(9)), max_len=4, context_len=2)
+    assert windows == [([0, 1, 2, 3], 4), ([2, 3, 4, 5], 2), ([4, 5, 6, 7], 2), ([5, 6, 7, 8], 1)]
+    assert likelihood.rolling_windows([5, 6], max_len=4, context_len=2) == [([5, 6], 2)]
+    with pytest.raises(ValueError, match="context_len"):
+        likelihood.rolling_windows(ids, max_len=4, context_len=4)
+
+
+def test_estimate_sums_rows_and_their_errors():
+    samples = np.array([[1.0, 3.0], [2.0, 2.0], [0.0, 4.0]])
+    est = likelihood.estimate(samples, tokens=6)
+    assert est.nll == pytest.approx(2 + 2 + 2)
+    # row variances (ddof 1): 2, 0, 8; sum / N = 5
+    assert est.stderr == pytest.approx(math.sqrt(5))
+    assert est.nll_per_token == pytest.approx(1.0)
+    assert est.bits_per_token == pytest.approx(1 / math.log(2))
+    assert est.bits_stderr_per_token == pytest.approx(math.sqrt(5) / 6 / math.log(2))
