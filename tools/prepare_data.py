@@ -2,7 +2,7 @@
 
     python tools/prepare_data.py --input=PATH[,PATH...] --output_dir=DIR --format=pretrain|sft \
         [--seq_len=2048] [--tokenizer=path.model] [--text_field=text] [--doc_separator=""] \
-        [--workers=N] [--shard_mb=16]
+        [--workers=N] [--shard_mb=16] [--validation_fraction=0.01]
 
 Inputs are files or directories (recursive, sorted; hidden entries skipped). *.jsonl / *.json
 (optionally .gz / .xz) are JSON lines; anything else is UTF-8 text (.gz / .xz decompressed).
@@ -13,6 +13,8 @@ tokens. sft: JSONL lines {"prompt", "response"[, "system"]} or {"messages": [{"r
 (chat format: `llada_jax.data.chat.format_turns`). See `llada_jax/data/prepare.py` for the
 details. Deterministic for any --workers; a rerun skips shards already complete. Bad records are
 reported with file:line and skipped; an unreadable input prints "error: ..." and exits 2.
+--validation_fraction holds that share of the documents (chosen by a hash of their content) out
+of OUTPUT_DIR, in OUTPUT_DIR/validation/, where tools/evaluate.py finds it.
 """
 
 import os
@@ -46,6 +48,12 @@ _WORKERS = flags.DEFINE_integer("workers", None, "Worker processes (default: os.
 _SHARD_MB = flags.DEFINE_float(
     "shard_mb", prepare.DEFAULT_SHARD_BYTES / (1 << 20), "Input MiB per work unit / output shard."
 )
+_VALIDATION = flags.DEFINE_float(
+    "validation_fraction",
+    0.0,
+    "Share of documents held out (by a hash of their content) into OUTPUT_DIR/validation/ for "
+    "the evaluation job.",
+)
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (tokens/s).")
 
 
@@ -63,6 +71,7 @@ def main(argv: list[str]) -> int:
             doc_separator=separator,
             workers=_WORKERS.value,
             shard_bytes=max(1, int(_SHARD_MB.value * (1 << 20))),
+            validation_fraction=_VALIDATION.value,
             progress=_PROGRESS.value,
         )
     except (prepare.InputError, ValueError) as e:

@@ -1,7 +1,8 @@
 """The datasets a run reads: prepared directories from the config, or the shipped corpus.
 
 `data.datasets` is a tuple of (prepared_dir, weight) pairs; empty means the shipped KJV corpus,
-prepared once into the cache with the run's tokenizer and sequence length. Every dataset is
+prepared once into the cache with the run's tokenizer and sequence length, a few books held out.
+The held-out split of a prepared directory is its `validation/` subdirectory. Every dataset is
 checked against the run before training starts: format, sequence length, tokenizer fingerprint
 and vocabulary size.
 """
@@ -21,13 +22,17 @@ from llada_jax.data.tokenizer import Tokenizer
 from llada_jax.host.cache import cache_dir
 
 SHIPPED_CORPUS_SEPARATOR = "\n\n\n"  # between books: one document per book
+# Held out from training for evaluation: the books whose content hash falls below it (Habakkuk,
+# Romans and 1 John: about 2% of the text).
+SHIPPED_VALIDATION_FRACTION = 0.08
 
 
 def shipped_corpus_dir(tokenizer: Tokenizer, seq_len: int) -> str:
     """The shipped corpus prepared for this tokenizer and length (made on first use, cached)."""
     with open(DEFAULT_CORPUS_PATH, "rb") as f:
         corpus = hashlib.sha256(f.read()).hexdigest()[:12]
-    out = os.path.join(cache_dir(), "prepared", f"kjv-{corpus}-{tokenizer.fingerprint}-L{seq_len}")
+    name = f"kjv-{corpus}-{tokenizer.fingerprint}-L{seq_len}-v{SHIPPED_VALIDATION_FRACTION}"
+    out = os.path.join(cache_dir(), "prepared", name)
     # One process prepares; the others wait (they may share the cache directory).
     if jax.process_index() == 0 and not os.path.isfile(os.path.join(out, prepare.METADATA_FILE)):
         prepare.prepare(
@@ -37,6 +42,7 @@ def shipped_corpus_dir(tokenizer: Tokenizer, seq_len: int) -> str:
             seq_len=seq_len,
             tokenizer_path=tokenizer.path,
             doc_separator=SHIPPED_CORPUS_SEPARATOR,
+            validation_fraction=SHIPPED_VALIDATION_FRACTION,
             workers=1,
             progress=False,
             log=lambda *_: None,
@@ -104,3 +110,21 @@ def pretrain_sources(data: Any, tokenizer: Tokenizer, vocab_size: int) -> list[p
     """The `data` config section's pretraining datasets (the shipped corpus when none)."""
     datasets = tuple(data.datasets) or ((shipped_corpus_dir(tokenizer, data.seq_len), 1.0),)
     return open_sources(datasets, "pretrain", data.seq_len, tokenizer, vocab_size)
+
+
+def validation_sources(
+    data: Any, tokenizer: Tokenizer, vocab_size: int
+) -> list[pipeline.RowSource]:
+    """The held-out splits of the `data` section's pretraining datasets, as rows of its
+    seq_len. A dataset prepared without one is one error line saying how to make it."""
+    datasets = tuple(data.datasets) or ((shipped_corpus_dir(tokenizer, data.seq_len), 1.0),)
+    held_out = []
+    for path, weight in datasets:
+        split = os.path.join(path, prepare.VALIDATION_DIR)
+        if not os.path.isfile(os.path.join(split, prepare.METADATA_FILE)):
+            raise ValueError(
+                f"dataset {path!r} has no held-out split: prepare it with "
+                "tools/prepare_data.py --validation_fraction=0.01 (or pass the data to evaluate)"
+            )
+        held_out.append((split, weight))
+    return open_sources(held_out, "pretrain", data.seq_len, tokenizer, vocab_size)

@@ -13,6 +13,10 @@ Documents:
   * JSONL, format "sft": one dialogue per line, either {"prompt": ..., "response": ...
     [, "system": ...]} or {"messages": [{"role": "system"|"user"|"assistant", "content": ...}]}.
 
+Held out: with `validation_fraction`, documents are assigned by a hash of their content to the
+training split (`output_dir`) or the validation split (`output_dir/validation/`, prepared the
+same way, read by the evaluation job).
+
 Bad records (invalid UTF-8, invalid JSON, a missing or non-string field, empty text, a
 malformed dialogue) are counted and reported with file and line; they are not fatal. An input
 that cannot be read at all raises `InputError` (the CLI prints "error: ..." and exits 2).
@@ -20,9 +24,11 @@ that cannot be read at all raises `InputError` (the CLI prints "error: ..." and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,6 +39,7 @@ from llada_jax.data.tokenizer import DEFAULT_TOKENIZER_PATH, Tokenizer
 
 CREATED_BY = f"llada_jax.data.prepare/{shards.PREPARE_VERSION}"
 METADATA_FILE = "metadata.json"
+VALIDATION_DIR = "validation"  # the held-out split, inside a prepared directory
 FORMATS = ("pretrain", "sft")
 DEFAULT_SEQ_LEN = 2048
 DEFAULT_SHARD_BYTES = 16 << 20
@@ -50,10 +57,16 @@ def prepare(
     doc_separator: str = "",
     workers: int | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    validation_fraction: float = 0.0,
     progress: bool = True,
     log: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
     """Prepares `inputs` into `output_dir` (see the module docstring); returns the metadata.
+
+    validation_fraction: the share of documents held out, by a hash of their content, into
+    `output_dir/validation/` (a prepared directory of its own, which the evaluation job reads);
+    the rest go to `output_dir`. 0: every document is prepared into `output_dir`, and a
+    validation split an earlier run made there is removed (it would overlap the training data).
 
     The returned dict is what `metadata.json` holds plus two run statistics not written there:
     "_tokens_per_second" (tokens tokenized / wall time of this run's work) and "_shards_written"
@@ -65,7 +78,7 @@ def prepare(
         is found while planning, before any work).
       ValueError: bad options.
     """
-    _check_options(format, seq_len, shard_bytes)
+    _check_options(format, seq_len, shard_bytes, validation_fraction)
     tokenizer_path = os.path.abspath(tokenizer_path or DEFAULT_TOKENIZER_PATH)
     try:
         tok = Tokenizer(tokenizer_path)
@@ -84,10 +97,41 @@ def prepare(
         text_field,
         doc_separator,
     )
+    held_out = os.path.join(output_dir, VALIDATION_DIR)
+    if not validation_fraction:
+        if os.path.isdir(held_out):
+            shutil.rmtree(held_out)
+        return _prepare_split(
+            inputs, files, output_dir, options, tok, workers, shard_bytes, progress, log
+        )
+    train = dataclasses.replace(options, split="train", validation_fraction=validation_fraction)
+    meta = _prepare_split(
+        inputs, files, output_dir, train, tok, workers, shard_bytes, progress, log
+    )
+    validation = dataclasses.replace(train, split="validation")
+    meta["_validation"] = _prepare_split(
+        inputs, files, held_out, validation, tok, workers, shard_bytes, progress, log
+    )
+    return meta
+
+
+def _prepare_split(
+    inputs: Sequence[str],
+    files: list[str],
+    output_dir: str,
+    options: shards.Options,
+    tok: Tokenizer,
+    workers: int | None,
+    shard_bytes: int,
+    progress: bool,
+    log: Callable[[str], Any],
+) -> dict[str, Any]:
+    """Prepares the documents of `options.split` into `output_dir`; returns its metadata."""
+    fmt = options.format
 
     # The plan, and what of it is already done.
     units = shards.plan_units(files, options, shard_bytes)
-    names = [shards.shard_name(format, i, len(units)) for i in range(len(units))]
+    names = [shards.shard_name(fmt, i, len(units)) for i in range(len(units))]
     specs = [shards.unit_spec(u, options) for u in units]
     os.makedirs(output_dir, exist_ok=True)
     results = [shards.complete_result(os.path.join(output_dir, n), s) for n, s in zip(names, specs)]
@@ -105,23 +149,11 @@ def prepare(
 
     # The work, then the clean-up of what an earlier plan left.
     start = time.perf_counter()
-    tokenized = _run_jobs(jobs, results, workers, tokenizer_path, progress, format, skipped)
+    tokenized = _run_jobs(jobs, results, workers, options.tokenizer_path, progress, fmt, skipped)
     rate = tokenized / (time.perf_counter() - start) if tokenized else 0.0
-    _remove_stale_shards(output_dir, format, names)
+    _remove_stale_shards(output_dir, fmt, names)
 
-    meta = _metadata(
-        format,
-        seq_len,
-        tok,
-        tokenizer_path,
-        text_field,
-        doc_separator,
-        inputs,
-        files,
-        units,
-        names,
-        results,
-    )
+    meta = _metadata(options, tok, inputs, files, units, names, results)
     shards.write_json(meta_path, meta)
     _log_summary(log, meta, len(jobs), skipped, rate, meta_path)
     meta["_tokens_per_second"] = rate
@@ -129,7 +161,14 @@ def prepare(
     return meta
 
 
-def _check_options(format: str, seq_len: int, shard_bytes: int) -> None:  # noqa: A002
+def _check_options(
+    format: str,  # noqa: A002
+    seq_len: int,
+    shard_bytes: int,
+    validation_fraction: float,
+) -> None:
+    if not 0 <= validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if format == "pretrain" and seq_len < 1:
@@ -216,12 +255,8 @@ def _bad_record_locations(
 
 
 def _metadata(
-    format: str,  # noqa: A002
-    seq_len: int,
+    options: shards.Options,
     tok: Tokenizer,
-    tokenizer_path: str,
-    text_field: str,
-    doc_separator: str,
     inputs: Sequence[str],
     files: list[str],
     units: list[list[Piece]],
@@ -230,17 +265,17 @@ def _metadata(
 ) -> dict[str, Any]:
     """What metadata.json holds: the format, the tokenizer, the totals and the shards."""
     bad_total, bad_list = _bad_record_locations(units, results)
-    pretrain = format == "pretrain"
+    pretrain = options.format == "pretrain"
     return {
-        "format": format,
-        "seq_len": seq_len if pretrain else None,
+        "format": options.format,
+        "seq_len": options.seq_len if pretrain else None,
         "record_dtype": "<i4",
         "record_layout": (
             "seq_len tokens, documents joined with eos"
             if pretrain
             else "[prompt_len, *prompt_ids, *response_ids]"
         ),
-        "tokenizer": {"path": tokenizer_path, "fingerprint": tok.fingerprint},
+        "tokenizer": {"path": options.tokenizer_path, "fingerprint": tok.fingerprint},
         "vocab_size": tok.vocab_size,
         "special_ids": {
             "pad": tok.pad_id,
@@ -249,8 +284,10 @@ def _metadata(
             "eot": tok.eot_id,
         },
         "chat_format": None if pretrain else {"role_headers": chat.ROLE_HEADERS, "turn_end": "eot"},
-        "text_field": text_field,
-        "doc_separator": doc_separator,
+        "text_field": options.text_field,
+        "doc_separator": options.doc_separator,
+        "split": options.split,
+        "validation_fraction": options.validation_fraction,
         "num_documents": sum(r["num_documents"] for r in results),
         "num_tokens": sum(r["num_tokens"] for r in results),
         "num_records": sum(r["num_records"] for r in results),

@@ -20,6 +20,7 @@ Records (all little-endian int32, group_size:1 so reads are random access):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -58,6 +59,26 @@ class Options:
     seq_len: int
     text_field: str
     doc_separator: str
+    split: str = "all"  # all | train | validation: the documents kept (`in_validation`)
+    validation_fraction: float = 0.0  # share of documents held out for validation
+
+
+def in_validation(document: Any, fraction: float) -> bool:
+    """Whether a document (a text, or a dialogue's messages) belongs to the validation split.
+
+    Decided by a hash of its content alone, so the split is the same for any sharding, worker
+    count or input order, and a document repeated in the inputs is never on both sides.
+    """
+    content = document if isinstance(document, str) else json.dumps(document, sort_keys=True)
+    digest = hashlib.sha256(content.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
+
+
+def keeps(document: Any, options: Options) -> bool:
+    """Whether the split `options` writes holds `document`."""
+    if options.split == "all":
+        return True
+    return in_validation(document, options.validation_fraction) == (options.split == "validation")
 
 
 def unit_spec(pieces: Sequence[Piece], options: Options) -> dict[str, Any]:
@@ -86,6 +107,9 @@ def unit_spec(pieces: Sequence[Piece], options: Options) -> dict[str, Any]:
         spec["text_field"] = options.text_field
     if not all(is_jsonl(p.path) for p in pieces):
         spec["doc_separator"] = options.doc_separator
+    if options.split != "all":
+        spec["split"] = options.split
+        spec["validation_fraction"] = options.validation_fraction
     return spec
 
 
@@ -201,15 +225,17 @@ def _write_piece(
     seen = 0
     for line, value in _records(piece, options):
         seen += 1
-        if options.format == "sft" and not isinstance(value, BadRecord):
-            try:
-                value = chat.format_turns(tok, value)
-            except BadRecord as e:
-                value = e
         if isinstance(value, BadRecord):
-            shard.bad_record(pi, line, str(value.args[0]))
-        elif options.format == "sft":
-            shard.add_pairs(value)
+            if options.split != "validation":  # reported once, by the training split
+                shard.bad_record(pi, line, str(value.args[0]))
+            continue
+        if not keeps(value, options):
+            continue  # the other split's document
+        if options.format == "sft":
+            try:
+                shard.add_pairs(chat.format_turns(tok, value))
+            except BadRecord as e:
+                shard.bad_record(pi, line, str(e.args[0]))
         else:
             shard.add_document(np.asarray(tok.encode(value) + [tok.eos_id], "<i4"))
     if not seen and not is_jsonl(piece.path) and piece.start == 0 and piece.end is None:

@@ -1,6 +1,7 @@
 """Tests of offline data preparation (llada_jax.data.prepare, tools/prepare_data.py)."""
 
 import gzip
+import hashlib
 import json
 import os
 import subprocess
@@ -424,3 +425,31 @@ def test_split_text_file_matches_whole_file_split(tmp_path, tok) -> None:
     assert meta["num_tokens"] + meta["dropped_tail_tokens"] == sum(
         len(tok.encode(d)) + 1 for d in whole
     )
+
+
+def test_validation_split_holds_out_documents_by_content_hash(tmp_path, tok) -> None:
+    docs = [f"Document number {i}: " + "word " * (i % 7 + 1) for i in range(60)]
+    docs.append(docs[5])  # a repeat lands on the same side
+    path = _write(tmp_path / "in.jsonl", _jsonl({"text": d} for d in docs))
+    out = str(tmp_path / "out")
+    fraction = 0.3
+
+    def held_out(d):  # the rule, written again: sha256's first 8 bytes, little-endian
+        return int.from_bytes(hashlib.sha256(d.encode()).digest()[:8], "little") < fraction * 2**64
+
+    kw = _quiet(seq_len=4, workers=1)
+    meta = prepare.prepare([path], out, "pretrain", validation_fraction=fraction, **kw)
+    val_dir = os.path.join(out, prepare.VALIDATION_DIR)
+    val_meta = prepare.load_metadata(val_dir)
+    assert meta["split"] == "train" and val_meta["split"] == "validation"
+    for split_dir, split_meta, keep in ((out, meta, False), (val_dir, val_meta, True)):
+        chosen = [d for d in docs if held_out(d) == keep]
+        rows, _ = _expected_rows(tok, chosen, 4)
+        np.testing.assert_array_equal(np.stack(_all_records(split_dir, split_meta)), rows)
+        assert split_meta["num_documents"] == len(chosen)
+    assert 5 < val_meta["num_documents"] < 30
+    # Unprepared again without a split: the held-out directory would overlap training; gone.
+    prepare.prepare([path], out, "pretrain", **kw)
+    assert not os.path.exists(val_dir)
+    with pytest.raises(ValueError, match="validation_fraction"):
+        prepare.prepare([path], out, "pretrain", validation_fraction=1.0, **kw)
