@@ -126,6 +126,13 @@ def base_config() -> ConfigDict:
     p.cfg_scale = 0.0  # classifier-free guidance weight w; 0: none
     p.threshold = 0.0  # commit every token this confident per step (Fast-dLLM); 0: off
 
+    c.eval = e = ConfigDict()
+    e.num_tokens = 16384  # held-out tokens scored per checkpoint (whole rows of data.seq_len)
+    e.num_samples = 8  # Monte-Carlo masks per row, stratified over how many are masked
+    e.batch_size = 16  # model rows per call (rows x samples together, split over the devices)
+    e.seed = 0  # seeds the masks: every checkpoint and run is scored on the same ones
+    e.generate = True  # also sample the sample section's prompts (texts, NFE, tokens/s)
+
     c.mesh = ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor) device counts; -1: the remaining devices
     return c

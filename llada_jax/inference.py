@@ -64,34 +64,65 @@ class SampleSettings:
 class LoadedModel:
     """A checkpoint's parameters with the run its config describes."""
 
+    workdir: str
     run: Run
     step: int
     graphdef: nnx.GraphDef
     params: Any
 
 
-def load(workdir: str, step: int | None = None) -> LoadedModel:
-    """The parameters of `workdir`'s latest complete checkpoint (or `step`), on one device, with
-    the run built from the config saved in it. Works on any workdir that holds parameters,
-    including a params-only one from tools/convert_hf.py. Raises ValueError with one line."""
-    if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
-        raise ValueError(f"--workdir={workdir!r} holds no checkpoints/ directory")
-    with checkpoint.Checkpointer(workdir) as ckpt:
-        steps = ckpt.complete_steps()
-        if not steps or (step is not None and step not in steps):
-            found = f"complete steps: {steps}" if steps else "no complete checkpoint"
-            raise ValueError(f"--workdir={workdir!r} has no checkpoint at step {step} ({found})")
-        step = steps[-1] if step is None else step
-        cfg = saved_config(ckpt.meta(step)["config"])
-        run = build_run(cfg, devices=jax.local_devices()[:1], data=False)
+def load(
+    workdir: str, step: int | None = None, devices: Sequence[jax.Device] | None = None
+) -> LoadedModel:
+    """The parameters of `workdir`'s latest complete checkpoint (or `step`) with the run built
+    from the config saved in it, replicated over `devices` (default: the first local device) on
+    a data-parallel mesh of them, whatever mesh trained it. Works on any workdir that holds
+    parameters, including a params-only one from tools/convert_hf.py. Raises ValueError with
+    one line."""
+    devices = list(devices) if devices is not None else jax.local_devices()[:1]
+    with _reader(workdir) as ckpt:
+        step = _complete_step(ckpt, workdir, step)
+        cfg = saved_config(ckpt.meta(step)["config"], len(devices))
+        run = build_run(cfg, devices=devices, data=False)
         graphdef, params, _ = abstract_state(run)
         params, _ = ckpt.restore(step, params)
-    return LoadedModel(run, step, graphdef, params)
+    return LoadedModel(workdir, run, step, graphdef, params)
 
 
-def saved_config(saved: dict) -> config_lib.ConfigDict:
+def reload(model: LoadedModel, step: int) -> LoadedModel:
+    """Another step of the same workdir into `model`'s shapes and shardings (no new run)."""
+    with _reader(model.workdir) as ckpt:
+        step = _complete_step(ckpt, model.workdir, step)
+        params, _ = ckpt.restore(step, model.params)
+    return dataclasses.replace(model, step=step, params=params)
+
+
+def complete_steps(workdir: str) -> list[int]:
+    """The complete checkpoint steps of `workdir` now (none while its checkpoints/ is missing)."""
+    if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+        return []
+    with checkpoint.Checkpointer(workdir) as ckpt:
+        return ckpt.complete_steps()
+
+
+def _reader(workdir: str) -> checkpoint.Checkpointer:
+    if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+        raise ValueError(f"--workdir={workdir!r} holds no checkpoints/ directory")
+    return checkpoint.Checkpointer(workdir)
+
+
+def _complete_step(ckpt: checkpoint.Checkpointer, workdir: str, step: int | None) -> int:
+    steps = ckpt.complete_steps()
+    if not steps or (step is not None and step not in steps):
+        found = f"complete steps: {steps}" if steps else "no complete checkpoint"
+        raise ValueError(f"--workdir={workdir!r} has no checkpoint at step {step} ({found})")
+    return steps[-1] if step is None else step
+
+
+def saved_config(saved: dict, num_devices: int = 1) -> config_lib.ConfigDict:
     """A checkpoint's config over today's defaults (keys added since it was saved keep their
-    defaults), on a one-device mesh: sampling needs neither the training mesh nor its batch."""
+    defaults), on a data-parallel mesh of `num_devices`: inference needs neither the training
+    mesh nor its batch."""
     cfg = config_lib.base_config()
     for name, value in saved.items():
         if name not in cfg:
@@ -102,8 +133,8 @@ def saved_config(saved: dict) -> config_lib.ConfigDict:
                     cfg[name][key] = _tuples(v)
         else:
             cfg[name] = _tuples(value)
-    cfg.mesh.shape = (1, 1, 1)
-    cfg.data.batch_size = 1
+    cfg.mesh.shape = (num_devices, 1, 1)
+    cfg.data.batch_size = num_devices
     cfg.optim.grad_accum = 1
     return cfg
 

@@ -79,7 +79,8 @@ def build_run(
     step_cfg = StepConfig(diffusion_cfg, cfg.optim.grad_accum, cfg.seed, cfg.train.objective)
     optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
     lr_schedule = optim.make_lr_schedule(cfg.optim, cfg.train.steps)
-    if cfg.sample.num_samples > 0:  # printed after training: checked before it starts
+    check_eval(cfg.eval)
+    if cfg.sample.num_samples > 0 or cfg.eval.generate:  # used after training: checked before
         s = cfg.sample
         sampling.check_settings(
             s.gen_length,
@@ -140,6 +141,13 @@ def check_batch(cfg: config_lib.ConfigDict, mesh: jax.sharding.Mesh) -> None:
             f"data.batch_size={batch} is not divisible by optim.grad_accum={accum} x "
             f"{jax.process_count()} processes"
         )
+
+
+def check_eval(e: config_lib.ConfigDict) -> None:
+    """The eval section describes an evaluation tools/evaluate.py can run."""
+    for key in ("num_tokens", "num_samples", "batch_size"):
+        if e[key] < 1:
+            raise ValueError(f"eval.{key}={e[key]!r} is invalid; valid: a positive integer")
 
 
 def check_sft_settings(d: config_lib.ConfigDict) -> None:

@@ -1,0 +1,322 @@
+"""The offline evaluation job: checkpoints of a run scored on held-out data, and sampled.
+
+  evaluator = Evaluator(workdir)          # the run's model and eval settings, on its own devices
+  result = evaluator.evaluate(step)       # -> DIR/eval/step_<step>.json and TensorBoard
+  watch(evaluator)                        # every checkpoint once, as training writes them
+
+Each checkpoint gets the Monte-Carlo bound on the NLL of a fixed set of held-out rows (the first
+`eval.num_tokens` tokens of the held-out split of the run's data), in nats and bits per token
+with its standard error. The masks come from `eval.seed` alone, so every checkpoint, and every
+run evaluated with the same settings, is scored on the same masks: differences between them are
+not drowned in Monte-Carlo noise. With `eval.generate`, the sample section's prompts are sampled
+too (texts, model calls, tokens/s).
+
+The evaluator only reads the workdir's checkpoints (complete ones: a half-written save is never
+seen) and takes no lock, so it never holds up the trainer. A step whose result file exists is
+done: an evaluation killed and started again goes on where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llada_jax import config as config_lib
+from llada_jax import files, inference, likelihood, sharding
+from llada_jax.data import datasets
+from llada_jax.run import MeshBound
+
+EVAL_DIR = "eval"  # DIR/eval/step_<N>.json
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """How a checkpoint is evaluated (the `eval` config section; see config.base_config)."""
+
+    num_tokens: int = 16384
+    num_samples: int = 8
+    batch_size: int = 16
+    seed: int = 0
+    generate: bool = True
+
+    @classmethod
+    def from_config(cls, e: config_lib.ConfigDict, **overrides: Any) -> EvalSettings:
+        fields = {f.name: e[f.name] for f in dataclasses.fields(cls)}
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**fields)
+
+
+def result_path(workdir: str, step: int) -> str:
+    return os.path.join(workdir, EVAL_DIR, f"step_{step}.json")
+
+
+def evaluated_steps(workdir: str) -> list[int]:
+    """Steps whose result file exists (written in one step: it is complete)."""
+    directory = os.path.join(workdir, EVAL_DIR)
+    if not os.path.isdir(directory):
+        return []
+    names = [n for n in os.listdir(directory) if n.startswith("step_") and n.endswith(".json")]
+    return sorted(int(n[len("step_") : -len(".json")]) for n in names)
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out rows and their scores
+# --------------------------------------------------------------------------------------------
+def held_out_rows(run: Any, num_tokens: int) -> tuple[np.ndarray, list[str]]:
+    """The first rows of the held-out split of each of the run's datasets, split by their
+    weights, ceil(num_tokens / seq_len) rows in all: (R, seq_len) int32 and the splits' names.
+    Raises ValueError when a split holds fewer rows than its share."""
+    sources = datasets.validation_sources(run.cfg.data, run.tokenizer, run.model_cfg.vocab_size)
+    seq_len = run.cfg.data.seq_len
+    total = math.ceil(num_tokens / seq_len)
+    weights = np.array([s.weight for s in sources]) / sum(s.weight for s in sources)
+    counts = np.floor(weights * total).astype(int)
+    counts[: total - counts.sum()] += 1  # the remainder to the first ones
+    rows = []
+    for source, count in zip(sources, counts):
+        if len(source.rows) < count:
+            raise ValueError(
+                f"the held-out split {source.name!r} holds {len(source.rows)} rows of {seq_len} "
+                f"tokens; num_tokens={num_tokens} needs {count} of them: lower --num_tokens "
+                "(eval.num_tokens)"
+            )
+        rows.extend(source.rows[i] for i in range(count))
+    return np.stack(rows).astype(np.int32), [s.name for s in sources]
+
+
+def make_scorer(model: inference.LoadedModel, settings: EvalSettings) -> Callable[..., jax.Array]:
+    """The jitted bound of one batch: (params, tokens (B, L), row_id (B,), sample (B,)) ->
+    (B,) nats, every position a target (unconditional text), on the model's mesh."""
+    mesh, mask_id = model.run.mesh, model.run.tokenizer.mask_id
+    key = jax.random.key(settings.seed)
+    graphdef = model.graphdef
+
+    def score(params: Any, tokens_BxL: jax.Array, row_id_B: jax.Array, sample_B: jax.Array):
+        def logits_fn(tokens: jax.Array, valid: jax.Array) -> jax.Array:
+            return nnx.merge(graphdef, params)(tokens, valid)
+
+        every_BxL = jnp.ones(tokens_BxL.shape, jnp.bool_)
+        return likelihood.nll_samples(
+            logits_fn,
+            tokens_BxL,
+            every_BxL,
+            every_BxL,
+            row_id_B,
+            sample_B,
+            key,
+            num_samples=settings.num_samples,
+            mask_id=mask_id,
+        )
+
+    batch = sharding.batch_sharding(mesh)
+    return MeshBound(jax.jit(score, in_shardings=(None, batch, batch, batch)), mesh)
+
+
+def score_rows(
+    scorer: Callable[..., jax.Array],
+    params: Any,
+    rows_RxL: np.ndarray,
+    settings: EvalSettings,
+    batch_size: int,
+    progress: bool = False,
+) -> np.ndarray:
+    """Every (row, sample) pair scored in batches of `batch_size`: (R, num_samples) nats."""
+    n = settings.num_samples
+    row_id = np.repeat(np.arange(len(rows_RxL), dtype=np.int32), n)
+    sample = np.tile(np.arange(n, dtype=np.int32), len(rows_RxL))
+    pad = -len(row_id) % batch_size  # the last batch repeats pair 0; its extra scores are dropped
+    row_id, sample = np.concatenate([row_id, row_id[:pad]]), np.concatenate([sample, sample[:pad]])
+    out = []
+    batches = range(0, len(row_id), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="held-out bound", unit="batch", leave=False)
+    for start in batches:
+        r, s = row_id[start : start + batch_size], sample[start : start + batch_size]
+        out.append(np.asarray(scorer(params, rows_RxL[r], r, s)))
+    return np.concatenate(out)[: len(rows_RxL) * n].reshape(len(rows_RxL), n)
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluator
+# --------------------------------------------------------------------------------------------
+class Evaluator:
+    """A run's checkpoints evaluated on `devices` (default: every local device), which need not
+    be the ones it trained on: parameters are restored replicated onto them."""
+
+    def __init__(
+        self,
+        workdir: str,
+        devices: Sequence[jax.Device] | None = None,
+        step: int | None = None,
+        progress: bool = True,
+        log: Callable[[str], Any] = print,
+        **overrides: Any,
+    ):
+        """Loads checkpoint `step` (default: the latest complete one): its config gives the model
+        and the eval settings, each overridden by a non-None keyword of EvalSettings."""
+        self.workdir, self.progress, self.log = workdir, progress, log
+        self.model = inference.load(workdir, step, devices or jax.local_devices())
+        cfg = self.model.run.cfg
+        self.settings = EvalSettings.from_config(cfg.eval, **overrides)
+        dp = sharding.data_parallel_size(self.model.run.mesh)
+        self.batch_size = -(-self.settings.batch_size // dp) * dp  # a multiple of the devices
+        self.rows, self.data_names = held_out_rows(self.model.run, self.settings.num_tokens)
+        self.scorer = make_scorer(self.model, self.settings)
+        self.sampler = None
+        self.final_step = cfg.train.steps
+        self._tb = None
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """Scores (and samples) checkpoint `step`, writes its result file and TensorBoard
+        scalars, and returns the result. Raises ValueError if the step is not (or no longer)
+        a complete checkpoint."""
+        t0 = time.perf_counter()
+        model = self.model if step == self.model.step else inference.reload(self.model, step)
+        self.model = model
+        samples = score_rows(
+            self.scorer, model.params, self.rows, self.settings, self.batch_size, self.progress
+        )
+        est = likelihood.estimate(samples, self.rows.size)
+        result: dict[str, Any] = dict(
+            step=step,
+            nll_per_token=est.nll_per_token,
+            nll_stderr=est.stderr_per_token,
+            bits_per_token=est.bits_per_token,
+            bits_stderr=est.bits_stderr_per_token,
+            tokens=est.tokens,
+            rows=len(self.rows),
+            num_samples=self.settings.num_samples,
+            seed=self.settings.seed,
+            data=self.data_names,
+        )
+        if self.settings.generate:
+            result["generate"] = self.generate(model)
+        result["seconds"] = time.perf_counter() - t0
+        self.write(result)
+        return result
+
+    def generate(self, model: inference.LoadedModel) -> dict[str, Any]:
+        """The sample section's prompts, sampled as one batch: texts, model calls, tokens/s."""
+        s, tok = model.run.cfg.sample, model.run.tokenizer
+        prompts = list(s.prompts)
+        ids, valid = inference.left_pad([tok.encode(p) for p in prompts], tok.pad_id)
+        key = jax.random.key(self.settings.seed)
+        if self.sampler is None:  # compiled once; every step has the same shapes
+            sample = inference.make_sampler(
+                model.graphdef, inference.SampleSettings.from_config(s), tok.mask_id
+            )
+            self.sampler = sample.lower(model.params, ids, valid, key).compile()
+        t = time.perf_counter()
+        canvas, nfe = jax.block_until_ready(self.sampler(model.params, ids, valid, key))
+        seconds = time.perf_counter() - t
+        texts = [tok.decode(row[ids.shape[1] :]) for row in np.asarray(canvas).tolist()]
+        return dict(
+            prompts=prompts,
+            texts=texts,
+            nfe=int(nfe),
+            tokens_per_sec=len(prompts) * s.gen_length / seconds,
+            seconds=seconds,
+        )
+
+    def write(self, result: dict[str, Any]) -> None:
+        """TensorBoard scalars beside training's (same step axis), then the result file: a step
+        is done once its file exists."""
+        if self._tb is None:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(
+                os.path.join(self.workdir, "tensorboard"), filename_suffix=".eval"
+            )
+        step = result["step"]
+        for key in ("nll_per_token", "bits_per_token", "bits_stderr"):
+            self._tb.add_scalar(f"eval/{key}", result[key], step)
+        if "generate" in result:
+            self._tb.add_scalar(
+                "eval/generate_tokens_per_sec", result["generate"]["tokens_per_sec"], step
+            )
+            self._tb.add_scalar("eval/generate_nfe", result["generate"]["nfe"], step)
+        self._tb.flush()
+        os.makedirs(os.path.join(self.workdir, EVAL_DIR), exist_ok=True)
+        files.write_atomically(result_path(self.workdir, step), json.dumps(result, indent=1) + "\n")
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    line = (
+        f"step {result['step']}: NLL bound {result['nll_per_token']:.4f} "
+        f"+- {result['nll_stderr']:.4f} nats/token, {result['bits_per_token']:.4f} "
+        f"+- {result['bits_stderr']:.4f} bits/token ({result['tokens']} tokens, "
+        f"{result['num_samples']} samples/row)"
+    )
+    if "generate" in result:
+        g = result["generate"]
+        line += f"; generation: {g['nfe']} model calls, {g['tokens_per_sec']:.1f} tokens/s"
+    return line + f"; {result['seconds']:.1f}s"
+
+
+# --------------------------------------------------------------------------------------------
+# Watching a training run
+# --------------------------------------------------------------------------------------------
+def wait_for_checkpoint(
+    workdir: str,
+    poll_sec: float,
+    idle_timeout_sec: float = 0.0,
+    sleep: Callable[[float], Any] = time.sleep,
+) -> None:
+    """Returns once `workdir` has a complete checkpoint; ValueError after `idle_timeout_sec` > 0
+    without one."""
+    start = time.monotonic()
+    while not inference.complete_steps(workdir):
+        if idle_timeout_sec and time.monotonic() - start > idle_timeout_sec:
+            raise ValueError(f"--workdir={workdir!r} has no checkpoint after {idle_timeout_sec}s")
+        sleep(poll_sec)
+
+
+def watch(
+    evaluator: Evaluator,
+    poll_sec: float = 10.0,
+    idle_timeout_sec: float = 0.0,
+    sleep: Callable[[float], Any] = time.sleep,
+) -> list[dict[str, Any]]:
+    """Evaluates every complete checkpoint not evaluated yet, oldest first, then waits for new
+    ones, until the run's last step is evaluated (or `idle_timeout_sec` > 0 passes with
+    nothing new). A checkpoint removed before its turn (the trainer keeps only the latest few)
+    is skipped with a line. Returns this call's results."""
+    workdir, log = evaluator.workdir, evaluator.log
+    results, idle_since = [], time.monotonic()
+    while True:
+        done = set(evaluated_steps(workdir))
+        pending = [s for s in inference.complete_steps(workdir) if s not in done]
+        for step in pending:
+            try:
+                results.append(evaluator.evaluate(step))
+            except Exception:  # noqa: BLE001 - the trainer may delete it mid-restore
+                if step in inference.complete_steps(workdir):
+                    raise
+                log(f"step {step}: removed by the trainer before it could be evaluated; skipped")
+                continue
+            log(summary_line(results[-1]))
+            done.add(step)
+        if evaluator.final_step in done:
+            return results
+        if pending:
+            idle_since = time.monotonic()
+        elif idle_timeout_sec and time.monotonic() - idle_since > idle_timeout_sec:
+            log(f"no new checkpoint for {idle_timeout_sec:.0f}s; stopping")
+            return results
+        sleep(poll_sec)
