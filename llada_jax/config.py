@@ -125,6 +125,8 @@ def base_config() -> ConfigDict:
     p.remasking = "low_confidence"  # low_confidence | random
     p.cfg_scale = 0.0  # classifier-free guidance weight w; 0: none
     p.threshold = 0.0  # commit every token this confident per step (Fast-dLLM); 0: off
+    p.ban_eos = False  # EOS is never proposed (its logit is -inf)
+    p.eos_zero_confidence = False  # proposed end-of-turn (and at temperature 0 EOS): committed last
 
     c.eval = e = ConfigDict()
     e.num_tokens = 16384  # held-out tokens scored per checkpoint (whole rows of data.seq_len)

@@ -215,7 +215,7 @@ class Evaluator:
         key = jax.random.key(self.settings.seed)
         if self.sampler is None:  # compiled once; every step has the same shapes
             sample = inference.make_sampler(
-                model.graphdef, inference.SampleSettings.from_config(s), tok.mask_id
+                model.graphdef, inference.SampleSettings.from_config(s), tok
             )
             self.sampler = sample.lower(model.params, ids, valid, key).compile()
         t = time.perf_counter()

@@ -3,7 +3,7 @@ samples drawn. The runner under tools/sample.py and the trainer's end-of-run sam
 
   model = load(workdir)                                   # latest complete step, params only
   ids_BxP, valid_BxP = left_pad([tok.encode(p) for p in prompts], tok.pad_id)
-  sample = make_sampler(model.graphdef, settings, mask_id=tok.mask_id)
+  sample = make_sampler(model.graphdef, settings, tok)
   canvas_BxT, nfe = sample(model.params, ids_BxP, valid_BxP, jax.random.key(0))
 """
 
@@ -20,6 +20,7 @@ from flax import nnx
 
 from llada_jax import checkpoint, sampling
 from llada_jax import config as config_lib
+from llada_jax.data.tokenizer import Tokenizer
 from llada_jax.run import Run, abstract_state, build_run
 
 
@@ -35,6 +36,8 @@ class SampleSettings:
     remasking: str = "low_confidence"  # low_confidence | random
     cfg_scale: float = 0.0  # classifier-free guidance weight; 0: none
     threshold: float = 0.0  # confidence-threshold decoding; 0: fixed per-step counts
+    ban_eos: bool = False  # EOS is never proposed
+    eos_zero_confidence: bool = False  # end-of-turn (at temperature 0 also EOS) committed last
 
     def __post_init__(self) -> None:
         sampling.check_settings(
@@ -57,6 +60,8 @@ class SampleSettings:
             s.remasking,
             s.cfg_scale,
             s.threshold,
+            s.ban_eos,
+            s.eos_zero_confidence,
         )
 
 
@@ -157,10 +162,11 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
 
 
 def make_sampler(
-    graphdef: nnx.GraphDef, settings: SampleSettings, mask_id: int
+    graphdef: nnx.GraphDef, settings: SampleSettings, tokenizer: Tokenizer
 ) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """The jitted reverse process: (params, ids (B, P), valid (B, P), key) -> (canvas (B, P +
-    gen_length) int32, nfe: the model calls it ran)."""
+    gen_length) int32, nfe: the model calls it ran). The mask, EOS and end-of-turn ids are the
+    tokenizer's (a run's tokenizer carries the ids its model config names)."""
 
     def sample(params: Any, ids: jax.Array, valid: jax.Array, key: jax.Array):
         def logits_fn(tokens: jax.Array, tokens_valid: jax.Array) -> jax.Array:
@@ -174,11 +180,15 @@ def make_sampler(
             gen_length=settings.gen_length,
             steps=settings.steps,
             block_length=settings.block_length,
-            mask_id=mask_id,
+            mask_id=tokenizer.mask_id,
             temperature=settings.temperature,
             remasking=settings.remasking,
+            eos_id=tokenizer.eos_id,
+            ban_eos=settings.ban_eos,
             cfg_scale=settings.cfg_scale,
             threshold=settings.threshold or None,
+            eot_id=tokenizer.eot_id,
+            eos_zero_confidence=settings.eos_zero_confidence,
         )
 
     return jax.jit(sample)

@@ -17,10 +17,19 @@ Semantics (see LLaDA's ``generate.py``):
   of ``x0`` (``"low_confidence"``) or ``U(0, 1)`` (``"random"``), and commits the top-k
   candidates of each row. Committed tokens are never remasked.
 
-Precision note: the reference samples the Gumbel noise in float64 (``logits.exp() / (-log u)^T``,
-which is the same argmax as ``logits / T + Gumbel``). Here the Gumbel/argmax is done in float32,
-because float64 is normally disabled in JAX and slow on accelerators. LLaDA reports that low
-precision noise can hurt quality at ``T > 0``; ``T == 0`` (greedy) is unaffected.
+EOS options: ``ban_eos`` sets the EOS logit to -inf before ``x0`` is drawn, so EOS is never
+proposed. ``eos_zero_confidence`` does what the reference's ``confidence_eos_eot_inf`` does: after
+``x0`` is drawn, the end-of-turn logit is set to -inf before the confidence softmax, and at
+temperature 0 the EOS logit too (the reference writes into its noisy logits, which are the logits
+themselves only at temperature 0). A proposed EOS or end-of-turn token then has confidence 0 and
+is committed last, and the other tokens' probabilities are renormalized without them.
+
+Precision: ``x0 = argmax(logits / T + g)`` with g standard Gumbel is the reference's
+``argmax(exp(logits) / (-log u)^T)`` in its additive form, which cannot overflow. The reference
+draws u in float64 because the low-precision forms of that ratio lose the noise's tail. Here g is
+float64 when ``jax_enable_x64`` is on, else float32 drawn in JAX's high-dynamic-range mode, whose
+largest value is about 32 instead of 16: a position's draw can differ from an exact one only when
+one of its V Gumbels would exceed 32, with probability about V e^-32 (2e-9 for V = 126464).
 """
 
 from __future__ import annotations
@@ -73,7 +82,7 @@ def select_top_k_mask(confidence: jax.Array, k: jax.Array) -> jax.Array:
 
 
 def sample_tokens(logits: jax.Array, key: jax.Array, temperature: float) -> jax.Array:
-    """``argmax(logits / temperature + Gumbel)`` in float32; plain argmax when ``temperature == 0``.
+    """``argmax(logits / temperature + Gumbel)``; plain argmax when ``temperature == 0``.
 
     Args:
       logits: (B, T, V) float.
@@ -81,16 +90,23 @@ def sample_tokens(logits: jax.Array, key: jax.Array, temperature: float) -> jax.
       temperature: static Python float >= 0.
 
     Returns:
-      (B, T) int32 token ids.
+      (B, T) int32 token ids. The noise is float64 under ``jax_enable_x64``, else float32 in
+      high-dynamic-range mode (see the module docstring).
     """
-    logits = logits.astype(jnp.float32)
     if temperature > 0:
-        gumbel = jax.random.gumbel(key, logits.shape, jnp.float32)
-        logits = logits / jnp.float32(temperature) + gumbel
+        dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+        gumbel = jax.random.gumbel(key, logits.shape, dtype, mode="high")
+        logits = logits.astype(dtype) / temperature + gumbel
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def token_confidence(logits: jax.Array, x0: jax.Array, key: jax.Array, remasking: str) -> jax.Array:
+def token_confidence(
+    logits: jax.Array,
+    x0: jax.Array,
+    key: jax.Array,
+    remasking: str,
+    zero_ids: tuple[int, ...] = (),
+) -> jax.Array:
     """Confidence of each proposed token.
 
     Args:
@@ -98,12 +114,16 @@ def token_confidence(logits: jax.Array, x0: jax.Array, key: jax.Array, remasking
       x0: (B, T) int32 proposed tokens.
       key: PRNG key (used by ``"random"``).
       remasking: ``"low_confidence"`` (softmax probability of ``x0``) or ``"random"`` (U(0, 1)).
+      zero_ids: token ids whose logits are -inf in that softmax (confidence 0 when proposed).
 
     Returns:
       (B, T) float32.
     """
     if remasking == "low_confidence":
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        logits = logits.astype(jnp.float32)
+        if zero_ids:
+            logits = logits.at[..., list(zero_ids)].set(-jnp.inf)
+        probs = jax.nn.softmax(logits, axis=-1)
         return jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
     if remasking == "random":
         return jax.random.uniform(key, x0.shape, jnp.float32)
@@ -164,6 +184,8 @@ def _validate(
     ban_eos: bool,
     cfg_scale: float,
     threshold: float | None,
+    eot_id: int | None,
+    eos_zero_confidence: bool,
 ) -> None:
     if prompt.ndim != 2 or prompt_valid.shape != prompt.shape:
         raise ValueError(
@@ -181,6 +203,8 @@ def _validate(
     )
     if ban_eos and eos_id is None:
         raise ValueError("ban_eos=True requires eos_id")
+    if eos_zero_confidence and (eos_id is None or eot_id is None):
+        raise ValueError("eos_zero_confidence=True requires eos_id and eot_id")
 
 
 def guided_logits(
@@ -217,6 +241,8 @@ def generate(
     ban_eos: bool = False,
     cfg_scale: float = 0.0,
     threshold: float | None = None,
+    eot_id: int | None = None,
+    eos_zero_confidence: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Sample ``gen_length`` tokens after ``prompt`` with the LLaDA reverse process.
 
@@ -235,8 +261,11 @@ def generate(
       mask_id: id of the mask token.
       temperature: Gumbel-max temperature; 0 is greedy argmax.
       remasking: ``"low_confidence"`` or ``"random"``.
-      eos_id: EOS id, needed for ``ban_eos``.
+      eos_id: EOS id, needed for ``ban_eos`` and ``eos_zero_confidence``.
       ban_eos: if True the EOS logit is set to ``-inf`` before sampling.
+      eot_id: end-of-turn id, needed for ``eos_zero_confidence``.
+      eos_zero_confidence: end-of-turn (and at temperature 0 EOS) proposals get confidence 0
+        (see the module docstring).
       cfg_scale: classifier-free guidance weight w (0: none). The unconditional branch is the
         same canvas with every non-mask position of the prompt region (left pads included)
         masked; logits = uncond + (w + 1) * (cond - uncond). Both branches run as one batch of
@@ -269,6 +298,8 @@ def generate(
         ban_eos,
         cfg_scale,
         threshold,
+        eot_id,
+        eos_zero_confidence,
     )
 
     batch, prompt_len = prompt.shape
@@ -280,6 +311,9 @@ def generate(
     valid = jnp.concatenate([prompt_valid, jnp.ones((batch, gen_length), jnp.bool_)], axis=1)
     positions = jnp.arange(total_len, dtype=jnp.int32)
     prompt_index = canvas != mask_id  # at the start: the prompt region's non-mask positions
+    zero_ids = ()
+    if eos_zero_confidence:
+        zero_ids = (eot_id, eos_id) if temperature == 0 else (eot_id,)
 
     def step_fn(step: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         x, schedule = carry  # (B, T) int32, (B, steps_per_block) int32
@@ -313,7 +347,7 @@ def generate(
             logits = logits.at[..., eos_id].set(-jnp.inf)
         gumbel_key, remask_key = jax.random.split(jax.random.fold_in(key, step))
         x0 = sample_tokens(logits, gumbel_key, temperature)
-        confidence = token_confidence(logits, x0, remask_key, remasking)
+        confidence = token_confidence(logits, x0, remask_key, remasking, zero_ids)
         return x0, jnp.where(candidates, confidence, -jnp.inf)
 
     if threshold is not None:

@@ -222,9 +222,7 @@ def print_samples(run: Run, graphdef: nnx.GraphDef, params: Any) -> None:
     s, tok = run.cfg.sample, run.tokenizer
     prompts = [tok.encode(p) for p in list(s.prompts)[: s.num_samples]]
     ids, valid = inference.left_pad(prompts, tok.pad_id)
-    sample = inference.make_sampler(
-        graphdef, inference.SampleSettings.from_config(s), mask_id=tok.mask_id
-    )
+    sample = inference.make_sampler(graphdef, inference.SampleSettings.from_config(s), tok)
     t = time.perf_counter()
     out = np.asarray(sample(params, ids, valid, jax.random.key(run.cfg.seed))[0])
     print(f"samples ({s.steps} steps, {s.gen_length} tokens, {time.perf_counter() - t:.1f}s):")

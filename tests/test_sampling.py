@@ -14,6 +14,7 @@ from llada_jax.sampling import generate, num_transfer_tokens, select_top_k_mask
 VOCAB = 32
 MASK_ID = VOCAB - 1
 EOS_ID = 5
+EOT_ID = 6
 MAX_LEN = 40
 BUMP = 3.0
 VALID_BUMP = 1.5
@@ -60,10 +61,22 @@ def np_num_transfer(mask_count: np.ndarray, steps: int) -> np.ndarray:
     return out
 
 
-def np_generate(prompt, prompt_valid, *, gen_length, steps, block_length, cfg_scale=0.0):
+def np_generate(
+    prompt,
+    prompt_valid,
+    *,
+    gen_length,
+    steps,
+    block_length,
+    cfg_scale=0.0,
+    logits_fn=np_logits,
+    ban_eos=False,
+    zero_confidence_ids=(),
+):
     """Greedy (temperature 0), low_confidence LLaDA generate; returns (canvas, commit_step,
     history). With cfg_scale > 0, guided by the canvas whose prompt (non-mask positions at the
-    start, pads included) is masked."""
+    start, pads included) is masked. ban_eos: EOS logit -inf before the argmax;
+    zero_confidence_ids: their logits -inf after it, in the confidence softmax only."""
     b, lp = prompt.shape
     x = np.concatenate([prompt, np.full((b, gen_length), MASK_ID, prompt.dtype)], axis=1)
     valid = np.concatenate([prompt_valid, np.ones((b, gen_length), bool)], axis=1)
@@ -79,13 +92,16 @@ def np_generate(prompt, prompt_valid, *, gen_length, steps, block_length, cfg_sc
         for i in range(spb):
             history.append(x.copy())
             mask_index = x == MASK_ID
-            logits = np_logits(x, valid)
+            logits = logits_fn(x, valid)
             if cfg_scale > 0:
                 uncond = np.where(prompt_index, MASK_ID, x)
-                un_logits = np_logits(uncond, valid)
+                un_logits = logits_fn(uncond, valid)
                 logits = un_logits + np.float32(cfg_scale + 1) * (logits - un_logits)
+            if ban_eos:
+                logits[..., EOS_ID] = -np.inf
             x0 = logits.argmax(-1)
             z = logits.astype(np.float64)
+            z[..., list(zero_confidence_ids)] = -np.inf
             p = np.exp(z - z.max(-1, keepdims=True))
             p /= p.sum(-1, keepdims=True)
             x0_p = np.take_along_axis(p, x0[..., None], -1)[..., 0]
@@ -112,6 +128,7 @@ def jitted(
     logits_fn=jax_logits,
     cfg_scale=0.0,
     threshold=None,
+    eos_zero_confidence=False,
 ):
     return jax.jit(
         functools.partial(
@@ -127,6 +144,8 @@ def jitted(
             ban_eos=ban_eos,
             cfg_scale=cfg_scale,
             threshold=threshold,
+            eot_id=EOT_ID,
+            eos_zero_confidence=eos_zero_confidence,
         )
     )
 
@@ -360,3 +379,77 @@ def test_mask_tokens_in_the_prompt_compete_with_the_block():
     np.testing.assert_array_equal(np.asarray(got), want)
     # Prompt masks were filled, and the blocks they took turns from end with masks left.
     assert (want[:2, :6] != prompt[:2]).any() and (want[:, 6:] == MASK_ID).any()
+
+
+def np_eos_loving(tokens, valid):
+    """np_logits scaled (wide gaps between candidates) with EOS and end-of-turn the favourites
+    of every third and fifth position."""
+    logits = 10 * np_logits(tokens, valid)
+    logits[:, ::3, EOS_ID] += 40.0
+    logits[:, ::5, EOT_ID] += 40.0
+    return logits
+
+
+def jax_eos_loving(tokens, valid):
+    logits = 10 * jax_logits(tokens, valid)
+    logits = logits.at[:, ::3, EOS_ID].add(40.0)
+    return logits.at[:, ::5, EOT_ID].add(40.0)
+
+
+@pytest.mark.parametrize(
+    "temperature, zero_ids",
+    [(0.0, (EOT_ID, EOS_ID)), (1e-6, (EOT_ID,))],  # the reference's rule at T = 0 and T > 0
+)
+def test_eos_zero_confidence_follows_the_reference_rule(temperature, zero_ids):
+    """End-of-turn proposals get confidence 0, and EOS ones too at temperature 0 only. At
+    T = 1e-6 the logits' gaps (>= 1e-4 here) dwarf the Gumbel noise, so the draw is the argmax
+    and the numpy reference applies; the two rules give different canvases."""
+    prompt, valid = make_prompt((5, 3), 5)
+    settings = dict(gen_length=16, steps=8, block_length=8)
+    want, _, _ = np_generate(
+        prompt, valid, **settings, logits_fn=np_eos_loving, zero_confidence_ids=zero_ids
+    )
+    fn = jitted(
+        16, 8, 8, temperature=temperature, logits_fn=jax_eos_loving, eos_zero_confidence=True
+    )
+    got, _ = fn(prompt, valid, KEY)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    other = (EOT_ID,) if temperature == 0 else (EOT_ID, EOS_ID)
+    plain, _, _ = np_generate(prompt, valid, **settings, logits_fn=np_eos_loving)
+    differs, _, _ = np_generate(
+        prompt, valid, **settings, logits_fn=np_eos_loving, zero_confidence_ids=other
+    )
+    assert not np.array_equal(want, plain) and not np.array_equal(want, differs)
+
+
+def test_ban_eos_matches_numpy():
+    prompt, valid = make_prompt((5, 3), 5)
+    want, _, _ = np_generate(
+        prompt,
+        valid,
+        gen_length=16,
+        steps=8,
+        block_length=8,
+        logits_fn=np_eos_loving,
+        ban_eos=True,
+    )
+    got, _ = jitted(16, 8, 8, ban_eos=True, logits_fn=jax_eos_loving)(prompt, valid, KEY)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert not (want[:, 5:] == EOS_ID).any() and (want[:, 5:] == EOT_ID).any()
+
+
+def test_gumbel_sampling_draws_the_softmax_of_logits_over_temperature():
+    """One generated token per row, 4000 rows of the same prompt: its frequencies match
+    softmax(logits / T) computed in numpy, within 4 standard errors for every token."""
+    rows, temperature = 4000, 0.7
+    prompt, valid = make_prompt((3,), 3)
+    prompt, valid = np.repeat(prompt, rows, 0), np.repeat(valid, rows, 0)
+    got, _ = jitted(1, 1, 1, temperature=temperature)(prompt, valid, KEY)
+    counts = np.bincount(np.asarray(got)[:, 3], minlength=VOCAB) / rows
+    canvas = np.concatenate([prompt[:1], [[MASK_ID]]], axis=1)
+    z = np_logits(canvas, np.ones_like(canvas, bool))[0, 3].astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    stderr = np.sqrt(p * (1 - p) / rows)
+    assert np.all(np.abs(counts - p) <= 4 * stderr + 1e-9), np.abs(counts - p) / stderr
+    assert p.max() < 0.9  # a distribution, not a point mass

@@ -2,7 +2,8 @@
 
   python tools/sample.py --workdir=DIR (--prompt="text" | --prompt_ids=1,2,3 | --prompts_file=F)
       [--gen_length=64 --steps=64 --block_length=64 --remasking=low_confidence|random
-       --temperature=0 --cfg_scale=0 --threshold=...] [--step=N] [--seed=0] [--json]
+       --temperature=0 --cfg_scale=0 --threshold=... --ban_eos --eos_zero_confidence]
+      [--step=N] [--seed=0] [--json]
       [--output=out.jsonl]
 
 --prompt and --prompt_ids may be given several times; --prompts_file is JSON lines with a
@@ -16,7 +17,9 @@ objects as JSON lines. Bad flags or a workdir without parameters: one error line
 --cfg_scale=W guides each step by the canvas with its prompt masked (one doubled batch per
 step). --threshold=C decodes by confidence instead of --steps: each step commits the block's
 most confident masked token and every other one at least C confident, until the block is done;
-nfe then counts the model calls actually run.
+nfe then counts the model calls actually run. --ban_eos never proposes EOS; --eos_zero_confidence
+commits proposed end-of-turn tokens (and at temperature 0 EOS ones) last. The ids are the
+checkpoint's (its model config's, else its tokenizer's).
 """
 
 from __future__ import annotations
@@ -48,6 +51,12 @@ flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: Gumbel-max sampling.")
 flags.DEFINE_float("cfg_scale", 0.0, "Classifier-free guidance scale (0: none).")
 flags.DEFINE_float(
     "threshold", None, "Commit every token at least this confident per step (unset: --steps)."
+)
+flags.DEFINE_bool("ban_eos", False, "Never propose EOS (its logit is -inf).")
+flags.DEFINE_bool(
+    "eos_zero_confidence",
+    False,
+    "Proposed end-of-turn tokens (and EOS at temperature 0) get confidence 0: committed last.",
 )
 flags.DEFINE_integer("seed", 0, "PRNG seed (temperature > 0, random remasking).")
 flags.DEFINE_bool("json", False, "Print one JSON object per prompt.")
@@ -113,6 +122,8 @@ def sample(argv: list[str]) -> list[dict]:
         FLAGS.remasking,
         FLAGS.cfg_scale,
         FLAGS.threshold or 0.0,
+        FLAGS.ban_eos,
+        FLAGS.eos_zero_confidence,
     )
     model = inference.load(FLAGS.workdir, FLAGS.step)
     tok = model.run.tokenizer
@@ -121,7 +132,7 @@ def sample(argv: list[str]) -> list[dict]:
     key = jax.random.key(FLAGS.seed)
     t = time.perf_counter()
     compiled = (
-        inference.make_sampler(model.graphdef, settings, tok.mask_id)
+        inference.make_sampler(model.graphdef, settings, tok)
         .lower(model.params, ids, valid, key)
         .compile()
     )
