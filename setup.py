@@ -29,12 +29,16 @@ setup(
         "tensorboardX>=2.6",
         "psutil>=5.9",
         "safetensors>=0.4",
+        "tokenizers>=0.20",  # Hugging Face tokenizer.json files
+        "jinja2>=3.1",  # their chat templates
     ],
     extras_require={
         # Intel oneMKL for float32 matmuls on x86-64 Linux CPUs (llada_jax/mkl.py).
         "mkl": [MKL],
         # ruff: the linter and formatter tests/test_lint.py runs (its style is pinned by version).
-        "test": ["pytest>=8", "ruff==0.17.*", MKL],
+        # lm-evaluation-harness, with the `llada_jax` model (llada_jax/lm_eval_model.py).
+        "eval": ["lm-eval>=0.4.9,<0.5"],
+        "test": ["pytest>=8", "ruff==0.17.*", MKL, "lm-eval>=0.4.9,<0.5"],
         "tpu": ["libtpu==0.0.42.*"],
     },
 )

@@ -65,6 +65,9 @@ def base_config() -> ConfigDict:
     m.dtype = "float32"  # compute dtype: float32 | bfloat16
     m.param_dtype = "float32"  # storage dtype of the parameters
     m.init_std = 0.02  # std of the normal initialization
+    m.mask_id = -1  # the mask token the model was trained with; -1: the tokenizer's
+    m.eos_id = -1  # its end-of-sequence token; -1: the tokenizer's
+    m.eot_id = -1  # its end-of-turn token (chat); -1: the tokenizer's
 
     c.diffusion = d = ConfigDict()
     d.schedule = "linear"  # mask-rate schedule alpha(t): linear | cosine | polynomial
@@ -77,7 +80,7 @@ def base_config() -> ConfigDict:
     c.optim = o = ConfigDict()
     o.lr = 4e-4  # peak learning rate
     o.schedule = "wsd"  # wsd (warmup-stable-decay) | cosine | constant
-    o.warmup_steps = 2000  # linear warmup from 0, in steps
+    o.warmup_steps = 100  # linear warmup from 0, in steps (LLaDA-8B: 2000)
     o.final_lr = 1e-5  # learning rate at the last step
     o.decay_steps = 0  # wsd: linear decay to final_lr over the last decay_steps steps
     o.lr_drops = ()  # wsd: ((step, lr), ...) held from each step on
@@ -91,7 +94,7 @@ def base_config() -> ConfigDict:
 
     c.data = a = ConfigDict()
     a.datasets = ()  # ((prepared_dir, weight), ...); empty: the shipped corpus
-    a.tokenizer = ""  # sentencepiece model path; empty: the shipped tokenizer
+    a.tokenizer = ""  # sentencepiece .model or Hugging Face tokenizer.json; empty: the shipped one
     a.seq_len = 256  # tokens per row
     a.batch_size = 16  # rows per step, global (all processes together)
     a.segment_ids = False  # keep packed documents apart in attention

@@ -80,6 +80,11 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     init_std: float = 0.02
+    # Token ids the model was trained with (a converted LLaDA-8B: 126336, 126081, 126348); -1:
+    # the tokenizer's. The network does not read them; whoever feeds it does (run.build_run).
+    mask_id: int = -1
+    eos_id: int = -1
+    eot_id: int = -1
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -96,6 +101,12 @@ class ModelConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(
                     f"model.{name}={getattr(self, name)!r} is invalid; valid: a positive integer"
+                )
+        for name in ("mask_id", "eos_id", "eot_id"):
+            if not -1 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(
+                    f"model.{name}={getattr(self, name)!r} is invalid; valid: -1 (the "
+                    f"tokenizer's) or an id below model.vocab_size={self.vocab_size}"
                 )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(

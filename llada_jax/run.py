@@ -25,7 +25,7 @@ from flax import nnx
 from llada_jax import checkpoint, diffusion, kernels, optim, sampling, sharding
 from llada_jax import config as config_lib
 from llada_jax.data import datasets, pipeline, sft
-from llada_jax.data.tokenizer import Tokenizer, default_tokenizer
+from llada_jax.data.tokenizer import Tokenizer, load_tokenizer
 from llada_jax.kernels import mkl, splash
 from llada_jax.model import ModelConfig, Transformer
 from llada_jax.train_step import StepConfig, jit_train_step, make_train_step
@@ -66,12 +66,20 @@ def build_run(
     mesh = sharding.make_mesh(cfg.mesh.shape, list(devices) if devices is not None else None)
     check_batch(cfg, mesh)
     check_sft_settings(cfg.data)
-    tokenizer = Tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else default_tokenizer()
     model_cfg = ModelConfig.from_config(cfg.model)
-    if tokenizer.vocab_size > model_cfg.vocab_size:
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    # Data is encoded with it: it must fit. (Without data, e.g. sampling given token ids, the
+    # ids are checked where they are read.)
+    if data and tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(
-            f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-            f"vocabulary ({tokenizer.vocab_size})"
+            f"model.vocab_size={model_cfg.vocab_size} is smaller than the vocabulary of "
+            f"data.tokenizer={cfg.data.tokenizer or tokenizer.path!r} ({tokenizer.vocab_size})"
+        )
+    tokenizer = tokenizer.with_special_ids(model_cfg.mask_id, model_cfg.eos_id, model_cfg.eot_id)
+    if tokenizer.mask_id < 0:
+        raise ValueError(
+            f"data.tokenizer={cfg.data.tokenizer!r} has no mask token: name the one the model "
+            "uses with model.mask_id=ID"
         )
     chosen = kernels.select(model_cfg.matmul, model_cfg.attention, model_cfg.compute_dtype, mesh)
     check_attention(model_cfg, chosen, cfg.data.seq_len)

@@ -10,3 +10,51 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+# LLaDA-8B-Instruct's chat template, as its tokenizer_config.json holds it.
+LLADA_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | "
+    "trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+    "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ "
+    "'<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+HF_SPECIALS = [
+    "<unk>",
+    "<|endoftext|>",
+    "<|startoftext|>",
+    "<|eot_id|>",
+    "<|mdm_mask|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+]
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_dir(tmp_path_factory) -> str:
+    """A Hugging Face tokenizer directory like LLaDA-8B's, small: a 256-token BPE trained on
+    the shipped corpus with LLaDA's special tokens, and a tokenizer_config.json naming its EOS
+    and BOS and holding LLaDA's chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from llada_jax.data.corpus import read_default_corpus
+
+    text = read_default_corpus()[:200_000]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=HF_SPECIALS, show_progress=False)
+    tok.train_from_iterator([text[i : i + 2000] for i in range(0, len(text), 2000)], trainer)
+    out = tmp_path_factory.mktemp("hf_tokenizer")
+    tok.save(str(out / "tokenizer.json"))
+    config = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": {"content": "<|endoftext|>", "special": True},
+        "chat_template": LLADA_CHAT_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(out)

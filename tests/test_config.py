@@ -24,6 +24,14 @@ def test_every_config_and_variant_loads_and_validates(name):
         optim.make_optimizer(c.optim, c.train.steps)
 
 
+def test_base_config_alone_is_valid():
+    """What a converted checkpoint's config starts from: tools/sample.py and evaluate build
+    its run."""
+    c = config.base_config()
+    ModelConfig.from_config(c.model)
+    optim.make_optimizer(c.optim, c.train.steps)
+
+
 @pytest.mark.parametrize("name,params", [("llada_1b", 1.49e9), ("llada_8b", 8.02e9)])
 def test_paper_parameter_counts(name, params):
     """Counted from the abstract model (nothing allocated) against the paper's Table 5."""

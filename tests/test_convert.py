@@ -3,6 +3,7 @@ an independent numpy LLaMA forward pass, training from a converted workdir, one-
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -16,8 +17,9 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from llada_jax import checkpoint, sharding
+from llada_jax import checkpoint, sampling, sharding
 from llada_jax.convert import hf
+from llada_jax.data.tokenizer import load_tokenizer
 from llada_jax.model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,6 +152,7 @@ def synthetic_llada(
         mlp_hidden_size=f,
         embedding_size=vocab,
         vocab_size=vocab,
+        mask_token_id=vocab - 1,
         torch_dtype=dtype,
     )
     config.pop("dtype")
@@ -436,3 +439,56 @@ def test_bad_inputs_give_one_clear_line(tmp_path, fixture_workdir):
         assert cases[name][1] in lines[0], (name, lines[0])
         assert not os.path.exists(tmp_path / ("out_" + name)), name
     assert not [n for n in os.listdir(tmp_path) if "converting" in n]
+
+
+def test_converted_workdir_samples_with_its_own_tokenizer(tmp_path, hf_tokenizer_dir):
+    """An HF directory with tokenizer files: they are copied into DIR/tokenizer/, the config
+    points at them and names the checkpoint's special ids (config.json's mask and EOS, the
+    tokenizer's end of turn), and tools/sample.py samples the workdir from a text prompt,
+    giving the tokens the sampler gives with those ids on the converted parameters."""
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(FIXTURE, hf_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(hf_tokenizer_dir, name), hf_dir / name)
+    workdir = str(tmp_path / "converted")
+    proc = convert(f"--hf_dir={hf_dir}", f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(os.path.join(workdir, "tokenizer"))) == [
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    with open(os.path.join(workdir, "config.json")) as f:
+        cfg = json.load(f)
+    tok = load_tokenizer(os.path.join(hf_tokenizer_dir, "tokenizer.json"))
+    assert cfg["data"]["tokenizer"] == os.path.join(workdir, "tokenizer", "tokenizer.json")
+    assert (cfg["model"]["mask_id"], cfg["model"]["eos_id"]) == (255, 1)  # config.json's
+    assert cfg["model"]["eot_id"] == tok.eot_id != tok.eos_id
+
+    prompt = "And the LORD"
+    proc = subprocess.run(
+        [sys.executable, "tools/sample.py", f"--workdir={workdir}", f"--prompt={prompt}"]
+        + ["--gen_length=8", "--steps=4", "--block_length=8", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    ids = tok.encode(prompt)
+    model = restore_model(workdir)
+    canvas, _ = jax.jit(
+        lambda m, x: sampling.generate(
+            lambda t, v: m(t, v),
+            x,
+            jnp.ones_like(x, bool),
+            jax.random.key(0),
+            gen_length=8,
+            steps=4,
+            block_length=8,
+            mask_id=255,
+        )
+    )(model, jnp.asarray([ids], jnp.int32))
+    assert result["prompt_ids"] == ids
+    assert result["tokens"] == np.asarray(canvas)[0, len(ids) :].tolist()
+    assert result["text"] == tok.decode(result["tokens"])

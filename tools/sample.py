@@ -3,13 +3,15 @@
   python tools/sample.py --workdir=DIR (--prompt="text" | --prompt_ids=1,2,3 | --prompts_file=F)
       [--gen_length=64 --steps=64 --block_length=64 --remasking=low_confidence|random
        --temperature=0 --cfg_scale=0 --threshold=... --ban_eos --eos_zero_confidence]
-      [--step=N] [--seed=0] [--json]
-      [--output=out.jsonl]
+      [--chat] [--step=N] [--seed=0] [--json] [--output=out.jsonl]
 
 --prompt and --prompt_ids may be given several times; --prompts_file is JSON lines with a
-"prompt" (text) or "prompt_ids" (list of ids) field. All prompts are sampled as one left-padded
-batch, on one device. The model, tokenizer and special ids come from the config saved in the
-checkpoint. Without --json, prints each prompt and its completion; with --json, one JSON object
+"prompt" (text) or "prompt_ids" (list of ids) field. --chat wraps each text prompt as one user
+turn of the tokenizer's chat template (a Hugging Face tokenizer_config.json's, the way
+LLaDA-8B-Instruct's chat script builds its prompts) or, without one, of the SFT chat format. All
+prompts are sampled as one left-padded batch, on one device. The model, tokenizer and special
+ids come from the config saved in the checkpoint. Without --json, prints each prompt and its
+completion; with --json, one JSON object
 per prompt: prompt, prompt_ids, tokens (the generated ids), text, nfe (model calls run) and
 seconds (wall time of the batched generation, compilation excluded). --output writes the same
 objects as JSON lines. Bad flags or a workdir without parameters: one error line, exit 2.
@@ -35,6 +37,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llada_jax import inference  # noqa: E402
+from llada_jax.data import chat  # noqa: E402
 from llada_jax.host import xla_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -43,6 +46,12 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest complet
 flags.DEFINE_multi_string("prompt", [], "A text prompt (repeatable).")
 flags.DEFINE_multi_string("prompt_ids", [], "A prompt as comma-separated token ids (repeatable).")
 flags.DEFINE_string("prompts_file", None, 'JSON lines with "prompt" or "prompt_ids".')
+flags.DEFINE_bool(
+    "chat",
+    False,
+    "Wrap each text prompt as a user turn of the tokenizer's chat template (HF "
+    "tokenizer_config.json), else of the SFT chat format.",
+)
 flags.DEFINE_integer("gen_length", 64, "Generated tokens per prompt.")
 flags.DEFINE_integer("steps", 64, "Denoising steps over the whole generation.")
 flags.DEFINE_integer("block_length", 64, "Semi-autoregressive block length; divides gen_length.")
@@ -63,9 +72,13 @@ flags.DEFINE_bool("json", False, "Print one JSON object per prompt.")
 flags.DEFINE_string("output", None, "Also write the JSON objects to this JSONL file.")
 
 
-def read_prompts(tokenizer) -> list[tuple[str | None, list[int]]]:
+def encode(tokenizer, text: str) -> list[int]:
+    return chat.chat_prompt(tokenizer, text) if FLAGS.chat else tokenizer.encode(text)
+
+
+def read_prompts(tokenizer, vocab_size: int) -> list[tuple[str | None, list[int]]]:
     """(text or None, ids) for every prompt the flags name, in order."""
-    prompts = [(text, tokenizer.encode(text)) for text in FLAGS.prompt]
+    prompts = [(text, encode(tokenizer, text)) for text in FLAGS.prompt]
     for spec in FLAGS.prompt_ids:
         prompts.append((None, parse_ids(spec, "--prompt_ids")))
     if FLAGS.prompts_file:
@@ -78,10 +91,11 @@ def read_prompts(tokenizer) -> list[tuple[str | None, list[int]]]:
     if not prompts:
         raise ValueError("give a prompt: --prompt=TEXT, --prompt_ids=1,2,3 or --prompts_file=F")
     for text, ids in prompts:
-        bad = [i for i in ids if not 0 <= i < tokenizer.vocab_size]
+        bad = [i for i in ids if not 0 <= i < vocab_size]
         if bad:
+            where = "" if text is None else f" (of {text!r}: the tokenizer does not fit the model)"
             raise ValueError(
-                f"prompt token id {bad[0]} is out of range; valid: 0 .. {tokenizer.vocab_size - 1}"
+                f"prompt token id {bad[0]}{where} is out of range; valid: 0 .. {vocab_size - 1}"
             )
     return prompts
 
@@ -100,7 +114,7 @@ def prompt_of_line(line: str, n: int, tokenizer) -> tuple[str | None, list[int]]
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
     if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-        return obj["prompt"], tokenizer.encode(obj["prompt"])
+        return obj["prompt"], encode(tokenizer, obj["prompt"])
     ids = obj.get("prompt_ids") if isinstance(obj, dict) else None
     if isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         return None, ids
@@ -127,7 +141,7 @@ def sample(argv: list[str]) -> list[dict]:
     )
     model = inference.load(FLAGS.workdir, FLAGS.step)
     tok = model.run.tokenizer
-    prompts = read_prompts(tok)
+    prompts = read_prompts(tok, model.run.model_cfg.vocab_size)
     ids, valid = inference.left_pad([p for _, p in prompts], tok.pad_id)
     key = jax.random.key(FLAGS.seed)
     t = time.perf_counter()

@@ -97,6 +97,37 @@ def run_config(cfg: ModelConfig) -> config_lib.ConfigDict:
 # --------------------------------------------------------------------------------------------
 # Import: HF directory -> workdir
 # --------------------------------------------------------------------------------------------
+TOKENIZER_DIR = "tokenizer"  # DIR/tokenizer/: the HF directory's tokenizer files, copied
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+)
+
+
+def _use_tokenizer(run_cfg: config_lib.ConfigDict, source: str, final_path: str) -> None:
+    """Points the run config at the copied tokenizer (`final_path`) and names its end-of-turn
+    id (and the mask and EOS ids config.json does not give) in the model section."""
+    from llada_jax.data.tokenizer import HFTokenizer
+
+    try:
+        tok = HFTokenizer(source)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+    m = run_cfg.model
+    if tok.vocab_size > m.vocab_size:
+        raise ConvertError(
+            f"the tokenizer {source!r} has {tok.vocab_size} tokens, more than the model's "
+            f"vocabulary ({m.vocab_size})"
+        )
+    run_cfg.data.tokenizer = final_path
+    m.mask_id = m.mask_id if m.mask_id >= 0 else tok.mask_id
+    m.eos_id = m.eos_id if m.eos_id >= 0 else tok.eos_id
+    m.eot_id = tok.eot_id
+
+
 @contextlib.contextmanager
 def _output_dir(dest: str, flag: str) -> Iterator[str]:
     """A temporary directory renamed to `dest` on success and removed on failure."""
@@ -199,9 +230,17 @@ def import_hf(hf_dir: str, workdir: str, source: str = "auto", dtype: str = "flo
         raise ConvertError(f"config.json of {hf_dir!r}: {e}") from None
     reader = TensorReader(hf_dir)
     check_tensors(reader, cfg, source)
+    tokenizer_files = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
     run_cfg = run_config(cfg)
+    if "tokenizer.json" in tokenizer_files:
+        tokenizer_path = os.path.join(os.path.abspath(workdir), TOKENIZER_DIR, "tokenizer.json")
+        _use_tokenizer(run_cfg, os.path.join(hf_dir, "tokenizer.json"), tokenizer_path)
     out_dtype = DTYPES[dtype]
     with _output_dir(workdir, "--workdir") as tmp:
+        if tokenizer_files:
+            os.makedirs(os.path.join(tmp, TOKENIZER_DIR))
+        for name in tokenizer_files:
+            shutil.copy2(os.path.join(hf_dir, name), os.path.join(tmp, TOKENIZER_DIR, name))
         mm_dir = os.path.join(tmp, "tmp-arrays")
         os.makedirs(mm_dir)
         params: dict = {}
@@ -284,11 +323,12 @@ def _find_hf_config(workdir: str, meta: dict, depth: int = 0) -> dict | None:
 
 def _special_ids(run_cfg: dict) -> dict:
     """mask/eos/pad ids of the run's tokenizer (for a config with no HF LLaDA ancestor)."""
-    from llada_jax.data.tokenizer import Tokenizer, default_tokenizer
+    from llada_jax.data.tokenizer import load_tokenizer
 
-    path = run_cfg.get("data", {}).get("tokenizer", "")
+    m = run_cfg.get("model", {})
     try:
-        tok = Tokenizer(path) if path else default_tokenizer()
+        tok = load_tokenizer(run_cfg.get("data", {}).get("tokenizer", ""))
+        tok = tok.with_special_ids(m.get("mask_id", -1), m.get("eos_id", -1), m.get("eot_id", -1))
     except Exception:  # noqa: BLE001 - ids stay LLaDA-8B's
         return {}
     return {"mask_token_id": tok.mask_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}

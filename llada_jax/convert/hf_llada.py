@@ -109,11 +109,21 @@ def model_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig
             rope_theta=float(hf.get("rope_theta", 10000.0)),
             norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
             tie_embeddings=bool(hf.get("weight_tying", False)),
+            mask_id=_token_id(hf, "mask_token_id"),
+            eos_id=_token_id(hf, "eos_token_id"),
         )
     except KeyError as e:
         raise ConvertError(f"HF LLaDA config.json lacks {e.args[0]!r}") from None
     fields.update(overrides)
     return ModelConfig(**fields)
+
+
+def _token_id(hf: Mapping[str, Any], key: str) -> int:
+    """config.json's `key` (an int, or a list whose first entry counts), else -1."""
+    value = hf.get(key)
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return int(value) if isinstance(value, int) else -1
 
 
 def hf_config_from_model(

@@ -73,3 +73,30 @@ def dialogue_messages(obj: Any) -> list[dict[str, Any]]:
             messages.insert(0, {"role": "system", "content": obj["system"]})
         return messages
     raise BadRecord("missing field 'messages' or 'prompt'/'response'")
+
+
+def chat_prompt(tokenizer: Tokenizer, user_text: str) -> list[int]:
+    """The ids of a one-turn chat prompt asking for the assistant's reply.
+
+    With a Hugging Face tokenizer whose tokenizer_config.json has a `chat_template`, that Jinja
+    template is rendered as Hugging Face's `apply_chat_template(messages,
+    add_generation_prompt=True, tokenize=False)` does (trimmed blocks, its bos/eos tokens) and
+    the text encoded with no special tokens added (the template writes its own). Otherwise the
+    prompt is this project's SFT format: the user turn, then the assistant header.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    messages = [{"role": "user", "content": user_text}]
+    if not template:
+        ids = tokenizer.encode(ROLE_HEADERS["user"]) + tokenizer.encode(user_text)
+        return ids + [tokenizer.eot_id] + tokenizer.encode(ROLE_HEADERS["assistant"])
+    import jinja2.sandbox
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(f"the tokenizer's chat template refused the prompt: {message}")
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    text = env.from_string(template).render(
+        messages=messages, add_generation_prompt=True, **tokenizer.template_tokens
+    )
+    return tokenizer.encode(text)

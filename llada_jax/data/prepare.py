@@ -35,7 +35,7 @@ from typing import Any
 
 from llada_jax.data import chat, shards
 from llada_jax.data.inputs import InputError, Piece, check_readable, expand_inputs, is_jsonl
-from llada_jax.data.tokenizer import DEFAULT_TOKENIZER_PATH, Tokenizer
+from llada_jax.data.tokenizer import DEFAULT_TOKENIZER_PATH, Tokenizer, load_tokenizer
 
 CREATED_BY = f"llada_jax.data.prepare/{shards.PREPARE_VERSION}"
 METADATA_FILE = "metadata.json"
@@ -81,7 +81,7 @@ def prepare(
     _check_options(format, seq_len, shard_bytes, validation_fraction)
     tokenizer_path = os.path.abspath(tokenizer_path or DEFAULT_TOKENIZER_PATH)
     try:
-        tok = Tokenizer(tokenizer_path)
+        tok = load_tokenizer(tokenizer_path)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load tokenizer: {e}") from e
     files = expand_inputs(inputs)

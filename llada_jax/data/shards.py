@@ -43,7 +43,7 @@ from llada_jax.data.inputs import (
     string_field,
     text_documents,
 )
-from llada_jax.data.tokenizer import Tokenizer
+from llada_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 PREPARE_VERSION = 1  # in every unit's spec: a new version remakes every shard
 MAX_BAD_RECORDS_LISTED = 100
@@ -167,7 +167,7 @@ _WORKER_TOKENIZER: Tokenizer | None = None
 def init_worker(tokenizer_path: str) -> None:
     """Loads the tokenizer once per worker process (the pool's initializer)."""
     global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = Tokenizer(tokenizer_path)
+    _WORKER_TOKENIZER = load_tokenizer(tokenizer_path)
 
 
 def write_shard(job: Job) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from llada_jax.data.corpus import read_default_corpus
 from llada_jax.data.tokenizer import (
     DEFAULT_TOKENIZER_PATH,
     MASK_PIECE,
+    SentencePieceTokenizer,
     Tokenizer,
     default_tokenizer,
 )
@@ -88,14 +89,14 @@ def test_fingerprint_is_stable(tok: Tokenizer) -> None:
     with open(DEFAULT_TOKENIZER_PATH, "rb") as f:
         expected = hashlib.sha256(f.read()).hexdigest()[:16]
     assert tok.fingerprint == expected
-    assert Tokenizer(DEFAULT_TOKENIZER_PATH).fingerprint == expected
+    assert SentencePieceTokenizer(DEFAULT_TOKENIZER_PATH).fingerprint == expected
     assert len(expected) == 16
 
 
 def test_missing_file_gives_clear_error(tmp_path) -> None:
     path = os.path.join(tmp_path, "nope.model")
     with pytest.raises(FileNotFoundError, match="nope.model"):
-        Tokenizer(path)
+        SentencePieceTokenizer(path)
 
 
 def test_missing_special_piece_gives_clear_error(tmp_path) -> None:
@@ -109,7 +110,7 @@ def test_missing_special_piece_gives_clear_error(tmp_path) -> None:
         num_threads=1,
     )
     with pytest.raises(ValueError, match=r"plain\.model.*<pad>"):
-        Tokenizer(prefix + ".model")
+        SentencePieceTokenizer(prefix + ".model")
 
 
 def test_training_sentences_from_jsonl_text_and_dirs(tmp_path) -> None:
@@ -202,7 +203,7 @@ def test_train_tokenizer_on_sampled_jsonl(tmp_path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "training on 40 of" in proc.stdout
-    t = Tokenizer(prefix + ".model")
+    t = SentencePieceTokenizer(prefix + ".model")
     assert t.vocab_size == 600 and (t.pad_id, t.unk_id, t.eos_id) == (0, 1, 2)
     assert t.decode(t.encode(TRICKY)) == TRICKY
     proc = _train_tokenizer(f"--input={os.path.join(tmp_path, 'nope')}", f"--model_prefix={prefix}")
