@@ -57,9 +57,15 @@ def mask_exactly(key_B: jax.Array, target_BxL: jax.Array, l_B: jax.Array) -> jax
     """(B, L) bool: `l_B[b]` of row b's target positions, uniformly without replacement.
 
     key_B: (B,) PRNG keys, one per row. The targets are ranked by an independent uniform score
-    each; the l lowest ranks are masked.
+    each, drawn from the row's key folded with the position, so padding a row to another length
+    changes none of its draws; the l lowest ranks are masked.
     """
-    score_BxL = jax.vmap(lambda k: jax.random.uniform(k, target_BxL.shape[1:]))(key_B)
+    positions = jnp.arange(target_BxL.shape[1])
+
+    def scores(k: jax.Array) -> jax.Array:
+        return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(k, i)))(positions)
+
+    score_BxL = jax.vmap(scores)(key_B)
     score_BxL = jnp.where(target_BxL, score_BxL, jnp.inf)
     rank_BxL = jnp.argsort(jnp.argsort(score_BxL, axis=-1), axis=-1)
     return target_BxL & (rank_BxL < l_B[:, None])
@@ -114,17 +120,23 @@ def nll_samples(
 # --------------------------------------------------------------------------------------------
 # Host side: windows of long documents, and the estimate with its standard error
 # --------------------------------------------------------------------------------------------
-def rolling_windows(ids: Sequence[int], max_len: int, context_len: int) -> list[tuple[list, int]]:
+def rolling_windows(
+    ids: Sequence[int], max_len: int, context_len: int, num_prefix: int = 0
+) -> list[tuple[list, int]]:
     """A document as (window ids, number of targets at its end) pairs covering every token once.
 
-    The first window scores the first `max_len` tokens with no prompt; each later one scores the
-    next `max_len - context_len` tokens, preceded by as many earlier tokens as fit in `max_len`
-    (at least `context_len`).
+    The first `num_prefix` ids are context only (e.g. an EOS that opens the document). The first
+    window scores the rest of the first `max_len` ids; each later one scores the next
+    `max_len - context_len` ids, preceded by as many earlier ids as fit in `max_len` (at least
+    `context_len`).
     """
-    if not 0 <= context_len < max_len:
-        raise ValueError(f"context_len={context_len} must be in [0, max_len={max_len})")
-    windows, end = [], min(len(ids), max_len)
-    windows.append((list(ids[:end]), end))
+    if not 0 <= context_len < max_len or not 0 <= num_prefix < max_len:
+        raise ValueError(
+            f"context_len={context_len} and num_prefix={num_prefix} must be in [0, "
+            f"max_len={max_len})"
+        )
+    end = min(len(ids), max_len)
+    windows = [(list(ids[:end]), end - num_prefix)] if end > num_prefix else []
     while end < len(ids):
         new_end = min(len(ids), end + max_len - context_len)
         windows.append((list(ids[max(0, new_end - max_len) : new_end]), new_end - end))

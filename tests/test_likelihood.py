@@ -161,6 +161,10 @@ def test_rolling_windows_cover_each_token_once_with_the_context_before_it():
     windows = likelihood.rolling_windows(list(range(9)), max_len=4, context_len=2)
     assert windows == [([0, 1, 2, 3], 4), ([2, 3, 4, 5], 2), ([4, 5, 6, 7], 2), ([5, 6, 7, 8], 1)]
     assert likelihood.rolling_windows([5, 6], max_len=4, context_len=2) == [([5, 6], 2)]
+    # A prefix (an opening EOS) is context, never a target.
+    windows = likelihood.rolling_windows([9] + list(range(6)), 4, context_len=1, num_prefix=1)
+    assert windows == [([9, 0, 1, 2], 3), ([2, 3, 4, 5], 3)]
+    assert likelihood.rolling_windows([9], 4, context_len=1, num_prefix=1) == []
     with pytest.raises(ValueError, match="context_len"):
         likelihood.rolling_windows(ids, max_len=4, context_len=4)
 
@@ -174,3 +178,33 @@ def test_estimate_sums_rows_and_their_errors():
     assert est.nll_per_token == pytest.approx(1.0)
     assert est.bits_per_token == pytest.approx(1 / math.log(2))
     assert est.bits_stderr_per_token == pytest.approx(math.sqrt(5) / 6 / math.log(2))
+
+
+def test_padding_a_row_changes_none_of_its_draws():
+    """The same row at length 3 and right-padded to length 5: the same masks and value (the
+    model ignores invalid positions, and the draws depend on positions, not the length)."""
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(L, L, V + 1, V + 1)), jnp.float32)
+
+    def logits_fn(tokens, valid):
+        t = tokens.shape[1]
+        onehot = jax.nn.one_hot(tokens, V + 1) * valid[..., None]
+        return jnp.einsum("bjt,ijtv->biv", onehot, w[:t, :t])
+
+    def score(tokens, target, valid):
+        n = 6
+        return likelihood.nll_samples(
+            logits_fn,
+            jnp.asarray([tokens] * n),
+            jnp.asarray([target] * n, bool),
+            jnp.asarray([valid] * n, bool),
+            jnp.full((n,), 3, jnp.int32),
+            jnp.arange(n, dtype=jnp.int32),
+            jax.random.key(5),
+            num_samples=n,
+            mask_id=MASK,
+        )
+
+    short = score([1, 0, 2], [0, 1, 1], [1, 1, 1])
+    long = score([1, 0, 2, 2, 1], [0, 1, 1, 0, 0], [1, 1, 1, 0, 0])
+    np.testing.assert_allclose(short, long, rtol=1e-6)
+    assert len(set(np.round(np.asarray(short), 5))) > 1  # the samples do differ

@@ -1,0 +1,291 @@
+"""The lm-evaluation-harness model `llada_jax`: a workdir's checkpoint behind lm-eval's LM API.
+
+  python -m llada_jax.lm_eval_model --model llada_jax --model_args workdir=DIR[,mc_num=128,...] \
+      --tasks hellaswag [any other lm_eval flag]
+
+lm-eval finds no models in other packages, so this module registers `llada_jax` and then runs
+lm-eval's own command line with the arguments given. From Python, importing this module
+registers the model for `lm_eval.simple_evaluate(model="llada_jax", model_args=...)`;
+tools/evaluate.py --tasks runs tasks this way on the checkpoint it evaluates.
+
+  loglikelihood          -(the Monte-Carlo NLL bound of the continuation given the context):
+                         exactly l of its L tokens masked, weight L / l, l stratified over the
+                         `mc_num` samples, the context never masked, optional CFG (`cfg_scale`).
+                         is_greedy is not computed (False), as in the reference's default.
+  loglikelihood_rolling  -(the bound of the whole text) in windows of the model's context, each
+                         new chunk scored given the tokens before it; the text opens with EOS.
+  generate_until         the sampler (`gen_length`, `steps`, `block_length`, `temperature`,
+                         `remasking`, `threshold`, `cfg_scale`), cut at EOS and the stop strings.
+
+Requests are batched (`batch_size` model rows per call, Monte-Carlo samples and requests
+together, padded to a few lengths so that little is recompiled) and split over the devices.
+The masks of a request depend only on its tokens and `seed`: the same request is scored on the
+same masks by every checkpoint (common random numbers).
+
+Model arguments: workdir (required unless a loaded model is passed), step, mc_num (128),
+batch_size (32), cfg_scale (0), seed (0), max_length (0: the run's data.seq_len), gen_length
+(0: each request's max_gen_toks), steps (0: gen_length), block_length (0: gen_length),
+temperature (0), remasking (low_confidence), threshold (0: off), num_devices (0: all local).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import zlib
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from llada_jax import inference, likelihood, sharding
+from llada_jax.run import MeshBound
+
+DEFAULT_MAX_GEN_TOKS = 256
+
+
+def bucket(length: int) -> int:
+    """`length` rounded up to one of a few sizes (at most ~12% more): one compile per size."""
+    step = max(16, 2 ** max(0, math.ceil(math.log2(max(length, 1))) - 3))
+    return -(-length // step) * step
+
+
+@register_model("llada_jax")
+class LLaDAJaxLM(LM):
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        workdir: str = "",
+        step: int | None = None,
+        mc_num: int = 128,
+        batch_size: int | str = 32,
+        cfg_scale: float = 0.0,
+        seed: int = 0,
+        max_length: int = 0,
+        gen_length: int = 0,
+        steps: int = 0,
+        block_length: int = 0,
+        temperature: float = 0.0,
+        remasking: str = "low_confidence",
+        threshold: float = 0.0,
+        num_devices: int = 0,
+        model: inference.LoadedModel | None = None,
+        progress: bool = True,
+        max_batch_size: int | None = None,
+        device: str | None = None,
+    ):
+        super().__init__()
+        del max_batch_size, device  # lm-eval's torch-side options; devices: num_devices
+        if model is None:
+            if not workdir:
+                raise ValueError("model_args needs workdir=DIR (a workdir with checkpoints)")
+            devices = jax.local_devices()[: int(num_devices) or None]
+            model = inference.load(workdir, None if step is None else int(step), devices)
+        self.model, self.tok = model, model.run.tokenizer
+        self.mc_num, self.seed, self.cfg_scale = int(mc_num), int(seed), float(cfg_scale)
+        dp = sharding.data_parallel_size(model.run.mesh)
+        rows = int(batch_size) if str(batch_size).isdigit() else 32  # "auto": the default
+        self.batch_size = -(-max(rows, 1) // dp) * dp
+        self.max_length = int(max_length) or model.run.cfg.data.seq_len
+        self.sampling = dict(
+            gen_length=int(gen_length),
+            steps=int(steps),
+            block_length=int(block_length),
+            temperature=float(temperature),
+            remasking=remasking,
+            threshold=float(threshold),
+        )
+        self.progress = progress
+        if self.mc_num < 1:
+            raise ValueError(f"mc_num={mc_num} is invalid; valid: a positive integer")
+        self._scorer = self._make_scorer()
+        self._samplers: dict[inference.SampleSettings, Any] = {}
+
+    # ------------------------------------------------------------------------------------
+    # Scoring
+    # ------------------------------------------------------------------------------------
+    def _make_scorer(self) -> MeshBound:
+        graphdef, mesh = self.model.graphdef, self.model.run.mesh
+        key = jax.random.key(self.seed)
+
+        def score(params, tokens_BxL, target_BxL, valid_BxL, row_id_B, sample_B):
+            def logits_fn(tokens: jax.Array, valid: jax.Array) -> jax.Array:
+                return nnx.merge(graphdef, params)(tokens, valid)
+
+            return likelihood.nll_samples(
+                logits_fn,
+                tokens_BxL,
+                target_BxL,
+                valid_BxL,
+                row_id_B,
+                sample_B,
+                key,
+                num_samples=self.mc_num,
+                mask_id=self.tok.mask_id,
+                cfg_scale=self.cfg_scale,
+            )
+
+        batch = sharding.batch_sharding(mesh)
+        return MeshBound(jax.jit(score, in_shardings=(None,) + (batch,) * 5), mesh)
+
+    def score_rows(self, rows: Sequence[tuple[list[int], int]], desc: str) -> np.ndarray:
+        """The bound (nats) of each row's last `targets` tokens given the ones before them:
+        rows are (ids, targets) pairs; returns (len(rows), mc_num) samples."""
+        out = np.zeros((len(rows), self.mc_num))
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for i, (ids, _) in enumerate(rows):
+            by_length[bucket(len(ids))].append(i)
+        total = sum(len(v) for v in by_length.values()) * self.mc_num
+        bar = _bar(total, desc, self.progress)
+        for length, members in sorted(by_length.items()):
+            pairs = [(i, j) for i in members for j in range(self.mc_num)]
+            for start in range(0, len(pairs), self.batch_size):
+                chunk = pairs[start : start + self.batch_size]
+                padded = chunk + [chunk[0]] * (self.batch_size - len(chunk))
+                tokens, target, valid = (
+                    np.zeros((self.batch_size, length), t) for t in (np.int32, bool, bool)
+                )
+                row_id = np.zeros(self.batch_size, np.int32)
+                sample = np.array([j for _, j in padded], np.int32)
+                for b, (i, _) in enumerate(padded):
+                    ids, n = rows[i]
+                    tokens[b, : len(ids)] = ids
+                    valid[b, : len(ids)] = True
+                    target[b, len(ids) - n : len(ids)] = True
+                    row_id[b] = (
+                        zlib.crc32(np.asarray(ids, np.int32).tobytes() + bytes([n % 256]))
+                        & 0x7FFFFFFF
+                    )
+                nll = np.asarray(
+                    self._scorer(self.model.params, tokens, target, valid, row_id, sample)
+                )
+                for b, (i, j) in enumerate(chunk):
+                    out[i, j] = nll[b]
+                bar.update(len(chunk))
+        bar.close()
+        return out
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Context and continuation ids; spaces that end the context move to the continuation
+        (tokenizers attach them to the next word), and the context is cut from the left so that
+        both fit in max_length."""
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        ctx, cont = self.tok.encode(context), self.tok.encode(continuation)
+        cont = cont[-self.max_length :]
+        return ctx[max(0, len(ctx) + len(cont) - self.max_length) :], cont
+
+    def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
+        rows = []
+        for context, continuation in (r.args for r in requests):
+            ctx, cont = self.encode_pair(context, continuation)
+            rows.append((ctx + cont, len(cont)))
+        samples = self.score_rows(rows, "loglikelihood")
+        return [(-float(s.mean()), False) for s in samples]
+
+    def loglikelihood_rolling(self, requests: Sequence[Any]) -> list[float]:
+        rows, owner = [], []
+        context = self.max_length // 4  # the least context a later window keeps
+        for k, (text,) in enumerate(r.args for r in requests):
+            ids = [self.tok.eos_id] + self.tok.encode(text)
+            for window in likelihood.rolling_windows(ids, self.max_length, context, num_prefix=1):
+                rows.append(window)
+                owner.append(k)
+        samples = self.score_rows(rows, "loglikelihood_rolling")
+        totals = np.zeros(len(requests))
+        np.add.at(totals, np.asarray(owner, int), samples.mean(axis=1))
+        return [-float(t) for t in totals]
+
+    # ------------------------------------------------------------------------------------
+    # Generation
+    # ------------------------------------------------------------------------------------
+    def settings_for(self, max_gen_toks: int) -> inference.SampleSettings:
+        s = self.sampling
+        block = s["block_length"] or s["gen_length"] or max_gen_toks
+        gen_length = -(-(s["gen_length"] or max_gen_toks) // block) * block
+        return inference.SampleSettings(
+            gen_length,
+            s["steps"] or gen_length,
+            block,
+            s["temperature"],
+            s["remasking"],
+            self.cfg_scale,
+            s["threshold"],
+        )
+
+    def generate_until(self, requests: Sequence[Any]) -> list[str]:
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        prompts, stops = [], []
+        for i, (context, kwargs) in enumerate(r.args for r in requests):
+            kwargs = dict(kwargs or {})
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            settings = self.settings_for(int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS)))
+            ids = self.tok.encode(context)[-max(1, self.max_length - settings.gen_length) :]
+            prompts.append(ids)
+            stops.append(until)
+            groups[(settings, bucket(len(ids)))].append(i)
+        out = [""] * len(requests)
+        bar = _bar(len(requests), "generate_until", self.progress)
+        for (settings, width), members in sorted(groups.items(), key=lambda g: g[0][1]):
+            sampler = self._samplers.get(settings)
+            if sampler is None:
+                sampler = self._samplers[settings] = inference.make_sampler(
+                    self.model.graphdef, settings, self.tok
+                )
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start : start + self.batch_size]
+                batch = [prompts[i] for i in chunk]
+                batch += [batch[0]] * (self.batch_size - len(batch))
+                ids, valid = inference.left_pad(batch, self.tok.pad_id)
+                ids = np.pad(
+                    ids, ((0, 0), (width - ids.shape[1], 0)), constant_values=self.tok.pad_id
+                )
+                valid = np.pad(valid, ((0, 0), (width - valid.shape[1], 0)))
+                key = jax.random.key(self.seed)
+                canvas, _ = sampler(self.model.params, ids, valid, key)
+                canvas = np.asarray(canvas)[:, width:]
+                for b, i in enumerate(chunk):
+                    out[i] = cut(self.tok.decode(stop_at_eos(canvas[b], self.tok)), stops[i])
+                bar.update(len(chunk))
+        bar.close()
+        return out
+
+
+def stop_at_eos(tokens: np.ndarray, tok: Any) -> list[int]:
+    """The generated ids before the first EOS or end-of-turn."""
+    ends = [k for k, t in enumerate(tokens.tolist()) if t in (tok.eos_id, tok.eot_id)]
+    return tokens[: ends[0]].tolist() if ends else tokens.tolist()
+
+
+def cut(text: str, stops: Iterable[str]) -> str:
+    """`text` up to the first of the stop strings."""
+    for s in stops:
+        if s and s in text:
+            text = text[: text.index(s)]
+    return text
+
+
+def _bar(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+
+
+def main(argv: list[str]) -> None:
+    """lm-eval's command line, with `llada_jax` registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = argv
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main(sys.argv)
