@@ -1,12 +1,12 @@
 """The lm-evaluation-harness model `llada_jax`: a workdir's checkpoint behind lm-eval's LM API.
 
-  python -m llada_jax.lm_eval_model --model llada_jax --model_args workdir=DIR[,mc_num=128,...] \
+  python tools/lm_eval_harness.py run --model llada_jax --model_args workdir=DIR[,mc_num=128] \
       --tasks hellaswag [any other lm_eval flag]
 
-lm-eval finds no models in other packages, so this module registers `llada_jax` and then runs
-lm-eval's own command line with the arguments given. From Python, importing this module
-registers the model for `lm_eval.simple_evaluate(model="llada_jax", model_args=...)`;
-tools/evaluate.py --tasks runs tasks this way on the checkpoint it evaluates.
+Importing this module registers the model for `lm_eval.simple_evaluate(model="llada_jax",
+model_args=...)`. lm-eval finds no models in other packages, so tools/lm_eval_harness.py imports
+it and then runs lm-eval's own command line; tools/evaluate.py --tasks runs tasks on the
+checkpoint it evaluates.
 
   loglikelihood          -(the Monte-Carlo NLL bound of the continuation given the context):
                          exactly l of its L tokens masked, weight L / l, l stratified over the
@@ -31,7 +31,6 @@ temperature (0), remasking (low_confidence), threshold (0: off), num_devices (0:
 from __future__ import annotations
 
 import math
-import sys
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -58,6 +57,21 @@ def bucket(length: int) -> int:
 @register_model("llada_jax")
 class LLaDAJaxLM(LM):
     """See the module docstring."""
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """lm-eval's --batch_size (default 1) counts requests; batch_size in model_args (model
+        rows per call) wins over it."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        if "batch_size" in arg_dict:
+            extra.pop("batch_size", None)
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     def __init__(
         self,
@@ -277,15 +291,3 @@ def _bar(total: int, desc: str, enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
-
-
-def main(argv: list[str]) -> None:
-    """lm-eval's command line, with `llada_jax` registered."""
-    from lm_eval.__main__ import cli_evaluate
-
-    sys.argv = argv
-    cli_evaluate()
-
-
-if __name__ == "__main__":
-    main(sys.argv)
