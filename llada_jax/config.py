@@ -137,6 +137,10 @@ def base_config() -> ConfigDict:
     e.batch_size = 16  # model rows per call (rows x samples together, split over the devices)
     e.seed = 0  # seeds the masks: every checkpoint and run is scored on the same ones
     e.generate = True  # also sample the sample section's prompts (texts, NFE, tokens/s)
+    e.tasks = ()  # lm-evaluation-harness tasks run on each checkpoint (the `eval` extra)
+    e.task_dir = ""  # a directory of task YAML files (local tasks) besides lm-eval's own
+    e.limit = 0  # documents per task; 0: all
+    e.mc_num = 128  # Monte-Carlo samples per loglikelihood request of the tasks
 
     c.mesh = ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor) device counts; -1: the remaining devices

@@ -48,6 +48,10 @@ class EvalSettings:
     batch_size: int = 16
     seed: int = 0
     generate: bool = True
+    tasks: tuple[str, ...] = ()
+    task_dir: str = ""
+    limit: int = 0
+    mc_num: int = 128
 
     @classmethod
     def from_config(cls, e: config_lib.ConfigDict, **overrides: Any) -> EvalSettings:
@@ -172,6 +176,8 @@ class Evaluator:
         self.settings = EvalSettings.from_config(cfg.eval, **overrides)
         dp = sharding.data_parallel_size(self.model.run.mesh)
         self.batch_size = -(-self.settings.batch_size // dp) * dp  # a multiple of the devices
+        if self.settings.tasks:
+            check_tasks(self.settings.tasks, self.settings.task_dir)
         self.rows, self.data_names = held_out_rows(self.model.run, self.settings.num_tokens)
         self.scorer = make_scorer(self.model, self.settings)
         self.sampler = None
@@ -203,6 +209,8 @@ class Evaluator:
         )
         if self.settings.generate:
             result["generate"] = self.generate(model)
+        if self.settings.tasks:
+            result["tasks"] = run_tasks(model, self.settings, self.batch_size, self.progress)
         result["seconds"] = time.perf_counter() - t0
         self.write(result)
         return result
@@ -242,6 +250,9 @@ class Evaluator:
         step = result["step"]
         for key in ("nll_per_token", "bits_per_token", "bits_stderr"):
             self._tb.add_scalar(f"eval/{key}", result[key], step)
+        for task, metrics in result.get("tasks", {}).items():
+            for name, value in metrics.items():
+                self._tb.add_scalar(f"eval/{task}/{name}", value, step)
         if "generate" in result:
             self._tb.add_scalar(
                 "eval/generate_tokens_per_sec", result["generate"]["tokens_per_sec"], step
@@ -256,6 +267,59 @@ class Evaluator:
             self._tb.close()
 
 
+# --------------------------------------------------------------------------------------------
+# lm-evaluation-harness tasks
+# --------------------------------------------------------------------------------------------
+def task_manager(task_dir: str) -> Any:
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ValueError("tasks need lm-evaluation-harness: pip install -e '.[eval]'") from None
+    if task_dir and not os.path.isdir(task_dir):
+        raise ValueError(f"--task_dir={task_dir!r} is not a directory")
+    return TaskManager(include_path=task_dir or None)
+
+
+def check_tasks(tasks: Sequence[str], task_dir: str) -> None:
+    """Raises ValueError naming the first task lm-eval does not know."""
+    known = set(task_manager(task_dir).all_tasks)
+    for task in tasks:
+        if task not in known:
+            raise ValueError(
+                f"unknown task {task!r} (lm-eval knows {len(known)}: list them with "
+                "python tools/lm_eval_harness.py ls tasks; local ones go in --task_dir)"
+            )
+
+
+def run_tasks(
+    model: inference.LoadedModel, settings: EvalSettings, batch_size: int, progress: bool
+) -> dict[str, dict[str, float]]:
+    """Each task's metrics (lm-eval's `metric,filter` names, e.g. 'acc,none', with their
+    'acc_stderr,none'), through the llada_jax model on the loaded parameters."""
+    import lm_eval
+
+    from llada_jax.lm_eval_model import LLaDAJaxLM
+
+    lm = LLaDAJaxLM(
+        model=model,
+        mc_num=settings.mc_num,
+        batch_size=batch_size,
+        seed=settings.seed,
+        progress=progress,
+    )
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(settings.tasks),
+        task_manager=task_manager(settings.task_dir),
+        limit=settings.limit or None,
+        log_samples=False,
+    )
+    return {
+        task: {k: float(v) for k, v in metrics.items() if "," in k and isinstance(v, (int, float))}
+        for task, metrics in out["results"].items()
+    }
+
+
 def summary_line(result: dict[str, Any]) -> str:
     line = (
         f"step {result['step']}: NLL bound {result['nll_per_token']:.4f} "
@@ -266,6 +330,9 @@ def summary_line(result: dict[str, Any]) -> str:
     if "generate" in result:
         g = result["generate"]
         line += f"; generation: {g['nfe']} model calls, {g['tokens_per_sec']:.1f} tokens/s"
+    for task, metrics in result.get("tasks", {}).items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "stderr" not in k)
+        line += f"; {task}: {shown}"
     return line + f"; {result['seconds']:.1f}s"
 
 

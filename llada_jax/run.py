@@ -153,7 +153,7 @@ def check_batch(cfg: config_lib.ConfigDict, mesh: jax.sharding.Mesh) -> None:
 
 def check_eval(e: config_lib.ConfigDict) -> None:
     """The eval section describes an evaluation tools/evaluate.py can run."""
-    for key in ("num_tokens", "num_samples", "batch_size"):
+    for key in ("num_tokens", "num_samples", "batch_size", "mc_num"):
         if e[key] < 1:
             raise ValueError(f"eval.{key}={e[key]!r} is invalid; valid: a positive integer")
 

@@ -184,3 +184,33 @@ def test_lm_eval_command_line_with_the_model_registered(workdir, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "kjv_mc" in proc.stdout and "acc" in proc.stdout
+
+
+def test_evaluate_runs_tasks_on_the_checkpoint_and_refuses_unknown_ones(workdir, tmp_path):
+    _write_tasks(str(tmp_path), str(tmp_path))
+    base = [sys.executable, "tools/evaluate.py", f"--workdir={workdir}", "--num_tokens=128"]
+    base += ["--num_samples=2", "--generate=false", "--progress=false", f"--task_dir={tmp_path}"]
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run(
+        base + ["--tasks=kjv_mc", "--mc_num=4"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "eval", "step_6.json")) as f:
+        result = json.load(f)
+    assert 0 <= result["tasks"]["kjv_mc"]["acc,none"] <= 1 and "kjv_mc: acc,none" in proc.stdout
+    proc = subprocess.run(
+        base + ["--tasks=kjv_mc,no_such_task"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "unknown task 'no_such_task'" in lines[0], proc.stderr[-2000:]

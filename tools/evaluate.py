@@ -2,15 +2,18 @@
 
   python tools/evaluate.py --workdir=DIR [--step=N | --watch [--poll_sec=10 --idle_timeout=0]]
       [--num_tokens=N --num_samples=N --batch_size=N --seed=N --generate=true|false]
+      [--tasks=hellaswag,arc_easy --task_dir=MY_TASKS --limit=N --mc_num=128]
       [--num_devices=N] [--progress=true|false]
 
 Without --step or --watch, evaluates the latest complete checkpoint. --watch evaluates every
 complete checkpoint not evaluated yet, then each new one as training writes it, until the run's
 last step is done (or --idle_timeout seconds pass with no new checkpoint). Each step's result
 goes to DIR/eval/step_<N>.json (NLL bound in nats and bits per token with its standard error,
-tokens scored, generation texts, model calls and tokens/s) and to TensorBoard under DIR/tensorboard
-(eval/...), and one summary line is printed. Steps with a result file are skipped, so a killed
-evaluation picks up where it stopped (--step=N evaluates N again).
+tokens scored, generation texts, model calls and tokens/s, each lm-eval task's metrics) and to
+TensorBoard under DIR/tensorboard (eval/...), and one summary line is printed. Steps with a
+result file are skipped, so a killed evaluation picks up where it stopped (--step=N evaluates N
+again). --tasks runs lm-evaluation-harness tasks (the `eval` extra) through the llada_jax model
+on the same parameters; an unknown task is one error line before anything runs.
 
 The data is the held-out split of the run's own datasets (the shipped corpus holds three books
 out of training; a prepared directory needs tools/prepare_data.py --validation_fraction). The
@@ -46,6 +49,10 @@ flags.DEFINE_integer("num_samples", None, "Monte-Carlo masks per row (default: e
 flags.DEFINE_integer("batch_size", None, "Rows per model call (default: eval.batch_size).")
 flags.DEFINE_integer("seed", None, "Seed of the masks (default: eval.seed).")
 flags.DEFINE_bool("generate", None, "Also sample the config's prompts (default: eval.generate).")
+flags.DEFINE_list("tasks", None, "lm-eval tasks, comma-separated (default: eval.tasks).")
+flags.DEFINE_string("task_dir", None, "A directory of local task YAMLs (default: eval.task_dir).")
+flags.DEFINE_integer("limit", None, "Documents per task; 0: all (default: eval.limit).")
+flags.DEFINE_integer("mc_num", None, "Monte-Carlo samples per task request (default: eval.mc_num).")
 flags.DEFINE_integer("num_devices", 0, "Evaluate on the first N local devices (0: all).")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 
@@ -55,7 +62,7 @@ def check_flags() -> None:
         raise ValueError("--workdir=DIR is required")
     if FLAGS.watch and FLAGS.step is not None:
         raise ValueError("--step and --watch exclude each other: give one")
-    for name, minimum in (("num_tokens", 1), ("num_samples", 1), ("batch_size", 1)):
+    for name, minimum in (("num_tokens", 1), ("num_samples", 1), ("batch_size", 1), ("mc_num", 1)):
         value = FLAGS[name].value
         if value is not None and value < minimum:
             raise ValueError(f"--{name}={value!r} is invalid; valid: a positive integer")
@@ -88,6 +95,10 @@ def run(argv: list[str]) -> list[dict]:
         batch_size=FLAGS.batch_size,
         seed=FLAGS.seed,
         generate=FLAGS.generate,
+        tasks=tuple(FLAGS.tasks) if FLAGS.tasks is not None else None,
+        task_dir=FLAGS.task_dir,
+        limit=FLAGS.limit,
+        mc_num=FLAGS.mc_num,
     )
     try:
         if FLAGS.watch:
