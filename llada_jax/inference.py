@@ -38,6 +38,7 @@ class SampleSettings:
     threshold: float = 0.0  # confidence-threshold decoding; 0: fixed per-step counts
     ban_eos: bool = False  # EOS is never proposed
     eos_zero_confidence: bool = False  # end-of-turn (at temperature 0 also EOS) committed last
+    kv_cache: str = "none"  # none | prefix | dual (Fast-dLLM's caches, approximate)
 
     def __post_init__(self) -> None:
         sampling.check_settings(
@@ -48,6 +49,7 @@ class SampleSettings:
             self.remasking,
             cfg_scale=self.cfg_scale,
             threshold=self.threshold or None,
+            kv_cache=self.kv_cache,
         )
 
     @classmethod
@@ -62,6 +64,7 @@ class SampleSettings:
             s.threshold,
             s.ban_eos,
             s.eos_zero_confidence,
+            s.kv_cache,
         )
 
 
@@ -169,8 +172,17 @@ def make_sampler(
     tokenizer's (a run's tokenizer carries the ids its model config names)."""
 
     def sample(params: Any, ids: jax.Array, valid: jax.Array, key: jax.Array):
+        def model() -> Any:
+            return nnx.merge(graphdef, params)  # merged inside the loop
+
         def logits_fn(tokens: jax.Array, tokens_valid: jax.Array) -> jax.Array:
-            return nnx.merge(graphdef, params)(tokens, tokens_valid)  # merged inside the loop
+            return model()(tokens, tokens_valid)
+
+        if settings.kv_cache != "none":
+            logits_fn = sampling.CachedModel(
+                full=lambda tokens, v: model()(tokens, v, return_cache=True),
+                window=lambda tokens, v, cache, start: model().window(tokens, v, cache, start),
+            )
 
         return sampling.generate(
             logits_fn,
@@ -189,6 +201,7 @@ def make_sampler(
             threshold=settings.threshold or None,
             eot_id=tokenizer.eot_id,
             eos_zero_confidence=settings.eos_zero_confidence,
+            kv_cache=settings.kv_cache,
         )
 
     return jax.jit(sample)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -251,18 +251,34 @@ class Attention(nnx.Module):
         self.causal = cfg.causal
 
     def __call__(
-        self, x_BxLxD: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array
-    ) -> jax.Array:
-        """x -> (B, L, D); rope: (cos, sin) (L, H) tables; mask from `attention_lib.mask`."""
+        self,
+        x_BxLxD: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
+        mask: jax.Array,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        start: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """x -> ((B, L, D), (k, v)): the output and this call's rotated keys and values
+        (B, L, K, H). rope: (cos, sin) (L, H) tables; mask from `attention_lib.mask`.
+
+        With `cache` (this layer's keys and values of the whole sequence, (B, S, K, H)), x is the
+        window [start, start + L) of the sequence, attending to its own keys there and the
+        cache's elsewhere; mask is then the (B, 1, 1, S) key-padding `attention_lib.bias`.
+        """
         cos_LxH, sin_LxH = rope
         q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = project(x_BxLxD, self.q, self.k, self.v)
         # The 1/sqrt(H) scale of the scores is folded into the rotation of q.
         q_BxLxNxH = apply_rope(q_BxLxNxH, cos_LxH * self.scale, sin_LxH * self.scale)
         k_BxLxKxH = apply_rope(k_BxLxKxH, cos_LxH, sin_LxH)
-        out_BxLxNxH = attention_lib.attention(
-            q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask, self.kernels, self.causal
-        )
-        return self.o(out_BxLxNxH)
+        if cache is None:
+            out_BxLxNxH = attention_lib.attention(
+                q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask, self.kernels, self.causal
+            )
+        else:
+            out_BxLxNxH = attention_lib.window_attention(
+                q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, *cache, start, mask
+            )
+        return self.o(out_BxLxNxH), (k_BxLxKxH, v_BxLxKxH)
 
 
 class MLP(nnx.Module):
@@ -289,10 +305,17 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, kernels, rngs=rngs)
 
     def __call__(
-        self, x_BxLxD: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array
-    ) -> jax.Array:
-        h_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), rope, mask)
-        return h_BxLxD + self.mlp(self.mlp_norm(h_BxLxD))
+        self,
+        x_BxLxD: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
+        mask: jax.Array,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        start: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """x -> ((B, L, D), (k, v)); see `Attention` for the cache."""
+        attn_BxLxD, kv = self.attn(self.attn_norm(x_BxLxD), rope, mask, cache, start)
+        h_BxLxD = x_BxLxD + attn_BxLxD
+        return h_BxLxD + self.mlp(self.mlp_norm(h_BxLxD)), kv
 
 
 class Transformer(nnx.Module):
@@ -338,26 +361,25 @@ class Transformer(nnx.Module):
         segment_ids: jax.Array | None = None,
         *,
         valid_prefix: bool = False,
-    ) -> jax.Array:
+        return_cache: bool = False,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
         """tokens (B, L) int; valid (B, L) bool key-padding mask; segment_ids (B, L) int.
 
         valid_prefix promises that each row's valid positions come first (padding trailing, as
         in every training batch): the cuDNN attention then takes key lengths instead of a bias.
+        return_cache: also return every layer's keys and values, for `window`.
         """
         cfg = self.cfg
         if valid is None:
             valid, valid_prefix = jnp.ones(tokens.shape, bool), True
         mask = attention_lib.mask(valid, segment_ids, self.kernels, cfg.causal, valid_prefix)
         rope = rope_tables(tokens.shape[1], cfg.head_dim, cfg.rope_theta)
-        # Activations are constrained to the batch sharding (a no-op without a mesh context): the
-        # embedding's output would otherwise follow the FSDP-sharded table (embed dim split).
-        x = sharding.constrain(self.embed(tokens), ("batch", None, None))
 
         # Layers run as pure functions of their state (jax.lax.scan / jax.checkpoint rather than
         # the nnx transforms), so the model also works inside other traced loops (the sampler).
-        def layer(x: jax.Array, block_state: nnx.State) -> tuple[jax.Array, None]:
-            x = nnx.merge(block_def, block_state)(x, rope, mask)
-            return sharding.constrain(x, ("batch", None, None)), None
+        def layer(x: jax.Array, block_state: nnx.State) -> tuple[jax.Array, Any]:
+            x, kv = nnx.merge(block_def, block_state)(x, rope, mask)
+            return sharding.constrain(x, ("batch", None, None)), kv if return_cache else None
 
         unroll = min(cfg.scan_unroll, cfg.n_layers)
         if cfg.remat != "none":
@@ -367,13 +389,70 @@ class Transformer(nnx.Module):
                 policy=REMAT_POLICIES[cfg.remat],
                 prevent_cse=not cfg.scan_layers or unroll > 1,
             )
-        if cfg.scan_layers:
-            block_def, states = nnx.split(self.blocks)
-            x, _ = jax.lax.scan(layer, x, states, unroll=unroll)
-        else:
-            for block in self.blocks:
-                block_def, state = nnx.split(block)
-                x, _ = layer(x, state)
+        block_def, states = self._block_states()
+        x, kv = self._run_layers(layer, self._embed(tokens), states, unroll)
+        logits = self._head(x)
+        return (logits, KVCache(*kv)) if return_cache else logits
+
+    def window(
+        self, tokens_BxW: jax.Array, valid_BxL: jax.Array, cache: KVCache, start: jax.Array
+    ) -> jax.Array:
+        """Logits (B, W, V) of the window [start, start + W) of a sequence of length L whose
+        tokens elsewhere are those of the full pass that made `cache` (`return_cache=True`): the
+        window's queries attend to its own keys and values and the cache's elsewhere. Exact
+        when the window's tokens are the only ones changed and the model has one layer (deeper
+        layers' keys depend on every token); the sampler's prefix and dual caches."""
+        cfg = self.cfg
+        if cfg.causal:
+            raise ValueError("the K/V window pass is for bidirectional models (model.causal)")
+        width = tokens_BxW.shape[1]
+        bias = attention_lib.bias(valid_BxL, None, causal=False)
+        cos_LxH, sin_LxH = rope_tables(valid_BxL.shape[1], cfg.head_dim, cfg.rope_theta)
+        rope = tuple(jax.lax.dynamic_slice_in_dim(t, start, width) for t in (cos_LxH, sin_LxH))
+
+        def layer(x: jax.Array, xs: tuple[nnx.State, jax.Array, jax.Array]):
+            block_state, k_cache, v_cache = xs
+            x, _ = nnx.merge(block_def, block_state)(x, rope, bias, (k_cache, v_cache), start)
+            return sharding.constrain(x, ("batch", None, None)), None
+
+        block_def, states = self._block_states()
+        unroll = min(cfg.scan_unroll, cfg.n_layers)
+        x, _ = self._run_layers(layer, self._embed(tokens_BxW), states, unroll, cache)
+        return self._head(x)
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        # Activations are constrained to the batch sharding (a no-op without a mesh context): the
+        # embedding's output would otherwise follow the FSDP-sharded table (embed dim split).
+        return sharding.constrain(self.embed(tokens), ("batch", None, None))
+
+    def _block_states(self) -> tuple[nnx.GraphDef, Any]:
+        """The blocks' graph and state: stacked (one state) when scanned, else one per block."""
+        if self.cfg.scan_layers:
+            return nnx.split(self.blocks)
+        pairs = [nnx.split(block) for block in self.blocks]
+        return pairs[0][0], [state for _, state in pairs]
+
+    def _run_layers(self, layer, x, states, unroll: int, cache: KVCache | None = None):
+        """x through every layer: `layer(x, xs) -> (x, out)` with xs the layer's state (and its
+        slice of `cache`); returns x and the layers' outputs stacked (n_layers, ...)."""
+        if self.cfg.scan_layers:
+            xs = states if cache is None else (states, cache.k, cache.v)
+            return jax.lax.scan(layer, x, xs, unroll=unroll)
+        outs = []
+        for i, state in enumerate(states):
+            x, out = layer(x, state if cache is None else (state, cache.k[i], cache.v[i]))
+            outs.append(out)
+        stacked = None if outs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        return x, stacked
+
+    def _head(self, x: jax.Array) -> jax.Array:
         x = self.final_norm(x)
-        logits = self.embed.attend(x) if cfg.tie_embeddings else self.lm_head(x)
+        logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
         return sharding.constrain(logits, ("batch", None, "vocab"))
+
+
+class KVCache(NamedTuple):
+    """Every layer's rotated keys and values of a full pass: (n_layers, B, L, K, H) each."""
+
+    k: jax.Array
+    v: jax.Array

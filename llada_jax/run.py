@@ -99,6 +99,7 @@ def build_run(
             prefix="sample.",
             cfg_scale=s.cfg_scale,
             threshold=s.threshold or None,
+            kv_cache=s.kv_cache,
         )
     if workdir:
         check_resumable(cfg, workdir)

@@ -34,7 +34,7 @@ one of its V Gumbels would exceed 32, with probability about V e^-32 (2e-9 for V
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,7 @@ import jax.numpy as jnp
 LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 REMASKING_STRATEGIES = ("low_confidence", "random")
+KV_CACHES = ("none", "prefix", "dual")
 
 
 def num_transfer_tokens(mask_count: jax.Array, steps: int) -> jax.Array:
@@ -139,6 +140,7 @@ def check_settings(
     prefix: str = "",
     cfg_scale: float = 0.0,
     threshold: float | None = None,
+    kv_cache: str = "none",
 ) -> None:
     """Raises ValueError (one line naming the setting as `prefix` + its name, e.g. the config
     key `sample.block_length`) unless the settings describe a sampler this module can run."""
@@ -170,6 +172,8 @@ def check_settings(
         raise ValueError(f"{p}cfg_scale={cfg_scale!r} is invalid; valid: a number >= 0")
     if threshold is not None and not 0 < threshold <= 1:
         raise ValueError(f"{p}threshold={threshold!r} is invalid; valid: 0 < threshold <= 1")
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"{p}kv_cache={kv_cache!r} is invalid; valid choices: {KV_CACHES}")
 
 
 def _validate(
@@ -219,14 +223,39 @@ def guided_logits(
     (x with `prompt_index` (B, T) masked), both computed in one call on 2B rows."""
     if cfg_scale == 0:
         return logits_fn(x, valid)
+    both = logits_fn(*_with_unconditional(x, valid, prompt_index, mask_id))
+    return _guide(both, cfg_scale)
+
+
+def _with_unconditional(x, valid, prompt_index, mask_id):
+    """(x; x with prompt_index masked) and (valid; valid): the 2B rows of a guided call."""
     uncond = jnp.where(prompt_index, mask_id, x)
-    both = logits_fn(jnp.concatenate([x, uncond]), jnp.concatenate([valid, valid]))
-    cond_logits, uncond_logits = jnp.split(both, 2)
+    return jnp.concatenate([x, uncond]), jnp.concatenate([valid, valid])
+
+
+def _guide(both_logits: jax.Array, cfg_scale: float) -> jax.Array:
+    cond_logits, uncond_logits = jnp.split(both_logits, 2)
     return uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
 
 
+class CachedModel(NamedTuple):
+    """A model whose K/V the sampler can cache across the steps of a block.
+
+    full: (tokens (B, T), valid (B, T)) -> (logits (B, T, V), cache), a pass over the canvas.
+    window: (tokens (B, W), valid (B, T), cache, start) -> logits (B, W, V): the positions
+      [start, start + W) recomputed, every other one's keys and values taken from the cache.
+    Called like a LogitsFn, it runs `full` and drops the cache.
+    """
+
+    full: Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]]
+    window: Callable[[jax.Array, jax.Array, Any, jax.Array], jax.Array]
+
+    def __call__(self, tokens: jax.Array, valid: jax.Array) -> jax.Array:
+        return self.full(tokens, valid)[0]
+
+
 def generate(
-    logits_fn: LogitsFn,
+    logits_fn: LogitsFn | CachedModel,
     prompt: jax.Array,
     prompt_valid: jax.Array,
     key: jax.Array,
@@ -243,6 +272,7 @@ def generate(
     threshold: float | None = None,
     eot_id: int | None = None,
     eos_zero_confidence: bool = False,
+    kv_cache: str = "none",
 ) -> tuple[jax.Array, jax.Array]:
     """Sample ``gen_length`` tokens after ``prompt`` with the LLaDA reverse process.
 
@@ -250,7 +280,7 @@ def generate(
 
     Args:
       logits_fn: ``(tokens (B, T) int32, valid (B, T) bool) -> logits (B, T, V)``; ``valid`` is
-        the key-padding mask.
+        the key-padding mask. A ``CachedModel`` for ``kv_cache`` other than "none".
       prompt: (B, Lp) int32, left-padded.
       prompt_valid: (B, Lp) bool, False on the left pads.
       key: PRNG key (used for Gumbel noise when ``temperature > 0`` and for ``"random"``).
@@ -263,9 +293,6 @@ def generate(
       remasking: ``"low_confidence"`` or ``"random"``.
       eos_id: EOS id, needed for ``ban_eos`` and ``eos_zero_confidence``.
       ban_eos: if True the EOS logit is set to ``-inf`` before sampling.
-      eot_id: end-of-turn id, needed for ``eos_zero_confidence``.
-      eos_zero_confidence: end-of-turn (and at temperature 0 EOS) proposals get confidence 0
-        (see the module docstring).
       cfg_scale: classifier-free guidance weight w (0: none). The unconditional branch is the
         same canvas with every non-mask position of the prompt region (left pads included)
         masked; logits = uncond + (w + 1) * (cond - uncond). Both branches run as one batch of
@@ -275,10 +302,19 @@ def generate(
         confident masked token of the block and every other one whose confidence is at least
         `threshold`; a block ends when it has no masks left. `steps` is then unused, and the
         returned nfe counts the model calls actually run.
+      eot_id: end-of-turn id, needed for ``eos_zero_confidence``.
+      eos_zero_confidence: end-of-turn (and at temperature 0 EOS) proposals get confidence 0
+        (see the module docstring).
+      kv_cache: Fast-dLLM's caches. Each block's first step is a full pass that caches every
+        layer's keys and values; its later steps recompute only a window: "prefix", the
+        generated region (the prompt's keys and values cached); "dual", the block alone (the
+        prompt's, the earlier blocks' and the later masks' cached). Only the window's masks
+        compete in those steps. Exact for a one-layer model, approximate otherwise (deeper
+        keys depend on every token); "none": every step a full pass.
 
     Returns:
       ``(canvas, nfe)``: canvas (B, T) int32 with the prompt unchanged and the generated tokens
-      after it; nfe int32 scalar, the number of ``logits_fn`` calls (``steps``).
+      after it; nfe int32 scalar, the number of model calls (full or window passes).
 
     Note:
       As in the reference, a token equal to ``mask_id`` proposed by the model is committed like
@@ -301,12 +337,14 @@ def generate(
         eot_id,
         eos_zero_confidence,
     )
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache={kv_cache!r} is invalid; valid choices: {KV_CACHES}")
+    if kv_cache != "none" and not isinstance(logits_fn, CachedModel):
+        raise ValueError(f"kv_cache={kv_cache!r} needs a CachedModel, got {logits_fn!r}")
 
     batch, prompt_len = prompt.shape
     total_len = prompt_len + gen_length
     num_blocks = gen_length // block_length
-    steps_per_block = steps // num_blocks
-
     canvas = jnp.concatenate([prompt, jnp.full((batch, gen_length), mask_id, jnp.int32)], axis=1)
     valid = jnp.concatenate([prompt_valid, jnp.ones((batch, gen_length), jnp.bool_)], axis=1)
     positions = jnp.arange(total_len, dtype=jnp.int32)
@@ -314,48 +352,93 @@ def generate(
     zero_ids = ()
     if eos_zero_confidence:
         zero_ids = (eot_id, eos_id) if temperature == 0 else (eot_id,)
+    width = {"prefix": gen_length, "dual": block_length}.get(kv_cache, total_len)
 
-    def step_fn(step: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        x, schedule = carry  # (B, T) int32, (B, steps_per_block) int32
-        block = step // steps_per_block
-        inner = step % steps_per_block
-        block_start = prompt_len + block * block_length
-        block_end = block_start + block_length
-        in_block = (positions >= block_start) & (positions < block_end)  # (T,)
-        is_mask = x == mask_id  # (B, T)
-        # Every mask before the block's end competes, mask tokens inside the prompt (infilling
-        # templates) included, while the count per step comes from the block's own masks at
-        # its start: as the reference does, a block can thus end with masks left.
-        candidates = is_mask & (positions < block_end)[None, :]
-
-        # New block: schedule its masked tokens over its steps.
-        schedule = jnp.where(
-            inner == 0,
-            num_transfer_tokens(jnp.sum(is_mask & in_block[None, :], axis=-1), steps_per_block),
-            schedule,
-        )
-        k = schedule[:, inner]  # (B,)
-
-        x0, confidence = propose(x, step, candidates)
-        commit = select_top_k_mask(confidence, k) & candidates
-        return jnp.where(commit, x0, x), schedule
-
-    def propose(x: jax.Array, step: jax.Array, candidates: jax.Array):
-        """x0 (B, T) and its confidence, -inf outside `candidates`, for the canvas x."""
-        logits = guided_logits(logits_fn, x, valid, prompt_index, mask_id, cfg_scale)
+    def choose(logits: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x0 and its confidence (B, W) from logits (B, W, V)."""
         if ban_eos:
             logits = logits.at[..., eos_id].set(-jnp.inf)
         gumbel_key, remask_key = jax.random.split(jax.random.fold_in(key, step))
         x0 = sample_tokens(logits, gumbel_key, temperature)
-        confidence = token_confidence(logits, x0, remask_key, remasking, zero_ids)
-        return x0, jnp.where(candidates, confidence, -jnp.inf)
+        return x0, token_confidence(logits, x0, remask_key, remasking, zero_ids)
+
+    def full_pass(x: jax.Array, step: jax.Array):
+        """x0 and confidence over the canvas, and the cache (None without kv_cache)."""
+        if kv_cache == "none":
+            logits, cache = (
+                guided_logits(logits_fn, x, valid, prompt_index, mask_id, cfg_scale),
+                None,
+            )
+        elif cfg_scale == 0:
+            logits, cache = logits_fn.full(x, valid)
+        else:
+            both, cache = logits_fn.full(*_with_unconditional(x, valid, prompt_index, mask_id))
+            logits = _guide(both, cfg_scale)
+        return (*choose(logits, step), cache)
+
+    def window_pass(x: jax.Array, step: jax.Array, cache: Any, start: jax.Array):
+        """x0 and confidence over the canvas from a window pass at `start` (-inf outside)."""
+        x_w = jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)
+        if cfg_scale == 0:
+            logits = logits_fn.window(x_w, valid, cache, start)
+        else:
+            p_w = jax.lax.dynamic_slice_in_dim(prompt_index, start, width, axis=1)
+            both_x, both_valid = _with_unconditional(x_w, valid, p_w, mask_id)
+            logits = _guide(logits_fn.window(both_x, both_valid, cache, start), cfg_scale)
+        x0_w, conf_w = choose(logits, step)
+        x0 = jax.lax.dynamic_update_slice_in_dim(x, x0_w, start, axis=1)
+        conf = jnp.full(x.shape, -jnp.inf, jnp.float32)
+        return x0, jax.lax.dynamic_update_slice_in_dim(conf, conf_w, start, axis=1)
+
+    def window_start(block_start: jax.Array) -> jax.Array:
+        return block_start if kv_cache == "dual" else jnp.int32(prompt_len)
 
     if threshold is not None:
         return _threshold_decode(
-            canvas, prompt_len, block_length, num_blocks, mask_id, threshold, propose
+            canvas,
+            prompt_len,
+            block_length,
+            num_blocks,
+            mask_id,
+            threshold,
+            full_pass,
+            window_pass if kv_cache != "none" else None,
+            window_start,
         )
-    schedule0 = jnp.zeros((batch, steps_per_block), jnp.int32)
-    canvas, _ = jax.lax.fori_loop(0, steps, step_fn, (canvas, schedule0))
+
+    steps_per_block = steps // num_blocks
+
+    def block_fn(block: jax.Array, x: jax.Array) -> jax.Array:
+        block_start = prompt_len + block * block_length
+        block_end = block_start + block_length
+        in_block = (positions >= block_start) & (positions < block_end)  # (T,)
+        # The block's masked tokens scheduled over its steps, counted at its start, while every
+        # mask before its end competes (mask tokens inside the prompt, infilling templates,
+        # included): as the reference does, a block can thus end with masks left.
+        schedule = num_transfer_tokens(
+            jnp.sum((x == mask_id) & in_block[None, :], axis=-1), steps_per_block
+        )
+        first = block * steps_per_block
+
+        def commit(x: jax.Array, x0: jax.Array, confidence: jax.Array, inner: jax.Array):
+            candidates = (x == mask_id) & (positions < block_end)[None, :]
+            confidence = jnp.where(candidates, confidence, -jnp.inf)
+            chosen = select_top_k_mask(confidence, schedule[:, inner]) & candidates
+            return jnp.where(chosen, x0, x)
+
+        x0, confidence, cache = full_pass(x, first)
+        x = commit(x, x0, confidence, 0)
+
+        def step_fn(inner: jax.Array, x: jax.Array) -> jax.Array:
+            if kv_cache == "none":
+                x0, confidence, _ = full_pass(x, first + inner)
+            else:
+                x0, confidence = window_pass(x, first + inner, cache, window_start(block_start))
+            return commit(x, x0, confidence, inner)
+
+        return jax.lax.fori_loop(1, steps_per_block, step_fn, x)
+
+    canvas = jax.lax.fori_loop(0, num_blocks, block_fn, canvas)
     return canvas, jnp.asarray(steps, jnp.int32)
 
 
@@ -366,15 +449,27 @@ def _threshold_decode(
     num_blocks: int,
     mask_id: int,
     threshold: float,
-    propose: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]],
+    full_pass: Callable[..., tuple[jax.Array, jax.Array, Any]],
+    window_pass: Callable[..., tuple[jax.Array, jax.Array]] | None,
+    window_start: Callable[[jax.Array], jax.Array],
 ) -> tuple[jax.Array, jax.Array]:
-    """Blocks left to right, each a lax.while_loop of steps until it has no masks; returns the
-    canvas (B, T) and the model calls run (int32)."""
+    """Blocks left to right, each a full pass, then (window) passes until it has no masks;
+    returns the canvas (B, T) and the model calls run (int32)."""
     positions = jnp.arange(canvas.shape[1], dtype=jnp.int32)
 
     def block_fn(block: jax.Array, carry: tuple[jax.Array, jax.Array]):
         start = prompt_len + block * block_length
         in_block = (positions >= start) & (positions < start + block_length)
+
+        def commit(x: jax.Array, x0: jax.Array, confidence: jax.Array) -> jax.Array:
+            candidates = (x == mask_id) & in_block[None, :]
+            confidence = jnp.where(candidates, confidence, -jnp.inf)
+            top1 = select_top_k_mask(confidence, jnp.ones(x.shape[:1], jnp.int32))
+            return jnp.where((top1 | (confidence >= threshold)) & candidates, x0, x)
+
+        x, nfe = carry
+        x0, confidence, cache = full_pass(x, nfe)
+        x = commit(x, x0, confidence)
 
         # Every step commits at least one token per unfinished row, so block_length steps end
         # the block; the bound also ends it should a NaN confidence commit nothing.
@@ -384,13 +479,13 @@ def _threshold_decode(
 
         def step(state: tuple[jax.Array, jax.Array, jax.Array]):
             x, nfe, taken = state
-            candidates = (x == mask_id) & in_block[None, :]
-            x0, confidence = propose(x, nfe, candidates)
-            top1 = select_top_k_mask(confidence, jnp.ones(x.shape[:1], jnp.int32))
-            commit = (top1 | (confidence >= threshold)) & candidates
-            return jnp.where(commit, x0, x), nfe + 1, taken + 1
+            if window_pass is None:
+                x0, confidence, _ = full_pass(x, nfe)
+            else:
+                x0, confidence = window_pass(x, nfe, cache, window_start(start))
+            return commit(x, x0, confidence), nfe + 1, taken + 1
 
-        x, nfe, _ = jax.lax.while_loop(unfinished, step, (*carry, jnp.int32(0)))
+        x, nfe, _ = jax.lax.while_loop(unfinished, step, (x, nfe + 1, jnp.int32(1)))
         return x, nfe
 
     return jax.lax.fori_loop(0, num_blocks, block_fn, (canvas, jnp.int32(0)))

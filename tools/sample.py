@@ -2,7 +2,8 @@
 
   python tools/sample.py --workdir=DIR (--prompt="text" | --prompt_ids=1,2,3 | --prompts_file=F)
       [--gen_length=64 --steps=64 --block_length=64 --remasking=low_confidence|random
-       --temperature=0 --cfg_scale=0 --threshold=... --ban_eos --eos_zero_confidence]
+       --temperature=0 --cfg_scale=0 --threshold=... --ban_eos --eos_zero_confidence
+       --kv_cache=none|prefix|dual]
       [--chat] [--step=N] [--seed=0] [--json] [--output=out.jsonl]
 
 --prompt and --prompt_ids may be given several times; --prompts_file is JSON lines with a
@@ -20,8 +21,10 @@ objects as JSON lines. Bad flags or a workdir without parameters: one error line
 step). --threshold=C decodes by confidence instead of --steps: each step commits the block's
 most confident masked token and every other one at least C confident, until the block is done;
 nfe then counts the model calls actually run. --ban_eos never proposes EOS; --eos_zero_confidence
-commits proposed end-of-turn tokens (and at temperature 0 EOS ones) last. The ids are the
-checkpoint's (its model config's, else its tokenizer's).
+commits proposed end-of-turn tokens (and at temperature 0 EOS ones) last. --kv_cache=prefix|dual
+reuses the keys and values of each block's first (full) pass in its later steps, recomputing only
+the generated region or only the block (Fast-dLLM; approximate for models of several layers).
+The special ids are the checkpoint's (its model config's, else its tokenizer's).
 """
 
 from __future__ import annotations
@@ -66,6 +69,9 @@ flags.DEFINE_bool(
     "eos_zero_confidence",
     False,
     "Proposed end-of-turn tokens (and EOS at temperature 0) get confidence 0: committed last.",
+)
+flags.DEFINE_enum(
+    "kv_cache", "none", ["none", "prefix", "dual"], "Reuse K/V across a block's steps (Fast-dLLM)."
 )
 flags.DEFINE_integer("seed", 0, "PRNG seed (temperature > 0, random remasking).")
 flags.DEFINE_bool("json", False, "Print one JSON object per prompt.")
@@ -138,6 +144,7 @@ def sample(argv: list[str]) -> list[dict]:
         FLAGS.threshold or 0.0,
         FLAGS.ban_eos,
         FLAGS.eos_zero_confidence,
+        FLAGS.kv_cache,
     )
     model = inference.load(FLAGS.workdir, FLAGS.step)
     tok = model.run.tokenizer

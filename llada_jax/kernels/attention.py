@@ -1,7 +1,9 @@
 """Every attention implementation behind one function: softmax(q k^T + mask) v.
 
 `mask` builds what the chosen implementation takes from the key-padding mask and packed segment
-ids, once per forward pass; `attention` computes one layer's attention with it. Which
+ids, once per forward pass; `attention` computes one layer's attention with it.
+`window_attention` is the sampler's K/V cache: the queries of a window of the sequence over
+the window's fresh keys and values and an earlier pass's everywhere else. Which
 implementation runs is `Kernels.attention`, chosen when the model is built
 (llada_jax/kernels/choice.py):
 - "xla": einsums, differentiated by autodiff (any backend);
@@ -102,30 +104,48 @@ def attention(
     return _grouped_einsums(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask)
 
 
-def _grouped_einsums(
-    q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array, bias_Bx1xLxL: jax.Array
+def window_attention(
+    q_BxWxNxH: jax.Array,
+    k_BxWxKxH: jax.Array,
+    v_BxWxKxH: jax.Array,
+    k_cache_BxLxKxH: jax.Array,
+    v_cache_BxLxKxH: jax.Array,
+    start: jax.Array,
+    bias_Bx1x1xL: jax.Array,
 ) -> jax.Array:
-    """The einsum attention. Heads go before the sequence, and the G query heads sharing a kv
-    head are stacked along the query axis, so each kv head is one (G*L, H) x (H, L) matmul and
-    k, v are never repeated. Differentiated by autodiff: its residuals are q, k, v and the
-    probabilities, as a hand-written FlashAttention-style backward's would be, and on XLA:CPU it
-    runs faster than one."""
-    b, length, n, h = q_BxLxNxH.shape
-    kv = k_BxLxKxH.shape[2]
-    q_BxKxGLxH = q_BxLxNxH.reshape(b, length, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
-    q_BxKxGLxH = q_BxKxGLxH.reshape(b, kv, n // kv * length, h)
+    """The queries of a window of positions [start, start + W) over every key of the sequence:
+    the window's own keys and values there, the cached ones (an earlier full pass's) elsewhere.
+    -> (B, W, N, H); q scaled as for `attention`; bias from `bias` (key padding). Einsums on any
+    backend: W differs from L, and the fused kernels take equal lengths."""
+    k_BxLxKxH = jax.lax.dynamic_update_slice_in_dim(k_cache_BxLxKxH, k_BxWxKxH, start, axis=1)
+    v_BxLxKxH = jax.lax.dynamic_update_slice_in_dim(v_cache_BxLxKxH, v_BxWxKxH, start, axis=1)
+    return _grouped_einsums(q_BxWxNxH, k_BxLxKxH, v_BxLxKxH, bias_Bx1x1xL)
+
+
+def _grouped_einsums(
+    q_BxQxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array, bias_Bx1xQxL: jax.Array
+) -> jax.Array:
+    """The einsum attention of Q queries over L keys. Heads go before the sequence, and the G
+    query heads sharing a kv head are stacked along the query axis, so each kv head is one
+    (G*Q, H) x (H, L) matmul and k, v are never repeated. Differentiated by autodiff: its
+    residuals are q, k, v and the probabilities, as a hand-written FlashAttention-style
+    backward's would be, and on XLA:CPU it runs faster than one."""
+    b, lq, n, h = q_BxQxNxH.shape
+    lk, kv = k_BxLxKxH.shape[1], k_BxLxKxH.shape[2]
+    q_BxKxGQxH = q_BxQxNxH.reshape(b, lq, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
+    q_BxKxGQxH = q_BxKxGQxH.reshape(b, kv, n // kv * lq, h)
     k_BxKxLxH = k_BxLxKxH.transpose(0, 2, 1, 3)
     v_BxKxLxH = v_BxLxKxH.transpose(0, 2, 1, 3)
-    s_BxKxGLxL = jnp.einsum(
-        "bkqh,bksh->bkqs", q_BxKxGLxH, k_BxKxLxH, preferred_element_type=jnp.float32
+    s_BxKxGQxL = jnp.einsum(
+        "bkqh,bksh->bkqs", q_BxKxGQxH, k_BxKxLxH, preferred_element_type=jnp.float32
     )
-    s_BxKxGLxL = (
-        s_BxKxGLxL.reshape(b, kv, n // kv, length, length) + bias_Bx1xLxL[:, :, None]
-    ).reshape(s_BxKxGLxL.shape)
-    p_BxKxGLxL = jax.nn.softmax(s_BxKxGLxL, axis=-1).astype(v_BxKxLxH.dtype)
-    out_BxKxGLxH = jnp.einsum("bkqs,bksh->bkqh", p_BxKxGLxL, v_BxKxLxH)
-    out_BxKxGxLxH = out_BxKxGLxH.reshape(b, kv, n // kv, length, h)
-    return out_BxKxGxLxH.transpose(0, 3, 1, 2, 4).reshape(b, length, n, h)
+    s_BxKxGQxL = (s_BxKxGQxL.reshape(b, kv, n // kv, lq, lk) + bias_Bx1xQxL[:, :, None]).reshape(
+        s_BxKxGQxL.shape
+    )
+    p_BxKxGQxL = jax.nn.softmax(s_BxKxGQxL, axis=-1).astype(v_BxKxLxH.dtype)
+    out_BxKxGQxH = jnp.einsum("bkqs,bksh->bkqh", p_BxKxGQxL, v_BxKxLxH)
+    out_BxKxGxQxH = out_BxKxGQxH.reshape(b, kv, n // kv, lq, h)
+    return out_BxKxGxQxH.transpose(0, 3, 1, 2, 4).reshape(b, lq, n, h)
 
 
 def _dot_product_attention(
