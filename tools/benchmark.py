@@ -6,6 +6,7 @@
   python tools/benchmark.py --mode=train ... --profile_dir=DIR   (also writes a profiler trace)
   python tools/benchmark.py --mode=data --config=configs/demo.py --config.data.seq_len=2048
   python tools/benchmark.py --mode=checkpoint --config=configs/demo.py
+  python tools/benchmark.py --mode=sample --config=configs/demo.py [--workdir=demo_run]
 
 train: times the trainer's jitted step (built by `llada_jax.train`) on random token batches of
 the config's shape (with document segment ids when data.segment_ids is set), and reports who
@@ -13,6 +14,13 @@ computes the matmuls (`matmul`: XLA, or the MKL kernels of llada_jax/kernels/mkl
 step time and its IQR, tokens/s, masked tokens/s, model TFLOP/step, achieved GFLOP/s, the
 peak FLOP/s, MFU, compile time, the process's peak RSS and the device's peak memory
 (accelerators). Prints a table, or one JSON object with --json.
+
+sample: the sampler's tokens/s, batched over --num_prompts prompts and jitted, in exact mode
+(LLaDA's algorithm), with threshold decoding and with each K/V cache, against a baseline of the
+same algorithm in the reference's style (a Python step loop, a full forward per step, one prompt
+at a time); every mode's NFE and agreement with exact decoding, and whether the baseline's tokens
+are exact mode's. The model and sample settings are --workdir's (a trained checkpoint), else
+--config's, untrained.
 
 On CPU the peak is the matmul peak measured in this run: before and after the timed steps (both
 reported), and in a short probe between every two steps. `mfu` divides the median step's FLOP/s by
@@ -38,10 +46,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llada_jax import checkpoint, metrics  # noqa: E402
+from llada_jax import checkpoint, inference, metrics  # noqa: E402
 from llada_jax import config as config_lib  # noqa: E402
 from llada_jax import run as run_lib  # noqa: E402
 from llada_jax.data import pipeline  # noqa: E402
@@ -49,7 +58,9 @@ from llada_jax.host import memory as host_memory  # noqa: E402
 from llada_jax.host import xla_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("mode", "train", ["train", "data", "checkpoint"], "What to benchmark.")
+flags.DEFINE_enum("mode", "train", ["train", "data", "checkpoint", "sample"], "What to benchmark.")
+flags.DEFINE_string("workdir", "", "sample: a trained workdir (its model and sample settings).")
+flags.DEFINE_integer("num_prompts", 8, "sample: prompts per batch (at most 8).")
 flags.DEFINE_integer("steps", 10, "Timed steps (train), batches (data) or saves (checkpoint).")
 flags.DEFINE_integer("warmup", 2, "Untimed repetitions first.")
 flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
@@ -217,10 +228,141 @@ def bench_checkpoint(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dic
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+BENCH_PROMPTS = (
+    "In the beginning",
+    "And the LORD said unto Moses,",
+    "Blessed are",
+    "Chapter 3\n",
+    "And it came to pass",
+    "The LORD is my shepherd",
+    "Then said Jesus unto them,",
+    "And God said,",
+)
+
+
+def reference_style_generate(
+    forward: Callable[[np.ndarray], np.ndarray],
+    prompt: list[int],
+    gen_length: int,
+    steps: int,
+    block_length: int,
+    mask_id: int,
+) -> list[int]:
+    """The baseline: LLaDA's greedy low-confidence generate() as its reference is written, for
+    one prompt: a Python loop over steps, each a full forward pass (`forward`, jitted, (1, T) ->
+    (1, T, V) logits on the host) followed by the step's arithmetic in numpy."""
+    x = np.array([prompt + [mask_id] * gen_length], np.int64)
+    steps_per_block = steps // (gen_length // block_length)
+    for b in range(gen_length // block_length):
+        start, end = len(prompt) + b * block_length, len(prompt) + (b + 1) * block_length
+        count = int((x[0, start:end] == mask_id).sum())
+        per_step = [
+            count // steps_per_block + (i < count % steps_per_block) for i in range(steps_per_block)
+        ]
+        for i in range(steps_per_block):
+            mask_index = x == mask_id
+            logits = forward(x).astype(np.float64)
+            x0 = logits.argmax(-1)
+            p = np.exp(logits - logits.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            confidence = np.take_along_axis(p, x0[..., None], -1)[..., 0]
+            confidence[:, end:] = -np.inf
+            confidence = np.where(mask_index, confidence, -np.inf)
+            chosen = np.argsort(-confidence[0], kind="stable")[: per_step[i]]
+            x[0, chosen] = x0[0, chosen]
+    return x[0, len(prompt) :].tolist()
+
+
+SAMPLE_MODES = {  # name -> SampleSettings overrides; "exact" is the reference's algorithm
+    "exact": {},
+    "threshold": {"threshold": 0.9},
+    "prefix_cache": {"kv_cache": "prefix"},
+    "dual_cache": {"kv_cache": "dual"},
+    "threshold_dual": {"threshold": 0.9, "kv_cache": "dual"},
+}
+
+
+def bench_sample(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
+    """Tokens/s of the batched, jitted sampler in each mode against the reference-style loop
+    (one prompt at a time), timed alternately `steps` times; with the NFE of each mode and its
+    agreement with exact decoding (the baseline's tokens must equal exact mode's)."""
+    if FLAGS.workdir:
+        model = inference.load(FLAGS.workdir)
+        run, graphdef, params = model.run, model.graphdef, model.params
+    else:  # untrained: the speed is the same, the agreement of the approximate modes is not
+        run = run_lib.build_run(cfg, devices=jax.local_devices()[:1], data=False)
+        graphdef, params, _ = run_lib.create_state(run)
+    tok, s = run.tokenizer, run.cfg.sample
+    prompts = [tok.encode(p) for p in BENCH_PROMPTS[: FLAGS.num_prompts]]
+    ids, valid = inference.left_pad(prompts, tok.pad_id)
+    key = jax.random.key(0)
+    settings = {
+        name: inference.SampleSettings(
+            s.gen_length, s.steps, s.block_length, remasking="low_confidence", **extra
+        )
+        for name, extra in SAMPLE_MODES.items()
+    }
+    samplers = {
+        name: inference.make_sampler(graphdef, st, tok).lower(params, ids, valid, key).compile()
+        for name, st in settings.items()
+    }
+    forward_one = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x))
+    forward = lambda x: np.asarray(forward_one(params, jnp.asarray(x, jnp.int32)))  # noqa: E731
+
+    def baseline() -> list[list[int]]:
+        return [
+            reference_style_generate(forward, p, s.gen_length, s.steps, s.block_length, tok.mask_id)
+            for p in prompts
+        ]
+
+    times: dict[str, list[float]] = {name: [] for name in ["baseline", *samplers]}
+    outputs: dict[str, Any] = {}
+    for rep in range(warmup + steps):  # alternating: every mode once per repetition
+        start = time.perf_counter()
+        outputs["baseline"] = baseline()
+        if rep >= warmup:
+            times["baseline"].append(time.perf_counter() - start)
+        for name, sampler in samplers.items():
+            start = time.perf_counter()
+            outputs[name] = jax.block_until_ready(sampler(params, ids, valid, key))
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - start)
+    generated = len(prompts) * s.gen_length
+    exact = np.asarray(outputs["exact"][0])[:, ids.shape[1] :]
+    result: dict[str, Any] = dict(
+        mode="sample",
+        device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        model=FLAGS.workdir or "untrained " + FLAGS.config,
+        n_params=int(sum(x.size for x in jax.tree.leaves(params))),
+        prompts=len(prompts),
+        gen_length=s.gen_length,
+        steps=s.steps,
+        block_length=s.block_length,
+        repetitions=steps,
+        baseline_tokens_per_sec=generated / float(np.median(times["baseline"])),
+        baseline_identical_to_exact=bool(np.array_equal(np.asarray(outputs["baseline"]), exact)),
+    )
+    for name in samplers:
+        canvas, nfe = outputs[name]
+        tokens = np.asarray(canvas)[:, ids.shape[1] :]
+        median = float(np.median(times[name]))
+        result[f"{name}_tokens_per_sec"] = generated / median
+        result[f"{name}_speedup_vs_baseline"] = float(np.median(times["baseline"])) / median
+        result[f"{name}_nfe"] = int(nfe)
+        if name != "exact":
+            result[f"{name}_speedup_vs_exact"] = float(np.median(times["exact"])) / median
+            result[f"{name}_agreement_with_exact"] = float(np.mean(tokens == exact))
+    return result
+
+
 MODES: dict[str, Callable[..., dict[str, Any]]] = {
     "train": bench_train,
     "data": bench_data,
     "checkpoint": bench_checkpoint,
+    "sample": bench_sample,
 }
 
 
@@ -230,6 +372,8 @@ def format_table(result: dict[str, Any]) -> str:
     def fmt(key: str, value: Any) -> str:
         if value is None:
             return "n/a"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
         if key in ("mfu", "mfu_paired"):
             return f"{100 * value:.1f}%"
         if key in ("step_sec_median", "step_sec_iqr", "compile_sec"):
