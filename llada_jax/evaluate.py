@@ -220,16 +220,18 @@ class Evaluator:
         s, tok = model.run.cfg.sample, model.run.tokenizer
         prompts = list(s.prompts)
         ids, valid = inference.left_pad([tok.encode(p) for p in prompts], tok.pad_id)
+        mesh = model.run.mesh
+        ids, valid, rows = inference.pad_batch(ids, valid, sharding.data_parallel_size(mesh))
         key = jax.random.key(self.settings.seed)
         if self.sampler is None:  # compiled once; every step has the same shapes
             sample = inference.make_sampler(
-                model.graphdef, inference.SampleSettings.from_config(s), tok
+                model.graphdef, inference.SampleSettings.from_config(s), tok, mesh
             )
             self.sampler = sample.lower(model.params, ids, valid, key).compile()
         t = time.perf_counter()
         canvas, nfe = jax.block_until_ready(self.sampler(model.params, ids, valid, key))
         seconds = time.perf_counter() - t
-        texts = [tok.decode(row[ids.shape[1] :]) for row in np.asarray(canvas).tolist()]
+        texts = [tok.decode(row[ids.shape[1] :]) for row in np.asarray(canvas)[:rows].tolist()]
         return dict(
             prompts=prompts,
             texts=texts,

@@ -18,10 +18,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from llada_jax import checkpoint, sampling
+from llada_jax import checkpoint, sampling, sharding
 from llada_jax import config as config_lib
 from llada_jax.data.tokenizer import Tokenizer
-from llada_jax.run import Run, abstract_state, build_run
+from llada_jax.run import MeshBound, Run, abstract_state, build_run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,17 +80,21 @@ class LoadedModel:
 
 
 def load(
-    workdir: str, step: int | None = None, devices: Sequence[jax.Device] | None = None
+    workdir: str,
+    step: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    fsdp: bool = False,
 ) -> LoadedModel:
     """The parameters of `workdir`'s latest complete checkpoint (or `step`) with the run built
-    from the config saved in it, replicated over `devices` (default: the first local device) on
-    a data-parallel mesh of them, whatever mesh trained it. Works on any workdir that holds
-    parameters, including a params-only one from tools/convert_hf.py. Raises ValueError with
-    one line."""
+    from the config saved in it, on `devices` (default: the first local device), whatever mesh
+    trained it: replicated on a data-parallel mesh of them, or with `fsdp` sharded over them
+    as FSDP training shards them (the batch is split over the devices either way). Works on
+    any workdir that holds parameters, including a params-only one from tools/convert_hf.py.
+    Raises ValueError with one line."""
     devices = list(devices) if devices is not None else jax.local_devices()[:1]
     with _reader(workdir) as ckpt:
         step = _complete_step(ckpt, workdir, step)
-        cfg = saved_config(ckpt.meta(step)["config"], len(devices))
+        cfg = saved_config(ckpt.meta(step)["config"], len(devices), fsdp)
         run = build_run(cfg, devices=devices, data=False)
         graphdef, params, _ = abstract_state(run)
         params, _ = ckpt.restore(step, params)
@@ -127,10 +131,10 @@ def _complete_step(ckpt: checkpoint.Checkpointer, workdir: str, step: int | None
     return steps[-1] if step is None else step
 
 
-def saved_config(saved: dict, num_devices: int = 1) -> config_lib.ConfigDict:
+def saved_config(saved: dict, num_devices: int = 1, fsdp: bool = False) -> config_lib.ConfigDict:
     """A checkpoint's config over today's defaults (keys added since it was saved keep their
-    defaults), on a data-parallel mesh of `num_devices`: inference needs neither the training
-    mesh nor its batch."""
+    defaults), on a mesh of `num_devices` (data-parallel, or FSDP): inference needs neither the
+    training mesh nor its batch."""
     cfg = config_lib.base_config()
     for name, value in saved.items():
         if name not in cfg:
@@ -141,7 +145,7 @@ def saved_config(saved: dict, num_devices: int = 1) -> config_lib.ConfigDict:
                     cfg[name][key] = _tuples(v)
         else:
             cfg[name] = _tuples(value)
-    cfg.mesh.shape = (num_devices, 1, 1)
+    cfg.mesh.shape = (1, num_devices, 1) if fsdp else (num_devices, 1, 1)
     cfg.data.batch_size = num_devices
     cfg.optim.grad_accum = 1
     return cfg
@@ -165,11 +169,15 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
 
 
 def make_sampler(
-    graphdef: nnx.GraphDef, settings: SampleSettings, tokenizer: Tokenizer
+    graphdef: nnx.GraphDef,
+    settings: SampleSettings,
+    tokenizer: Tokenizer,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """The jitted reverse process: (params, ids (B, P), valid (B, P), key) -> (canvas (B, P +
     gen_length) int32, nfe: the model calls it ran). The mask, EOS and end-of-turn ids are the
-    tokenizer's (a run's tokenizer carries the ids its model config names)."""
+    tokenizer's (a run's tokenizer carries the ids its model config names). With `mesh` (the
+    loaded model's), the batch is split over its data-parallel axes, B a multiple of them."""
 
     def sample(params: Any, ids: jax.Array, valid: jax.Array, key: jax.Array):
         def model() -> Any:
@@ -204,4 +212,20 @@ def make_sampler(
             kv_cache=settings.kv_cache,
         )
 
-    return jax.jit(sample)
+    if mesh is None:
+        return jax.jit(sample)
+    batch = sharding.batch_sharding(mesh)
+    return MeshBound(jax.jit(sample, in_shardings=(None, batch, batch, None)), mesh)
+
+
+def pad_batch(
+    ids: np.ndarray, valid: np.ndarray, multiple: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """A batch grown to a multiple of `multiple` rows (copies of row 0): ids, valid and the
+    number of real rows."""
+    extra = -len(ids) % multiple
+    return (
+        np.concatenate([ids, np.repeat(ids[:1], extra, 0)]),
+        np.concatenate([valid, np.repeat(valid[:1], extra, 0)]),
+        len(ids),
+    )

@@ -252,7 +252,7 @@ class LLaDAJaxLM(LM):
             sampler = self._samplers.get(settings)
             if sampler is None:
                 sampler = self._samplers[settings] = inference.make_sampler(
-                    self.model.graphdef, settings, self.tok
+                    self.model.graphdef, settings, self.tok, self.model.run.mesh
                 )
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start : start + self.batch_size]

@@ -38,9 +38,10 @@ def workdir(tmp_path_factory):
     return workdir
 
 
-def reference_tokens(workdir, prompts, gen_length, steps, block_length, **options):
+def reference_tokens(workdir, prompts, gen_length, steps, block_length, whole=False, **options):
     """The sampler called directly: the model rebuilt from config.json, the checkpoint's
-    parameters restored into it, the prompts left-padded by hand."""
+    parameters restored into it, the prompts left-padded by hand. Returns the generated tokens
+    (with `whole`, the canvas without the left padding) and nfe."""
     with open(os.path.join(workdir, "config.json")) as f:
         cfg = ModelConfig(**json.load(f)["model"])
     with sharding.use_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1])):
@@ -69,6 +70,10 @@ def reference_tokens(workdir, prompts, gen_length, steps, block_length, **option
         )
 
     canvas, nfe = run(params, jnp.asarray(ids), jnp.asarray(valid))
+    if whole:
+        return [row[width - len(p) :] for row, p in zip(np.asarray(canvas).tolist(), prompts)], int(
+            nfe
+        )
     return np.asarray(canvas)[:, width:].tolist(), int(nfe)
 
 
@@ -135,6 +140,48 @@ def test_guidance_and_threshold_decoding(workdir):
         assert result["tokens"] == tokens[0] and result["nfe"] == nfe == calls
 
 
+def run_json(workdir, *args):
+    proc = subprocess.run(
+        SAMPLE + [f"--workdir={workdir}", *SETTINGS, "--json", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
+
+
+def test_sharded_sampling_gives_the_one_device_tokens(workdir):
+    """Three prompts over 8 devices (the batch padded to 8), weights replicated or FSDP-sharded
+    as trained, and with the dual K/V cache: the tokens of one device."""
+    prompts = ["--prompt=In the beginning", "--prompt=Blessed are", "--prompt_ids=5,6,7"]
+    one, _ = run_json(workdir, *prompts)
+    for extra in ([], ["--fsdp"]):
+        eight, log = run_json(workdir, *prompts, "--num_devices=8", *extra)
+        assert "3 prompts on 8 device(s)" in log
+        assert [r["tokens"] for r in eight] == [r["tokens"] for r in one]
+    cached_one, _ = run_json(workdir, *prompts, "--kv_cache=dual")
+    cached_eight, _ = run_json(workdir, *prompts, "--kv_cache=dual", "--num_devices=8")
+    assert [r["tokens"] for r in cached_eight] == [r["tokens"] for r in cached_one]
+
+
+def test_infilling_template_keeps_its_tokens_and_fills_its_masks(workdir):
+    """Masks in the prompt compete with the generated ones (as in the reference, a mask can be
+    left, or this untrained model can propose the mask id): the whole canvas is the sampler's."""
+    tok = default_tokenizer()
+    template = "In the <|mdm_mask|><|mdm_mask|> God created"
+    (result,), _ = run_json(workdir, f"--prompt={template}")
+    ids = tok.encode(template)
+    assert result["prompt_ids"] == ids and ids.count(tok.mask_id) == 2
+    filled = result["filled_prompt_ids"]
+    assert len(filled) == len(ids) and filled != ids
+    assert all(f == i for f, i in zip(filled, ids) if i != tok.mask_id)
+    assert result["filled_prompt"] == tok.decode(filled)
+    (canvas,), _ = reference_tokens(workdir, [ids], 16, 8, 8, whole=True)
+    assert canvas == filled + result["tokens"]
+
+
 def test_text_output(workdir):
     proc = subprocess.run(
         SAMPLE + [f"--workdir={workdir}", "--prompt=In the beginning", *SETTINGS],
@@ -163,6 +210,11 @@ def test_bad_inputs_give_one_clear_line(workdir, tmp_path):
             [f"--workdir={workdir}", "--prompt=a", "--cfg_scale=-1"],
             "cfg_scale=-1.0 is invalid",
         ),
+        "too_long": (
+            [f"--workdir={workdir}", "--prompt=" + "And the LORD spake " * 20, *SETTINGS],
+            "longer than the model's context of 64 tokens",
+        ),
+        "devices": ([f"--workdir={workdir}", "--prompt=a", "--num_devices=99"], "num_devices=99"),
     }
     procs = {
         name: subprocess.Popen(

@@ -10,9 +10,11 @@
 "prompt" (text) or "prompt_ids" (list of ids) field. --chat wraps each text prompt as one user
 turn of the tokenizer's chat template (a Hugging Face tokenizer_config.json's, the way
 LLaDA-8B-Instruct's chat script builds its prompts) or, without one, of the SFT chat format. All
-prompts are sampled as one left-padded batch, on one device. The model, tokenizer and special
-ids come from the config saved in the checkpoint. Without --json, prints each prompt and its
-completion; with --json, one JSON object
+prompts are sampled as one left-padded batch, split over --num_devices devices (weights
+replicated, or sharded with --fsdp). A prompt may hold the tokenizer's mask token (e.g.
+<|mdm_mask|>) anywhere: those positions are filled in too (infilling), and the result then has
+filled_prompt(_ids). The model, tokenizer and special ids come from the config saved in the
+checkpoint. Without --json, prints each prompt and its completion; with --json, one JSON object
 per prompt: prompt, prompt_ids, tokens (the generated ids), text, nfe (model calls run) and
 seconds (wall time of the batched generation, compilation excluded). --output writes the same
 objects as JSON lines. Bad flags or a workdir without parameters: one error line, exit 2.
@@ -35,11 +37,12 @@ import sys
 import time
 
 import jax
+import numpy as np
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llada_jax import inference  # noqa: E402
+from llada_jax import inference, sharding  # noqa: E402
 from llada_jax.data import chat  # noqa: E402
 from llada_jax.host import xla_flags  # noqa: E402
 
@@ -73,6 +76,13 @@ flags.DEFINE_bool(
 flags.DEFINE_enum(
     "kv_cache", "none", ["none", "prefix", "dual"], "Reuse K/V across a block's steps (Fast-dLLM)."
 )
+flags.DEFINE_integer("num_devices", 1, "Sample on the first N local devices (0: all).")
+flags.DEFINE_bool(
+    "fsdp", False, "Shard the weights over the devices as FSDP training does (else replicate)."
+)
+flags.DEFINE_integer(
+    "max_length", 0, "Longest canvas (prompt + gen_length) allowed (0: the run's data.seq_len)."
+)
 flags.DEFINE_integer("seed", 0, "PRNG seed (temperature > 0, random remasking).")
 flags.DEFINE_bool("json", False, "Print one JSON object per prompt.")
 flags.DEFINE_string("output", None, "Also write the JSON objects to this JSONL file.")
@@ -104,6 +114,17 @@ def read_prompts(tokenizer, vocab_size: int) -> list[tuple[str | None, list[int]
                 f"prompt token id {bad[0]}{where} is out of range; valid: 0 .. {vocab_size - 1}"
             )
     return prompts
+
+
+def check_length(longest_prompt: int, seq_len: int) -> None:
+    """The canvas fits the model's context: the run's data.seq_len, or --max_length."""
+    limit = FLAGS.max_length or seq_len
+    if longest_prompt + FLAGS.gen_length > limit:
+        raise ValueError(
+            f"a prompt of {longest_prompt} tokens + --gen_length={FLAGS.gen_length} is longer "
+            f"than the model's context of {limit} tokens (data.seq_len; --max_length=N allows "
+            "more): shorten the prompt or the generation"
+        )
 
 
 def parse_ids(spec: str, where: str) -> list[int]:
@@ -146,14 +167,22 @@ def sample(argv: list[str]) -> list[dict]:
         FLAGS.eos_zero_confidence,
         FLAGS.kv_cache,
     )
-    model = inference.load(FLAGS.workdir, FLAGS.step)
-    tok = model.run.tokenizer
+    devices = jax.local_devices()[: FLAGS.num_devices or None]
+    if not 0 <= FLAGS.num_devices <= len(jax.local_devices()):
+        raise ValueError(
+            f"--num_devices={FLAGS.num_devices} is invalid; valid: 0 (all) .. "
+            f"{len(jax.local_devices())} (the local devices)"
+        )
+    model = inference.load(FLAGS.workdir, FLAGS.step, devices, FLAGS.fsdp)
+    tok, mesh = model.run.tokenizer, model.run.mesh
     prompts = read_prompts(tok, model.run.model_cfg.vocab_size)
+    check_length(max(len(p) for _, p in prompts), model.run.cfg.data.seq_len)
     ids, valid = inference.left_pad([p for _, p in prompts], tok.pad_id)
+    ids, valid, rows = inference.pad_batch(ids, valid, sharding.data_parallel_size(mesh))
     key = jax.random.key(FLAGS.seed)
     t = time.perf_counter()
     compiled = (
-        inference.make_sampler(model.graphdef, settings, tok)
+        inference.make_sampler(model.graphdef, settings, tok, mesh)
         .lower(model.params, ids, valid, key)
         .compile()
     )
@@ -162,28 +191,30 @@ def sample(argv: list[str]) -> list[dict]:
     canvas, nfe = jax.block_until_ready(compiled(model.params, ids, valid, key))
     seconds = time.perf_counter() - t
     print(
-        f"step {model.step} of {FLAGS.workdir}: {len(prompts)} prompts, compiled in "
-        f"{compile_sec:.1f}s, sampled in {seconds:.2f}s",
+        f"step {model.step} of {FLAGS.workdir}: {rows} prompts on {mesh.size} device(s), "
+        f"compiled in {compile_sec:.1f}s, sampled in {seconds:.2f}s",
         file=sys.stderr,
     )
     results = []
-    for (text, prompt_ids), row in zip(prompts, canvas.tolist()):
+    for (text, prompt_ids), row in zip(prompts, np.asarray(canvas)[:rows].tolist()):
         tokens = row[ids.shape[1] :]
-        results.append(
-            dict(
-                prompt=text,
-                prompt_ids=prompt_ids,
-                tokens=tokens,
-                text=tok.decode(tokens),
-                nfe=int(nfe),
-                seconds=seconds,
-            )
+        result = dict(
+            prompt=text,
+            prompt_ids=prompt_ids,
+            tokens=tokens,
+            text=tok.decode(tokens),
+            nfe=int(nfe),
+            seconds=seconds,
         )
+        if tok.mask_id in prompt_ids:  # an infilling template: its masks were filled too
+            filled = row[ids.shape[1] - len(prompt_ids) : ids.shape[1]]
+            result.update(filled_prompt_ids=filled, filled_prompt=tok.decode(filled))
+        results.append(result)
     for r in results:
         if FLAGS.json:
             print(json.dumps(r), flush=True)
         else:
-            shown = r["prompt"] if r["prompt"] is not None else tok.decode(r["prompt_ids"])
+            shown = r.get("filled_prompt") or r["prompt"] or tok.decode(r["prompt_ids"])
             print(f"--- {shown!r} ->\n{shown}{r['text']}", flush=True)
     if FLAGS.output:
         with open(FLAGS.output, "w", encoding="utf-8") as f:
