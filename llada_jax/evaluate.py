@@ -157,13 +157,15 @@ def score_rows(
 # --------------------------------------------------------------------------------------------
 class Evaluator:
     """A run's checkpoints evaluated on `devices` (default: every local device), which need not
-    be the ones it trained on: parameters are restored replicated onto them."""
+    be the ones it trained on: parameters are restored onto them, replicated or (`fsdp`)
+    sharded as FSDP training shards them; batches are split over them."""
 
     def __init__(
         self,
         workdir: str,
         devices: Sequence[jax.Device] | None = None,
         step: int | None = None,
+        fsdp: bool = False,
         progress: bool = True,
         log: Callable[[str], Any] = print,
         **overrides: Any,
@@ -171,7 +173,7 @@ class Evaluator:
         """Loads checkpoint `step` (default: the latest complete one): its config gives the model
         and the eval settings, each overridden by a non-None keyword of EvalSettings."""
         self.workdir, self.progress, self.log = workdir, progress, log
-        self.model = inference.load(workdir, step, devices or jax.local_devices())
+        self.model = inference.load(workdir, step, devices or jax.local_devices(), fsdp)
         cfg = self.model.run.cfg
         self.settings = EvalSettings.from_config(cfg.eval, **overrides)
         dp = sharding.data_parallel_size(self.model.run.mesh)

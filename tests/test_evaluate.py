@@ -45,8 +45,9 @@ def workdir(tmp_path_factory):
 
 
 def test_bound_is_the_same_on_any_devices_and_batching(workdir):
+    """One device, batches of 3, against 8 devices with FSDP-sharded weights, batches of 16."""
     one = evaluate.Evaluator(workdir, jax.devices()[:1], batch_size=3, **SMALL)
-    eight = evaluate.Evaluator(workdir, jax.devices()[:8], batch_size=16, **SMALL)
+    eight = evaluate.Evaluator(workdir, jax.devices()[:8], batch_size=16, fsdp=True, **SMALL)
     assert eight.model.run.mesh.size == 8 and eight.batch_size == 16 and one.batch_size == 3
     np.testing.assert_array_equal(one.rows, eight.rows)
     a = evaluate.score_rows(one.scorer, one.model.params, one.rows, one.settings, one.batch_size)

@@ -3,7 +3,7 @@
   python tools/evaluate.py --workdir=DIR [--step=N | --watch [--poll_sec=10 --idle_timeout=0]]
       [--num_tokens=N --num_samples=N --batch_size=N --seed=N --generate=true|false]
       [--tasks=hellaswag,arc_easy --task_dir=MY_TASKS --limit=N --mc_num=128]
-      [--num_devices=N] [--progress=true|false]
+      [--num_devices=N --fsdp] [--progress=true|false]
 
 Without --step or --watch, evaluates the latest complete checkpoint. --watch evaluates every
 complete checkpoint not evaluated yet, then each new one as training writes it, until the run's
@@ -18,9 +18,9 @@ on the same parameters; an unknown task is one error line before anything runs.
 The data is the held-out split of the run's own datasets (the shipped corpus holds three books
 out of training; a prepared directory needs tools/prepare_data.py --validation_fraction). The
 settings default to the run config's eval section. The job runs on its own devices (the first
---num_devices local ones; default all), restoring the parameters onto them whatever mesh
-trained them, and never takes the trainer's lock. Bad flags or a workdir without checkpoints:
-one error line, exit 2.
+--num_devices local ones; default all), restoring the parameters onto them (replicated, or with
+--fsdp sharded as FSDP training shards them) whatever mesh trained them, and never takes the
+trainer's lock. Bad flags or a workdir without checkpoints: one error line, exit 2.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ flags.DEFINE_string("task_dir", None, "A directory of local task YAMLs (default:
 flags.DEFINE_integer("limit", None, "Documents per task; 0: all (default: eval.limit).")
 flags.DEFINE_integer("mc_num", None, "Monte-Carlo samples per task request (default: eval.mc_num).")
 flags.DEFINE_integer("num_devices", 0, "Evaluate on the first N local devices (0: all).")
+flags.DEFINE_bool("fsdp", False, "Shard the weights over the devices as FSDP training does.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 
@@ -88,6 +89,7 @@ def run(argv: list[str]) -> list[dict]:
         FLAGS.workdir,
         devices,
         step=FLAGS.step,
+        fsdp=FLAGS.fsdp,
         progress=FLAGS.progress,
         log=lambda line: print(line, flush=True),
         num_tokens=FLAGS.num_tokens,
