@@ -6,6 +6,8 @@ d_model 384, 6 layers, 6 heads, sequences of 256, batch 16 (the model of the iss
 comparison): in 120 steps the loss falls from ~8.3 (log of the 4096-token vocabulary) to ~6.0,
 the word statistics of the corpus; the samples at the end show its vocabulary (LORD, fathers,
 holy, ...) without phrasing yet; longer runs: --config.train.steps=N.
+
+  python tools/evaluate.py --workdir=demo_run --watch     (beside it: each checkpoint's bound)
 """
 
 from llada_jax.config import ConfigDict, apply_variant, base_config
@@ -22,4 +24,6 @@ def get_config(variant: str = "") -> ConfigDict:
     # Sampled with temperature: a model this young is confident mostly about punctuation, and
     # greedy low-confidence decoding would print commas; Gumbel sampling shows what it learned.
     c.sample.update(num_samples=4, gen_length=48, steps=48, block_length=8, temperature=0.8)
+    # tools/evaluate.py: 4096 held-out tokens, 4 masks per row, about 10 s per checkpoint.
+    c.eval.update(num_tokens=4096, num_samples=4)
     return apply_variant(c, variant, VARIANTS)

@@ -178,8 +178,9 @@ class Evaluator:
         self.settings = EvalSettings.from_config(cfg.eval, **overrides)
         dp = sharding.data_parallel_size(self.model.run.mesh)
         self.batch_size = -(-self.settings.batch_size // dp) * dp  # a multiple of the devices
+        self.tasks = None  # lm-eval's TaskManager, when there are tasks: checked before any work
         if self.settings.tasks:
-            check_tasks(self.settings.tasks, self.settings.task_dir)
+            self.tasks = task_manager(self.settings.tasks, self.settings.task_dir)
         self.rows, self.data_names = held_out_rows(self.model.run, self.settings.num_tokens)
         self.scorer = make_scorer(self.model, self.settings)
         self.sampler = None
@@ -212,7 +213,9 @@ class Evaluator:
         if self.settings.generate:
             result["generate"] = self.generate(model)
         if self.settings.tasks:
-            result["tasks"] = run_tasks(model, self.settings, self.batch_size, self.progress)
+            result["tasks"] = run_tasks(
+                model, self.settings, self.tasks, self.batch_size, self.progress
+            )
         result["seconds"] = time.perf_counter() - t0
         self.write(result)
         return result
@@ -274,29 +277,37 @@ class Evaluator:
 # --------------------------------------------------------------------------------------------
 # lm-evaluation-harness tasks
 # --------------------------------------------------------------------------------------------
-def task_manager(task_dir: str) -> Any:
+def task_manager(tasks: Sequence[str], task_dir: str) -> Any:
+    """lm-eval's TaskManager for `tasks`: `task_dir`'s tasks alone when they hold them all
+    (indexing lm-eval's own thousands of tasks takes seconds), else with lm-eval's. Raises
+    ValueError naming the first task neither knows."""
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise ValueError("tasks need lm-evaluation-harness: pip install -e '.[eval]'") from None
     if task_dir and not os.path.isdir(task_dir):
         raise ValueError(f"--task_dir={task_dir!r} is not a directory")
-    return TaskManager(include_path=task_dir or None)
-
-
-def check_tasks(tasks: Sequence[str], task_dir: str) -> None:
-    """Raises ValueError naming the first task lm-eval does not know."""
-    known = set(task_manager(task_dir).all_tasks)
+    if task_dir:
+        local = TaskManager(include_path=task_dir, include_defaults=False)
+        if set(tasks) <= set(local.all_tasks):
+            return local
+    manager = TaskManager(include_path=task_dir or None)
+    known = set(manager.all_tasks)
     for task in tasks:
         if task not in known:
             raise ValueError(
                 f"unknown task {task!r} (lm-eval knows {len(known)}: list them with "
                 "python tools/lm_eval_harness.py ls tasks; local ones go in --task_dir)"
             )
+    return manager
 
 
 def run_tasks(
-    model: inference.LoadedModel, settings: EvalSettings, batch_size: int, progress: bool
+    model: inference.LoadedModel,
+    settings: EvalSettings,
+    manager: Any,
+    batch_size: int,
+    progress: bool,
 ) -> dict[str, dict[str, float]]:
     """Each task's metrics (lm-eval's `metric,filter` names, e.g. 'acc,none', with their
     'acc_stderr,none'), through the llada_jax model on the loaded parameters."""
@@ -314,7 +325,7 @@ def run_tasks(
     out = lm_eval.simple_evaluate(
         model=lm,
         tasks=list(settings.tasks),
-        task_manager=task_manager(settings.task_dir),
+        task_manager=manager,
         limit=settings.limit or None,
         log_samples=False,
     )

@@ -12,8 +12,40 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import json  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    """`slow` tests (minutes each) are left out of the default run; CI runs them after it with
+    `python -m pytest -q -m slow` (.ci/run)."""
+    config.addinivalue_line("markers", "slow: a long test, run by `python -m pytest -m slow`")
+    if not config.option.markexpr:
+        config.option.markexpr = "not slow"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> str:
+    """A tiny training run of 6 steps with checkpoints at steps 2, 4 and 6, made once per test
+    session; tests that write into a workdir copy it (`tiny_copy`)."""
+    workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
+    cmd = [sys.executable, "-m", "llada_jax.train", "--config=configs/tiny.py"]
+    cmd += [f"--workdir={workdir}", "--config.sample.num_samples=0"]
+    cmd += ["--config.checkpoint.save_every=2", "--config.checkpoint.max_to_keep=10"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir
+
+
+@pytest.fixture
+def tiny_copy(tiny_run, tmp_path) -> str:
+    """A copy of `tiny_run` of the test's own."""
+    copy = str(tmp_path / "run")
+    shutil.copytree(tiny_run, copy)
+    return copy
+
 
 # LLaDA-8B-Instruct's chat template, as its tokenizer_config.json holds it.
 LLADA_CHAT_TEMPLATE = (

@@ -179,6 +179,7 @@ def straight_long(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_restart_loop_of_kills_loses_nothing(straight_long, tmp_path):
     """A preemptible job's life: killed (SIGKILL) again and again at varied moments, during
     saves too (one every step), and restarted with the same command each time. Every restart

@@ -38,10 +38,8 @@ def train(workdir, *overrides, wait=True):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("eval") / "tiny")
-    train(workdir, "--config.train.steps=4", "--config.checkpoint.save_every=2")
-    return workdir
+def workdir(tiny_run):
+    return tiny_run  # only read; tests that write results copy it
 
 
 def test_bound_is_the_same_on_any_devices_and_batching(workdir):
@@ -75,7 +73,8 @@ def test_held_out_rows_come_from_the_books_kept_out_of_training(workdir):
         assert any(text[5:-5] in b for b in held)  # edges may cut a multi-byte piece
 
 
-def test_result_file_and_its_units(workdir):
+def test_result_file_and_its_units(tiny_copy):
+    workdir = tiny_copy
     ev = evaluate.Evaluator(workdir, jax.devices()[:1], **dict(SMALL, generate=True))
     result = ev.evaluate(2)
     ev.close()

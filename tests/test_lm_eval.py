@@ -24,13 +24,8 @@ class Request:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("lm_eval") / "tiny")
-    cmd = [sys.executable, "-m", "llada_jax.train", "--config=configs/tiny.py"]
-    cmd += [f"--workdir={workdir}", "--config.sample.num_samples=0"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return workdir
+def workdir(tiny_run):
+    return tiny_run  # only read; a test that writes into it copies it
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +138,7 @@ def test_lm_eval_runs_local_tasks_through_the_registered_model(lm, tmp_path):
     out = lm_eval.simple_evaluate(
         model=lm,
         tasks=["kjv_mc", "kjv_ppl", "kjv_gen"],
-        task_manager=TaskManager(include_path=str(tmp_path)),
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
         log_samples=False,
     )["results"]
     # Accuracy: what our own loglikelihood picks for each question.
@@ -186,7 +181,8 @@ def test_lm_eval_command_line_with_the_model_registered(workdir, tmp_path):
     assert "kjv_mc" in proc.stdout and "acc" in proc.stdout
 
 
-def test_evaluate_runs_tasks_on_the_checkpoint_and_refuses_unknown_ones(workdir, tmp_path):
+def test_evaluate_runs_tasks_on_the_checkpoint_and_refuses_unknown_ones(tiny_copy, tmp_path):
+    workdir = tiny_copy
     _write_tasks(str(tmp_path), str(tmp_path))
     base = [sys.executable, "tools/evaluate.py", f"--workdir={workdir}", "--num_tokens=128"]
     base += ["--num_samples=2", "--generate=false", "--progress=false", f"--task_dir={tmp_path}"]
