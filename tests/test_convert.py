@@ -463,6 +463,7 @@ def test_converted_workdir_samples_with_its_own_tokenizer(tmp_path, hf_tokenizer
     assert cfg["data"]["tokenizer"] == os.path.join(workdir, "tokenizer", "tokenizer.json")
     assert (cfg["model"]["mask_id"], cfg["model"]["eos_id"]) == (255, 1)  # config.json's
     assert cfg["model"]["eot_id"] == tok.eot_id != tok.eos_id
+    assert cfg["data"]["seq_len"] == 64  # config.json's max_sequence_length: the context
 
     prompt = "And the LORD"
     proc = subprocess.run(

@@ -60,7 +60,7 @@ from llada_jax.host import xla_flags  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "train", ["train", "data", "checkpoint", "sample"], "What to benchmark.")
 flags.DEFINE_string("workdir", "", "sample: a trained workdir (its model and sample settings).")
-flags.DEFINE_integer("num_prompts", 8, "sample: prompts per batch (at most 8).")
+flags.DEFINE_integer("num_prompts", 8, "sample: prompts per batch (8 texts, repeated past 8).")
 flags.DEFINE_integer("steps", 10, "Timed steps (train), batches (data) or saves (checkpoint).")
 flags.DEFINE_integer("warmup", 2, "Untimed repetitions first.")
 flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
@@ -296,7 +296,7 @@ def bench_sample(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[st
         run = run_lib.build_run(cfg, devices=jax.local_devices()[:1], data=False)
         graphdef, params, _ = run_lib.create_state(run)
     tok, s = run.tokenizer, run.cfg.sample
-    prompts = [tok.encode(p) for p in BENCH_PROMPTS[: FLAGS.num_prompts]]
+    prompts = [tok.encode(BENCH_PROMPTS[i % len(BENCH_PROMPTS)]) for i in range(FLAGS.num_prompts)]
     ids, valid = inference.left_pad(prompts, tok.pad_id)
     key = jax.random.key(0)
     settings = {

@@ -232,6 +232,11 @@ def import_hf(hf_dir: str, workdir: str, source: str = "auto", dtype: str = "flo
     check_tensors(reader, cfg, source)
     tokenizer_files = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
     run_cfg = run_config(cfg)
+    # The context the model was trained for: how long sampling canvases and evaluation windows
+    # may be (tools/sample.py, lm-eval's max_length).
+    context = hf.get("max_sequence_length") or hf.get("max_position_embeddings")
+    if isinstance(context, int) and context > 0:
+        run_cfg.data.seq_len = context
     if "tokenizer.json" in tokenizer_files:
         tokenizer_path = os.path.join(os.path.abspath(workdir), TOKENIZER_DIR, "tokenizer.json")
         _use_tokenizer(run_cfg, os.path.join(hf_dir, "tokenizer.json"), tokenizer_path)
