@@ -3,10 +3,13 @@
 Where each concept lives, by layer:
 - The method (pure functions of arrays and keys, no platform): `model` (the transformer),
   `diffusion` (noise schedules, t-sampling, masking, the losses), `sampling` (the reverse
-  process), `optim` (optimizer, LR schedules), `train_step` (the jitted step).
+  process, its K/V caches), `likelihood` (Monte-Carlo NLL bounds), `optim` (optimizer, LR
+  schedules), `train_step` (the jitted step).
 - The runner: `run` (`build_run`: a run's objects from its config), `train` (the loop),
-  `config`, `checkpoint`, `metrics`, `files`, `sharding`, `data/` (tokenizers, prepared
-  shards, grain pipelines, SFT), `convert/` (Hugging Face import, export).
+  `inference` (a checkpoint loaded for sampling), `evaluate` (the evaluation job),
+  `lm_eval_model` (the lm-evaluation-harness model), `config`, `checkpoint`, `metrics`, `files`,
+  `sharding`, `data/` (tokenizers, prepared shards and held-out splits, grain pipelines, SFT),
+  `convert/` (Hugging Face import, export).
 - The platform: `kernels/` (matmul and attention implementations, chosen once per model by
   `kernels.select`), `host/` (XLA flags, malloc settings, cache directory, multi-process start).
 """
