@@ -38,7 +38,9 @@ setup(
         # ruff: the linter and formatter tests/test_lint.py runs (its style is pinned by version).
         # lm-evaluation-harness, with the `llada_jax` model (llada_jax/lm_eval_model.py).
         "eval": ["lm-eval>=0.4.9,<0.5"],
-        "test": ["pytest>=8", "ruff==0.17.*", MKL, "lm-eval>=0.4.9,<0.5"],
+        # tools/compare_runs.py's plots.
+        "report": ["matplotlib>=3.8"],
+        "test": ["pytest>=8", "ruff==0.17.*", MKL, "lm-eval>=0.4.9,<0.5", "matplotlib>=3.8"],
         "tpu": ["libtpu==0.0.42.*"],
     },
 )

@@ -1,0 +1,126 @@
+"""Runs compared: each workdir's evaluations and training metrics read, runs that differ only in
+their seed grouped into cells, and each cell's final bound set against a baseline cell.
+
+A run's name is its workdir's base name; a trailing `-seed<N>` is its seed, the rest its cell
+(launch/sweep.py names runs so). A cell's final bound is the mean over its seeds of each run's
+bits per token at its last evaluated step, with standard error s / sqrt(n) from the spread over
+the seeds (which holds both the seeds' and the Monte-Carlo variance); a cell of one run falls
+back on that run's Monte-Carlo standard error. A difference between two cells has standard error
+sqrt(se_a^2 + se_b^2), and is called significant when it exceeds twice that (about 95% under a
+normal approximation; with two or three seeds a cell's standard error is itself rough).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from llada_jax import metrics
+
+SEED = re.compile(r"^(?P<cell>.+)-seed(?P<seed>\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """What one workdir holds: its eval curve (by training tokens) and its training metrics."""
+
+    name: str
+    cell: str
+    seed: int | None
+    tokens_per_step: int
+    eval_steps: list[int]
+    bits: list[float]  # bits per token at each eval step
+    bits_stderr: list[float]
+    train_steps: list[int]
+    train_loss: list[float]
+    tokens_per_sec: float | None  # median over the logged intervals
+
+    @property
+    def final_bits(self) -> float:
+        return self.bits[-1]
+
+    @property
+    def final_stderr(self) -> float:
+        return self.bits_stderr[-1]
+
+
+def read_run(workdir: str) -> RunRecord:
+    """Raises ValueError (one line) for a workdir with no config or no evaluation."""
+    name = os.path.basename(os.path.normpath(workdir))
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{workdir!r} is not a workdir (no config.json)")
+    with open(path) as f:
+        cfg = json.load(f)
+    evals = []
+    eval_dir = os.path.join(workdir, "eval")
+    for n in os.listdir(eval_dir) if os.path.isdir(eval_dir) else []:
+        if n.startswith("step_") and n.endswith(".json"):
+            with open(os.path.join(eval_dir, n)) as f:
+                evals.append(json.load(f))
+    if not evals:
+        raise ValueError(f"{workdir!r} has no evaluation: python tools/evaluate.py --workdir=...")
+    evals.sort(key=lambda r: r["step"])
+    logged = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+    speeds = [r["tokens_per_sec"] for r in logged if r.get("tokens_per_sec")]
+    match = SEED.match(name)
+    return RunRecord(
+        name=name,
+        cell=match["cell"] if match else name,
+        seed=int(match["seed"]) if match else None,
+        tokens_per_step=cfg["data"]["batch_size"] * cfg["data"]["seq_len"],
+        eval_steps=[r["step"] for r in evals],
+        bits=[r["bits_per_token"] for r in evals],
+        bits_stderr=[r["bits_stderr"] for r in evals],
+        train_steps=[r["step"] for r in logged],
+        train_loss=[r["loss"] for r in logged],
+        tokens_per_sec=float(np.median(speeds)) if speeds else None,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """Runs that differ only in their seed."""
+
+    name: str
+    runs: tuple[RunRecord, ...]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean([r.final_bits for r in self.runs]))
+
+    @property
+    def stderr(self) -> float:
+        finals = [r.final_bits for r in self.runs]
+        if len(finals) == 1:
+            return self.runs[0].final_stderr
+        return float(np.std(finals, ddof=1) / math.sqrt(len(finals)))
+
+
+def cells(runs: Sequence[RunRecord]) -> list[Cell]:
+    """Runs grouped by cell, in order of first appearance."""
+    groups: dict[str, list[RunRecord]] = {}
+    for r in runs:
+        groups.setdefault(r.cell, []).append(r)
+    return [Cell(name, tuple(rs)) for name, rs in groups.items()]
+
+
+@dataclasses.dataclass(frozen=True)
+class Difference:
+    delta: float  # cell - baseline, bits per token (negative: the cell is better)
+    stderr: float
+    z: float
+    significant: bool
+
+
+def difference(cell: Cell, baseline: Cell) -> Difference:
+    delta = cell.mean - baseline.mean
+    stderr = math.hypot(cell.stderr, baseline.stderr)
+    z = delta / stderr if stderr > 0 else (math.inf if delta else 0.0)
+    return Difference(delta, stderr, z, abs(delta) > 2 * stderr)

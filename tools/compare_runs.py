@@ -1,0 +1,163 @@
+"""Compare runs: a table, PNG plots and a Markdown summary of their evaluations.
+
+  python tools/compare_runs.py WORKDIR... --output=REPORT_DIR [--baseline=CELL]
+  python tools/compare_runs.py SWEEP_DIR/runs/* --output=REPORT_DIR
+
+Any set of evaluated workdirs (tools/evaluate.py), sweeps' or not. Runs whose names differ only
+in a `-seed<N>` suffix form a cell (llada_jax/compare.py says how cells, standard errors and
+significance are computed). REPORT_DIR gets report.md (the table and the plots), table.csv,
+eval_bits.png (held-out bits per token against training tokens, bands of +- one standard
+error) and train_loss.png (training loss against training tokens). --baseline names the cell
+the others are compared with (default: the first). Bad arguments: one error line, exit 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from llada_jax import compare, files  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("output", None, "The report directory.")
+flags.DEFINE_string("baseline", None, "The cell the others are compared with (default: first).")
+
+COLUMNS = [
+    "cell",
+    "seeds",
+    "final bits/token",
+    "se",
+    "vs baseline",
+    "difference se",
+    "significant",
+    "training tokens",
+    "tokens/s",
+]
+
+
+def table(cells: list[compare.Cell], baseline: compare.Cell) -> list[list[str]]:
+    rows = []
+    for c in cells:
+        d = compare.difference(c, baseline)
+        speeds = [r.tokens_per_sec for r in c.runs if r.tokens_per_sec]
+        last = c.runs[0]
+        rows.append(
+            [
+                c.name,
+                str(len(c.runs)),
+                f"{c.mean:.4f}",
+                f"{c.stderr:.4f}",
+                "baseline" if c is baseline else f"{d.delta:+.4f}",
+                "" if c is baseline else f"{d.stderr:.4f}",
+                "" if c is baseline else ("yes" if d.significant else "no"),
+                f"{last.eval_steps[-1] * last.tokens_per_step:,}",
+                f"{sum(speeds) / len(speeds):,.0f}" if speeds else "-",
+            ]
+        )
+    return rows
+
+
+def plot(cells: list[compare.Cell], output: str) -> list[str]:
+    """eval_bits.png and train_loss.png; returns their names."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c in cells:
+        steps = sorted(set.intersection(*(set(r.eval_steps) for r in c.runs)))
+        by_step = [[r.bits[r.eval_steps.index(s)] for r in c.runs] for s in steps]
+        mean = np.array([np.mean(v) for v in by_step])
+        if len(c.runs) > 1:
+            se = np.array([np.std(v, ddof=1) / np.sqrt(len(v)) for v in by_step])
+        else:
+            se = np.array([c.runs[0].bits_stderr[c.runs[0].eval_steps.index(s)] for s in steps])
+        tokens = np.array(steps) * c.runs[0].tokens_per_step
+        ax.plot(tokens, mean, marker="o", label=c.name)
+        ax.fill_between(tokens, mean - se, mean + se, alpha=0.2)
+    ax.set(xlabel="training tokens", ylabel="held-out NLL bound (bits/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(output, "eval_bits.png"), dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c in cells:
+        for i, r in enumerate(c.runs):
+            tokens = np.array(r.train_steps) * r.tokens_per_step
+            ax.plot(
+                tokens,
+                r.train_loss,
+                color=f"C{cells.index(c)}",
+                alpha=0.7,
+                label=c.name if i == 0 else None,
+            )
+    ax.set(xlabel="training tokens", ylabel="training loss (its schedule's ELBO weight)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(output, "train_loss.png"), dpi=120)
+    plt.close(fig)
+    return ["eval_bits.png", "train_loss.png"]
+
+
+def markdown(rows: list[list[str]], baseline: str, images: list[str]) -> str:
+    lines = [
+        "# Run comparison",
+        "",
+        f"Final held-out NLL bound (bits per token, lower is better) per cell, the mean over its "
+        f"seeds +- its standard error; differences against `{baseline}`, significant when "
+        "larger than twice their standard error.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += [""] + [f"![{name[:-4]}]({name})" for name in images]
+    return "\n".join(lines) + "\n"
+
+
+def report(workdirs: list[str], output: str, baseline_name: str | None) -> list[list[str]]:
+    runs = [compare.read_run(w) for w in workdirs]
+    cells = compare.cells(runs)
+    names = [c.name for c in cells]
+    if baseline_name is not None and baseline_name not in names:
+        raise ValueError(f"--baseline={baseline_name!r} is not a cell; cells: {', '.join(names)}")
+    baseline = cells[names.index(baseline_name)] if baseline_name else cells[0]
+    os.makedirs(output, exist_ok=True)
+    rows = table(cells, baseline)
+    with open(os.path.join(output, "table.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        writer.writerows(rows)
+    images = plot(cells, output)
+    files.write_atomically(os.path.join(output, "report.md"), markdown(rows, baseline.name, images))
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    try:
+        workdirs = FLAGS(argv)[1:]
+        if not workdirs or not FLAGS.output:
+            raise ValueError("give workdirs and --output=REPORT_DIR")
+        rows = report(workdirs, FLAGS.output, FLAGS.baseline)
+    except (ValueError, flags.Error) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    width = [max(len(r[i]) for r in [COLUMNS, *rows]) for i in range(len(COLUMNS))]
+    for r in [COLUMNS, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, width)).rstrip())
+    print(f"report: {os.path.join(FLAGS.output, 'report.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
