@@ -3,8 +3,9 @@
   python launch/sweep.py --config=configs/ablations/noise_schedule.py --sweep_dir=sweeps/noise
   python launch/sweep.py status sweeps/noise
 
-Each run is the demo model trained for 60 steps on the shipped corpus (about 2.5 minutes on 2
-CPU cores), saving and evaluating every 20 steps on the same held-out tokens and masks. One run
+Each run is the demo model trained for 40 steps on the shipped corpus (about 2 minutes on 2 CPU
+cores with its evaluation), saving and evaluating every 20 steps on the same held-out tokens and
+masks. One run
 alone: --config=configs/ablations/noise_schedule.py:cosine-stratified-seed1.
 """
 
@@ -21,8 +22,8 @@ def base():
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     c = demo.get_config()
-    c.train.steps = 60
-    c.optim.update(warmup_steps=10, decay_steps=20)
+    c.train.steps = 40
+    c.optim.update(warmup_steps=5, decay_steps=15)
     c.checkpoint.update(save_every=20, max_to_keep=10)
     c.sample.num_samples = 0
     return c
