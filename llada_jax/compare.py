@@ -40,6 +40,7 @@ class RunRecord:
     train_steps: list[int]
     train_loss: list[float]
     tokens_per_sec: float | None  # median over the logged intervals
+    objective: dict | None = None  # the last evaluation's loss / gradient-norm spread, if any
 
     @property
     def final_bits(self) -> float:
@@ -81,6 +82,7 @@ def read_run(workdir: str) -> RunRecord:
         train_steps=[r["step"] for r in logged],
         train_loss=[r["loss"] for r in logged],
         tokens_per_sec=float(np.median(speeds)) if speeds else None,
+        objective=evals[-1].get("objective"),
     )
 
 

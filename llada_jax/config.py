@@ -142,6 +142,8 @@ def base_config() -> ConfigDict:
     e.task_dir = ""  # a directory of task YAML files (local tasks) besides lm-eval's own
     e.limit = 0  # documents per task; 0: all
     e.mc_num = 128  # Monte-Carlo samples per loglikelihood request of the tasks
+    e.objective_draws = 0  # the run's own training loss and gradient drawn this often; 0: off
+    e.objective_rows = 8  # held-out rows of the batch those draws share
 
     c.mesh = ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor) device counts; -1: the remaining devices

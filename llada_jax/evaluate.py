@@ -29,10 +29,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from llada_jax import config as config_lib
-from llada_jax import files, inference, likelihood, sharding
+from llada_jax import files, inference, likelihood, sharding, train_step
 from llada_jax.data import datasets
 from llada_jax.run import MeshBound
 
@@ -52,6 +53,8 @@ class EvalSettings:
     task_dir: str = ""
     limit: int = 0
     mc_num: int = 128
+    objective_draws: int = 0
+    objective_rows: int = 8
 
     @classmethod
     def from_config(cls, e: config_lib.ConfigDict, **overrides: Any) -> EvalSettings:
@@ -152,6 +155,27 @@ def score_rows(
     return np.concatenate(out)[: len(rows_RxL) * n].reshape(len(rows_RxL), n)
 
 
+def make_objective_spread(model: inference.LoadedModel, draws: int) -> Callable[..., Any]:
+    """Jitted (params, tokens (B, L)) -> (loss (draws,), grad_norm (draws,)): the run's training
+    loss and its gradient's global norm for `draws` noisings of the same batch (keys from the
+    run's seed), one after another (lax.map)."""
+    graphdef, step_cfg = model.graphdef, model.run.step_cfg
+    if step_cfg.objective != "pretrain":
+        raise ValueError("eval.objective_draws: only pretraining runs (train.objective=pretrain)")
+
+    def spread(params: Any, tokens_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def one(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+            noised = train_step.noise(key, {"tokens": tokens_BxL}, step_cfg)
+            grad_fn = jax.value_and_grad(train_step.loss_fn, argnums=1, has_aux=True)
+            (loss, _), grads = grad_fn(graphdef, params, noised)
+            return loss, optax.tree.norm(grads)
+
+        keys = jax.random.split(jax.random.key(step_cfg.seed), draws)
+        return jax.lax.map(one, keys)
+
+    return MeshBound(jax.jit(spread), model.run.mesh)
+
+
 # --------------------------------------------------------------------------------------------
 # The evaluator
 # --------------------------------------------------------------------------------------------
@@ -184,6 +208,7 @@ class Evaluator:
         self.rows, self.data_names = held_out_rows(self.model.run, self.settings.num_tokens)
         self.scorer = make_scorer(self.model, self.settings)
         self.sampler = None
+        self.objective_fn = None
         self.final_step = cfg.train.steps
         self._tb = None
 
@@ -210,6 +235,8 @@ class Evaluator:
             seed=self.settings.seed,
             data=self.data_names,
         )
+        if self.settings.objective_draws:
+            result["objective"] = self.objective_spread(model)
         if self.settings.generate:
             result["generate"] = self.generate(model)
         if self.settings.tasks:
@@ -219,6 +246,24 @@ class Evaluator:
         result["seconds"] = time.perf_counter() - t0
         self.write(result)
         return result
+
+    def objective_spread(self, model: inference.LoadedModel) -> dict[str, float]:
+        """The run's own training objective (its schedule and t-sampling) on one fixed batch of
+        held-out rows, drawn `objective_draws` times: the spread of the loss estimator and of the
+        gradient norm over the draws, at these parameters. Schedules change these, not the
+        objective's expectation."""
+        if self.objective_fn is None:
+            self.objective_fn = make_objective_spread(model, self.settings.objective_draws)
+        rows = self.rows[: self.settings.objective_rows]
+        losses, norms = map(np.asarray, self.objective_fn(model.params, rows))
+        return dict(
+            loss_mean=float(losses.mean()),
+            loss_std=float(losses.std(ddof=1)),
+            grad_norm_mean=float(norms.mean()),
+            grad_norm_std=float(norms.std(ddof=1)),
+            draws=len(losses),
+            rows=len(rows),
+        )
 
     def generate(self, model: inference.LoadedModel) -> dict[str, Any]:
         """The sample section's prompts, sampled as one batch: texts, model calls, tokens/s."""
@@ -257,6 +302,8 @@ class Evaluator:
         step = result["step"]
         for key in ("nll_per_token", "bits_per_token", "bits_stderr"):
             self._tb.add_scalar(f"eval/{key}", result[key], step)
+        for key, value in result.get("objective", {}).items():
+            self._tb.add_scalar(f"eval/objective_{key}", value, step)
         for task, metrics in result.get("tasks", {}).items():
             for name, value in metrics.items():
                 self._tb.add_scalar(f"eval/{task}/{name}", value, step)
@@ -342,6 +389,9 @@ def summary_line(result: dict[str, Any]) -> str:
         f"+- {result['bits_stderr']:.4f} bits/token ({result['tokens']} tokens, "
         f"{result['num_samples']} samples/row)"
     )
+    if "objective" in result:
+        o = result["objective"]
+        line += f"; training loss {o['loss_mean']:.3f} (std {o['loss_std']:.3f} over draws)"
     if "generate" in result:
         g = result["generate"]
         line += f"; generation: {g['nfe']} model calls, {g['tokens_per_sec']:.1f} tokens/s"

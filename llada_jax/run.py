@@ -154,9 +154,13 @@ def check_batch(cfg: config_lib.ConfigDict, mesh: jax.sharding.Mesh) -> None:
 
 def check_eval(e: config_lib.ConfigDict) -> None:
     """The eval section describes an evaluation tools/evaluate.py can run."""
-    for key in ("num_tokens", "num_samples", "batch_size", "mc_num"):
+    for key in ("num_tokens", "num_samples", "batch_size", "mc_num", "objective_rows"):
         if e[key] < 1:
             raise ValueError(f"eval.{key}={e[key]!r} is invalid; valid: a positive integer")
+    if e.objective_draws == 1 or e.objective_draws < 0:
+        raise ValueError(
+            f"eval.objective_draws={e.objective_draws!r} is invalid; valid: 0 (off) or >= 2"
+        )
 
 
 def check_sft_settings(d: config_lib.ConfigDict) -> None:

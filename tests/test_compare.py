@@ -61,8 +61,10 @@ def write_run(root, name, bits, losses):
     with open(os.path.join(w, "config.json"), "w") as f:
         json.dump({"data": {"batch_size": 4, "seq_len": 8}}, f)
     for step, b in zip((2, 4), bits):
+        result = {"step": step, "bits_per_token": b, "bits_stderr": 0.01}
+        result["objective"] = {"loss_std": b / 10, "grad_norm_std": b / 100}
         with open(os.path.join(w, "eval", f"step_{step}.json"), "w") as f:
-            json.dump({"step": step, "bits_per_token": b, "bits_stderr": 0.01}, f)
+            json.dump(result, f)
     with open(os.path.join(w, "metrics.jsonl"), "w") as f:
         for step, loss in zip((1, 2, 3, 4), losses):
             f.write(json.dumps({"step": step, "loss": loss, "tokens_per_sec": 100.0 * step}) + "\n")
@@ -90,7 +92,8 @@ def test_report_of_workdirs(tmp_path):
     cosine = rows[2].split(",")
     assert cosine[:7] == ["cosine", "2", "9.7000", "0.1000", "+0.6000", "0.1414", "yes"]
     assert cosine[7] == "128"  # 4 steps x 4 rows x 8 tokens
-    for png in ("eval_bits.png", "train_loss.png"):
+    assert cosine[9:] == ["0.9700", "0.0970"]  # the last evaluations' spreads, seed means
+    for png in ("eval_bits.png", "train_loss.png", "estimator_spread.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "| cosine | 2 | 9.7000 |" in md and "![eval_bits](eval_bits.png)" in md

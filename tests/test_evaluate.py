@@ -75,7 +75,8 @@ def test_held_out_rows_come_from_the_books_kept_out_of_training(workdir):
 
 def test_result_file_and_its_units(tiny_copy):
     workdir = tiny_copy
-    ev = evaluate.Evaluator(workdir, jax.devices()[:1], **dict(SMALL, generate=True))
+    settings = dict(SMALL, generate=True, objective_draws=16, objective_rows=8)
+    ev = evaluate.Evaluator(workdir, jax.devices()[:1], **settings)
     result = ev.evaluate(2)
     ev.close()
     with open(evaluate.result_path(workdir, 2)) as f:
@@ -87,6 +88,12 @@ def test_result_file_and_its_units(tiny_copy):
     g = saved["generate"]
     assert len(g["texts"]) == len(g["prompts"]) == 4 and g["nfe"] == 4  # tiny: sample.steps=4
     assert evaluate.evaluated_steps(workdir) == [2]
+    # The run's own training loss (linear schedule: weight 1/t) on the same 8 rows estimates the
+    # same ELBO per token as the bound: they agree within their errors; its draws do vary.
+    o = saved["objective"]
+    assert o["draws"] == 16 and o["rows"] == 8 and o["loss_std"] > 0 and o["grad_norm_std"] > 0
+    loss_se = o["loss_std"] / np.sqrt(16)
+    assert abs(o["loss_mean"] - saved["nll_per_token"]) < 4 * np.hypot(loss_se, saved["nll_stderr"])
 
 
 def test_watch_evaluates_every_checkpoint_once_across_restarts(tmp_path):

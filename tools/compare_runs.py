@@ -7,7 +7,9 @@ Any set of evaluated workdirs (tools/evaluate.py), sweeps' or not. Runs whose na
 in a `-seed<N>` suffix form a cell (llada_jax/compare.py says how cells, standard errors and
 significance are computed). REPORT_DIR gets report.md (the table and the plots), table.csv,
 eval_bits.png (held-out bits per token against training tokens, bands of +- one standard
-error) and train_loss.png (training loss against training tokens). --baseline names the cell
+error), train_loss.png (training loss against training tokens) and, when the evaluations measured
+it (eval.objective_draws), estimator_spread.png (each cell's spread of its training loss and
+gradient norm over draws on one batch). --baseline names the cell
 the others are compared with (default: the first). Bad arguments: one error line, exit 2.
 """
 
@@ -37,6 +39,8 @@ COLUMNS = [
     "significant",
     "training tokens",
     "tokens/s",
+    "loss std",
+    "grad-norm std",
 ]
 
 
@@ -57,9 +61,17 @@ def table(cells: list[compare.Cell], baseline: compare.Cell) -> list[list[str]]:
                 "" if c is baseline else ("yes" if d.significant else "no"),
                 f"{last.eval_steps[-1] * last.tokens_per_step:,}",
                 f"{sum(speeds) / len(speeds):,.0f}" if speeds else "-",
+                spread(c, "loss_std"),
+                spread(c, "grad_norm_std"),
             ]
         )
     return rows
+
+
+def spread(c: compare.Cell, key: str) -> str:
+    """The mean over the cell's runs of their last evaluation's objective spread `key`."""
+    values = [r.objective[key] for r in c.runs if r.objective]
+    return f"{sum(values) / len(values):.4f}" if values else "-"
 
 
 def plot(cells: list[compare.Cell], output: str) -> list[str]:
@@ -106,7 +118,25 @@ def plot(cells: list[compare.Cell], output: str) -> list[str]:
     fig.tight_layout()
     fig.savefig(os.path.join(output, "train_loss.png"), dpi=120)
     plt.close(fig)
-    return ["eval_bits.png", "train_loss.png"]
+    names = ["eval_bits.png", "train_loss.png"]
+    with_spread = [c for c in cells if all(r.objective for r in c.runs)]
+    if with_spread:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+        for ax, key, label in zip(axes, ("loss_std", "grad_norm_std"), ("loss", "gradient norm")):
+            values = [[r.objective[key] for r in c.runs] for c in with_spread]
+            ax.bar(range(len(values)), [np.mean(v) for v in values], color="C0", alpha=0.7)
+            for i, v in enumerate(values):
+                ax.plot([i] * len(v), v, "k.", ms=4)
+            ax.set_xticks(
+                range(len(values)), [c.name for c in with_spread], rotation=45, ha="right"
+            )
+            ax.set(ylabel=f"std of the {label} over draws (same batch)")
+            ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        fig.savefig(os.path.join(output, "estimator_spread.png"), dpi=120)
+        plt.close(fig)
+        names.append("estimator_spread.png")
+    return names
 
 
 def markdown(rows: list[list[str]], baseline: str, images: list[str]) -> str:

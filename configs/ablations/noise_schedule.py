@@ -26,6 +26,8 @@ def base():
     c.optim.update(warmup_steps=5, decay_steps=15)
     c.checkpoint.update(save_every=20, max_to_keep=10)
     c.sample.num_samples = 0
+    # The spread of each run's own loss estimator and gradient norm, 8 draws on 8 rows.
+    c.eval.update(objective_draws=8, objective_rows=8)
     return c
 
 
