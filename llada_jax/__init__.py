@@ -7,7 +7,8 @@ Where each concept lives, by layer:
   schedules), `train_step` (the jitted step).
 - The runner: `run` (`build_run`: a run's objects from its config), `train` (the loop),
   `inference` (a checkpoint loaded for sampling), `evaluate` (the evaluation job),
-  `lm_eval_model` (the lm-evaluation-harness model), `config`, `checkpoint`, `metrics`, `files`,
+  `lm_eval_model` (the lm-evaluation-harness model), `sweep` (ablation grids), `compare`
+  (runs compared with standard errors), `config`, `checkpoint`, `metrics`, `files`,
   `sharding`, `data/` (tokenizers, prepared shards and held-out splits, grain pipelines, SFT),
   `convert/` (Hugging Face import, export).
 - The platform: `kernels/` (matmul and attention implementations, chosen once per model by
