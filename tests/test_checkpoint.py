@@ -217,6 +217,7 @@ def test_restart_loop_of_kills_loses_nothing(straight_long, tmp_path):
         assert ckpt.latest_step() == steps
 
 
+@pytest.mark.slow
 def test_a_restarted_trainer_waits_for_the_one_it_replaces(straight_long, tmp_path):
     """The restart overlaps the old job (a killed launcher's trainer gets SIGTERM and saves
     while the new one starts): the new trainer waits for the old one instead of clearing its

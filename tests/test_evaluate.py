@@ -1,6 +1,7 @@
 """The evaluation job: the held-out bound on a real checkpoint, on any devices and batching;
 --watch beside a real trainer, killed and restarted; its errors."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import pytest
 
 from llada_jax import evaluate, likelihood
 from llada_jax.data import corpus, datasets, prepare
+from llada_jax.run import build_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVALUATE = [sys.executable, "tools/evaluate.py"]
@@ -96,6 +98,7 @@ def test_result_file_and_its_units(tiny_copy):
     assert abs(o["loss_mean"] - saved["nll_per_token"]) < 4 * np.hypot(loss_se, saved["nll_stderr"])
 
 
+@pytest.mark.slow
 def test_watch_evaluates_every_checkpoint_once_across_restarts(tmp_path):
     """The evaluator is started before the trainer has saved anything, killed (SIGKILL) three
     times at different moments and started again; at the end every checkpoint the trainer
@@ -168,19 +171,44 @@ def test_a_dataset_without_a_held_out_split_is_one_clear_error(tmp_path):
         datasets.validation_sources(Data, default_tokenizer(), 4096)
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
+def test_bad_inputs_give_one_clear_line(workdir, tmp_path):
+    cases = [
         (["--workdir={missing}"], "holds no checkpoints/ directory"),
         (["--workdir={workdir}", "--step=999"], "no checkpoint at step 999"),
         (["--workdir={workdir}", "--num_samples=0"], "--num_samples=0 is invalid"),
         (["--workdir={workdir}", "--step=2", "--watch"], "exclude each other"),
         (["--workdir={workdir}", "--num_tokens=100000000"], "num_tokens=100000000 needs"),
-    ],
-)
-def test_bad_inputs_give_one_clear_line(workdir, tmp_path, args, message):
-    args = [a.format(workdir=workdir, missing=str(tmp_path / "none")) for a in args]
-    proc = subprocess.run(EVALUATE + args, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    ]
+    procs = [
+        subprocess.Popen(
+            EVALUATE + [a.format(workdir=workdir, missing=str(tmp_path / "none")) for a in args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args, _ in cases
+    ]
+    for proc, (_, message) in zip(procs, cases):
+        _, stderr = proc.communicate(timeout=300)
+        lines = stderr.strip().splitlines()
+        assert proc.returncode == 2, stderr[-2000:]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "polynomial"])
+def test_the_bound_is_the_same_whatever_schedule_the_config_names(workdir, schedule):
+    """One checkpoint, its config saying it was trained with another noise schedule and
+    t-sampling: the held-out bound names no schedule, so its value is the same."""
+    ev = evaluate.Evaluator(workdir, jax.devices()[:1], **SMALL)
+    plain = evaluate.score_rows(ev.scorer, ev.model.params, ev.rows, ev.settings, 8)
+    cfg = ev.model.run.cfg.copy_and_resolve_references()
+    cfg.unlock()
+    cfg.diffusion.schedule, cfg.diffusion.t_sampling = schedule, "stratified"
+    run = build_run(cfg, devices=jax.devices()[:1], data=False)
+    assert run.diffusion_cfg.schedule == schedule
+    other = dataclasses.replace(ev.model, run=run)
+    scorer = evaluate.make_scorer(other, ev.settings)
+    np.testing.assert_array_equal(
+        evaluate.score_rows(scorer, other.params, ev.rows, ev.settings, 8), plain
+    )

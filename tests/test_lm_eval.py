@@ -163,6 +163,7 @@ def test_lm_eval_runs_local_tasks_through_the_registered_model(lm, tmp_path):
     assert "exact_match,none" in out["kjv_gen"]
 
 
+@pytest.mark.slow
 def test_lm_eval_command_line_with_the_model_registered(workdir, tmp_path):
     _write_tasks(str(tmp_path), str(tmp_path))
     cmd = [
@@ -181,6 +182,7 @@ def test_lm_eval_command_line_with_the_model_registered(workdir, tmp_path):
     assert "kjv_mc" in proc.stdout and "acc" in proc.stdout
 
 
+@pytest.mark.slow
 def test_evaluate_runs_tasks_on_the_checkpoint_and_refuses_unknown_ones(tiny_copy, tmp_path):
     workdir = tiny_copy
     _write_tasks(str(tmp_path), str(tmp_path))

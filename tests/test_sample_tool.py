@@ -140,6 +140,7 @@ def run_json(workdir, *args):
     return [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
 
 
+@pytest.mark.slow
 def test_sharded_sampling_gives_the_one_device_tokens(workdir):
     """Three prompts over 8 devices (the batch padded to 8), weights replicated or FSDP-sharded
     as trained, and with the dual K/V cache: the tokens of one device."""

@@ -78,6 +78,7 @@ def get_config(variant=""):
 """
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path):
     """The whole job (launcher, trainer, evaluator) is SIGKILLed once the first run is
     finished and the second has started; started again, the sweep skips the first (its files
@@ -121,12 +122,19 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path):
 
 
 def test_bad_arguments_give_one_clear_line(tmp_path):
-    for args, message in (
+    cases = [
         ([f"--config={tmp_path}/none.py", f"--sweep_dir={tmp_path}"], "does not exist"),
         (["--config=configs/tiny.py", f"--sweep_dir={tmp_path}"], "defines no SWEEP"),
         (["status", str(tmp_path)], "not a sweep directory"),
-    ):
-        proc = subprocess.run(SWEEP + args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    ]
+    procs = [
+        subprocess.Popen(
+            SWEEP + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for args, _ in cases
+    ]
+    for proc, (_, message) in zip(procs, cases):
+        _, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 2
-        lines = proc.stderr.strip().splitlines()
+        lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines

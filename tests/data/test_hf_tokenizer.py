@@ -70,6 +70,7 @@ def test_files_that_are_not_tokenizers_give_one_clear_error(tmp_path):
         load_tokenizer(str(tmp_path / "nope.json"))
 
 
+@pytest.mark.slow
 def test_prepare_train_sample_and_evaluate_with_a_tokenizer_json(hf_tokenizer_dir, tmp_path):
     """The same commands as with a sentencepiece model, given --tokenizer / data.tokenizer."""
     tok_path = os.path.join(hf_tokenizer_dir, "tokenizer.json")
