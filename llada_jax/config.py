@@ -36,6 +36,8 @@ COMMON_VARIANTS: dict[str, dict[str, Any]] = {
     "cosine": {"diffusion.schedule": "cosine"},
     "poly2": {"diffusion.schedule": "polynomial", "diffusion.power": 2.0},
     "stratified": {"diffusion.t_sampling": "stratified"},
+    "bell": {"diffusion.t_density": "bell"},
+    "complementary": {"diffusion.masking": "complementary"},
     "bf16": {"model.dtype": "bfloat16"},
 }
 
@@ -72,8 +74,12 @@ def base_config() -> ConfigDict:
     c.diffusion = d = ConfigDict()
     d.schedule = "linear"  # mask-rate schedule alpha(t): linear | cosine | polynomial
     d.power = 2.0  # exponent of the polynomial schedule
-    d.eps = 1e-3  # floor of the mask rate: t is mapped to eps + (1 - eps) t
+    d.eps = 1e-3  # floor of the diffusion time: t is mapped to eps + (t_max - eps) t
+    d.t_max = 1.0  # top of the diffusion time; < 1 clips the mask rates (not a bound)
     d.t_sampling = "iid"  # iid | stratified (antithetic t over the global batch)
+    d.t_density = "uniform"  # uniform | bell (Beta(2, 2) t, importance-weighted: same ELBO)
+    d.loss_weight = "elbo"  # elbo | none (mean masked cross-entropy: not a bound)
+    d.masking = "independent"  # independent | paired | complementary (B/2 sequences, twice)
     d.random_length_prob = 0.01  # share of sequences cut to a random length (LLaDA: 1%)
     d.cfg_prompt_dropout = 0.0  # SFT: share of prompts masked whole (for classifier-free guidance)
 

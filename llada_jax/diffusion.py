@@ -18,11 +18,28 @@ the mask probability at time ``t`` is ``1 - alpha(t)`` and the continuous-time E
 (The cosine forms are the algebraically identical, numerically stable rewrites of
 ``1 - cos(pi t/2)`` and ``(pi/2) sin(pi t/2) / (1 - cos(pi t/2))``.)
 
-The eps floor, LLaDA's way: a time ``t`` in [0, 1) is mapped to ``t' = eps + (1 - eps) t``;
-the mask probability is ``p = 1 - alpha(t')`` and the loss weight ``w(t')``. For the linear
-schedule this is exactly LLaDA: ``p = (1 - eps) t + eps`` and weight ``1 / p``. As in LLaDA,
-the constant Jacobian ``dt'/dt = 1 - eps`` is dropped from the weight (a constant factor
-~0.999 on the loss).
+The eps floor, LLaDA's way: a time ``t`` in [0, 1) is mapped to ``t' = eps + (t_max - eps) t``
+(``t_max = 1`` by default); the mask probability is ``p = 1 - alpha(t')`` and the loss weight
+``w(t')``. For the linear schedule this is exactly LLaDA: ``p = (1 - eps) t + eps`` and weight
+``1 / p``. As in LLaDA, the constant Jacobian ``dt'/dt = t_max - eps`` is dropped from the
+weight (a constant factor ~0.999 on the loss).
+
+Variants of the estimator, for ablations (the held-out bound of the evaluation job is the same
+for all of them):
+
+    t_density="bell": t ~ Beta(2, 2) (density q(t) = 6 t (1 - t)) instead of U[0, 1), and the
+        weight multiplied by 1 / q(t), so the loss still estimates the same ELBO.
+    t_max < 1 or a large eps: mask rates clipped to [eps, t_max] (BD3-LM's [beta, omega]); the
+        loss then leaves part of the ELBO out and is not a bound.
+    loss_weight="none": the mean cross-entropy over masked tokens, without the ELBO weight; not
+        a bound.
+    masking="paired": each sequence of the first half of the batch twice, with independent
+        masks (the compute of a full batch on half the distinct sequences).
+    masking="complementary": the same pairs, the second copy masking exactly the maskable
+        tokens the first leaves visible (mask rate 1 - p), with the weight that keeps each copy
+        an unbiased estimate of the ELBO.
+
+``bound_note(cfg)`` says whether the training loss is an estimate of the ELBO.
 """
 
 from __future__ import annotations
@@ -37,6 +54,12 @@ import numpy as np
 
 SCHEDULES = ("linear", "cosine", "polynomial")
 T_SAMPLING = ("iid", "stratified")
+T_DENSITIES = ("uniform", "bell")
+LOSS_WEIGHTS = ("elbo", "none")
+MASKINGS = ("independent", "paired", "complementary")
+# An eps floor up to this leaves out at most this share of the mask-rate range: the loss is still
+# called a bound (LLaDA's 1e-3 is far below it). Above it the range counts as clipped.
+BOUND_EPS = 1e-2
 
 Array = jax.Array
 
@@ -54,8 +77,12 @@ class DiffusionConfig:
         mask_id: token id of the mask token.
         schedule: "linear" | "cosine" | "polynomial" (keep-probability alpha(t)).
         power: exponent k of the polynomial schedule alpha = 1 - t^k (> 0).
-        eps: floor of the diffusion time, t' = eps + (1 - eps) t; 0 < eps < 1.
+        eps: floor of the diffusion time, t' = eps + (t_max - eps) t; 0 < eps < t_max.
+        t_max: top of the diffusion time (BD3-LM's clipped range [eps, t_max]); <= 1.
         t_sampling: "iid" (LLaDA) or "stratified" (antithetic over the global batch, MDLM).
+        t_density: "uniform" (LLaDA) or "bell" (Beta(2, 2), importance-weighted).
+        loss_weight: "elbo" (the ELBO weight w(t')) or "none" (mean masked cross-entropy).
+        masking: "independent" | "paired" | "complementary" (see the module docstring).
         random_length_prob: probability per batch of cutting all sequences to a length
             l ~ U{1..L} (done with the ``valid`` mask; shapes stay static); in [0, 1].
         cfg_prompt_dropout: probability per sequence of replacing the whole prompt by mask
@@ -66,7 +93,11 @@ class DiffusionConfig:
     schedule: str = "linear"
     power: float = 2.0
     eps: float = 1e-3
+    t_max: float = 1.0
     t_sampling: str = "iid"
+    t_density: str = "uniform"
+    loss_weight: str = "elbo"
+    masking: str = "independent"
     random_length_prob: float = 0.01
     cfg_prompt_dropout: float = 0.0
 
@@ -75,17 +106,28 @@ class DiffusionConfig:
             raise ValueError(
                 f"diffusion.schedule={self.schedule!r} is invalid; valid choices: {SCHEDULES}"
             )
-        if self.t_sampling not in T_SAMPLING:
-            raise ValueError(
-                f"diffusion.t_sampling={self.t_sampling!r} is invalid; valid choices: {T_SAMPLING}"
-            )
+        for name, valid in (
+            ("t_sampling", T_SAMPLING),
+            ("t_density", T_DENSITIES),
+            ("loss_weight", LOSS_WEIGHTS),
+            ("masking", MASKINGS),
+        ):
+            if getattr(self, name) not in valid:
+                raise ValueError(
+                    f"diffusion.{name}={getattr(self, name)!r} is invalid; valid choices: {valid}"
+                )
         if not _is_real(self.power) or not (math.isfinite(self.power) and self.power > 0):
             raise ValueError(
                 f"diffusion.power={self.power!r} is invalid; valid: a finite number > 0"
             )
-        if not _is_real(self.eps) or not (0.0 < self.eps < 1.0):
+        if not _is_real(self.t_max) or not (0.0 < self.t_max <= 1.0):
             raise ValueError(
-                f"diffusion.eps={self.eps!r} is invalid; valid: a number with 0 < eps < 1"
+                f"diffusion.t_max={self.t_max!r} is invalid; valid: a number with 0 < t_max <= 1"
+            )
+        if not _is_real(self.eps) or not (0.0 < self.eps < self.t_max):
+            raise ValueError(
+                f"diffusion.eps={self.eps!r} is invalid; valid: a number with 0 < eps < t_max "
+                f"(t_max={self.t_max!r})"
             )
         for name in ("random_length_prob", "cfg_prompt_dropout"):
             v = getattr(self, name)
@@ -100,16 +142,15 @@ class DiffusionConfig:
             )
         # Normalize numpy scalars to Python numbers (stable hashing as a static jit argument).
         object.__setattr__(self, "mask_id", int(self.mask_id))
-        for name in ("power", "eps", "random_length_prob", "cfg_prompt_dropout"):
+        for name in ("power", "eps", "t_max", "random_length_prob", "cfg_prompt_dropout"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
     @classmethod
     def from_config(cls, c: Any, mask_id: int) -> "DiffusionConfig":
         """Builds from an ``ml_collections.ConfigDict`` (or any mapping / attribute object).
 
-        ``c`` may hold any of the fields ``schedule, power, eps, t_sampling, random_length_prob,
-        cfg_prompt_dropout``; missing fields take the defaults. ``mask_id`` comes from the
-        tokenizer.
+        ``c`` may hold any field but ``mask_id``, which comes from the tokenizer; missing fields
+        take the defaults.
         """
         kwargs = {}
         for f in dataclasses.fields(cls):
@@ -132,6 +173,15 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
         v, (bool, np.bool_)
     )
+
+
+def bound_note(cfg: DiffusionConfig) -> Optional[str]:
+    """None when the training loss estimates the ELBO (a bound on the NLL); else why it is not."""
+    if cfg.loss_weight == "none":
+        return "unweighted masked cross-entropy: not a bound"
+    if cfg.t_max < 1.0 or cfg.eps > BOUND_EPS:
+        return f"mask rates clipped to t in [{cfg.eps:g}, {cfg.t_max:g}]: not a bound"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,18 +230,39 @@ def elbo_weight(t: Array, cfg: DiffusionConfig) -> Array:
     raise ValueError(f"unknown schedule {cfg.schedule!r}; valid choices: {SCHEDULES}")
 
 
-def apply_eps_floor(t: Array, eps: float) -> Array:
-    """t in [0, 1) -> t' = eps + (1 - eps) t in [eps, 1). Any shape."""
-    return eps + (1.0 - eps) * jnp.asarray(t, jnp.float32)
+def time_of(p: Array, cfg: DiffusionConfig) -> Array:
+    """Inverse of mask_prob: the time t with 1 - alpha(t) = p. p: any shape in [0, 1] -> same."""
+    p = jnp.asarray(p, jnp.float32)
+    if cfg.schedule == "linear":
+        return p
+    if cfg.schedule == "cosine":
+        return 4.0 / jnp.pi * jnp.arcsin(jnp.sqrt(0.5 * p))  # inverts 2 sin^2(pi t / 4)
+    if cfg.schedule == "polynomial":
+        return p ** (1.0 / cfg.power)
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; valid choices: {SCHEDULES}")
+
+
+def apply_eps_floor(t: Array, eps: float, t_max: float = 1.0) -> Array:
+    """t in [0, 1) -> t' = eps + (t_max - eps) t in [eps, t_max). Any shape."""
+    return eps + (t_max - eps) * jnp.asarray(t, jnp.float32)
+
+
+def time_range(cfg: DiffusionConfig) -> tuple[float, float]:
+    """The range [eps, top) of t'. Complementary masking lowers the top so that the second
+    copy's mask rate 1 - p stays at or above the first's floor p(eps)."""
+    if cfg.masking != "complementary":
+        return cfg.eps, cfg.t_max
+    with jax.ensure_compile_time_eval():  # constants of the config, also under jit
+        top = float(time_of(1.0 - mask_prob(cfg.eps, cfg), cfg))
+    return cfg.eps, min(cfg.t_max, top)
 
 
 def noise_level(t: Array, cfg: DiffusionConfig) -> tuple[Array, Array]:
     """Raw time t (B,) in [0, 1) -> (p, w): mask probability 1 - alpha(t') and weight w(t'), both
-    (B,) float32, with t' = eps + (1 - eps) t. The Jacobian 1 - eps is dropped (as in LLaDA).
-
-    Linear schedule: p = (1 - eps) t + eps, w = 1 / p (LLaDA exactly).
+    (B,) float32, with t' = eps + (top - eps) t (``time_range``). The Jacobian is dropped (as in
+    LLaDA). Linear schedule: p = (1 - eps) t + eps, w = 1 / p (LLaDA exactly).
     """
-    tp = apply_eps_floor(t, cfg.eps)
+    tp = apply_eps_floor(t, *time_range(cfg))
     return mask_prob(tp, cfg), elbo_weight(tp, cfg)
 
 
@@ -217,6 +288,15 @@ def sample_t(key: Array, batch_size: int, method: str = "iid") -> Array:
     raise ValueError(f"sample_t: method={method!r} is invalid; valid choices: {T_SAMPLING}")
 
 
+def bell_time(u: Array) -> tuple[Array, Array]:
+    """Uniform u in [0, 1) -> (t, 1 / q(t)): t ~ Beta(2, 2) by inverting its CDF 3t^2 - 2t^3, and
+    the importance weight for its density q(t) = 6 t (1 - t). Any shape, float32."""
+    u = jnp.asarray(u, jnp.float32)
+    t = 0.5 - jnp.sin(jnp.arcsin(1.0 - 2.0 * u) / 3.0)
+    t = jnp.clip(t, 0.0, 1.0 - 2.0**-24)
+    return t, 1.0 / jnp.maximum(6.0 * t * (1.0 - t), 1e-12)
+
+
 def forward_mask(
     key: Array, tokens: Array, p: Array, maskable: Array, mask_id: int
 ) -> tuple[Array, Array]:
@@ -237,6 +317,17 @@ def forward_mask(
     return inputs.astype(jnp.int32), is_masked
 
 
+def pair_rows(batch: dict[str, Array]) -> dict[str, Array]:
+    """For masking="paired" | "complementary": every (B, ...) array's first B/2 rows, twice
+    (row i + B/2 is a copy of row i). B must be even."""
+
+    def twice(x: Array) -> Array:
+        half = x[: x.shape[0] // 2]
+        return jnp.concatenate([half, half], axis=0)
+
+    return {k: twice(jnp.asarray(v)) for k, v in batch.items()}
+
+
 def noise_batch(
     key: Array,
     tokens: Array,
@@ -249,7 +340,8 @@ def noise_batch(
 
     Args:
         key: PRNG key (the caller folds in the step).
-        tokens: (B, L) int32 clean tokens.
+        tokens: (B, L) int32 clean tokens; for masking="complementary" row i + B/2 must be a copy
+            of row i (``pair_rows``), and it gets the complementary mask.
         cfg: DiffusionConfig (static under jit).
         prompt_mask: optional (B, L) bool, True at SFT prompt positions: never masked; with
             probability cfg.cfg_prompt_dropout per sequence the whole (valid) prompt is replaced by
@@ -260,7 +352,8 @@ def noise_batch(
             inputs (B, L) int32: x_t, the model input;
             targets (B, L) int32: = tokens;
             is_masked (B, L) bool: positions noised by the forward process (loss positions);
-            weight (B,) float32: ELBO weight w(t') per sequence;
+            weight (B,) float32: ELBO weight w(t') per sequence (times 1 / q(t) for the bell
+                density);
             p (B,) float32: mask probability per sequence;
             valid (B, L) bool: existing positions (attention key-padding mask and loss mask).
         With probability cfg.random_length_prob (one draw per batch) a length l ~ U{1..L} is drawn
@@ -280,9 +373,23 @@ def noise_batch(
     prompt = jnp.zeros((B, L), bool) if prompt_mask is None else jnp.asarray(prompt_mask, bool)
     maskable = valid & ~prompt
 
-    t = sample_t(k_t, B, cfg.t_sampling)
+    complementary = cfg.masking == "complementary"
+    t = sample_t(k_t, B // 2 if complementary else B, cfg.t_sampling)
+    importance = 1.0
+    if cfg.t_density == "bell":
+        t, importance = bell_time(t)
     p, weight = noise_level(t, cfg)
-    inputs, is_masked = forward_mask(k_mask, tokens, p, maskable, cfg.mask_id)
+    weight = weight * importance
+    if complementary:
+        # Copy 2 masks what copy 1 leaves visible: rate 1 - p. Each copy's weight is
+        # (dp/dt') / (rate * q(t)), the ELBO integrand over that copy's rate.
+        first = jax.random.uniform(k_mask, (B // 2, L), jnp.float32) < p[:, None]
+        is_masked = jnp.concatenate([first, ~first], axis=0) & maskable
+        weight = jnp.concatenate([weight, weight * p / (1.0 - p)])
+        p = jnp.concatenate([p, 1.0 - p])
+        inputs = jnp.where(is_masked, jnp.int32(cfg.mask_id), tokens)
+    else:
+        inputs, is_masked = forward_mask(k_mask, tokens, p, maskable, cfg.mask_id)
 
     if prompt_mask is not None and cfg.cfg_prompt_dropout > 0.0:
         drop = jax.random.uniform(k_cfg, (B,), jnp.float32) < cfg.cfg_prompt_dropout

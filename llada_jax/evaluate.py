@@ -167,7 +167,7 @@ def make_objective_spread(model: inference.LoadedModel, draws: int) -> Callable[
         def one(key: jax.Array) -> tuple[jax.Array, jax.Array]:
             noised = train_step.noise(key, {"tokens": tokens_BxL}, step_cfg)
             grad_fn = jax.value_and_grad(train_step.loss_fn, argnums=1, has_aux=True)
-            (loss, _), grads = grad_fn(graphdef, params, noised)
+            (loss, _), grads = grad_fn(graphdef, params, noised, step_cfg.diffusion.loss_weight)
             return loss, optax.tree.norm(grads)
 
         keys = jax.random.split(jax.random.key(step_cfg.seed), draws)

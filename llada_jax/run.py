@@ -84,6 +84,11 @@ def build_run(
     chosen = kernels.select(model_cfg.matmul, model_cfg.attention, model_cfg.compute_dtype, mesh)
     check_attention(model_cfg, chosen, cfg.data.seq_len)
     diffusion_cfg = diffusion.DiffusionConfig.from_config(cfg.diffusion, mask_id=tokenizer.mask_id)
+    if diffusion_cfg.masking != "independent" and cfg.data.batch_size % 2:
+        raise ValueError(
+            f"diffusion.masking={diffusion_cfg.masking!r} sees each sequence twice: "
+            f"data.batch_size={cfg.data.batch_size} must be even"
+        )
     step_cfg = StepConfig(diffusion_cfg, cfg.optim.grad_accum, cfg.seed, cfg.train.objective)
     optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
     lr_schedule = optim.make_lr_schedule(cfg.optim, cfg.train.steps)

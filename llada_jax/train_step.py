@@ -40,15 +40,21 @@ class StepConfig:
 
 
 def loss_fn(
-    graphdef: nnx.GraphDef, params: PyTree, noised: dict[str, jax.Array]
+    graphdef: nnx.GraphDef,
+    params: PyTree,
+    noised: dict[str, jax.Array],
+    loss_weight: str = "elbo",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Loss of the model on an already-noised (micro)batch: SFT when it has a response mask."""
+    """Loss of the model on an already-noised (micro)batch: SFT when it has a response mask.
+    loss_weight="none" trains on the mean masked cross-entropy instead (not a bound)."""
     model = nnx.merge(graphdef, params)
     # Training batches pad at the end only (filler rows, random lengths, SFT rows).
     logits = model(noised["inputs"], noised["valid"], noised.get("segment_ids"), valid_prefix=True)
     if "response_mask" in noised:
-        return diffusion.sft_loss(logits, noised, noised["response_mask"])
-    return diffusion.pretrain_loss(logits, noised)
+        loss, aux = diffusion.sft_loss(logits, noised, noised["response_mask"])
+    else:
+        loss, aux = diffusion.pretrain_loss(logits, noised)
+    return (aux["masked_ce"] if loss_weight == "none" else loss), aux
 
 
 def noise(key: jax.Array, batch: dict[str, jax.Array], cfg: StepConfig) -> dict[str, jax.Array]:
@@ -56,7 +62,11 @@ def noise(key: jax.Array, batch: dict[str, jax.Array], cfg: StepConfig) -> dict[
 
     batch: tokens (B, L); optional segment_ids (B, L) (packed documents or SFT pairs) and valid
     (B, L) (filler rows); for SFT prompt_mask (B, L), True on prompt tokens, never masked.
+    Paired and complementary masking train on the first B/2 rows, each twice.
     """
+    if cfg.diffusion.masking != "independent":
+        keys = ("tokens", "valid", "segment_ids", "prompt_mask")
+        batch = {**batch, **diffusion.pair_rows({k: batch[k] for k in keys if k in batch})}
     prompt_mask = batch["prompt_mask"] if cfg.objective == "sft" else None
     noised = diffusion.noise_batch(
         key, batch["tokens"], cfg.diffusion, prompt_mask=prompt_mask, valid=batch.get("valid")
@@ -75,7 +85,8 @@ def make_train_step(
     cfg: StepConfig,
 ) -> StepFn:
     """The un-jitted step function; `jit_train_step` compiles it with shardings and donation."""
-    grad_fn = jax.value_and_grad(lambda p, b: loss_fn(graphdef, p, b), has_aux=True)
+    loss_weight = cfg.diffusion.loss_weight
+    grad_fn = jax.value_and_grad(lambda p, b: loss_fn(graphdef, p, b, loss_weight), has_aux=True)
 
     def train_step(
         params: PyTree, opt_state: PyTree, batch: dict[str, jax.Array], step: jax.Array
