@@ -2,6 +2,8 @@
 
   python -m llada_jax.train --config=configs/demo.py --workdir=demo_run   (:quick for 30 steps)
 
+(:ablation is the 40-step run each cell of configs/ablations/ trains.)
+
 d_model 384, 6 layers, 6 heads, sequences of 256, batch 16 (the model of the issue's MFU
 comparison): in 120 steps the loss falls from ~8.3 (log of the 4096-token vocabulary) to ~6.0,
 the word statistics of the corpus; the samples at the end show its vocabulary (LORD, fathers,
@@ -12,7 +14,21 @@ holy, ...) without phrasing yet; longer runs: --config.train.steps=N.
 
 from llada_jax.config import ConfigDict, apply_variant, base_config
 
-VARIANTS = {"quick": {"train.steps": 30, "optim.warmup_steps": 5, "optim.decay_steps": 15}}
+VARIANTS = {
+    "quick": {"train.steps": 30, "optim.warmup_steps": 5, "optim.decay_steps": 15},
+    # The runs of the ablations (configs/ablations/): 40 steps, saved and evaluated every 20,
+    # with the spread of the run's own loss estimator and gradient norm (8 draws on 8 rows).
+    "ablation": {
+        "train.steps": 40,
+        "optim.warmup_steps": 5,
+        "optim.decay_steps": 15,
+        "checkpoint.save_every": 20,
+        "checkpoint.max_to_keep": 10,
+        "sample.num_samples": 0,
+        "eval.objective_draws": 8,
+        "eval.objective_rows": 8,
+    },
+}
 
 
 def get_config(variant: str = "") -> ConfigDict:

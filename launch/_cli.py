@@ -10,11 +10,13 @@ import argparse
 import os
 import shlex
 import sys
+import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Set by the launchers themselves (or, on TPU pods and SLURM, detected by JAX); a user value
 # would contradict the launcher's.
 DISTRIBUTED_FLAGS = ("--coordinator", "--num_processes", "--process_id")
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
 class UsageError(Exception):
@@ -78,3 +80,35 @@ def shell_line(argv: list[str], env: dict[str, str] | None = None) -> str:
     """One copy-pasteable shell line: `K=V ... cmd args`, every word quoted as needed."""
     assigns = [f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()]
     return " ".join(assigns + [shlex.join(argv)]) if assigns else shlex.join(argv)
+
+
+def xla_device_count(inherited: str, devices: int) -> str:
+    """XLA_FLAGS giving `devices` fake CPU devices, the inherited flags otherwise kept."""
+    kept = [f for f in inherited.split() if f.split("=", 1)[0] != DEVICE_COUNT_FLAG]
+    return " ".join(kept + [f"{DEVICE_COUNT_FLAG}={devices}"])
+
+
+def gpu_groups(n: int, per: int, inherited: str | None, asked: str) -> list[str]:
+    """`n` consecutive groups of `per` GPUs, as CUDA_VISIBLE_DEVICES values, counted within an
+    inherited CUDA_VISIBLE_DEVICES if any. `asked` names the flags in the error."""
+    visible = (
+        [g for g in inherited.split(",") if g]
+        if inherited is not None
+        else [str(i) for i in range(n * per)]
+    )
+    if len(visible) < n * per:
+        raise UsageError(
+            f"{asked} needs {n * per} GPUs but CUDA_VISIBLE_DEVICES={inherited} has {len(visible)}"
+        )
+    return [",".join(visible[i * per : (i + 1) * per]) for i in range(n)]
+
+
+def pump_lines(pipe, out, prefix: bytes, lock: threading.Lock):
+    """Copies each line of `pipe` to `out` with `prefix`, one whole line at a time."""
+    for line in iter(pipe.readline, b""):
+        if not line.endswith(b"\n"):
+            line += b"\n"
+        with lock:
+            out.write(prefix + line)
+            out.flush()
+    pipe.close()

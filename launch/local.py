@@ -34,8 +34,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _cli  # noqa: E402
 
-DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-
 
 def parse(argv: list[str]):
     own, train_args = _cli.split_argv(argv)
@@ -90,31 +88,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def xla_flags(inherited: str, devices: int) -> str:
-    kept = [f for f in inherited.split() if f.split("=", 1)[0] != DEVICE_COUNT_FLAG]
-    return " ".join(kept + [f"{DEVICE_COUNT_FLAG}={devices}"])
-
-
-def gpu_groups(n: int, per: int, inherited: str | None) -> list[str]:
-    visible = (
-        [g for g in inherited.split(",") if g]
-        if inherited is not None
-        else [str(i) for i in range(n * per)]
-    )
-    if len(visible) < n * per:
-        raise _cli.UsageError(
-            f"--num_processes={n} x --gpus_per_process={per} needs {n * per} "
-            f"GPUs but CUDA_VISIBLE_DEVICES={inherited} has {len(visible)}"
-        )
-    return [",".join(visible[i * per : (i + 1) * per]) for i in range(n)]
-
-
 def commands(args, train_args: list[str], environ) -> list[tuple[list[str], dict[str, str]]]:
     """(argv, environment variables set by the launcher) of each process."""
     n = args.num_processes
     port = args.port or free_port()
     gpus = (
-        gpu_groups(n, args.gpus_per_process, environ.get("CUDA_VISIBLE_DEVICES"))
+        _cli.gpu_groups(
+            n,
+            args.gpus_per_process,
+            environ.get("CUDA_VISIBLE_DEVICES"),
+            f"--num_processes={n} x --gpus_per_process={args.gpus_per_process}",
+        )
         if args.gpus_per_process
         else None
     )
@@ -122,7 +106,9 @@ def commands(args, train_args: list[str], environ) -> list[tuple[list[str], dict
     for i in range(n):
         env = {}
         if args.devices_per_process:
-            env["XLA_FLAGS"] = xla_flags(environ.get("XLA_FLAGS", ""), args.devices_per_process)
+            env["XLA_FLAGS"] = _cli.xla_device_count(
+                environ.get("XLA_FLAGS", ""), args.devices_per_process
+            )
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i]
         argv = [args.python, "-u", "-m", "llada_jax.train", *train_args]
@@ -140,16 +126,6 @@ def _die_with_parent():
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except Exception:  # not Linux: best effort
         pass
-
-
-def _pump(pipe, out, prefix: bytes, lock: threading.Lock):
-    for line in iter(pipe.readline, b""):
-        if not line.endswith(b"\n"):
-            line += b"\n"
-        with lock:
-            out.write(prefix + line)
-            out.flush()
-    pipe.close()
 
 
 def _status(rc: int) -> int:
@@ -190,7 +166,7 @@ def run(cmds, kill_after: float) -> int:
         for i, p in enumerate(procs):
             for pipe, out in ((p.stdout, sys.stdout.buffer), (p.stderr, sys.stderr.buffer)):
                 t = threading.Thread(
-                    target=_pump, args=(pipe, out, f"[{i}] ".encode(), lock), daemon=True
+                    target=_cli.pump_lines, args=(pipe, out, f"[{i}] ".encode(), lock), daemon=True
                 )
                 t.start()
                 threads.append(t)

@@ -1,7 +1,9 @@
-"""Expand an ablation config into its runs, run them one after another (resumably), show them.
+"""Expand an ablation config into its runs, run them (resumably), show them.
 
   python launch/sweep.py --config=configs/ablations/<name>.py --sweep_dir=DIR [--dry_run]
       [--only=RUN,RUN] [--evaluate=true|false] [--python=PYTHON]
+      [--parallel=N [--gpus_per_run=G | --devices_per_run=D]]
+      [--submit=slurm|tpu_pod --submit_args="..."]
   python launch/sweep.py status DIR
 
 Each run of the config's SWEEP (llada_jax/sweep.py) trains in DIR/runs/<run name> with
@@ -9,23 +11,40 @@ Each run of the config's SWEEP (llada_jax/sweep.py) trains in DIR/runs/<run name
 of its checkpoints on the held-out data (same tokens and masks for every run). A run whose last
 step is evaluated (trained, with --evaluate=false) is finished and skipped; an interrupted run
 resumes from its checkpoints, so the whole sweep can be killed and started again at any moment.
-DIR/sweep.json records the config and its runs. --dry_run prints the commands. `status DIR`
-prints a table: each run's state, step, last training loss and latest bits per token. A run that
-fails stops the sweep with its exit status; bad arguments are one error line, exit 2.
+DIR/sweep.json records the config and its runs. `status DIR` prints a table: each run's state,
+step, last training loss and latest bits per token.
+
+--parallel=N runs N at once, each on its own slice of the devices: --gpus_per_run=G gives slot i
+the GPUs i*G .. i*G+G-1 (CUDA_VISIBLE_DEVICES), --devices_per_run=D gives every run D fake CPU
+devices (testing); without either they share the machine. Their output lines are prefixed with
+the run's name.
+--submit hands each unfinished run's training to a cluster launcher instead: `launch/slurm.py
+SUBMIT_ARGS -- <train flags>` (one batch job per run, --job_name defaults to the run's name) or
+`launch/tpu_pod.py run SUBMIT_ARGS <train flags>` (one TPU per run: name it with `{run}`, e.g.
+--submit_args="--name=abl-{run} --zone=Z"); `{run}` in SUBMIT_ARGS is replaced by the run's name.
+The sweep directory must then be one every job can write (gs://... for TPU pods). Once the jobs
+are done, the same command without --submit evaluates the trained runs.
+--dry_run prints the commands instead of running them. A run that fails stops the sweep (runs
+already going finish) with its exit status; bad arguments are one error line, exit 2.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
+import queue
+import shlex
 import subprocess
 import sys
+import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import _cli  # noqa: E402
 
 SWEEP_FILE = "sweep.json"
+SUBMITTERS = ("slurm", "tpu_pod")
 
 
 def load_sweep(path: str):
@@ -81,6 +100,47 @@ def commands(args, name: str) -> list[list[str]]:
     return cmds
 
 
+def submit_command(args, name: str) -> list[str]:
+    """The cluster launcher's command line that trains run `name` (--submit)."""
+    workdir = run_dir(args.sweep_dir, name)
+    extra = [a.replace("{run}", name) for a in shlex.split(args.submit_args)]
+    # The jobs run in a checkout of their own: name a config inside this one relative to it.
+    config = os.path.abspath(args.config)
+    if config.startswith(_cli.ROOT + os.sep):
+        config = os.path.relpath(config, _cli.ROOT)
+    train = [f"--config={config}:{name}", f"--workdir={workdir}"]
+    launcher = os.path.join(_cli.ROOT, "launch", f"{args.submit}.py")
+    if args.submit == "slurm":
+        if not any(_cli.flag_name(a) == "--job_name" for a in extra):
+            extra.append(f"--job_name={name}")
+        return [args.python, launcher, *extra, "--", *train]
+    return [args.python, launcher, "run", *extra, *train]
+
+
+def slot_envs(args, environ) -> list[dict[str, str]]:
+    """What each of the --parallel slots adds to the environment: its slice of the devices."""
+    n = args.parallel
+    if args.gpus_per_run:
+        asked = f"--parallel={n} x --gpus_per_run={args.gpus_per_run}"
+        groups = _cli.gpu_groups(n, args.gpus_per_run, environ.get("CUDA_VISIBLE_DEVICES"), asked)
+        return [{"CUDA_VISIBLE_DEVICES": g} for g in groups]
+    if args.devices_per_run:
+        flags = _cli.xla_device_count(environ.get("XLA_FLAGS", ""), args.devices_per_run)
+        return [{"XLA_FLAGS": flags} for _ in range(n)]
+    return [{} for _ in range(n)]
+
+
+def call(cmd: list[str], env: dict[str, str], prefix: str, lock: threading.Lock) -> int:
+    """Runs cmd to its end; with a prefix its output lines are copied prefixed."""
+    if not prefix:
+        return subprocess.call(cmd, env=dict(os.environ, **env))
+    proc = subprocess.Popen(
+        cmd, env=dict(os.environ, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    _cli.pump_lines(proc.stdout, sys.stdout.buffer, prefix.encode(), lock)
+    return proc.wait()
+
+
 def run_sweep(args) -> int:
     sweep = load_sweep(args.config)
     names = sweep.run_names()
@@ -88,30 +148,90 @@ def run_sweep(args) -> int:
     unknown = [n for n in only if n not in names]
     if unknown:
         raise _cli.UsageError(f"--only: unknown run {unknown[0]!r}; runs: {', '.join(names)}")
+    envs = slot_envs(args, os.environ)
     if args.dry_run:
-        for name in only:
+        for i, name in enumerate(only):
+            if args.submit:
+                print(_cli.shell_line(submit_command(args, name)))
+                continue
             for cmd in commands(args, name):
-                print(_cli.shell_line(cmd))
+                print(_cli.shell_line(cmd, envs[i % args.parallel]))
         return 0
+    if args.sweep_dir.startswith("gs://"):  # only the jobs themselves write there
+        if not args.submit:
+            raise _cli.UsageError(f"--sweep_dir={args.sweep_dir!r}: gs:// needs --submit")
+    else:
+        write_record(args, names)
+    todo = []
+    for i, name in enumerate(only, 1):
+        workdir = run_dir(args.sweep_dir, name)
+        if not args.sweep_dir.startswith("gs://") and finished(
+            workdir, final_step(sweep, name), args.evaluate and not args.submit
+        ):
+            print(f"[sweep] {i}/{len(only)} {name}: finished, skipped", flush=True)
+        else:
+            todo.append((i, name))
+    if args.submit:
+        for i, name in todo:
+            print(f"[sweep] {i}/{len(only)} {name}: submitted", flush=True)
+            rc = subprocess.call(submit_command(args, name))
+            if rc != 0:
+                print(f"[sweep] submitting {name} failed (exit {rc})", flush=True)
+                return rc
+        return 0
+    rc = run_local(args, todo, len(only), envs)
+    if rc == 0:
+        print(
+            f"[sweep] all {len(only)} runs finished; python launch/sweep.py status {args.sweep_dir}"
+        )
+    return rc
+
+
+def write_record(args, names: list[str]) -> None:
     os.makedirs(os.path.join(args.sweep_dir, "runs"), exist_ok=True)
     record = {"config": os.path.abspath(args.config), "runs": names, "evaluate": args.evaluate}
     tmp = os.path.join(args.sweep_dir, SWEEP_FILE + ".tmp")
     with open(tmp, "w") as f:
         json.dump(record, f, indent=1)
     os.replace(tmp, os.path.join(args.sweep_dir, SWEEP_FILE))
-    for i, name in enumerate(only, 1):
-        workdir = run_dir(args.sweep_dir, name)
-        if finished(workdir, final_step(sweep, name), args.evaluate):
-            print(f"[sweep] {i}/{len(only)} {name}: finished, skipped", flush=True)
-            continue
-        print(f"[sweep] {i}/{len(only)} {name}", flush=True)
-        for cmd in commands(args, name):
-            rc = subprocess.call(cmd)
-            if rc != 0:
-                print(f"[sweep] {name} failed (exit {rc}); run the sweep again to resume")
-                return rc
-    print(f"[sweep] all {len(only)} runs finished; python launch/sweep.py status {args.sweep_dir}")
-    return 0
+
+
+def run_local(args, todo: list[tuple[int, str]], total: int, envs: list[dict[str, str]]) -> int:
+    """Runs the runs of `todo` on --parallel slots; the first failure's exit status, else 0.
+    After a failure no new run starts."""
+    slots: queue.Queue = queue.Queue()
+    for env in envs:
+        slots.put(env)
+    lock = threading.Lock()
+    failures: list[int] = []
+
+    def one(i: int, name: str) -> None:
+        env = slots.get()
+        try:
+            if failures:
+                return
+            print(f"[sweep] {i}/{total} {name}", flush=True)
+            prefix = f"[{name}] " if args.parallel > 1 else ""
+            for cmd in commands(args, name):
+                rc = call(cmd, env, prefix, lock)
+                if rc != 0:
+                    print(f"[sweep] {name} failed (exit {rc}); run the sweep again to resume")
+                    failures.append(rc)
+                    return
+        finally:
+            slots.put(env)
+
+    pool = concurrent.futures.ThreadPoolExecutor(args.parallel)
+    futures = [pool.submit(one, i, name) for i, name in todo]
+    try:
+        for future in futures:
+            future.result()
+    except KeyboardInterrupt:  # the runs got it too: let them stop, start no new one
+        failures.append(130)
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return failures[0] if failures else 0
 
 
 def status(sweep_dir: str) -> int:
@@ -183,7 +303,23 @@ def parse(argv: list[str]):
     p.add_argument(
         "--evaluate", type=_cli.boolean, default=True, help="Evaluate each run's checkpoints."
     )
-    return p.parse_args(argv)
+    p.add_argument("--parallel", type=int, default=1, help="Runs at once on this machine.")
+    p.add_argument("--gpus_per_run", type=int, default=0, help="GPUs of each parallel slot.")
+    p.add_argument("--devices_per_run", type=int, default=0, help="Fake CPU devices per run.")
+    p.add_argument("--submit", default="", help=f"Submit training via: {', '.join(SUBMITTERS)}.")
+    p.add_argument("--submit_args", default="", help="Flags for the --submit launcher.")
+    args = p.parse_args(argv)
+    _cli.positive("parallel", args.parallel)
+    for name in ("gpus_per_run", "devices_per_run"):
+        if getattr(args, name):
+            _cli.positive(name, getattr(args, name))
+    if args.gpus_per_run and args.devices_per_run:
+        raise _cli.UsageError("--gpus_per_run and --devices_per_run: give one of them")
+    if args.submit and args.submit not in SUBMITTERS:
+        raise _cli.UsageError(f"--submit={args.submit!r}: valid choices: {', '.join(SUBMITTERS)}")
+    if args.submit_args and not args.submit:
+        raise _cli.UsageError("--submit_args needs --submit=slurm|tpu_pod")
+    return args
 
 
 def main(argv: list[str]) -> int:
