@@ -25,6 +25,7 @@ VARIANTS = {
         "checkpoint.save_every": 20,
         "checkpoint.max_to_keep": 10,
         "sample.num_samples": 0,
+        "eval.generate": False,
         "eval.objective_draws": 8,
         "eval.objective_rows": 8,
     },

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from llada_jax import metrics
+from llada_jax import diffusion, metrics
 
 SEED = re.compile(r"^(?P<cell>.+)-seed(?P<seed>\d+)$")
 
@@ -40,7 +40,9 @@ class RunRecord:
     train_steps: list[int]
     train_loss: list[float]
     tokens_per_sec: float | None  # median over the logged intervals
+    train_seconds: float | None = None  # wall time of the logged steps (compiles excluded)
     objective: dict | None = None  # the last evaluation's loss / gradient-norm spread, if any
+    bound_note: str | None = None  # why the training loss is not a bound (None: it is)
 
     @property
     def final_bits(self) -> float:
@@ -71,6 +73,7 @@ def read_run(workdir: str) -> RunRecord:
     logged = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
     speeds = [r["tokens_per_sec"] for r in logged if r.get("tokens_per_sec")]
     match = SEED.match(name)
+    objective = diffusion.DiffusionConfig.from_config(cfg.get("diffusion", {}), mask_id=0)
     return RunRecord(
         name=name,
         cell=match["cell"] if match else name,
@@ -82,8 +85,20 @@ def read_run(workdir: str) -> RunRecord:
         train_steps=[r["step"] for r in logged],
         train_loss=[r["loss"] for r in logged],
         tokens_per_sec=float(np.median(speeds)) if speeds else None,
+        train_seconds=train_seconds(logged),
         objective=evals[-1].get("objective"),
+        bound_note=diffusion.bound_note(objective),
     )
+
+
+def train_seconds(logged: list[dict]) -> float | None:
+    """Sum over the logged intervals of their steps times their mean step time, in seconds."""
+    total, previous = 0.0, None
+    for r in logged:
+        if previous is not None and r["step"] > previous and "step_time_sec" in r:
+            total += (r["step"] - previous) * r["step_time_sec"]
+        previous = r["step"]
+    return total or None
 
 
 @dataclasses.dataclass(frozen=True)

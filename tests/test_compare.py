@@ -55,11 +55,11 @@ def test_significance_by_hand():
     assert da.stderr == pytest.approx(math.sqrt(0.0116)) and da.significant
 
 
-def write_run(root, name, bits, losses):
+def write_run(root, name, bits, losses, diffusion=None):
     w = os.path.join(root, name)
     os.makedirs(os.path.join(w, "eval"))
     with open(os.path.join(w, "config.json"), "w") as f:
-        json.dump({"data": {"batch_size": 4, "seq_len": 8}}, f)
+        json.dump({"data": {"batch_size": 4, "seq_len": 8}, "diffusion": diffusion or {}}, f)
     for step, b in zip((2, 4), bits):
         result = {"step": step, "bits_per_token": b, "bits_stderr": 0.01}
         result["objective"] = {"loss_std": b / 10, "grad_norm_std": b / 100}
@@ -67,16 +67,20 @@ def write_run(root, name, bits, losses):
             json.dump(result, f)
     with open(os.path.join(w, "metrics.jsonl"), "w") as f:
         for step, loss in zip((1, 2, 3, 4), losses):
-            f.write(json.dumps({"step": step, "loss": loss, "tokens_per_sec": 100.0 * step}) + "\n")
+            record = {"step": step, "loss": loss, "tokens_per_sec": 100.0 * step}
+            record["step_time_sec"] = 2.0 * step
+            f.write(json.dumps(record) + "\n")
     return w
 
 
 def test_report_of_workdirs(tmp_path):
+    unweighted = {"schedule": "cosine", "loss_weight": "none"}
+    root = tmp_path / "sweep" / "runs"
     runs = [
-        write_run(tmp_path, "linear-seed0", [10.0, 9.0], [8, 7, 6, 5]),
-        write_run(tmp_path, "linear-seed1", [10.2, 9.2], [8, 7, 6, 5]),
-        write_run(tmp_path, "cosine-seed0", [10.5, 9.6], [8, 7.5, 7, 6.5]),
-        write_run(tmp_path, "cosine-seed1", [10.6, 9.8], [8, 7.5, 7, 6.5]),
+        write_run(root, "linear-seed0", [10.0, 9.0], [8, 7, 6, 5]),
+        write_run(root, "linear-seed1", [10.2, 9.2], [8, 7, 6, 5]),
+        write_run(root, "cosine-seed0", [10.5, 9.6], [8, 7.5, 7, 6.5], unweighted),
+        write_run(root, "cosine-seed1", [10.6, 9.8], [8, 7.5, 7, 6.5], unweighted),
     ]
     out = tmp_path / "report"
     proc = subprocess.run(
@@ -92,13 +96,27 @@ def test_report_of_workdirs(tmp_path):
     cosine = rows[2].split(",")
     assert cosine[:7] == ["cosine", "2", "9.7000", "0.1000", "+0.6000", "0.1414", "yes"]
     assert cosine[7] == "128"  # 4 steps x 4 rows x 8 tokens
-    assert cosine[9:] == ["0.9700", "0.0970"]  # the last evaluations' spreads, seed means
+    assert cosine[8] == "18"  # logged steps 2, 3, 4 at 4, 6, 8 s each
+    assert (rows[1].split(",")[10], cosine[10]) == ("bound", "not a bound")
+    assert cosine[11:] == ["0.9700", "0.0970"]  # the last evaluations' spreads, seed means
     for png in ("eval_bits.png", "train_loss.png", "estimator_spread.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "| cosine | 2 | 9.7000 |" in md and "![eval_bits](eval_bits.png)" in md
+    assert "`cosine`: unweighted masked cross-entropy: not a bound" in md
+    # A sweep directory stands for its runs; its report goes into it.
+    proc = subprocess.run(
+        [sys.executable, "tools/compare_runs.py", str(tmp_path / "sweep"), "--baseline=linear"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    swept = (tmp_path / "sweep" / "report" / "table.csv").read_text().splitlines()
+    assert sorted(swept) == sorted((out / "table.csv").read_text().splitlines())
     bad = subprocess.run(
-        [sys.executable, "tools/compare_runs.py", str(tmp_path), f"--output={out}"],
+        [sys.executable, "tools/compare_runs.py", str(root), f"--output={out}"],
         cwd=ROOT,
         capture_output=True,
         text=True,

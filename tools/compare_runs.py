@@ -1,16 +1,21 @@
 """Compare runs: a table, PNG plots and a Markdown summary of their evaluations.
 
+  python tools/compare_runs.py SWEEP_DIR [--output=REPORT_DIR] [--baseline=CELL]
   python tools/compare_runs.py WORKDIR... --output=REPORT_DIR [--baseline=CELL]
-  python tools/compare_runs.py SWEEP_DIR/runs/* --output=REPORT_DIR
 
-Any set of evaluated workdirs (tools/evaluate.py), sweeps' or not. Runs whose names differ only
-in a `-seed<N>` suffix form a cell (llada_jax/compare.py says how cells, standard errors and
-significance are computed). REPORT_DIR gets report.md (the table and the plots), table.csv,
-eval_bits.png (held-out bits per token against training tokens, bands of +- one standard
-error), train_loss.png (training loss against training tokens) and, when the evaluations measured
-it (eval.objective_draws), estimator_spread.png (each cell's spread of its training loss and
-gradient norm over draws on one batch). --baseline names the cell
-the others are compared with (default: the first). Bad arguments: one error line, exit 2.
+A sweep directory (launch/sweep.py) stands for all its evaluated runs, its report going to
+SWEEP_DIR/report by default; or any set of evaluated workdirs (tools/evaluate.py), sweeps' or not.
+Runs whose names differ only in a `-seed<N>` suffix form a cell (llada_jax/compare.py says how
+cells, standard errors and significance are computed).
+
+REPORT_DIR gets report.md (the table and the plots), table.csv, eval_bits.png (held-out bits per
+token against training tokens, bands of +- one standard error), train_loss.png (training loss
+against training tokens) and, when the evaluations measured it (eval.objective_draws),
+estimator_spread.png (each cell's spread of its training loss and gradient norm over draws on one
+batch). The table's "training loss" column says whether the cell's training loss is a bound
+(unweighted or clipped objectives are not; the held-out bound compares across all cells).
+--baseline names the cell the others are compared with (default: the first). Bad arguments: one
+error line, exit 2.
 """
 
 from __future__ import annotations
@@ -38,7 +43,9 @@ COLUMNS = [
     "difference se",
     "significant",
     "training tokens",
+    "train seconds",
     "tokens/s",
+    "training loss",
     "loss std",
     "grad-norm std",
 ]
@@ -49,6 +56,7 @@ def table(cells: list[compare.Cell], baseline: compare.Cell) -> list[list[str]]:
     for c in cells:
         d = compare.difference(c, baseline)
         speeds = [r.tokens_per_sec for r in c.runs if r.tokens_per_sec]
+        seconds = [r.train_seconds for r in c.runs if r.train_seconds]
         last = c.runs[0]
         rows.append(
             [
@@ -60,7 +68,9 @@ def table(cells: list[compare.Cell], baseline: compare.Cell) -> list[list[str]]:
                 "" if c is baseline else f"{d.stderr:.4f}",
                 "" if c is baseline else ("yes" if d.significant else "no"),
                 f"{last.eval_steps[-1] * last.tokens_per_step:,}",
+                f"{sum(seconds) / len(seconds):.0f}" if seconds else "-",
                 f"{sum(speeds) / len(speeds):,.0f}" if speeds else "-",
+                "not a bound" if last.bound_note else "bound",
                 spread(c, "loss_std"),
                 spread(c, "grad_norm_std"),
             ]
@@ -139,7 +149,10 @@ def plot(cells: list[compare.Cell], output: str) -> list[str]:
     return names
 
 
-def markdown(rows: list[list[str]], baseline: str, images: list[str]) -> str:
+def markdown(
+    cells: list[compare.Cell], rows: list[list[str]], baseline: str, images: list[str]
+) -> str:
+    notes = [f"- `{c.name}`: {c.runs[0].bound_note}" for c in cells if c.runs[0].bound_note]
     lines = [
         "# Run comparison",
         "",
@@ -151,6 +164,9 @@ def markdown(rows: list[list[str]], baseline: str, images: list[str]) -> str:
         "|" + "---|" * len(COLUMNS),
     ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if notes:
+        lines += ["", "Training losses that are not bounds (their held-out bound still compares):"]
+        lines += notes
     lines += [""] + [f"![{name[:-4]}]({name})" for name in images]
     return "\n".join(lines) + "\n"
 
@@ -169,23 +185,33 @@ def report(workdirs: list[str], output: str, baseline_name: str | None) -> list[
         writer.writerow(COLUMNS)
         writer.writerows(rows)
     images = plot(cells, output)
-    files.write_atomically(os.path.join(output, "report.md"), markdown(rows, baseline.name, images))
+    text = markdown(cells, rows, baseline.name, images)
+    files.write_atomically(os.path.join(output, "report.md"), text)
     return rows
 
 
 def main(argv: list[str]) -> int:
     try:
         workdirs = FLAGS(argv)[1:]
-        if not workdirs or not FLAGS.output:
-            raise ValueError("give workdirs and --output=REPORT_DIR")
-        rows = report(workdirs, FLAGS.output, FLAGS.baseline)
+        output = FLAGS.output
+        if len(workdirs) == 1 and os.path.isdir(os.path.join(workdirs[0], "runs")):
+            sweep_dir = workdirs[0]
+            runs = os.path.join(sweep_dir, "runs")
+            workdirs = [os.path.join(runs, n) for n in sorted(os.listdir(runs))]
+            workdirs = [w for w in workdirs if os.path.isdir(os.path.join(w, "eval"))]
+            output = output or os.path.join(sweep_dir, "report")
+            if not workdirs:
+                raise ValueError(f"{sweep_dir!r}: no run is evaluated yet")
+        if not workdirs or not output:
+            raise ValueError("give a sweep directory, or workdirs and --output=REPORT_DIR")
+        rows = report(workdirs, output, FLAGS.baseline)
     except (ValueError, flags.Error) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     width = [max(len(r[i]) for r in [COLUMNS, *rows]) for i in range(len(COLUMNS))]
     for r in [COLUMNS, *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, width)).rstrip())
-    print(f"report: {os.path.join(FLAGS.output, 'report.md')}")
+    print(f"report: {os.path.join(output, 'report.md')}")
     return 0
 
 
