@@ -25,7 +25,8 @@ from llada_jax import config as config_lib
 
 LABEL = re.compile(r"[A-Za-z0-9_.]+")
 
-# What a fair comparison holds fixed: the model's shapes and the tokens each run trains on.
+# What a fair comparison holds fixed: the model's shapes, the tokens each run trains on, the
+# training tokens at which it is evaluated, and the evaluation's tokens and Monte-Carlo masks.
 FIXED_KEYS = (
     "model.vocab_size",
     "model.d_model",
@@ -38,6 +39,10 @@ FIXED_KEYS = (
     "data.seq_len",
     "data.batch_size",
     "train.steps",
+    "checkpoint.save_every",
+    "eval.num_tokens",
+    "eval.num_samples",
+    "eval.seed",
 )
 
 
