@@ -41,6 +41,7 @@ def get_config(variant: str = "") -> ConfigDict:
     # Sampled with temperature: a model this young is confident mostly about punctuation, and
     # greedy low-confidence decoding would print commas; Gumbel sampling shows what it learned.
     c.sample.update(num_samples=4, gen_length=48, steps=48, block_length=8, temperature=0.8)
+    c.sample.compare_untrained = True  # the word figures of an untrained model's samples beside
     # tools/evaluate.py: 4096 held-out tokens, 4 masks per row, about 10 s per checkpoint.
     c.eval.update(num_tokens=4096, num_samples=4)
     return apply_variant(c, variant, VARIANTS)

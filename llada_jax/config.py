@@ -137,6 +137,7 @@ def base_config() -> ConfigDict:
     p.ban_eos = False  # EOS is never proposed (its logit is -inf)
     p.eos_zero_confidence = False  # proposed end-of-turn (and at temperature 0 EOS): committed last
     p.kv_cache = "none"  # none | prefix | dual: K/V reused across a block's steps (Fast-dLLM)
+    p.compare_untrained = False  # also sample the untrained model, for the word figures
 
     c.eval = e = ConfigDict()
     e.num_tokens = 16384  # held-out tokens scored per checkpoint (whole rows of data.seq_len)

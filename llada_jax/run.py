@@ -263,11 +263,17 @@ def open_batches(
 # --------------------------------------------------------------------------------------------
 # State and step
 # --------------------------------------------------------------------------------------------
-def create_state(run: Run) -> tuple[nnx.GraphDef, Any, Any]:
-    """Model parameters and optimizer state, created directly in their shardings."""
+def init_params(run: Run) -> tuple[nnx.GraphDef, Any]:
+    """The model's initial parameters (from the run's seed), created in their shardings."""
     with sharding.use_mesh(run.mesh):
         model = Transformer(run.model_cfg, rngs=nnx.Rngs(run.cfg.seed), kernels=run.kernels)
-        graphdef, params = nnx.split(model, nnx.Param)
+        return nnx.split(model, nnx.Param)
+
+
+def create_state(run: Run) -> tuple[nnx.GraphDef, Any, Any]:
+    """Model parameters and optimizer state, created directly in their shardings."""
+    graphdef, params = init_params(run)
+    with sharding.use_mesh(run.mesh):
         shardings = opt_state_shardings(run.optimizer, params, run.mesh)
         opt_state = jax.jit(run.optimizer.init, out_shardings=shardings)(params)
     return graphdef, params, opt_state

@@ -33,9 +33,11 @@ from jax.experimental import multihost_utils
 from llada_jax import checkpoint, files, inference, metrics
 from llada_jax import config as config_lib
 from llada_jax.data import pipeline
+from llada_jax.data.corpus import read_default_corpus
 from llada_jax.host import distributed, xla_flags
 from llada_jax.host import memory as host_memory
-from llada_jax.run import Run, build_run, create_state, make_step_fn
+from llada_jax.run import Run, build_run, create_state, init_params, make_step_fn
+from llada_jax.sample_stats import CorpusVocabulary, sample_stats
 from llada_jax.train_step import SFT_COUNTS
 
 FLAGS = flags.FLAGS
@@ -218,17 +220,30 @@ def train_steps(
 
 
 def print_samples(run: Run, graphdef: nnx.GraphDef, params: Any) -> None:
-    """Generates from the config's prompts and prints them."""
+    """Generates from the config's prompts and prints them. On the shipped corpus also how much
+    they read like it (llada_jax/sample_stats.py), and with sample.compare_untrained the same
+    figures for the untrained model's samples."""
     s, tok = run.cfg.sample, run.tokenizer
     prompts = [tok.encode(p) for p in list(s.prompts)[: s.num_samples]]
     ids, valid = inference.left_pad(prompts, tok.pad_id)
     sample = inference.make_sampler(graphdef, inference.SampleSettings.from_config(s), tok)
+
+    def generate(params: Any) -> list[str]:
+        out = np.asarray(sample(params, ids, valid, jax.random.key(run.cfg.seed))[0])
+        return [tok.decode(row[ids.shape[1] :]) for row in out[: len(prompts)].tolist()]
+
     t = time.perf_counter()
-    out = np.asarray(sample(params, ids, valid, jax.random.key(run.cfg.seed))[0])
+    texts = generate(params)
     print(f"samples ({s.steps} steps, {s.gen_length} tokens, {time.perf_counter() - t:.1f}s):")
-    for i, p in enumerate(prompts):
-        text = tok.decode(out[i, ids.shape[1] :])
+    for p, text in zip(prompts, texts):
         print(f"--- {tok.decode(p)!r} ->\n{tok.decode(p)}{text}", flush=True)
+    if run.cfg.data.datasets:  # the figures compare with the shipped corpus
+        return
+    corpus = CorpusVocabulary.of([read_default_corpus()])
+    print(f"sample words, trained:   {sample_stats(texts, corpus).line()}")
+    if s.compare_untrained:
+        untrained = generate(init_params(run)[1])
+        print(f"sample words, untrained: {sample_stats(untrained, corpus).line()}", flush=True)
 
 
 def main(argv: list[str]) -> int:
