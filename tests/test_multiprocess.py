@@ -83,6 +83,7 @@ def test_two_processes_match_one(runs):
     assert "step 6/6" in stdout[0] and "step" not in stdout[1]  # only process 0 logs
 
 
+@pytest.mark.slow
 def test_checkpoints_move_between_process_counts(runs):
     """The 2-process checkpoint resumes in 1 process and the 1-process one in 2: both continue
     with the same metrics."""
@@ -94,6 +95,7 @@ def test_checkpoints_move_between_process_counts(runs):
     assert_close(continued, metrics(one))
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_all_at_one_saved_step(tmp_path):
     """A preemption notice reaching one process only: both save the same checkpoint (the save
     is collective) and exit 0, instead of the signalled one saving alone while the other hangs
