@@ -140,7 +140,7 @@ def plot(cells: list[compare.Cell], output: str) -> list[str]:
             ax.set_xticks(
                 range(len(values)), [c.name for c in with_spread], rotation=45, ha="right"
             )
-            ax.set(ylabel=f"std of the {label} over draws (same batch)")
+            ax.set(title=f"training {label}", ylabel="std over draws on one batch")
             ax.grid(alpha=0.3, axis="y")
         fig.tight_layout()
         fig.savefig(os.path.join(output, "estimator_spread.png"), dpi=120)
