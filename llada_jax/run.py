@@ -84,7 +84,8 @@ def build_run(
     chosen = kernels.select(model_cfg.matmul, model_cfg.attention, model_cfg.compute_dtype, mesh)
     check_attention(model_cfg, chosen, cfg.data.seq_len)
     diffusion_cfg = diffusion.DiffusionConfig.from_config(cfg.diffusion, mask_id=tokenizer.mask_id)
-    if diffusion_cfg.masking != "independent" and cfg.data.batch_size % 2:
+    # Training's batch (tools that load a run for other work set their own batch size).
+    if data and diffusion_cfg.masking != "independent" and cfg.data.batch_size % 2:
         raise ValueError(
             f"diffusion.masking={diffusion_cfg.masking!r} sees each sequence twice: "
             f"data.batch_size={cfg.data.batch_size} must be even"
