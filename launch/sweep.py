@@ -157,15 +157,15 @@ def run_sweep(args) -> int:
             for cmd in commands(args, name):
                 print(_cli.shell_line(cmd, envs[i % args.parallel]))
         return 0
-    if args.sweep_dir.startswith("gs://"):  # only the jobs themselves write there
-        if not args.submit:
-            raise _cli.UsageError(f"--sweep_dir={args.sweep_dir!r}: gs:// needs --submit")
-    else:
+    remote = args.sweep_dir.startswith("gs://")  # only the jobs themselves write there
+    if remote and not args.submit:
+        raise _cli.UsageError(f"--sweep_dir={args.sweep_dir!r}: gs:// needs --submit")
+    if not remote:
         write_record(args, names)
     todo = []
     for i, name in enumerate(only, 1):
         workdir = run_dir(args.sweep_dir, name)
-        if not args.sweep_dir.startswith("gs://") and finished(
+        if not remote and finished(
             workdir, final_step(sweep, name), args.evaluate and not args.submit
         ):
             print(f"[sweep] {i}/{len(only)} {name}: finished, skipped", flush=True)

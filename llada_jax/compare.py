@@ -73,7 +73,7 @@ def read_run(workdir: str) -> RunRecord:
     logged = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
     speeds = [r["tokens_per_sec"] for r in logged if r.get("tokens_per_sec")]
     match = SEED.match(name)
-    objective = diffusion.DiffusionConfig.from_config(cfg.get("diffusion", {}), mask_id=0)
+    diffusion_cfg = diffusion.DiffusionConfig.from_config(cfg.get("diffusion", {}), mask_id=0)
     return RunRecord(
         name=name,
         cell=match["cell"] if match else name,
@@ -87,7 +87,7 @@ def read_run(workdir: str) -> RunRecord:
         tokens_per_sec=float(np.median(speeds)) if speeds else None,
         train_seconds=train_seconds(logged),
         objective=evals[-1].get("objective"),
-        bound_note=diffusion.bound_note(objective),
+        bound_note=diffusion.bound_note(diffusion_cfg),
     )
 
 

@@ -22,7 +22,7 @@ The eps floor, LLaDA's way: a time ``t`` in [0, 1) is mapped to ``t' = eps + (t_
 (``t_max = 1`` by default); the mask probability is ``p = 1 - alpha(t')`` and the loss weight
 ``w(t')``. For the linear schedule this is exactly LLaDA: ``p = (1 - eps) t + eps`` and weight
 ``1 / p``. As in LLaDA, the constant Jacobian ``dt'/dt = t_max - eps`` is dropped from the
-weight (a constant factor ~0.999 on the loss).
+weight (a constant factor on the loss: 0.999 for the default range).
 
 Variants of the estimator, for ablations (the held-out bound of the evaluation job is the same
 for all of them):
@@ -57,8 +57,8 @@ T_SAMPLING = ("iid", "stratified")
 T_DENSITIES = ("uniform", "bell")
 LOSS_WEIGHTS = ("elbo", "none")
 MASKINGS = ("independent", "paired", "complementary")
-# An eps floor up to this leaves out at most this share of the mask-rate range: the loss is still
-# called a bound (LLaDA's 1e-3 is far below it). Above it the range counts as clipped.
+# The largest eps floor whose loss still counts as a bound (LLaDA's is 1e-3): the part of the
+# ELBO it leaves out is that small a share of the time range. Above it the range counts as clipped.
 BOUND_EPS = 1e-2
 
 Array = jax.Array

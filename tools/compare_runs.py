@@ -190,18 +190,23 @@ def report(workdirs: list[str], output: str, baseline_name: str | None) -> list[
     return rows
 
 
+def evaluated_runs(sweep_dir: str) -> list[str]:
+    """The workdirs of a sweep directory's runs that have evaluations, by name."""
+    runs = os.path.join(sweep_dir, "runs")
+    workdirs = [os.path.join(runs, n) for n in sorted(os.listdir(runs))]
+    workdirs = [w for w in workdirs if os.path.isdir(os.path.join(w, "eval"))]
+    if not workdirs:
+        raise ValueError(f"{sweep_dir!r}: no run is evaluated yet")
+    return workdirs
+
+
 def main(argv: list[str]) -> int:
     try:
         workdirs = FLAGS(argv)[1:]
         output = FLAGS.output
         if len(workdirs) == 1 and os.path.isdir(os.path.join(workdirs[0], "runs")):
-            sweep_dir = workdirs[0]
-            runs = os.path.join(sweep_dir, "runs")
-            workdirs = [os.path.join(runs, n) for n in sorted(os.listdir(runs))]
-            workdirs = [w for w in workdirs if os.path.isdir(os.path.join(w, "eval"))]
-            output = output or os.path.join(sweep_dir, "report")
-            if not workdirs:
-                raise ValueError(f"{sweep_dir!r}: no run is evaluated yet")
+            output = output or os.path.join(workdirs[0], "report")
+            workdirs = evaluated_runs(workdirs[0])
         if not workdirs or not output:
             raise ValueError("give a sweep directory, or workdirs and --output=REPORT_DIR")
         rows = report(workdirs, output, FLAGS.baseline)
