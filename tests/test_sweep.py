@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -108,24 +109,35 @@ def test_a_sweep_killed_again_and_again_finishes_without_rerunning_finished_runs
                 stamp = {p: os.stat(run / p).st_mtime_ns for p in ("metrics.jsonl", "eval")}
                 assert seen_finished.setdefault(name, stamp) == stamp, f"{name} was rerun"
 
-    for _ in range(5):  # killed at random moments, then left to finish
-        job = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+    def progress():
+        """Checkpoints and evaluations on disk so far, over every run."""
+        runs = sweep_dir / "runs"
+        names = os.listdir(runs) if runs.is_dir() else []
+        ckpts = [runs / n / "checkpoints" for n in names]
+        return sum(len(eval_files(runs / n)) for n in names) + sum(
+            len(os.listdir(c)) for c in ckpts if c.is_dir()
         )
-        try:
-            out, _ = job.communicate(timeout=rng.uniform(5, 25))
-        except subprocess.TimeoutExpired:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.communicate()
-            kills += 1
-            check_finished_untouched()
-            continue
-        assert job.returncode == 0, out.decode()[-3000:]
-        break
+
+    # Each start is killed a random moment after it has made some progress (keyed to progress,
+    # not to a clock, so a fast machine cannot finish before the faults are exercised).
+    while kills < 5:
+        before = progress()
+        log = open(tmp_path / "job.log", "w")  # a file, not a pipe: nobody reads it meanwhile
+        job = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        while job.poll() is None and progress() <= before:
+            time.sleep(0.1)
+        time.sleep(rng.uniform(0, 3))
+        if job.poll() is not None:
+            log.close()
+            assert job.returncode == 0, (tmp_path / "job.log").read_text()[-3000:]
+            break
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        log.close()
+        kills += 1
+        check_finished_untouched()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     check_finished_untouched()
