@@ -115,6 +115,8 @@ def base_config() -> ConfigDict:
     t.objective = "pretrain"  # pretrain | sft
     t.init_from = ""  # a workdir whose latest params start this run (e.g. converted HF weights)
     t.max_skipped_in_a_row = 10  # NaN/Inf steps skipped in a row before the run stops
+    t.final_bound = False  # at the end: the held-out NLL bound (eval section's tokens and masks)
+    t.compare_untrained = False  # at the end: the untrained model's samples and bound beside
     t.keep_host_memory = True  # CPU: glibc keeps freed memory for the next step (host/memory.py)
 
     c.checkpoint = k = ConfigDict()
@@ -137,7 +139,6 @@ def base_config() -> ConfigDict:
     p.ban_eos = False  # EOS is never proposed (its logit is -inf)
     p.eos_zero_confidence = False  # proposed end-of-turn (and at temperature 0 EOS): committed last
     p.kv_cache = "none"  # none | prefix | dual: K/V reused across a block's steps (Fast-dLLM)
-    p.compare_untrained = False  # also sample the untrained model, for the word figures
 
     c.eval = e = ConfigDict()
     e.num_tokens = 16384  # held-out tokens scored per checkpoint (whole rows of data.seq_len)

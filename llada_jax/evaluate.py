@@ -155,6 +155,12 @@ def score_rows(
     return np.concatenate(out)[: len(rows_RxL) * n].reshape(len(rows_RxL), n)
 
 
+def rounded_batch_size(settings: EvalSettings, mesh: jax.sharding.Mesh) -> int:
+    """eval.batch_size rounded up to a multiple of the mesh's data-parallel devices."""
+    dp = sharding.data_parallel_size(mesh)
+    return -(-settings.batch_size // dp) * dp
+
+
 def make_objective_spread(model: inference.LoadedModel, draws: int) -> Callable[..., Any]:
     """Jitted (params, tokens (B, L)) -> (loss (draws,), grad_norm (draws,)): the run's training
     loss and its gradient's global norm for `draws` noisings of the same batch (keys from the
@@ -200,8 +206,7 @@ class Evaluator:
         self.model = inference.load(workdir, step, devices or jax.local_devices(), fsdp)
         cfg = self.model.run.cfg
         self.settings = EvalSettings.from_config(cfg.eval, **overrides)
-        dp = sharding.data_parallel_size(self.model.run.mesh)
-        self.batch_size = -(-self.settings.batch_size // dp) * dp  # a multiple of the devices
+        self.batch_size = rounded_batch_size(self.settings, self.model.run.mesh)
         self.tasks = None  # lm-eval's TaskManager, when there are tasks: checked before any work
         if self.settings.tasks:
             self.tasks = task_manager(self.settings.tasks, self.settings.task_dir)

@@ -30,7 +30,7 @@ from absl import flags
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from llada_jax import checkpoint, files, inference, metrics
+from llada_jax import checkpoint, evaluate, files, inference, likelihood, metrics
 from llada_jax import config as config_lib
 from llada_jax.data import pipeline
 from llada_jax.data.corpus import read_default_corpus
@@ -136,6 +136,8 @@ def train(run: Run) -> dict[str, float]:
             )
     if is_writer and cfg.sample.num_samples > 0 and not preemption.requested:
         print_samples(run, graphdef, params)
+    if cfg.train.final_bound and not preemption.requested:
+        print_held_out_bound(run, graphdef, params)
     return last
 
 
@@ -221,7 +223,7 @@ def train_steps(
 
 def print_samples(run: Run, graphdef: nnx.GraphDef, params: Any) -> None:
     """Generates from the config's prompts and prints them. On the shipped corpus also how much
-    they read like it (llada_jax/sample_stats.py), and with sample.compare_untrained the same
+    they read like it (llada_jax/sample_stats.py), and with train.compare_untrained the same
     figures for the untrained model's samples."""
     s, tok = run.cfg.sample, run.tokenizer
     prompts = [tok.encode(p) for p in list(s.prompts)[: s.num_samples]]
@@ -241,9 +243,41 @@ def print_samples(run: Run, graphdef: nnx.GraphDef, params: Any) -> None:
         return
     corpus = CorpusVocabulary.of([read_default_corpus()])
     print(f"sample words, trained:   {sample_stats(texts, corpus).line()}")
-    if s.compare_untrained:
+    if run.cfg.train.compare_untrained:
         untrained = generate(init_params(run)[1])
         print(f"sample words, untrained: {sample_stats(untrained, corpus).line()}", flush=True)
+
+
+def print_held_out_bound(run: Run, graphdef: nnx.GraphDef, params: Any) -> None:
+    """Prints the evaluation job's NLL bound of the trained parameters on the run's held-out
+    data (the eval section's tokens, masks and seed), and with train.compare_untrained the
+    untrained model's beside it. One process only: a pod's run is scored by tools/evaluate.py."""
+    if jax.process_count() > 1:
+        print("held-out bound: skipped in a multi-process run (tools/evaluate.py scores it)")
+        return
+    settings = evaluate.EvalSettings.from_config(run.cfg.eval)
+    try:
+        rows_RxL, _ = evaluate.held_out_rows(run, settings.num_tokens)
+    except ValueError as e:
+        print(f"held-out bound: skipped ({e})")
+        return
+    model = inference.LoadedModel(run.workdir, run, run.cfg.train.steps, graphdef, params)
+    scorer = evaluate.make_scorer(model, settings)
+    batch_size = evaluate.rounded_batch_size(settings, run.mesh)
+
+    def bound(params: Any) -> str:
+        samples = evaluate.score_rows(scorer, params, rows_RxL, settings, batch_size)
+        est = likelihood.estimate(samples, rows_RxL.size)
+        return (
+            f"{est.nll_per_token:.3f} +- {est.stderr_per_token:.3f} nats/token "
+            f"({est.bits_per_token:.3f} bits)"
+        )
+
+    line = f"held-out bound ({rows_RxL.size} tokens, {settings.num_samples} masks per row): "
+    line += f"trained {bound(params)}"
+    if run.cfg.train.compare_untrained:
+        line += f", untrained {bound(init_params(run)[1])}"
+    print(line, flush=True)
 
 
 def main(argv: list[str]) -> int:

@@ -109,7 +109,7 @@ def test_variants_compose_and_unknown_lists_valid():
     with pytest.raises(
         config.ConfigError,
         match="unknown config variant 'huge'; valid variants: "
-        "ablation, bell, bf16, complementary, cosine, linear, poly2, quick, stratified",
+        "14m, ablation, bell, bf16, complementary, cosine, linear, long, poly2, quick, stratified",
     ):
         config.load("configs/demo.py:huge", [])
 

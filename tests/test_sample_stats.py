@@ -20,9 +20,27 @@ def test_figures_counted_by_hand():
     assert stats.corpus_bigrams == pytest.approx(3 / 5)
     assert stats.repeats == pytest.approx(1 / 7)
     assert stats.punctuation == pytest.approx(4 / 32)
+    # Triples: 4 in the first sample, all different; none in the second (one word).
+    assert stats.loops == 0.0
     assert stats.line() == (
-        "7 words: 86% corpus words, 60% corpus word pairs, 14% repeats, 12% punctuation"
+        "7 words: 86% corpus words, 60% corpus word pairs, 14% repeats, 0% loops, 12% punctuation"
     )
+
+
+def test_loops_count_triples_seen_earlier_in_the_same_sample():
+    # "of the children of the children of Israel": triples of-the-children, the-children-of,
+    # children-of-the, of-the-children (seen), the-children-of (seen), children-of-israel:
+    # 2 of 6. The second sample repeats the first's triples, which is no loop: 0 of 1.
+    text = "of the children of the children of Israel"
+    stats = sample_stats([text, "of the children"], CORPUS)
+    assert stats.loops == pytest.approx(2 / 7)
+
+
+def test_special_tokens_are_neither_words_nor_punctuation():
+    stats = sample_stats(["the LORD<|mdm_mask|><|mdm_mask|> said<|endoftext|>"], CORPUS)
+    assert words("a<|mdm_mask|>b") == ["a", "b"]
+    assert stats.num_words == 3 and stats.corpus_bigrams == 1.0
+    assert stats.punctuation == 0.0
 
 
 def test_corpus_text_scores_fully_and_pairs_stay_within_documents():
@@ -35,7 +53,7 @@ def test_corpus_text_scores_fully_and_pairs_stay_within_documents():
 
 def test_no_words_gives_zero_shares():
     stats = sample_stats(["", ",,,"], CORPUS)
-    assert (stats.num_words, stats.corpus_words, stats.corpus_bigrams, stats.repeats) == (
+    assert (stats.num_words, stats.corpus_words, stats.corpus_bigrams, stats.loops) == (
         0,
         0.0,
         0.0,

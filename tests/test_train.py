@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -35,6 +36,10 @@ def tiny_run(tmp_path_factory):
             "--config.optim.lr=0.003",
             "--config.optim.warmup_steps=5",
             "--config.optim.decay_steps=5",
+            "--config.train.final_bound=True",
+            "--config.train.compare_untrained=True",
+            "--config.eval.num_tokens=256",
+            "--config.eval.num_samples=2",
         ),
         cwd=ROOT,
         capture_output=True,
@@ -83,6 +88,29 @@ def test_tiny_model_learns(tiny_run):
 def test_samples_are_printed(tiny_run):
     _, stdout = tiny_run
     assert "samples (" in stdout and "--- 'In the beginning' ->" in stdout
+    assert "sample words, trained: " in stdout and "sample words, untrained: " in stdout
+
+
+def test_the_end_prints_the_evaluation_jobs_bound_beside_the_untrained_models(tiny_run):
+    """The untrained model predicts all but uniformly, so its bound is ln(4096) nats per token;
+    the trained one's is what the evaluation job computes for the last checkpoint."""
+    from llada_jax.evaluate import Evaluator
+
+    workdir, stdout = tiny_run
+    line = next(x for x in stdout.splitlines() if x.startswith("held-out bound"))
+    assert line.startswith("held-out bound (256 tokens, 2 masks per row): trained "), line
+    numbers = re.findall(r"(\d+\.\d+) \+- (\d+\.\d+) nats/token \((\d+\.\d+) bits\)", line)
+    (trained, trained_se, trained_bits), (untrained, untrained_se, _) = [
+        tuple(map(float, n)) for n in numbers
+    ]
+    assert abs(untrained - np.log(4096)) < 0.05 + 3 * untrained_se, line
+    assert trained < untrained - 0.5 and trained_bits == pytest.approx(
+        trained / np.log(2), abs=2e-3
+    )
+    job = Evaluator(workdir, progress=False, num_tokens=256, num_samples=2, generate=False)
+    result = job.evaluate(40)
+    assert result["nll_per_token"] == pytest.approx(trained, abs=1e-3)
+    assert result["nll_stderr"] == pytest.approx(trained_se, abs=1e-3)
 
 
 BAD = {
