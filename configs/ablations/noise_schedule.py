@@ -1,9 +1,9 @@
-"""Noise-schedule ablation on the demo model: schedule x t-sampling x 2 seeds, 16 runs.
+"""Noise-schedule ablation on the 14M model (demo.py:14m): schedule x t-sampling x 2 seeds.
 
   python launch/sweep.py --config=configs/ablations/noise_schedule.py --sweep_dir=sweeps/noise
   python launch/sweep.py status sweeps/noise
 
-Each run is the demo model trained for 40 steps on the shipped corpus (configs/demo.py:ablation,
+Each run is that model trained for 40 steps on the shipped corpus (configs/demo.py:ablation,
 about 3 minutes on 2 CPU cores with its evaluation), saving and evaluating every 20 steps on the
 same held-out tokens and masks. One run alone:
 --config=configs/ablations/noise_schedule.py:cosine-stratified-seed1.

@@ -1,4 +1,4 @@
-"""Objective ablation on the demo model: one change at a time to LLaDA's estimator, 2 seeds.
+"""Objective ablation on the 14M model (demo.py:14m): one change at a time to the estimator.
 
   python launch/sweep.py --config=configs/ablations/objective.py --sweep_dir=sweeps/objective
   python tools/compare_runs.py sweeps/objective --baseline=elbo
