@@ -134,10 +134,13 @@ def train(run: Run) -> dict[str, float]:
             params, last = train_steps(
                 run, ckpt, writer, preemption, graphdef, params, opt_state, start, n_params
             )
-    if is_writer and cfg.sample.num_samples > 0 and not preemption.requested:
-        print_samples(run, graphdef, params)
-    if cfg.train.final_bound and not preemption.requested:
-        print_held_out_bound(run, graphdef, params)
+    if is_writer and not preemption.requested:
+        # The untrained parameters (the run's initialization) once, for both comparisons.
+        untrained = init_params(run)[1] if cfg.train.compare_untrained else None
+        if cfg.sample.num_samples > 0:
+            print_samples(run, graphdef, params, untrained)
+        if cfg.train.final_bound:
+            print_held_out_bound(run, graphdef, params, untrained)
     return last
 
 
@@ -221,10 +224,12 @@ def train_steps(
     return params, last
 
 
-def print_samples(run: Run, graphdef: nnx.GraphDef, params: Any) -> None:
+def print_samples(
+    run: Run, graphdef: nnx.GraphDef, params: Any, untrained: Any | None = None
+) -> None:
     """Generates from the config's prompts and prints them. On the shipped corpus also how much
-    they read like it (llada_jax/sample_stats.py), and with train.compare_untrained the same
-    figures for the untrained model's samples."""
+    they read like it (llada_jax/sample_stats.py), and given `untrained` parameters the same
+    figures for their samples."""
     s, tok = run.cfg.sample, run.tokenizer
     prompts = [tok.encode(p) for p in list(s.prompts)[: s.num_samples]]
     ids, valid = inference.left_pad(prompts, tok.pad_id)
@@ -243,15 +248,17 @@ def print_samples(run: Run, graphdef: nnx.GraphDef, params: Any) -> None:
         return
     corpus = CorpusVocabulary.of([read_default_corpus()])
     print(f"sample words, trained:   {sample_stats(texts, corpus).line()}")
-    if run.cfg.train.compare_untrained:
-        untrained = generate(init_params(run)[1])
-        print(f"sample words, untrained: {sample_stats(untrained, corpus).line()}", flush=True)
+    if untrained is not None:
+        texts = generate(untrained)
+        print(f"sample words, untrained: {sample_stats(texts, corpus).line()}", flush=True)
 
 
-def print_held_out_bound(run: Run, graphdef: nnx.GraphDef, params: Any) -> None:
+def print_held_out_bound(
+    run: Run, graphdef: nnx.GraphDef, params: Any, untrained: Any | None = None
+) -> None:
     """Prints the evaluation job's NLL bound of the trained parameters on the run's held-out
-    data (the eval section's tokens, masks and seed), and with train.compare_untrained the
-    untrained model's beside it. One process only: a pod's run is scored by tools/evaluate.py."""
+    data (the eval section's tokens, masks and seed), and given `untrained` parameters theirs
+    beside it. One process only: a pod's run is scored by tools/evaluate.py."""
     if jax.process_count() > 1:
         print("held-out bound: skipped in a multi-process run (tools/evaluate.py scores it)")
         return
@@ -275,8 +282,8 @@ def print_held_out_bound(run: Run, graphdef: nnx.GraphDef, params: Any) -> None:
 
     line = f"held-out bound ({rows_RxL.size} tokens, {settings.num_samples} masks per row): "
     line += f"trained {bound(params)}"
-    if run.cfg.train.compare_untrained:
-        line += f", untrained {bound(init_params(run)[1])}"
+    if untrained is not None:
+        line += f", untrained {bound(untrained)}"
     print(line, flush=True)
 
 
