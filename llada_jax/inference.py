@@ -183,17 +183,17 @@ def make_sampler(
         def model() -> Any:
             return nnx.merge(graphdef, params)  # merged inside the loop
 
-        def logits_fn(tokens: jax.Array, tokens_valid: jax.Array) -> jax.Array:
-            return model()(tokens, tokens_valid)
-
-        if settings.kv_cache != "none":
-            logits_fn = sampling.CachedModel(
-                full=lambda tokens, v: model()(tokens, v, return_cache=True),
-                window=lambda tokens, v, cache, start: model().window(tokens, v, cache, start),
-            )
+        cached = settings.kv_cache != "none"
+        sampler_model = sampling.SamplerModel(
+            body=lambda tokens, v: model().hidden(tokens, v, return_cache=cached),
+            head=lambda hidden: model().head(hidden),
+            window=(lambda tokens, v, cache, start: model().window(tokens, v, cache, start))
+            if cached
+            else None,
+        )
 
         return sampling.generate(
-            logits_fn,
+            sampler_model,
             ids,
             valid,
             key,

@@ -319,7 +319,8 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Token ids (B, L) -> logits (B, L, V) in the compute dtype.
+    """Token ids (B, L) -> logits (B, L, V) in the compute dtype: `head(hidden(tokens))`, the two
+    halves apart so that a caller can run the output head on the positions it needs only.
 
     kernels: what computes the matmuls and attention; default `kernels.select` for the mesh in
     context (else this process's default backend).
@@ -369,6 +370,24 @@ class Transformer(nnx.Module):
         in every training batch): the cuDNN attention then takes key lengths instead of a bias.
         return_cache: also return every layer's keys and values, for `window`.
         """
+        x, cache = self.hidden(
+            tokens, valid, segment_ids, valid_prefix=valid_prefix, return_cache=return_cache
+        )
+        logits = self.head(x)
+        return (logits, cache) if return_cache else logits
+
+    def hidden(
+        self,
+        tokens: jax.Array,
+        valid: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        valid_prefix: bool = False,
+        return_cache: bool = False,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """The last layer's output (B, L, D), before the final norm and the output head, and
+        with return_cache every layer's keys and values (else None); arguments as `__call__`.
+        `head` turns any positions of it into logits."""
         cfg = self.cfg
         if valid is None:
             valid, valid_prefix = jnp.ones(tokens.shape, bool), True
@@ -391,13 +410,12 @@ class Transformer(nnx.Module):
             )
         block_def, states = self._block_states()
         x, kv = self._run_layers(layer, self._embed(tokens), states, unroll)
-        logits = self._head(x)
-        return (logits, KVCache(*kv)) if return_cache else logits
+        return x, KVCache(*kv) if return_cache else None
 
     def window(
         self, tokens_BxW: jax.Array, valid_BxL: jax.Array, cache: KVCache, start: jax.Array
     ) -> jax.Array:
-        """Logits (B, W, V) of the window [start, start + W) of a sequence of length L whose
+        """`hidden` (B, W, D) of the window [start, start + W) of a sequence of length L whose
         tokens elsewhere are those of the full pass that made `cache` (`return_cache=True`): the
         window's queries attend to its own keys and values and the cache's elsewhere. Exact
         when the window's tokens are the only ones changed and the model has one layer (deeper
@@ -418,7 +436,7 @@ class Transformer(nnx.Module):
         block_def, states = self._block_states()
         unroll = min(cfg.scan_unroll, cfg.n_layers)
         x, _ = self._run_layers(layer, self._embed(tokens_BxW), states, unroll, cache)
-        return self._head(x)
+        return x
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
         # Activations are constrained to the batch sharding (a no-op without a mesh context): the
@@ -445,7 +463,8 @@ class Transformer(nnx.Module):
         stacked = None if outs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
         return x, stacked
 
-    def _head(self, x: jax.Array) -> jax.Array:
+    def head(self, x: jax.Array) -> jax.Array:
+        """Logits (B, L, V) of `hidden`'s output (B, L, D), position by position."""
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
         return sharding.constrain(logits, ("batch", None, "vocab"))

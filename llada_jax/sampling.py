@@ -17,6 +17,13 @@ Semantics (see LLaDA's ``generate.py``):
   of ``x0`` (``"low_confidence"``) or ``U(0, 1)`` (``"random"``), and commits the top-k
   candidates of each row. Committed tokens are never remasked.
 
+Only candidates need logits, so a model given as a ``SamplerModel`` runs its output head (the
+vocabulary projection, then the draw and the softmax) on the current block's positions alone;
+on the whole canvas only while masks before the block compete (an infilling template's, or a
+mask token the model proposed and committed). The tokens are the same as computing every
+position's logits; the transformer itself still runs on the whole canvas every step, since
+every position's keys and values change with each commit.
+
 EOS options: ``ban_eos`` sets the EOS logit to -inf before ``x0`` is drawn, so EOS is never
 proposed. ``eos_zero_confidence`` does what the reference's ``confidence_eos_eot_inf`` does: after
 ``x0`` is drawn, the end-of-turn logit is set to -inf before the confidence softmax, and at
@@ -34,10 +41,13 @@ one of its V Gumbels would exceed 32, with probability about V e^-32 (2e-9 for V
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from llada_jax.kernels.argmax import argmax
 
 LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -98,7 +108,7 @@ def sample_tokens(logits: jax.Array, key: jax.Array, temperature: float) -> jax.
         dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
         gumbel = jax.random.gumbel(key, logits.shape, dtype, mode="high")
         logits = logits.astype(dtype) / temperature + gumbel
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return argmax(logits)
 
 
 def token_confidence(
@@ -124,8 +134,11 @@ def token_confidence(
         logits = logits.astype(jnp.float32)
         if zero_ids:
             logits = logits.at[..., list(zero_ids)].set(-jnp.inf)
-        probs = jax.nn.softmax(logits, axis=-1)
-        return jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
+        # softmax(logits)[x0], computed for x0 alone: exp(l - max) / sum(exp(l - max)).
+        top = jnp.max(logits, axis=-1, keepdims=True)
+        total = jnp.sum(jnp.exp(logits - top), axis=-1)
+        chosen = jnp.take_along_axis(logits, x0[..., None], axis=-1)
+        return jnp.exp(chosen - top)[..., 0] / total
     if remasking == "random":
         return jax.random.uniform(key, x0.shape, jnp.float32)
     raise ValueError(f"remasking must be one of {REMASKING_STRATEGIES}, got {remasking!r}")
@@ -238,24 +251,36 @@ def _guide(both_logits: jax.Array, cfg_scale: float) -> jax.Array:
     return uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
 
 
-class CachedModel(NamedTuple):
-    """A model whose K/V the sampler can cache across the steps of a block.
+class SamplerModel(NamedTuple):
+    """The model as the sampler runs it: the pass over the canvas apart from the output head, so
+    that the head (the vocabulary projection, the draw and the softmax after it) runs only on
+    the positions that can be committed.
 
-    full: (tokens (B, T), valid (B, T)) -> (logits (B, T, V), cache), a pass over the canvas.
-    window: (tokens (B, W), valid (B, T), cache, start) -> logits (B, W, V): the positions
-      [start, start + W) recomputed, every other one's keys and values taken from the cache.
-    Called like a LogitsFn, it runs `full` and drops the cache.
+    body: (tokens (B, T), valid (B, T)) -> (hidden (B, T, ...), cache): the pass over the canvas
+      up to the head; cache is every layer's keys and values for the K/V caches, else None.
+    head: hidden (B, W, ...) -> logits (B, W, V), position by position.
+    window: for the K/V caches, (tokens (B, W), valid (B, T), cache, start) -> hidden (B, W, ...)
+      of the positions [start, start + W), every other position's keys and values taken from
+      `cache`; None without them.
     """
 
-    full: Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]]
-    window: Callable[[jax.Array, jax.Array, Any, jax.Array], jax.Array]
+    body: Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]]
+    head: Callable[[jax.Array], jax.Array]
+    window: Callable[[jax.Array, jax.Array, Any, jax.Array], jax.Array] | None = None
 
-    def __call__(self, tokens: jax.Array, valid: jax.Array) -> jax.Array:
-        return self.full(tokens, valid)[0]
+
+def logits_model(logits_fn: LogitsFn) -> SamplerModel:
+    """A (tokens, valid) -> logits function as a SamplerModel: its hidden state is the logits,
+    its head the identity."""
+    return SamplerModel(body=lambda tokens, valid: (logits_fn(tokens, valid), None), head=_same)
+
+
+def _same(x: jax.Array) -> jax.Array:
+    return x
 
 
 def generate(
-    logits_fn: LogitsFn | CachedModel,
+    model: LogitsFn | SamplerModel,
     prompt: jax.Array,
     prompt_valid: jax.Array,
     key: jax.Array,
@@ -276,11 +301,12 @@ def generate(
 ) -> tuple[jax.Array, jax.Array]:
     """Sample ``gen_length`` tokens after ``prompt`` with the LLaDA reverse process.
 
-    Pure and jit-able (keyword arguments and ``logits_fn`` must be static under ``jax.jit``).
+    Pure and jit-able (keyword arguments and ``model`` must be static under ``jax.jit``).
 
     Args:
-      logits_fn: ``(tokens (B, T) int32, valid (B, T) bool) -> logits (B, T, V)``; ``valid`` is
-        the key-padding mask. A ``CachedModel`` for ``kv_cache`` other than "none".
+      model: ``(tokens (B, T) int32, valid (B, T) bool) -> logits (B, T, V)``, ``valid`` the
+        key-padding mask; or a ``SamplerModel`` (its head then runs only where tokens can be
+        committed; one with a window pass for ``kv_cache`` other than "none").
       prompt: (B, Lp) int32, left-padded.
       prompt_valid: (B, Lp) bool, False on the left pads.
       key: PRNG key (used for Gumbel noise when ``temperature > 0`` and for ``"random"``).
@@ -339,8 +365,10 @@ def generate(
     )
     if kv_cache not in KV_CACHES:
         raise ValueError(f"kv_cache={kv_cache!r} is invalid; valid choices: {KV_CACHES}")
-    if kv_cache != "none" and not isinstance(logits_fn, CachedModel):
-        raise ValueError(f"kv_cache={kv_cache!r} needs a CachedModel, got {logits_fn!r}")
+    if not isinstance(model, SamplerModel):
+        model = logits_model(model)
+    if kv_cache != "none" and model.window is None:
+        raise ValueError(f"kv_cache={kv_cache!r} needs a SamplerModel with a window pass")
 
     batch, prompt_len = prompt.shape
     total_len = prompt_len + gen_length
@@ -354,46 +382,73 @@ def generate(
         zero_ids = (eot_id, eos_id) if temperature == 0 else (eot_id,)
     width = {"prefix": gen_length, "dual": block_length}.get(kv_cache, total_len)
 
-    def choose(logits: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x0 and its confidence (B, W) from logits (B, W, V)."""
+    def rows(x: jax.Array, valid: jax.Array, prompt_index: jax.Array):
+        """The model's input for canvas x: (tokens, valid), with CFG's unconditional rows."""
+        if cfg_scale == 0:
+            return x, valid
+        return _with_unconditional(x, valid, prompt_index, mask_id)
+
+    def propose(hidden: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x0 and its confidence (B, W) from the hidden state of W positions (of 2B rows with
+        CFG, guided here)."""
+        logits = model.head(hidden)
+        if cfg_scale > 0:
+            logits = _guide(logits, cfg_scale)
         if ban_eos:
             logits = logits.at[..., eos_id].set(-jnp.inf)
         gumbel_key, remask_key = jax.random.split(jax.random.fold_in(key, step))
         x0 = sample_tokens(logits, gumbel_key, temperature)
         return x0, token_confidence(logits, x0, remask_key, remasking, zero_ids)
 
-    def full_pass(x: jax.Array, step: jax.Array):
-        """x0 and confidence over the canvas, and the cache (None without kv_cache)."""
-        if kv_cache == "none":
-            logits, cache = (
-                guided_logits(logits_fn, x, valid, prompt_index, mask_id, cfg_scale),
-                None,
-            )
-        elif cfg_scale == 0:
-            logits, cache = logits_fn.full(x, valid)
-        else:
-            both, cache = logits_fn.full(*_with_unconditional(x, valid, prompt_index, mask_id))
-            logits = _guide(both, cfg_scale)
-        return (*choose(logits, step), cache)
-
-    def window_pass(x: jax.Array, step: jax.Array, cache: Any, start: jax.Array):
-        """x0 and confidence over the canvas from a window pass at `start` (-inf outside)."""
-        x_w = jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)
-        if cfg_scale == 0:
-            logits = logits_fn.window(x_w, valid, cache, start)
-        else:
-            p_w = jax.lax.dynamic_slice_in_dim(prompt_index, start, width, axis=1)
-            both_x, both_valid = _with_unconditional(x_w, valid, p_w, mask_id)
-            logits = _guide(logits_fn.window(both_x, both_valid, cache, start), cfg_scale)
-        x0_w, conf_w = choose(logits, step)
+    def placed(x: jax.Array, x0_w: jax.Array, conf_w: jax.Array, start: jax.Array):
+        """x0 and confidence (B, T) of a window's (B, W) at `start`: x and -inf elsewhere."""
         x0 = jax.lax.dynamic_update_slice_in_dim(x, x0_w, start, axis=1)
         conf = jnp.full(x.shape, -jnp.inf, jnp.float32)
         return x0, jax.lax.dynamic_update_slice_in_dim(conf, conf_w, start, axis=1)
 
-    def window_start(block_start: jax.Array) -> jax.Array:
-        return block_start if kv_cache == "dual" else jnp.int32(prompt_len)
+    def proposals(
+        x: jax.Array,
+        hidden: jax.Array,
+        offset: jax.Array | int,
+        step: jax.Array,
+        block_start: jax.Array,
+        earlier: bool,
+    ) -> tuple[jax.Array, jax.Array]:
+        """x0 and confidence (B, T) from the hidden state (B, W, ...) of the positions [offset,
+        offset + W). The head runs on the block alone, unless `earlier` masks (before the
+        block: inside the prompt, or proposed as tokens by the model) compete and there are
+        some in the window."""
 
-    if threshold is not None:
+        def block_only() -> tuple[jax.Array, jax.Array]:
+            hidden_w = jax.lax.dynamic_slice_in_dim(hidden, block_start - offset, block_length, 1)
+            return placed(x, *propose(hidden_w, step), block_start)
+
+        if not earlier or hidden.shape[1] == block_length:
+            return block_only()
+        in_window = (positions >= offset) & (positions < block_start)
+        some_earlier = jnp.any((x == mask_id) & in_window[None, :])
+        whole = lambda: placed(x, *propose(hidden, step), offset)  # noqa: E731
+        return jax.lax.cond(some_earlier, whole, block_only)
+
+    def full_pass(
+        x: jax.Array, step: jax.Array, block_start: jax.Array, earlier: bool
+    ) -> tuple[jax.Array, jax.Array, Any]:
+        """x0 and confidence (B, T) from a pass over the canvas, and the cache (None without
+        kv_cache)."""
+        hidden, cache = model.body(*rows(x, valid, prompt_index))
+        return (*proposals(x, hidden, 0, step, block_start, earlier), cache)
+
+    def window_pass(
+        x: jax.Array, step: jax.Array, block_start: jax.Array, cache: Any, earlier: bool
+    ) -> tuple[jax.Array, jax.Array]:
+        """x0 and confidence (B, T) from a window pass (-inf confidence outside the window)."""
+        start = block_start if kv_cache == "dual" else jnp.int32(prompt_len)
+        x_w = jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)
+        p_w = jax.lax.dynamic_slice_in_dim(prompt_index, start, width, axis=1)
+        hidden_w = model.window(*rows(x_w, valid, p_w), cache, start)
+        return proposals(x, hidden_w, start, step, block_start, earlier)
+
+    if threshold is not None:  # only the block's masks compete
         return _threshold_decode(
             canvas,
             prompt_len,
@@ -401,9 +456,8 @@ def generate(
             num_blocks,
             mask_id,
             threshold,
-            full_pass,
-            window_pass if kv_cache != "none" else None,
-            window_start,
+            functools.partial(full_pass, earlier=False),
+            functools.partial(window_pass, earlier=False) if kv_cache != "none" else None,
         )
 
     steps_per_block = steps // num_blocks
@@ -426,14 +480,14 @@ def generate(
             chosen = select_top_k_mask(confidence, schedule[:, inner]) & candidates
             return jnp.where(chosen, x0, x)
 
-        x0, confidence, cache = full_pass(x, first)
+        x0, confidence, cache = full_pass(x, first, block_start, earlier=True)
         x = commit(x, x0, confidence, 0)
 
         def step_fn(inner: jax.Array, x: jax.Array) -> jax.Array:
             if kv_cache == "none":
-                x0, confidence, _ = full_pass(x, first + inner)
+                x0, confidence, _ = full_pass(x, first + inner, block_start, earlier=True)
             else:
-                x0, confidence = window_pass(x, first + inner, cache, window_start(block_start))
+                x0, confidence = window_pass(x, first + inner, block_start, cache, earlier=True)
             return commit(x, x0, confidence, inner)
 
         return jax.lax.fori_loop(1, steps_per_block, step_fn, x)
@@ -451,7 +505,6 @@ def _threshold_decode(
     threshold: float,
     full_pass: Callable[..., tuple[jax.Array, jax.Array, Any]],
     window_pass: Callable[..., tuple[jax.Array, jax.Array]] | None,
-    window_start: Callable[[jax.Array], jax.Array],
 ) -> tuple[jax.Array, jax.Array]:
     """Blocks left to right, each a full pass, then (window) passes until it has no masks;
     returns the canvas (B, T) and the model calls run (int32)."""
@@ -468,7 +521,7 @@ def _threshold_decode(
             return jnp.where((top1 | (confidence >= threshold)) & candidates, x0, x)
 
         x, nfe = carry
-        x0, confidence, cache = full_pass(x, nfe)
+        x0, confidence, cache = full_pass(x, nfe, start)
         x = commit(x, x0, confidence)
 
         # Every step commits at least one token per unfinished row, so block_length steps end
@@ -480,9 +533,9 @@ def _threshold_decode(
         def step(state: tuple[jax.Array, jax.Array, jax.Array]):
             x, nfe, taken = state
             if window_pass is None:
-                x0, confidence, _ = full_pass(x, nfe)
+                x0, confidence, _ = full_pass(x, nfe, start)
             else:
-                x0, confidence = window_pass(x, nfe, cache, window_start(start))
+                x0, confidence = window_pass(x, nfe, start, cache)
             return commit(x, x0, confidence), nfe + 1, taken + 1
 
         x, nfe, _ = jax.lax.while_loop(unfinished, step, (x, nfe + 1, jnp.int32(1)))

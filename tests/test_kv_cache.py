@@ -41,9 +41,9 @@ def test_window_pass_is_exact_for_one_layer_only(models):
     changed = tokens.at[:, 5].set(7).at[:, 6].set(MASK)  # inside the window [4, 8)
     for n, model in models.items():
         _, cache = model(tokens, valid, return_cache=True)
-        same = model.window(tokens[:, 4:8], valid, cache, jnp.int32(4))
+        same = model.head(model.window(tokens[:, 4:8], valid, cache, jnp.int32(4)))
         np.testing.assert_allclose(same, model(tokens, valid)[:, 4:8], atol=1e-5)
-        window = model.window(changed[:, 4:8], valid, cache, jnp.int32(4))
+        window = model.head(model.window(changed[:, 4:8], valid, cache, jnp.int32(4)))
         error = float(jnp.abs(window - model(changed, valid)[:, 4:8]).max())
         assert error < 1e-5 if n == 1 else error > 1e-3, (n, error)
 
@@ -53,9 +53,10 @@ def sampler(n_layers, kv_cache, threshold, cfg_scale):
     model = make_model(n_layers)
     fn = model
     if kv_cache != "none":
-        fn = sampling.CachedModel(
-            full=lambda t, v: model(t, v, return_cache=True),
-            window=lambda t, v, c, s: model.window(t, v, c, s),
+        fn = sampling.SamplerModel(
+            body=lambda t, v: model.hidden(t, v, return_cache=True),
+            head=model.head,
+            window=model.window,
         )
     return jax.jit(
         functools.partial(
@@ -101,9 +102,9 @@ def test_cached_sampling_is_approximate_on_two_layers(kv_cache):
     print(f"{kv_cache}: {np.mean(got[:, 6:] == want[:, 6:]):.0%} of tokens as exact decoding")
 
 
-def test_kv_cache_needs_a_cached_model():
+def test_kv_cache_needs_a_window_pass():
     prompt, valid = prompts()
-    with pytest.raises(ValueError, match="CachedModel"):
+    with pytest.raises(ValueError, match="needs a SamplerModel with a window pass"):
         sampling.generate(
             make_model(1),
             prompt,

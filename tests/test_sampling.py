@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llada_jax.sampling import generate, num_transfer_tokens, select_top_k_mask
+from llada_jax.sampling import SamplerModel, generate, num_transfer_tokens, select_top_k_mask
 
 VOCAB = 32
 MASK_ID = VOCAB - 1
@@ -379,6 +379,61 @@ def test_mask_tokens_in_the_prompt_compete_with_the_block():
     np.testing.assert_array_equal(np.asarray(got), want)
     # Prompt masks were filled, and the blocks they took turns from end with masks left.
     assert (want[:2, :6] != prompt[:2]).any() and (want[:, 6:] == MASK_ID).any()
+
+
+def np_mask_proposing(tokens, valid):
+    """np_logits with the mask token the favourite of every fourth position, as an untrained
+    model's can be."""
+    logits = np_logits(tokens, valid)
+    logits[:, 2::4, MASK_ID] += 40.0
+    return logits
+
+
+def jax_mask_proposing(tokens, valid):
+    return jax_logits(tokens, valid).at[:, 2::4, MASK_ID].add(40.0)
+
+
+def test_a_proposed_mask_token_stays_masked_and_competes_in_later_blocks():
+    """As in the reference, a committed proposal of the mask token leaves its position masked,
+    and it is a candidate of every later block's top-k."""
+    prompt, valid = make_prompt((5, 3), 5)
+    want, _, _ = np_generate(
+        prompt, valid, gen_length=16, steps=8, block_length=4, logits_fn=np_mask_proposing
+    )
+    got, _ = jitted(16, 8, 4, logits_fn=jax_mask_proposing)(prompt, valid, KEY)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert (want[:, 5:9] == MASK_ID).any()  # masks left before the later blocks
+
+
+def split(logits_fn):
+    """logits_fn as a SamplerModel whose head is not the identity: the hidden state is half the
+    logits, the head doubles it (both exact in floating point)."""
+    return SamplerModel(body=lambda t, v: (logits_fn(t, v) * 0.5, None), head=lambda h: h * 2.0)
+
+
+SPLIT, SPLIT_MASK_PROPOSING = split(jax_logits), split(jax_mask_proposing)
+
+
+@pytest.mark.parametrize("case", ["blocks", "infilling", "proposed masks", "cfg", "threshold"])
+def test_the_head_runs_where_tokens_can_be_committed_with_the_same_tokens(case):
+    """A SamplerModel's head runs on the current block's positions, or on the whole canvas while
+    masks before the block compete (a prompt's, a proposed mask token's): the canvases are the
+    numpy reference's, which computes every position's logits."""
+    prompt, valid = make_prompt((5, 2), 5)
+    settings = dict(gen_length=16, steps=8, block_length=4)
+    if case == "infilling":
+        prompt[0, 2] = prompt[1, 4] = MASK_ID
+    if case == "threshold":
+        want, _ = np_threshold_generate(prompt, valid, gen_length=16, block_length=4, threshold=0.2)
+        got, _ = jitted(16, 8, 4, logits_fn=SPLIT, threshold=0.2)(prompt, valid, KEY)
+    elif case == "proposed masks":
+        want, _, _ = np_generate(prompt, valid, **settings, logits_fn=np_mask_proposing)
+        got, _ = jitted(16, 8, 4, logits_fn=SPLIT_MASK_PROPOSING)(prompt, valid, KEY)
+    else:
+        cfg_scale = 1.5 if case == "cfg" else 0.0
+        want, _, _ = np_generate(prompt, valid, **settings, cfg_scale=cfg_scale)
+        got, _ = jitted(16, 8, 4, logits_fn=SPLIT, cfg_scale=cfg_scale)(prompt, valid, KEY)
+    np.testing.assert_array_equal(np.asarray(got), want)
 
 
 def np_eos_loving(tokens, valid):
