@@ -6,6 +6,8 @@
 - attention.py: every attention implementation behind one function, and the masks they take.
 - mkl.py, mkl.cc: oneMKL matmul and attention kernels for XLA:CPU through the XLA FFI.
 - splash.py: the Pallas splash-attention kernel for TPU.
+- argmax.py: the sampler's argmax over the vocabulary as max reductions, the same on every
+  platform (XLA:CPU runs `jnp.argmax` one element at a time).
 """
 
 from llada_jax.kernels.choice import ATTENTION_SETTINGS, MATMUL_SETTINGS, Kernels, select
