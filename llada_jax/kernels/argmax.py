@@ -17,22 +17,24 @@ import jax.numpy as jnp
 CHUNK = 128
 
 
-def _first_index(hit: jax.Array) -> jax.Array:
-    """Index (int32) of the first True along the last axis of `hit` (its size if none)."""
-    size = hit.shape[-1]
+def _first_maximum(x: jax.Array, maximum: jax.Array) -> jax.Array:
+    """Index (int32) of the first entry of x (..., N) equal to `maximum` (...), or NaN as
+    `jnp.argmax` counts NaN the maximum."""
+    hit = (x == maximum[..., None]) | jnp.isnan(x)
+    size = x.shape[-1]
     return jnp.min(jnp.where(hit, jnp.arange(size, dtype=jnp.int32), size), axis=-1)
 
 
 def argmax(x_xV: jax.Array) -> jax.Array:
-    """jnp.argmax(x, axis=-1) for x without NaNs: x (..., V) -> (...) int32, the first index of
-    the maximum, also when it ties (0 when every entry is -inf)."""
+    """jnp.argmax(x, axis=-1): x (..., V) -> (...) int32, the first index of the maximum, also
+    when it ties (0 when every entry is -inf, the first NaN where there are NaNs)."""
     vocab = x_xV.shape[-1]
     pad = -vocab % CHUNK
     if pad:  # -inf columns at the end are never the first maximum
         x_xV = jnp.pad(x_xV, [(0, 0)] * (x_xV.ndim - 1) + [(0, pad)], constant_values=-jnp.inf)
     x_xCxW = x_xV.reshape(*x_xV.shape[:-1], -1, CHUNK)
-    chunk_max_xC = jnp.max(x_xCxW, axis=-1)
+    chunk_max_xC = jnp.max(x_xCxW, axis=-1)  # NaN where the chunk holds one
     max_x = jnp.max(chunk_max_xC, axis=-1)
-    chunk_x = _first_index(chunk_max_xC == max_x[..., None])
+    chunk_x = _first_maximum(chunk_max_xC, max_x)
     x_xW = jnp.take_along_axis(x_xCxW, chunk_x[..., None, None], axis=-2)[..., 0, :]
-    return chunk_x * CHUNK + _first_index(x_xW == max_x[..., None])
+    return chunk_x * CHUNK + _first_maximum(x_xW, max_x)

@@ -19,12 +19,16 @@ def test_first_index_of_the_maximum_like_numpy(vocab):
         np.testing.assert_array_equal(got, a.argmax(-1))
 
 
-def test_infinities_and_float64():
-    x = np.full((4, 300), -np.inf, np.float32)
+def test_infinities_nans_and_float64():
+    x = np.full((6, 300), -np.inf, np.float32)
     x[1, 7] = x[1, 290] = np.inf  # ties at +inf: the first
     x[2, 299] = -1e30  # the last column of a padded chunk
     x[3, 150:] = 0.0
-    np.testing.assert_array_equal(np.asarray(argmax(jnp.asarray(x))), [0, 7, 299, 150])
+    x[4, 200], x[4, 10] = np.nan, 5.0  # NaN counts as the maximum, as in numpy
+    x[5, [3, 131, 260]] = np.nan
+    got = np.asarray(argmax(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, [0, 7, 299, 150, 200, 3])
+    np.testing.assert_array_equal(got, x.argmax(-1))
     with jax.enable_x64(True):
         y = np.random.default_rng(0).normal(size=(6, 1000))
         y[:, 10] = y[:, 900] = 50.0
