@@ -382,7 +382,9 @@ def generate(
         zero_ids = (eot_id, eos_id) if temperature == 0 else (eot_id,)
     width = {"prefix": gen_length, "dual": block_length}.get(kv_cache, total_len)
 
-    def rows(x: jax.Array, valid: jax.Array, prompt_index: jax.Array):
+    def rows(
+        x: jax.Array, valid: jax.Array, prompt_index: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
         """The model's input for canvas x: (tokens, valid), with CFG's unconditional rows."""
         if cfg_scale == 0:
             return x, valid
@@ -423,12 +425,14 @@ def generate(
             hidden_w = jax.lax.dynamic_slice_in_dim(hidden, block_start - offset, block_length, 1)
             return placed(x, *propose(hidden_w, step), block_start)
 
+        def whole_window() -> tuple[jax.Array, jax.Array]:
+            return placed(x, *propose(hidden, step), offset)
+
         if not earlier or hidden.shape[1] == block_length:
             return block_only()
-        in_window = (positions >= offset) & (positions < block_start)
-        some_earlier = jnp.any((x == mask_id) & in_window[None, :])
-        whole = lambda: placed(x, *propose(hidden, step), offset)  # noqa: E731
-        return jax.lax.cond(some_earlier, whole, block_only)
+        before_block = (positions >= offset) & (positions < block_start)
+        some_earlier = jnp.any((x == mask_id) & before_block[None, :])
+        return jax.lax.cond(some_earlier, whole_window, block_only)
 
     def full_pass(
         x: jax.Array, step: jax.Array, block_start: jax.Array, earlier: bool
