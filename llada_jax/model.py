@@ -362,19 +362,13 @@ class Transformer(nnx.Module):
         segment_ids: jax.Array | None = None,
         *,
         valid_prefix: bool = False,
-        return_cache: bool = False,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
+    ) -> jax.Array:
         """tokens (B, L) int; valid (B, L) bool key-padding mask; segment_ids (B, L) int.
 
         valid_prefix promises that each row's valid positions come first (padding trailing, as
         in every training batch): the cuDNN attention then takes key lengths instead of a bias.
-        return_cache: also return every layer's keys and values, for `window`.
         """
-        x, cache = self.hidden(
-            tokens, valid, segment_ids, valid_prefix=valid_prefix, return_cache=return_cache
-        )
-        logits = self.head(x)
-        return (logits, cache) if return_cache else logits
+        return self.head(self.hidden(tokens, valid, segment_ids, valid_prefix=valid_prefix)[0])
 
     def hidden(
         self,
@@ -386,8 +380,8 @@ class Transformer(nnx.Module):
         return_cache: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """The last layer's output (B, L, D), before the final norm and the output head, and
-        with return_cache every layer's keys and values (else None); arguments as `__call__`.
-        `head` turns any positions of it into logits."""
+        with return_cache every layer's keys and values (else None), for `window`; the other
+        arguments as `__call__`. `head` turns any positions of it into logits."""
         cfg = self.cfg
         if valid is None:
             valid, valid_prefix = jnp.ones(tokens.shape, bool), True
@@ -416,10 +410,11 @@ class Transformer(nnx.Module):
         self, tokens_BxW: jax.Array, valid_BxL: jax.Array, cache: KVCache, start: jax.Array
     ) -> jax.Array:
         """`hidden` (B, W, D) of the window [start, start + W) of a sequence of length L whose
-        tokens elsewhere are those of the full pass that made `cache` (`return_cache=True`): the
-        window's queries attend to its own keys and values and the cache's elsewhere. Exact
-        when the window's tokens are the only ones changed and the model has one layer (deeper
-        layers' keys depend on every token); the sampler's prefix and dual caches."""
+        tokens elsewhere are those of the full pass that made `cache` (`hidden` with
+        return_cache): the window's queries attend to its own keys and values and the cache's
+        elsewhere. Exact when the window's tokens are the only ones changed and the model has
+        one layer (deeper layers' keys depend on every token); the sampler's prefix and dual
+        caches."""
         cfg = self.cfg
         if cfg.causal:
             raise ValueError("the K/V window pass is for bidirectional models (model.causal)")

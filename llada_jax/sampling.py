@@ -234,14 +234,17 @@ def guided_logits(
 ) -> jax.Array:
     """logits_fn(x, valid) (B, T, V), guided when cfg_scale > 0 by the unconditional canvas
     (x with `prompt_index` (B, T) masked), both computed in one call on 2B rows."""
+    logits = logits_fn(*_model_rows(x, valid, prompt_index, mask_id, cfg_scale))
+    return _guide(logits, cfg_scale) if cfg_scale > 0 else logits
+
+
+def _model_rows(
+    x: jax.Array, valid: jax.Array, prompt_index: jax.Array, mask_id: int, cfg_scale: float
+) -> tuple[jax.Array, jax.Array]:
+    """The model's input (tokens, valid) for canvas x: x and valid (B rows), or with CFG the
+    2B rows (x; x with prompt_index masked) and (valid; valid)."""
     if cfg_scale == 0:
-        return logits_fn(x, valid)
-    both = logits_fn(*_with_unconditional(x, valid, prompt_index, mask_id))
-    return _guide(both, cfg_scale)
-
-
-def _with_unconditional(x, valid, prompt_index, mask_id):
-    """(x; x with prompt_index masked) and (valid; valid): the 2B rows of a guided call."""
+        return x, valid
     uncond = jnp.where(prompt_index, mask_id, x)
     return jnp.concatenate([x, uncond]), jnp.concatenate([valid, valid])
 
@@ -382,14 +385,6 @@ def generate(
         zero_ids = (eot_id, eos_id) if temperature == 0 else (eot_id,)
     width = {"prefix": gen_length, "dual": block_length}.get(kv_cache, total_len)
 
-    def rows(
-        x: jax.Array, valid: jax.Array, prompt_index: jax.Array
-    ) -> tuple[jax.Array, jax.Array]:
-        """The model's input for canvas x: (tokens, valid), with CFG's unconditional rows."""
-        if cfg_scale == 0:
-            return x, valid
-        return _with_unconditional(x, valid, prompt_index, mask_id)
-
     def propose(hidden: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x0 and its confidence (B, W) from the hidden state of W positions (of 2B rows with
         CFG, guided here)."""
@@ -439,7 +434,7 @@ def generate(
     ) -> tuple[jax.Array, jax.Array, Any]:
         """x0 and confidence (B, T) from a pass over the canvas, and the cache (None without
         kv_cache)."""
-        hidden, cache = model.body(*rows(x, valid, prompt_index))
+        hidden, cache = model.body(*_model_rows(x, valid, prompt_index, mask_id, cfg_scale))
         return (*proposals(x, hidden, 0, step, block_start, earlier), cache)
 
     def window_pass(
@@ -449,7 +444,7 @@ def generate(
         start = block_start if kv_cache == "dual" else jnp.int32(prompt_len)
         x_w = jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)
         p_w = jax.lax.dynamic_slice_in_dim(prompt_index, start, width, axis=1)
-        hidden_w = model.window(*rows(x_w, valid, p_w), cache, start)
+        hidden_w = model.window(*_model_rows(x_w, valid, p_w, mask_id, cfg_scale), cache, start)
         return proposals(x, hidden_w, start, step, block_start, earlier)
 
     if threshold is not None:  # only the block's masks compete

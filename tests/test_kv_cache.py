@@ -40,7 +40,7 @@ def test_window_pass_is_exact_for_one_layer_only(models):
     valid = jnp.ones((2, 12), bool).at[1, :3].set(False)
     changed = tokens.at[:, 5].set(7).at[:, 6].set(MASK)  # inside the window [4, 8)
     for n, model in models.items():
-        _, cache = model(tokens, valid, return_cache=True)
+        _, cache = model.hidden(tokens, valid, return_cache=True)
         same = model.head(model.window(tokens[:, 4:8], valid, cache, jnp.int32(4)))
         np.testing.assert_allclose(same, model(tokens, valid)[:, 4:8], atol=1e-5)
         window = model.head(model.window(changed[:, 4:8], valid, cache, jnp.int32(4)))
