@@ -6,9 +6,11 @@ shared ablation variants below, e.g. `configs/demo.py:cosine+stratified`. Overri
 `--config.<section>.<key>=<value>`, type-checked against the default.
 
 Each section is checked in one place, with errors that name the key as the user types it
-(`diffusion.schedule`), the bad value and what would be valid: here the keys, variants and types;
-the values by what reads the section (`model.ModelConfig`, `diffusion.DiffusionConfig`,
-`optim.make_optimizer`, `sampling.check_settings`, `run.build_run` for the mesh, batch and data).
+(`diffusion.schedule`), the bad value and what would be valid: here the config file, keys,
+variants and types; the values by what reads the section (`model.ModelConfig`,
+`diffusion.DiffusionConfig`, `optim.make_optimizer`, `sampling.check_settings`, `run.build_run`
+for the mesh, batch, data, train and checkpoint sections, the seed and sample.num_samples).
+A key in OPTIONAL_KEYS also takes None: `--config.checkpoint.max_to_keep=None`.
 
 Not `ml_collections.config_flags`: for an unknown override key it raises an AttributeError
 traceback through absl's flag parser instead of listing the valid keys, a value of the wrong
@@ -21,6 +23,8 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import traceback
+from types import ModuleType
 from typing import Any, Callable, Mapping
 
 import ml_collections
@@ -158,6 +162,11 @@ def base_config() -> ConfigDict:
     return c
 
 
+# Keys that also take None (`--config.checkpoint.max_to_keep=None`), and the type of their
+# other values.
+OPTIONAL_KEYS: dict[str, type] = {"checkpoint.max_to_keep": int, "checkpoint.keep_every": int}
+
+
 class ConfigError(ValueError):
     """A config file, variant, key or value a user got wrong."""
 
@@ -194,8 +203,9 @@ def _unknown(dotted: str, node: Any) -> str:
 
 
 def _coerce(dotted: str, default: Any, value: Any) -> Any:
-    """`value` (a string from the command line, or a Python value) as the type of `default`."""
-    kind = type(default)
+    """`value` (a string from the command line, or a Python value) as the type of `default`
+    (or None, for a key in OPTIONAL_KEYS)."""
+    kind = OPTIONAL_KEYS.get(dotted, type(default))
     if isinstance(value, str) and kind is not str:
         text = value
         if kind is bool and value.lower() in ("true", "false"):
@@ -204,6 +214,8 @@ def _coerce(dotted: str, default: Any, value: Any) -> Any:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             raise ConfigError(f"config.{dotted}={text!r} is not a valid {kind.__name__}") from None
+    if value is None and dotted in OPTIONAL_KEYS:
+        return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if kind is tuple and isinstance(value, list):
@@ -218,15 +230,33 @@ def _coerce(dotted: str, default: Any, value: Any) -> Any:
 def load_config_file(spec: str) -> ConfigDict:
     """`path.py[:variant]` -> ConfigDict from that file's `get_config(variant)`."""
     path, _, variant = spec.partition(":")
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist (expected e.g. configs/demo.py)")
-    module_spec = importlib.util.spec_from_file_location("llada_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    get_config: Callable[[str], ConfigDict] = getattr(module, "get_config", None)
-    if get_config is None:
+    get_config: Callable[[str], ConfigDict] = getattr(run_config_file(path), "get_config", None)
+    if not callable(get_config):
         raise ConfigError(f"config file {path!r} defines no get_config(variant)")
     return get_config(variant)
+
+
+def run_config_file(path: str) -> ModuleType:
+    """The config file at `path`, run as a module. A missing file, a directory, a file that is
+    not Python, and an error raised while it runs (with the file's line) are ConfigErrors."""
+    expected = "expected a .py file, e.g. configs/demo.py"
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path!r} is a directory; {expected}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist; {expected}")
+    if not path.endswith(".py"):
+        raise ConfigError(f"config file {path!r} is not a Python file; {expected}")
+    module_spec = importlib.util.spec_from_file_location("llada_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path}:{e.lineno}: {e.msg}") from None
+    except Exception as e:
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == path]
+        where = f"{path}:{lines[-1]}" if lines else path
+        raise ConfigError(f"config file {where}: {type(e).__name__}: {e}") from None
+    return module
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:

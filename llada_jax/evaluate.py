@@ -32,8 +32,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from llada_jax import checkpoint, files, inference, likelihood, sharding, train_step
 from llada_jax import config as config_lib
-from llada_jax import files, inference, likelihood, sharding, train_step
 from llada_jax.data import datasets
 from llada_jax.run import MeshBound
 
@@ -409,19 +409,40 @@ def summary_line(result: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 # Watching a training run
 # --------------------------------------------------------------------------------------------
-def wait_for_checkpoint(
+def open_watched(
     workdir: str,
+    make: Callable[[int], Evaluator],
     poll_sec: float,
     idle_timeout_sec: float = 0.0,
+    log: Callable[[str], Any] = print,
     sleep: Callable[[float], Any] = time.sleep,
-) -> None:
-    """Returns once `workdir` has a complete checkpoint; ValueError after `idle_timeout_sec` > 0
-    without one."""
+) -> Evaluator:
+    """`make(step)` on the newest checkpoint of `workdir` that can be read, waiting for one to
+    appear (ValueError after `idle_timeout_sec` > 0 without one). A step that the trainer
+    removes meanwhile, or that is damaged, is passed over with a line."""
     start = time.monotonic()
-    while not inference.complete_steps(workdir):
+    while True:
+        for step in reversed(inference.complete_steps(workdir)):
+            try:
+                return make(step)
+            except Exception as e:  # noqa: BLE001 - sorted out by skip_reason
+                why = skip_reason(workdir, step, e)
+                if why is None:
+                    raise
+                log(f"step {step}: {why}; skipped")
         if idle_timeout_sec and time.monotonic() - start > idle_timeout_sec:
             raise ValueError(f"--workdir={workdir!r} has no checkpoint after {idle_timeout_sec}s")
         sleep(poll_sec)
+
+
+def skip_reason(workdir: str, step: int, error: Exception) -> str | None:
+    """Why a watcher may pass over `step` after `error`: the trainer removed it (its retention
+    keeps the latest few), or it is damaged. None: a real error, to raise."""
+    if step not in inference.complete_steps(workdir):
+        return "removed by the trainer before it could be evaluated"
+    if isinstance(error, checkpoint.DamagedCheckpoint):
+        return f"damaged ({error.reason})"
+    return None
 
 
 def watch(
@@ -431,25 +452,34 @@ def watch(
     sleep: Callable[[float], Any] = time.sleep,
 ) -> list[dict[str, Any]]:
     """Evaluates every complete checkpoint not evaluated yet, oldest first, then waits for new
-    ones, until the run's last step is evaluated (or `idle_timeout_sec` > 0 passes with
-    nothing new). A checkpoint removed before its turn (the trainer keeps only the latest few)
-    is skipped with a line. Returns this call's results."""
+    ones, until the run's last step is evaluated or passed over (or `idle_timeout_sec` > 0
+    passes with nothing new). Whatever the trainer does meanwhile (removing old steps,
+    committing new ones, setting a damaged one aside) is passed over with a line, never an
+    error: a removed step is skipped, a damaged one is skipped until it is saved again.
+    Returns this call's results."""
     workdir, log = evaluator.workdir, evaluator.log
     results, idle_since = [], time.monotonic()
+    passed_over: dict[int, float | None] = {}  # damaged step -> its commit time when seen
     while True:
         done = set(evaluated_steps(workdir))
-        pending = [s for s in inference.complete_steps(workdir) if s not in done]
+        pending = [
+            s
+            for s in inference.complete_steps(workdir)
+            if s not in done and passed_over.get(s, -1.0) != commit_time(workdir, s)
+        ]
         for step in pending:
             try:
                 results.append(evaluator.evaluate(step))
-            except Exception:  # noqa: BLE001 - the trainer may delete it mid-restore
-                if step in inference.complete_steps(workdir):
+            except Exception as e:  # noqa: BLE001 - sorted out by skip_reason
+                why = skip_reason(workdir, step, e)
+                if why is None:
                     raise
-                log(f"step {step}: removed by the trainer before it could be evaluated; skipped")
+                log(f"step {step}: {why}; skipped")
+                passed_over[step] = commit_time(workdir, step)
                 continue
             log(summary_line(results[-1]))
             done.add(step)
-        if evaluator.final_step in done:
+        if evaluator.final_step in done or evaluator.final_step in passed_over:
             return results
         if pending:
             idle_since = time.monotonic()
@@ -457,3 +487,13 @@ def watch(
             log(f"no new checkpoint for {idle_timeout_sec:.0f}s; stopping")
             return results
         sleep(poll_sec)
+
+
+def commit_time(workdir: str, step: int) -> float | None:
+    """When `step`'s checkpoint was committed (None: it is gone): a step saved again after it
+    was set aside has a new one."""
+    path = os.path.join(checkpoint.checkpoint_dir(workdir), str(step), checkpoint.COMMIT_FILE)
+    try:
+        return os.stat(path).st_mtime
+    except FileNotFoundError:
+        return None

@@ -94,15 +94,23 @@ def load(
     devices = list(devices) if devices is not None else jax.local_devices()[:1]
     with _reader(workdir) as ckpt:
         step = _complete_step(ckpt, workdir, step)
-        cfg = saved_config(ckpt.meta(step)["config"], len(devices), fsdp)
-        run = build_run(cfg, devices=devices, data=False)
-        graphdef, params, _ = abstract_state(run)
-        params, _ = ckpt.restore(step, params)
+
+        def restore(step: int) -> tuple[Run, nnx.GraphDef, Any]:
+            cfg = saved_config(ckpt.meta(step)["config"], len(devices), fsdp)
+            run = build_run(cfg, devices=devices, data=False)
+            graphdef, params, _ = abstract_state(run)
+            return run, graphdef, ckpt.restore(step, params)[0]
+
+        try:
+            run, graphdef, params = restore(step)
+        except checkpoint.DamagedCheckpoint as e:
+            raise _refusal(e, ckpt, restore) from None
     return LoadedModel(workdir, run, step, graphdef, params)
 
 
 def reload(model: LoadedModel, step: int) -> LoadedModel:
-    """Another step of the same workdir into `model`'s shapes and shardings (no new run)."""
+    """Another step of the same workdir into `model`'s shapes and shardings (no new run).
+    Raises DamagedCheckpoint (without looking for a good step: a watcher skips it)."""
     with _reader(model.workdir) as ckpt:
         step = _complete_step(ckpt, model.workdir, step)
         params, _ = ckpt.restore(step, model.params)
@@ -111,10 +119,7 @@ def reload(model: LoadedModel, step: int) -> LoadedModel:
 
 def complete_steps(workdir: str) -> list[int]:
     """The complete checkpoint steps of `workdir` now (none while its checkpoints/ is missing)."""
-    if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
-        return []
-    with checkpoint.Checkpointer(workdir) as ckpt:
-        return ckpt.complete_steps()
+    return checkpoint.complete_steps(checkpoint.checkpoint_dir(workdir))
 
 
 def _reader(workdir: str) -> checkpoint.Checkpointer:
@@ -129,6 +134,27 @@ def _complete_step(ckpt: checkpoint.Checkpointer, workdir: str, step: int | None
         found = f"complete steps: {steps}" if steps else "no complete checkpoint"
         raise ValueError(f"--workdir={workdir!r} has no checkpoint at step {step} ({found})")
     return steps[-1] if step is None else step
+
+
+def _refusal(
+    error: checkpoint.DamagedCheckpoint,
+    ckpt: checkpoint.Checkpointer,
+    restore: Callable[[int], Any],
+) -> checkpoint.DamagedCheckpoint:
+    """A read-only tool's one line for a damaged step: what is wrong, and the newest other
+    step that restores and verifies (found by trying them, newest first), as `--step=N`."""
+    for step in reversed(ckpt.complete_steps()):
+        if step == error.step:
+            continue
+        try:
+            restore(step)
+        except (checkpoint.DamagedCheckpoint, checkpoint.StructureMismatch):
+            continue
+        advice = f"the newest good step is {step}: pass --step={step}"
+        break
+    else:
+        advice = "no other step of this workdir can be read"
+    return checkpoint.DamagedCheckpoint(error.directory, error.step, f"{error.reason}; {advice}")
 
 
 def saved_config(saved: dict, num_devices: int = 1, fsdp: bool = False) -> config_lib.ConfigDict:

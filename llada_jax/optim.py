@@ -261,7 +261,12 @@ def make_optimizer(c: Any, total_steps: int) -> optax.GradientTransformation:
     Returns:
       The optax transformation. The learning rate at a step is
       ``make_lr_schedule(c, total_steps)(step)`` (for logging).
+
+    Raises:
+      ValueError: on any invalid key of the section, ``grad_accum`` (read by the training step)
+        included.
     """
+    _check_int("grad_accum", c["grad_accum"], 1)
     schedule = make_lr_schedule(c, total_steps)
     on = c["weight_decay_on"]
     _check_weight_decay_on(on)
@@ -278,9 +283,10 @@ def make_optimizer(c: Any, total_steps: int) -> optax.GradientTransformation:
         weight_decay=_check_nonneg("weight_decay", c["weight_decay"]),
         mask=functools.partial(decay_mask, weight_decay_on=on),
     )
-    if not clip:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(_check_nonneg("clip_norm", clip)), adamw)
+    # Clipping stays in the chain when off (an infinite norm), so that the optimizer state has
+    # the same structure for every clip_norm and a run can resume with another one.
+    max_norm = _check_nonneg("clip_norm", clip) if clip else float("inf")
+    return optax.chain(optax.clip_by_global_norm(max_norm), adamw)
 
 
 # --------------------------------------------------------------------------------------------

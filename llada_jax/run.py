@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,9 +64,13 @@ def build_run(
     """
     if workdir:
         check_workdir(workdir)
+    check_counts(cfg)
+    check_checkpoint(cfg.checkpoint)
+    check_sft_settings(cfg.data)
+    optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)  # before optim.grad_accum is used
+    lr_schedule = optim.make_lr_schedule(cfg.optim, cfg.train.steps)
     mesh = sharding.make_mesh(cfg.mesh.shape, list(devices) if devices is not None else None)
     check_batch(cfg, mesh)
-    check_sft_settings(cfg.data)
     model_cfg = ModelConfig.from_config(cfg.model)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     # Data is encoded with it: it must fit. (Without data, e.g. sampling given token ids, the
@@ -91,8 +96,6 @@ def build_run(
             f"data.batch_size={cfg.data.batch_size} must be even"
         )
     step_cfg = StepConfig(diffusion_cfg, cfg.optim.grad_accum, cfg.seed, cfg.train.objective)
-    optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
-    lr_schedule = optim.make_lr_schedule(cfg.optim, cfg.train.steps)
     check_eval(cfg.eval)
     if cfg.sample.num_samples > 0 or cfg.eval.generate:  # used after training: checked before
         s = cfg.sample
@@ -130,11 +133,62 @@ def build_run(
 # Checks
 # --------------------------------------------------------------------------------------------
 def check_workdir(workdir: str) -> None:
+    """The workdir is a directory, or its parent one in which it can be made, and this process
+    can write there (a uniquely named file is created and removed)."""
     parent = os.path.dirname(os.path.abspath(workdir))
     if not os.path.isdir(parent):
         raise ValueError(f"--workdir={workdir!r}: parent directory {parent!r} does not exist")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"--workdir={workdir!r} exists and is not a directory")
+    exists = os.path.isdir(workdir)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=workdir if exists else parent)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        where = "is not writable" if exists else f"cannot be created in {parent!r}"
+        raise ValueError(f"--workdir={workdir!r} {where}: {e.strerror}") from None
+
+
+# Integer keys checked here: (the key as the user types it, its smallest valid value).
+MINIMUMS = (
+    ("seed", 0),
+    ("data.seq_len", 1),
+    ("data.batch_size", 1),
+    ("data.workers", 0),
+    ("data.prefetch", 0),
+    ("train.log_every", 1),
+    ("train.max_skipped_in_a_row", 0),
+    ("checkpoint.save_every", 0),
+    ("sample.num_samples", 0),
+)
+
+
+def check_counts(cfg: config_lib.ConfigDict) -> None:
+    """Counts, sizes and steps the trainer reads that no other check covers (MINIMUMS)."""
+    for key, minimum in MINIMUMS:
+        value = cfg[key]
+        if value < minimum:
+            raise ValueError(f"{key}={value!r} is invalid; valid: an integer >= {minimum}")
+
+
+def check_checkpoint(k: config_lib.ConfigDict) -> None:
+    """What the checkpoint section keeps and how long it waits (save_every: MINIMUMS)."""
+    if k.max_to_keep is not None and k.max_to_keep < 1:
+        raise ValueError(
+            f"checkpoint.max_to_keep={k.max_to_keep!r} is invalid; valid: a positive integer, "
+            "or None to keep every checkpoint"
+        )
+    if k.keep_every is not None and k.keep_every < 0:
+        raise ValueError(
+            f"checkpoint.keep_every={k.keep_every!r} is invalid; valid: an integer >= 0 (0 or "
+            "None: none kept beyond checkpoint.max_to_keep)"
+        )
+    if not k.wait_for_writer_sec >= 0:  # NaN too
+        raise ValueError(
+            f"checkpoint.wait_for_writer_sec={k.wait_for_writer_sec!r} is invalid; valid: a "
+            "number of seconds >= 0"
+        )
 
 
 def check_batch(cfg: config_lib.ConfigDict, mesh: jax.sharding.Mesh) -> None:
@@ -163,6 +217,8 @@ def check_eval(e: config_lib.ConfigDict) -> None:
     for key in ("num_tokens", "num_samples", "batch_size", "mc_num", "objective_rows"):
         if e[key] < 1:
             raise ValueError(f"eval.{key}={e[key]!r} is invalid; valid: a positive integer")
+    if e.limit < 0:
+        raise ValueError(f"eval.limit={e.limit!r} is invalid; valid: an integer >= 0 (0: all)")
     if e.objective_draws == 1 or e.objective_draws < 0:
         raise ValueError(
             f"eval.objective_draws={e.objective_draws!r} is invalid; valid: 0 (off) or >= 2"
@@ -211,8 +267,8 @@ def check_resumable(cfg: config_lib.ConfigDict, workdir: str) -> None:
                 raise ValueError(f"train.init_from={directory!r} has no checkpoints/ directory")
             continue
         with checkpoint.Checkpointer(directory) as ckpt:
-            step = ckpt.latest_step()
-            saved = None if step is None else ckpt.meta(step)["config"]["model"]
+            newest = ckpt.newest_meta()  # a step with damaged meta is the trainer's to set aside
+        step, saved = (None, None) if newest is None else (newest[0], newest[1]["config"]["model"])
         if step is None:
             if what == "initialize from":
                 raise ValueError(f"train.init_from={directory!r} holds no complete checkpoint")

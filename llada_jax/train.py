@@ -16,10 +16,14 @@ and, at the end, a few samples from the trained model.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
+
+if __name__ == "__main__":  # before the slow imports: a SIGTERM while they run exits 0
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+
+import contextlib
 import time
 from typing import Any
 
@@ -44,41 +48,65 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for config.json, metrics and checkpoints")
 
 
-class Preemption:
-    """SIGTERM (preemption) as a decision to save and stop, taken by every process at one step.
+class StopSignals:
+    """SIGTERM (preemption) and SIGINT (Ctrl-C), handled by the phase the run is in.
 
-    One process: a SIGTERM handler sets a flag. Several: the checkpoint save is collective, so a
-    process that stopped alone would leave the others hanging in their next step. JAX's
-    preemption sync service (started by `jax.distributed.initialize`, with its own SIGTERM
-    handler, which is why none is installed here) hears the signal of any process and agrees on
-    the step at which all of them stop.
+    - Before the training loop and after it (`phase` "start" / "end"): SIGTERM exits 0 at once
+      (os._exit: no save is in flight then, the last one was waited for; an exception raised
+      from the handler could land in a garbage-collection callback and be ignored).
+    - In the loop: SIGTERM saves the current step and stops (exit 0). SIGINT stops after the
+      current step without starting a save, and the save in flight, if any, is finished (exit
+      130). A second SIGINT abandons that save: the previous step stays the latest.
+
+    Several processes: the checkpoint save is collective, so a process that stopped alone would
+    leave the others hanging in their next step. JAX's preemption sync service (started by
+    `jax.distributed.initialize`, with its own SIGTERM handler, which replaces this one) hears
+    the signal of any process and agrees on the step at which all of them stop.
     """
 
     def __init__(self):
-        self.requested = False
-        self.multi_process = jax.process_count() > 1
-        if not self.multi_process:
-            signal.signal(signal.SIGTERM, self._handle)
+        self.phase = "start"
+        self.terminate = self.interrupt = False
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_int)
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self.terminate = True
+        if self.phase in ("start", "end"):
+            os.write(2, b"SIGTERM outside the training loop: nothing new to save; exiting\n")
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+            os._exit(0)
+
+    def _on_int(self, signum: int, frame: Any) -> None:
+        if self.phase != "loop" or self.interrupt:
+            raise KeyboardInterrupt
+        self.interrupt = True
+        print("SIGINT: stopping after this step (again to abandon the save in flight)", flush=True)
 
     def check(self, step: int) -> bool:
-        """Whether to save and stop after `step`; called after every step, on every process."""
-        if self.multi_process:
-            self.requested = multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
+        """Whether to save and stop after `step` (SIGTERM); called after every step, on every
+        process."""
+        if jax.process_count() > 1:
+            self.terminate = multihost_utils.reached_preemption_sync_point(step)
+        return self.terminate
 
 
 def restore_or_init(
     run: Run, ckpt: checkpoint.Checkpointer, params: Any, opt_state: Any
 ) -> tuple[Any, Any, int]:
-    """Resumes from the workdir's latest checkpoint, else starts from train.init_from's params
-    (fresh optimizer), else from the initialization. Returns (params, opt_state, start_step)."""
-    latest = ckpt.latest_step()
-    if latest is not None:
-        params, opt_state = ckpt.restore(latest, params, opt_state)
-        return params, opt_state, latest
+    """Resumes from the workdir's newest good checkpoint, else starts from train.init_from's
+    params (fresh optimizer), else from the initialization. Returns (params, opt_state,
+    start_step). A damaged step is set aside with one line and the next older one is tried;
+    a step whose arrays are not the ones the config makes stops the run (StructureMismatch)."""
+    for step in reversed(ckpt.complete_steps()):
+        try:
+            params, opt_state = ckpt.restore(step, params, opt_state)
+            return params, opt_state, step
+        except checkpoint.DamagedCheckpoint as e:
+            moved = ckpt.set_aside(step)
+            if jax.process_index() == 0:
+                print(f"checkpoints: {e}; moved it to {moved}", flush=True)
     if run.cfg.train.init_from:
         with checkpoint.Checkpointer(run.cfg.train.init_from) as source:
             params, _ = source.restore(source.latest_step(), params)
@@ -102,7 +130,7 @@ def interval_stats(
     return means, len(interval) - 1 - int(taken[-1])
 
 
-def train(run: Run) -> dict[str, float]:
+def train(run: Run, signals: StopSignals) -> dict[str, float]:
     """Runs (or resumes) up to cfg.train.steps steps; returns the last logged metrics."""
     cfg, is_writer = run.cfg, jax.process_index() == 0
     c = cfg.checkpoint
@@ -121,20 +149,20 @@ def train(run: Run) -> dict[str, float]:
             run.workdir, c.save_every, c.max_to_keep, c.keep_every, c.async_save, writer=True
         ) as ckpt,
     ):
-        if is_writer:
+        graphdef, params, opt_state = create_state(run)
+        n_params = sum(x.size for x in jax.tree.leaves(params))
+        params, opt_state, start = restore_or_init(run, ckpt, params, opt_state)
+        if is_writer:  # after the restore: a run that cannot resume leaves its config as it was
             files.write_atomically(
                 os.path.join(run.workdir, "config.json"), cfg.to_json_best_effort(indent=2)
             )
             print(cfg, flush=True)
-        graphdef, params, opt_state = create_state(run)
-        n_params = sum(x.size for x in jax.tree.leaves(params))
-        params, opt_state, start = restore_or_init(run, ckpt, params, opt_state)
-        preemption = Preemption()
         with metrics.MetricsWriter(run.workdir, enabled=is_writer, after_step=start) as writer:
             params, last = train_steps(
-                run, ckpt, writer, preemption, graphdef, params, opt_state, start, n_params
+                run, ckpt, writer, signals, graphdef, params, opt_state, start, n_params
             )
-    if is_writer and not preemption.requested:
+    signals.phase = "end"  # the last save is complete: SIGTERM from here on exits at once
+    if is_writer and not (signals.terminate or signals.interrupt):
         # The untrained parameters (the run's initialization) once, for both comparisons.
         untrained = init_params(run)[1] if cfg.train.compare_untrained else None
         if cfg.sample.num_samples > 0:
@@ -148,7 +176,7 @@ def train_steps(
     run: Run,
     ckpt: checkpoint.Checkpointer,
     writer: metrics.MetricsWriter,
-    preemption: Preemption,
+    signals: StopSignals,
     graphdef: nnx.GraphDef,
     params: Any,
     opt_state: Any,
@@ -177,6 +205,7 @@ def train_steps(
     interval: list[dict[str, jax.Array]] = []  # device metrics since the last log line
     skipped_in_a_row = 0
     mark_step, mark_time = start, time.perf_counter()
+    signals.phase = "loop"
     for step in range(start, total):
         batch = pipeline.to_global(next(batches), run.mesh, batch_size)
         params, opt_state, out = step_fn(params, opt_state, batch, jnp.int32(step))
@@ -214,13 +243,17 @@ def train_steps(
                     print(metrics.format_log_line(done, total, last), flush=True)
             writer.write(done, last)
             mark_step, mark_time = done, now
-        stop = preemption.check(done)
+        ckpt.check_for_errors()  # a failed save stops the run at once
+        stop = signals.check(done)
         if ckpt.should_save(done) or done == total or stop:
             ckpt.save(done, params, opt_state, dict(meta, step=done))
         if stop:
             if is_writer:
                 print(f"SIGTERM: saved a checkpoint at step {done}; exiting", flush=True)
             break
+        if signals.interrupt:
+            break
+    signals.phase = "finishing"  # leaving the loop; the save in flight is waited for
     return params, last
 
 
@@ -289,6 +322,7 @@ def print_held_out_bound(
 
 def main(argv: list[str]) -> int:
     """Command-line entry point; returns the exit code."""
+    signals = StopSignals()  # first of all: a SIGTERM during start-up exits 0
     xla_flags.apply_defaults()
     try:
         cfg = config_lib.from_command_line(argv)
@@ -298,19 +332,24 @@ def main(argv: list[str]) -> int:
             raise ValueError("--workdir=DIR is required")
         distributed.initialize()
         run = build_run(cfg, workdir=FLAGS.workdir)
-    except (ValueError, FileNotFoundError, flags.Error) as e:
+        train(run, signals)
+    except checkpoint.SaveFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, flags.Error, checkpoint.WorkdirBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
-        train(run)
-    except checkpoint.WorkdirBusy as e:
-        print(f"error: {e}", file=sys.stderr)
+    except OSError as e:  # writing config.json, metrics or the lock (e.g. a full disk)
+        print(f"error: {files.write_error(e, FLAGS.workdir)}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:  # the save in flight has finished (train's `with` blocks)
+    except KeyboardInterrupt:  # a second SIGINT, or one outside the training loop
         print("interrupted", file=sys.stderr)
+        return 130
+    if signals.interrupt:  # the save in flight has finished (train's `with` blocks)
+        print("interrupted: stopped after the step the SIGINT came in", file=sys.stderr)
         return 130
     return 0
 

@@ -83,25 +83,30 @@ def run(argv: list[str]) -> list[dict]:
     FLAGS(argv)
     check_flags()
     devices = jax.local_devices()[: FLAGS.num_devices or None]
-    if FLAGS.watch:  # started beside a trainer that has not saved yet
-        evaluate.wait_for_checkpoint(FLAGS.workdir, FLAGS.poll_sec, FLAGS.idle_timeout)
-    evaluator = evaluate.Evaluator(
-        FLAGS.workdir,
-        devices,
-        step=FLAGS.step,
-        fsdp=FLAGS.fsdp,
-        progress=FLAGS.progress,
-        log=lambda line: print(line, flush=True),
-        num_tokens=FLAGS.num_tokens,
-        num_samples=FLAGS.num_samples,
-        batch_size=FLAGS.batch_size,
-        seed=FLAGS.seed,
-        generate=FLAGS.generate,
-        tasks=tuple(FLAGS.tasks) if FLAGS.tasks is not None else None,
-        task_dir=FLAGS.task_dir,
-        limit=FLAGS.limit,
-        mc_num=FLAGS.mc_num,
-    )
+
+    def make(step: int | None) -> evaluate.Evaluator:
+        return evaluate.Evaluator(
+            FLAGS.workdir,
+            devices,
+            step=step,
+            fsdp=FLAGS.fsdp,
+            progress=FLAGS.progress,
+            log=lambda line: print(line, flush=True),
+            num_tokens=FLAGS.num_tokens,
+            num_samples=FLAGS.num_samples,
+            batch_size=FLAGS.batch_size,
+            seed=FLAGS.seed,
+            generate=FLAGS.generate,
+            tasks=tuple(FLAGS.tasks) if FLAGS.tasks is not None else None,
+            task_dir=FLAGS.task_dir,
+            limit=FLAGS.limit,
+            mc_num=FLAGS.mc_num,
+        )
+
+    if FLAGS.watch:  # beside a trainer that may not have saved yet, and removes old steps
+        evaluator = evaluate.open_watched(FLAGS.workdir, make, FLAGS.poll_sec, FLAGS.idle_timeout)
+    else:
+        evaluator = make(FLAGS.step)
     try:
         if FLAGS.watch:
             return evaluate.watch(evaluator, FLAGS.poll_sec, FLAGS.idle_timeout)
