@@ -202,10 +202,18 @@ class Checkpointer:
 
     def check_for_errors(self) -> None:
         """Raises SaveFailed if the save in flight has failed (cheap: call it every step)."""
+        self._surfacing_failures(lambda manager: manager.check_for_errors())
+
+    def wait(self) -> None:
+        """Waits for the save in flight; SaveFailed if it failed."""
+        self._surfacing_failures(lambda manager: manager.wait_until_finished())
+
+    def _surfacing_failures(self, call: Any) -> None:
+        """`call(manager)` (a reader has none: nothing), a failed save raised as SaveFailed."""
         if self.manager is None:
             return
         try:
-            self.manager.check_for_errors()
+            call(self.manager)
         except Exception as e:  # noqa: BLE001 - whatever the background save raised
             raise self._failure(e) from None
 
@@ -311,6 +319,14 @@ class Checkpointer:
                 f"{len(extra)} expected arrays not saved, e.g. {extra[:1]})"
             )
 
+    def verify_array(self, step: int, meta: dict, item: str, name: str, array: Any) -> None:
+        """One array read on its own (e.g. by the exporter, a leaf at a time) against the
+        fingerprint `meta` records for it ('a/b/c' under `item`)."""
+        saved = meta.get("checksums", {}).get(item, {})
+        self._verify(
+            step, {item: {name: array}}, {item: {name: saved[name]}} if name in saved else None
+        )
+
     def _verify(self, step: int, restored: dict[str, PyTree], checksums: dict | None) -> None:
         """Fingerprints equal to the saved ones (when recorded), no NaN/Inf in floating arrays."""
         for item, tree in restored.items():
@@ -332,15 +348,6 @@ class Checkpointer:
                     f"its {item} hold NaN or Inf ({len(nonfinite)} arrays, e.g. "
                     f"{item}/{nonfinite[0]})",
                 )
-
-    def wait(self) -> None:
-        """Waits for the save in flight; SaveFailed if it failed."""
-        if self.manager is None:
-            return
-        try:
-            self.manager.wait_until_finished()
-        except Exception as e:  # noqa: BLE001 - whatever the background save raised
-            raise self._failure(e) from None
 
     def close(self) -> None:
         """Waits for the save in flight, then stops Orbax's threads. Call it on every exit path:

@@ -54,19 +54,18 @@ class RunRecord:
 
 
 def read_run(workdir: str) -> RunRecord:
-    """Raises ValueError (one line) for a workdir with no config or no evaluation."""
+    """Raises ValueError (one line) for a workdir with no config or no evaluation, or one whose
+    config, evaluations or metrics do not read as JSON."""
     name = os.path.basename(os.path.normpath(workdir))
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"{workdir!r} is not a workdir (no config.json)")
-    with open(path) as f:
-        cfg = json.load(f)
+    cfg = read_json_object(path)
     evals = []
     eval_dir = os.path.join(workdir, "eval")
     for n in os.listdir(eval_dir) if os.path.isdir(eval_dir) else []:
         if n.startswith("step_") and n.endswith(".json"):
-            with open(os.path.join(eval_dir, n)) as f:
-                evals.append(json.load(f))
+            evals.append(read_json_object(os.path.join(eval_dir, n)))
     if not evals:
         raise ValueError(f"{workdir!r} has no evaluation: python tools/evaluate.py --workdir=...")
     evals.sort(key=lambda r: r["step"])
@@ -89,6 +88,18 @@ def read_run(workdir: str) -> RunRecord:
         objective=evals[-1].get("objective"),
         bound_note=diffusion.bound_note(diffusion_cfg),
     )
+
+
+def read_json_object(path: str) -> dict:
+    """A JSON file holding an object; ValueError (one line naming the file) if it does not."""
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.read().decode("utf-8"))
+    except ValueError as e:  # invalid UTF-8 or JSON
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a {type(value).__name__}, not a JSON object")
+    return value
 
 
 def train_seconds(logged: list[dict]) -> float | None:

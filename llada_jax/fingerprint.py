@@ -89,8 +89,13 @@ def fingerprints(tree: PyTree) -> tuple[dict[str, str], list[str]]:
     named = jax.tree_util.tree_flatten_with_path(tree)[0]
     if not named:
         return {}, []
-    names = [key_name(path) for path, _ in named]
-    lanes_Nx2, finite_N = (_local(x) for x in _leaf_fingerprints([x for _, x in named]))
+    names, leaves = [key_name(path) for path, _ in named], [x for _, x in named]
+    if any(isinstance(x, np.ndarray) for x in leaves):  # host arrays (e.g. memory-mapped):
+        parts = [_leaf_fingerprints([x]) for x in leaves]  # one on the device at a time
+        lanes_Nx2 = np.concatenate([_local(p[0]) for p in parts])
+        finite_N = np.concatenate([_local(p[1]) for p in parts])
+    else:
+        lanes_Nx2, finite_N = (_local(x) for x in _leaf_fingerprints(leaves))
     sums = {n: f"{int(a):08x}{int(b):08x}" for n, (a, b) in zip(names, lanes_Nx2)}
     return sums, [n for n, ok in zip(names, finite_N) if not ok]
 

@@ -208,19 +208,62 @@ class MetricsWriter:
 
 def read_jsonl(path: str, up_to_step: int | None = None) -> list[dict]:
     """The records of a metrics file (those with step <= up_to_step, if given). A last line cut
-    short by a kill is dropped."""
+    short by a kill (not JSON) is dropped; blank lines are skipped.
+
+    Raises:
+      ValueError: another line is not a JSON object with an integer "step" (one line naming the
+        file, the line and what is wrong).
+    """
     if not os.path.exists(path):
         return []
+    with open(path, "rb") as f:
+        lines = f.readlines()
     records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if up_to_step is None or record["step"] <= up_to_step:
-                records.append(record)
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = _decode(raw)
+        except ValueError as e:
+            if number == len(lines):
+                break  # the line a killed writer left unfinished
+            raise _bad_line(path, number, str(e)) from None
+        problem = _record_problem(record)
+        if problem:
+            raise _bad_line(path, number, problem)
+        if up_to_step is None or record["step"] <= up_to_step:
+            records.append(record)
     return records
+
+
+def _decode(raw: bytes) -> Any:
+    """A line's JSON value; ValueError saying whether its UTF-8 or its JSON is wrong."""
+    try:
+        return json.loads(raw.decode("utf-8").strip())
+    except UnicodeDecodeError as e:
+        raise ValueError(f"invalid UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e.msg}, column {e.colno})") from None
+
+
+def _record_problem(record: Any) -> str | None:
+    """What a decoded metrics line has wrong (None: nothing)."""
+    if not isinstance(record, dict):
+        return f"not a JSON object but {type(record).__name__}"
+    if "step" not in record:
+        return 'no "step"'
+    step = record["step"]
+    if isinstance(step, bool) or not isinstance(step, int):
+        return f'"step" is {step!r}, not an integer'
+    return None
+
+
+def _bad_line(path: str, number: int, problem: str) -> ValueError:
+    """The one-line error for a bad line of a metrics file, saying what a valid one is."""
+    return ValueError(
+        f'{path} line {number}: {problem}; valid: one JSON object with a "step" per line; '
+        "fix or remove that line"
+    )
 
 
 def _to_python(v: Any) -> Any:

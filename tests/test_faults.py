@@ -210,6 +210,11 @@ def test_a_damaged_latest_step_is_refused_by_tools_and_skipped_by_the_trainer(
         if damage == "flipped_bytes":
             line = error_line(run(evaluate_cmd(copy)), 2)
             assert "step 20" in line and "--step=15" in line, line
+            hf_dir = os.path.join(os.path.dirname(copy), "hf")
+            export = [sys.executable, "tools/convert_hf.py", f"--workdir={copy}", "--export"]
+            line = error_line(run(export + [f"--hf_dir={hf_dir}"]), 2)
+            assert "checkpoint step 20" in line and "damaged" in line, line
+            assert not os.path.exists(hf_dir)
         assert snapshot(copy) == before
 
     # The trainer: sets step 20 aside, resumes at 15, replays 16..20 exactly, goes on to 24.

@@ -14,8 +14,9 @@ against training tokens) and, when the evaluations measured it (eval.objective_d
 estimator_spread.png (each cell's spread of its training loss and gradient norm over draws on one
 batch). The table's "training loss" column says whether the cell's training loss is a bound
 (unweighted or clipped objectives are not; the held-out bound compares across all cells).
---baseline names the cell the others are compared with (default: the first). Bad arguments: one
-error line, exit 2.
+--baseline names the cell the others are compared with (default: the first). Bad arguments, or
+a run whose config.json, eval/step_<N>.json or metrics.jsonl does not read: one error line naming
+the file, exit 2.
 """
 
 from __future__ import annotations

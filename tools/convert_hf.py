@@ -23,6 +23,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from llada_jax.checkpoint import DamagedCheckpoint  # noqa: E402
 from llada_jax.convert import hf  # noqa: E402
 from llada_jax.convert.safetensors_io import ConvertError  # noqa: E402
 
@@ -79,7 +80,7 @@ def main(argv: list[str]) -> int:
                 f" d_model {m['d_model']}, vocab {m['vocab_size']}, {m['param_dtype']}) in "
                 f"{time.perf_counter() - t:.1f}s"
             )
-    except (ConvertError, flags.Error) as e:
+    except (ConvertError, DamagedCheckpoint, flags.Error) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

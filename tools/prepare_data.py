@@ -12,7 +12,13 @@ tokens. sft: JSONL lines {"prompt", "response"[, "system"]} or {"messages": [{"r
 "content"}, ...]} become one record [prompt_len, *prompt_ids, *response_ids] per assistant reply
 (chat format: `llada_jax.data.chat.format_turns`). See `llada_jax/data/prepare.py` for the
 details. Deterministic for any --workers; a rerun skips shards already complete. Bad records are
-reported with file:line and skipped; an unreadable input prints "error: ..." and exits 2.
+reported with file:line and skipped; an unreadable input, or inputs that give no record (empty,
+or fewer tokens than --seq_len), print "error: ..." and exit 2, writing no metadata.json.
+A pretraining document (a JSONL line's text, a text file's document) is tokenized in pieces of
+at most 262,144 characters, each cut just before a space that follows a non-space (at the limit
+where a piece has none): the tokens are those of the whole text for the shipped tokenizer and
+byte-level BPE ones, and peak memory stays about 4x the longest line or document (0.2 GB for a
+50 MB line). SFT messages are tokenized whole.
 --validation_fraction holds that share of the documents (chosen by a hash of their content) out
 of OUTPUT_DIR, in OUTPUT_DIR/validation/, where tools/evaluate.py finds it.
 """

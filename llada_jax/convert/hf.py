@@ -365,7 +365,6 @@ def export_hf(
             + (f" at step {step}" if step is not None else "")
         )
     meta = ckpt.meta(step)
-    ckpt.close()
     run_cfg = meta["config"]
     cfg = ModelConfig.from_config(run_cfg["model"])
     if not cfg.scan_layers:
@@ -400,12 +399,20 @@ def export_hf(
 
     def produce(e: layouts.Entry):
         shape = (cfg.n_layers, *e.shape) if e.per_layer else e.shape
-        leaf = _restore_numpy(params_dir, saved[e.path], shape, param_dtype)
+        try:
+            leaf = _restore_numpy(params_dir, saved[e.path], shape, param_dtype)
+        except ConvertError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a truncated or missing array file
+            raise checkpoint.DamagedCheckpoint(
+                ckpt.directory, step, f"its params cannot be read: {checkpoint.first_line(err)}"
+            ) from None
+        ckpt.verify_array(step, meta, "params", "/".join(map(str, saved[e.path])), leaf)
         for i in range(cfg.n_layers) if e.per_layer else [None]:
             w = leaf[i] if i is not None else leaf
             yield e.hf_key(i), np.asarray(e.to_hf(w), dtype=out_dtype, order="C")
 
-    with _output_dir(hf_dir, "--hf_dir") as tmp:
+    with ckpt, _output_dir(hf_dir, "--hf_dir") as tmp:
         names = write_sharded(tmp, tensors, entries, produce, shard_bytes)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2, sort_keys=True)

@@ -3,7 +3,8 @@
 `TensorReader` opens a single `model.safetensors`, or a sharded checkpoint through its
 `model.safetensors.index.json` weight map, and returns one numpy array per `get` (bfloat16 as
 `ml_dtypes.bfloat16`, which safetensors' numpy API reads and writes natively). Shapes and dtypes
-come from the headers without reading any data.
+come from the headers without reading any data; each file is checked first (`check_file`), so a
+truncated or corrupted one is a `ConvertError` naming it and what is wrong.
 
 `write_sharded` writes tensors in the same layout Hugging Face's `save_pretrained` does (shards of
 at most `max_shard_size` bytes plus an index file when there is more than one). Every header is
@@ -21,7 +22,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -51,8 +52,12 @@ class TensorReader:
         self.directory = directory
         index = os.path.join(directory, INDEX)
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map")
+            try:
+                with open(index, "rb") as f:
+                    contents = json.load(f)
+            except ValueError as e:  # invalid UTF-8 or JSON
+                raise ConvertError(f"{index} is not valid JSON ({e})") from None
+            weight_map = contents.get("weight_map") if isinstance(contents, dict) else None
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ConvertError(f"{index} holds no weight_map")
             self.files = dict(weight_map)
@@ -67,6 +72,7 @@ class TensorReader:
             path = os.path.join(directory, name)
             if not os.path.isfile(path):
                 raise ConvertError(f"shard {path!r} named by {INDEX} does not exist")
+            check_file(path)
             handle = self._open(name)
             for key in handle.keys():
                 if self.files is not None and self.files.get(key) != name:
@@ -87,7 +93,11 @@ class TensorReader:
 
     def _open(self, name: str):
         if name not in self._handles:
-            self._handles[name] = safe_open(os.path.join(self.directory, name), framework="numpy")
+            path = os.path.join(self.directory, name)
+            try:
+                self._handles[name] = safe_open(path, framework="numpy")
+            except SafetensorError as e:
+                raise ConvertError(f"{path} is not a valid safetensors file: {e}") from None
         return self._handles[name]
 
     def keys(self) -> list[str]:
@@ -107,6 +117,46 @@ class TensorReader:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def check_file(path: str) -> None:
+    """Raises ConvertError, naming `path`, unless its header parses and every tensor's bytes lie
+    within the file (safetensors' own errors name neither the file nor the tensor)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ConvertError(f"{path} is truncated: it has {size} bytes, too few for a header")
+        (length,) = struct.unpack("<Q", head)
+        if 8 + length > size:
+            raise ConvertError(
+                f"{path} is truncated or corrupted: its first 8 bytes announce a {length}-byte "
+                f"header, but the file has {size} bytes"
+            )
+        try:
+            header = json.loads(f.read(length))
+        except ValueError as e:
+            raise ConvertError(f"{path} is corrupted: its header is not JSON ({e})") from None
+    offsets = _data_offsets(header)
+    if not offsets:
+        return  # no tensor to check: check_tensors says which are missing
+    key = max(offsets, key=lambda k: offsets[k][1])
+    start, end = (8 + length + o for o in offsets[key])
+    if end > size:
+        raise ConvertError(
+            f"{path} is truncated: its header says tensor {key!r} spans bytes {start}..{end}, "
+            f"but the file has {size} bytes"
+        )
+
+
+def _data_offsets(header: object) -> dict[str, tuple[int, int]]:
+    """Tensor name -> (start, end) of its data, for the well-formed entries of a header."""
+    out = {}
+    for key, entry in header.items() if isinstance(header, dict) else ():
+        span = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if isinstance(span, list) and len(span) == 2 and all(isinstance(o, int) for o in span):
+            out[key] = (span[0], span[1])
+    return out
 
 
 def parse_size(text: str | int) -> int:

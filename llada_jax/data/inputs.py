@@ -102,26 +102,28 @@ def check_readable(path: str) -> None:
 def _split_stream(f: IO[bytes], sep: bytes, path: str) -> Iterator[tuple[bytes, int]]:
     """Yields (piece, newlines before it) of the stream split on `sep` (b"": the whole stream).
 
-    Same result as `f.read().split(sep)`, without holding the whole stream in memory.
+    Same result as `f.read().split(sep)`, holding about one piece (and a block) in memory, in
+    time linear in the stream's length however long its pieces.
     """
     newlines = 0
-    buf = b""
+    buf = bytearray()
     try:
-        while True:
-            block = f.read(_BLOCK)
-            if not block:
-                break
+        while block := f.read(_BLOCK):
+            # `buf` holds no whole separator: one not found yet ends in the new block.
+            search_from = max(0, len(buf) - len(sep) + 1)
             buf += block
-            if not sep:
-                continue
-            parts = buf.split(sep)
-            buf = parts.pop()
+            if not sep or buf.find(sep, search_from) < 0:
+                continue  # the piece goes on: nothing to split (a long one is split once)
+            parts = bytes(buf).split(sep)
+            buf = bytearray(parts.pop())
             for part in parts:
                 yield part, newlines
                 newlines += part.count(b"\n") + sep.count(b"\n")
     except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
         raise InputError(f"cannot read input {path}: {e}") from e
-    yield buf, newlines
+    rest = bytes(buf)
+    del buf  # the last piece is held once while it is used
+    yield rest, newlines
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,11 @@ one per row, or packs them (pairs_per_row > 1), to exactly `batch` rows.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
+import os
+import re
 from typing import Iterator, Sequence
 
 import grain
@@ -23,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from llada_jax import sharding
-from llada_jax.data import sft
+from llada_jax.data import sft, shards
 
 ENDLESS = 2**62  # length of the row index space of an infinite stream
 
@@ -47,9 +51,56 @@ def decode_record(record: bytes) -> np.ndarray:
 
 def array_records(paths: Sequence[str]) -> grain.MapDataset:
     """The int32 records of ArrayRecord shards, in shard order."""
-    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(paths))).map(
-        decode_record
-    )
+    return grain.MapDataset.source(ShardRecords(paths)).map(decode_record)
+
+
+class ShardRecords:
+    """The records of prepared ArrayRecord shards in shard order (a grain data source). A shard
+    that is missing, truncated or corrupted raises `shards.DataError` naming it (and the record),
+    when opened or when read, instead of Riegeli's RuntimeError."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = list(paths)
+        self._sources = [_open_shard(p) for p in self.paths]
+        self._ends = list(itertools.accumulate(len(s) for s in self._sources))
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getitem__(self, index: int) -> bytes:
+        i = bisect.bisect_right(self._ends, index)
+        position = index - (self._ends[i - 1] if i else 0)
+        try:
+            return self._sources[i][position]
+        except RuntimeError as e:
+            raise shards.damaged(
+                self.paths[i], f"record {position} cannot be read ({_reason(e)})"
+            ) from None
+
+
+def _open_shard(path: str) -> grain.sources.ArrayRecordDataSource:
+    """One shard's records, its size and count checked against those its sidecar records."""
+    if not os.path.isfile(path):
+        raise shards.DataError(f"data shard {path} is missing: {shards.REPREPARE}")
+    side = shards.recorded(path)
+    written = side["result"] if side else {}
+    size = os.path.getsize(path)
+    if written.get("shard_bytes", size) != size:
+        raise shards.damaged(path, f"has {size} bytes, {written['shard_bytes']} when written")
+    try:
+        source = grain.sources.ArrayRecordDataSource([path])
+    except RuntimeError as e:
+        raise shards.damaged(path, f"cannot be opened ({_reason(e)})") from None
+    if written.get("num_records", len(source)) != len(source):
+        raise shards.damaged(
+            path, f"holds {len(source)} records, {written['num_records']} when written"
+        )
+    return source
+
+
+def _reason(e: Exception) -> str:
+    """A reader's error message up to its details (Riegeli's run to hashes and offsets)."""
+    return re.split(r" \(|; |\n", str(e).strip())[0] or type(e).__name__
 
 
 def mixed_rows(sources: Sequence[RowSource], seed: int) -> grain.MapDataset:

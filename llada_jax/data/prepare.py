@@ -19,7 +19,8 @@ same way, read by the evaluation job).
 
 Bad records (invalid UTF-8, invalid JSON, a missing or non-string field, empty text, a
 malformed dialogue) are counted and reported with file and line; they are not fatal. An input
-that cannot be read at all raises `InputError` (the CLI prints "error: ..." and exits 2).
+that cannot be read at all, or inputs that give no record (empty, or shorter than one row),
+raise `InputError` (the CLI prints "error: ..." and exits 2); no metadata.json is written then.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def prepare(
 
     Raises:
       InputError: an input cannot be read at all (nothing in `output_dir` is changed when this
-        is found while planning, before any work).
+        is found while planning, before any work), or a split gives no record (its shards stay,
+        without a metadata.json: training refuses the directory).
       ValueError: bad options.
     """
     _check_options(format, seq_len, shard_bytes, validation_fraction)
@@ -126,7 +128,8 @@ def _prepare_split(
     progress: bool,
     log: Callable[[str], Any],
 ) -> dict[str, Any]:
-    """Prepares the documents of `options.split` into `output_dir`; returns its metadata."""
+    """Prepares the documents of `options.split` into `output_dir`; returns its metadata.
+    Raises InputError, writing no metadata.json, if they give no record."""
     fmt = options.format
 
     # The plan, and what of it is already done.
@@ -154,6 +157,10 @@ def _prepare_split(
     _remove_stale_shards(output_dir, fmt, names)
 
     meta = _metadata(options, tok, inputs, files, units, names, results)
+    if not meta["num_records"]:
+        if os.path.exists(meta_path):
+            os.remove(meta_path)  # an earlier version's record of an empty dataset
+        raise InputError(_no_records(inputs, options, meta))
     shards.write_json(meta_path, meta)
     _log_summary(log, meta, len(jobs), skipped, rate, meta_path)
     meta["_tokens_per_second"] = rate
@@ -299,6 +306,29 @@ def _metadata(
         "num_input_files": len(files),
         "created_by": CREATED_BY,
     }
+
+
+def _no_records(inputs: Sequence[str], options: shards.Options, meta: dict[str, Any]) -> str:
+    """One line: which inputs gave no record, what they held, what a record needs and the fix."""
+    what = f"input {','.join(p for p in inputs if p)}"
+    held = [f"documents: {meta['num_documents']}"]
+    if options.format == "sft":
+        need = "a record is an assistant reply of a JSONL dialogue (prompt/response or messages)"
+        fixes = ["dialogues with replies"]
+    else:
+        held.append(f"tokens: {meta['num_tokens'] + meta['dropped_tail_tokens']}")
+        need = f"a record is --seq_len={options.seq_len} tokens (documents with EOS) of one shard"
+        fixes = ["more text", "a smaller --seq_len"]
+    if options.split != "all":
+        what = f"the {options.split} split of {what}"
+        direction = "larger" if options.split == "validation" else "smaller"
+        fixes.append(f"a {direction} --validation_fraction (now {options.validation_fraction})")
+    held.append(f"bad records: {meta['bad_records']}")
+    if meta["bad_record_locations"]:
+        first = meta["bad_record_locations"][0]
+        held[-1] += f", the first {first['file']}:{first['line']}: {first['reason']}"
+    fix = fixes[0] if len(fixes) == 1 else f"{', '.join(fixes[:-1])} or {fixes[-1]}"
+    return f"{what} gave 0 records ({', '.join(held)}); {need}: give {fix}"
 
 
 def _log_summary(

@@ -12,7 +12,9 @@ Records (all little-endian int32, group_size:1 so reads are random access):
   * pretrain: exactly `seq_len` tokens. Inside a unit the documents are tokenized, each is
     followed by EOS, and the stream is cut into rows (concat-then-split); the ragged tail of
     each unit is dropped (counted in `dropped_tail_tokens`). Document boundaries are the EOS
-    positions.
+    positions. A document longer than `TOKENIZE_CHARS` characters is tokenized in pieces of at
+    most that many, each cut just before a space that follows a non-space (`text_pieces`), so
+    the tokenizer's memory stays bounded whatever the length of a line.
   * sft: `[prompt_len, *prompt_ids, *response_ids]`, one record per assistant reply, built by
     `chat.format_turns`; the response ends with the end-of-turn id; no padding.
 """
@@ -25,7 +27,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,6 +49,27 @@ from llada_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 PREPARE_VERSION = 1  # in every unit's spec: a new version remakes every shard
 MAX_BAD_RECORDS_LISTED = 100
+# Longest text handed to the tokenizer at once: tokenizing 50 MB in one call took 2.2 GB.
+TOKENIZE_CHARS = 1 << 18
+# The last space that follows a non-space, searched in a reversed window: a word boundary for
+# sentencepiece (a word starts at its space) and for byte-level BPE pre-tokenizers alike.
+_CUT_REVERSED = re.compile(r" \S")
+
+
+class DataError(ValueError):
+    """A prepared shard that no longer reads as prepare wrote it (missing, truncated, corrupted)."""
+
+
+REPREPARE = (
+    "re-run tools/prepare_data.py with the same inputs and options (it rewrites missing shards)"
+)
+
+
+def damaged(path: str, what: str) -> DataError:
+    """The one-line error for shard `path` that is there but unreadable: what is wrong, the fix."""
+    return DataError(
+        f"data shard {path} {what}: the file is truncated or corrupted; delete it and {REPREPARE}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +241,27 @@ def _records(piece: Piece, options: Options) -> Iterator[tuple[int, Any]]:
     return text_documents(piece, options.doc_separator)
 
 
+def text_pieces(text: str, limit: int = TOKENIZE_CHARS) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `limit` characters, each but the last cut just
+    before a space that follows a non-space (at `limit` if its window has none)."""
+    start = 0
+    while len(text) - start > limit:
+        end = start + limit
+        # Reversed window text[start + 1 : end + 1]: a match at j is a space at end - j.
+        found = _CUT_REVERSED.search(text[end:start:-1])
+        cut = end - found.start() if found else end
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def document_tokens(tok: Tokenizer, text: str) -> Iterator[np.ndarray]:
+    """The int32 tokens of a pretraining document, piece by piece (`text_pieces`), then EOS."""
+    for piece in text_pieces(text):
+        yield np.asarray(tok.encode(piece), "<i4")
+    yield np.asarray([tok.eos_id], "<i4")
+
+
 def _write_piece(
     shard: _ShardWriter, pi: int, piece: Piece, options: Options, tok: Tokenizer
 ) -> None:
@@ -237,7 +281,7 @@ def _write_piece(
             except BadRecord as e:
                 shard.bad_record(pi, line, str(e.args[0]))
         else:
-            shard.add_document(np.asarray(tok.encode(value) + [tok.eos_id], "<i4"))
+            shard.add_document(document_tokens(tok, value))
     if not seen and not is_jsonl(piece.path) and piece.start == 0 and piece.end is None:
         shard.bad_record(pi, 1, "empty text (no document in file)")
 
@@ -268,12 +312,14 @@ class _ShardWriter:
             self.num_records += 1
             self.num_tokens += len(prompt) + len(response)
 
-    def add_document(self, ids: np.ndarray) -> None:
+    def add_document(self, pieces: Iterable[np.ndarray]) -> None:
+        """Appends a document's tokens, given in pieces, writing whole rows as they fill up."""
         self.num_documents += 1
-        self.pending.append(ids)
-        self.pending_len += len(ids)
-        if self.pending_len >= 8 * self.seq_len:
-            self.flush(final=False)
+        for ids in pieces:
+            self.pending.append(ids)
+            self.pending_len += len(ids)
+            if self.pending_len >= 8 * self.seq_len:
+                self.flush(final=False)
 
     def flush(self, final: bool) -> int:
         """Writes the whole rows of the stream; returns the tokens left over."""
@@ -298,14 +344,23 @@ def write_json(path: str, obj: Any) -> None:
     files.write_atomically(path, json.dumps(obj, indent=1) + "\n")
 
 
-def complete_result(out_path: str, spec: dict[str, Any]) -> dict[str, Any] | None:
-    """The recorded result if the shard at `out_path` is complete and made from `spec`."""
+def recorded(out_path: str) -> dict[str, Any] | None:
+    """The sidecar of the shard at `out_path` ({"spec", "result"}), or None if unreadable."""
     try:
         with open(out_path + ".json", encoding="utf-8") as f:
             side = json.load(f)
-        if side.get("spec") == spec and os.path.getsize(out_path) == side["result"]["shard_bytes"]:
+        return side if isinstance(side, dict) and isinstance(side.get("result"), dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def complete_result(out_path: str, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The recorded result if the shard at `out_path` is complete and made from `spec`."""
+    side = recorded(out_path)
+    try:
+        if side["spec"] == spec and os.path.getsize(out_path) == side["result"]["shard_bytes"]:
             return side["result"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, KeyError, TypeError):
         pass
     return None
 
