@@ -267,17 +267,15 @@ def status(sweep_dir: str) -> int:
 
 
 def last_line(path: str) -> dict:
-    """The last complete JSON line of a metrics file ({} if none)."""
-    if not os.path.isfile(path):
-        return {}
-    record = {}
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                pass
-    return record
+    """The last record of a metrics file ({} if none), read as the trainer reads it (a line cut
+    short by a kill is dropped; any other bad line is a UsageError naming it)."""
+    from llada_jax import metrics
+
+    try:
+        records = metrics.read_jsonl(path)
+    except ValueError as e:
+        raise _cli.UsageError(str(e)) from None
+    return records[-1] if records else {}
 
 
 def last_eval(workdir: str) -> dict | None:

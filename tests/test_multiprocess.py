@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -153,3 +154,31 @@ def test_sigterm_to_one_process_stops_all_at_one_saved_step(tmp_path):
     saved = checkpoint.Checkpointer(workdir).latest_step()
     assert 3 <= saved < 2000
     assert f"SIGTERM: saved a checkpoint at step {saved}; exiting" in outputs[0][0]
+
+
+@pytest.mark.slow
+def test_a_damaged_step_is_set_aside_by_both_processes_together(runs, tmp_path):
+    """Bytes flipped in what process 1 wrote of the latest step: whichever process fails to
+    read or verify it, both agree, set it aside once, and resume from the step before (a
+    process deciding alone would leave the other in a collective)."""
+    two = str(tmp_path / "two")
+    shutil.copytree(runs[0], two)
+    directory = checkpoint.checkpoint_dir(two)
+    *_, before, latest = checkpoint.complete_steps(directory)
+    params = os.path.join(directory, str(latest), "params")
+    written = [os.path.join(params, n, "d") for n in ("ocdbt.process_1", "ocdbt.process_0", "")]
+    data = next(d for d in written if os.path.isdir(d) and os.listdir(d))
+    path = max((os.path.join(data, n) for n in os.listdir(data)), key=os.path.getsize)
+    with open(path, "r+b") as f:
+        blob = bytearray(f.read())
+        for i in range(20):
+            blob[len(blob) // 2 + 3 * i] ^= 0xFF
+        f.seek(0)
+        f.write(blob)
+    original = metrics(two)
+    stdout = launch(two, 2, latest)
+    assert f"checkpoint step {latest} in" in stdout[0] and "is damaged" in stdout[0]
+    assert f"resumed at step {before}" in stdout[0]
+    assert os.listdir(os.path.join(two, "damaged_checkpoints")) == [str(latest)]
+    assert checkpoint.complete_steps(directory)[-1] == latest
+    assert_close(metrics(two), original)
