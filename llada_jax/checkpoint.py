@@ -23,12 +23,8 @@ removes both when it starts, before anything is restored or saved: process 0 rem
 (`writer=False`, e.g. an evaluation job watching a running trainer) never remove anything: what
 looks unfinished to them may be a save in progress.
 
-One writer at a time: process 0 of a trainer holds an exclusive lock on DIR/writer.lock
-(`WriterLock`) while it runs. A restarted job can overlap the one it replaces (a launcher killed
-by the scheduler passes SIGTERM to its trainer, which saves while the new one starts); the new
-writer waits for
-the lock instead of removing the other's save in progress. The kernel drops the lock of a killed
-process, so a crash never leaves DIR locked.
+One writer at a time: process 0 of a trainer holds DIR/writer.lock while it runs
+(llada_jax/writer_lock.py).
 
 Readers list and restore step directories directly (no Orbax CheckpointManager, whose start-up
 scan fails when a trainer deletes an old step under it); only the writer has a manager, for
@@ -38,23 +34,20 @@ saving and retention.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import re
 import shutil
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from jax.experimental import multihost_utils
 
-from llada_jax import fingerprint
+from llada_jax import files, fingerprint
 
 PyTree = Any
 ITEMS = ("params", "opt_state", "meta")
@@ -78,7 +71,7 @@ SHAPE_KEYS = (
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return files.join(files.resolve(workdir), "checkpoints")
 
 
 class DamagedCheckpoint(ValueError):
@@ -115,7 +108,7 @@ class Checkpointer:
         writer: bool = False,
     ):
         self.save_every, self.writer = save_every, writer
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = files.resolve(workdir)
         self.directory = checkpoint_dir(workdir)
         self.manager: ocp.CheckpointManager | None = None
         self._saving: int | None = None  # the step of the save in flight
@@ -124,7 +117,7 @@ class Checkpointer:
         if writer:
             remove_leftovers(self.directory)
             self.manager = ocp.CheckpointManager(
-                self.directory,
+                files.as_epath(self.directory),
                 item_names=ITEMS,
                 options=ocp.CheckpointManagerOptions(
                     max_to_keep=max_to_keep,
@@ -145,7 +138,7 @@ class Checkpointer:
         return complete_steps(self.directory)
 
     def is_complete(self, step: int) -> bool:
-        return os.path.isfile(os.path.join(self.directory, str(step), COMMIT_FILE))
+        return files.isfile(files.join(self.directory, str(step), COMMIT_FILE))
 
     def should_save(self, step: int) -> bool:
         return self.save_every > 0 and step % self.save_every == 0
@@ -171,12 +164,12 @@ class Checkpointer:
         if self.manager is None:
             raise ValueError(f"{self.directory} was opened for reading (writer=False)")
         self.wait()  # Orbax would wait for the previous save too; a failure is named after it
-        if os.path.isdir(os.path.join(self.directory, str(step))):
+        if files.isdir(files.join(self.directory, str(step))):
             if self.is_complete(step):
                 return False
             self.wait()
             if jax.process_index() == 0:
-                shutil.rmtree(os.path.join(self.directory, str(step)))
+                files.rmtree(files.join(self.directory, str(step)))
             sync_processes(f"checkpoint_replace_{step}")
             self.manager.reload()
         checksums = {"params": fingerprint.fingerprints(params)[0]}
@@ -225,7 +218,7 @@ class Checkpointer:
             reason = f"{os.strerror(int(os_error[2]))} (writing {os_error[1]})"
         try:
             free = f"; {shutil.disk_usage(self.directory).free / 2**20:,.1f} MiB free there"
-        except OSError:
+        except (OSError, ValueError):  # an object store (a URI)
             free = ""
         self.failed = True
         return SaveFailed(
@@ -236,14 +229,14 @@ class Checkpointer:
     def set_aside(self, step: int) -> str:
         """Moves a damaged step out of checkpoints/ into DIR/damaged_checkpoints/ (process 0;
         the others wait), where nothing reads or removes it. Returns the new path."""
-        target = os.path.join(self.workdir, DAMAGED_DIR, str(step))
+        target = files.join(self.workdir, DAMAGED_DIR, str(step))
         n = 1
-        while os.path.exists(target):
+        while files.exists(target):
             n += 1
-            target = os.path.join(self.workdir, DAMAGED_DIR, f"{step}-{n}")
+            target = files.join(self.workdir, DAMAGED_DIR, f"{step}-{n}")
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            os.replace(os.path.join(self.directory, str(step)), target)
+            files.makedirs(files.join(self.workdir, DAMAGED_DIR))
+            files.rename(files.join(self.directory, str(step)), target)
         sync_processes(f"checkpoint_set_aside_{step}")
         if self.manager is not None:
             self.manager.reload()
@@ -254,10 +247,10 @@ class Checkpointer:
     # ----------------------------------------------------------------------------------------
     def meta(self, step: int) -> dict:
         """The step's meta item (step, config, checksums); DamagedCheckpoint if unreadable."""
-        path = os.path.join(self.directory, str(step))
+        path = files.join(self.directory, str(step))
         try:
             meta = self._reader.restore(
-                epath.Path(path), args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+                files.as_epath(path), args=ocp.args.Composite(meta=ocp.args.JsonRestore())
             )["meta"]
         except Exception as e:  # noqa: BLE001 - a missing, truncated or garbage file
             raise DamagedCheckpoint(
@@ -287,7 +280,7 @@ class Checkpointer:
         for item, tree in targets.items():
             self._check_structure(step, item, tree)
         items = {k: ocp.args.StandardRestore(abstract(v)) for k, v in targets.items()}
-        path = epath.Path(os.path.join(self.directory, str(step)))
+        path = files.as_epath(files.join(self.directory, str(step)))
         error = ""
         try:
             out = self._reader.restore(path, args=ocp.args.Composite(**items))
@@ -302,7 +295,7 @@ class Checkpointer:
 
     def _check_structure(self, step: int, item: str, tree: PyTree) -> None:
         """The saved item holds the arrays `tree` has, by name (before anything is read)."""
-        path = epath.Path(os.path.join(self.directory, str(step), item))
+        path = files.as_epath(files.join(self.directory, str(step), item))
         try:
             saved = ocp.StandardCheckpointHandler().metadata(path).tree
         except Exception as e:  # noqa: BLE001 - a missing item or garbage metadata
@@ -369,87 +362,16 @@ class Checkpointer:
         self.close()
 
 
-class WorkdirBusy(RuntimeError):
-    """Another process kept writing the workdir for longer than this one would wait."""
-
-
-class WriterLock:
-    """An exclusive lock on DIR/writer.lock (flock), waited for up to `wait_sec` seconds.
-
-    The file holds the pid of the holder, for the messages. On a file system without locks
-    (some network mounts) it warns and goes on unlocked.
-    """
-
-    def __init__(self, workdir: str, wait_sec: float):
-        os.makedirs(workdir, exist_ok=True)
-        self.path = os.path.join(os.path.abspath(workdir), "writer.lock")
-        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline, told = time.monotonic() + wait_sec, False
-        while not self._try_lock():
-            if self.fd is None:
-                return
-            holder = self._holder()
-            if time.monotonic() >= deadline:
-                self.release()
-                raise WorkdirBusy(
-                    f"--workdir={workdir!r} is still written by another process (pid {holder}) "
-                    f"after {wait_sec:.0f}s (checkpoint.wait_for_writer_sec): stop it, or use "
-                    f"another workdir"
-                )
-            if not told:
-                print(
-                    f"checkpoints: waiting up to {wait_sec:.0f}s for the process that writes "
-                    f"{workdir} (pid {holder}) to exit",
-                    flush=True,
-                )
-                told = True
-            time.sleep(0.2)
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n".encode())
-
-    def _try_lock(self) -> bool:
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-        except OSError as e:
-            print(
-                f"warning: cannot lock {self.path} ({e.strerror}); make sure only one trainer "
-                f"writes this workdir",
-                flush=True,
-            )
-            self.release()
-            return False
-
-    def _holder(self) -> str:
-        with open(self.path) as f:
-            return f.read().strip() or "unknown"
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor drops the lock
-            self.fd = None
-
-    def __enter__(self) -> WriterLock:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-
 def leftovers(directory: str) -> list[str]:
     """Names in a checkpoints directory that no complete save produced: Orbax's temporary
     directories and step directories without their commit file."""
-    if not os.path.isdir(directory):
-        return []
     names = []
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if not os.path.isdir(path):
+    for name in files.listdir(directory):
+        path = files.join(directory, name)
+        if not files.isdir(path):
             continue
         if TMP_SUFFIX in name or (
-            name.isdigit() and not os.path.isfile(os.path.join(path, COMMIT_FILE))
+            name.isdigit() and not files.isfile(files.join(path, COMMIT_FILE))
         ):
             names.append(name)
     return names
@@ -465,7 +387,7 @@ def remove_leftovers(directory: str) -> None:
         names = leftovers(directory)
         for name in names:
             if TMP_SUFFIX not in name:
-                shutil.rmtree(os.path.join(directory, name))
+                files.rmtree(files.join(directory, name))
         if names:
             print(
                 f"checkpoints: removing what interrupted saves left in {directory}: "
@@ -478,14 +400,10 @@ def remove_leftovers(directory: str) -> None:
 def complete_steps(directory: str) -> list[int]:
     """The steps in a checkpoints directory that hold their commit file, oldest first. Safe
     beside a running trainer: a step removed between the listing and the look is left out."""
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
     return sorted(
         int(n)
-        for n in names
-        if n.isdigit() and os.path.isfile(os.path.join(directory, n, COMMIT_FILE))
+        for n in files.listdir(directory)
+        if n.isdigit() and files.isfile(files.join(directory, n, COMMIT_FILE))
     )
 
 

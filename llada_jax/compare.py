@@ -15,13 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 from collections.abc import Sequence
 
 import numpy as np
 
-from llada_jax import diffusion, metrics
+from llada_jax import diffusion, files, metrics
 
 SEED = re.compile(r"^(?P<cell>.+)-seed(?P<seed>\d+)$")
 
@@ -56,20 +55,20 @@ class RunRecord:
 def read_run(workdir: str) -> RunRecord:
     """Raises ValueError (one line) for a workdir with no config or no evaluation, or one whose
     config, evaluations or metrics do not read as JSON."""
-    name = os.path.basename(os.path.normpath(workdir))
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    name = files.basename(workdir)
+    path = files.join(workdir, "config.json")
+    if not files.isfile(path):
         raise ValueError(f"{workdir!r} is not a workdir (no config.json)")
     cfg = read_json_object(path)
     evals = []
-    eval_dir = os.path.join(workdir, "eval")
-    for n in os.listdir(eval_dir) if os.path.isdir(eval_dir) else []:
+    eval_dir = files.join(workdir, "eval")
+    for n in files.listdir(eval_dir):
         if n.startswith("step_") and n.endswith(".json"):
-            evals.append(read_json_object(os.path.join(eval_dir, n)))
+            evals.append(read_json_object(files.join(eval_dir, n)))
     if not evals:
         raise ValueError(f"{workdir!r} has no evaluation: python tools/evaluate.py --workdir=...")
     evals.sort(key=lambda r: r["step"])
-    logged = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+    logged = [r for r in metrics.read_jsonl(files.join(workdir, "metrics.jsonl")) if "loss" in r]
     speeds = [r["tokens_per_sec"] for r in logged if r.get("tokens_per_sec")]
     match = SEED.match(name)
     diffusion_cfg = diffusion.DiffusionConfig.from_config(cfg.get("diffusion", {}), mask_id=0)
@@ -93,8 +92,7 @@ def read_run(workdir: str) -> RunRecord:
 def read_json_object(path: str) -> dict:
     """A JSON file holding an object; ValueError (one line naming the file) if it does not."""
     try:
-        with open(path, "rb") as f:
-            value = json.loads(f.read().decode("utf-8"))
+        value = json.loads(files.read_bytes(path).decode("utf-8"))
     except ValueError as e:  # invalid UTF-8 or JSON
         raise ValueError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(value, dict):

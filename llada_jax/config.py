@@ -129,6 +129,7 @@ def base_config() -> ConfigDict:
     k.keep_every = 0  # also keep every keep_every-th step for good; 0: none
     k.async_save = True  # write in the background (only the device-to-host copy blocks)
     k.wait_for_writer_sec = 600.0  # wait for another process still writing the workdir, seconds
+    k.lock_stale_sec = 120.0  # gs:// workdirs: a writer lock not renewed this long is taken over
 
     c.sample = p = ConfigDict()
     p.num_samples = 4  # samples printed at the end of training (0: none)

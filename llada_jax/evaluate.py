@@ -64,15 +64,16 @@ class EvalSettings:
 
 
 def result_path(workdir: str, step: int) -> str:
-    return os.path.join(workdir, EVAL_DIR, f"step_{step}.json")
+    return files.join(workdir, EVAL_DIR, f"step_{step}.json")
 
 
 def evaluated_steps(workdir: str) -> list[int]:
     """Steps whose result file exists (written in one step: it is complete)."""
-    directory = os.path.join(workdir, EVAL_DIR)
-    if not os.path.isdir(directory):
-        return []
-    names = [n for n in os.listdir(directory) if n.startswith("step_") and n.endswith(".json")]
+    names = [
+        n
+        for n in files.listdir(files.join(workdir, EVAL_DIR))
+        if n.startswith("step_") and n.endswith(".json")
+    ]
     return sorted(int(n[len("step_") : -len(".json")]) for n in names)
 
 
@@ -302,7 +303,7 @@ class Evaluator:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(
-                os.path.join(self.workdir, "tensorboard"), filename_suffix=".eval"
+                files.join(self.workdir, "tensorboard"), filename_suffix=".eval"
             )
         step = result["step"]
         for key in ("nll_per_token", "bits_per_token", "bits_stderr"):
@@ -318,7 +319,7 @@ class Evaluator:
             )
             self._tb.add_scalar("eval/generate_nfe", result["generate"]["nfe"], step)
         self._tb.flush()
-        os.makedirs(os.path.join(self.workdir, EVAL_DIR), exist_ok=True)
+        files.makedirs(files.join(self.workdir, EVAL_DIR))
         files.write_atomically(result_path(self.workdir, step), json.dumps(result, indent=1) + "\n")
 
     def close(self) -> None:
@@ -492,8 +493,6 @@ def watch(
 def commit_time(workdir: str, step: int) -> float | None:
     """When `step`'s checkpoint was committed (None: it is gone): a step saved again after it
     was set aside has a new one."""
-    path = os.path.join(checkpoint.checkpoint_dir(workdir), str(step), checkpoint.COMMIT_FILE)
-    try:
-        return os.stat(path).st_mtime
-    except FileNotFoundError:
-        return None
+    return files.mtime(
+        files.join(checkpoint.checkpoint_dir(workdir), str(step), checkpoint.COMMIT_FILE)
+    )

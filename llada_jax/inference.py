@@ -10,7 +10,6 @@ samples drawn. The runner under tools/sample.py and the trainer's end-of-run sam
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,7 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from llada_jax import checkpoint, sampling, sharding
+from llada_jax import checkpoint, files, sampling, sharding
 from llada_jax import config as config_lib
 from llada_jax.data.tokenizer import Tokenizer
 from llada_jax.run import MeshBound, Run, abstract_state, build_run
@@ -94,18 +93,29 @@ def load(
     devices = list(devices) if devices is not None else jax.local_devices()[:1]
     with _reader(workdir) as ckpt:
         step = _complete_step(ckpt, workdir, step)
-
-        def restore(step: int) -> tuple[Run, nnx.GraphDef, Any]:
-            cfg = saved_config(ckpt.meta(step)["config"], len(devices), fsdp)
-            run = build_run(cfg, devices=devices, data=False)
-            graphdef, params, _ = abstract_state(run)
-            return run, graphdef, ckpt.restore(step, params)[0]
-
         try:
-            run, graphdef, params = restore(step)
+            run, graphdef, params = _restore(ckpt, step, devices, fsdp)
         except checkpoint.DamagedCheckpoint as e:
-            raise _refusal(e, ckpt, restore) from None
+            raise _refusal(e, ckpt, lambda s: _restore(ckpt, s, devices, fsdp)) from None
     return LoadedModel(workdir, run, step, graphdef, params)
+
+
+def _restore(
+    ckpt: checkpoint.Checkpointer, step: int, devices: list[jax.Device], fsdp: bool
+) -> tuple[Run, nnx.GraphDef, Any]:
+    """The run of a step's saved config and its verified parameters on `devices`."""
+    cfg = saved_config(ckpt.meta(step)["config"], len(devices), fsdp)
+    run = build_run(cfg, devices=devices, data=False)
+    graphdef, params, _ = abstract_state(run)
+    return run, graphdef, ckpt.restore(step, params)[0]
+
+
+def refusal(error: checkpoint.DamagedCheckpoint, workdir: str) -> checkpoint.DamagedCheckpoint:
+    """`error` with the newest good step of `workdir` named, for a tool that reads the
+    parameters its own way (the exporter)."""
+    devices = jax.local_devices()[:1]
+    with _reader(workdir) as ckpt:
+        return _refusal(error, ckpt, lambda s: _restore(ckpt, s, devices, False))
 
 
 def reload(model: LoadedModel, step: int) -> LoadedModel:
@@ -123,7 +133,7 @@ def complete_steps(workdir: str) -> list[int]:
 
 
 def _reader(workdir: str) -> checkpoint.Checkpointer:
-    if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+    if not files.isdir(checkpoint.checkpoint_dir(workdir)):
         raise ValueError(f"--workdir={workdir!r} holds no checkpoints/ directory")
     return checkpoint.Checkpointer(workdir)
 

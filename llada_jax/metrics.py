@@ -10,6 +10,7 @@ FLOPs accounting (one function, used by the trainer and the benchmark):
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import platform
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llada_jax.files import write_atomically
+from llada_jax import files
 from llada_jax.host.cache import cache_dir
 from llada_jax.kernels import mkl
 from llada_jax.model import DTYPES, ModelConfig
@@ -169,7 +170,13 @@ def format_log_line(step: int, total: int, m: Mapping[str, float]) -> str:
 
 
 class MetricsWriter:
-    """Appends metrics to DIR/metrics.jsonl and TensorBoard events; a no-op when disabled."""
+    """Adds a line to DIR/metrics.jsonl and TensorBoard events per write; a no-op when disabled.
+
+    A local file is appended to (a kill loses at most the line being written). An object
+    (gs://) cannot be appended to: the whole file is uploaded again at every write, one upload
+    each, so a kill loses at most the last interval there too, and every reader (`read_jsonl`)
+    reads both the same way.
+    """
 
     def __init__(self, workdir: str, enabled: bool = True, after_step: int = 0):
         """`after_step`: the step a run resumes from; lines logged past it by the interrupted
@@ -179,24 +186,31 @@ class MetricsWriter:
             return
         from tensorboardX import SummaryWriter  # imported here: only process 0 writes
 
-        path = os.path.join(workdir, "metrics.jsonl")
-        keep = read_jsonl(path, up_to_step=after_step) if after_step else []
-        write_atomically(path, "".join(json.dumps(r) + "\n" for r in keep))
-        self._jsonl = open(path, "a", buffering=1)
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.path = files.join(workdir, "metrics.jsonl")
+        keep = read_jsonl(self.path, up_to_step=after_step) if after_step else []
+        self._lines = [json.dumps(r) + "\n" for r in keep]
+        files.write_atomically(self.path, "".join(self._lines))
+        self._jsonl = None if files.is_uri(self.path) else open(self.path, "a", buffering=1)
+        self._tb = SummaryWriter(files.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
         clean = {k: _to_python(v) for k, v in metrics.items()}
-        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        line = json.dumps({"step": step, **clean}) + "\n"
+        if self._jsonl is not None:
+            self._jsonl.write(line)
+        else:
+            self._lines.append(line)
+            files.write_atomically(self.path, "".join(self._lines))
         for k, v in clean.items():
             if isinstance(v, (int, float)) and v is not None:
                 self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         if self.enabled:
-            self._jsonl.close()
+            if self._jsonl is not None:
+                self._jsonl.close()
             self._tb.close()
 
     def __enter__(self) -> MetricsWriter:
@@ -214,10 +228,9 @@ def read_jsonl(path: str, up_to_step: int | None = None) -> list[dict]:
       ValueError: another line is not a JSON object with an integer "step" (one line naming the
         file, the line and what is wrong).
     """
-    if not os.path.exists(path):
+    if not files.exists(path):
         return []
-    with open(path, "rb") as f:
-        lines = f.readlines()
+    lines = io.BytesIO(files.read_bytes(path)).readlines()  # split at b"\n" only
     records = []
     for number, raw in enumerate(lines, 1):
         if not raw.strip():

@@ -23,7 +23,7 @@ import jax
 import optax
 from flax import nnx
 
-from llada_jax import checkpoint, diffusion, kernels, optim, sampling, sharding
+from llada_jax import checkpoint, diffusion, files, kernels, optim, sampling, sharding
 from llada_jax import config as config_lib
 from llada_jax.data import datasets, pipeline, sft
 from llada_jax.data.tokenizer import Tokenizer, load_tokenizer
@@ -134,7 +134,17 @@ def build_run(
 # --------------------------------------------------------------------------------------------
 def check_workdir(workdir: str) -> None:
     """The workdir is a directory, or its parent one in which it can be made, and this process
-    can write there (a uniquely named file is created and removed)."""
+    can write there (a uniquely named file is created and removed). On an object store
+    (gs://...) only the last: a bucket that does not exist or is not writable is one line."""
+    if files.is_uri(workdir):
+        probe = files.join(files.resolve(workdir), f".write-probe-{os.getpid()}")
+        try:
+            files.write_atomically(probe, "")
+            files.remove(probe)
+        except Exception as e:  # noqa: BLE001 - gcsfs and the GCS client raise their own types
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"--workdir={workdir!r} is not writable: {reason}") from None
+        return
     parent = os.path.dirname(os.path.abspath(workdir))
     if not os.path.isdir(parent):
         raise ValueError(f"--workdir={workdir!r}: parent directory {parent!r} does not exist")
@@ -188,6 +198,11 @@ def check_checkpoint(k: config_lib.ConfigDict) -> None:
         raise ValueError(
             f"checkpoint.wait_for_writer_sec={k.wait_for_writer_sec!r} is invalid; valid: a "
             "number of seconds >= 0"
+        )
+    if not k.lock_stale_sec > 0:  # NaN too
+        raise ValueError(
+            f"checkpoint.lock_stale_sec={k.lock_stale_sec!r} is invalid; valid: a number of "
+            "seconds > 0"
         )
 
 
@@ -262,7 +277,7 @@ def check_attention(model_cfg: ModelConfig, chosen: kernels.Kernels, seq_len: in
 def check_resumable(cfg: config_lib.ConfigDict, workdir: str) -> None:
     """Refuses to resume (or initialize from train.init_from) with different model shapes."""
     for directory, what in ((workdir, "resume"), (cfg.train.init_from, "initialize from")):
-        if not directory or not os.path.isdir(checkpoint.checkpoint_dir(directory)):
+        if not directory or not files.isdir(checkpoint.checkpoint_dir(directory)):
             if directory and what == "initialize from":
                 raise ValueError(f"train.init_from={directory!r} has no checkpoints/ directory")
             continue

@@ -34,7 +34,7 @@ from absl import flags
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from llada_jax import checkpoint, evaluate, files, inference, likelihood, metrics
+from llada_jax import checkpoint, evaluate, files, inference, likelihood, metrics, writer_lock
 from llada_jax import config as config_lib
 from llada_jax.data import pipeline
 from llada_jax.data.corpus import read_default_corpus
@@ -139,7 +139,7 @@ def train(run: Run, signals: StopSignals) -> dict[str, float]:
     # Leaving the `with` waits for the save in flight, on every exit path: an interpreter that
     # exits under a save prints tracebacks.
     lock = (
-        checkpoint.WriterLock(run.workdir, c.wait_for_writer_sec)
+        writer_lock.open_lock(run.workdir, c.wait_for_writer_sec, c.lock_stale_sec)
         if is_writer
         else contextlib.nullcontext()
     )
@@ -154,12 +154,12 @@ def train(run: Run, signals: StopSignals) -> dict[str, float]:
         params, opt_state, start = restore_or_init(run, ckpt, params, opt_state)
         if is_writer:  # after the restore: a run that cannot resume leaves its config as it was
             files.write_atomically(
-                os.path.join(run.workdir, "config.json"), cfg.to_json_best_effort(indent=2)
+                files.join(run.workdir, "config.json"), cfg.to_json_best_effort(indent=2)
             )
             print(cfg, flush=True)
         with metrics.MetricsWriter(run.workdir, enabled=is_writer, after_step=start) as writer:
             params, last = train_steps(
-                run, ckpt, writer, signals, graphdef, params, opt_state, start, n_params
+                run, ckpt, writer, signals, graphdef, params, opt_state, start, n_params, lock
             )
     signals.phase = "end"  # the last save is complete: SIGTERM from here on exits at once
     if is_writer and not (signals.terminate or signals.interrupt):
@@ -182,9 +182,11 @@ def train_steps(
     opt_state: Any,
     start: int,
     n_params: int,
+    lock: Any = None,
 ) -> tuple[Any, dict[str, float]]:
     """Steps `start` .. cfg.train.steps (or up to a preemption), logging and saving as
-    configured; returns the final params and the last logged metrics."""
+    configured; returns the final params and the last logged metrics. `lock`: the workdir's
+    writer lock (process 0): a lock another trainer took over stops the run before a save."""
     cfg, is_writer = run.cfg, jax.process_index() == 0
     step_fn = make_step_fn(run, graphdef, params, opt_state)
 
@@ -246,6 +248,12 @@ def train_steps(
         ckpt.check_for_errors()  # a failed save stops the run at once
         stop = signals.check(done)
         if ckpt.should_save(done) or done == total or stop:
+            if getattr(lock, "lost", False):
+                raise writer_lock.WorkdirBusy(
+                    f"another trainer took over the writer lock of {run.workdir} (this one did "
+                    f"not renew it for checkpoint.lock_stale_sec); stopping before the save of "
+                    f"step {done}"
+                )
             ckpt.save(done, params, opt_state, dict(meta, step=done))
         if stop:
             if is_writer:
@@ -336,7 +344,7 @@ def main(argv: list[str]) -> int:
     except checkpoint.SaveFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, flags.Error, checkpoint.WorkdirBusy) as e:
+    except (ValueError, FileNotFoundError, flags.Error, writer_lock.WorkdirBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # writing config.json, metrics or the lock (e.g. a full disk)

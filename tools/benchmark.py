@@ -50,7 +50,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llada_jax import checkpoint, inference, metrics  # noqa: E402
+from llada_jax import checkpoint, fingerprint, inference, metrics  # noqa: E402
 from llada_jax import config as config_lib  # noqa: E402
 from llada_jax import run as run_lib  # noqa: E402
 from llada_jax.data import pipeline  # noqa: E402
@@ -201,9 +201,12 @@ def bench_checkpoint(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dic
     workdir = tempfile.mkdtemp(prefix="llada_ckpt_bench_")
     _, params, opt_state = run_lib.create_state(run_lib.build_run(cfg, data=False))
     state_bytes = sum(x.nbytes for x in jax.tree.leaves((params, opt_state)))
-    blocked, full, restore = [], [], []
+    blocked, full, restore, fingerprints = [], [], [], []
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=2, writer=True)
     for i in range(warmup + steps):
+        before = time.perf_counter()
+        fingerprint.fingerprints((params, opt_state))  # what a save and a restore each add
+        fingerprint_sec = time.perf_counter() - before
         start = time.perf_counter()
         ckpt.save(i + 1, params, opt_state, {"step": i + 1})
         returned = time.perf_counter()
@@ -215,6 +218,7 @@ def bench_checkpoint(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dic
             blocked.append(returned - start)
             full.append(done - start)
             restore.append(time.perf_counter() - done)
+            fingerprints.append(fingerprint_sec)
     ckpt.close()
     shutil.rmtree(workdir)
     return dict(
@@ -224,6 +228,7 @@ def bench_checkpoint(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dic
         save_blocking_sec=float(np.median(blocked)),
         save_total_sec=float(np.median(full)),
         restore_sec=float(np.median(restore)),
+        fingerprint_sec=float(np.median(fingerprints)),
         peak_rss_mib=peak_rss_mib(),
     )
 

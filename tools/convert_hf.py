@@ -23,6 +23,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from llada_jax import inference  # noqa: E402
 from llada_jax.checkpoint import DamagedCheckpoint  # noqa: E402
 from llada_jax.convert import hf  # noqa: E402
 from llada_jax.convert.safetensors_io import ConvertError  # noqa: E402
@@ -65,9 +66,12 @@ def main(argv: list[str]) -> int:
             raise ConvertError("both --hf_dir=DIR and --workdir=DIR are required")
         t = time.perf_counter()
         if FLAGS.export:
-            names = hf.export_hf(
-                FLAGS.workdir, FLAGS.hf_dir, FLAGS.dtype, FLAGS.max_shard_size, FLAGS.step
-            )
+            try:
+                names = hf.export_hf(
+                    FLAGS.workdir, FLAGS.hf_dir, FLAGS.dtype, FLAGS.max_shard_size, FLAGS.step
+                )
+            except DamagedCheckpoint as e:  # named with the step to export instead
+                raise inference.refusal(e, FLAGS.workdir) from None
             print(
                 f"exported {FLAGS.workdir} -> {FLAGS.hf_dir} ({len(names)} safetensors file(s)) "
                 f"in {time.perf_counter() - t:.1f}s"
