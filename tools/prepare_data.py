@@ -21,6 +21,9 @@ byte-level BPE ones, and peak memory stays about 4x the longest line or document
 50 MB line). SFT messages are tokenized whole.
 --validation_fraction holds that share of the documents (chosen by a hash of their content) out
 of OUTPUT_DIR, in OUTPUT_DIR/validation/, where tools/evaluate.py finds it.
+OUTPUT_DIR may be on Google Cloud Storage (gs://bucket/dir, with `pip install -e ".[gcs]"`): each
+shard is written to a local temporary directory and uploaded before its sidecar, metadata.json
+last; a rerun resumes there as it does locally, and training reads the shards from there.
 """
 
 import os
@@ -35,7 +38,9 @@ from llada_jax.data import prepare  # noqa: E402
 _INPUT = flags.DEFINE_list(
     "input", None, "Comma-separated input files / directories.", required=True
 )
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Output directory.", required=True)
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", None, "Output directory (local, or gs://bucket/dir).", required=True
+)
 _FORMAT = flags.DEFINE_enum("format", "pretrain", list(prepare.FORMATS), "Record format.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", prepare.DEFAULT_SEQ_LEN, "pretrain: tokens per record.")
 _TOKENIZER = flags.DEFINE_string(

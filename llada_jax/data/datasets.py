@@ -5,6 +5,11 @@ prepared once into the cache with the run's tokenizer and sequence length, a few
 The held-out split of a prepared directory is its `validation/` subdirectory. Every dataset is
 checked against the run before training starts: format, sequence length, tokenizer fingerprint
 and vocabulary size.
+
+A prepared directory may be a `gs://` URI (the `gcs` extra). Opening a dataset reads its
+metadata.json only: the shards' record counts and sizes come from there, and each shard is opened
+(and checked against them) when a record of it is first read, so a host of a pod run lists and
+opens nothing but the metadata at start.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any, Sequence
 import jax
 from jax.experimental import multihost_utils
 
+from llada_jax import files
 from llada_jax.data import pipeline, prepare
 from llada_jax.data.corpus import DEFAULT_CORPUS_PATH
 from llada_jax.data.tokenizer import Tokenizer
@@ -99,10 +105,15 @@ def open_sources(
                 f"data.datasets entry {entry!r} must be a (prepared_dir, weight > 0) pair"
             )
         path, weight = entry
-        meta = prepare.load_metadata(path)
+        meta = prepare.load_metadata(path)  # first, a gs:// path without the gcs extra: one line
         check_metadata(path, meta, fmt, seq_len, tokenizer, vocab_size)
-        shards = [os.path.join(path, s["path"]) for s in meta["shards"]]
-        sources.append(pipeline.RowSource(path, pipeline.array_records(shards), float(weight)))
+        listed = meta["shards"]
+        rows = pipeline.array_records(
+            [files.join(path, s["path"]) for s in listed],
+            counts=[s["num_records"] for s in listed],
+            sizes=[s.get("shard_bytes") for s in listed],  # absent in older metadata
+        )
+        sources.append(pipeline.RowSource(path, rows, float(weight)))
     return sources
 
 
@@ -120,8 +131,9 @@ def validation_sources(
     datasets = tuple(data.datasets) or ((shipped_corpus_dir(tokenizer, data.seq_len), 1.0),)
     held_out = []
     for path, weight in datasets:
-        split = os.path.join(path, prepare.VALIDATION_DIR)
-        if not os.path.isfile(os.path.join(split, prepare.METADATA_FILE)):
+        files.check_uri(str(path))
+        split = files.join(path, prepare.VALIDATION_DIR)
+        if not files.isfile(files.join(split, prepare.METADATA_FILE)):
             raise ValueError(
                 f"dataset {path!r} has no held-out split: prepare it with "
                 "tools/prepare_data.py --validation_fraction=0.01 (or pass the data to evaluate)"

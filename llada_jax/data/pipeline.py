@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import os
 import re
+import threading
 from typing import Iterator, Sequence
 
 import grain
@@ -26,7 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from llada_jax import sharding
+from llada_jax import files, sharding
 from llada_jax.data import sft, shards
 
 ENDLESS = 2**62  # length of the row index space of an infinite stream
@@ -49,20 +50,42 @@ def decode_record(record: bytes) -> np.ndarray:
     return np.frombuffer(record, "<i4").astype(np.int32)
 
 
-def array_records(paths: Sequence[str]) -> grain.MapDataset:
-    """The int32 records of ArrayRecord shards, in shard order."""
-    return grain.MapDataset.source(ShardRecords(paths)).map(decode_record)
+def array_records(
+    paths: Sequence[str],
+    counts: Sequence[int] | None = None,
+    sizes: Sequence[int | None] | None = None,
+) -> grain.MapDataset:
+    """The int32 records of ArrayRecord shards, in shard order. With their record `counts` (and
+    sizes in bytes) from metadata.json, no shard is opened before one of its records is read."""
+    return grain.MapDataset.source(ShardRecords(paths, counts, sizes)).map(decode_record)
 
 
 class ShardRecords:
-    """The records of prepared ArrayRecord shards in shard order (a grain data source). A shard
-    that is missing, truncated or corrupted raises `shards.DataError` naming it (and the record),
-    when opened or when read, instead of Riegeli's RuntimeError."""
+    """The records of prepared ArrayRecord shards in shard order (a grain data source), local or
+    on an object store (the ArrayRecord reader opens `gs://` itself).
 
-    def __init__(self, paths: Sequence[str]):
+    Given each shard's record count (metadata.json's), the length needs no shard: a shard is
+    opened when one of its records is first read (in each process), and its size and record
+    count are checked then against those recorded when it was written (`sizes`, else its
+    sidecar's). Without `counts` every shard is opened now, to count its records. A shard that is
+    missing, truncated or corrupted raises `shards.DataError` naming it (and the record), when
+    opened or when read, instead of Riegeli's RuntimeError."""
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        counts: Sequence[int] | None = None,
+        sizes: Sequence[int | None] | None = None,
+    ):
         self.paths = list(paths)
-        self._sources = [_open_shard(p) for p in self.paths]
-        self._ends = list(itertools.accumulate(len(s) for s in self._sources))
+        self._sizes = list(sizes) if sizes is not None else [None] * len(self.paths)
+        self._sources: list[grain.sources.ArrayRecordDataSource | None] = [None] * len(self.paths)
+        if counts is None:
+            self._sources = [_open_shard(p, None, b) for p, b in zip(self.paths, self._sizes)]
+            counts = [len(s) for s in self._sources]
+        self._counts = list(counts)
+        self._ends = list(itertools.accumulate(self._counts))
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return self._ends[-1] if self._ends else 0
@@ -70,31 +93,62 @@ class ShardRecords:
     def __getitem__(self, index: int) -> bytes:
         i = bisect.bisect_right(self._ends, index)
         position = index - (self._ends[i - 1] if i else 0)
+        source = self._source(i)
         try:
-            return self._sources[i][position]
+            return source[position]
         except RuntimeError as e:
             raise shards.damaged(
                 self.paths[i], f"record {position} cannot be read ({_reason(e)})"
             ) from None
 
+    def _source(self, i: int) -> grain.sources.ArrayRecordDataSource:
+        """Shard i's reader, opened and checked on first use (once, whatever the threads)."""
+        source = self._sources[i]
+        if source is None:
+            with self._lock:
+                source = self._sources[i]
+                if source is None:
+                    source = _open_shard(self.paths[i], self._counts[i], self._sizes[i])
+                    self._sources[i] = source
+        return source
 
-def _open_shard(path: str) -> grain.sources.ArrayRecordDataSource:
-    """One shard's records, its size and count checked against those its sidecar records."""
-    if not os.path.isfile(path):
-        raise shards.DataError(f"data shard {path} is missing: {shards.REPREPARE}")
-    side = shards.recorded(path)
-    written = side["result"] if side else {}
-    size = os.path.getsize(path)
-    if written.get("shard_bytes", size) != size:
-        raise shards.damaged(path, f"has {size} bytes, {written['shard_bytes']} when written")
+    def __getstate__(self) -> dict:
+        """Pickled for grain's worker processes without open readers (each opens its own)."""
+        state = dict(self.__dict__)
+        state["_sources"] = [None] * len(self.paths)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+def _open_shard(
+    path: str, num_records: int | None = None, shard_bytes: int | None = None
+) -> grain.sources.ArrayRecordDataSource:
+    """One shard's records, its size and count checked against those recorded when it was
+    written: `num_records` and `shard_bytes` (metadata.json's) where given, else its sidecar's."""
+    missing = shards.DataError(f"data shard {path} is missing: {shards.REPREPARE}")
+    if not files.is_uri(path) and not os.path.isfile(path):
+        raise missing
+    try:
+        size = files.size(path)
+    except FileNotFoundError:
+        raise missing from None
+    if shard_bytes is None or num_records is None:
+        side = shards.recorded(path)
+        written = side["result"] if side else {}
+        shard_bytes = written.get("shard_bytes") if shard_bytes is None else shard_bytes
+        num_records = written.get("num_records") if num_records is None else num_records
+    if shard_bytes is not None and shard_bytes != size:
+        raise shards.damaged(path, f"has {size} bytes, {shard_bytes} when written")
     try:
         source = grain.sources.ArrayRecordDataSource([path])
     except RuntimeError as e:
         raise shards.damaged(path, f"cannot be opened ({_reason(e)})") from None
-    if written.get("num_records", len(source)) != len(source):
-        raise shards.damaged(
-            path, f"holds {len(source)} records, {written['num_records']} when written"
-        )
+    if num_records is not None and num_records != len(source):
+        raise shards.damaged(path, f"holds {len(source)} records, {num_records} when written")
     return source
 
 

@@ -4,7 +4,12 @@ The driver behind `tools/prepare_data.py`. Reading the inputs is `inputs.py`, ch
 `chat.py`, the plan of work units and the worker that writes a shard `shards.py` (which also
 describes the records). A rerun skips the shards that are complete for the same inputs and
 options and removes the stale ones; metadata.json is written last, so a directory that has it
-is complete.
+is complete. It lists every shard with its record count and size, which is all a training run
+needs to know before it reads a record (no shard is listed or opened at start).
+
+The output directory may be a `gs://` URI (the `gcs` extra): shards are written locally, then
+uploaded (each before its sidecar), and metadata.json last, in one upload; a rerun resumes
+there as it does locally. Inputs are local files.
 
 Documents:
   * plain text: split on `doc_separator` (bytes-level `str.split` semantics; "" = one document
@@ -29,11 +34,11 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from llada_jax import files
 from llada_jax.data import chat, shards
 from llada_jax.data.inputs import InputError, Piece, check_readable, expand_inputs, is_jsonl
 from llada_jax.data.tokenizer import DEFAULT_TOKENIZER_PATH, Tokenizer, load_tokenizer
@@ -78,16 +83,18 @@ def prepare(
       InputError: an input cannot be read at all (nothing in `output_dir` is changed when this
         is found while planning, before any work), or a split gives no record (its shards stay,
         without a metadata.json: training refuses the directory).
-      ValueError: bad options.
+      ValueError: bad options, or a gs:// `output_dir` without the gcs extra installed.
     """
+    if files.is_uri(output_dir):
+        output_dir = files.resolve(output_dir)  # first: no gcsfs is one line, before any work
     _check_options(format, seq_len, shard_bytes, validation_fraction)
     tokenizer_path = os.path.abspath(tokenizer_path or DEFAULT_TOKENIZER_PATH)
     try:
         tok = load_tokenizer(tokenizer_path)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load tokenizer: {e}") from e
-    files = expand_inputs(inputs)
-    for path in files:
+    input_files = expand_inputs(inputs)
+    for path in input_files:
         if format == "sft" and not is_jsonl(path):
             raise InputError(f"format 'sft' needs JSONL inputs (*.jsonl / *.json), got {path}")
         check_readable(path)
@@ -99,27 +106,27 @@ def prepare(
         text_field,
         doc_separator,
     )
-    held_out = os.path.join(output_dir, VALIDATION_DIR)
+    held_out = files.join(output_dir, VALIDATION_DIR)
     if not validation_fraction:
-        if os.path.isdir(held_out):
-            shutil.rmtree(held_out)
+        if files.isdir(held_out):
+            files.rmtree(held_out)
         return _prepare_split(
-            inputs, files, output_dir, options, tok, workers, shard_bytes, progress, log
+            inputs, input_files, output_dir, options, tok, workers, shard_bytes, progress, log
         )
     train = dataclasses.replace(options, split="train", validation_fraction=validation_fraction)
     meta = _prepare_split(
-        inputs, files, output_dir, train, tok, workers, shard_bytes, progress, log
+        inputs, input_files, output_dir, train, tok, workers, shard_bytes, progress, log
     )
     validation = dataclasses.replace(train, split="validation")
     meta["_validation"] = _prepare_split(
-        inputs, files, held_out, validation, tok, workers, shard_bytes, progress, log
+        inputs, input_files, held_out, validation, tok, workers, shard_bytes, progress, log
     )
     return meta
 
 
 def _prepare_split(
     inputs: Sequence[str],
-    files: list[str],
+    input_files: list[str],
     output_dir: str,
     options: shards.Options,
     tok: Tokenizer,
@@ -133,22 +140,22 @@ def _prepare_split(
     fmt = options.format
 
     # The plan, and what of it is already done.
-    units = shards.plan_units(files, options, shard_bytes)
+    units = shards.plan_units(input_files, options, shard_bytes)
     names = [shards.shard_name(fmt, i, len(units)) for i in range(len(units))]
     specs = [shards.unit_spec(u, options) for u in units]
-    os.makedirs(output_dir, exist_ok=True)
-    results = [shards.complete_result(os.path.join(output_dir, n), s) for n, s in zip(names, specs)]
+    files.makedirs(output_dir)
+    results = [shards.complete_result(files.join(output_dir, n), s) for n, s in zip(names, specs)]
     jobs = [
-        shards.Job(i, os.path.join(output_dir, names[i]), units[i], options, specs[i])
+        shards.Job(i, files.join(output_dir, names[i]), units[i], options, specs[i])
         for i, r in enumerate(results)
         if r is None
     ]
     skipped = len(units) - len(jobs)
     if skipped:
         log(f"skipped {skipped} complete shards")
-    meta_path = os.path.join(output_dir, METADATA_FILE)
-    if jobs and os.path.exists(meta_path):
-        os.remove(meta_path)  # it would describe shards about to change
+    meta_path = files.join(output_dir, METADATA_FILE)
+    if jobs and files.exists(meta_path):
+        files.remove(meta_path)  # it would describe shards about to change
 
     # The work, then the clean-up of what an earlier plan left.
     start = time.perf_counter()
@@ -156,10 +163,10 @@ def _prepare_split(
     rate = tokenized / (time.perf_counter() - start) if tokenized else 0.0
     _remove_stale_shards(output_dir, fmt, names)
 
-    meta = _metadata(options, tok, inputs, files, units, names, results)
+    meta = _metadata(options, tok, inputs, input_files, units, names, results)
     if not meta["num_records"]:
-        if os.path.exists(meta_path):
-            os.remove(meta_path)  # an earlier version's record of an empty dataset
+        if files.exists(meta_path):
+            files.remove(meta_path)  # an earlier version's record of an empty dataset
         raise InputError(_no_records(inputs, options, meta))
     shards.write_json(meta_path, meta)
     _log_summary(log, meta, len(jobs), skipped, rate, meta_path)
@@ -237,9 +244,9 @@ def _run_jobs(
 def _remove_stale_shards(output_dir: str, format: str, names: list[str]) -> None:  # noqa: A002
     """Shards of an earlier plan of this format, and leftover temporaries."""
     keep = set(names) | {n + ".json" for n in names}
-    for name in sorted(os.listdir(output_dir)):
+    for name in files.listdir(output_dir):
         if shards.SHARD_RE.match(name) and name.startswith(format + "-") and name not in keep:
-            os.remove(os.path.join(output_dir, name))
+            files.remove(files.join(output_dir, name))
 
 
 def _bad_record_locations(
@@ -265,7 +272,7 @@ def _metadata(
     options: shards.Options,
     tok: Tokenizer,
     inputs: Sequence[str],
-    files: list[str],
+    input_files: list[str],
     units: list[list[Piece]],
     names: list[str],
     results: list[dict[str, Any]],
@@ -301,9 +308,13 @@ def _metadata(
         "dropped_tail_tokens": sum(r["dropped_tail_tokens"] for r in results),
         "bad_records": bad_total,
         "bad_record_locations": bad_list,
-        "shards": [{"path": n, "num_records": r["num_records"]} for n, r in zip(names, results)],
+        # What a training run checks each shard against when it first reads it.
+        "shards": [
+            {"path": n, "num_records": r["num_records"], "shard_bytes": r["shard_bytes"]}
+            for n, r in zip(names, results)
+        ],
         "inputs": [os.path.abspath(p) for p in inputs if p],
-        "num_input_files": len(files),
+        "num_input_files": len(input_files),
         "created_by": CREATED_BY,
     }
 
@@ -362,12 +373,13 @@ def load_metadata(output_dir: str) -> dict[str, Any]:
 
     Raises:
       FileNotFoundError: with a message saying how to make it.
+      ValueError: a gs:// directory without the gcs extra installed.
     """
-    path = os.path.join(output_dir, METADATA_FILE)
-    if not os.path.isfile(path):
+    files.check_uri(output_dir)
+    path = files.join(output_dir, METADATA_FILE)
+    if not files.isfile(path):
         raise FileNotFoundError(
             f"no {METADATA_FILE} in {output_dir}: prepare the data with "
             "tools/prepare_data.py (an interrupted run leaves none; rerun it)"
         )
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(files.read_text(path))

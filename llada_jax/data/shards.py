@@ -3,7 +3,10 @@
 Work units: consecutive files are grouped until about `shard_bytes` input bytes, and large
 uncompressed files are cut into pieces of about `shard_bytes` at document boundaries. Each unit
 becomes one shard `{format}-{index:05d}-of-{count:05d}.array_record` (plus a `.json` sidecar with
-its spec and counts), written by a worker process to a temporary name and renamed when complete.
+its spec and counts), written by a worker process to a temporary name and renamed when complete;
+into a `gs://` directory (ArrayRecord cannot write to one) it is written to a local temporary
+directory, then uploaded in one piece. Either way the shard is complete in place before its
+sidecar is written, so a kill at any moment leaves shards a rerun skips or remakes.
 The plan depends only on the inputs and options, and each unit is processed on its own, so the
 output is byte-identical for any number of workers. A shard whose sidecar records the same unit
 (input paths, sizes, mtimes, byte ranges), tokenizer fingerprint and options is complete.
@@ -26,6 +29,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -194,11 +199,47 @@ def init_worker(tokenizer_path: str) -> None:
 
 
 def write_shard(job: Job) -> dict[str, Any]:
-    """Tokenizes one unit and writes its shard and sidecar; returns the sidecar's result."""
+    """Tokenizes one unit and writes its shard, then its sidecar; returns the sidecar's result.
+    A shard for an object store is written to a local temporary directory, then uploaded."""
     if _WORKER_TOKENIZER is None:
         init_worker(job.options.tokenizer_path)
     t0 = time.perf_counter()
-    tmp = f"{job.out_path}.tmp-{os.getpid()}"
+    if files.is_uri(job.out_path):
+        staging = tempfile.mkdtemp(prefix="llada_prepare-")
+        try:
+            tmp = os.path.join(staging, "shard.array_record")
+            shard, dropped, piece_newlines = _write_unit(job, tmp)
+            shard_bytes = os.path.getsize(tmp)
+            files.upload(tmp, job.out_path)  # the whole shard, before its sidecar
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    else:
+        tmp = f"{job.out_path}.tmp-{os.getpid()}"
+        shard, dropped, piece_newlines = _write_unit(job, tmp)
+        os.replace(tmp, job.out_path)
+        shard_bytes = os.path.getsize(job.out_path)
+    result = {
+        "num_documents": shard.num_documents,
+        "num_records": shard.num_records,
+        "num_tokens": shard.num_tokens,
+        "dropped_tail_tokens": dropped,
+        "bad_record_count": shard.bad_count,
+        "bad_records": shard.bad,
+        "piece_newlines": piece_newlines,
+        "input_bytes": sum(
+            (os.path.getsize(p.path) if p.end is None else p.end - p.start) for p in job.pieces
+        ),
+        "shard_bytes": shard_bytes,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "tokenized_tokens": shard.num_tokens + dropped,
+    }
+    write_json(job.out_path + ".json", {"spec": job.spec, "result": result})
+    return result
+
+
+def _write_unit(job: Job, tmp: str) -> tuple[_ShardWriter, int, list[int]]:
+    """Writes the unit's records to the local file `tmp` (removed on failure); returns the
+    closed writer, the tail tokens dropped and the lines of each byte-range piece."""
     shard = _ShardWriter(tmp, job.options.seq_len)
     piece_newlines: list[int] = []  # for byte-range pieces: the lines they hold
     try:
@@ -212,24 +253,7 @@ def write_shard(job: Job) -> dict[str, Any]:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    os.replace(tmp, job.out_path)
-    result = {
-        "num_documents": shard.num_documents,
-        "num_records": shard.num_records,
-        "num_tokens": shard.num_tokens,
-        "dropped_tail_tokens": dropped,
-        "bad_record_count": shard.bad_count,
-        "bad_records": shard.bad,
-        "piece_newlines": piece_newlines,
-        "input_bytes": sum(
-            (os.path.getsize(p.path) if p.end is None else p.end - p.start) for p in job.pieces
-        ),
-        "shard_bytes": os.path.getsize(job.out_path),
-        "seconds": round(time.perf_counter() - t0, 3),
-        "tokenized_tokens": shard.num_tokens + dropped,
-    }
-    write_json(job.out_path + ".json", {"spec": job.spec, "result": result})
-    return result
+    return shard, dropped, piece_newlines
 
 
 def _records(piece: Piece, options: Options) -> Iterator[tuple[int, Any]]:
@@ -347,8 +371,7 @@ def write_json(path: str, obj: Any) -> None:
 def recorded(out_path: str) -> dict[str, Any] | None:
     """The sidecar of the shard at `out_path` ({"spec", "result"}), or None if unreadable."""
     try:
-        with open(out_path + ".json", encoding="utf-8") as f:
-            side = json.load(f)
+        side = json.loads(files.read_text(out_path + ".json"))
         return side if isinstance(side, dict) and isinstance(side.get("result"), dict) else None
     except (OSError, ValueError):
         return None
@@ -358,7 +381,7 @@ def complete_result(out_path: str, spec: dict[str, Any]) -> dict[str, Any] | Non
     """The recorded result if the shard at `out_path` is complete and made from `spec`."""
     side = recorded(out_path)
     try:
-        if side["spec"] == spec and os.path.getsize(out_path) == side["result"]["shard_bytes"]:
+        if side["spec"] == spec and files.size(out_path) == side["result"]["shard_bytes"]:
             return side["result"]
     except (OSError, KeyError, TypeError):
         pass
