@@ -24,6 +24,10 @@ SUBMIT_ARGS -- <train flags>` (one batch job per run, --job_name defaults to the
 --submit_args="--name=abl-{run} --zone=Z"); `{run}` in SUBMIT_ARGS is replaced by the run's name.
 The sweep directory must then be one every job can write (gs://... for TPU pods). Once the jobs
 are done, the same command without --submit evaluates the trained runs.
+DIR may be a gs://bucket/... prefix (the `gcs` extra): its files (sweep.json, the runs'
+workdirs) are read and written through llada_jax/files.py, locally or with --submit alike, and
+`status gs://...` reads them from any machine (sweep.json records each run's final step, so the
+config file need not be there).
 --dry_run prints the commands instead of running them. A run that fails stops the sweep (runs
 already going finish) with its exit status; bad arguments are one error line, exit 2.
 """
@@ -42,6 +46,8 @@ import threading
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import _cli  # noqa: E402
+
+from llada_jax import files  # noqa: E402
 
 SWEEP_FILE = "sweep.json"
 SUBMITTERS = ("slurm", "tpu_pod")
@@ -69,7 +75,7 @@ def load_sweep(path: str):
 
 
 def run_dir(sweep_dir: str, name: str) -> str:
-    return os.path.join(sweep_dir, "runs", name)
+    return files.join(sweep_dir, "runs", name)
 
 
 def final_step(sweep, name: str) -> int:
@@ -78,8 +84,8 @@ def final_step(sweep, name: str) -> int:
 
 def finished(workdir: str, steps: int, evaluate: bool) -> bool:
     if evaluate:
-        return os.path.isfile(os.path.join(workdir, "eval", f"step_{steps}.json"))
-    return os.path.isfile(os.path.join(workdir, "checkpoints", str(steps), "commit_success.txt"))
+        return files.isfile(files.join(workdir, "eval", f"step_{steps}.json"))
+    return files.isfile(files.join(workdir, "checkpoints", str(steps), "commit_success.txt"))
 
 
 def commands(args, name: str) -> list[list[str]]:
@@ -157,17 +163,11 @@ def run_sweep(args) -> int:
             for cmd in commands(args, name):
                 print(_cli.shell_line(cmd, envs[i % args.parallel]))
         return 0
-    remote = args.sweep_dir.startswith("gs://")  # only the jobs themselves write there
-    if remote and not args.submit:
-        raise _cli.UsageError(f"--sweep_dir={args.sweep_dir!r}: gs:// needs --submit")
-    if not remote:
-        write_record(args, names)
+    write_record(args, sweep, names)
     todo = []
     for i, name in enumerate(only, 1):
         workdir = run_dir(args.sweep_dir, name)
-        if not remote and finished(
-            workdir, final_step(sweep, name), args.evaluate and not args.submit
-        ):
+        if finished(workdir, final_step(sweep, name), args.evaluate and not args.submit):
             print(f"[sweep] {i}/{len(only)} {name}: finished, skipped", flush=True)
         else:
             todo.append((i, name))
@@ -187,13 +187,17 @@ def run_sweep(args) -> int:
     return rc
 
 
-def write_record(args, names: list[str]) -> None:
-    os.makedirs(os.path.join(args.sweep_dir, "runs"), exist_ok=True)
-    record = {"config": os.path.abspath(args.config), "runs": names, "evaluate": args.evaluate}
-    tmp = os.path.join(args.sweep_dir, SWEEP_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, os.path.join(args.sweep_dir, SWEEP_FILE))
+def write_record(args, sweep, names: list[str]) -> None:
+    """DIR/sweep.json, replaced in one step: the config, the runs, whether they are evaluated
+    and each run's final step (what `status` needs, so it reads without the config file)."""
+    files.makedirs(files.join(args.sweep_dir, "runs"))
+    record = {
+        "config": os.path.abspath(args.config),
+        "runs": names,
+        "evaluate": args.evaluate,
+        "steps": {name: final_step(sweep, name) for name in names},
+    }
+    files.write_atomically(files.join(args.sweep_dir, SWEEP_FILE), json.dumps(record, indent=1))
 
 
 def run_local(args, todo: list[tuple[int, str]], total: int, envs: list[dict[str, str]]) -> int:
@@ -235,16 +239,23 @@ def run_local(args, todo: list[tuple[int, str]], total: int, envs: list[dict[str
 
 
 def status(sweep_dir: str) -> int:
-    path = os.path.join(sweep_dir, SWEEP_FILE)
-    if not os.path.isfile(path):
+    sweep_dir = checked_dir(sweep_dir)
+    path = files.join(sweep_dir, SWEEP_FILE)
+    if not files.isfile(path):
         raise _cli.UsageError(f"{sweep_dir!r} holds no {SWEEP_FILE} (not a sweep directory)")
-    with open(path) as f:
-        record = json.load(f)
-    sweep = load_sweep(record["config"])
+    record = read_json(path)
+    if not isinstance(record.get("runs"), list):
+        raise _cli.UsageError(f"{path} holds no list of runs (not a sweep record)")
+    final = record.get("steps")  # absent from the records of older versions: ask the config
+    if not isinstance(final, dict) or any(name not in final for name in record["runs"]):
+        if not isinstance(record.get("config"), str):
+            raise _cli.UsageError(f"{path} names no config (not a sweep record)")
+        sweep = load_sweep(record["config"])
+        final = {name: final_step(sweep, name) for name in record["runs"]}
     rows = [("run", "state", "step", "loss", "bits/token")]
     for name in record["runs"]:
-        workdir, steps = run_dir(sweep_dir, name), final_step(sweep, name)
-        metrics = last_line(os.path.join(workdir, "metrics.jsonl"))
+        workdir, steps = run_dir(sweep_dir, name), final[name]
+        metrics = last_line(files.join(workdir, "metrics.jsonl"))
         evaluated = last_eval(workdir)
         step = metrics.get("step", 0)
         if finished(workdir, steps, record["evaluate"]):
@@ -279,16 +290,40 @@ def last_line(path: str) -> dict:
 
 
 def last_eval(workdir: str) -> dict | None:
-    directory = os.path.join(workdir, "eval")
-    if not os.path.isdir(directory):
-        return None
+    """The newest evaluation of a workdir (eval/step_<N>.json of the largest N), None if none."""
+    directory = files.join(workdir, "eval")
     steps = [
-        int(n[5:-5]) for n in os.listdir(directory) if n.startswith("step_") and n.endswith(".json")
+        int(n[5:-5])
+        for n in files.listdir(directory)
+        if n.startswith("step_") and n.endswith(".json") and n[5:-5].isdigit()
     ]
     if not steps:
         return None
-    with open(os.path.join(directory, f"step_{max(steps)}.json")) as f:
-        return json.load(f)
+    return read_json(files.join(directory, f"step_{max(steps)}.json"))
+
+
+def read_json(path: str) -> dict:
+    """A JSON object file (local or gs://); a UsageError naming it if it is not one."""
+    try:
+        value = json.loads(files.read_bytes(path).decode("utf-8"))
+    except ValueError as e:  # invalid UTF-8 or JSON
+        raise _cli.UsageError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise _cli.UsageError(f"{path} holds a {type(value).__name__}, not a JSON object")
+    return value
+
+
+def checked_dir(sweep_dir: str, check: bool = True) -> str:
+    """A sweep directory as given, a URI without its trailing slash; with `check`, a UsageError
+    (one line) if the URI's file system is not installed (gs:// without the gcs extra)."""
+    if not files.is_uri(sweep_dir):
+        return sweep_dir
+    if check:
+        try:
+            files.check_uri(sweep_dir)
+        except ValueError as e:
+            raise _cli.UsageError(str(e)) from None
+    return sweep_dir.rstrip("/")
 
 
 def parse(argv: list[str]):
@@ -317,6 +352,7 @@ def parse(argv: list[str]):
         raise _cli.UsageError(f"--submit={args.submit!r}: valid choices: {', '.join(SUBMITTERS)}")
     if args.submit_args and not args.submit:
         raise _cli.UsageError("--submit_args needs --submit=slurm|tpu_pod")
+    args.sweep_dir = checked_dir(args.sweep_dir, check=not args.dry_run)  # a dry run reads none
     return args
 
 

@@ -135,7 +135,10 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def complete_steps(self) -> list[int]:
-        return complete_steps(self.directory)
+        """The complete steps, oldest first; in a multi-process writer, process 0's listing
+        (every host takes a decision that depends on files from process 0)."""
+        steps = complete_steps(self.directory)
+        return from_process_0(steps) if self.writer else steps
 
     def is_complete(self, step: int) -> bool:
         return files.isfile(files.join(self.directory, str(step), COMMIT_FILE))
@@ -164,10 +167,10 @@ class Checkpointer:
         if self.manager is None:
             raise ValueError(f"{self.directory} was opened for reading (writer=False)")
         self.wait()  # Orbax would wait for the previous save too; a failure is named after it
-        if files.isdir(files.join(self.directory, str(step))):
-            if self.is_complete(step):
-                return False
-            self.wait()
+        existing = self._existing(step)
+        if existing == "complete":
+            return False
+        if existing == "incomplete":
             if jax.process_index() == 0:
                 files.rmtree(files.join(self.directory, str(step)))
             sync_processes(f"checkpoint_replace_{step}")
@@ -192,6 +195,13 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - any failure of the save's synchronous part
             raise self._failure(e) from None
         return True
+
+    def _existing(self, step: int) -> str:
+        """'none', 'incomplete' (a directory without its commit file) or 'complete': process
+        0's view, on every process."""
+        path = files.join(self.directory, str(step))
+        state = (2 if self.is_complete(step) else 1) if files.isdir(path) else 0
+        return ("none", "incomplete", "complete")[from_process_0([state])[0]]
 
     def check_for_errors(self) -> None:
         """Raises SaveFailed if the save in flight has failed (cheap: call it every step)."""
@@ -405,6 +415,17 @@ def complete_steps(directory: str) -> list[int]:
         for n in files.listdir(directory)
         if n.isdigit() and files.isfile(files.join(directory, n, COMMIT_FILE))
     )
+
+
+def from_process_0(values: list[int]) -> list[int]:
+    """Process 0's list of integers on every process (itself in a single process)."""
+    if jax.process_count() == 1:
+        return values
+    count = int(multihost_utils.broadcast_one_to_all(np.int64(len(values))))
+    mine = np.zeros(count, np.int64)
+    if jax.process_index() == 0:
+        mine[:] = values
+    return [int(v) for v in multihost_utils.broadcast_one_to_all(mine)]
 
 
 def leaf_names(tree: PyTree) -> set[str]:

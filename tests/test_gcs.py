@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from llada_jax import checkpoint, files, writer_lock
+from llada_jax.data.corpus import read_default_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -44,6 +45,21 @@ def ok(proc):
 def metrics(workdir):
     with files.as_epath(files.join(workdir, "metrics.jsonl")).open() as f:
         return [{k: r[k] for k in ("step",) + DETERMINISTIC} for r in map(json.loads, f)]
+
+
+def prepare(text, output_dir):
+    """tools/prepare_data.py of a text file into rows of configs/tiny.py's 64 tokens."""
+    return [
+        sys.executable,
+        "tools/prepare_data.py",
+        f"--input={text}",
+        f"--output_dir={output_dir}",
+    ] + [
+        "--seq_len=64",
+        "--shard_mb=0.04",
+        "--doc_separator=\\n",
+        "--noprogress",
+    ]
 
 
 def steps_of(workdir):
@@ -87,21 +103,32 @@ def kill_everything_of(workdir):
 
 @pytest.mark.slow
 def test_a_two_process_run_on_gs_killed_at_random_moments_resumes_exactly(gcs_dir, tmp_path):
-    """launch/local.py, 2 processes x 4 devices, workdir on gs://, SIGKILLed 5 times (a random
-    0-1.5 s after a new checkpoint, so also during saves), then run to the end: every step's
-    metrics equal those of an uninterrupted run on local disk."""
-    steps = 16
+    """launch/local.py, 2 processes x 4 devices, workdir and prepared data on gs://, SIGKILLed 5
+    times (a random 0-1.5 s after a new checkpoint, so also during saves), then run to the end:
+    every step's metrics equal those of an uninterrupted run on local disk (its data prepared
+    there from the same text)."""
+    steps = 40
     train = [*TINY, f"--config.train.steps={steps}", "--config.checkpoint.save_every=2"]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(read_default_corpus()[:200_000], encoding="utf-8")
+    local_data, data = str(tmp_path / "data"), f"{gcs_dir}/data"
+    for output_dir in (local_data, data):
+        ok(run(prepare(str(corpus), output_dir)))
 
-    def launch(workdir):
+    def launch(workdir, data):
         cmd = [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=4"]
-        return cmd + ["--", f"--workdir={workdir}", *train]
+        return cmd + [
+            "--",
+            f"--workdir={workdir}",
+            *train,
+            f"--config.data.datasets=(('{data}', 1.0),)",
+        ]
 
     local, remote = str(tmp_path / "local"), f"{gcs_dir}/run"
-    ok(run(launch(local)))
+    ok(run(launch(local, local_data)))
     rng, kills = random.Random(0), 0
     while kills < 5:
-        proc = subprocess.Popen(launch(remote), cwd=ROOT, stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen(launch(remote, data), cwd=ROOT, stdout=subprocess.DEVNULL)
         seen = steps_of(remote)
         while proc.poll() is None:
             now = steps_of(remote)
@@ -116,7 +143,7 @@ def test_a_two_process_run_on_gs_killed_at_random_moments_resumes_exactly(gcs_di
         if steps_of(remote)[-1:] == [steps]:
             break  # finished before a kill: the loop needs more steps to be a fault test
     assert kills == 5, f"the run ended after {kills} kills"
-    ok(run(launch(remote)))
+    ok(run(launch(remote, data)))
     assert metrics(remote) == metrics(local)
     assert steps_of(remote)[-1] == steps
 

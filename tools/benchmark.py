@@ -33,6 +33,7 @@ moment's peak.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import resource
@@ -59,7 +60,12 @@ from llada_jax.host import xla_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "train", ["train", "data", "checkpoint", "sample"], "What to benchmark.")
-flags.DEFINE_string("workdir", "", "sample: a trained workdir (its model and sample settings).")
+flags.DEFINE_string(
+    "workdir",
+    "",
+    "sample: a trained workdir (its model and sample settings); checkpoint: a directory to time "
+    "beside local disk (e.g. gs://bucket/bench).",
+)
 flags.DEFINE_integer("num_prompts", 8, "sample: prompts per batch (8 texts, repeated past 8).")
 flags.DEFINE_integer("steps", 10, "Timed steps (train), batches (data) or saves (checkpoint).")
 flags.DEFINE_integer("warmup", 2, "Untimed repetitions first.")
@@ -197,40 +203,49 @@ def bench_data(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str,
 
 
 def bench_checkpoint(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
-    """How long a save blocks the step, the full save, and the restore, for cfg's train state."""
-    workdir = tempfile.mkdtemp(prefix="llada_ckpt_bench_")
+    """How long a save blocks the step, the full save, and the restore, for cfg's train state,
+    in a local temporary directory; with --workdir (e.g. gs://bucket/bench) also there, the two
+    alternating in each repetition, with the ratios to local disk."""
     _, params, opt_state = run_lib.create_state(run_lib.build_run(cfg, data=False))
     state_bytes = sum(x.nbytes for x in jax.tree.leaves((params, opt_state)))
-    blocked, full, restore, fingerprints = [], [], [], []
-    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=2, writer=True)
+    local = tempfile.mkdtemp(prefix="llada_ckpt_bench_")
+    places = {"local": local, **({"workdir": FLAGS.workdir} if FLAGS.workdir else {})}
+    times: dict[str, dict[str, list[float]]] = {p: collections.defaultdict(list) for p in places}
+    checkpointers = {
+        p: checkpoint.Checkpointer(d, max_to_keep=2, writer=True) for p, d in places.items()
+    }
     for i in range(warmup + steps):
         before = time.perf_counter()
         fingerprint.fingerprints((params, opt_state))  # what a save and a restore each add
         fingerprint_sec = time.perf_counter() - before
-        start = time.perf_counter()
-        ckpt.save(i + 1, params, opt_state, {"step": i + 1})
-        returned = time.perf_counter()
-        ckpt.wait()
-        done = time.perf_counter()
-        params, opt_state = ckpt.restore(i + 1, params, opt_state)
-        jax.block_until_ready((params, opt_state))
+        for place, ckpt in checkpointers.items():
+            start = time.perf_counter()
+            ckpt.save(i + 1, params, opt_state, {"step": i + 1})
+            returned = time.perf_counter()
+            ckpt.wait()
+            done = time.perf_counter()
+            params, opt_state = ckpt.restore(i + 1, params, opt_state)
+            jax.block_until_ready((params, opt_state))
+            if i >= warmup:
+                times[place]["save_blocking_sec"].append(returned - start)
+                times[place]["save_total_sec"].append(done - start)
+                times[place]["restore_sec"].append(time.perf_counter() - done)
         if i >= warmup:
-            blocked.append(returned - start)
-            full.append(done - start)
-            restore.append(time.perf_counter() - done)
-            fingerprints.append(fingerprint_sec)
-    ckpt.close()
-    shutil.rmtree(workdir)
-    return dict(
-        mode="checkpoint",
-        state_mib=state_bytes / 2**20,
-        saves=steps,
-        save_blocking_sec=float(np.median(blocked)),
-        save_total_sec=float(np.median(full)),
-        restore_sec=float(np.median(restore)),
-        fingerprint_sec=float(np.median(fingerprints)),
-        peak_rss_mib=peak_rss_mib(),
-    )
+            times["local"]["fingerprint_sec"].append(fingerprint_sec)
+    for ckpt in checkpointers.values():
+        ckpt.close()
+    shutil.rmtree(local)
+    result: dict[str, Any] = dict(mode="checkpoint", state_mib=state_bytes / 2**20, saves=steps)
+    for place, measured in times.items():
+        prefix = "" if place == "local" else "workdir_"
+        for key, values in measured.items():
+            result[prefix + key] = float(np.median(values))
+    if FLAGS.workdir:
+        result["workdir"] = FLAGS.workdir
+        for key in ("save_total_sec", "restore_sec"):
+            result[f"workdir_{key}_x_local"] = result[f"workdir_{key}"] / result[key]
+    result["peak_rss_mib"] = peak_rss_mib()
+    return result
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ against training tokens) and, when the evaluations measured it (eval.objective_d
 estimator_spread.png (each cell's spread of its training loss and gradient norm over draws on one
 batch). The table's "training loss" column says whether the cell's training loss is a bound
 (unweighted or clipped objectives are not; the held-out bound compares across all cells).
+SWEEP_DIR, the workdirs and REPORT_DIR may be gs://bucket/... prefixes (the `gcs` extra; the plots
+are drawn in a local temporary directory, then uploaded).
 --baseline names the cell the others are compared with (default: the first). Bad arguments, or
 a run whose config.json, eval/step_<N>.json or metrics.jsonl does not read: one error line naming
 the file, exit 2.
@@ -22,8 +24,10 @@ the file, exit 2.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import sys
+import tempfile
 
 from absl import flags
 
@@ -173,29 +177,42 @@ def markdown(
 
 
 def report(workdirs: list[str], output: str, baseline_name: str | None) -> list[list[str]]:
+    """Writes the report into `output` (a local directory or a URI); returns the table's rows."""
     runs = [compare.read_run(w) for w in workdirs]
     cells = compare.cells(runs)
     names = [c.name for c in cells]
     if baseline_name is not None and baseline_name not in names:
         raise ValueError(f"--baseline={baseline_name!r} is not a cell; cells: {', '.join(names)}")
     baseline = cells[names.index(baseline_name)] if baseline_name else cells[0]
-    os.makedirs(output, exist_ok=True)
+    files.makedirs(output)
     rows = table(cells, baseline)
-    with open(os.path.join(output, "table.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        writer.writerows(rows)
-    images = plot(cells, output)
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(COLUMNS)
+    writer.writerows(rows)
+    files.write_atomically(files.join(output, "table.csv"), buffer.getvalue())
+    if files.is_uri(output):  # matplotlib writes local files: draw them here, then upload each
+        with tempfile.TemporaryDirectory() as local:
+            images = plot(cells, local)
+            for name in images:
+                files.upload(os.path.join(local, name), files.join(output, name))
+    else:
+        images = plot(cells, output)
     text = markdown(cells, rows, baseline.name, images)
-    files.write_atomically(os.path.join(output, "report.md"), text)
+    files.write_atomically(files.join(output, "report.md"), text)
     return rows
+
+
+def is_sweep_dir(path: str) -> bool:
+    """Whether `path` is a sweep directory (launch/sweep.py): it has a runs/ directory."""
+    return files.isdir(files.join(path, "runs"))
 
 
 def evaluated_runs(sweep_dir: str) -> list[str]:
     """The workdirs of a sweep directory's runs that have evaluations, by name."""
-    runs = os.path.join(sweep_dir, "runs")
-    workdirs = [os.path.join(runs, n) for n in sorted(os.listdir(runs))]
-    workdirs = [w for w in workdirs if os.path.isdir(os.path.join(w, "eval"))]
+    runs = files.join(sweep_dir, "runs")
+    workdirs = [files.join(runs, n) for n in files.listdir(runs)]
+    workdirs = [w for w in workdirs if files.isdir(files.join(w, "eval"))]
     if not workdirs:
         raise ValueError(f"{sweep_dir!r}: no run is evaluated yet")
     return workdirs
@@ -205,8 +222,12 @@ def main(argv: list[str]) -> int:
     try:
         workdirs = FLAGS(argv)[1:]
         output = FLAGS.output
-        if len(workdirs) == 1 and os.path.isdir(os.path.join(workdirs[0], "runs")):
-            output = output or os.path.join(workdirs[0], "report")
+        for path in [*workdirs, output or ""]:
+            if files.is_uri(path):
+                files.check_uri(path)  # one line if the gcs extra is missing
+        workdirs = [w.rstrip("/") if files.is_uri(w) else w for w in workdirs]
+        if len(workdirs) == 1 and is_sweep_dir(workdirs[0]):
+            output = output or files.join(workdirs[0], "report")
             workdirs = evaluated_runs(workdirs[0])
         if not workdirs or not output:
             raise ValueError("give a sweep directory, or workdirs and --output=REPORT_DIR")
@@ -217,7 +238,7 @@ def main(argv: list[str]) -> int:
     width = [max(len(r[i]) for r in [COLUMNS, *rows]) for i in range(len(COLUMNS))]
     for r in [COLUMNS, *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, width)).rstrip())
-    print(f"report: {os.path.join(output, 'report.md')}")
+    print(f"report: {files.join(output, 'report.md')}")
     return 0
 
 
