@@ -60,6 +60,11 @@ def basename(path: str) -> str:
     return posixpath.basename(path) if is_uri(path) else os.path.basename(os.path.normpath(path))
 
 
+def dirname(path: str) -> str:
+    """The directory holding `path` ('gs://b/a' of 'gs://b/a/x.json')."""
+    return posixpath.dirname(path) if is_uri(path) else os.path.dirname(path)
+
+
 def as_epath(path: str) -> epath.Path:
     """What Orbax, grain and the other libraries take for a path."""
     return epath.Path(path)

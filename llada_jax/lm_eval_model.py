@@ -22,10 +22,11 @@ together, padded to a few lengths so that little is recompiled) and split over t
 The masks of a request depend only on its tokens and `seed`: the same request is scored on the
 same masks by every checkpoint (common random numbers).
 
-Model arguments: workdir (required unless a loaded model is passed), step, mc_num (128),
-batch_size (32), cfg_scale (0), seed (0), max_length (0: the run's data.seq_len), gen_length
-(0: each request's max_gen_toks), steps (0: gen_length), block_length (0: gen_length),
-temperature (0), remasking (low_confidence), threshold (0: off), num_devices (0: all local).
+Model arguments: workdir (local or gs://; required unless a loaded model is passed), step,
+mc_num (128), batch_size (32), cfg_scale (0), seed (0), max_length (0: the run's data.seq_len),
+gen_length (0: each request's max_gen_toks), steps (0: gen_length), block_length (0:
+gen_length), temperature (0), remasking (low_confidence), threshold (0: off), num_devices (0:
+all local).
 """
 
 from __future__ import annotations

@@ -9,6 +9,11 @@
       DIR's latest (or step N) checkpoint -> OUT in the HF LLaDA layout (config.json,
       model.safetensors or shards + model.safetensors.index.json).
 
+DIR may be on Google Cloud Storage (gs://..., the gcs extra): an import builds the workdir in a
+local temporary directory ($TMPDIR: room for about twice the model) and uploads it, the step's
+commit file last; a rerun after an interrupted upload removes that upload and starts again, any
+other non-empty DIR is refused. An export reads a gs:// DIR; OUT and an import's HF_DIR are local.
+
 Errors are one line `error: ...` on stderr with exit status 2; nothing is left half-written.
 """
 

@@ -15,6 +15,13 @@ one parameter at a time as numpy and writes each HF tensor at its offset in the 
 (Peak anonymous memory is about one of our parameters, e.g. the stacked [n_layers, ...] MLP
 matrix, when freed buffers go back to the OS: see tools/convert_hf.py.) Outputs are written to a
 temporary directory next to the destination and renamed when complete.
+
+A workdir may be on an object store (`gs://...`, through llada_jax/files.py): import builds it the
+same way in a local temporary directory (under $TMPDIR: room for about twice the model) and then
+uploads it (`_upload_workdir`), the step's commit file last, so that a kill mid-upload never
+leaves a step that looks complete. While it uploads, the workdir holds IMPORT_MARKER; a rerun
+that finds the marker removes the partial upload and starts again, and any other non-empty
+target is refused, as locally. Export reads a gs:// workdir; the HF directory it writes is local.
 """
 
 from __future__ import annotations
@@ -25,13 +32,17 @@ import json
 import logging
 import os
 import shutil
+import socket
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.serialization import type_handlers as _th
 
-from llada_jax import checkpoint
+from llada_jax import checkpoint, files
 from llada_jax import config as config_lib
 from llada_jax.convert import hf_llada, hf_llama, layouts
 from llada_jax.convert.safetensors_io import (
@@ -47,9 +58,17 @@ SOURCES = ("llada", "llama")
 # Import writes parameters in chunks of at most this size: tensorstore's buffers for an array
 # then stay near the array's own size (they reach ~2x with Orbax's default 2 GiB chunks).
 WRITE_CHUNK_BYTES = 16 << 20
+# An import to an object store: the object that marks its upload unfinished, and how many files
+# go up at once (each holds at most gcsfs's 50 MiB upload chunk in memory).
+IMPORT_MARKER = ".convert_hf-incomplete"
+UPLOAD_THREADS = 4
 
 
 def read_hf_config(hf_dir: str) -> dict:
+    if files.is_uri(hf_dir):
+        raise ConvertError(
+            f"--hf_dir={hf_dir!r}: the HF checkpoint directory must be local (copy it here first)"
+        )
     if not os.path.isdir(hf_dir):
         raise ConvertError(f"--hf_dir={hf_dir!r} does not exist or is not a directory")
     path = os.path.join(hf_dir, "config.json")
@@ -149,6 +168,99 @@ def _output_dir(dest: str, flag: str) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _resolve(path: str) -> str:
+    """files.resolve, its one-line error (a gs:// path without the gcs extra) a ConvertError."""
+    try:
+        return files.resolve(path)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+
+
+@contextlib.contextmanager
+def _workdir_output(workdir: str) -> Iterator[str]:
+    """The local directory import_hf builds the workdir in: `_output_dir` for a local workdir;
+    for a URI a local temporary directory, uploaded to the workdir when the block succeeds. The
+    URI must be empty or hold only an interrupted import's upload (removed first); whatever
+    this import uploaded is removed if it fails."""
+    if not files.is_uri(workdir):
+        with _output_dir(workdir, "--workdir") as tmp:
+            yield tmp
+        return
+    dest = _resolve(workdir)
+    _claim_remote_workdir(dest)
+    tmp = tempfile.mkdtemp(prefix="llada-import-")
+    try:
+        yield tmp
+        _upload_workdir(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            _remove_upload(dest)
+            files.remove(files.join(dest, IMPORT_MARKER))
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _claim_remote_workdir(dest: str) -> None:
+    """Refuses a non-empty `dest` unless it holds IMPORT_MARKER (an interrupted import: removed),
+    then writes the marker (which also fails early on a missing bucket or no permission)."""
+    a_file = files.isfile(dest)
+    names = [] if a_file else files.listdir(dest)
+    if a_file or (names and IMPORT_MARKER not in names):
+        raise ConvertError(f"--workdir={dest!r} already exists and is not empty")
+    marker = files.join(dest, IMPORT_MARKER)
+    try:
+        if names:
+            print(f"removing the partial upload of an interrupted import at {dest}", flush=True)
+            _remove_upload(dest)
+        started = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        files.write_atomically(marker, json.dumps(started))
+    except Exception as e:  # noqa: BLE001 - the store's own errors (no bucket, no permission)
+        raise ConvertError(f"cannot write {marker}: {checkpoint.first_line(e)}") from None
+
+
+def _remove_upload(dest: str) -> None:
+    """Removes what an import uploaded to `dest` but IMPORT_MARKER (so that a kill meanwhile
+    leaves it for the next try to find), the step's commit file first."""
+    commit = files.join(checkpoint.checkpoint_dir(dest), "0", checkpoint.COMMIT_FILE)
+    if files.exists(commit):
+        files.remove(commit)
+    for name in files.listdir(dest):
+        path = files.join(dest, name)
+        if name == IMPORT_MARKER:
+            continue
+        if files.isdir(path):
+            files.rmtree(path)
+        else:
+            files.remove(path)
+
+
+def _upload_workdir(local: str, dest: str) -> None:
+    """Uploads the workdir built in `local` to `dest`: every file but the step's commit file
+    (UPLOAD_THREADS at a time), then the commit file, so that checkpoints/0 counts as complete
+    only once all of it is there; then removes IMPORT_MARKER."""
+    commit = os.path.join(local, "checkpoints", "0", checkpoint.COMMIT_FILE)
+    paths = sorted(os.path.join(d, n) for d, _, names in os.walk(local) for n in names)
+    if commit not in paths:
+        raise ConvertError(f"the checkpoint built in {local!r} has no {checkpoint.COMMIT_FILE}")
+
+    def put(path: str) -> None:
+        target = files.join(dest, *os.path.relpath(path, local).split(os.sep))
+        try:
+            files.upload(path, target)
+        except Exception as e:  # noqa: BLE001 - the store's own errors
+            raise ConvertError(f"cannot write {target}: {checkpoint.first_line(e)}") from None
+
+    pool = ThreadPoolExecutor(UPLOAD_THREADS)
+    try:
+        for _ in pool.map(put, [p for p in paths if p != commit]):
+            pass
+    finally:
+        pool.shutdown(cancel_futures=True)
+    put(commit)
+    files.remove(files.join(dest, IMPORT_MARKER))
+
+
 class _OneArrayAtATime(_th.NumpyHandler):
     """Orbax's numpy handler, writing one array at a time and without a copy first.
 
@@ -238,10 +350,10 @@ def import_hf(hf_dir: str, workdir: str, source: str = "auto", dtype: str = "flo
     if isinstance(context, int) and context > 0:
         run_cfg.data.seq_len = context
     if "tokenizer.json" in tokenizer_files:
-        tokenizer_path = os.path.join(os.path.abspath(workdir), TOKENIZER_DIR, "tokenizer.json")
+        tokenizer_path = files.join(_resolve(workdir), TOKENIZER_DIR, "tokenizer.json")
         _use_tokenizer(run_cfg, os.path.join(hf_dir, "tokenizer.json"), tokenizer_path)
     out_dtype = DTYPES[dtype]
-    with _output_dir(workdir, "--workdir") as tmp:
+    with _workdir_output(workdir) as tmp:
         if tokenizer_files:
             os.makedirs(os.path.join(tmp, TOKENIZER_DIR))
         for name in tokenizer_files:
@@ -280,13 +392,12 @@ def import_hf(hf_dir: str, workdir: str, source: str = "auto", dtype: str = "flo
 # Export: workdir -> HF directory
 # --------------------------------------------------------------------------------------------
 def _params_dir(workdir: str, step: int) -> str:
-    return os.path.join(checkpoint.checkpoint_dir(workdir), str(step), "params")
+    return files.join(checkpoint.checkpoint_dir(workdir), str(step), "params")
 
 
 def _saved_paths(params_dir: str) -> dict[tuple, tuple]:
     """Our parameter path -> the saved key path (with the trailing 'value' of nnx.Param leaves)."""
-    with open(os.path.join(params_dir, "_METADATA")) as f:
-        tree = json.load(f)["tree_metadata"]
+    tree = json.loads(files.read_text(files.join(params_dir, "_METADATA")))["tree_metadata"]
     out = {}
     for entry in tree.values():
         keys = tuple(k["key"] for k in entry["key_metadata"])
@@ -301,7 +412,8 @@ def _restore_numpy(params_dir: str, saved_path: tuple, shape: tuple, dtype: np.d
     layouts.set_path(item, saved_path, np.empty(0, dtype))  # placeholder leaf; only its type counts
     layouts.set_path(args, saved_path, ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype))
     out = ocp.PyTreeCheckpointer().restore(
-        params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
+        files.as_epath(params_dir),
+        args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True),
     )
     array = layouts.get_path(out, saved_path)
     if tuple(array.shape) != tuple(shape):
@@ -317,7 +429,7 @@ def _find_hf_config(workdir: str, meta: dict, depth: int = 0) -> dict | None:
     if meta.get("hf_config") is not None and meta.get("hf_source") == "llada":
         return meta["hf_config"]
     init_from = meta.get("config", {}).get("train", {}).get("init_from")
-    if not init_from or depth > 8 or not os.path.isdir(checkpoint.checkpoint_dir(init_from)):
+    if not init_from or depth > 8 or not files.isdir(checkpoint.checkpoint_dir(init_from)):
         return None
     source = checkpoint.Checkpointer(init_from)
     step = source.latest_step()
@@ -349,11 +461,17 @@ def export_hf(
     """A workdir's checkpoint (latest, or `step`) -> hf_dir in the HF LLaDA layout.
 
     dtype: float32 or bfloat16; "" = the dtype of the HF checkpoint it was imported from, else
-    the parameters' dtype. Returns the written file names.
+    the parameters' dtype. Returns the written file names. The workdir may be a gs:// one;
+    hf_dir is local.
     """
-    if not os.path.isdir(workdir):
+    if files.is_uri(hf_dir):
+        raise ConvertError(
+            f"--hf_dir={hf_dir!r}: export writes a local directory (copy it to the bucket after)"
+        )
+    _resolve(workdir)
+    if not files.isdir(workdir):
         raise ConvertError(f"--workdir={workdir!r} does not exist or is not a directory")
-    if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+    if not files.isdir(checkpoint.checkpoint_dir(workdir)):
         raise ConvertError(f"--workdir={workdir!r} has no checkpoints/ directory")
     shard_bytes = parse_size(max_shard_size)
     ckpt = checkpoint.Checkpointer(workdir)

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from llada_jax import files
+
 PAD_PIECE = "<pad>"
 EOS_PIECE = "<|eos|>"
 MASK_PIECE = "<|mdm_mask|>"
@@ -79,10 +81,9 @@ class Tokenizer:
 
 
 def _read(path: str) -> bytes:
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         raise FileNotFoundError(f"Tokenizer file not found: {path}")
-    with open(path, "rb") as f:
-        return f.read()
+    return files.read_bytes(path)
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -96,7 +97,7 @@ class SentencePieceTokenizer(Tokenizer):
           ValueError: if the model lacks one of the special pieces.
         """
         model_bytes = _read(model_file)
-        self.path = os.path.abspath(model_file)
+        self.path = files.resolve(model_file)
         self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
         self.fingerprint = hashlib.sha256(model_bytes).hexdigest()[:16]
         self.pad_id, self.eos_id, self.mask_id, self.eot_id = (
@@ -145,10 +146,10 @@ class HFTokenizer(Tokenizer):
         """
         from tokenizers import Tokenizer as _HF
 
-        if os.path.isdir(path):
-            path = os.path.join(path, "tokenizer.json")
+        if files.isdir(path):
+            path = files.join(path, "tokenizer.json")
         data = _read(path)
-        self.path = os.path.abspath(path)
+        self.path = files.resolve(path)
         try:
             self._tok = _HF.from_str(data.decode("utf-8"))
         except Exception as e:  # noqa: BLE001 - the library raises a bare Exception
@@ -157,7 +158,7 @@ class HFTokenizer(Tokenizer):
                 "its .model file"
             ) from None
         self.fingerprint = hashlib.sha256(data).hexdigest()[:16]
-        config = self._config(os.path.join(os.path.dirname(self.path), "tokenizer_config.json"))
+        config = self._config(files.join(files.dirname(self.path), "tokenizer_config.json"))
         template = config.get("chat_template")  # Jinja, rendered by chat.chat_prompt
         if isinstance(template, list):  # named templates: the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
@@ -174,10 +175,9 @@ class HFTokenizer(Tokenizer):
 
     @staticmethod
     def _config(path: str) -> dict:
-        if not os.path.isfile(path):
+        if not files.isfile(path):
             return {}
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(files.read_text(path))
 
     def _special(self, named: object, kind: str, default: int | None = None) -> int:
         """The id of the token tokenizer_config.json names (a string or {"content": ...}), else
@@ -216,8 +216,8 @@ class HFTokenizer(Tokenizer):
 def is_hf_tokenizer(path: str) -> bool:
     """Whether `path` names a Hugging Face tokenizer: a *.json file, or a directory holding a
     tokenizer.json."""
-    if os.path.isdir(path):
-        return os.path.isfile(os.path.join(path, "tokenizer.json"))
+    if files.isdir(path):
+        return files.isfile(files.join(path, "tokenizer.json"))
     return path.endswith(".json")
 
 
