@@ -91,13 +91,42 @@ def fingerprints(tree: PyTree) -> tuple[dict[str, str], list[str]]:
         return {}, []
     names, leaves = [key_name(path) for path, _ in named], [x for _, x in named]
     if any(isinstance(x, np.ndarray) for x in leaves):  # host arrays (e.g. memory-mapped):
-        parts = [_leaf_fingerprints([x]) for x in leaves]  # one on the device at a time
-        lanes_Nx2 = np.concatenate([_local(p[0]) for p in parts])
-        finite_N = np.concatenate([_local(p[1]) for p in parts])
+        parts = [_host_fingerprint(np.asarray(x)) for x in leaves]  # in bounded memory
+        lanes_Nx2 = np.array([p[0] for p in parts], np.uint64)
+        finite_N = np.array([p[1] for p in parts])
     else:
         lanes_Nx2, finite_N = (_local(x) for x in _leaf_fingerprints(leaves))
     sums = {n: f"{int(a):08x}{int(b):08x}" for n, (a, b) in zip(names, lanes_Nx2)}
     return sums, [n for n, ok in zip(names, finite_N) if not ok]
+
+
+def _host_fingerprint(x: np.ndarray, chunk: int = 1 << 16) -> tuple[tuple[int, int], bool]:
+    """The fingerprint and finiteness of a host array, as `_array_fingerprint` computes them,
+    `chunk` elements at a time (a memory-mapped parameter is never copied whole)."""
+    width = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[x.dtype.itemsize]
+    flat = x.reshape(-1)
+    bits = (flat.astype(np.uint8) if x.dtype == np.bool_ else flat).view(width)
+    lanes, finite, mask = [0] * len(SEEDS), True, np.uint64(0xFFFFFFFF)
+    for start in range(0, bits.size, chunk):
+        b = bits[start : start + chunk].astype(np.uint64)
+        position = (np.arange(start, start + b.size, dtype=np.uint64) * np.uint64(GOLDEN)) & mask
+        for k, seed in enumerate(SEEDS):
+            mixed = _host_mix((_host_mix(b ^ np.uint64(seed)) + position) & mask)
+            lanes[k] = (lanes[k] + int(mixed.sum(dtype=np.uint64))) % 2**32
+    if jnp.issubdtype(x.dtype, jnp.inexact):  # bfloat16 included
+        for start in range(0, flat.size, chunk):
+            finite = finite and bool(np.isfinite(flat[start : start + chunk]).all())
+    return (lanes[0], lanes[1]), finite
+
+
+def _host_mix(h: np.ndarray) -> np.ndarray:
+    """`_mix` in numpy, on uint64 holding 32-bit values."""
+    mask = np.uint64(0xFFFFFFFF)
+    h = h ^ (h >> np.uint64(16))
+    h = (h * np.uint64(0x85EBCA6B)) & mask
+    h = h ^ (h >> np.uint64(13))
+    h = (h * np.uint64(0xC2B2AE35)) & mask
+    return h ^ (h >> np.uint64(16))
 
 
 def _local(x: jax.Array) -> np.ndarray:

@@ -165,6 +165,8 @@ def test_evaluate_watch_sample_and_compare_follow_gs_runs(gcs_dir, tmp_path):
     scored = [int(s) for s in re.findall(r"^step (\d+): NLL bound", out, re.M)]
     assert sorted(scored) == [2, 4, 6], out[-3000:]
     assert files.listdir(files.join(first, "eval")) == [f"step_{s}.json" for s in (2, 4, 6)]
+    events = files.listdir(files.join(first, "tensorboard"))  # the trainer's and the watcher's
+    assert len([n for n in events if n.startswith("events.out.tfevents")]) == 2, events
 
     sample = [sys.executable, "tools/sample.py", f"--workdir={first}", "--prompt=In the"]
     out = ok(run(sample + ["--gen_length=8", "--steps=8", "--block_length=8", "--json"])).stdout
