@@ -174,6 +174,7 @@ def faulty_import(workdir, fault, at=0, suffix="never", env=None):
     return start([sys.executable, "-c", code], env=env)
 
 
+@pytest.mark.slow  # the default run stays under 15 minutes
 def test_an_import_killed_mid_upload_leaves_no_complete_step_and_a_rerun_replaces_it(
     imported, tmp_path
 ):

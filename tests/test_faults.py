@@ -236,6 +236,7 @@ def test_a_damaged_latest_step_is_refused_by_tools_and_skipped_by_the_trainer(
     assert checkpoint.complete_steps(checkpoint.checkpoint_dir(copy))[-1] == 24
 
 
+@pytest.mark.slow  # the default run stays under 15 minutes
 def test_two_damaged_steps_fall_back_twice(trained, copy):
     """Step 20 truncated and step 15 with flipped bytes: the run resumes at 10."""
     truncate(copy, 20)
@@ -378,6 +379,7 @@ def test_max_to_keep_1_keeps_the_final_step_across_restarts(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Signals
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow  # the default run stays under 15 minutes
 def test_sigterm_at_random_moments_of_start_up_exits_0(tmp_path):
     """From the interpreter's start to the first step (imports, config, data, compile)."""
     rng = random.Random(1)

@@ -203,6 +203,7 @@ def test_the_object_lock_excludes_a_second_writer_and_is_lost_when_taken_over(gc
     held.release()
 
 
+@pytest.mark.slow  # the default run stays under 15 minutes
 def test_two_trainers_on_one_gs_workdir(gcs_dir):
     """The second trainer refuses with one line while the first runs; after a kill -9 of the
     first (its lock is never released), a new one takes the stale lock over and finishes; the

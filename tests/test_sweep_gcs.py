@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from llada_jax import files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,6 +56,7 @@ def status_rows(sweep_dir):
     return {line.split()[0]: line.split() for line in lines[1:]}
 
 
+@pytest.mark.slow  # the default run stays under 15 minutes
 def test_a_sweep_on_gs_runs_shows_its_runs_finished_and_is_compared(gcs_dir, tmp_path):
     config = tmp_path / "ablation.py"
     config.write_text(ABLATION)
