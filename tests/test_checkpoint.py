@@ -7,6 +7,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -235,7 +236,8 @@ def test_a_restarted_trainer_waits_for_the_one_it_replaces(straight_long, tmp_pa
     )
     assert impatient.returncode == 2, impatient.stderr[-2000:]
     line = impatient.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: --workdir=") and f"(pid {old.proc.pid})" in line, line
+    holder = f"({socket.gethostname()} pid {old.proc.pid})"  # the host too: pods have many
+    assert line.startswith("error: --workdir=") and holder in line, line
     assert "checkpoint.wait_for_writer_sec" in line and "Traceback" not in impatient.stderr
     new = Watched(long_cmd(workdir))
     assert new.wait_for(lambda: any("waiting up to" in x for x in list(new.stdout)))
