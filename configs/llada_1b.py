@@ -58,4 +58,7 @@ def get_config(variant: str = "") -> ConfigDict:
     )
     c.train.update(steps=100_000, log_every=10)
     c.mesh.update(shape=(1, -1, 1))
+    # A save every 30 min beside every 500 steps: a preemption loses at most 30 min of work
+    # (the save on SIGTERM may not fit in the notice); docs/performance.md has the arithmetic.
+    c.checkpoint.update(save_every_sec=1800.0)
     return apply_variant(c, variant, VARIANTS)

@@ -49,8 +49,10 @@ def boolean(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
-def add_bool(parser: argparse.ArgumentParser, name: str, help: str):
-    parser.add_argument(f"--{name}", type=boolean, nargs="?", const=True, default=False, help=help)
+def add_bool(parser: argparse.ArgumentParser, name: str, help: str, default: bool = False):
+    parser.add_argument(
+        f"--{name}", type=boolean, nargs="?", const=True, default=default, help=help
+    )
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -39,6 +39,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,6 +49,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from llada_jax import files, fingerprint
+from llada_jax.host import decisions
 
 PyTree = Any
 ITEMS = ("params", "opt_state", "meta")
@@ -91,7 +93,9 @@ class SaveFailed(OSError):
 
 
 class Checkpointer:
-    """Saves every `save_every` steps, keeps the last `max_to_keep` plus every `keep_every`-th.
+    """Saves every `save_every` steps and when `save_every_sec` seconds have passed since the
+    last save (or the start), keeps the last `max_to_keep` plus every `keep_every`-th (older
+    steps are deleted in the background).
 
     writer: this process belongs to the run that writes DIR (the trainer, a converter): removes
     what interrupted saves left behind before anything else happens. Otherwise nothing is
@@ -106,8 +110,10 @@ class Checkpointer:
         keep_every: int | None = None,
         async_save: bool = True,
         writer: bool = False,
+        save_every_sec: float = 0.0,
     ):
-        self.save_every, self.writer = save_every, writer
+        self.save_every, self.save_every_sec, self.writer = save_every, save_every_sec, writer
+        self._last_save = time.monotonic()
         self.workdir = files.resolve(workdir)
         self.directory = checkpoint_dir(workdir)
         self.manager: ocp.CheckpointManager | None = None
@@ -125,6 +131,7 @@ class Checkpointer:
                     enable_async_checkpointing=async_save,
                     create=True,
                     cleanup_tmp_directories=True,
+                    enable_background_delete=True,
                 ),
             )
         self._reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
@@ -135,16 +142,19 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def complete_steps(self) -> list[int]:
-        """The complete steps, oldest first; in a multi-process writer, process 0's listing
-        (every host takes a decision that depends on files from process 0)."""
-        steps = complete_steps(self.directory)
-        return from_process_0(steps) if self.writer else steps
+        """The complete steps, oldest first: process 0's listing, on every process (every
+        process calls it; each host's own could differ while a save is being committed)."""
+        return decisions.process_0_decides(lambda: complete_steps(self.directory))
 
     def is_complete(self, step: int) -> bool:
         return files.isfile(files.join(self.directory, str(step), COMMIT_FILE))
 
     def should_save(self, step: int) -> bool:
-        return self.save_every > 0 and step % self.save_every == 0
+        """Whether `step` is due by the step or the clock cadence: this process's view (a
+        multi-process trainer takes process 0's, train.py agrees on it)."""
+        by_step = self.save_every > 0 and step % self.save_every == 0
+        by_clock = 0 < self.save_every_sec <= time.monotonic() - self._last_save
+        return by_step or by_clock
 
     # ----------------------------------------------------------------------------------------
     # Writing
@@ -189,7 +199,7 @@ class Checkpointer:
         )
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
-        self._saving = step
+        self._saving, self._last_save = step, time.monotonic()
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:  # noqa: BLE001 - any failure of the save's synchronous part
@@ -199,9 +209,13 @@ class Checkpointer:
     def _existing(self, step: int) -> str:
         """'none', 'incomplete' (a directory without its commit file) or 'complete': process
         0's view, on every process."""
-        path = files.join(self.directory, str(step))
-        state = (2 if self.is_complete(step) else 1) if files.isdir(path) else 0
-        return ("none", "incomplete", "complete")[from_process_0([state])[0]]
+
+        def look() -> str:
+            if not files.isdir(files.join(self.directory, str(step))):
+                return "none"
+            return "complete" if self.is_complete(step) else "incomplete"
+
+        return decisions.process_0_decides(look)
 
     def check_for_errors(self) -> None:
         """Raises SaveFailed if the save in flight has failed (cheap: call it every step)."""
@@ -415,17 +429,6 @@ def complete_steps(directory: str) -> list[int]:
         for n in files.listdir(directory)
         if n.isdigit() and files.isfile(files.join(directory, n, COMMIT_FILE))
     )
-
-
-def from_process_0(values: list[int]) -> list[int]:
-    """Process 0's list of integers on every process (itself in a single process)."""
-    if jax.process_count() == 1:
-        return values
-    count = int(multihost_utils.broadcast_one_to_all(np.int64(len(values))))
-    mine = np.zeros(count, np.int64)
-    if jax.process_index() == 0:
-        mine[:] = values
-    return [int(v) for v in multihost_utils.broadcast_one_to_all(mine)]
 
 
 def leaf_names(tree: PyTree) -> set[str]:

@@ -122,9 +122,12 @@ def base_config() -> ConfigDict:
     t.final_bound = False  # at the end: the held-out NLL bound (eval section's tokens and masks)
     t.compare_untrained = False  # at the end: the untrained model's samples and bound beside
     t.keep_host_memory = True  # CPU: glibc keeps freed memory for the next step (host/memory.py)
+    t.compilation_cache = "auto"  # JAX compilation cache: auto | DIR | gs://... | "" (off)
+    t.profile_steps = (0, 0)  # (first, count): trace the count steps after `first` to DIR/profile
 
     c.checkpoint = k = ConfigDict()
     k.save_every = 500  # steps between checkpoints (also saved at the end and on SIGTERM)
+    k.save_every_sec = 0.0  # also save when this many seconds passed since the last save; 0: off
     k.max_to_keep = 3  # most recent checkpoints kept
     k.keep_every = 0  # also keep every keep_every-th step for good; 0: none
     k.async_save = True  # write in the background (only the device-to-host copy blocks)
@@ -160,6 +163,9 @@ def base_config() -> ConfigDict:
 
     c.mesh = ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor) device counts; -1: the remaining devices
+    # TPU slices joined over the data-center network (DCN); the batch is split across them
+    # (parameters are not), and `shape` is then the mesh within one slice.
+    c.mesh.num_slices = 1
     return c
 
 

@@ -131,14 +131,16 @@ def make_scorer(model: inference.LoadedModel, settings: EvalSettings) -> Callabl
 
 
 def score_rows(
-    scorer: Callable[..., jax.Array],
+    scorer: MeshBound,
     params: Any,
     rows_RxL: np.ndarray,
     settings: EvalSettings,
     batch_size: int,
     progress: bool = False,
 ) -> np.ndarray:
-    """Every (row, sample) pair scored in batches of `batch_size`: (R, num_samples) nats."""
+    """Every (row, sample) pair scored in batches of `batch_size`: (R, num_samples) nats. In a
+    multi-process run every process calls it with the same rows (each feeds its devices' part)."""
+    mesh = scorer.mesh
     n = settings.num_samples
     row_id = np.repeat(np.arange(len(rows_RxL), dtype=np.int32), n)
     sample = np.tile(np.arange(n, dtype=np.int32), len(rows_RxL))
@@ -152,7 +154,8 @@ def score_rows(
         batches = tqdm(batches, desc="held-out bound", unit="batch", leave=False)
     for start in batches:
         r, s = row_id[start : start + batch_size], sample[start : start + batch_size]
-        out.append(np.asarray(scorer(params, rows_RxL[r], r, s)))
+        inputs = (sharding.to_devices(x, mesh) for x in (rows_RxL[r], r, s))
+        out.append(sharding.to_host(scorer(params, *inputs)))
     return np.concatenate(out)[: len(rows_RxL) * n].reshape(len(rows_RxL), n)
 
 

@@ -182,6 +182,7 @@ def saved_config(saved: dict, num_devices: int = 1, fsdp: bool = False) -> confi
         else:
             cfg[name] = _tuples(value)
     cfg.mesh.shape = (1, num_devices, 1) if fsdp else (num_devices, 1, 1)
+    cfg.mesh.num_slices = 1
     cfg.data.batch_size = num_devices
     cfg.optim.grad_accum = 1
     return cfg

@@ -20,13 +20,15 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import optax
 from flax import nnx
 
-from llada_jax import checkpoint, diffusion, files, kernels, optim, sampling, sharding
+from llada_jax import checkpoint, diffusion, files, kernels, optim, profiling, sampling, sharding
 from llada_jax import config as config_lib
 from llada_jax.data import datasets, pipeline, sft
 from llada_jax.data.tokenizer import Tokenizer, load_tokenizer
+from llada_jax.host import decisions
 from llada_jax.kernels import mkl, splash
 from llada_jax.model import ModelConfig, Transformer
 from llada_jax.train_step import StepConfig, jit_train_step, make_train_step
@@ -67,9 +69,10 @@ def build_run(
     check_counts(cfg)
     check_checkpoint(cfg.checkpoint)
     check_sft_settings(cfg.data)
+    profiling.check_steps(cfg.train.profile_steps)
     optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)  # before optim.grad_accum is used
     lr_schedule = optim.make_lr_schedule(cfg.optim, cfg.train.steps)
-    mesh = sharding.make_mesh(cfg.mesh.shape, list(devices) if devices is not None else None)
+    mesh = sharding.make_mesh(cfg.mesh.shape, devices, cfg.mesh.num_slices)
     check_batch(cfg, mesh)
     model_cfg = ModelConfig.from_config(cfg.model)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -112,7 +115,13 @@ def build_run(
         )
     if workdir:
         check_resumable(cfg, workdir)
-    batches, summary = open_batches(cfg, tokenizer, model_cfg.vocab_size) if data else (None, "")
+    batches, summary = (
+        open_batches(
+            cfg, tokenizer, model_cfg.vocab_size, pipeline.process_rows(mesh, cfg.data.batch_size)
+        )
+        if data
+        else (None, "")
+    )
     return Run(
         cfg=cfg,
         workdir=workdir,
@@ -199,6 +208,11 @@ def check_checkpoint(k: config_lib.ConfigDict) -> None:
             f"checkpoint.wait_for_writer_sec={k.wait_for_writer_sec!r} is invalid; valid: a "
             "number of seconds >= 0"
         )
+    if not k.save_every_sec >= 0:  # NaN too
+        raise ValueError(
+            f"checkpoint.save_every_sec={k.save_every_sec!r} is invalid; valid: a number of "
+            "seconds >= 0 (0: off)"
+        )
     if not k.lock_stale_sec > 0:  # NaN too
         raise ValueError(
             f"checkpoint.lock_stale_sec={k.lock_stale_sec!r} is invalid; valid: a number of "
@@ -208,7 +222,8 @@ def check_checkpoint(k: config_lib.ConfigDict) -> None:
 
 def check_batch(cfg: config_lib.ConfigDict, mesh: jax.sharding.Mesh) -> None:
     """The global batch splits into micro-batches (optim.grad_accum), each over the data-parallel
-    devices, and into equal parts per process."""
+    devices. (Any split of its rows over processes can be fed: each reads those its devices
+    hold.)"""
     dp, batch, accum = sharding.data_parallel_size(mesh), cfg.data.batch_size, cfg.optim.grad_accum
     where = f"mesh {dict(mesh.shape)} over {mesh.size} devices"
     if batch % dp:
@@ -219,11 +234,6 @@ def check_batch(cfg: config_lib.ConfigDict, mesh: jax.sharding.Mesh) -> None:
         raise ValueError(
             f"data.batch_size={batch} / optim.grad_accum={accum} is not a micro-batch divisible "
             f"by the data-parallel size {dp} ({where})"
-        )
-    if batch % (accum * jax.process_count()):
-        raise ValueError(
-            f"data.batch_size={batch} is not divisible by optim.grad_accum={accum} x "
-            f"{jax.process_count()} processes"
         )
 
 
@@ -275,9 +285,13 @@ def check_attention(model_cfg: ModelConfig, chosen: kernels.Kernels, seq_len: in
 
 
 def check_resumable(cfg: config_lib.ConfigDict, workdir: str) -> None:
-    """Refuses to resume (or initialize from train.init_from) with different model shapes."""
+    """Refuses to resume (or initialize from train.init_from) with different model shapes.
+    Every process reads the step process 0 lists (reading meta is collective in Orbax)."""
     for directory, what in ((workdir, "resume"), (cfg.train.init_from, "initialize from")):
-        if not directory or not files.isdir(checkpoint.checkpoint_dir(directory)):
+        found = directory and decisions.process_0_decides(
+            lambda: files.isdir(checkpoint.checkpoint_dir(directory))
+        )
+        if not found:
             if directory and what == "initialize from":
                 raise ValueError(f"train.init_from={directory!r} has no checkpoints/ directory")
             continue
@@ -300,9 +314,10 @@ def check_resumable(cfg: config_lib.ConfigDict, workdir: str) -> None:
 # Data
 # --------------------------------------------------------------------------------------------
 def open_batches(
-    cfg: config_lib.ConfigDict, tokenizer: Tokenizer, vocab_size: int
+    cfg: config_lib.ConfigDict, tokenizer: Tokenizer, vocab_size: int, rows: np.ndarray
 ) -> tuple[grain.MapDataset, str]:
-    """The configured datasets, checked against the run, as per-step local batches."""
+    """The configured datasets, checked against the run, as per-step batches of the global
+    `rows` this process reads."""
     d = cfg.data
     if cfg.train.objective == "sft":
         if not d.datasets:
@@ -319,6 +334,7 @@ def open_batches(
             vocab_size,
             d.sft_overflow,
             d.sft_pairs_per_row,
+            rows,
         )
     else:
         sources = datasets.pretrain_sources(d, tokenizer, vocab_size)
@@ -328,6 +344,7 @@ def open_batches(
             vocab_size,
             tokenizer.eos_id,
             d.segment_ids,
+            rows,
         )
     return batches, pipeline.describe(sources)
 

@@ -34,11 +34,21 @@ from absl import flags
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from llada_jax import checkpoint, evaluate, files, inference, likelihood, metrics, writer_lock
+from llada_jax import (
+    checkpoint,
+    evaluate,
+    files,
+    inference,
+    likelihood,
+    metrics,
+    profiling,
+    sharding,
+    writer_lock,
+)
 from llada_jax import config as config_lib
 from llada_jax.data import pipeline
 from llada_jax.data.corpus import read_default_corpus
-from llada_jax.host import distributed, xla_flags
+from llada_jax.host import compilation_cache, decisions, distributed, xla_flags
 from llada_jax.host import memory as host_memory
 from llada_jax.run import Run, build_run, create_state, init_params, make_step_fn
 from llada_jax.sample_stats import CorpusVocabulary, sample_stats
@@ -146,7 +156,13 @@ def train(run: Run, signals: StopSignals) -> dict[str, float]:
     with (
         lock,
         checkpoint.Checkpointer(
-            run.workdir, c.save_every, c.max_to_keep, c.keep_every, c.async_save, writer=True
+            run.workdir,
+            c.save_every,
+            c.max_to_keep,
+            c.keep_every,
+            c.async_save,
+            writer=True,
+            save_every_sec=c.save_every_sec,
         ) as ckpt,
     ):
         graphdef, params, opt_state = create_state(run)
@@ -162,7 +178,9 @@ def train(run: Run, signals: StopSignals) -> dict[str, float]:
                 run, ckpt, writer, signals, graphdef, params, opt_state, start, n_params, lock
             )
     signals.phase = "end"  # the last save is complete: SIGTERM from here on exits at once
-    if is_writer and not (signals.terminate or signals.interrupt):
+    # Every process takes part (the parameters are sharded over all of them); process 0 prints.
+    # The stop flags are the same on every process (agreed in the loop).
+    if not (signals.terminate or signals.interrupt):
         # The untrained parameters (the run's initialization) once, for both comparisons.
         untrained = init_params(run)[1] if cfg.train.compare_untrained else None
         if cfg.sample.num_samples > 0:
@@ -206,6 +224,7 @@ def train_steps(
     last: dict[str, float] = {}
     interval: list[dict[str, jax.Array]] = []  # device metrics since the last log line
     skipped_in_a_row = 0
+    profiler = profiling.StepProfiler(run.workdir, cfg.train.profile_steps, start, total, is_writer)
     mark_step, mark_time = start, time.perf_counter()
     signals.phase = "loop"
     for step in range(start, total):
@@ -213,6 +232,7 @@ def train_steps(
         params, opt_state, out = step_fn(params, opt_state, batch, jnp.int32(step))
         interval.append(out)
         done = step + 1
+        profiler.after_step(done, (params, opt_state, out))  # starts or stops a trace
         if step == start or done % cfg.train.log_every == 0 or done == total:
             means, skipped_in_a_row = interval_stats(interval, skipped_in_a_row)
             interval, now = [], time.perf_counter()
@@ -247,8 +267,9 @@ def train_steps(
             mark_step, mark_time = done, now
         ckpt.check_for_errors()  # a failed save stops the run at once
         stop = signals.check(done)
-        if ckpt.should_save(done) or done == total or stop:
-            if getattr(lock, "lost", False):
+        save, lock_lost = agree(signals, ckpt.should_save(done), getattr(lock, "lost", False))
+        if save or done == total or stop:
+            if lock_lost:
                 raise writer_lock.WorkdirBusy(
                     f"another trainer took over the writer lock of {run.workdir} (this one did "
                     f"not renew it for checkpoint.lock_stale_sec); stopping before the save of "
@@ -265,33 +286,52 @@ def train_steps(
     return params, last
 
 
+def say(*lines: str) -> None:
+    """Prints on process 0 only (every process computes what it reports)."""
+    if jax.process_index() == 0:
+        print(*lines, sep="\n", flush=True)
+
+
+def agree(signals: StopSignals, save_due: bool, lock_lost: bool) -> tuple[bool, bool]:
+    """The loop's host-side choices after a step, the same on every process: a SIGINT that
+    reached any process stops all of them (`signals.interrupt`); whether a save is due (the
+    step or clock cadence) and whether the writer lock was lost are process 0's. Returns
+    (save_due, lock_lost). One small collective per step in a multi-process run."""
+    votes_PxF = decisions.flags_of_every_process([signals.interrupt, save_due, lock_lost])
+    signals.interrupt = bool(votes_PxF[:, 0].any())
+    return bool(votes_PxF[0, 1]), bool(votes_PxF[0, 2])
+
+
 def print_samples(
     run: Run, graphdef: nnx.GraphDef, params: Any, untrained: Any | None = None
 ) -> None:
-    """Generates from the config's prompts and prints them. On the shipped corpus also how much
-    they read like it (llada_jax/sample_stats.py), and given `untrained` parameters the same
-    figures for their samples."""
-    s, tok = run.cfg.sample, run.tokenizer
+    """Generates from the config's prompts on the run's mesh and prints them. On the shipped
+    corpus also how much they read like it (llada_jax/sample_stats.py), and given `untrained`
+    parameters the same figures for their samples. Every process calls it."""
+    s, tok, mesh = run.cfg.sample, run.tokenizer, run.mesh
     prompts = [tok.encode(p) for p in list(s.prompts)[: s.num_samples]]
     ids, valid = inference.left_pad(prompts, tok.pad_id)
-    sample = inference.make_sampler(graphdef, inference.SampleSettings.from_config(s), tok)
+    ids, valid, _ = inference.pad_batch(ids, valid, sharding.data_parallel_size(mesh))
+    ids_BxP, valid_BxP = sharding.to_devices(ids, mesh), sharding.to_devices(valid, mesh)
+    sample = inference.make_sampler(graphdef, inference.SampleSettings.from_config(s), tok, mesh)
 
     def generate(params: Any) -> list[str]:
-        out = np.asarray(sample(params, ids, valid, jax.random.key(run.cfg.seed))[0])
+        canvas_BxT = sample(params, ids_BxP, valid_BxP, jax.random.key(run.cfg.seed))[0]
+        out = sharding.to_host(canvas_BxT)
         return [tok.decode(row[ids.shape[1] :]) for row in out[: len(prompts)].tolist()]
 
     t = time.perf_counter()
     texts = generate(params)
-    print(f"samples ({s.steps} steps, {s.gen_length} tokens, {time.perf_counter() - t:.1f}s):")
+    say(f"samples ({s.steps} steps, {s.gen_length} tokens, {time.perf_counter() - t:.1f}s):")
     for p, text in zip(prompts, texts):
-        print(f"--- {tok.decode(p)!r} ->\n{tok.decode(p)}{text}", flush=True)
+        say(f"--- {tok.decode(p)!r} ->\n{tok.decode(p)}{text}")
     if run.cfg.data.datasets:  # the figures compare with the shipped corpus
         return
     corpus = CorpusVocabulary.of([read_default_corpus()])
-    print(f"sample words, trained:   {sample_stats(texts, corpus).line()}")
+    say(f"sample words, trained:   {sample_stats(texts, corpus).line()}")
     if untrained is not None:
         texts = generate(untrained)
-        print(f"sample words, untrained: {sample_stats(texts, corpus).line()}", flush=True)
+        say(f"sample words, untrained: {sample_stats(texts, corpus).line()}")
 
 
 def print_held_out_bound(
@@ -299,15 +339,12 @@ def print_held_out_bound(
 ) -> None:
     """Prints the evaluation job's NLL bound of the trained parameters on the run's held-out
     data (the eval section's tokens, masks and seed), and given `untrained` parameters theirs
-    beside it. One process only: a pod's run is scored by tools/evaluate.py."""
-    if jax.process_count() > 1:
-        print("held-out bound: skipped in a multi-process run (tools/evaluate.py scores it)")
-        return
+    beside it, scored on the run's mesh. Every process calls it."""
     settings = evaluate.EvalSettings.from_config(run.cfg.eval)
     try:
         rows_RxL, _ = evaluate.held_out_rows(run, settings.num_tokens)
     except ValueError as e:
-        print(f"held-out bound: skipped ({e})")
+        say(f"held-out bound: skipped ({e})")
         return
     model = inference.LoadedModel(run.workdir, run, run.cfg.train.steps, graphdef, params)
     scorer = evaluate.make_scorer(model, settings)
@@ -325,7 +362,7 @@ def print_held_out_bound(
     line += f"trained {bound(params)}"
     if untrained is not None:
         line += f", untrained {bound(untrained)}"
-    print(line, flush=True)
+    say(line)
 
 
 def main(argv: list[str]) -> int:
@@ -336,6 +373,7 @@ def main(argv: list[str]) -> int:
         cfg = config_lib.from_command_line(argv)
         if cfg.train.keep_host_memory:  # before JAX starts its backend
             host_memory.keep_freed_memory()
+        compilation_cache.enable(cfg.train.compilation_cache)  # before the first compilation
         if not FLAGS.workdir:
             raise ValueError("--workdir=DIR is required")
         distributed.initialize()

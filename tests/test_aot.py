@@ -3,10 +3,12 @@ ahead of time over abstract state, and its per-device memory report checked agai
 the trainer really allocates."""
 
 import importlib.util
+import math
 import os
 
 import jax
 import pytest
+from jax.experimental import mesh_utils
 
 from llada_jax import config as config_lib
 from llada_jax import run as run_lib
@@ -86,7 +88,8 @@ def test_cpu_aot_report_memory_matches_the_state(tool):
     assert mem["arguments"] == per_device + batch_bytes + 4
     # Donation: the new state reuses the old state's buffers.
     assert mem["aliased"] == per_device
-    assert report["chips"] == 8 and report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert report["chips"] == 8
+    assert report["mesh"] == {"slice": 1, "data": 2, "fsdp": 2, "tensor": 2}
 
 
 def test_kernel_matmuls_counts_splash_calls(tool):
@@ -120,3 +123,62 @@ def test_kernel_matmuls_counts_splash_calls(tool):
     m = cfg.model
     want = 2.0 * (8 / 4) * cfg.data.seq_len**2 * (m.n_heads / 2) * (m.d_model // m.n_heads)
     assert tool.attention_matmul_flops(cfg, 8, {"data": 2, "fsdp": 2, "tensor": 2}) == want
+
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None, reason="libtpu (the `tpu` extra) is not installed"
+)
+
+
+@needs_libtpu
+def test_two_slice_topology_mesh(tool):
+    """libtpu's two-slice topologies: each slice on one index of the "slice" axis, laid out as
+    create_hybrid_device_mesh lays it out (v5p), also where that refuses to split v5e axes."""
+    devices = tool.topology_devices("v5p:2x2x1", num_slices=2)
+    mesh = sharding.make_mesh((1, 4, 1), devices, num_slices=2)
+    hybrid = mesh_utils.create_hybrid_device_mesh((1, 1, 4, 1), (2, 1, 1, 1), devices)
+    assert mesh.devices.tolist() == hybrid.tolist()
+    assert [{d.slice_index for d in mesh.devices[s].flat} for s in (0, 1)] == [{0}, {1}]
+    with pytest.raises(ValueError, match="mesh.num_slices=1 but the 8 devices are in 2 slice"):
+        sharding.make_mesh((1, 4, 1), devices)
+    v5e = tool.topology_devices("v5e:4x4", num_slices=2)
+    assert dict(sharding.make_mesh((2, 4, 2), v5e, num_slices=2).shape)["slice"] == 2
+
+
+@needs_libtpu
+def test_two_slice_tpu_compile(tool):
+    """The trainer's step compiles for two v5p:2x2x1 slices: parameters split over fsdp within a
+    slice and replicated across slices, the batch over all 8 chips (1 row each)."""
+    cfg = config_lib.load("configs/tiny.py", [("mesh.shape", "(1,-1,1)"), ("mesh.num_slices", "2")])
+    devices = tool.topology_devices("v5p:2x2x1", 2)
+    report = tool.aot_report(cfg, devices, estimate=False)
+    assert report["chips"] == 8
+    assert report["mesh"] == {"slice": 2, "data": 1, "fsdp": 4, "tensor": 1}
+    assert report["memory"]["fits"] and report["memory"]["temporaries"] > 0
+    # Per chip, the state is that of one slice alone (TPU arguments add tile padding).
+    config_lib.set_key(cfg, "mesh.num_slices", 1)
+    one = run_lib.build_run(cfg, devices=devices[:4], data=False)
+    state = jax.tree.leaves(run_lib.abstract_state(one)[1:])
+    per_chip = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in state)
+    assert report["memory"]["state"] == per_chip
+
+
+def test_collective_summary_counts_dcn_transfers(tool):
+    """Across slices an all-reduce is a send to libtpu's multislice runtime (and a recv): one
+    "dcn all-reduce" per send, as libtpu prints them."""
+    transfer = (
+        "  %{op}.52 = (bf16[256,8,128]{{2,1,0:T(8,128)(2,1)}}, u32[], token[]) {op}(%a), "
+        "channel_id=4, is_host_transfer=true, frontend_attributes={{_xla_host_transfer_handler_"
+        'name="xla_megascale_runtime",_xla_megascale_reduce_operation="SUM",'
+        '_xla_megascale_target="{{1,2}}x{{0:15}}",_xla_megascale_transfer_type="ALL_REDUCE"}}'
+    )
+    hlo = "\n".join(
+        [
+            transfer.format(op="send"),
+            transfer.format(op="recv"),
+            "  %all-reduce.1 = f32[1,1,128]{2,1,0} all-reduce(%b), replica_groups={{0,1}}",
+        ]
+    )
+    summary = tool.collective_summary(hlo)
+    assert summary["dcn all-reduce"] == {"bf16[256,8,128]": 1}
+    assert summary["all-reduce"] == {"f32[1,1,128]{2,1,0}": 1}

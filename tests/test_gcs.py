@@ -172,7 +172,13 @@ def test_evaluate_watch_sample_and_compare_follow_gs_runs(gcs_dir, tmp_path):
     out = ok(run(sample + ["--gen_length=8", "--steps=8", "--block_length=8", "--json"])).stdout
     assert len(json.loads(out.strip().splitlines()[-1])["tokens"]) == 8
 
-    ok(run(trainer(second, *cmd, "--config.seed=1")))
+    # Also the compilation cache and a profiler trace on gs://.
+    extra = [f"--config.train.compilation_cache={gcs_dir}/jax_cache"]
+    extra += ["--config.train.profile_steps=(1,1)"]
+    out = ok(run(trainer(second, *cmd, "--config.seed=1", *extra)))
+    assert any(n.startswith("jit_train_step-") for n in files.listdir(f"{gcs_dir}/jax_cache"))
+    xplane = re.search(r"^profile: step 2 traced in (gs://\S+\.xplane\.pb);", out.stdout, re.M)
+    assert xplane and files.size(xplane.group(1)) > 0, out.stdout[-3000:]
     evaluate = [sys.executable, "tools/evaluate.py", f"--workdir={second}", "--num_tokens=64"]
     ok(run(evaluate + ["--generate=false", "--progress=false"]))
     report = str(tmp_path / "report")

@@ -8,6 +8,7 @@ import io
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -324,19 +325,33 @@ RUN_REMOTE = (
     'if [ -f ~/llada_train.log.pid ] && kill -0 "$(cat ~/llada_train.log.pid)" 2>/dev/null; '
     'then echo "$(hostname): training is still running (pid $(cat ~/llada_train.log.pid))" >&2; '
     "exit 1; fi; "
-    "nohup ~/llada_venv/bin/python -u -m llada_jax.train --config=configs/llada_1b.py:bf16 "
-    "--workdir=gs://bucket/run1 --config.train.steps=10 "
+    "nohup setsid ~/llada_venv/bin/python -u -m llada_jax.train "
+    "--config=configs/llada_1b.py:bf16 "
+    "--workdir=gs://bucket/run1 --distributed --config.train.steps=10 "
     "'--config.data.datasets=((\"d e\", 1.0),)' "
     ">> ~/llada_train.log 2>&1 < /dev/null & "
     'echo $! > ~/llada_train.log.pid; echo "$(hostname): started pid $!, log ~/llada_train.log"'
 )
-STOP_REMOTE = (
-    'if [ -f ~/llada_train.log.pid ] && kill -0 "$(cat ~/llada_train.log.pid)" 2>/dev/null; '
-    'then p=$(cat ~/llada_train.log.pid); kill -TERM "$p"; '
-    'echo "$(hostname): sent SIGTERM to $p, waiting for it to save and exit"; '
-    'while kill -0 "$p" 2>/dev/null; do sleep 2; done; echo "$(hostname): stopped"; '
-    'else echo "$(hostname): not running"; fi'
-)
+ALIVE = 'kill -0 "$p" 2>/dev/null || kill -0 -- -"$p" 2>/dev/null'
+
+
+def stop_remote(timeout=60):
+    """What `stop` runs on each worker: SIGTERM, up to `timeout` seconds for the run's process
+    group to exit, then kill -9 of what is left."""
+    return (
+        'if [ -f ~/llada_train.log.pid ] && kill -0 "$(cat ~/llada_train.log.pid)" 2>/dev/null; '
+        'then p=$(cat ~/llada_train.log.pid); kill -TERM "$p"; '
+        f'echo "$(hostname): sent SIGTERM to $p, waiting up to {timeout}s for it to save and '
+        'exit"; '
+        f"t=0; while {{ {ALIVE}; }} && [ $t -lt {timeout} ]; do sleep 1; t=$((t+1)); done; "
+        f'if {ALIVE}; then kill -9 -- -"$p" 2>/dev/null; kill -9 "$p" 2>/dev/null; '
+        f'echo "$(hostname): still running after {timeout}s: sent SIGKILL to $p and its group"; '
+        'else echo "$(hostname): stopped"; fi; '
+        'else echo "$(hostname): not running"; fi'
+    )
+
+
+STOP_REMOTE = stop_remote()
 RUN_ARGS = [
     "--config=configs/llada_1b.py:bf16",
     "--workdir=gs://bucket/run1",
@@ -492,9 +507,11 @@ def test_pod_remote_commands_run_and_stop_a_training_process(tmp_path):
         time.sleep(0.05)
     assert log.read_text().splitlines()[0] == (
         f'["{home}/llada_jax", "-u", "-m", "llada_jax.train", "--config=configs/llada_1b.py:bf16",'
-        ' "--workdir=gs://bucket/run1", "--config.train.steps=10", '
+        ' "--workdir=gs://bucket/run1", "--distributed", "--config.train.steps=10", '
         '"--config.data.datasets=((\\"d e\\", 1.0),)"]'
     )
+    pid = int((home / "llada_train.log.pid").read_text())
+    assert os.getpgid(pid) == pid  # a session of its own: `stop` can kill what it starts
     again = bash(RUN_REMOTE)
     assert again.returncode == 1 and "training is still running" in again.stderr
     stopped = bash(STOP_REMOTE)
@@ -578,12 +595,217 @@ def test_pod_stops_at_a_failing_gcloud(tmp_path):
     assert p.stderr.splitlines()[-1].startswith("error: gcloud exited with status 7: gcloud ")
 
 
+QR = "gcloud compute tpus queued-resources"
+
+
+def test_pod_queued_and_multislice_create_and_delete():
+    create = ["create", *POD, "--accelerator_type=v5p-128", "--runtime_version=v2-alpha-tpuv5"]
+    assert lines(pod(*create, "--queued", "--spot", "--dry_run")) == [
+        f"{QR} create pod-1 {WHERE} --accelerator-type=v5p-128 --runtime-version=v2-alpha-tpuv5 "
+        "--node-id=pod-1 --spot"
+    ]
+    # A multislice is a queued resource of N nodes, pod-1-0 ... pod-1-(N-1).
+    assert lines(pod(*create, "--num_slices=2", "--dry_run")) == [
+        f"{QR} create pod-1 {WHERE} --accelerator-type=v5p-128 --runtime-version=v2-alpha-tpuv5 "
+        "--node-count=2 --node-prefix=pod-1"
+    ]
+    for flags in (["--queued"], ["--num_slices=2"]):
+        assert lines(pod("delete", *POD, *flags, "--dry_run")) == [
+            f"{QR} delete pod-1 {WHERE} --force"
+        ]
+
+
+def test_pod_multislice_runs_on_every_worker_of_every_slice():
+    out = lines(pod("run", *POD, "--num_slices=2", "--dry_run", *RUN_ARGS))
+    remote = RUN_REMOTE.replace(
+        "'--config.data.datasets=((\"d e\", 1.0),)' ",
+        "'--config.data.datasets=((\"d e\", 1.0),)' --config.mesh.num_slices=2 ",
+    )
+    assert out == [
+        shlex.join(
+            ["gcloud", "compute", "tpus", "queued-resources", "ssh", "pod-1", "--zone=us-east5-a"]
+            + ["--project=my-proj", "--node=all", "--worker=all", f"--command={remote}"]
+        )
+    ]
+    out = lines(pod("install", *POD, "--num_slices=2", "--dry_run"))
+    for ssh_line in out[::2]:
+        assert shlex.split(ssh_line)[:-1] == shlex.split(
+            f"{QR} ssh pod-1 {WHERE} --node=all --worker=all"
+        )
+    assert out[1].startswith(f"{QR} scp {os.path.join(ROOT, 'setup.py')} ")
+    assert out[1].endswith(f" pod-1:llada_jax {WHERE} --worker=all --node=all --recurse")
+    stop = lines(pod("stop", *POD, "--num_slices=3", "--dry_run"))
+    assert stop == [
+        f"{QR} ssh pod-1 {WHERE} --node=all --worker=all " + shlex.quote(f"--command={STOP_REMOTE}")
+    ]
+
+
+def test_pod_stop_kills_what_outlives_the_timeout(tmp_path):
+    """The stop command, run by bash: a trainer that ignores SIGTERM and has a child is killed
+    with its child (its process group) once --stop_timeout_sec has passed."""
+    out = lines(pod("stop", *POD, "--stop_timeout_sec=1", "--dry_run"))
+    assert out == [shlex.join(ssh_argv(stop_remote(1)))]
+    trainer = tmp_path / "trainer.sh"
+    trainer.write_text("trap '' TERM\nsleep 60 &\necho $! > child\nwait\n")
+    env = clean_env(HOME=str(tmp_path))
+    subprocess.run(
+        ["bash", "-c", f"cd {tmp_path}; setsid bash trainer.sh & echo $! > llada_train.log.pid"],
+        env=env,
+        check=True,
+    )
+    pid = int((tmp_path / "llada_train.log.pid").read_text())
+    for _ in range(100):
+        if (tmp_path / "child").exists() and (tmp_path / "child").read_text():
+            break
+        time.sleep(0.02)
+    child = int((tmp_path / "child").read_text())
+    assert os.getpgid(child) == pid  # the run's own process group
+    t = time.monotonic()
+    stopped = subprocess.run(
+        ["bash", "-c", stop_remote(1)], env=env, capture_output=True, text=True, timeout=20
+    )
+    assert time.monotonic() - t < 5
+    assert "sent SIGTERM" in stopped.stdout and "sent SIGKILL" in stopped.stdout, stopped
+    for p in (pid, child):
+        for _ in range(100):
+            if gone(p):
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail(f"process {p} survived stop")
+
+
+def gone(pid):
+    """True when `pid` has exited (a zombie not yet reaped by its new parent counts)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def fake_worker_tools(directory, worker_number="3", tpu_env="MEGASCALE_SLICE_ID: '1'"):
+    """A curl answering the metadata server's attributes and a tail that prints the log and
+    exits, on a PATH of their own (curl fails when worker_number is None)."""
+    curl = directory / "curl"
+    answers = {"agent-worker-number": worker_number, "tpu-env": f"A: 'x'\n{tpu_env}\nB: 'y'"}
+    curl.write_text(
+        f"#!{PY}\nimport sys\nanswers = {answers!r}\nkey = sys.argv[-1].rsplit('/', 1)[1]\n"
+        "if answers['agent-worker-number'] is None: sys.exit(22)\nprint(answers[key])\n"
+    )
+    tail = directory / "tail"
+    tail.write_text(f"#!{PY}\nimport sys\nsys.stdout.write(open(sys.argv[-1]).read())\n")
+    for tool in (curl, tail):
+        tool.chmod(0o755)
+    return clean_env(HOME=str(directory), PATH=f"{directory}{os.pathsep}{os.environ['PATH']}")
+
+
+@pytest.mark.parametrize(
+    "flags,worker_number,prefix",
+    [([], "3", "[w3] "), (["--num_slices=2"], "3", "[s1w3] "), ([], None, None)],
+)
+def test_pod_tail_all_workers_prefixes_each_line(tmp_path, flags, worker_number, prefix):
+    out = lines(pod("tail", *POD, *flags, "--worker=all", "--lines=7", "--dry_run"))
+    argv = shlex.split(out[0])
+    where = ["--node=all"] if flags else []
+    assert argv[:4] == ["gcloud", "compute", "tpus", "queued-resources" if flags else "tpu-vm"]
+    assert argv[4:-1] == [
+        "ssh",
+        "pod-1",
+        "--zone=us-east5-a",
+        "--project=my-proj",
+        *where,
+        "--worker=all",
+    ]
+    remote = argv[-1].removeprefix("--command=")
+    assert "tail -n 7 -F ~/llada_train.log | sed -u " in remote
+    env = fake_worker_tools(tmp_path, worker_number)
+    (tmp_path / "llada_train.log").write_text("step 1\nstep 2\n")
+    shown = subprocess.run(["bash", "-c", remote], env=env, capture_output=True, text=True)
+    prefix = prefix or f"[{socket.gethostname()}] "  # no metadata server: the host name
+    assert shown.stdout.splitlines() == [f"{prefix}step 1", f"{prefix}step 2"], shown.stderr
+
+
+def test_pod_tail_one_worker_of_one_slice():
+    out = lines(pod("tail", *POD, "--num_slices=2", "--worker=3", "--slice=1", "--dry_run"))
+    assert out == [
+        f"{QR} ssh pod-1 {WHERE} --node=1 --worker=3 '--command=tail -n 100 -F ~/llada_train.log'"
+    ]
+    out = lines(pod("tail", *POD, "--queued", "--dry_run"))
+    assert out[0].startswith(f"{QR} ssh pod-1 {WHERE} --node=0 --worker=0 ")
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (
+            [
+                "create",
+                *POD,
+                "--queued",
+                "--accelerator_type=v5p-8",
+                "--runtime_version=x",
+                "--preemptible",
+            ],
+            "--preemptible is not available for queued resources",
+        ),
+        (["stop", *POD, "--num_slices=0"], "--num_slices=0 must be >= 1"),
+        (["stop", *POD, "--stop_timeout_sec=-1"], "--stop_timeout_sec=-1 must be >= 0"),
+        (["tail", *POD, "--worker=w1"], "--worker=w1 must be an index >= 0 or all"),
+        (["tail", *POD, "--slice=1"], "--slice=1 needs --queued or --num_slices"),
+        (["tail", *POD, "--num_slices=2", "--slice=2"], "--slice=2 must be < --num_slices=2"),
+        (
+            [
+                "run",
+                *POD,
+                "--num_slices=2",
+                "--config=c.py",
+                "--workdir=gs://b",
+                "--",
+                "--config.mesh.num_slices=4",
+            ],
+            "--config.mesh.num_slices=4 in the training flags contradicts --num_slices=2",
+        ),
+    ],
+)
+def test_pod_bad_queued_arguments(args, fragment):
+    assert_one_line_error(pod(*args[:1], "--dry_run", *args[1:]), fragment)
+
+
 # -------------------------------------------------------------------------------- slurm.py
+
+
+OVERLAP_FLAGS = (
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "--xla_gpu_enable_pipelined_all_gather=true",
+    "--xla_gpu_enable_pipelined_reduce_scatter=true",
+    "--xla_gpu_enable_pipelined_all_reduce=true",
+)
+OVERLAP = (
+    "# XLA flags that overlap GPU collectives with computation (launch/slurm.py; a flag\n"
+    "# already in XLA_FLAGS keeps its value):\n"
+    "#   --xla_gpu_enable_latency_hiding_scheduler=true: schedule collectives asynchronously, "
+    "overlapped with independent computation\n"
+    "#   --xla_gpu_enable_pipelined_all_gather=true: in loops (scanned layers), all-gather the "
+    "next iteration's parameters during this one\n"
+    "#   --xla_gpu_enable_pipelined_reduce_scatter=true: in loops, finish an iteration's "
+    "gradient reduce-scatter during the next one\n"
+    "#   --xla_gpu_enable_pipelined_all_reduce=true: in loops, finish an iteration's all-reduce "
+    "during the next one\n"
+    f"for flag in {' '.join(OVERLAP_FLAGS)}; do\n"
+    '  case " ${XLA_FLAGS:-} " in\n'
+    '    *" ${flag%%=*}="*) ;;\n'
+    '    *) XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$flag" ;;\n'
+    "  esac\n"
+    "done\n"
+    "export XLA_FLAGS\n"
+)
 
 
 def expected_script(
     sbatch_extra="",
     body_extra="",
+    overlap=OVERLAP,
     job="llada",
     nodes=2,
     gpus=8,
@@ -614,6 +836,7 @@ def expected_script(
         "set -euo pipefail\n"
         f"cd {ROOT}\n"
         f"{body_extra}"
+        f"{overlap}"
         f"srun --kill-on-bad-exit=1 {command}\n"
     )
 
@@ -643,6 +866,7 @@ def test_slurm_dry_run_all_options(tmp_path):
         "--setup=module load cuda/12",
         "--setup=source ~/venv/bin/activate",
         "--python=/opt/py/bin/python3",
+        "--overlap_flags=false",
         f"--script={script}",
         "--dry_run",
         "--",
@@ -656,6 +880,7 @@ def test_slurm_dry_run_all_options(tmp_path):
             "#SBATCH --partition=gpu-h100\n#SBATCH --account=proj7\n",
             "module load cuda/12\nsource ~/venv/bin/activate\n"
             "export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9\nexport NCCL_DEBUG=WARN\nexport MSG='a b'\n",
+            overlap="",
             job="abl",
             nodes=4,
             gpus=4,
@@ -729,3 +954,80 @@ def test_slurm_needs_training_flags_without_distributed_ones():
         ),
         "--coordinator",
     )
+
+
+def test_slurm_overlap_flags_keep_the_jobs_own_xla_flags():
+    """The rendered XLA_FLAGS block, run by bash: defaults appended, a flag the job already sets
+    keeps its value."""
+    run = lambda inherited: (
+        subprocess.run(
+            ["bash", "-c", "set -euo pipefail\n" + OVERLAP + 'printf %s "$XLA_FLAGS"'],
+            env=clean_env(**({"XLA_FLAGS": inherited} if inherited is not None else {})),
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    assert run(None) == " ".join(OVERLAP_FLAGS)
+    assert run("--xla_dump_to=/d --xla_gpu_enable_pipelined_all_gather=false") == " ".join(
+        ["--xla_dump_to=/d", "--xla_gpu_enable_pipelined_all_gather=false"]
+        + [f for f in OVERLAP_FLAGS if "all_gather" not in f]
+    )
+
+
+JOB16 = "the job has 16 processes of one GPU each (--nodes=2 x --gpus_per_node=8)"
+
+
+@pytest.mark.parametrize(
+    "mesh,fragment",
+    [
+        (
+            ["--config.mesh.shape=(2,4,1)"],
+            f"--config.mesh.shape=(2,4,1) needs 8 devices but {JOB16}",
+        ),
+        (
+            ["--config.mesh.shape", "(4,4,4)"],
+            f"--config.mesh.shape=(4,4,4) needs 64 devices but {JOB16}",
+        ),
+        (
+            ["--config.mesh.shape=(-1,-1,2)"],
+            f"--config.mesh.shape=(-1,-1,2) must have entries >= 1 and at most one -1; {JOB16}",
+        ),
+        (
+            ["--config.mesh.shape=(3,-1,1)"],
+            "--config.mesh.shape=(3,-1,1): the fixed entries (3 devices) do not divide the "
+            f"processes; {JOB16}",
+        ),
+        (
+            ["--config.mesh.num_slices=2", "--config.mesh.shape=(2,8,1)"],
+            "--config.mesh.shape=(2,8,1) x --config.mesh.num_slices=2 needs 32 devices but "
+            f"{JOB16}",
+        ),
+        (
+            ["--config.mesh.num_slices=3", "--config.mesh.shape=(-1,1,1)"],
+            f"--config.mesh.num_slices=3 does not divide the processes; {JOB16}",
+        ),
+    ],
+)
+def test_slurm_refuses_a_mesh_that_does_not_fit_the_job(mesh, fragment):
+    p = launcher(
+        "slurm.py", "--nodes=2", "--gpus_per_node=8", "--dry_run", "--", "--config=c", *mesh
+    )
+    assert_one_line_error(p, fragment)
+    assert p.stderr == f"error: {fragment}\n"
+
+
+@pytest.mark.parametrize(
+    "mesh",
+    [
+        ["--config.mesh.shape=(2,8,1)"],
+        ["--config.mesh.shape=(-1,4,2)"],
+        ["--config.mesh.shape=(1,-1,1)"],
+        ["--config.mesh.shape=[16]"],
+        ["--config.mesh.shape=(-1,)"],
+        ["--config.mesh.shape=(1,8,1)", "--config.mesh.num_slices=2"],
+        ["--config.mesh.shape=x"],
+    ],
+)
+def test_slurm_takes_a_mesh_that_fits_or_leaves_it_to_the_trainer(mesh):
+    p = launcher("slurm.py", "--nodes=2", "--gpus_per_node=8", "--dry_run", "--", *mesh)
+    assert p.returncode == 0, p.stderr

@@ -26,8 +26,10 @@ def train_cmd(workdir, *extra, config="configs/tiny.py"):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """40 steps of the tiny config on 8 fake devices (the conftest's XLA_FLAGS are inherited)."""
+    """40 steps of the tiny config on 8 fake devices (the conftest's XLA_FLAGS are inherited),
+    step 2 profiled, compiling into a cache of its own beside the workdir (jax_cache)."""
     workdir = str(tmp_path_factory.mktemp("run") / "tiny")
+    cache = os.path.join(os.path.dirname(workdir), "jax_cache")
     proc = subprocess.run(
         train_cmd(
             workdir,
@@ -40,6 +42,8 @@ def tiny_run(tmp_path_factory):
             "--config.train.compare_untrained=True",
             "--config.eval.num_tokens=256",
             "--config.eval.num_samples=2",
+            "--config.train.profile_steps=(1,1)",
+            f"--config.train.compilation_cache={cache}",
         ),
         cwd=ROOT,
         capture_output=True,
@@ -48,6 +52,29 @@ def tiny_run(tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir, proc.stdout
+
+
+def test_the_compilation_cache_holds_the_train_step(tiny_run):
+    """train.compilation_cache=DIR: JAX's persistent cache holds the run's compilations, the
+    train step among them (a restart loads it; "" writes none: the SFT test below)."""
+    workdir, _ = tiny_run
+    entries = os.listdir(os.path.join(os.path.dirname(workdir), "jax_cache"))
+    assert any(e.startswith("jit_train_step-") and e.endswith("-cache") for e in entries), entries
+
+
+def test_profile_steps_write_a_trace_and_say_where(tiny_run):
+    """train.profile_steps=(1,1): step 2 is traced under DIR/profile, and one line names the
+    trace and how to view it."""
+    workdir, stdout = tiny_run
+    traces = glob.glob(os.path.join(workdir, "profile", "plugins", "profile", "*", "*.xplane.pb"))
+    assert len(traces) == 1 and os.path.getsize(traces[0]) > 0, traces
+    lines = [x for x in stdout.splitlines() if x.startswith("profile: ")]
+    assert lines == [
+        f"profile: step 2 traced in {traces[0]}; view: tensorboard "
+        f"--logdir={os.path.join(workdir, 'profile')} (Profile tab: pip install "
+        f"tensorboard-plugin-profile) or open {os.path.dirname(traces[0])}/perfetto_trace.json.gz "
+        "at https://ui.perfetto.dev"
+    ], lines
 
 
 def test_training_writes_config_metrics_and_events(tiny_run):
@@ -140,6 +167,14 @@ BAD = {
         ["--config.data.sft_overflow=cut"],
         "data.sft_overflow='cut' is invalid; valid choices: ('truncate', 'drop')",
     ),
+    "profile_steps": (
+        ["--config.train.profile_steps=(-1,2)"],
+        "train.profile_steps=(-1, 2) is invalid; valid: (first, count), two integers >= 0",
+    ),
+    "compilation_cache": (
+        ["--config.train.compilation_cache=README.md/cache"],
+        "train.compilation_cache='README.md/cache': cannot write the directory",
+    ),
 }
 
 
@@ -215,13 +250,17 @@ def test_sft_training_on_prepared_pairs(tmp_path):
             "--config.diffusion.random_length_prob=0.0",
             "--config.diffusion.cfg_prompt_dropout=0.1",
             "--config.sample.num_samples=0",
+            "--config.train.compilation_cache=",
         ),
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
+        # "" turns the cache off, also one the environment names.
+        env={**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache")},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "jax_cache")
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert rows[-1]["step"] == 4 and np.isfinite(rows[-1]["loss"]) and rows[-1]["num_masked"] > 0

@@ -5,7 +5,9 @@
 
 Needs libtpu (the `tpu` extra: pip install -e ".[tpu]"); no TPU is used or needed, the process's
 default backend stays the CPU. `--platform=cpu` compiles for this machine's CPU devices instead
-(no libtpu; what the tests use).
+(no libtpu; what the tests use). `--tpu` / `--topology` name one slice; with
+`--config.mesh.num_slices=N` the topology is N such slices joined over the data-center network
+(multislice), the batch split across them.
 
 The step is the trainer's own (`run.make_step_fn` over `run.abstract_state`: same shardings,
 donation, remat, grad accumulation), lowered with abstract arguments, so nothing is allocated.
@@ -24,7 +26,9 @@ while loop (lax.scan) once, so it is not taken from the scanned program: the ste
 again, unrolled, with 1 and 2 layers (grad_accum 1, at the micro-batch size) and the per-layer
 cost is extrapolated linearly to n_layers and multiplied by grad_accum. Those two programs are
 compiled without windowed einsums (see NO_WINDOWED_EINSUM), whose loops would be counted once
-too; a report whose counted FLOPs still fall short of the model's carries a warning.
+too; a report whose counted FLOPs still fall short of the model's carries a warning. On several
+slices (`mesh.num_slices`) the estimate is one slice's, at its share of the batch: the gradient
+all-reduces between slices (over the DCN) are not counted.
 
 With `model.attention=splash` the attention runs in Pallas kernels (Mosaic custom calls), which
 the cost analysis counts as zero FLOPs and zero seconds. Their work is counted from the kernel
@@ -45,6 +49,9 @@ import time
 from typing import Any, Sequence
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU devices are abstract (a topology)
+# Describing a topology takes libtpu's lock file (/tmp/libtpu_lockfile), which any process that
+# merely loaded libtpu may hold; no TPU is used here, so there is nothing to guard.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -120,17 +127,24 @@ def topology_for(tpu: str) -> str:
     return f"{prefix}:{'x'.join(str(s) for s in sides)}"
 
 
-def topology_devices(topology: str) -> list[jax.Device]:
-    """Abstract devices of a TPU topology (libtpu; nothing is attached)."""
+def topology_devices(topology: str, num_slices: int = 1) -> list[jax.Device]:
+    """Abstract devices of num_slices TPU slices of `topology` (libtpu; nothing is attached),
+    each carrying its `slice_index`."""
     from jax.experimental import topologies
 
-    topo = topologies.get_topology_desc(
-        platform="tpu",
-        topology_name=topology,
-        chip_config_name="default",
-        chips_per_host_bounds=(2, 2, 1),
-        num_slices=1,
-    )
+    try:
+        topo = topologies.get_topology_desc(
+            platform="tpu",
+            topology_name=topology,
+            chip_config_name="default",
+            chips_per_host_bounds=(2, 2, 1),
+            num_slices=num_slices,
+        )
+    except RuntimeError as e:  # jax.errors.JaxRuntimeError from libtpu
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(
+            f"libtpu cannot describe {num_slices} slice(s) of {topology} on this machine: {first}"
+        ) from e
     return list(topo.devices)
 
 
@@ -197,7 +211,16 @@ NO_WINDOWED_EINSUM = {
 def estimate_cost(cfg: config_lib.ConfigDict, devices: Sequence[jax.Device]) -> dict[str, float]:
     """XLA's per-chip FLOPs, bytes accessed and estimated seconds of one full step, from unrolled
     1- and 2-layer compiles at the micro-batch size (see the module docstring), plus the FLOPs of
-    the attention kernels, which XLA's cost analysis does not see."""
+    the attention kernels, which XLA's cost analysis does not see.
+
+    On several slices the programs are one slice's, at its share of the batch (the same work per
+    chip): XLA times programs with transfers between slices below zero (libtpu 0.0.42: -4.9 s
+    and -7.9 s for the 1B model on two v5p slices), so the estimate leaves out the gradient
+    all-reduces over the DCN."""
+    slices = cfg.mesh.num_slices
+    if slices > 1:
+        devices = list(sharding.make_mesh(cfg.mesh.shape, devices, slices).devices[0].flat)
+        cfg = _variant(cfg, mesh__num_slices=1, data__batch_size=cfg.data.batch_size // slices)
     accum = cfg.optim.grad_accum
     costs = []
     for layers in (1, 2):
@@ -227,13 +250,25 @@ COLLECTIVE = re.compile(
 )
 
 
+# On several slices, a collective across them (over the DCN) is compiled as a host transfer to
+# libtpu's multislice runtime: a send tagged _xla_megascale_transfer_type="ALL_REDUCE" (and a
+# recv), counted as "dcn all-reduce". XLA's cost model times them below zero (estimate_cost).
+DCN_SEND = re.compile(
+    r"=\s*\(([a-z0-9]+\[[^\]]*\])[^=]*?\ssend\(.*_xla_megascale_transfer_type=\"(\w+)\""
+)
+
+
 def collective_summary(hlo: str) -> dict[str, collections.Counter]:
-    """Counts of the collectives in optimized HLO text, by op and result shape."""
+    """Counts of the collectives in optimized HLO text, by op and result shape (a collective in
+    a loop body counted once)."""
     out: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for line in hlo.splitlines():
         m = COLLECTIVE.search(line)
         if m:
             out[m.group(2)][m.group(1).strip()] += 1
+        m = DCN_SEND.search(line)
+        if m:
+            out["dcn " + m.group(2).lower().replace("_", "-")][m.group(1)] += 1
     return out
 
 
@@ -337,6 +372,7 @@ def aot_report(
             kernel_efficiency=kernel_efficiency,
             kernel_sec=kernel_sec,
             step_sec=sec,
+            dcn_left_out=cfg.mesh.num_slices > 1,
             chip_peak_flops=peak,
             mfu=model_flops / (sec * peak) if peak and sec > 0 else None,
             tokens_per_sec_per_chip=tokens / chips / sec if sec > 0 else None,
@@ -374,7 +410,7 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"collectives in the optimized HLO: {r['collectives']}")
     e = r.get("estimate")
     if e:
-        lines += [
+        lines.append(
             f"per-chip FLOPs/step: model {r['model_flops_per_chip'] / 1e12:.1f} T, executed "
             f"{(e['xla_flops_per_chip'] + e['kernel_flops_per_chip']) / 1e12:.1f} T "
             f"({e['xla_over_model_flops']:.2f}x: remat, elementwise)"
@@ -382,8 +418,15 @@ def format_report(r: dict[str, Any]) -> str:
                 f", of which attention kernels {e['kernel_flops_per_chip'] / 1e12:.1f} T"
                 if e["kernel_flops_per_chip"]
                 else ""
-            ),
+            )
+        )
+        lines.append(
             f"estimated step time {e['step_sec']:.2f} s (XLA cost model, sum over ops"
+            + (
+                " of one slice, the all-reduces between slices left out"
+                if e["dcn_left_out"]
+                else ""
+            )
             + (
                 f": {e['xla_sec']:.2f} s, + attention kernels at an assumed "
                 f"{100 * e['kernel_efficiency']:.0f}% of peak: {e['kernel_sec']:.2f} s)"
@@ -399,8 +442,8 @@ def format_report(r: dict[str, Any]) -> str:
                 f"; {e['tokens_per_sec_per_chip']:,.0f} tokens/s/chip"
                 if e["tokens_per_sec_per_chip"]
                 else ""
-            ),
-        ]
+            )
+        )
         if e.get("warning"):
             lines.append(f"WARNING: {e['warning']}")
     return "\n".join(lines)
@@ -414,7 +457,8 @@ def main(argv: list[str]) -> int:
         else:
             if bool(FLAGS.tpu) == bool(FLAGS.topology):
                 raise ValueError("give exactly one of --tpu=v5p-128 or --topology=v5p:4x4x4")
-            devices = topology_devices(FLAGS.topology or topology_for(FLAGS.tpu))
+            topology = FLAGS.topology or topology_for(FLAGS.tpu)
+            devices = topology_devices(topology, cfg.mesh.num_slices)
         if not 0 < FLAGS.kernel_efficiency <= 1:
             raise ValueError(f"--kernel_efficiency={FLAGS.kernel_efficiency} must be in (0, 1]")
         report = aot_report(
@@ -428,7 +472,10 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if FLAGS.tpu or FLAGS.topology:
-        report["topology"] = FLAGS.topology or topology_for(FLAGS.tpu)
+        slices = cfg.mesh.num_slices
+        report["topology"] = (f"{slices} x " if slices > 1 else "") + (
+            FLAGS.topology or topology_for(FLAGS.tpu)
+        )
     print(
         json.dumps(report)
         if FLAGS.json

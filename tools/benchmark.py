@@ -51,7 +51,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llada_jax import checkpoint, fingerprint, inference, metrics  # noqa: E402
+from llada_jax import checkpoint, fingerprint, inference, metrics, profiling  # noqa: E402
 from llada_jax import config as config_lib  # noqa: E402
 from llada_jax import run as run_lib  # noqa: E402
 from llada_jax.data import pipeline  # noqa: E402
@@ -74,7 +74,7 @@ flags.DEFINE_string(
     "profile_dir",
     "",
     "train: after the timed steps, trace 2 more steps into this "
-    "directory (TensorBoard profile plugin and Perfetto formats).",
+    "directory or gs:// path (TensorBoard profile plugin and Perfetto formats).",
 )
 
 
@@ -132,11 +132,15 @@ def bench_train(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str
     if on_cpu:
         probes.append(interleaved_probe(run.model_cfg.dtype))
 
-    if FLAGS.profile_dir:
-        with jax.profiler.trace(FLAGS.profile_dir, create_perfetto_trace=True):
-            for step in range(2):
-                params, opt_state, out = compiled(params, opt_state, batch(), jnp.int32(step))
-            jax.block_until_ready((params, opt_state, out))
+    trace = None
+    if FLAGS.profile_dir:  # as the trainer's train.profile_steps (llada_jax/profiling.py)
+        tracer = profiling.Tracer(FLAGS.profile_dir)
+        for step in range(2):
+            params, opt_state, out = compiled(params, opt_state, batch(), jnp.int32(step))
+        jax.block_until_ready((params, opt_state, out))
+        paths = tracer.stop()
+        trace = paths[0]
+        print(f"profile: {profiling.how_to_view(FLAGS.profile_dir, paths)}", file=sys.stderr)
     peak_after = peak_flops(run.model_cfg.dtype) if on_cpu else None
     peak = max(peak_before, peak_after or 0.0, *probes) if peak_before else None
     step_sec = float(np.median(times))
@@ -168,6 +172,7 @@ def bench_train(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str
         compile_sec=compile_sec,
         peak_rss_mib=peak_rss_mib(),
         peak_device_mib=peak_device_mib(),
+        **({"profile": trace} if trace else {}),  # the trace's .xplane.pb
     )
 
 

@@ -4,8 +4,9 @@ Prepared data (tools/prepare_data.py) is already cut into fixed-length rows (con
 documents joined with EOS, the LLaDA way). Each dataset is shuffled with a new permutation every
 epoch and the datasets are interleaved by weight; that infinite stream of rows, cut into global
 batches, makes the global batch at step s a pure function of (seed, s, data config). Each process
-reads only its own rows of every global batch, so a run resumes exactly at any step, on any
-number of processes or grain workers.
+reads only the rows of every global batch that its devices hold (from the batch sharding: two
+processes that differ only along the `tensor` axis read the same ones), so a run resumes exactly
+at any step, on any number of processes or grain workers.
 
 SFT batches are built the same way from prepared single-turn pairs: global step s takes the
 pairs [s * W, (s + 1) * W) of the mixed stream (W = batch * pairs_per_row), pads them with EOS
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import itertools
 import os
 import re
@@ -169,17 +171,12 @@ def mixed_rows(sources: Sequence[RowSource], seed: int) -> grain.MapDataset:
 class _GlobalRow:
     """Local row k of one process -> the matching row of the global stream (picklable)."""
 
-    def __init__(self, stream: grain.MapDataset, global_batch: int, local_batch: int, offset: int):
-        self.stream, self.global_batch, self.local_batch, self.offset = (
-            stream,
-            global_batch,
-            local_batch,
-            offset,
-        )
+    def __init__(self, stream: grain.MapDataset, global_batch: int, rows: np.ndarray):
+        self.stream, self.global_batch, self.rows = stream, global_batch, rows
 
     def __call__(self, k: int) -> np.ndarray:
-        step, j = divmod(k, self.local_batch)
-        return self.stream[step * self.global_batch + self.offset + j]
+        step, j = divmod(k, len(self.rows))
+        return self.stream[step * self.global_batch + int(self.rows[j])]
 
 
 def check_vocab(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -213,12 +210,19 @@ def document_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
     return (1 + np.cumsum(is_eos, axis=1) - is_eos).astype(np.int32)
 
 
-def process_slice(global_batch: int, index: int | None = None, count: int | None = None) -> slice:
-    """Rows of each global batch that a process reads (default: this process)."""
-    index = jax.process_index() if index is None else index
-    count = jax.process_count() if count is None else count
-    per = global_batch // count
-    return slice(index * per, (index + 1) * per)
+def process_rows(mesh: Mesh, global_batch: int, process_index: int | None = None) -> np.ndarray:
+    """The global rows (sorted indices) that a process's devices hold under the batch sharding
+    (default: this process). Processes whose devices differ only along a mesh axis that does
+    not split the batch (e.g. `tensor` across hosts) hold, and so read, the same rows."""
+    index = jax.process_index() if process_index is None else process_index
+    held = sharding.batch_sharding(mesh).devices_indices_map((global_batch,))
+    rows = {
+        r
+        for device, (span, *_) in held.items()
+        if device.process_index == index
+        for r in range(*span.indices(global_batch))
+    }
+    return np.array(sorted(rows), np.int64)
 
 
 def local_batches(
@@ -227,16 +231,15 @@ def local_batches(
     vocab_size: int,
     eos_id: int,
     segment_ids: bool = False,
-    process_index: int | None = None,
-    process_count: int | None = None,
+    rows: np.ndarray | None = None,
 ) -> grain.MapDataset:
-    """Element s: this process's rows of the global batch of step s, as a batch dict."""
-    rows = process_slice(global_batch, process_index, process_count)
-    local = rows.stop - rows.start
+    """Element s: the given rows (sorted global indices, default all: `process_rows` gives a
+    process's) of the global batch of step s, as a batch dict."""
+    rows = np.arange(global_batch) if rows is None else np.asarray(rows)
     return (
         grain.MapDataset.range(0, ENDLESS)
-        .map(_GlobalRow(stream, global_batch, local, rows.start))
-        .batch(local)
+        .map(_GlobalRow(stream, global_batch, rows))
+        .batch(len(rows))
         .map(_ToBatch(vocab_size, eos_id, segment_ids))
     )
 
@@ -253,7 +256,7 @@ class _SFTStep:
         eos_id: int,
         overflow: str,
         vocab_size: int,
-        rows: slice,
+        rows: np.ndarray,
     ):
         self.stream, self.global_batch, self.pairs_per_row = stream, global_batch, pairs_per_row
         self.seq_len, self.eos_id, self.overflow = seq_len, eos_id, overflow
@@ -290,16 +293,16 @@ def sft_local_batches(
     vocab_size: int,
     overflow: str = "truncate",
     pairs_per_row: int = 1,
-    process_index: int | None = None,
-    process_count: int | None = None,
+    rows: np.ndarray | None = None,
 ) -> grain.MapDataset:
-    """Element s: this process's rows of the SFT batch of step s: tokens, prompt_mask,
+    """Element s: the given rows (sorted global indices, default all) of the SFT batch of step
+    s: tokens, prompt_mask,
     segment_ids, valid, each (local_batch, seq_len), and sft_dropped / sft_truncated (local_batch,)
     whose global sums count the step's pairs dropped (too long, or not placed when packing) and
     truncated."""
     if pairs_per_row < 1:
         raise ValueError(f"pairs_per_row={pairs_per_row} must be >= 1")
-    rows = process_slice(global_batch, process_index, process_count)
+    rows = np.arange(global_batch) if rows is None else np.asarray(rows)
     return grain.MapDataset.range(0, ENDLESS).map(
         _SFTStep(stream, global_batch, pairs_per_row, seq_len, eos_id, overflow, vocab_size, rows)
     )
@@ -320,12 +323,25 @@ def iterate(
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh, global_batch: int) -> dict[str, jax.Array]:
-    """Per-process numpy rows -> global jax arrays sharded over the data-parallel axes."""
+    """This process's rows (`process_rows`, in order) -> global jax arrays sharded over the
+    data-parallel axes: each of its devices gets its span of them."""
     spec = sharding.batch_sharding(mesh)
-    return {
-        k: jax.make_array_from_process_local_data(spec, v, (global_batch,) + v.shape[1:])
-        for k, v in batch.items()
-    }
+    rows = _process_rows(mesh, global_batch)
+
+    def global_array(local: np.ndarray) -> jax.Array:
+        def span(index: tuple[slice, ...]) -> np.ndarray:
+            start, stop, _ = index[0].indices(global_batch)
+            at = int(np.searchsorted(rows, start))  # a device's span is contiguous in `rows`
+            return local[at : at + stop - start]
+
+        return jax.make_array_from_callback((global_batch,) + local.shape[1:], spec, span)
+
+    return {k: global_array(v) for k, v in batch.items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _process_rows(mesh: Mesh, global_batch: int) -> np.ndarray:
+    return process_rows(mesh, global_batch)
 
 
 def describe(sources: Sequence[RowSource]) -> str:

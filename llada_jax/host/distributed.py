@@ -1,8 +1,10 @@
 """Multi-process (multi-host) start-up: `jax.distributed.initialize` from flags or environment.
 
 Explicit: --coordinator=HOST:PORT --num_processes=N --process_id=I (any cluster, or several
-processes on one machine). Otherwise TPU pod slices and SLURM jobs of more than one task are
-detected from their environment by JAX itself; a single process needs nothing.
+processes on one machine). SLURM jobs of more than one task and GKE TPU pods are detected from
+their environment; Cloud TPU VMs (one slice or several) announce themselves only through their
+metadata server, so launch/tpu_pod.py passes --distributed and JAX reads it. A single process
+needs nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +17,12 @@ from absl import flags
 flags.DEFINE_string("coordinator", None, "Coordinator HOST:PORT for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
+flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Start JAX's distributed runtime from what JAX reads of the cluster (a Cloud TPU VM's "
+    "metadata server, which the environment alone does not show); launch/tpu_pod.py passes it.",
+)
 FLAGS = flags.FLAGS
 
 
@@ -42,7 +50,7 @@ def initialize() -> str:
             )
         jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
         return f"explicit ({FLAGS.process_id} of {FLAGS.num_processes})"
-    cluster = detected_cluster()
+    cluster = "cloud tpu" if FLAGS.distributed else detected_cluster()
     if cluster:
         jax.distributed.initialize()
         return f"{cluster} ({jax.process_index()} of {jax.process_count()})"

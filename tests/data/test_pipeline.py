@@ -3,6 +3,7 @@
 import json
 import os
 
+import grain
 import numpy as np
 import pytest
 from absl import flags
@@ -64,6 +65,12 @@ def sources(prepared, names_weights, seq_len=SEQ):
     return datasets.open_sources(pairs, "pretrain", seq_len, default_tokenizer(), 4096)
 
 
+def contiguous(global_batch, index, count):
+    """Process `index` of `count`'s rows on a data-parallel mesh: its contiguous share."""
+    per = global_batch // count
+    return np.arange(index * per, (index + 1) * per)
+
+
 def global_batches(prepared, names_weights, steps, batch=8, seed=0, processes=1, start=0):
     """Global batches of `steps`, assembled from every process's local rows."""
     stream = pipeline.mixed_rows(sources(prepared, names_weights), seed)
@@ -73,8 +80,7 @@ def global_batches(prepared, names_weights, steps, batch=8, seed=0, processes=1,
             batch,
             4096,
             default_tokenizer().eos_id,
-            process_index=p,
-            process_count=processes,
+            rows=contiguous(batch, p, processes),
         )
         for p in range(processes)
     ]
@@ -113,9 +119,17 @@ def test_process_slices_cover_the_same_global_batch(prepared, processes):
     single = global_batches(prepared, [("a", 1.0), ("b", 1.0)], 4)
     multi = global_batches(prepared, [("a", 1.0), ("b", 1.0)], 4, processes=processes)
     assert all(np.array_equal(x, y) for x, y in zip(single, multi))
-    spans = [pipeline.process_slice(8, p, processes) for p in range(processes)]
-    covered = sorted(i for s in spans for i in range(s.start, s.stop))
-    assert covered == list(range(8))
+
+
+def test_rows_in_any_order_and_shared():
+    """Rows given in any subset are those rows of the global batch: two processes holding the
+    same rows (a tensor axis across hosts) read identical data."""
+    stream = grain.MapDataset.range(0, 10**6).map(lambda i: np.full(4, i, np.int32))
+    full = pipeline.local_batches(stream, 8, 10**7, 0)
+    for rows in ([1, 3, 6], [0, 1, 2, 3], [0, 1, 2, 3]):
+        part = pipeline.local_batches(stream, 8, 10**7, 0, rows=np.array(rows))
+        for step in (0, 5):
+            np.testing.assert_array_equal(part[step]["tokens"], full[step]["tokens"][rows])
 
 
 def test_resume_from_any_step_with_and_without_workers(prepared):
@@ -181,8 +195,7 @@ def test_sft_batches(prepared, pairs_per_row):
             tok.eos_id,
             4096,
             pairs_per_row=pairs_per_row,
-            process_index=p,
-            process_count=2,
+            rows=contiguous(4, p, 2),
         )
         for p in range(2)
     ]
@@ -218,7 +231,7 @@ def test_sft_overflow_is_counted(prepared, overflow):
     seq_len = 16
     halves = [
         pipeline.sft_local_batches(
-            stream, 4, seq_len, tok.eos_id, 4096, overflow, process_index=p, process_count=2
+            stream, 4, seq_len, tok.eos_id, 4096, overflow, rows=contiguous(4, p, 2)
         )
         for p in range(2)
     ]
