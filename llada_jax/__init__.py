@@ -3,14 +3,17 @@
 Where each concept lives, by layer:
 - The method (pure functions of arrays and keys, no platform): `model` (the transformer),
   `diffusion` (noise schedules, t-sampling, masking, the losses), `sampling` (the reverse
-  process, its K/V caches), `likelihood` (Monte-Carlo NLL bounds), `optim` (optimizer, LR
-  schedules), `train_step` (the jitted step).
+  process, its K/V caches), `likelihood` (Monte-Carlo NLL bounds), `guidance`
+  (classifier-free guidance, for both), `optim` (optimizer, LR schedules), `train_step` (the
+  jitted step).
 - The runner: `run` (`build_run`: a run's objects from its config), `train` (the loop),
-  `inference` (a checkpoint loaded for sampling), `evaluate` (the evaluation job),
-  `lm_eval_model` (the lm-evaluation-harness model), `sweep` (ablation grids), `compare`
-  (runs compared with standard errors), `config`, `checkpoint`, `metrics`, `files`,
-  `sharding`, `data/` (tokenizers, prepared shards and held-out splits, grain pipelines, SFT),
-  `convert/` (Hugging Face import, export).
+  `end_of_run` (the trainer's closing samples and bound), `inference` (a checkpoint loaded for
+  sampling), `evaluate` (the evaluation job), `lm_eval_model` (the lm-evaluation-harness
+  model), `sweep` (ablation grids), `compare` (runs compared with standard errors), `config`,
+  `checkpoint`, `metrics`, `files`, `sharding`, `profiling` (profiler traces), `data/`
+  (tokenizers, prepared shards and held-out splits, grain pipelines, SFT), `convert/` (Hugging
+  Face import, export).
 - The platform: `kernels/` (matmul and attention implementations, chosen once per model by
-  `kernels.select`), `host/` (XLA flags, malloc settings, cache directory, multi-process start).
+  `kernels.select`), `host/` (XLA flags, malloc settings, cache directories, the compilation
+  cache, multi-process start and the decisions processes take together).
 """

@@ -16,6 +16,10 @@ Not `ml_collections.config_flags`: for an unknown override key it raises an Attr
 traceback through absl's flag parser instead of listing the valid keys, a value of the wrong
 type is reported as Python's `invalid literal for int()`, and it knows nothing of `+`-joined
 variants' names, so its errors would not be one actionable line.
+
+Importing this module defines no flag: a command-line entry point calls `define_flags()` (or
+`from_command_line`, which does), so a host program importing the library keeps its own
+`--config`.
 """
 
 from __future__ import annotations
@@ -29,8 +33,6 @@ from typing import Any, Callable, Mapping
 
 import ml_collections
 from absl import flags
-
-flags.DEFINE_string("config", None, "Config file and variant: configs/<name>.py[:variant]")
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -289,9 +291,22 @@ def load(spec: str, overrides: list[tuple[str, str]]) -> ConfigDict:
     return c
 
 
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines `--config=configs/<name>.py[:variant]` in `flag_values`, once (a second call does
+    nothing). For command-line entry points: the library itself defines no flag."""
+    if "config" not in flag_values:
+        flags.DEFINE_string(
+            "config",
+            None,
+            "Config file and variant: configs/<name>.py[:variant]",
+            flag_values=flag_values,
+        )
+
+
 def from_command_line(argv: list[str]) -> ConfigDict:
     """Parses absl flags from argv without its --config.* overrides, then loads --config with
-    them."""
+    them (defining --config first if the entry point has not)."""
+    define_flags()
     rest, overrides = split_overrides(argv[1:])
     flags.FLAGS([argv[0]] + rest)
     if not flags.FLAGS.config:

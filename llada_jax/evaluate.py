@@ -35,7 +35,7 @@ from flax import nnx
 from llada_jax import checkpoint, files, inference, likelihood, sharding, train_step
 from llada_jax import config as config_lib
 from llada_jax.data import datasets
-from llada_jax.run import MeshBound
+from llada_jax.run import MeshBound, Run
 
 EVAL_DIR = "eval"  # DIR/eval/step_<N>.json
 
@@ -102,12 +102,11 @@ def held_out_rows(run: Any, num_tokens: int) -> tuple[np.ndarray, list[str]]:
     return np.stack(rows).astype(np.int32), [s.name for s in sources]
 
 
-def make_scorer(model: inference.LoadedModel, settings: EvalSettings) -> Callable[..., jax.Array]:
+def make_scorer(run: Run, graphdef: nnx.GraphDef, settings: EvalSettings) -> MeshBound:
     """The jitted bound of one batch: (params, tokens (B, L), row_id (B,), sample (B,)) ->
-    (B,) nats, every position a target (unconditional text), on the model's mesh."""
-    mesh, mask_id = model.run.mesh, model.run.tokenizer.mask_id
+    (B,) nats, every position a target (unconditional text), on the run's mesh."""
+    mesh, mask_id = run.mesh, run.tokenizer.mask_id
     key = jax.random.key(settings.seed)
-    graphdef = model.graphdef
 
     def score(params: Any, tokens_BxL: jax.Array, row_id_B: jax.Array, sample_B: jax.Array):
         def logits_fn(tokens: jax.Array, valid: jax.Array) -> jax.Array:
@@ -215,7 +214,7 @@ class Evaluator:
         if self.settings.tasks:
             self.tasks = task_manager(self.settings.tasks, self.settings.task_dir)
         self.rows, self.data_names = held_out_rows(self.model.run, self.settings.num_tokens)
-        self.scorer = make_scorer(self.model, self.settings)
+        self.scorer = make_scorer(self.model.run, self.model.graphdef, self.settings)
         self.sampler = None
         self.objective_fn = None
         self.final_step = cfg.train.steps

@@ -20,7 +20,7 @@ from flax import nnx
 from llada_jax import checkpoint, files, sampling, sharding
 from llada_jax import config as config_lib
 from llada_jax.data.tokenizer import Tokenizer
-from llada_jax.run import MeshBound, Run, abstract_state, build_run
+from llada_jax.run import MeshBound, Run, abstract_params, build_run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,10 +103,11 @@ def load(
 def _restore(
     ckpt: checkpoint.Checkpointer, step: int, devices: list[jax.Device], fsdp: bool
 ) -> tuple[Run, nnx.GraphDef, Any]:
-    """The run of a step's saved config and its verified parameters on `devices`."""
+    """The run of a step's saved config (no optimizer or learning-rate schedule: parameters
+    only) and its verified parameters on `devices`."""
     cfg = saved_config(ckpt.meta(step)["config"], len(devices), fsdp)
-    run = build_run(cfg, devices=devices, data=False)
-    graphdef, params, _ = abstract_state(run)
+    run = build_run(cfg, devices=devices, data=False, optimizer=False)
+    graphdef, params = abstract_params(run)
     return run, graphdef, ckpt.restore(step, params)[0]
 
 

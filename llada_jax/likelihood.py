@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llada_jax.sampling import LogitsFn, guided_logits
+from llada_jax.guidance import LogitsFn, guided_logits
 
 
 def stratified_mask_counts(

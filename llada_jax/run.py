@@ -46,8 +46,8 @@ class Run:
     diffusion_cfg: diffusion.DiffusionConfig
     step_cfg: StepConfig
     tokenizer: Tokenizer
-    optimizer: optax.GradientTransformation
-    lr_schedule: optax.Schedule
+    optimizer: optax.GradientTransformation | None  # None: a run built for inference
+    lr_schedule: optax.Schedule | None
     batches: grain.MapDataset | None  # element s: this process's rows of step s; None: no data
     data_summary: str
 
@@ -58,11 +58,14 @@ def build_run(
     workdir: str = "",
     devices: Sequence[jax.Device] | None = None,
     data: bool = True,
+    optimizer: bool = True,
 ) -> Run:
     """Checks `cfg` against the machine (or `devices`, e.g. a TPU topology) and builds the run.
 
     workdir: where the job writes (checked: its parent exists, and a checkpoint in it has the
-      config's model shapes); "" for none. data: open the configured datasets.
+      config's model shapes); "" for none. data: open the configured datasets. optimizer: build
+      the optimizer and learning-rate schedule (False for inference: both are None, and
+      `abstract_params` gives the parameters to restore).
     """
     if workdir:
         check_workdir(workdir)
@@ -70,8 +73,13 @@ def build_run(
     check_checkpoint(cfg.checkpoint)
     check_sft_settings(cfg.data)
     profiling.check_steps(cfg.train.profile_steps)
-    optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)  # before optim.grad_accum is used
-    lr_schedule = optim.make_lr_schedule(cfg.optim, cfg.train.steps)
+    tx = lr_schedule = None
+    if optimizer:
+        tx = optim.make_optimizer(cfg.optim, cfg.train.steps)  # before optim.grad_accum is used
+        lr_schedule = optim.make_lr_schedule(cfg.optim, cfg.train.steps)
+    elif cfg.optim.grad_accum < 1:  # read by check_batch (an int: the config checks the type)
+        accum = cfg.optim.grad_accum
+        raise ValueError(f"optim.grad_accum={accum!r} is invalid; valid: an integer >= 1")
     mesh = sharding.make_mesh(cfg.mesh.shape, devices, cfg.mesh.num_slices)
     check_batch(cfg, mesh)
     model_cfg = ModelConfig.from_config(cfg.model)
@@ -131,7 +139,7 @@ def build_run(
         diffusion_cfg=diffusion_cfg,
         step_cfg=step_cfg,
         tokenizer=tokenizer,
-        optimizer=optimizer,
+        optimizer=tx,
         lr_schedule=lr_schedule,
         batches=batches,
         data_summary=summary,
@@ -382,10 +390,10 @@ def opt_state_shardings(tx: optax.GradientTransformation, params: Any, mesh: jax
     )
 
 
-def abstract_state(run: Run) -> tuple[nnx.GraphDef, Any, Any]:
-    """`create_state`'s result without allocating anything: params and optimizer state as
-    `jax.ShapeDtypeStruct`s carrying the shardings `create_state` gives them (for ahead-of-time
-    compilation, e.g. for a TPU topology from a CPU machine: tools/aot_compile.py)."""
+def abstract_params(run: Run) -> tuple[nnx.GraphDef, Any]:
+    """`init_params`'s result without allocating anything: the parameters as
+    `jax.ShapeDtypeStruct`s carrying their shardings on the run's mesh (what a checkpoint's
+    parameters are restored into; needs no optimizer)."""
     with sharding.use_mesh(run.mesh):
         model = nnx.eval_shape(
             lambda: Transformer(run.model_cfg, rngs=nnx.Rngs(run.cfg.seed), kernels=run.kernels)
@@ -396,6 +404,14 @@ def abstract_state(run: Run) -> tuple[nnx.GraphDef, Any, Any]:
             params,
             nnx.get_named_sharding(params, run.mesh),
         )
+    return graphdef, params
+
+
+def abstract_state(run: Run) -> tuple[nnx.GraphDef, Any, Any]:
+    """`create_state`'s result without allocating anything: params and optimizer state as
+    `jax.ShapeDtypeStruct`s carrying the shardings `create_state` gives them (for ahead-of-time
+    compilation, e.g. for a TPU topology from a CPU machine: tools/aot_compile.py)."""
+    graphdef, params = abstract_params(run)
     # Outside the mesh context: optax runs tx.init eagerly on placeholders, which fails on a mesh
     # of abstract (topology) devices.
     opt_state = jax.tree.map(

@@ -17,6 +17,35 @@ Semantics (see LLaDA's ``generate.py``):
   of ``x0`` (``"low_confidence"``) or ``U(0, 1)`` (``"random"``), and commits the top-k
   candidates of each row. Committed tokens are never remasked.
 
+Classifier-free guidance (``cfg_scale`` w > 0, :mod:`llada_jax.guidance`): the unconditional
+branch is the same canvas with every non-mask position of the prompt region (left pads included)
+masked; logits = uncond + (w + 1) * (cond - uncond). Both branches run as one batch of 2B rows,
+one model call per step.
+
+Confidence-threshold decoding (``threshold``, Fast-dLLM) replaces the fixed per-step counts: each
+step commits, in every row whose block still has masks, the most confident masked token of the
+block and every other one whose confidence is at least the threshold (:func:`threshold_count`);
+a block ends when it has no masks left, so ``steps`` is unused and the returned nfe counts the
+model calls actually run. Only the block's masks compete.
+
+K/V caches (``kv_cache``, Fast-dLLM's): each block's first step is a full pass that caches every
+layer's keys and values; its later steps recompute only a window (:func:`window_pass`):
+"prefix", the generated region (the prompt's keys and values cached); "dual", the block alone
+(the prompt's, the earlier blocks' and the later masks' cached). Only the window's masks compete
+in those steps. Exact for a one-layer model, approximate otherwise (deeper keys depend on every
+token); "none": every step a full pass.
+
+As in the reference, a token equal to ``mask_id`` proposed by the model is committed like any
+other token (its position stays masked); a trained model never proposes it.
+
+The code follows the loop: :func:`generate` runs the blocks left to right, each block its steps
+(`_decode_block`); a step is a model call (:func:`full_pass` or :func:`window_pass`), the
+proposal (:func:`propose`: x0 and its confidences), the pick (how many tokens to commit:
+:func:`num_transfer_tokens`' schedule or :func:`threshold_count`) and the commit
+(:func:`commit`: the top-k candidates take their proposals). Fixed-step and threshold decoding
+share all of it but the pick and when a block ends. Settings are checked by
+:func:`check_settings`.
+
 Only candidates need logits, so a model given as a ``SamplerModel`` runs its output head (the
 vocabulary projection, then the draw and the softmax) on the current block's positions alone;
 on the whole canvas only while masks before the block compete (an infilling template's, or a
@@ -47,9 +76,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from llada_jax import guidance
+from llada_jax.guidance import LogitsFn
 from llada_jax.kernels.argmax import argmax
-
-LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 REMASKING_STRATEGIES = ("low_confidence", "random")
 KV_CACHES = ("none", "prefix", "dual")
@@ -189,69 +218,77 @@ def check_settings(
         raise ValueError(f"{p}kv_cache={kv_cache!r} is invalid; valid choices: {KV_CACHES}")
 
 
-def _validate(
-    prompt: jax.Array,
-    prompt_valid: jax.Array,
-    gen_length: int,
-    steps: int,
-    block_length: int,
+def propose(
+    logits_BxWxV: jax.Array,
+    key: jax.Array,
+    *,
     temperature: float,
     remasking: str,
-    eos_id: int | None,
-    ban_eos: bool,
-    cfg_scale: float,
-    threshold: float | None,
-    eot_id: int | None,
-    eos_zero_confidence: bool,
-) -> None:
-    if prompt.ndim != 2 or prompt_valid.shape != prompt.shape:
-        raise ValueError(
-            f"prompt must be (B, Lp) with prompt_valid of the same shape, got "
-            f"{prompt.shape} and {prompt_valid.shape}"
-        )
-    check_settings(
-        gen_length,
-        steps,
-        block_length,
-        temperature,
-        remasking,
-        cfg_scale=cfg_scale,
-        threshold=threshold,
-    )
-    if ban_eos and eos_id is None:
-        raise ValueError("ban_eos=True requires eos_id")
-    if eos_zero_confidence and (eos_id is None or eot_id is None):
-        raise ValueError("eos_zero_confidence=True requires eos_id and eot_id")
-
-
-def guided_logits(
-    logits_fn: LogitsFn,
-    x: jax.Array,
-    valid: jax.Array,
-    prompt_index: jax.Array,
-    mask_id: int,
-    cfg_scale: float,
-) -> jax.Array:
-    """logits_fn(x, valid) (B, T, V), guided when cfg_scale > 0 by the unconditional canvas
-    (x with `prompt_index` (B, T) masked), both computed in one call on 2B rows."""
-    logits = logits_fn(*_model_rows(x, valid, prompt_index, mask_id, cfg_scale))
-    return _guide(logits, cfg_scale) if cfg_scale > 0 else logits
-
-
-def _model_rows(
-    x: jax.Array, valid: jax.Array, prompt_index: jax.Array, mask_id: int, cfg_scale: float
+    ban_id: int | None = None,
+    zero_ids: tuple[int, ...] = (),
 ) -> tuple[jax.Array, jax.Array]:
-    """The model's input (tokens, valid) for canvas x: x and valid (B rows), or with CFG the
-    2B rows (x; x with prompt_index masked) and (valid; valid)."""
-    if cfg_scale == 0:
-        return x, valid
-    uncond = jnp.where(prompt_index, mask_id, x)
-    return jnp.concatenate([x, uncond]), jnp.concatenate([valid, valid])
+    """The model's proposal for W positions: tokens x0 and their confidences.
+
+    Args:
+      logits_BxWxV: (B, W, V) float, guided already with CFG.
+      key: PRNG key of this step (split into the Gumbel key and the ``"random"`` key).
+      temperature: static, >= 0; 0 is greedy argmax (:func:`sample_tokens`).
+      remasking: ``"low_confidence"`` or ``"random"`` (:func:`token_confidence`).
+      ban_id: a token id (EOS with ``ban_eos``) whose logit is -inf before x0 is drawn.
+      zero_ids: token ids whose logits are -inf in the confidence softmax only.
+
+    Returns:
+      (x0_BxW int32, confidence_BxW float32).
+    """
+    if ban_id is not None:
+        logits_BxWxV = logits_BxWxV.at[..., ban_id].set(-jnp.inf)
+    gumbel_key, remask_key = jax.random.split(key)
+    x0_BxW = sample_tokens(logits_BxWxV, gumbel_key, temperature)
+    return x0_BxW, token_confidence(logits_BxWxV, x0_BxW, remask_key, remasking, zero_ids)
 
 
-def _guide(both_logits: jax.Array, cfg_scale: float) -> jax.Array:
-    cond_logits, uncond_logits = jnp.split(both_logits, 2)
-    return uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
+def threshold_count(
+    confidence_BxT: jax.Array, candidates_BxT: jax.Array, threshold: float
+) -> jax.Array:
+    """The threshold rule (Fast-dLLM): how many tokens a step commits in each row.
+
+    Args:
+      confidence_BxT: (B, T) float32 proposal confidences.
+      candidates_BxT: (B, T) bool, the positions that may be committed.
+      threshold: static, 0 < threshold <= 1.
+
+    Returns:
+      (B,) int32: the number of candidates whose confidence is at least `threshold`, and at
+      least 1. The top-k of :func:`commit` then takes exactly those, or the most confident
+      candidate alone when none reaches the threshold.
+    """
+    reached_B = jnp.sum(candidates_BxT & (confidence_BxT >= threshold), axis=-1)
+    return jnp.maximum(reached_B, 1).astype(jnp.int32)
+
+
+def commit(
+    x_BxT: jax.Array,
+    x0_BxT: jax.Array,
+    confidence_BxT: jax.Array,
+    candidates_BxT: jax.Array,
+    k_B: jax.Array,
+) -> jax.Array:
+    """One step's commit: the ``k_B[b]`` most confident candidates of each row take their
+    proposals; every other position keeps its token.
+
+    Args:
+      x_BxT: (B, T) int32 canvas.
+      x0_BxT: (B, T) int32 proposed tokens.
+      confidence_BxT: (B, T) float32 (any value off the candidates).
+      candidates_BxT: (B, T) bool, the positions that may be committed (masked ones).
+      k_B: (B,) int, tokens to commit per row (fewer when a row has fewer candidates).
+
+    Returns:
+      (B, T) int32, the canvas after the commit.
+    """
+    confidence_BxT = jnp.where(candidates_BxT, confidence_BxT, -jnp.inf)
+    chosen_BxT = select_top_k_mask(confidence_BxT, k_B) & candidates_BxT
+    return jnp.where(chosen_BxT, x0_BxT, x_BxT)
 
 
 class SamplerModel(NamedTuple):
@@ -282,6 +319,253 @@ def _same(x: jax.Array) -> jax.Array:
     return x
 
 
+def full_pass(
+    model: SamplerModel,
+    x_BxT: jax.Array,
+    valid_BxT: jax.Array,
+    prompt_BxT: jax.Array,
+    mask_id: int,
+    cfg_scale: float,
+) -> tuple[jax.Array, Any]:
+    """The model's body on the whole canvas (and its unconditional copy with CFG).
+
+    Args:
+      x_BxT, valid_BxT: (B, T) canvas and key-padding mask.
+      prompt_BxT: (B, T) bool, what CFG's unconditional rows mask (:mod:`llada_jax.guidance`).
+
+    Returns:
+      (hidden (R, T, ...), cache): R = B, or 2B with CFG; cache as `model.body` gives it.
+    """
+    return model.body(*guidance.model_rows(x_BxT, valid_BxT, prompt_BxT, mask_id, cfg_scale))
+
+
+def window_pass(
+    model: SamplerModel,
+    x_BxT: jax.Array,
+    valid_BxT: jax.Array,
+    prompt_BxT: jax.Array,
+    cache: Any,
+    start: jax.Array,
+    width: int,
+    mask_id: int,
+    cfg_scale: float,
+) -> jax.Array:
+    """The cached window pass (Fast-dLLM's K/V caches): the positions [start, start + width)
+    recomputed, every other position's keys and values taken from `cache` (a full pass's).
+
+    Args:
+      x_BxT, valid_BxT, prompt_BxT: (B, T) as :func:`full_pass`.
+      cache: `model.body`'s cache from the block's first (full) pass.
+      start: int32 scalar, the window's first position; `width` static.
+
+    Returns:
+      hidden (R, width, ...), R = B or 2B with CFG.
+    """
+    x_BxW = jax.lax.dynamic_slice_in_dim(x_BxT, start, width, axis=1)
+    prompt_BxW = jax.lax.dynamic_slice_in_dim(prompt_BxT, start, width, axis=1)
+    rows = guidance.model_rows(x_BxW, valid_BxT, prompt_BxW, mask_id, cfg_scale)
+    return model.window(*rows, cache, start)
+
+
+def _place(
+    x_BxT: jax.Array, x0_BxW: jax.Array, confidence_BxW: jax.Array, start: jax.Array | int
+) -> tuple[jax.Array, jax.Array]:
+    """A window's proposal (B, W) at `start` on the canvas: x0 (B, T), x elsewhere, and
+    confidence (B, T) float32, -inf elsewhere."""
+    x0_BxT = jax.lax.dynamic_update_slice_in_dim(x_BxT, x0_BxW, start, axis=1)
+    confidence_BxT = jnp.full(x_BxT.shape, -jnp.inf, jnp.float32)
+    confidence_BxT = jax.lax.dynamic_update_slice_in_dim(confidence_BxT, confidence_BxW, start, 1)
+    return x0_BxT, confidence_BxT
+
+
+class _Decoding(NamedTuple):
+    """One `generate` call's static settings, as the loop's parts read them."""
+
+    model: SamplerModel
+    mask_id: int
+    prompt_len: int
+    gen_length: int
+    block_length: int
+    steps_per_block: int  # fixed-step decoding's steps per block
+    threshold: float | None  # threshold decoding when set
+    cfg_scale: float
+    kv_cache: str
+    temperature: float
+    remasking: str
+    ban_id: int | None  # EOS with ban_eos
+    zero_ids: tuple[int, ...]  # zero-confidence ids with eos_zero_confidence
+
+
+def _propose_on_canvas(
+    d: _Decoding,
+    key: jax.Array,
+    hidden_RxWxH: jax.Array,
+    offset: jax.Array | int,
+    x_BxT: jax.Array,
+    block_start: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """The proposal (x0, confidence: (B, T)) from the hidden state (R, W, ...) of the positions
+    [offset, offset + W), R = B or 2B with CFG (guided here). The head runs on the block alone,
+    or on the whole window while masks before the block compete (fixed-step decoding) and some
+    are in it; confidence is -inf wherever it did not run."""
+
+    def at(hidden: jax.Array, start: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+        logits = d.model.head(hidden)
+        if d.cfg_scale > 0:
+            logits = guidance.guide(logits, d.cfg_scale)
+        x0_BxW, confidence_BxW = propose(
+            logits,
+            key,
+            temperature=d.temperature,
+            remasking=d.remasking,
+            ban_id=d.ban_id,
+            zero_ids=d.zero_ids,
+        )
+        return _place(x_BxT, x0_BxW, confidence_BxW, start)
+
+    def block_only() -> tuple[jax.Array, jax.Array]:
+        hidden = jax.lax.dynamic_slice_in_dim(hidden_RxWxH, block_start - offset, d.block_length, 1)
+        return at(hidden, block_start)
+
+    if d.threshold is not None or hidden_RxWxH.shape[1] == d.block_length:
+        return block_only()
+    positions_T = jnp.arange(x_BxT.shape[1], dtype=jnp.int32)
+    before_block_T = (positions_T >= offset) & (positions_T < block_start)
+    some_earlier = jnp.any((x_BxT == d.mask_id) & before_block_T[None, :])
+    return jax.lax.cond(some_earlier, lambda: at(hidden_RxWxH, offset), block_only)
+
+
+def _denoise(
+    d: _Decoding,
+    key: jax.Array,
+    valid_BxT: jax.Array,
+    prompt_BxT: jax.Array,
+    x_BxT: jax.Array,
+    step: jax.Array,
+    block_start: jax.Array,
+    cache: Any,
+    full: bool,
+) -> tuple[jax.Array, jax.Array, Any]:
+    """One model call and its proposal: (x0 (B, T), confidence (B, T), cache). `full`: a pass
+    over the canvas, returning its cache; else the cached window pass with `cache` ("dual": the
+    block; "prefix": the generated region). `step` (int32) numbers the call for its key."""
+    if full:
+        hidden, cache = full_pass(d.model, x_BxT, valid_BxT, prompt_BxT, d.mask_id, d.cfg_scale)
+        offset = 0
+    else:
+        offset = block_start if d.kv_cache == "dual" else jnp.int32(d.prompt_len)
+        width = d.block_length if d.kv_cache == "dual" else d.gen_length
+        hidden = window_pass(
+            d.model, x_BxT, valid_BxT, prompt_BxT, cache, offset, width, d.mask_id, d.cfg_scale
+        )
+    key = jax.random.fold_in(key, step)
+    return (*_propose_on_canvas(d, key, hidden, offset, x_BxT, block_start), cache)
+
+
+def _pick(
+    d: _Decoding,
+    schedule_BxS: jax.Array | None,
+    taken: jax.Array | int,
+    confidence_BxT: jax.Array,
+    candidates_BxT: jax.Array,
+) -> jax.Array:
+    """How many tokens step `taken` of the block commits per row, (B,) int32: the fixed
+    schedule's (:func:`num_transfer_tokens`, `schedule_BxS`) or the threshold rule's."""
+    if d.threshold is None:
+        return schedule_BxS[:, taken]
+    return threshold_count(confidence_BxT, candidates_BxT, d.threshold)
+
+
+def _decode_block(
+    d: _Decoding,
+    key: jax.Array,
+    valid_BxT: jax.Array,
+    prompt_BxT: jax.Array,
+    block: jax.Array,
+    carry: tuple[jax.Array, jax.Array],
+) -> tuple[jax.Array, jax.Array]:
+    """Block `block` denoised: a full pass, then steps (window passes with a K/V cache) until
+    the block is done: after its `steps_per_block` steps, or with a threshold when it has no
+    masks left. carry: (canvas (B, T) int32, model calls so far int32)."""
+    x_BxT, nfe = carry
+    block_start = d.prompt_len + block * d.block_length
+    positions_T = jnp.arange(x_BxT.shape[1], dtype=jnp.int32)
+    in_block_T = (positions_T >= block_start) & (positions_T < block_start + d.block_length)
+    schedule_BxS = None
+    if d.threshold is None:
+        # The block's masked tokens scheduled over its steps, counted at its start, while every
+        # mask before its end competes (mask tokens inside the prompt, infilling templates,
+        # included): as the reference does, a block can thus end with masks left.
+        reach_T = positions_T < block_start + d.block_length
+        masked_B = jnp.sum((x_BxT == d.mask_id) & in_block_T[None, :], axis=-1)
+        schedule_BxS = num_transfer_tokens(masked_B, d.steps_per_block)
+    else:  # only the block's masks compete
+        reach_T = in_block_T
+
+    def step(x_BxT, nfe, taken, cache, full):
+        x0_BxT, confidence_BxT, cache = _denoise(
+            d, key, valid_BxT, prompt_BxT, x_BxT, nfe, block_start, cache, full
+        )
+        candidates_BxT = (x_BxT == d.mask_id) & reach_T[None, :]
+        k_B = _pick(d, schedule_BxS, taken, confidence_BxT, candidates_BxT)
+        return commit(x_BxT, x0_BxT, confidence_BxT, candidates_BxT, k_B), cache
+
+    x_BxT, cache = step(x_BxT, nfe, 0, None, full=True)
+
+    def unfinished(state: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        x_BxT, _, taken = state
+        if d.threshold is None:
+            return taken < d.steps_per_block
+        # Every step commits at least one token per unfinished row, so block_length steps end
+        # the block; the bound also ends it should a NaN confidence commit nothing.
+        masks_left = jnp.any((x_BxT == d.mask_id) & in_block_T[None, :])
+        return masks_left & (taken < d.block_length)
+
+    def next_step(state: tuple[jax.Array, jax.Array, jax.Array]):
+        x_BxT, nfe, taken = state
+        x_BxT, _ = step(x_BxT, nfe, taken, cache, full=d.kv_cache == "none")
+        return x_BxT, nfe + 1, taken + 1
+
+    x_BxT, nfe, _ = jax.lax.while_loop(unfinished, next_step, (x_BxT, nfe + 1, jnp.int32(1)))
+    return x_BxT, nfe
+
+
+def _initial_canvas(
+    prompt_BxP: jax.Array, prompt_valid_BxP: jax.Array, gen_length: int, mask_id: int
+) -> tuple[jax.Array, jax.Array]:
+    """The canvas (B, T = P + gen_length) int32, the prompt then masks, and its key-padding mask
+    (B, T) bool, the prompt's then True."""
+    generated = (prompt_BxP.shape[0], gen_length)
+    canvas_BxT = jnp.concatenate([prompt_BxP, jnp.full(generated, mask_id, jnp.int32)], axis=1)
+    valid_BxT = jnp.concatenate([prompt_valid_BxP, jnp.ones(generated, jnp.bool_)], axis=1)
+    return canvas_BxT, valid_BxT
+
+
+def _check_call(
+    model: SamplerModel,
+    prompt: jax.Array,
+    prompt_valid: jax.Array,
+    eos_id: int | None,
+    ban_eos: bool,
+    eot_id: int | None,
+    eos_zero_confidence: bool,
+    kv_cache: str,
+) -> None:
+    """Raises ValueError unless the arrays, the ids and the model fit the settings (which
+    `check_settings` checks)."""
+    if prompt.ndim != 2 or prompt_valid.shape != prompt.shape:
+        raise ValueError(
+            f"prompt must be (B, Lp) with prompt_valid of the same shape, got "
+            f"{prompt.shape} and {prompt_valid.shape}"
+        )
+    if ban_eos and eos_id is None:
+        raise ValueError("ban_eos=True requires eos_id")
+    if eos_zero_confidence and (eos_id is None or eot_id is None):
+        raise ValueError("eos_zero_confidence=True requires eos_id and eot_id")
+    if kv_cache != "none" and model.window is None:
+        raise ValueError(f"kv_cache={kv_cache!r} needs a SamplerModel with a window pass")
+
+
 def generate(
     model: LogitsFn | SamplerModel,
     prompt: jax.Array,
@@ -304,7 +588,8 @@ def generate(
 ) -> tuple[jax.Array, jax.Array]:
     """Sample ``gen_length`` tokens after ``prompt`` with the LLaDA reverse process.
 
-    Pure and jit-able (keyword arguments and ``model`` must be static under ``jax.jit``).
+    Pure and jit-able (keyword arguments and ``model`` static under ``jax.jit``); the settings
+    as the module docstring describes them.
 
     Args:
       model: ``(tokens (B, T) int32, valid (B, T) bool) -> logits (B, T, V)``, ``valid`` the
@@ -314,230 +599,49 @@ def generate(
       prompt_valid: (B, Lp) bool, False on the left pads.
       key: PRNG key (used for Gumbel noise when ``temperature > 0`` and for ``"random"``).
       gen_length: number of generated tokens; ``T = Lp + gen_length``.
-      steps: total number of denoising steps (= model calls).
-      block_length: semi-autoregressive block size; must divide ``gen_length``, and the number of
-        blocks must divide ``steps``.
+      steps: total number of denoising steps (= model calls); unused with ``threshold``.
+      block_length: semi-autoregressive block size, dividing ``gen_length`` into a number of
+        blocks that divides ``steps``.
       mask_id: id of the mask token.
       temperature: Gumbel-max temperature; 0 is greedy argmax.
       remasking: ``"low_confidence"`` or ``"random"``.
-      eos_id: EOS id, needed for ``ban_eos`` and ``eos_zero_confidence``.
-      ban_eos: if True the EOS logit is set to ``-inf`` before sampling.
-      cfg_scale: classifier-free guidance weight w (0: none). The unconditional branch is the
-        same canvas with every non-mask position of the prompt region (left pads included)
-        masked; logits = uncond + (w + 1) * (cond - uncond). Both branches run as one batch of
-        2B rows, one model call per step.
-      threshold: confidence-threshold parallel decoding (Fast-dLLM) instead of the fixed
-        per-step counts: each step commits, in every row whose block still has masks, the most
-        confident masked token of the block and every other one whose confidence is at least
-        `threshold`; a block ends when it has no masks left. `steps` is then unused, and the
-        returned nfe counts the model calls actually run.
-      eot_id: end-of-turn id, needed for ``eos_zero_confidence``.
-      eos_zero_confidence: end-of-turn (and at temperature 0 EOS) proposals get confidence 0
-        (see the module docstring).
-      kv_cache: Fast-dLLM's caches. Each block's first step is a full pass that caches every
-        layer's keys and values; its later steps recompute only a window: "prefix", the
-        generated region (the prompt's keys and values cached); "dual", the block alone (the
-        prompt's, the earlier blocks' and the later masks' cached). Only the window's masks
-        compete in those steps. Exact for a one-layer model, approximate otherwise (deeper
-        keys depend on every token); "none": every step a full pass.
+      eos_id, eot_id: EOS and end-of-turn ids, for ``ban_eos`` and ``eos_zero_confidence``.
+      ban_eos: EOS is never proposed.
+      cfg_scale: classifier-free guidance weight w (0: none).
+      threshold: confidence-threshold decoding (Fast-dLLM) instead of the fixed step counts.
+      eos_zero_confidence: end-of-turn (and at temperature 0 EOS) proposals get confidence 0.
+      kv_cache: "none", or Fast-dLLM's "prefix" or "dual" cache.
 
     Returns:
       ``(canvas, nfe)``: canvas (B, T) int32 with the prompt unchanged and the generated tokens
-      after it; nfe int32 scalar, the number of model calls (full or window passes).
-
-    Note:
-      As in the reference, a token equal to ``mask_id`` proposed by the model is committed like
-      any other token; a trained model never proposes it.
+      after it; nfe int32 scalar, the number of model calls run (full or window passes).
     """
     prompt = jnp.asarray(prompt, jnp.int32)
     prompt_valid = jnp.asarray(prompt_valid, jnp.bool_)
-    _validate(
-        prompt,
-        prompt_valid,
-        gen_length,
-        steps,
-        block_length,
-        temperature,
-        remasking,
-        eos_id,
-        ban_eos,
-        cfg_scale,
-        threshold,
-        eot_id,
-        eos_zero_confidence,
+    check_settings(
+        gen_length, steps, block_length, temperature, remasking, "", cfg_scale, threshold, kv_cache
     )
-    if kv_cache not in KV_CACHES:
-        raise ValueError(f"kv_cache={kv_cache!r} is invalid; valid choices: {KV_CACHES}")
     if not isinstance(model, SamplerModel):
         model = logits_model(model)
-    if kv_cache != "none" and model.window is None:
-        raise ValueError(f"kv_cache={kv_cache!r} needs a SamplerModel with a window pass")
-
-    batch, prompt_len = prompt.shape
-    total_len = prompt_len + gen_length
+    _check_call(model, prompt, prompt_valid, eos_id, ban_eos, eot_id, eos_zero_confidence, kv_cache)
+    zero_ids = ((eot_id, eos_id) if temperature == 0 else (eot_id,)) if eos_zero_confidence else ()
     num_blocks = gen_length // block_length
-    canvas = jnp.concatenate([prompt, jnp.full((batch, gen_length), mask_id, jnp.int32)], axis=1)
-    valid = jnp.concatenate([prompt_valid, jnp.ones((batch, gen_length), jnp.bool_)], axis=1)
-    positions = jnp.arange(total_len, dtype=jnp.int32)
+    d = _Decoding(
+        model=model,
+        mask_id=mask_id,
+        prompt_len=prompt.shape[1],
+        gen_length=gen_length,
+        block_length=block_length,
+        steps_per_block=steps // num_blocks,
+        threshold=threshold,
+        cfg_scale=cfg_scale,
+        kv_cache=kv_cache,
+        temperature=temperature,
+        remasking=remasking,
+        ban_id=eos_id if ban_eos else None,
+        zero_ids=zero_ids,
+    )
+    canvas, valid = _initial_canvas(prompt, prompt_valid, gen_length, mask_id)
     prompt_index = canvas != mask_id  # at the start: the prompt region's non-mask positions
-    zero_ids = ()
-    if eos_zero_confidence:
-        zero_ids = (eot_id, eos_id) if temperature == 0 else (eot_id,)
-    width = {"prefix": gen_length, "dual": block_length}.get(kv_cache, total_len)
-
-    def propose(hidden: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x0 and its confidence (B, W) from the hidden state of W positions (of 2B rows with
-        CFG, guided here)."""
-        logits = model.head(hidden)
-        if cfg_scale > 0:
-            logits = _guide(logits, cfg_scale)
-        if ban_eos:
-            logits = logits.at[..., eos_id].set(-jnp.inf)
-        gumbel_key, remask_key = jax.random.split(jax.random.fold_in(key, step))
-        x0 = sample_tokens(logits, gumbel_key, temperature)
-        return x0, token_confidence(logits, x0, remask_key, remasking, zero_ids)
-
-    def placed(x: jax.Array, x0_w: jax.Array, conf_w: jax.Array, start: jax.Array):
-        """x0 and confidence (B, T) of a window's (B, W) at `start`: x and -inf elsewhere."""
-        x0 = jax.lax.dynamic_update_slice_in_dim(x, x0_w, start, axis=1)
-        conf = jnp.full(x.shape, -jnp.inf, jnp.float32)
-        return x0, jax.lax.dynamic_update_slice_in_dim(conf, conf_w, start, axis=1)
-
-    def proposals(
-        x: jax.Array,
-        hidden: jax.Array,
-        offset: jax.Array | int,
-        step: jax.Array,
-        block_start: jax.Array,
-        earlier: bool,
-    ) -> tuple[jax.Array, jax.Array]:
-        """x0 and confidence (B, T) from the hidden state (B, W, ...) of the positions [offset,
-        offset + W). The head runs on the block alone, unless `earlier` masks (before the
-        block: inside the prompt, or proposed as tokens by the model) compete and there are
-        some in the window."""
-
-        def block_only() -> tuple[jax.Array, jax.Array]:
-            hidden_w = jax.lax.dynamic_slice_in_dim(hidden, block_start - offset, block_length, 1)
-            return placed(x, *propose(hidden_w, step), block_start)
-
-        def whole_window() -> tuple[jax.Array, jax.Array]:
-            return placed(x, *propose(hidden, step), offset)
-
-        if not earlier or hidden.shape[1] == block_length:
-            return block_only()
-        before_block = (positions >= offset) & (positions < block_start)
-        some_earlier = jnp.any((x == mask_id) & before_block[None, :])
-        return jax.lax.cond(some_earlier, whole_window, block_only)
-
-    def full_pass(
-        x: jax.Array, step: jax.Array, block_start: jax.Array, earlier: bool
-    ) -> tuple[jax.Array, jax.Array, Any]:
-        """x0 and confidence (B, T) from a pass over the canvas, and the cache (None without
-        kv_cache)."""
-        hidden, cache = model.body(*_model_rows(x, valid, prompt_index, mask_id, cfg_scale))
-        return (*proposals(x, hidden, 0, step, block_start, earlier), cache)
-
-    def window_pass(
-        x: jax.Array, step: jax.Array, block_start: jax.Array, cache: Any, earlier: bool
-    ) -> tuple[jax.Array, jax.Array]:
-        """x0 and confidence (B, T) from a window pass (-inf confidence outside the window)."""
-        start = block_start if kv_cache == "dual" else jnp.int32(prompt_len)
-        x_w = jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)
-        p_w = jax.lax.dynamic_slice_in_dim(prompt_index, start, width, axis=1)
-        hidden_w = model.window(*_model_rows(x_w, valid, p_w, mask_id, cfg_scale), cache, start)
-        return proposals(x, hidden_w, start, step, block_start, earlier)
-
-    if threshold is not None:  # only the block's masks compete
-        return _threshold_decode(
-            canvas,
-            prompt_len,
-            block_length,
-            num_blocks,
-            mask_id,
-            threshold,
-            functools.partial(full_pass, earlier=False),
-            functools.partial(window_pass, earlier=False) if kv_cache != "none" else None,
-        )
-
-    steps_per_block = steps // num_blocks
-
-    def block_fn(block: jax.Array, x: jax.Array) -> jax.Array:
-        block_start = prompt_len + block * block_length
-        block_end = block_start + block_length
-        in_block = (positions >= block_start) & (positions < block_end)  # (T,)
-        # The block's masked tokens scheduled over its steps, counted at its start, while every
-        # mask before its end competes (mask tokens inside the prompt, infilling templates,
-        # included): as the reference does, a block can thus end with masks left.
-        schedule = num_transfer_tokens(
-            jnp.sum((x == mask_id) & in_block[None, :], axis=-1), steps_per_block
-        )
-        first = block * steps_per_block
-
-        def commit(x: jax.Array, x0: jax.Array, confidence: jax.Array, inner: jax.Array):
-            candidates = (x == mask_id) & (positions < block_end)[None, :]
-            confidence = jnp.where(candidates, confidence, -jnp.inf)
-            chosen = select_top_k_mask(confidence, schedule[:, inner]) & candidates
-            return jnp.where(chosen, x0, x)
-
-        x0, confidence, cache = full_pass(x, first, block_start, earlier=True)
-        x = commit(x, x0, confidence, 0)
-
-        def step_fn(inner: jax.Array, x: jax.Array) -> jax.Array:
-            if kv_cache == "none":
-                x0, confidence, _ = full_pass(x, first + inner, block_start, earlier=True)
-            else:
-                x0, confidence = window_pass(x, first + inner, block_start, cache, earlier=True)
-            return commit(x, x0, confidence, inner)
-
-        return jax.lax.fori_loop(1, steps_per_block, step_fn, x)
-
-    canvas = jax.lax.fori_loop(0, num_blocks, block_fn, canvas)
-    return canvas, jnp.asarray(steps, jnp.int32)
-
-
-def _threshold_decode(
-    canvas: jax.Array,
-    prompt_len: int,
-    block_length: int,
-    num_blocks: int,
-    mask_id: int,
-    threshold: float,
-    full_pass: Callable[..., tuple[jax.Array, jax.Array, Any]],
-    window_pass: Callable[..., tuple[jax.Array, jax.Array]] | None,
-) -> tuple[jax.Array, jax.Array]:
-    """Blocks left to right, each a full pass, then (window) passes until it has no masks;
-    returns the canvas (B, T) and the model calls run (int32)."""
-    positions = jnp.arange(canvas.shape[1], dtype=jnp.int32)
-
-    def block_fn(block: jax.Array, carry: tuple[jax.Array, jax.Array]):
-        start = prompt_len + block * block_length
-        in_block = (positions >= start) & (positions < start + block_length)
-
-        def commit(x: jax.Array, x0: jax.Array, confidence: jax.Array) -> jax.Array:
-            candidates = (x == mask_id) & in_block[None, :]
-            confidence = jnp.where(candidates, confidence, -jnp.inf)
-            top1 = select_top_k_mask(confidence, jnp.ones(x.shape[:1], jnp.int32))
-            return jnp.where((top1 | (confidence >= threshold)) & candidates, x0, x)
-
-        x, nfe = carry
-        x0, confidence, cache = full_pass(x, nfe, start)
-        x = commit(x, x0, confidence)
-
-        # Every step commits at least one token per unfinished row, so block_length steps end
-        # the block; the bound also ends it should a NaN confidence commit nothing.
-        def unfinished(state: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
-            x, _, taken = state
-            return jnp.any((x == mask_id) & in_block[None, :]) & (taken < block_length)
-
-        def step(state: tuple[jax.Array, jax.Array, jax.Array]):
-            x, nfe, taken = state
-            if window_pass is None:
-                x0, confidence, _ = full_pass(x, nfe, start)
-            else:
-                x0, confidence = window_pass(x, nfe, start, cache)
-            return commit(x, x0, confidence), nfe + 1, taken + 1
-
-        x, nfe, _ = jax.lax.while_loop(unfinished, step, (x, nfe + 1, jnp.int32(1)))
-        return x, nfe
-
+    block_fn = functools.partial(_decode_block, d, key, valid, prompt_index)
     return jax.lax.fori_loop(0, num_blocks, block_fn, (canvas, jnp.int32(0)))

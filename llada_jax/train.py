@@ -11,7 +11,7 @@ process at the same step, whichever got it).
 Writes DIR/config.json (the resolved config), DIR/metrics.jsonl (one JSON object per logged
 step: step metrics averaged over the steps since the previous line, plus throughput, MFU and ETA)
 and TensorBoard events under DIR/tensorboard; prints one progress line per log interval
-and, at the end, a few samples from the trained model.
+and, at the end, the end-of-run report (llada_jax/end_of_run.py: samples, held-out bound).
 """
 
 from __future__ import annotations
@@ -34,28 +34,24 @@ from absl import flags
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from llada_jax import (
-    checkpoint,
-    evaluate,
-    files,
-    inference,
-    likelihood,
-    metrics,
-    profiling,
-    sharding,
-    writer_lock,
-)
+from llada_jax import checkpoint, end_of_run, files, metrics, profiling, writer_lock
 from llada_jax import config as config_lib
 from llada_jax.data import pipeline
-from llada_jax.data.corpus import read_default_corpus
 from llada_jax.host import compilation_cache, decisions, distributed, xla_flags
 from llada_jax.host import memory as host_memory
-from llada_jax.run import Run, build_run, create_state, init_params, make_step_fn
-from llada_jax.sample_stats import CorpusVocabulary, sample_stats
+from llada_jax.run import Run, build_run, create_state, make_step_fn
 from llada_jax.train_step import SFT_COUNTS
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Directory for config.json, metrics and checkpoints")
+
+
+def define_flags() -> None:
+    """The command line's flags (--config, --workdir and the distributed ones), defined by `main`
+    (importing this module defines none); a second call does nothing."""
+    config_lib.define_flags()
+    distributed.define_flags()
+    if "workdir" not in FLAGS:
+        flags.DEFINE_string("workdir", None, "Directory for config.json, metrics and checkpoints")
 
 
 class StopSignals:
@@ -181,12 +177,7 @@ def train(run: Run, signals: StopSignals) -> dict[str, float]:
     # Every process takes part (the parameters are sharded over all of them); process 0 prints.
     # The stop flags are the same on every process (agreed in the loop).
     if not (signals.terminate or signals.interrupt):
-        # The untrained parameters (the run's initialization) once, for both comparisons.
-        untrained = init_params(run)[1] if cfg.train.compare_untrained else None
-        if cfg.sample.num_samples > 0:
-            print_samples(run, graphdef, params, untrained)
-        if cfg.train.final_bound:
-            print_held_out_bound(run, graphdef, params, untrained)
+        end_of_run.report(run, graphdef, params)
     return last
 
 
@@ -286,12 +277,6 @@ def train_steps(
     return params, last
 
 
-def say(*lines: str) -> None:
-    """Prints on process 0 only (every process computes what it reports)."""
-    if jax.process_index() == 0:
-        print(*lines, sep="\n", flush=True)
-
-
 def agree(signals: StopSignals, save_due: bool, lock_lost: bool) -> tuple[bool, bool]:
     """The loop's host-side choices after a step, the same on every process: a SIGINT that
     reached any process stops all of them (`signals.interrupt`); whether a save is due (the
@@ -302,73 +287,11 @@ def agree(signals: StopSignals, save_due: bool, lock_lost: bool) -> tuple[bool, 
     return bool(votes_PxF[0, 1]), bool(votes_PxF[0, 2])
 
 
-def print_samples(
-    run: Run, graphdef: nnx.GraphDef, params: Any, untrained: Any | None = None
-) -> None:
-    """Generates from the config's prompts on the run's mesh and prints them. On the shipped
-    corpus also how much they read like it (llada_jax/sample_stats.py), and given `untrained`
-    parameters the same figures for their samples. Every process calls it."""
-    s, tok, mesh = run.cfg.sample, run.tokenizer, run.mesh
-    prompts = [tok.encode(p) for p in list(s.prompts)[: s.num_samples]]
-    ids, valid = inference.left_pad(prompts, tok.pad_id)
-    ids, valid, _ = inference.pad_batch(ids, valid, sharding.data_parallel_size(mesh))
-    ids_BxP, valid_BxP = sharding.to_devices(ids, mesh), sharding.to_devices(valid, mesh)
-    sample = inference.make_sampler(graphdef, inference.SampleSettings.from_config(s), tok, mesh)
-
-    def generate(params: Any) -> list[str]:
-        canvas_BxT = sample(params, ids_BxP, valid_BxP, jax.random.key(run.cfg.seed))[0]
-        out = sharding.to_host(canvas_BxT)
-        return [tok.decode(row[ids.shape[1] :]) for row in out[: len(prompts)].tolist()]
-
-    t = time.perf_counter()
-    texts = generate(params)
-    say(f"samples ({s.steps} steps, {s.gen_length} tokens, {time.perf_counter() - t:.1f}s):")
-    for p, text in zip(prompts, texts):
-        say(f"--- {tok.decode(p)!r} ->\n{tok.decode(p)}{text}")
-    if run.cfg.data.datasets:  # the figures compare with the shipped corpus
-        return
-    corpus = CorpusVocabulary.of([read_default_corpus()])
-    say(f"sample words, trained:   {sample_stats(texts, corpus).line()}")
-    if untrained is not None:
-        texts = generate(untrained)
-        say(f"sample words, untrained: {sample_stats(texts, corpus).line()}")
-
-
-def print_held_out_bound(
-    run: Run, graphdef: nnx.GraphDef, params: Any, untrained: Any | None = None
-) -> None:
-    """Prints the evaluation job's NLL bound of the trained parameters on the run's held-out
-    data (the eval section's tokens, masks and seed), and given `untrained` parameters theirs
-    beside it, scored on the run's mesh. Every process calls it."""
-    settings = evaluate.EvalSettings.from_config(run.cfg.eval)
-    try:
-        rows_RxL, _ = evaluate.held_out_rows(run, settings.num_tokens)
-    except ValueError as e:
-        say(f"held-out bound: skipped ({e})")
-        return
-    model = inference.LoadedModel(run.workdir, run, run.cfg.train.steps, graphdef, params)
-    scorer = evaluate.make_scorer(model, settings)
-    batch_size = evaluate.rounded_batch_size(settings, run.mesh)
-
-    def bound(params: Any) -> str:
-        samples = evaluate.score_rows(scorer, params, rows_RxL, settings, batch_size)
-        est = likelihood.estimate(samples, rows_RxL.size)
-        return (
-            f"{est.nll_per_token:.3f} +- {est.stderr_per_token:.3f} nats/token "
-            f"({est.bits_per_token:.3f} bits)"
-        )
-
-    line = f"held-out bound ({rows_RxL.size} tokens, {settings.num_samples} masks per row): "
-    line += f"trained {bound(params)}"
-    if untrained is not None:
-        line += f", untrained {bound(untrained)}"
-    say(line)
-
-
 def main(argv: list[str]) -> int:
     """Command-line entry point; returns the exit code."""
     signals = StopSignals()  # first of all: a SIGTERM during start-up exits 0
     xla_flags.apply_defaults()
+    define_flags()
     try:
         cfg = config_lib.from_command_line(argv)
         if cfg.train.keep_host_memory:  # before JAX starts its backend

@@ -1,6 +1,10 @@
 """Config files, variants and command-line overrides."""
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -8,6 +12,8 @@ from flax import nnx
 
 from llada_jax import config, optim, sharding
 from llada_jax.model import ModelConfig, Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("name", ["tiny", "demo", "llada_1b", "llada_8b"])
@@ -127,3 +133,74 @@ def test_split_overrides():
     assert rest == ["--workdir=x", "--config=c.py"] and overrides == [("a.b", "1=2")]
     with pytest.raises(config.ConfigError, match="needs a value"):
         config.split_overrides(["--config.a.b"])
+
+
+# Run in a fresh interpreter: the library's modules, imported by a host program with absl flags
+# of its own (big_vision, a notebook), define none of theirs; the command line defines them.
+IMPORTS_DEFINE_NO_FLAGS = """
+import json
+from absl import flags
+before = set(flags.FLAGS)
+import llada_jax.config, llada_jax.evaluate, llada_jax.inference, llada_jax.lm_eval_model
+import llada_jax.train
+from llada_jax.host import distributed
+added = set(flags.FLAGS) - before
+ours = sorted(m for m in flags.FLAGS.flags_by_module_dict() if m.startswith("llada_jax"))
+ours_added = sorted(
+    added & {"config", "workdir", "coordinator", "num_processes", "process_id", "distributed"}
+)
+# The host's own --config and --workdir, parsed as it defines them.
+flags.DEFINE_integer("config", 7, "the host's config")
+flags.DEFINE_string("workdir", "host", "the host's workdir")
+flags.FLAGS(["host", "--config=3"])
+host = [flags.FLAGS.config, flags.FLAGS.workdir]
+# The trainer's command line defines its flags (once, however often asked) in a FlagValues
+# of its own here, as main does in the global one.
+trainer = flags.FlagValues()
+llada_jax.config.define_flags(trainer)
+llada_jax.config.define_flags(trainer)
+distributed.define_flags(trainer)
+distributed.define_flags(trainer)
+print(json.dumps({"modules": ours, "names": ours_added, "host": host, "trainer": sorted(trainer)}))
+"""
+
+
+def test_importing_the_library_defines_no_absl_flags():
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORTS_DEFINE_NO_FLAGS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["modules"] == [] and got["names"] == [], got
+    assert got["host"] == [3, "host"]
+    assert got["trainer"] == sorted(
+        ["config", "coordinator", "num_processes", "process_id", "distributed"]
+    )
+
+
+def test_trainer_command_line_defines_its_flags():
+    """`python -m llada_jax.train` knows --config, --workdir and the distributed flags (the
+    launchers pass them): a bad --process_id is its one-line error, not an unknown flag."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llada_jax.train",
+            "--config=configs/tiny.py",
+            "--workdir=/nonexistent/run",
+            "--coordinator=127.0.0.1:1",
+            "--num_processes=2",
+            "--process_id=2",
+            "--distributed",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stderr.strip() == "error: --process_id=2 must be in [0, --num_processes=2)"

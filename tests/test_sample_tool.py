@@ -220,3 +220,22 @@ def test_bad_inputs_give_one_clear_line(workdir, tmp_path):
         assert proc.returncode == 2, (name, stderr[-2000:])
         assert len(lines) == 1 and lines[0].startswith("error: "), (name, stderr[-2000:])
         assert cases[name][1] in lines[0], (name, lines[0])
+
+
+def test_loading_parameters_builds_no_optimizer(workdir, monkeypatch):
+    """inference.load (sampling, evaluation, lm-eval) restores the parameters alone: the
+    optimizer and the learning-rate schedule are never built, and they equal the checkpoint's."""
+    from llada_jax import inference, optim
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an optimizer or LR schedule was built to load parameters")
+
+    monkeypatch.setattr(optim, "make_optimizer", refuse)
+    monkeypatch.setattr(optim, "make_lr_schedule", refuse)
+    model = inference.load(workdir)
+    assert model.run.optimizer is None and model.run.lr_schedule is None
+    with checkpoint.Checkpointer(workdir) as ckpt:
+        assert model.step == ckpt.latest_step()
+        expected, _ = ckpt.restore(model.step, model.params)
+    for got, want in zip(jax.tree.leaves(model.params), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -65,6 +65,7 @@ from llada_jax import run as run_lib  # noqa: E402
 from llada_jax.model import ModelConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
+config_lib.define_flags()  # --config=configs/<name>.py[:variant]
 flags.DEFINE_string(
     "tpu",
     None,

@@ -59,6 +59,7 @@ from llada_jax.host import memory as host_memory  # noqa: E402
 from llada_jax.host import xla_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
+config_lib.define_flags()  # --config=configs/<name>.py[:variant]
 flags.DEFINE_enum("mode", "train", ["train", "data", "checkpoint", "sample"], "What to benchmark.")
 flags.DEFINE_string(
     "workdir",
