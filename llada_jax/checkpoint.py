@@ -73,6 +73,7 @@ SHAPE_KEYS = (
 
 
 def checkpoint_dir(workdir: str) -> str:
+    """WORKDIR/checkpoints, the workdir resolved (an absolute path, or a URI as given)."""
     return files.join(files.resolve(workdir), "checkpoints")
 
 
@@ -94,8 +95,9 @@ class SaveFailed(OSError):
 
 class Checkpointer:
     """Saves every `save_every` steps and when `save_every_sec` seconds have passed since the
-    last save (or the start), keeps the last `max_to_keep` plus every `keep_every`-th (older
-    steps are deleted in the background).
+    last save (or the start), keeps the last `max_to_keep` plus every `keep_every`-th. Older
+    steps are deleted after the new one commits, by Orbax's thread that finishes an
+    asynchronous save: off the training thread.
 
     writer: this process belongs to the run that writes DIR (the trainer, a converter): removes
     what interrupted saves left behind before anything else happens. Otherwise nothing is
@@ -131,7 +133,6 @@ class Checkpointer:
                     enable_async_checkpointing=async_save,
                     create=True,
                     cleanup_tmp_directories=True,
-                    enable_background_delete=True,
                 ),
             )
         self._reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
@@ -147,6 +148,7 @@ class Checkpointer:
         return decisions.process_0_decides(lambda: complete_steps(self.directory))
 
     def is_complete(self, step: int) -> bool:
+        """Whether `step` was committed: its directory holds COMMIT_FILE."""
         return files.isfile(files.join(self.directory, str(step), COMMIT_FILE))
 
     def should_save(self, step: int) -> bool:

@@ -71,34 +71,23 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionConfig:
-    """Settings of the forward process and of the training objective.
+    """Settings of the forward process and of the training objective."""
 
-    Attributes:
-        mask_id: token id of the mask token.
-        schedule: "linear" | "cosine" | "polynomial" (keep-probability alpha(t)).
-        power: exponent k of the polynomial schedule alpha = 1 - t^k (> 0).
-        eps: floor of the diffusion time, t' = eps + (t_max - eps) t; 0 < eps < t_max.
-        t_max: top of the diffusion time (BD3-LM's clipped range [eps, t_max]); <= 1.
-        t_sampling: "iid" (LLaDA) or "stratified" (antithetic over the global batch, MDLM).
-        t_density: "uniform" (LLaDA) or "bell" (Beta(2, 2), importance-weighted).
-        loss_weight: "elbo" (the ELBO weight w(t')) or "none" (mean masked cross-entropy).
-        masking: "independent" | "paired" | "complementary" (see the module docstring).
-        random_length_prob: probability per batch of cutting all sequences to a length
-            l ~ U{1..L} (done with the ``valid`` mask; shapes stay static); in [0, 1].
-        cfg_prompt_dropout: probability per sequence of replacing the whole prompt by mask
-            tokens (classifier-free-guidance training, SMDM); in [0, 1].
-    """
-
-    mask_id: int
-    schedule: str = "linear"
-    power: float = 2.0
-    eps: float = 1e-3
-    t_max: float = 1.0
-    t_sampling: str = "iid"
-    t_density: str = "uniform"
+    mask_id: int  # token id of the mask token
+    schedule: str = "linear"  # "linear" | "cosine" | "polynomial" (keep-probability alpha(t))
+    power: float = 2.0  # exponent k of the polynomial schedule alpha = 1 - t^k (> 0)
+    eps: float = 1e-3  # floor of the diffusion time, t' = eps + (t_max - eps) t; 0 < eps < t_max
+    t_max: float = 1.0  # top of the diffusion time (BD3-LM's clipped range [eps, t_max]); <= 1
+    t_sampling: str = "iid"  # "iid" (LLaDA) or "stratified" (antithetic over the batch, MDLM)
+    t_density: str = "uniform"  # "uniform" (LLaDA) or "bell" (Beta(2, 2), importance-weighted)
+    # "elbo" (the ELBO weight w(t')) or "none" (mean masked cross-entropy).
     loss_weight: str = "elbo"
-    masking: str = "independent"
+    masking: str = "independent"  # "independent" | "paired" | "complementary" (module docstring)
+    # Probability per batch of cutting all sequences to a length l ~ U{1..L} (done with the
+    # ``valid`` mask; shapes stay static); in [0, 1].
     random_length_prob: float = 0.01
+    # Probability per sequence of replacing the whole prompt by mask tokens
+    # (classifier-free-guidance training, SMDM); in [0, 1].
     cfg_prompt_dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -300,17 +289,10 @@ def bell_time(u: Array) -> tuple[Array, Array]:
 def forward_mask(
     key: Array, tokens: Array, p: Array, maskable: Array, mask_id: int
 ) -> tuple[Array, Array]:
-    """Independently replaces each maskable token by ``mask_id`` with probability p[b].
-
-    Args:
-        key: PRNG key.
-        tokens: (B, L) int32 clean tokens x0.
-        p: (B,) float mask probability per sequence.
-        maskable: (B, L) bool; False positions are never masked.
-        mask_id: the mask token id.
-    Returns:
-        inputs (B, L) int32 (x_t) and is_masked (B, L) bool; inputs == mask_id where is_masked.
-    """
+    """Independently replaces each maskable token of the clean tokens x0 (B, L) int32 by
+    ``mask_id`` with probability p[b] ((B,) float, per sequence) -> inputs x_t (B, L) int32 and
+    is_masked (B, L) bool; inputs == mask_id where is_masked. maskable: (B, L) bool, False
+    positions are never masked."""
     u = jax.random.uniform(key, tokens.shape, jnp.float32)
     is_masked = (u < jnp.asarray(p, jnp.float32)[:, None]) & maskable
     inputs = jnp.where(is_masked, jnp.asarray(mask_id, tokens.dtype), tokens)
@@ -336,28 +318,22 @@ def noise_batch(
     prompt_mask: Optional[Array] = None,
     valid: Optional[Array] = None,
 ) -> dict[str, Array]:
-    """Noises a global batch of clean sequences for one training step.
+    """Noises a global batch of clean sequences, tokens (B, L) int32, for one training step.
 
-    Args:
-        key: PRNG key (the caller folds in the step).
-        tokens: (B, L) int32 clean tokens; for masking="complementary" row i + B/2 must be a copy
-            of row i (``pair_rows``), and it gets the complementary mask.
-        cfg: DiffusionConfig (static under jit).
-        prompt_mask: optional (B, L) bool, True at SFT prompt positions: never masked; with
-            probability cfg.cfg_prompt_dropout per sequence the whole (valid) prompt is replaced by
-            mask_id in ``inputs`` (still excluded from ``is_masked`` and the loss).
-        valid: optional (B, L) bool, positions that exist (default all True).
-    Returns:
-        dict with
-            inputs (B, L) int32: x_t, the model input;
-            targets (B, L) int32: = tokens;
-            is_masked (B, L) bool: positions noised by the forward process (loss positions);
-            weight (B,) float32: ELBO weight w(t') per sequence (times 1 / q(t) for the bell
-                density);
-            p (B,) float32: mask probability per sequence;
-            valid (B, L) bool: existing positions (attention key-padding mask and loss mask).
-        With probability cfg.random_length_prob (one draw per batch) a length l ~ U{1..L} is drawn
-        and positions >= l are made invalid for every sequence.
+    key: the PRNG key (the caller folds in the step). For masking="complementary" row i + B/2 of
+    tokens must be a copy of row i (``pair_rows``), and it gets the complementary mask. cfg is
+    static under jit. prompt_mask: optional (B, L) bool, True at SFT prompt positions: never
+    masked; with probability cfg.cfg_prompt_dropout per sequence the whole (valid) prompt is
+    replaced by mask_id in ``inputs`` (still excluded from ``is_masked`` and the loss). valid:
+    optional (B, L) bool, positions that exist (default all True).
+
+    -> a dict of inputs (B, L) int32 (x_t, the model input), targets (B, L) int32 (= tokens),
+    is_masked (B, L) bool (positions noised by the forward process: the loss positions), weight
+    (B,) float32 (the ELBO weight w(t') per sequence, times 1 / q(t) for the bell density), p
+    (B,) float32 (mask probability per sequence) and valid (B, L) bool (existing positions: the
+    attention key-padding mask and the loss mask). With probability cfg.random_length_prob (one
+    draw per batch) a length l ~ U{1..L} is drawn and positions >= l are made invalid for every
+    sequence.
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     B, L = tokens.shape
@@ -433,12 +409,9 @@ def pretrain_loss(logits: Array, batch: dict[str, Array]) -> tuple[Array, dict[s
     sum over masked valid positions of CE * weight[b], divided by the number of valid positions
     (B * L normally; B * l for a random-length batch).
 
-    Args:
-        logits: (B, L, V) float.
-        batch: output of ``noise_batch`` (uses targets, is_masked, weight, valid).
-    Returns:
-        loss () float32 and aux {"num_masked": () int32, "masked_ce": () float32 (mean unweighted
-        CE over masked tokens)}.
+    logits (B, L, V) float; batch: the output of ``noise_batch`` (uses targets, is_masked,
+    weight, valid) -> loss () float32 and aux {"num_masked": () int32, "masked_ce": () float32
+    (mean unweighted CE over masked tokens)}.
     """
     ce = cross_entropy(logits, batch["targets"])
     valid = batch["valid"].astype(bool)
@@ -466,15 +439,11 @@ def sft_loss(
     row (segment id 1 everywhere) this equals the unpacked loss (up to float summation order).
     Implemented with static shapes: a segment_sum over B * (L + 1) (row, segment) slots.
 
-    Args:
-        logits: (B, L, V) float.
-        batch: output of ``noise_batch`` (uses targets, is_masked, weight, valid), optionally
-            with "segment_ids" (B, L) int32 in [0, L] added by the caller.
-        response_mask: (B, L) bool, True at response positions (non-prompt; EOS padding included,
-            it is part of the response). Answer length = sum(response_mask & valid) per pair,
-            floored at 1.
-    Returns:
-        loss () float32 and aux {"num_masked", "masked_ce"} as in ``pretrain_loss``.
+    logits (B, L, V) float; batch: the output of ``noise_batch`` (uses targets, is_masked,
+    weight, valid), optionally with "segment_ids" (B, L) int32 in [0, L] added by the caller;
+    response_mask: (B, L) bool, True at response positions (non-prompt; EOS padding included, it
+    is part of the response). Answer length = sum(response_mask & valid) per pair, floored at 1.
+    -> loss () float32 and aux {"num_masked", "masked_ce"} as in ``pretrain_loss``.
     """
     ce = cross_entropy(logits, batch["targets"])
     response = jnp.asarray(response_mask, bool) & batch["valid"].astype(bool)

@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -35,7 +34,7 @@ from flax import nnx
 from llada_jax import checkpoint, files, inference, likelihood, sharding, train_step
 from llada_jax import config as config_lib
 from llada_jax.data import datasets
-from llada_jax.run import MeshBound, Run
+from llada_jax.run import Run
 
 EVAL_DIR = "eval"  # DIR/eval/step_<N>.json
 
@@ -102,35 +101,20 @@ def held_out_rows(run: Any, num_tokens: int) -> tuple[np.ndarray, list[str]]:
     return np.stack(rows).astype(np.int32), [s.name for s in sources]
 
 
-def make_scorer(run: Run, graphdef: nnx.GraphDef, settings: EvalSettings) -> MeshBound:
-    """The jitted bound of one batch: (params, tokens (B, L), row_id (B,), sample (B,)) ->
-    (B,) nats, every position a target (unconditional text), on the run's mesh."""
-    mesh, mask_id = run.mesh, run.tokenizer.mask_id
-    key = jax.random.key(settings.seed)
-
-    def score(params: Any, tokens_BxL: jax.Array, row_id_B: jax.Array, sample_B: jax.Array):
-        def logits_fn(tokens: jax.Array, valid: jax.Array) -> jax.Array:
-            return nnx.merge(graphdef, params)(tokens, valid)
-
-        every_BxL = jnp.ones(tokens_BxL.shape, jnp.bool_)
-        return likelihood.nll_samples(
-            logits_fn,
-            tokens_BxL,
-            every_BxL,
-            every_BxL,
-            row_id_B,
-            sample_B,
-            key,
-            num_samples=settings.num_samples,
-            mask_id=mask_id,
-        )
-
-    batch = sharding.batch_sharding(mesh)
-    return MeshBound(jax.jit(score, in_shardings=(None, batch, batch, batch)), mesh)
+def make_scorer(run: Run, graphdef: nnx.GraphDef, settings: EvalSettings) -> sharding.OnMesh:
+    """`likelihood.make_scorer` with the eval settings' samples and seed, on the run's mesh;
+    `score_rows` makes every position a target (unconditional text)."""
+    return likelihood.make_scorer(
+        graphdef,
+        run.mesh,
+        mask_id=run.tokenizer.mask_id,
+        num_samples=settings.num_samples,
+        seed=settings.seed,
+    )
 
 
 def score_rows(
-    scorer: MeshBound,
+    scorer: sharding.OnMesh,
     params: Any,
     rows_RxL: np.ndarray,
     settings: EvalSettings,
@@ -151,10 +135,11 @@ def score_rows(
         from tqdm import tqdm
 
         batches = tqdm(batches, desc="held-out bound", unit="batch", leave=False)
+    every = sharding.to_devices(np.ones((batch_size, rows_RxL.shape[1]), bool), mesh)
     for start in batches:
         r, s = row_id[start : start + batch_size], sample[start : start + batch_size]
-        inputs = (sharding.to_devices(x, mesh) for x in (rows_RxL[r], r, s))
-        out.append(sharding.to_host(scorer(params, *inputs)))
+        tokens, r, s = (sharding.to_devices(x, mesh) for x in (rows_RxL[r], r, s))
+        out.append(sharding.to_host(scorer(params, tokens, every, every, r, s)))
     return np.concatenate(out)[: len(rows_RxL) * n].reshape(len(rows_RxL), n)
 
 
@@ -164,7 +149,7 @@ def rounded_batch_size(settings: EvalSettings, mesh: jax.sharding.Mesh) -> int:
     return -(-settings.batch_size // dp) * dp
 
 
-def make_objective_spread(model: inference.LoadedModel, draws: int) -> Callable[..., Any]:
+def make_objective_spread(model: inference.LoadedModel, draws: int) -> sharding.OnMesh:
     """Jitted (params, tokens (B, L)) -> (loss (draws,), grad_norm (draws,)): the run's training
     loss and its gradient's global norm for `draws` noisings of the same batch (keys from the
     run's seed), one after another (lax.map)."""
@@ -182,7 +167,7 @@ def make_objective_spread(model: inference.LoadedModel, draws: int) -> Callable[
         keys = jax.random.split(jax.random.key(step_cfg.seed), draws)
         return jax.lax.map(one, keys)
 
-    return MeshBound(jax.jit(spread), model.run.mesh)
+    return sharding.jit_on_mesh(spread, model.run.mesh)
 
 
 # --------------------------------------------------------------------------------------------

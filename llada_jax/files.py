@@ -51,6 +51,7 @@ def check_uri(path: str) -> None:
 
 
 def join(path: str, *names: str) -> str:
+    """`names` joined under `path`: with '/' on an object store (gs://), os.path.join locally."""
     return posixpath.join(path, *names) if is_uri(path) else os.path.join(path, *names)
 
 
@@ -71,14 +72,17 @@ def as_epath(path: str) -> epath.Path:
 
 
 def exists(path: str) -> bool:
+    """Whether a file or directory is at `path` (local or gs://)."""
     return epath.Path(path).exists() if is_uri(path) else os.path.exists(path)
 
 
 def isfile(path: str) -> bool:
+    """Whether `path` is a file (local or gs://)."""
     return epath.Path(path).is_file() if is_uri(path) else os.path.isfile(path)
 
 
 def isdir(path: str) -> bool:
+    """Whether `path` is a directory (local or gs://)."""
     return epath.Path(path).is_dir() if is_uri(path) else os.path.isdir(path)
 
 
@@ -109,6 +113,7 @@ def makedirs(path: str) -> None:
 
 
 def rmtree(path: str) -> None:
+    """Deletes a directory and everything under it (local or gs://)."""
     if is_uri(path):
         epath.Path(path).rmtree()
     else:
@@ -116,6 +121,7 @@ def rmtree(path: str) -> None:
 
 
 def remove(path: str) -> None:
+    """Deletes one file (local or gs://)."""
     if is_uri(path):
         epath.Path(path).unlink()
     else:
@@ -131,10 +137,12 @@ def rename(source: str, target: str) -> None:
 
 
 def read_text(path: str) -> str:
+    """A file's contents as text (UTF-8 locally)."""
     return epath.Path(path).read_text() if is_uri(path) else _read(path, "r")
 
 
 def read_bytes(path: str) -> bytes:
+    """A file's contents as bytes (local or gs://)."""
     return epath.Path(path).read_bytes() if is_uri(path) else _read(path, "rb")
 
 

@@ -3,7 +3,7 @@ samples drawn. The runner under tools/sample.py and the trainer's end-of-run sam
 
   model = load(workdir)                                   # latest complete step, params only
   ids_BxP, valid_BxP = left_pad([tok.encode(p) for p in prompts], tok.pad_id)
-  sample = make_sampler(model.graphdef, settings, tok)
+  sample = make_sampler(model.graphdef, settings, tok, model.run.mesh)
   canvas_BxT, nfe = sample(model.params, ids_BxP, valid_BxP, jax.random.key(0))
 """
 
@@ -20,7 +20,7 @@ from flax import nnx
 from llada_jax import checkpoint, files, sampling, sharding
 from llada_jax import config as config_lib
 from llada_jax.data.tokenizer import Tokenizer
-from llada_jax.run import MeshBound, Run, abstract_params, build_run
+from llada_jax.run import Run, abstract_params, build_run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,12 +210,13 @@ def make_sampler(
     graphdef: nnx.GraphDef,
     settings: SampleSettings,
     tokenizer: Tokenizer,
-    mesh: jax.sharding.Mesh | None = None,
-) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    mesh: jax.sharding.Mesh,
+) -> sharding.OnMesh:
     """The jitted reverse process: (params, ids (B, P), valid (B, P), key) -> (canvas (B, P +
     gen_length) int32, nfe: the model calls it ran). The mask, EOS and end-of-turn ids are the
-    tokenizer's (a run's tokenizer carries the ids its model config names). With `mesh` (the
-    loaded model's), the batch is split over its data-parallel axes, B a multiple of them."""
+    tokenizer's (a run's tokenizer carries the ids its model config names). Jitted on `mesh`
+    (the loaded model's or the run's): the batch is split over its data-parallel axes, B a
+    multiple of them. The tools, the evaluation job, lm-eval and the benchmark all use it."""
 
     def sample(params: Any, ids: jax.Array, valid: jax.Array, key: jax.Array):
         def model() -> Any:
@@ -250,10 +251,8 @@ def make_sampler(
             kv_cache=settings.kv_cache,
         )
 
-    if mesh is None:
-        return jax.jit(sample)
     batch = sharding.batch_sharding(mesh)
-    return MeshBound(jax.jit(sample, in_shardings=(None, batch, batch, None)), mesh)
+    return sharding.jit_on_mesh(sample, mesh, in_shardings=(None, batch, batch, None))
 
 
 def pad_batch(

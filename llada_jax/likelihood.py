@@ -34,7 +34,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from llada_jax import sharding
 from llada_jax.guidance import LogitsFn, guided_logits
 
 
@@ -115,6 +117,43 @@ def nll_samples(
     token_logp_BxL = jnp.take_along_axis(logp_BxLxV, tokens_BxL[..., None], axis=-1)[..., 0]
     masked_nll_B = -jnp.sum(jnp.where(masked_BxL, token_logp_BxL, 0.0), axis=-1)
     return jnp.where(targets_B > 0, masked_nll_B * targets_B / l_B, 0.0)
+
+
+def make_scorer(
+    graphdef: nnx.GraphDef,
+    mesh: jax.sharding.Mesh,
+    *,
+    mask_id: int,
+    num_samples: int,
+    seed: int,
+    cfg_scale: float = 0.0,
+) -> sharding.OnMesh:
+    """`nll_samples` of the model `graphdef`, jitted on `mesh` with the batch split over its
+    data-parallel axes: (params, tokens (B, L) int32, target (B, L) bool, valid (B, L) bool,
+    row_id (B,) int32, sample (B,) int32) -> (B,) float32 nats, the masks drawn from
+    `jax.random.key(seed)`. The scorer of the evaluation job (every valid position a target)
+    and of the lm-eval model (the continuation the targets, the context the prompt)."""
+    key = jax.random.key(seed)
+
+    def score(params, tokens_BxL, target_BxL, valid_BxL, row_id_B, sample_B):
+        def logits_fn(tokens: jax.Array, valid: jax.Array) -> jax.Array:
+            return nnx.merge(graphdef, params)(tokens, valid)
+
+        return nll_samples(
+            logits_fn,
+            tokens_BxL,
+            target_BxL,
+            valid_BxL,
+            row_id_B,
+            sample_B,
+            key,
+            num_samples=num_samples,
+            mask_id=mask_id,
+            cfg_scale=cfg_scale,
+        )
+
+    batch = sharding.batch_sharding(mesh)
+    return sharding.jit_on_mesh(score, mesh, in_shardings=(None,) + (batch,) * 5)
 
 
 # --------------------------------------------------------------------------------------------

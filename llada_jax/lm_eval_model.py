@@ -39,12 +39,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from llada_jax import inference, likelihood, sharding
-from llada_jax.run import MeshBound
 
 DEFAULT_MAX_GEN_TOKS = 256
 
@@ -119,36 +117,19 @@ class LLaDAJaxLM(LM):
         self.progress = progress
         if self.mc_num < 1:
             raise ValueError(f"mc_num={mc_num} is invalid; valid: a positive integer")
-        self._scorer = self._make_scorer()
+        self._scorer = likelihood.make_scorer(
+            model.graphdef,
+            model.run.mesh,
+            mask_id=self.tok.mask_id,
+            num_samples=self.mc_num,
+            seed=self.seed,
+            cfg_scale=self.cfg_scale,
+        )
         self._samplers: dict[inference.SampleSettings, Any] = {}
 
     # ------------------------------------------------------------------------------------
     # Scoring
     # ------------------------------------------------------------------------------------
-    def _make_scorer(self) -> MeshBound:
-        graphdef, mesh = self.model.graphdef, self.model.run.mesh
-        key = jax.random.key(self.seed)
-
-        def score(params, tokens_BxL, target_BxL, valid_BxL, row_id_B, sample_B):
-            def logits_fn(tokens: jax.Array, valid: jax.Array) -> jax.Array:
-                return nnx.merge(graphdef, params)(tokens, valid)
-
-            return likelihood.nll_samples(
-                logits_fn,
-                tokens_BxL,
-                target_BxL,
-                valid_BxL,
-                row_id_B,
-                sample_B,
-                key,
-                num_samples=self.mc_num,
-                mask_id=self.tok.mask_id,
-                cfg_scale=self.cfg_scale,
-            )
-
-        batch = sharding.batch_sharding(mesh)
-        return MeshBound(jax.jit(score, in_shardings=(None,) + (batch,) * 5), mesh)
-
     def score_rows(self, rows: Sequence[tuple[list[int], int]], desc: str) -> np.ndarray:
         """The bound (nats) of each row's last `targets` tokens given the ones before them:
         rows are (ids, targets) pairs; returns (len(rows), mc_num) samples."""

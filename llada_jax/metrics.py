@@ -194,6 +194,8 @@ class MetricsWriter:
         self._tb = SummaryWriter(files.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """One line {"step": step, **metrics} (values made plain Python), and each numeric value
+        as a TensorBoard scalar at `step`."""
         if not self.enabled:
             return
         clean = {k: _to_python(v) for k, v in metrics.items()}
@@ -208,6 +210,7 @@ class MetricsWriter:
                 self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
+        """Closes the local jsonl file (if one is open) and the TensorBoard writer."""
         if self.enabled:
             if self._jsonl is not None:
                 self._jsonl.close()
@@ -222,11 +225,9 @@ class MetricsWriter:
 
 def read_jsonl(path: str, up_to_step: int | None = None) -> list[dict]:
     """The records of a metrics file (those with step <= up_to_step, if given). A last line cut
-    short by a kill (not JSON) is dropped; blank lines are skipped.
-
-    Raises:
-      ValueError: another line is not a JSON object with an integer "step" (one line naming the
-        file, the line and what is wrong).
+    short by a kill (not JSON) is dropped; blank lines are skipped. Raises ValueError when
+    another line is not a JSON object with an integer "step" (one line naming the file, the line
+    and what is wrong).
     """
     if not files.exists(path):
         return []

@@ -146,10 +146,12 @@ class ModelConfig:
 
     @property
     def compute_dtype(self) -> jnp.dtype:
+        """The dtype of activations and matmul inputs (`dtype`)."""
         return DTYPES[self.dtype]
 
     @property
     def weight_dtype(self) -> jnp.dtype:
+        """The dtype parameters are stored in (`param_dtype`)."""
         return DTYPES[self.param_dtype]
 
 
@@ -229,12 +231,23 @@ def rope_tables(length: int, head_dim: int, theta: float) -> tuple[np.ndarray, n
 
 
 def apply_rope(x_BxLxNxH: jax.Array, cos_LxH: jax.Array, sin_LxH: jax.Array) -> jax.Array:
-    """Rotates x by position; computed in float32, returned in x.dtype."""
+    """Rotate-half RoPE: x (B, L, N, H) rotated by position with the (L, H) `rope_tables`;
+    computed in float32, returned in x.dtype."""
     x32 = x_BxLxNxH.astype(jnp.float32)
     half = x32.shape[-1] // 2
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
     out = x32 * cos_LxH[None, :, None, :] + rotated * sin_LxH[None, :, None, :]
     return out.astype(x_BxLxNxH.dtype)
+
+
+def _splash_specs() -> tuple[jax.sharding.PartitionSpec, ...]:
+    """The splash kernel's shard_map partition specs under the active logical rules: queries and
+    output (B, N, L, H), keys and values (B, K, L, H), segment ids (B, L)."""
+    return (
+        sharding.logical_spec(("batch", "heads", None, None)),
+        sharding.logical_spec(("batch", "kv_heads", None, None)),
+        sharding.logical_spec(("batch", None)),
+    )
 
 
 class Attention(nnx.Module):
@@ -272,7 +285,13 @@ class Attention(nnx.Module):
         k_BxLxKxH = apply_rope(k_BxLxKxH, cos_LxH, sin_LxH)
         if cache is None:
             out_BxLxNxH = attention_lib.attention(
-                q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask, self.kernels, self.causal
+                q_BxLxNxH,
+                k_BxLxKxH,
+                v_BxLxKxH,
+                mask,
+                self.kernels,
+                self.causal,
+                splash_specs=_splash_specs() if self.kernels.attention == "splash" else None,
             )
         else:
             out_BxLxNxH = attention_lib.window_attention(
@@ -282,7 +301,7 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), x (B, L, D) -> (B, L, D) through (B, L, mlp_hidden)."""
 
     def __init__(self, cfg: ModelConfig, kernels: Kernels, *, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.mlp_hidden

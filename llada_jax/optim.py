@@ -149,19 +149,10 @@ def _wsd(
 
 
 def make_lr_schedule(c: Any, total_steps: int) -> optax.Schedule:
-    """Builds the learning-rate schedule described in the module docstring.
-
-    Args:
-      c: the ``optim`` ConfigDict (fields: lr, schedule, warmup_steps,
-        final_lr, decay_steps, lr_drops).
-      total_steps: number of optimizer steps of the whole run.
-
-    Returns:
-      A function of the update count returning the float32 learning rate.
-
-    Raises:
-      ValueError: on an unknown schedule or inconsistent step counts.
-    """
+    """The learning-rate schedule described in the module docstring: a function of the update
+    count returning the float32 learning rate. c: the ``optim`` ConfigDict (fields: lr,
+    schedule, warmup_steps, final_lr, decay_steps, lr_drops); total_steps: optimizer steps of
+    the whole run. Raises ValueError on an unknown schedule or inconsistent step counts."""
     name = c["schedule"]
     if name not in SCHEDULES:
         raise ValueError(f"optim.schedule={name!r} is invalid; valid choices: {SCHEDULES}")
@@ -217,19 +208,12 @@ def _param_name(path: tuple[Any, ...]) -> str:
 
 
 def decay_mask(params: PyTree, weight_decay_on: str = "matrices") -> PyTree:
-    """Which parameters get weight decay (same tree structure as ``params``).
+    """Which parameters get weight decay: a pytree of Python bools with the structure of
+    ``params`` (a pytree of arrays, e.g. ``nnx.split(model, nnx.Param)[1]``).
 
-    Decides by name, not ndim, because scanned layers give norm scales a
-    leading layer axis. ``"matrices"``: every parameter except those named
-    ``scale`` (RMSNorm scales); linear ``kernel`` and ``embedding`` are
-    decayed. ``"all"``: every parameter.
-
-    Args:
-      params: a pytree of arrays, e.g. ``nnx.split(model, nnx.Param)[1]``.
-      weight_decay_on: ``"matrices"`` or ``"all"``.
-
-    Returns:
-      A pytree of Python bools with the structure of ``params``.
+    Decides by name, not ndim, because scanned layers give norm scales a leading layer axis.
+    weight_decay_on ``"matrices"``: every parameter except those named ``scale`` (RMSNorm
+    scales); linear ``kernel`` and ``embedding`` are decayed. ``"all"``: every parameter.
     """
     _check_weight_decay_on(weight_decay_on)
     if weight_decay_on == "all":
@@ -252,20 +236,11 @@ def _check_weight_decay_on(on: str) -> None:
 
 
 def make_optimizer(c: Any, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW with the configured schedule and mask.
-
-    Args:
-      c: the ``optim`` ConfigDict (see module docstring).
-      total_steps: number of optimizer steps of the whole run.
-
-    Returns:
-      The optax transformation. The learning rate at a step is
-      ``make_lr_schedule(c, total_steps)(step)`` (for logging).
-
-    Raises:
-      ValueError: on any invalid key of the section, ``grad_accum`` (read by the training step)
-        included.
-    """
+    """Global-norm clipping then AdamW with the configured schedule and mask, as one optax
+    transformation. c: the ``optim`` ConfigDict (see the module docstring); total_steps:
+    optimizer steps of the whole run. The learning rate at a step is
+    ``make_lr_schedule(c, total_steps)(step)`` (for logging). Raises ValueError on any invalid
+    key of the section, ``grad_accum`` (read by the training step) included."""
     _check_int("grad_accum", c["grad_accum"], 1)
     schedule = make_lr_schedule(c, total_steps)
     on = c["weight_decay_on"]
@@ -327,18 +302,13 @@ def _acc_dtype(dtype: Any) -> Any:
 def accumulate_gradients(
     grad_fn: GradFn, params: PyTree, batch: PyTree, num_microbatches: int
 ) -> tuple[jax.Array, PyTree, PyTree]:
-    """Mean loss, aux and gradients over microbatches, via ``jax.lax.scan``.
+    """``(loss, aux, grads)``, each the mean over microbatches, via ``jax.lax.scan``.
 
-    Args:
-      grad_fn: ``grad_fn(params, microbatch) -> ((loss, aux), grads)``.
-      params: passed unchanged to every call.
-      batch: pytree of arrays with a common leading batch dim B.
-      num_microbatches: n >= 1 with B % n == 0; n == 1 calls grad_fn once.
-
-    Returns:
-      ``(loss, aux, grads)``, each the mean over microbatches. Sums are kept
-      in (at least) float32; float leaves are cast back to their dtype and
-      integer leaves are returned as float32 means.
+    grad_fn: ``grad_fn(params, microbatch) -> ((loss, aux), grads)``, params passed unchanged to
+    every call; batch: a pytree of arrays with a common leading batch dim B, split into
+    num_microbatches = n >= 1 with B % n == 0 (n == 1 calls grad_fn once). Sums are kept in (at
+    least) float32; float leaves are cast back to their dtype and integer leaves are returned as
+    float32 means.
     """
     n = _check_int("num_microbatches", num_microbatches, 1)
     if n == 1:

@@ -422,24 +422,10 @@ def abstract_state(run: Run) -> tuple[nnx.GraphDef, Any, Any]:
     return graphdef, params, opt_state
 
 
-def make_step_fn(run: Run, graphdef: nnx.GraphDef, params: Any, opt_state: Any) -> MeshBound:
-    """The jitted training step, as the trainer runs it (the benchmark times this function)."""
+def make_step_fn(run: Run, graphdef: nnx.GraphDef, params: Any, opt_state: Any) -> sharding.OnMesh:
+    """The jitted training step on the run's mesh, as the trainer runs it (the benchmark times
+    this function): `train_step.jit_train_step`'s shardings and donation, traced under the mesh
+    as `sharding.jit_on_mesh` traces."""
     step = make_train_step(graphdef, run.optimizer, run.lr_schedule, run.step_cfg)
     options = mkl.STEP_COMPILER_OPTIONS if run.kernels.matmul == "mkl" else None
-    return MeshBound(jit_train_step(step, params, opt_state, run.mesh, options), run.mesh)
-
-
-class MeshBound:
-    """A jitted function traced (called or lowered) under the run's mesh and logical rules, so
-    the model's activation sharding constraints (`sharding.constrain`) apply."""
-
-    def __init__(self, fn: Any, mesh: jax.sharding.Mesh):
-        self.fn, self.mesh = fn, mesh
-
-    def __call__(self, *args: Any) -> Any:
-        with sharding.use_mesh(self.mesh):
-            return self.fn(*args)
-
-    def lower(self, *args: Any) -> Any:
-        with sharding.use_mesh(self.mesh):
-            return self.fn.lower(*args)
+    return sharding.OnMesh(jit_train_step(step, params, opt_state, run.mesh, options), run.mesh)

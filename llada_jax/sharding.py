@@ -151,6 +151,32 @@ def use_mesh(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> It
         yield
 
 
+class OnMesh:
+    """A jitted function traced (called or lowered) under a mesh and logical rules, so that the
+    model's activation sharding constraints (`constrain`) apply: what `jit_on_mesh` returns.
+    `mesh` is the mesh it runs on; `lower(*args)` lowers it as `jax.jit`'s does."""
+
+    def __init__(self, jitted: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
+        self.jitted, self.mesh, self.rules = jitted, mesh, rules
+
+    def __call__(self, *args: Any) -> Any:
+        with use_mesh(self.mesh, self.rules):
+            return self.jitted(*args)
+
+    def lower(self, *args: Any) -> Any:
+        with use_mesh(self.mesh, self.rules):
+            return self.jitted.lower(*args)
+
+
+def jit_on_mesh(
+    fn: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES, **jit_kwargs: Any
+) -> OnMesh:
+    """`jax.jit(fn, **jit_kwargs)` (in_shardings, out_shardings, donate_argnums, ...) traced,
+    called and lowered under `mesh` and `rules`: the one way a jitted function runs on a mesh
+    (the sampler, the scorers, the training step)."""
+    return OnMesh(jax.jit(fn, **jit_kwargs), mesh, rules)
+
+
 def to_devices(x_B: np.ndarray, mesh: Mesh) -> jax.Array:
     """A host array (B, ...) that every process holds whole and alike (prompts, held-out rows)
     as a global array split over the batch axes: what a jitted function on a multi-process

@@ -45,8 +45,9 @@ def loss_fn(
     noised: dict[str, jax.Array],
     loss_weight: str = "elbo",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Loss of the model on an already-noised (micro)batch: SFT when it has a response mask.
-    loss_weight="none" trains on the mean masked cross-entropy instead (not a bound)."""
+    """Loss () float32 and aux of the model on an already-noised (micro)batch (`noise`'s
+    output, (B, L) arrays): SFT when it has a response mask. loss_weight="none" trains on the
+    mean masked cross-entropy instead (not a bound)."""
     model = nnx.merge(graphdef, params)
     # Training batches pad at the end only (filler rows, random lengths, SFT rows).
     logits = model(noised["inputs"], noised["valid"], noised.get("segment_ids"), valid_prefix=True)
@@ -84,7 +85,10 @@ def make_train_step(
     lr_schedule: optax.Schedule,
     cfg: StepConfig,
 ) -> StepFn:
-    """The un-jitted step function; `jit_train_step` compiles it with shardings and donation."""
+    """The un-jitted step function (params, opt_state, batch, step () int) -> (params,
+    opt_state, metrics of () scalars): noise the batch with the key of (seed, step), average the
+    gradients over cfg.grad_accum microbatches, update, and skip the update on a NaN/Inf loss
+    or gradient norm. `jit_train_step` compiles it with shardings and donation."""
     loss_weight = cfg.diffusion.loss_weight
     grad_fn = jax.value_and_grad(lambda p, b: loss_fn(graphdef, p, b, loss_weight), has_aux=True)
 

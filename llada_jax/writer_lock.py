@@ -43,6 +43,7 @@ def open_lock(workdir: str, wait_sec: float, stale_sec: float) -> FileLock | Obj
 
 
 def holder_name() -> str:
+    """This process, as the lock file names it: "HOST pid PID"."""
     return f"{socket.gethostname()} pid {os.getpid()}"
 
 
@@ -109,6 +110,7 @@ class FileLock:
             return f.read().strip() or "unknown"
 
     def release(self) -> None:
+        """Drops the lock (closes the descriptor); a no-op if not held."""
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the lock
             self.fd = None

@@ -136,6 +136,6 @@ def test_sampler_matches_generate_token_for_token(
     forward = lambda x, m: np_llada_forward(tensors, config, x, m)  # noqa: E731
     want = np_generate(forward, ids, valid, gen_length, steps, block_length, mask_id, cfg_scale)
     settings = inference.SampleSettings(gen_length, steps, block_length, cfg_scale=cfg_scale)
-    sampler = inference.make_sampler(model.graphdef, settings, model.run.tokenizer)
+    sampler = inference.make_sampler(model.graphdef, settings, model.run.tokenizer, model.run.mesh)
     canvas, _ = sampler(model.params, ids, valid, jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(canvas), want)

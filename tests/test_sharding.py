@@ -123,6 +123,22 @@ def test_parameters_are_never_sharded_over_slice():
     assert not any("slice" in str(spec) for spec in two)
 
 
+def test_jit_on_mesh_traces_under_the_mesh_so_constraints_apply():
+    """A function that constrains its result to the batch axes: jitted on the mesh (called or
+    lowered) the result is split over them; plain jax.jit, outside any mesh, ignores it."""
+    mesh = sharding.make_mesh((4, 1, 2), jax.devices())
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    fn = lambda x: sharding.constrain(x * 2, ("batch", None))  # noqa: E731
+    x = jax.device_put(np.arange(16.0).reshape(8, 2), replicated)
+    on_mesh = sharding.jit_on_mesh(fn, mesh, in_shardings=(replicated,))
+    assert on_mesh.mesh is mesh
+    want = sharding.batch_sharding(mesh)
+    assert on_mesh(x).sharding.is_equivalent_to(want, 2)
+    assert on_mesh.lower(x).compile()(x).sharding.is_equivalent_to(want, 2)
+    np.testing.assert_array_equal(np.asarray(on_mesh(x)), np.asarray(x) * 2)
+    assert jax.jit(fn)(x).sharding.is_fully_replicated
+
+
 @pytest.mark.parametrize(
     "shape,num_slices,message",
     [

@@ -332,7 +332,9 @@ def bench_sample(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[st
         for name, extra in SAMPLE_MODES.items()
     }
     samplers = {
-        name: inference.make_sampler(graphdef, st, tok).lower(params, ids, valid, key).compile()
+        name: inference.make_sampler(graphdef, st, tok, run.mesh)
+        .lower(params, ids, valid, key)
+        .compile()
         for name, st in settings.items()
     }
     forward_one = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x))

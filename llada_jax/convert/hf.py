@@ -65,6 +65,8 @@ UPLOAD_THREADS = 4
 
 
 def read_hf_config(hf_dir: str) -> dict:
+    """The parsed config.json of a local HF checkpoint directory; ConvertError (one line) if the
+    directory is a URI, is missing, or lacks a valid config.json."""
     if files.is_uri(hf_dir):
         raise ConvertError(
             f"--hf_dir={hf_dir!r}: the HF checkpoint directory must be local (copy it here first)"
@@ -97,6 +99,8 @@ def detect_source(hf: dict) -> str:
 
 
 def model_config(hf: dict, source: str, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of an HF config.json dict of `source` ('llada' or 'llama', from
+    `detect_source`), with `overrides` applied."""
     if source == "llada":
         return hf_llada.model_config_from_hf(hf, **overrides)
     return hf_llama.model_config_from_llama(hf, **overrides)

@@ -27,6 +27,9 @@ from llada_jax.model import ModelConfig
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
+    """One parameter's place on both sides: our path and shape, the HF key, and how a linear
+    kernel is laid out."""
+
     path: tuple[str, ...]  # our parameter path, e.g. ("blocks", "attn", "q", "kernel")
     key: str  # HF key; "{i}" is the layer index for per-layer entries
     shape: tuple[int, ...]  # our shape (one layer's, for per-layer entries)
@@ -34,10 +37,13 @@ class Entry:
     per_layer: bool
 
     def hf_key(self, layer: int | None = None) -> str:
+        """The HF key, of `layer` for a per-layer entry."""
         return self.key.format(i=layer) if self.per_layer else self.key
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
+        """The HF tensor's shape: ours, or for a linear kernel (out, in), with our n_in leading
+        input axes flattened into in and the rest into out."""
         if not self.n_in:
             return self.shape
         return (math.prod(self.shape[self.n_in :]), math.prod(self.shape[: self.n_in]))
@@ -151,12 +157,14 @@ def hf_tensor_list(cfg: ModelConfig, layout: str) -> list[tuple[Entry, int | Non
 
 
 def set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    """tree[path[0]][path[1]]... = value, creating the dicts on the way."""
     for p in path[:-1]:
         tree = tree.setdefault(p, {})
     tree[path[-1]] = value
 
 
 def get_path(tree: Mapping, path: tuple[str, ...]) -> Any:
+    """tree[path[0]][path[1]]..."""
     for p in path:
         tree = tree[p]
     return tree

@@ -101,21 +101,26 @@ class TensorReader:
         return self._handles[name]
 
     def keys(self) -> list[str]:
+        """The tensor names, file by file (files in sorted order)."""
         return list(self._info)
 
     def __contains__(self, key: str) -> bool:
         return key in self._info
 
     def shape(self, key: str) -> tuple[int, ...]:
+        """The tensor's shape, from the header (no data read)."""
         return self._info[key][0]
 
     def dtype(self, key: str) -> np.dtype:
+        """The tensor's numpy dtype (float32, bfloat16 or float16), from the header."""
         return self._info[key][1]
 
     def get(self, key: str) -> np.ndarray:
+        """The tensor's data, read from its file (opened on first use)."""
         return self._open(self.files[key]).get_tensor(key)
 
     def close(self) -> None:
+        """Drops the open file handles."""
         self._handles.clear()
 
 

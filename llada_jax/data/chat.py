@@ -28,9 +28,8 @@ def format_turns(
     "Assistant:\\n" header; its response is the reply's content ids followed by the eot id. No
     EOS or padding is added. Messages after the last assistant reply are ignored.
 
-    Raises:
-      BadRecord: a message is not an object, lacks role/content, has an unknown role or
-        non-string / empty content, or there is no assistant reply.
+    Raises BadRecord when a message is not an object, lacks role/content, has an unknown role or
+    non-string / empty content, or when there is no assistant reply.
     """
     if not isinstance(messages, (list, tuple)) or not messages:
         raise BadRecord("'messages' is not a non-empty list")

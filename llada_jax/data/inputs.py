@@ -41,8 +41,7 @@ class BadRecord(ValueError):
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
     """Paths -> the files to read: directories are walked recursively in sorted order.
 
-    Raises:
-      InputError: a path does not exist or is unreadable, or a directory holds no files.
+    Raises InputError when a path does not exist or is unreadable, or a directory holds no files.
     """
     files: list[str] = []
     for path in inputs:

@@ -79,11 +79,10 @@ def prepare(
     (shards made by this run; the others were complete and skipped). Progress goes to a tqdm
     bar (tokens/s) when `progress`; summary lines (and bad-record locations) go to `log`.
 
-    Raises:
-      InputError: an input cannot be read at all (nothing in `output_dir` is changed when this
-        is found while planning, before any work), or a split gives no record (its shards stay,
-        without a metadata.json: training refuses the directory).
-      ValueError: bad options, or a gs:// `output_dir` without the gcs extra installed.
+    Raises InputError when an input cannot be read at all (nothing in `output_dir` is changed
+    when this is found while planning, before any work) or a split gives no record (its shards
+    stay, without a metadata.json: training refuses the directory); ValueError on bad options
+    or a gs:// `output_dir` without the gcs extra installed.
     """
     if files.is_uri(output_dir):
         output_dir = files.resolve(output_dir)  # first: no gcsfs is one line, before any work
@@ -371,9 +370,8 @@ def _log_summary(
 def load_metadata(output_dir: str) -> dict[str, Any]:
     """Reads `output_dir/metadata.json`.
 
-    Raises:
-      FileNotFoundError: with a message saying how to make it.
-      ValueError: a gs:// directory without the gcs extra installed.
+    Raises FileNotFoundError, with a message saying how to make it, when it is missing, and
+    ValueError for a gs:// directory without the gcs extra installed.
     """
     files.check_uri(output_dir)
     path = files.join(output_dir, METADATA_FILE)

@@ -31,15 +31,12 @@ Pair = tuple[np.ndarray, np.ndarray]
 
 
 def decode_record(record: Union[bytes, bytearray, memoryview, np.ndarray]) -> Pair:
-    """Splits one prepared record into (prompt_ids, response_ids).
+    """Splits one prepared record into (prompt_ids, response_ids): prompt_ids (prompt_len,)
+    int32 and response_ids (N - 1 - prompt_len,) int32 (copies).
 
-    Args:
-        record: int32 array (N,) = ``[prompt_len, *prompt_ids, *response_ids]``, or its raw bytes
-            (little-endian int32, 4 * N bytes).
-    Returns:
-        prompt_ids (prompt_len,) int32 and response_ids (N - 1 - prompt_len,) int32 (copies).
-    Raises:
-        ValueError: on an empty / malformed record or a prompt_len outside [0, N - 1].
+    record: int32 array (N,) = ``[prompt_len, *prompt_ids, *response_ids]``, or its raw bytes
+    (little-endian int32, 4 * N bytes). Raises ValueError on an empty / malformed record or a
+    prompt_len outside [0, N - 1].
     """
     if isinstance(record, (bytes, bytearray, memoryview)):
         raw = bytes(record)
@@ -79,7 +76,8 @@ def _check_seq_len(seq_len: int) -> None:
 def fit_pair(
     prompt: np.ndarray, response: np.ndarray, seq_len: int, overflow: str
 ) -> Optional[Pair]:
-    """Makes a pair fit in ``seq_len`` tokens.
+    """Makes a pair, prompt (P,) and response (R,) int token ids, fit in ``seq_len`` = L (>= 2)
+    tokens -> (prompt (P',) int32, response (R',) int32) with P' + R' <= L, or None (dropped).
 
     A pair with len(prompt) + len(response) <= seq_len is returned unchanged. Otherwise:
       * overflow="drop": returns None (the caller counts the drop).
@@ -93,13 +91,6 @@ def fit_pair(
             truncated (to seq_len - 1 tokens), leaving >= 1 position for EOS padding.
         In both cases the result has exactly seq_len tokens (or seq_len - 1 with an empty
         response). A truncated response loses its end-of-turn id.
-
-    Args:
-        prompt: (P,) int token ids. response: (R,) int token ids.
-        seq_len: row length L (>= 2).
-        overflow: "truncate" | "drop".
-    Returns:
-        (prompt (P',) int32, response (R',) int32) with P' + R' <= seq_len, or None (dropped).
     """
     _check_overflow(overflow)
     _check_seq_len(seq_len)
@@ -147,16 +138,10 @@ def _as_pair(prompt: np.ndarray, response: np.ndarray, seq_len: int) -> Pair:
 
 
 def pad_pair(prompt: np.ndarray, response: np.ndarray, seq_len: int, eos_id: int) -> Row:
-    """One unpacked row: prompt + response + EOS padding up to ``seq_len``.
-
-    Args:
-        prompt: (P,) int. response: (R,) int, with P + R <= seq_len (use ``fit_pair`` first).
-        seq_len: L. eos_id: padding token id.
-    Returns:
-        {"tokens": (L,) int32, "prompt_mask": (L,) bool (True on the P prompt positions),
-         "segment_ids": (L,) int32 all 1}. The L - P - R padding EOS belong to the response.
-    Raises:
-        ValueError: if the pair is longer than seq_len.
+    """One unpacked row: prompt (P,) int + response (R,) int + EOS padding (`eos_id`) up to
+    ``seq_len`` = L -> {"tokens": (L,) int32, "prompt_mask": (L,) bool (True on the P prompt
+    positions), "segment_ids": (L,) int32 all 1}. The L - P - R padding EOS belong to the
+    response. P + R <= L (use ``fit_pair`` first); raises ValueError if the pair is longer.
     """
     return _row_from_pairs([_as_pair(prompt, response, seq_len)], seq_len, eos_id)
 
@@ -170,14 +155,10 @@ def pack_pairs(pairs: Sequence[Pair], seq_len: int, eos_id: int) -> list[Row]:
     the row is padded at the end with EOS, and that padding carries the LAST pair's segment id
     (it is that pair's response tail: masked, trained on, counted in its answer length).
 
-    Args:
-        pairs: sequence of (prompt (P_i,) int, response (R_i,) int), each P_i + R_i <= seq_len.
-        seq_len: L. eos_id: padding token id.
-    Returns:
-        list of rows in the order they were opened, each {"tokens": (L,) int32,
-        "prompt_mask": (L,) bool, "segment_ids": (L,) int32 in 1..k}.
-    Raises:
-        ValueError: if a pair is longer than seq_len.
+    pairs: (prompt (P_i,) int, response (R_i,) int), each P_i + R_i <= seq_len = L; eos_id: the
+    padding token id. -> the rows in the order they were opened, each {"tokens": (L,) int32,
+    "prompt_mask": (L,) bool, "segment_ids": (L,) int32 in 1..k}. Raises ValueError if a pair is
+    longer than seq_len.
     """
     bins: list[list[Pair]] = []
     used: list[int] = []
@@ -209,10 +190,9 @@ def sft_batch(
     (pack=True, ``pack_pairs``, B = number of rows). B is data dependent; the caller chooses how
     many records to pass to get its global batch size.
 
-    Returns:
-        batch {"tokens": (B, L) int32, "prompt_mask": (B, L) bool, "segment_ids": (B, L) int32}
-        (B may be 0) and stats {"dropped": pairs dropped (overflow="drop"),
-        "truncated": pairs shortened (overflow="truncate")}.
+    -> batch {"tokens": (B, L) int32, "prompt_mask": (B, L) bool, "segment_ids": (B, L) int32}
+    (B may be 0) and stats {"dropped": pairs dropped (overflow="drop"), "truncated": pairs
+    shortened (overflow="truncate")}.
     """
     _check_overflow(overflow)
     _check_seq_len(seq_len)
@@ -255,9 +235,8 @@ def fixed_batch(
     are fillers with ``valid`` all False and segment id 0, which attend nowhere and add nothing
     to the loss.
 
-    Returns:
-        batch with tokens, prompt_mask, segment_ids and valid (num_rows, L), and the stats of
-        ``sft_batch`` plus "unplaced".
+    -> batch with tokens, prompt_mask, segment_ids and valid (num_rows, L), and the stats of
+    ``sft_batch`` plus "unplaced".
     """
     batch, stats = sft_batch(records, seq_len, eos_id, overflow, pack)
     kept = min(num_rows, batch["tokens"].shape[0])

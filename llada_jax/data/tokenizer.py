@@ -56,6 +56,7 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Number of token ids (the model's vocabulary must hold at least these)."""
         raise NotImplementedError
 
     def encode(self, text: str) -> list[int]:
@@ -63,6 +64,7 @@ class Tokenizer:
         raise NotImplementedError
 
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        """`encode` of each text, in order."""
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
@@ -90,12 +92,8 @@ class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece model plus the ids of its pad, EOS, mask and end-of-turn pieces."""
 
     def __init__(self, model_file: str) -> None:
-        """Loads `model_file`.
-
-        Raises:
-          FileNotFoundError: if `model_file` does not exist.
-          ValueError: if the model lacks one of the special pieces.
-        """
+        """Loads `model_file`. Raises FileNotFoundError if it does not exist, ValueError if the
+        model lacks one of the special pieces."""
         model_bytes = _read(model_file)
         self.path = files.resolve(model_file)
         self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
@@ -123,12 +121,15 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.unk_id()
 
     def encode(self, text: str) -> list[int]:
+        """The ids of `text`, with no BOS or EOS added."""
         return self._sp.encode(text)
 
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        """`encode` of each text, in order (one SentencePiece call)."""
         return self._sp.encode(list(texts))
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """The text of a 1-D sequence of ids."""
         return self._sp.decode([int(i) for i in ids])
 
 
@@ -137,13 +138,10 @@ class HFTokenizer(Tokenizer):
     `tokenizer_config.json` beside it (see the module docstring)."""
 
     def __init__(self, path: str) -> None:
-        """Loads `path` (a tokenizer.json, or a directory holding one).
-
-        Raises:
-          FileNotFoundError: if it does not exist.
-          ValueError: if it is not a tokenizer.json, or has no EOS token. One without a mask
-            token (an autoregressive model's) has mask_id -1: the model config must name one.
-        """
+        """Loads `path` (a tokenizer.json, or a directory holding one). Raises FileNotFoundError
+        if it does not exist, ValueError if it is not a tokenizer.json or has no EOS token. One
+        without a mask token (an autoregressive model's) has mask_id -1: the model config must
+        name one."""
         from tokenizers import Tokenizer as _HF
 
         if files.isdir(path):
@@ -204,12 +202,15 @@ class HFTokenizer(Tokenizer):
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
+        """The ids of `text`, with no special tokens added."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        """`encode` of each text, in order (one batched call)."""
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """The text of a 1-D sequence of ids, special tokens skipped."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 

@@ -73,9 +73,12 @@ def attention(
     mask: jax.Array,
     kernels: Kernels,
     causal: bool,
+    splash_specs: tuple[jax.sharding.PartitionSpec, ...] | None = None,
 ) -> jax.Array:
     """softmax(q k^T + mask) v -> (B, L, N, H), q already scaled by 1 / sqrt(H); scores and
-    softmax in float32. `mask` from `mask` with the same kernels."""
+    softmax in float32. `mask` from `mask` with the same kernels. splash_specs: the splash
+    kernel's partition specs on a mesh (`splash.splash_attention`'s `specs`); other
+    implementations do not read them."""
     impl = kernels.attention
     if impl == "splash" and splash.tiles(q_BxLxNxH.shape[1]):
         to_heads_first = lambda x: x.transpose(0, 2, 1, 3)
@@ -86,6 +89,7 @@ def attention(
             mask,
             causal,
             interpret=kernels.platform != "tpu",
+            specs=splash_specs,
         )
         return out_BxNxLxH.transpose(0, 2, 1, 3)
     if impl == "splash":  # a length the kernel cannot tile: `mask` holds segment ids

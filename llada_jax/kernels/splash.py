@@ -8,8 +8,9 @@ them in VMEM, block by block, and never materializes them, forward or backward.
 Masks become segment ids: a query sees the keys whose id equals its own. Key padding gives
 padded positions id -1, so real tokens never see them (padded queries see only padding, whose
 outputs nothing reads). With a mesh, the kernel runs per shard under shard_map (batch over the
-data-parallel axes, heads over `tensor`). On backends other than TPU it runs in Pallas's
-interpreter (for tests; slow).
+data-parallel axes, heads over `tensor`): the caller maps the logical axes to mesh axes and
+passes the partition specs, so the kernels need not know the runner's rules. On backends other
+than TPU it runs in Pallas's interpreter (for tests; slow).
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
-
-from llada_jax import sharding
+from jax.sharding import PartitionSpec as P
 
 BLOCKS = (512, 256, 128)  # tile sizes tried, largest first: the first that divides L is used
 # Name of the kernel's residuals (its output and log-sum-exp), which a remat policy may save
@@ -38,6 +38,8 @@ def tiles(length: int) -> bool:
 
 
 def block_size(length: int) -> int:
+    """The kernel's tile size at this sequence length: the largest of BLOCKS dividing it; raises
+    ValueError if none does."""
     for block in BLOCKS:
         if length % block == 0:
             return block
@@ -79,19 +81,29 @@ def _local(
 
 
 def splash_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array, causal: bool, interpret: bool
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    ids: jax.Array,
+    causal: bool,
+    interpret: bool,
+    specs: tuple[P, P, P] | None = None,
 ) -> jax.Array:
     """softmax(q k^T) v within equal ids: q (B, H, L, D) already scaled, k, v (B, K, L, D) with K
     dividing H (query head h uses kv head h // (H / K)), ids (B, L) from `segment_ids`
-    -> (B, H, L, D). interpret: run in Pallas's interpreter (not on a TPU)."""
+    -> (B, H, L, D). interpret: run in Pallas's interpreter (not on a TPU). specs: the
+    shard_map's partition specs of q and the output, of k and v, and of ids, i.e. the logical
+    axes ("batch", "heads", None, None), ("batch", "kv_heads", None, None) and ("batch", None)
+    under the caller's rules; needed on a mesh of more than one device, unread otherwise."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return _local(q, k, v, ids, causal, interpret)
-    heads = sharding.logical_spec(("batch", "heads", None, None))
-    kv_heads = sharding.logical_spec(("batch", "kv_heads", None, None))
+    if specs is None:
+        raise ValueError("splash attention on a multi-device mesh needs the partition specs")
+    heads, kv_heads, batch = specs
     return jax.shard_map(
         lambda q, k, v, ids: _local(q, k, v, ids, causal, interpret),
-        in_specs=(heads, kv_heads, kv_heads, sharding.logical_spec(("batch", None))),
+        in_specs=(heads, kv_heads, kv_heads, batch),
         out_specs=heads,
         check_vma=False,
     )(q, k, v, ids)
