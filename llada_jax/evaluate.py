@@ -135,10 +135,10 @@ def score_rows(
         from tqdm import tqdm
 
         batches = tqdm(batches, desc="held-out bound", unit="batch", leave=False)
-    every = sharding.to_devices(np.ones((batch_size, rows_RxL.shape[1]), bool), mesh)
     for start in batches:
         r, s = row_id[start : start + batch_size], sample[start : start + batch_size]
-        tokens, r, s = (sharding.to_devices(x, mesh) for x in (rows_RxL[r], r, s))
+        every = np.ones((len(r), rows_RxL.shape[1]), bool)  # every position a target
+        tokens, every, r, s = (sharding.to_devices(x, mesh) for x in (rows_RxL[r], every, r, s))
         out.append(sharding.to_host(scorer(params, tokens, every, every, r, s)))
     return np.concatenate(out)[: len(rows_RxL) * n].reshape(len(rows_RxL), n)
 
