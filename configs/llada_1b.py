@@ -28,7 +28,7 @@ from llada_jax.config import ConfigDict, apply_variant, base_config
 
 VARIANTS: dict = {
     # One NVIDIA GPU: cuDNN flash attention, layers unrolled, micro-batches of 8 x 4096.
-    "gpu": {"model.attention": "cudnn", "model.scan_layers": False, "optim.grad_accum": 64},
+    "gpu": {"kernels.attention": "cudnn", "model.scan_layers": False, "optim.grad_accum": 64},
 }
 
 
@@ -44,8 +44,8 @@ def get_config(variant: str = "") -> ConfigDict:
         rope_theta=500_000.0,
         dtype="bfloat16",
         remat="none",
-        attention="splash",
     )
+    c.kernels.update(attention="splash")
     c.data.update(seq_len=4096, batch_size=512)
     c.optim.update(
         lr=4e-4,

@@ -12,7 +12,7 @@ AdamW (weight decay 0.1), LR 0 -> 4e-4 over 2000 steps, held; 1e-4 after 1.2T to
 
 Target: TPU v5p-128 (64 chips, topology v5p:4x4x4), mesh (data 1, fsdp 64, tensor 1): params,
 gradients and Adam moments (float32) sharded 64 ways, bfloat16 compute, the Pallas splash-attention
-kernel (model.attention="splash": the (B, H, L, L) maps never reach HBM), no remat, and 10
+kernel (kernels.attention="splash": the (B, H, L, L) maps never reach HBM), no remat, and 10
 micro-batches of 128 x 4096 (2 sequences per chip) per step. AOT report (tools/aot_compile.py
 --config=configs/llada_8b.py --tpu=v5p-128, libtpu 0.0.42, no TPU attached): per chip, arguments
 1.40 GiB (params + optimizer state), temporaries 79.2 GiB, peak 80.6 GiB of 95 GiB HBM (14 GiB
@@ -22,7 +22,7 @@ kernels) -> 5,930 tokens/s/chip and an estimated MFU of 66.5% (model FLOPs with 
 attention). Below 45% of peak for the kernels, the estimate falls under 65%.
 Alternatives measured the same way: the einsum attention with full remat and 4 micro-batches,
 44.1% (36.1 GiB); splash with remat="dots_attn" and 5 micro-batches, 64.6% (78.1 GiB).
-On GPUs use model.attention="cudnn" instead.
+On GPUs use kernels.attention="cudnn" instead.
 """
 
 from llada_jax.config import ConfigDict, apply_variant, base_config
@@ -48,8 +48,8 @@ def get_config(variant: str = "") -> ConfigDict:
         rope_theta=500_000.0,
         dtype="bfloat16",
         remat="none",
-        attention="splash",
     )
+    c.kernels.update(attention="splash")
     c.data.update(seq_len=4096, batch_size=1280)
     c.optim.update(
         lr=4e-4,

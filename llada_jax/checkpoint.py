@@ -50,26 +50,13 @@ from jax.experimental import multihost_utils
 
 from llada_jax import files, fingerprint
 from llada_jax.host import decisions
+from llada_jax.model import ModelConfig
 
 PyTree = Any
 ITEMS = ("params", "opt_state", "meta")
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a directory being written
 COMMIT_FILE = "commit_success.txt"  # written by Orbax as the last file of a step
 DAMAGED_DIR = "damaged_checkpoints"  # beside checkpoints/: steps set aside by the trainer
-
-# Model keys that change parameter shapes or tree structure: a resumed run may not change them.
-SHAPE_KEYS = (
-    "vocab_size",
-    "d_model",
-    "n_layers",
-    "n_heads",
-    "n_kv_heads",
-    "head_dim",
-    "mlp_hidden",
-    "tie_embeddings",
-    "scan_layers",
-    "param_dtype",
-)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -538,9 +525,10 @@ def abstract(tree: PyTree) -> PyTree:
 
 
 def shape_changes(saved_model: dict, model: dict) -> list[str]:
-    """Model keys whose change would alter parameter shapes: 'key: saved -> new'."""
+    """Model keys whose change would alter parameter shapes or the tree's structure (the model
+    config's shape keys; a resumed run may not change them): 'key: saved -> new'."""
     return [
         f"model.{k}: {saved_model.get(k)!r} -> {model.get(k)!r}"
-        for k in SHAPE_KEYS
+        for k in ModelConfig.shape_keys()
         if saved_model.get(k) != model.get(k)
     ]

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from llada_jax import diffusion, files, metrics
+from llada_jax import diffusion, files, metrics, sections
 
 SEED = re.compile(r"^(?P<cell>.+)-seed(?P<seed>\d+)$")
 
@@ -45,10 +45,12 @@ class RunRecord:
 
     @property
     def final_bits(self) -> float:
+        """Bits per token at the last evaluated step."""
         return self.bits[-1]
 
     @property
     def final_stderr(self) -> float:
+        """Monte-Carlo standard error of `final_bits`, in bits per token."""
         return self.bits_stderr[-1]
 
 
@@ -71,7 +73,9 @@ def read_run(workdir: str) -> RunRecord:
     logged = [r for r in metrics.read_jsonl(files.join(workdir, "metrics.jsonl")) if "loss" in r]
     speeds = [r["tokens_per_sec"] for r in logged if r.get("tokens_per_sec")]
     match = SEED.match(name)
-    diffusion_cfg = diffusion.DiffusionConfig.from_config(cfg.get("diffusion", {}), mask_id=0)
+    diffusion_cfg = sections.from_section(
+        diffusion.DiffusionConfig, cfg.get("diffusion", {}), mask_id=0
+    )
     return RunRecord(
         name=name,
         cell=match["cell"] if match else name,
@@ -119,10 +123,13 @@ class Cell:
 
     @property
     def mean(self) -> float:
+        """The cell's final bound: the mean over its runs of `final_bits`, bits per token."""
         return float(np.mean([r.final_bits for r in self.runs]))
 
     @property
     def stderr(self) -> float:
+        """Standard error of `mean` in bits per token: s / sqrt(n) over the runs' final bits
+        (ddof 1), or the run's own Monte-Carlo standard error for a cell of one run."""
         finals = [r.final_bits for r in self.runs]
         if len(finals) == 1:
             return self.runs[0].final_stderr
@@ -139,6 +146,9 @@ def cells(runs: Sequence[RunRecord]) -> list[Cell]:
 
 @dataclasses.dataclass(frozen=True)
 class Difference:
+    """A cell's final bound against a baseline's (`difference`): delta, its standard error and
+    z = delta / stderr in bits per token; significant when |delta| > 2 stderr."""
+
     delta: float  # cell - baseline, bits per token (negative: the cell is better)
     stderr: float
     z: float
@@ -146,6 +156,9 @@ class Difference:
 
 
 def difference(cell: Cell, baseline: Cell) -> Difference:
+    """`cell`'s mean minus `baseline`'s (bits per token), with standard error
+    sqrt(se_cell^2 + se_baseline^2) and z = delta / stderr (inf when stderr is 0 and delta is
+    not, 0 when both are); significant when |delta| exceeds twice the standard error."""
     delta = cell.mean - baseline.mean
     stderr = math.hypot(cell.stderr, baseline.stderr)
     z = delta / stderr if stderr > 0 else (math.inf if delta else 0.0)

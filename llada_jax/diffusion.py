@@ -46,11 +46,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from llada_jax.sections import check_choices, setting
 
 SCHEDULES = ("linear", "cosine", "polynomial")
 T_SAMPLING = ("iid", "stratified")
@@ -73,38 +75,35 @@ Array = jax.Array
 class DiffusionConfig:
     """Settings of the forward process and of the training objective."""
 
-    mask_id: int  # token id of the mask token
-    schedule: str = "linear"  # "linear" | "cosine" | "polynomial" (keep-probability alpha(t))
-    power: float = 2.0  # exponent k of the polynomial schedule alpha = 1 - t^k (> 0)
-    eps: float = 1e-3  # floor of the diffusion time, t' = eps + (t_max - eps) t; 0 < eps < t_max
-    t_max: float = 1.0  # top of the diffusion time (BD3-LM's clipped range [eps, t_max]); <= 1
-    t_sampling: str = "iid"  # "iid" (LLaDA) or "stratified" (antithetic over the batch, MDLM)
-    t_density: str = "uniform"  # "uniform" (LLaDA) or "bell" (Beta(2, 2), importance-weighted)
-    # "elbo" (the ELBO weight w(t')) or "none" (mean masked cross-entropy).
-    loss_weight: str = "elbo"
-    masking: str = "independent"  # "independent" | "paired" | "complementary" (module docstring)
-    # Probability per batch of cutting all sequences to a length l ~ U{1..L} (done with the
-    # ``valid`` mask; shapes stay static); in [0, 1].
-    random_length_prob: float = 0.01
-    # Probability per sequence of replacing the whole prompt by mask tokens
-    # (classifier-free-guidance training, SMDM); in [0, 1].
-    cfg_prompt_dropout: float = 0.0
+    SECTION: ClassVar[str] = "diffusion"
+
+    mask_id: int  # the mask token's id (the tokenizer's special ids; not a config key)
+    schedule: str = setting("linear", "mask-rate schedule alpha(t)", SCHEDULES)
+    power: float = setting(2.0, "exponent k of the polynomial schedule alpha = 1 - t^k; > 0")
+    eps: float = setting(1e-3, "floor of the diffusion time: t' = eps + (t_max - eps) t")
+    t_max: float = setting(1.0, "top of the diffusion time; < 1 clips the mask rates (not a bound)")
+    t_sampling: str = setting(
+        "iid", "how t is drawn: iid (LLaDA), stratified (antithetic over the batch)", T_SAMPLING
+    )
+    t_density: str = setting(
+        "uniform", "t's density: uniform, bell (Beta(2, 2), importance-weighted)", T_DENSITIES
+    )
+    loss_weight: str = setting(
+        "elbo",
+        "elbo (the bound's weight) | none (mean masked cross-entropy: not a bound)",
+        LOSS_WEIGHTS,
+    )
+    masking: str = setting("independent", "how rows are masked (module docstring)", MASKINGS)
+    # Shapes stay static: the cut is the `valid` mask.
+    random_length_prob: float = setting(
+        0.01, "share of batches cut to a length U{1..L} (LLaDA: 1%)"
+    )
+    cfg_prompt_dropout: float = setting(
+        0.0, "SFT: share of prompts masked whole (for classifier-free guidance)"
+    )
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(
-                f"diffusion.schedule={self.schedule!r} is invalid; valid choices: {SCHEDULES}"
-            )
-        for name, valid in (
-            ("t_sampling", T_SAMPLING),
-            ("t_density", T_DENSITIES),
-            ("loss_weight", LOSS_WEIGHTS),
-            ("masking", MASKINGS),
-        ):
-            if getattr(self, name) not in valid:
-                raise ValueError(
-                    f"diffusion.{name}={getattr(self, name)!r} is invalid; valid choices: {valid}"
-                )
+        check_choices(self)
         if not _is_real(self.power) or not (math.isfinite(self.power) and self.power > 0):
             raise ValueError(
                 f"diffusion.power={self.power!r} is invalid; valid: a finite number > 0"
@@ -133,25 +132,6 @@ class DiffusionConfig:
         object.__setattr__(self, "mask_id", int(self.mask_id))
         for name in ("power", "eps", "t_max", "random_length_prob", "cfg_prompt_dropout"):
             object.__setattr__(self, name, float(getattr(self, name)))
-
-    @classmethod
-    def from_config(cls, c: Any, mask_id: int) -> "DiffusionConfig":
-        """Builds from an ``ml_collections.ConfigDict`` (or any mapping / attribute object).
-
-        ``c`` may hold any field but ``mask_id``, which comes from the tokenizer; missing fields
-        take the defaults.
-        """
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name == "mask_id":
-                continue
-            if hasattr(c, "get"):
-                v = c.get(f.name, None)
-            else:
-                v = getattr(c, f.name, None)
-            if v is not None:
-                kwargs[f.name] = v
-        return cls(mask_id=mask_id, **kwargs)
 
 
 def _is_int(v: Any) -> bool:

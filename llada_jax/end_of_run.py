@@ -51,7 +51,7 @@ def print_samples(
     ids, valid = inference.left_pad(prompts, tok.pad_id)
     ids, valid, _ = inference.pad_batch(ids, valid, sharding.data_parallel_size(mesh))
     ids_BxP, valid_BxP = sharding.to_devices(ids, mesh), sharding.to_devices(valid, mesh)
-    sample = inference.make_sampler(graphdef, inference.SampleSettings.from_config(s), tok, mesh)
+    sample = inference.make_sampler(graphdef, run.sample_settings, tok, mesh)
 
     def generate(params: Any) -> list[str]:
         canvas_BxT = sample(params, ids_BxP, valid_BxP, jax.random.key(run.cfg.seed))[0]
@@ -78,7 +78,7 @@ def print_held_out_bound(
     """Prints the evaluation job's NLL bound of the trained parameters on the run's held-out
     data (the eval section's tokens, masks and seed), and given `untrained` parameters theirs
     beside it, scored on the run's mesh. Every process calls it."""
-    settings = evaluate.EvalSettings.from_config(run.cfg.eval)
+    settings = run.eval_settings
     try:
         rows_RxL, _ = evaluate.held_out_rows(run, settings.num_tokens)
     except ValueError as e:

@@ -18,7 +18,6 @@ done: an evaluation killed and started again goes on where it stopped.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -32,37 +31,15 @@ import optax
 from flax import nnx
 
 from llada_jax import checkpoint, files, inference, likelihood, sharding, train_step
-from llada_jax import config as config_lib
 from llada_jax.data import datasets
 from llada_jax.run import Run
+from llada_jax.run_sections import EvalSettings
 
 EVAL_DIR = "eval"  # DIR/eval/step_<N>.json
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalSettings:
-    """How a checkpoint is evaluated (the `eval` config section; see config.base_config)."""
-
-    num_tokens: int = 16384
-    num_samples: int = 8
-    batch_size: int = 16
-    seed: int = 0
-    generate: bool = True
-    tasks: tuple[str, ...] = ()
-    task_dir: str = ""
-    limit: int = 0
-    mc_num: int = 128
-    objective_draws: int = 0
-    objective_rows: int = 8
-
-    @classmethod
-    def from_config(cls, e: config_lib.ConfigDict, **overrides: Any) -> EvalSettings:
-        fields = {f.name: e[f.name] for f in dataclasses.fields(cls)}
-        fields.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**fields)
-
-
 def result_path(workdir: str, step: int) -> str:
+    """The path of `step`'s result file: DIR/eval/step_<step>.json."""
     return files.join(workdir, EVAL_DIR, f"step_{step}.json")
 
 
@@ -158,7 +135,11 @@ def make_objective_spread(model: inference.LoadedModel, draws: int) -> sharding.
         raise ValueError("eval.objective_draws: only pretraining runs (train.objective=pretrain)")
 
     def spread(params: Any, tokens_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(loss (draws,), grad_norm (draws,)) float32 over the draws on tokens (B, L) int32."""
+
         def one(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+            """The training loss () and its gradient's global norm () for the batch noised
+            with `key`."""
             noised = train_step.noise(key, {"tokens": tokens_BxL}, step_cfg)
             grad_fn = jax.value_and_grad(train_step.loss_fn, argnums=1, has_aux=True)
             (loss, _), grads = grad_fn(graphdef, params, noised, step_cfg.diffusion.loss_weight)
@@ -193,7 +174,7 @@ class Evaluator:
         self.workdir, self.progress, self.log = workdir, progress, log
         self.model = inference.load(workdir, step, devices or jax.local_devices(), fsdp)
         cfg = self.model.run.cfg
-        self.settings = EvalSettings.from_config(cfg.eval, **overrides)
+        self.settings = self.model.run.eval_settings.replace(**overrides)
         self.batch_size = rounded_batch_size(self.settings, self.model.run.mesh)
         self.tasks = None  # lm-eval's TaskManager, when there are tasks: checked before any work
         if self.settings.tasks:
@@ -267,9 +248,7 @@ class Evaluator:
         ids, valid, rows = inference.pad_batch(ids, valid, sharding.data_parallel_size(mesh))
         key = jax.random.key(self.settings.seed)
         if self.sampler is None:  # compiled once; every step has the same shapes
-            sample = inference.make_sampler(
-                model.graphdef, inference.SampleSettings.from_config(s), tok, mesh
-            )
+            sample = inference.make_sampler(model.graphdef, model.run.sample_settings, tok, mesh)
             self.sampler = sample.lower(model.params, ids, valid, key).compile()
         t = time.perf_counter()
         canvas, nfe = jax.block_until_ready(self.sampler(model.params, ids, valid, key))
@@ -310,6 +289,7 @@ class Evaluator:
         files.write_atomically(result_path(self.workdir, step), json.dumps(result, indent=1) + "\n")
 
     def close(self) -> None:
+        """Closes the TensorBoard writer, if `write` opened one."""
         if self._tb is not None:
             self._tb.close()
 
@@ -376,6 +356,9 @@ def run_tasks(
 
 
 def summary_line(result: dict[str, Any]) -> str:
+    """`evaluate`'s result as one log line: the NLL bound in nats and bits per token with its
+    standard error, then whichever of the objective spread, generation and task metrics it
+    holds, and its time in seconds."""
     line = (
         f"step {result['step']}: NLL bound {result['nll_per_token']:.4f} "
         f"+- {result['nll_stderr']:.4f} nats/token, {result['bits_per_token']:.4f} "

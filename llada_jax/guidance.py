@@ -20,19 +20,13 @@ LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
 def model_rows(
     x_BxT: jax.Array, valid_BxT: jax.Array, prompt_BxT: jax.Array, mask_id: int, cfg_scale: float
 ) -> tuple[jax.Array, jax.Array]:
-    """The model's input (tokens, valid) for the canvas `x_BxT`.
+    """The model's input (tokens, valid) for the canvas `x_BxT`: (x_BxT, valid_BxT) when w = 0,
+    else the 2B rows ((x; x with the prompt masked), (valid; valid)).
 
-    Args:
-      x_BxT: (B, T) int32 canvas (or a window of it, W positions).
-      valid_BxT: (B, L) bool key-padding mask (L need not be T: a window pass takes the whole
-        canvas's).
-      prompt_BxT: (B, T) bool, the positions the unconditional branch masks.
-      mask_id: the mask token id.
-      cfg_scale: guidance weight w >= 0 (static).
-
-    Returns:
-      (x_BxT, valid_BxT) when w = 0, else the 2B rows ((x; x with the prompt masked),
-      (valid; valid)).
+    x_BxT: (B, T) int32 canvas (or a window of it, W positions). valid_BxT: (B, L) bool
+    key-padding mask (L need not be T: a window pass takes the whole canvas's). prompt_BxT:
+    (B, T) bool, the positions the unconditional branch masks. mask_id: the mask token id.
+    cfg_scale: guidance weight w >= 0 (static).
     """
     if cfg_scale == 0:
         return x_BxT, valid_BxT

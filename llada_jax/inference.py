@@ -24,50 +24,6 @@ from llada_jax.run import Run, abstract_params, build_run
 
 
 @dataclasses.dataclass(frozen=True)
-class SampleSettings:
-    """How the reverse process runs (the `sample` section of a config, or tools/sample.py's
-    flags)."""
-
-    gen_length: int  # generated tokens per prompt
-    steps: int  # denoising steps over the whole generation (model calls)
-    block_length: int  # semi-autoregressive block; divides gen_length
-    temperature: float = 0.0  # 0: greedy; > 0: Gumbel-max sampling
-    remasking: str = "low_confidence"  # low_confidence | random
-    cfg_scale: float = 0.0  # classifier-free guidance weight; 0: none
-    threshold: float = 0.0  # confidence-threshold decoding; 0: fixed per-step counts
-    ban_eos: bool = False  # EOS is never proposed
-    eos_zero_confidence: bool = False  # end-of-turn (at temperature 0 also EOS) committed last
-    kv_cache: str = "none"  # none | prefix | dual (Fast-dLLM's caches, approximate)
-
-    def __post_init__(self) -> None:
-        sampling.check_settings(
-            self.gen_length,
-            self.steps,
-            self.block_length,
-            self.temperature,
-            self.remasking,
-            cfg_scale=self.cfg_scale,
-            threshold=self.threshold or None,
-            kv_cache=self.kv_cache,
-        )
-
-    @classmethod
-    def from_config(cls, s: config_lib.ConfigDict) -> SampleSettings:
-        return cls(
-            s.gen_length,
-            s.steps,
-            s.block_length,
-            s.temperature,
-            s.remasking,
-            s.cfg_scale,
-            s.threshold,
-            s.ban_eos,
-            s.eos_zero_confidence,
-            s.kv_cache,
-        )
-
-
-@dataclasses.dataclass(frozen=True)
 class LoadedModel:
     """A checkpoint's parameters with the run its config describes."""
 
@@ -173,7 +129,7 @@ def saved_config(saved: dict, num_devices: int = 1, fsdp: bool = False) -> confi
     defaults), on a mesh of `num_devices` (data-parallel, or FSDP): inference needs neither the
     training mesh nor its batch."""
     cfg = config_lib.base_config()
-    for name, value in saved.items():
+    for name, value in config_lib.upgrade(saved).items():
         if name not in cfg:
             continue
         if isinstance(cfg[name], config_lib.ConfigDict):
@@ -208,7 +164,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
 
 def make_sampler(
     graphdef: nnx.GraphDef,
-    settings: SampleSettings,
+    settings: sampling.SampleSettings,
     tokenizer: Tokenizer,
     mesh: jax.sharding.Mesh,
 ) -> sharding.OnMesh:
@@ -231,25 +187,7 @@ def make_sampler(
             else None,
         )
 
-        return sampling.generate(
-            sampler_model,
-            ids,
-            valid,
-            key,
-            gen_length=settings.gen_length,
-            steps=settings.steps,
-            block_length=settings.block_length,
-            mask_id=tokenizer.mask_id,
-            temperature=settings.temperature,
-            remasking=settings.remasking,
-            eos_id=tokenizer.eos_id,
-            ban_eos=settings.ban_eos,
-            cfg_scale=settings.cfg_scale,
-            threshold=settings.threshold or None,
-            eot_id=tokenizer.eot_id,
-            eos_zero_confidence=settings.eos_zero_confidence,
-            kv_cache=settings.kv_cache,
-        )
+        return sampling.generate(sampler_model, ids, valid, key, settings, tokenizer.special_ids)
 
     batch = sharding.batch_sharding(mesh)
     return sharding.jit_on_mesh(sample, mesh, in_shardings=(None, batch, batch, None))

@@ -65,6 +65,7 @@ def mask_exactly(key_B: jax.Array, target_BxL: jax.Array, l_B: jax.Array) -> jax
     positions = jnp.arange(target_BxL.shape[1])
 
     def scores(k: jax.Array) -> jax.Array:
+        """(L,) float32 uniform scores in [0, 1), position i's drawn from `k` folded with i."""
         return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(k, i)))(positions)
 
     score_BxL = jax.vmap(scores)(key_B)
@@ -90,18 +91,18 @@ def nll_samples(
 
     Row b is sample `sample_B[b]` (of `num_samples`) of row `row_id_B[b]`; the same
     (row id, sample) pair draws the same mask in any batch. Positions that are valid and not
-    targets are the prompt (never masked); invalid positions are padding.
+    targets are the prompt (never masked); invalid positions are padding. Rows with no target
+    score 0.
 
-    Args:
-      logits_fn: (tokens (B, L) int32, valid (B, L) bool) -> logits (B, L, V).
-      tokens_BxL: (B, L) int32 clean tokens.
-      target_BxL: (B, L) bool, the positions scored (valid ones only).
-      valid_BxL: (B, L) bool key-padding mask.
-      row_id_B, sample_B: (B,) int32.
-      key: the estimator's PRNG key (its seed).
-      num_samples: samples per row (the stratification's n), static.
-      mask_id: the mask token id, static.
-      cfg_scale: classifier-free guidance weight w (0: none), static.
+    logits_fn: (tokens (B, L) int32, valid (B, L) bool) -> logits (B, L, V).
+    tokens_BxL: (B, L) int32 clean tokens.
+    target_BxL: (B, L) bool, the positions scored (valid ones only).
+    valid_BxL: (B, L) bool key-padding mask.
+    row_id_B, sample_B: (B,) int32, each row's id and its sample index (0..num_samples-1).
+    key: the estimator's PRNG key (its seed).
+    num_samples: samples per row (the stratification's n), static.
+    mask_id: the mask token id, static.
+    cfg_scale: classifier-free guidance weight w (0: none), static.
     """
     target_BxL = target_BxL & valid_BxL
     targets_B = jnp.sum(target_BxL, axis=-1)
@@ -136,7 +137,10 @@ def make_scorer(
     key = jax.random.key(seed)
 
     def score(params, tokens_BxL, target_BxL, valid_BxL, row_id_B, sample_B):
+        """One bound sample per row of the model with `params`: (B,) float32 nats."""
+
         def logits_fn(tokens: jax.Array, valid: jax.Array) -> jax.Array:
+            """The model's logits (B, L, V) on tokens (B, L) int32 with valid (B, L) bool."""
             return nnx.merge(graphdef, params)(tokens, valid)
 
         return nll_samples(
@@ -193,18 +197,22 @@ class Estimate:
 
     @property
     def nll_per_token(self) -> float:
+        """The bound per target token, nats."""
         return self.nll / self.tokens
 
     @property
     def stderr_per_token(self) -> float:
+        """Standard error of `nll_per_token`, nats per token."""
         return self.stderr / self.tokens
 
     @property
     def bits_per_token(self) -> float:
+        """The bound per target token, bits (`nll_per_token` / ln 2)."""
         return self.nll_per_token / math.log(2)
 
     @property
     def bits_stderr_per_token(self) -> float:
+        """Standard error of `bits_per_token`, bits per token."""
         return self.stderr_per_token / math.log(2)
 
 

@@ -14,8 +14,8 @@ checkpoint it evaluates.
                          is_greedy is not computed (False), as in the reference's default.
   loglikelihood_rolling  -(the bound of the whole text) in windows of the model's context, each
                          new chunk scored given the tokens before it; the text opens with EOS.
-  generate_until         the sampler (`gen_length`, `steps`, `block_length`, `temperature`,
-                         `remasking`, `threshold`, `cfg_scale`), cut at EOS and the stop strings.
+  generate_until         the sampler (every key of a config's sample section), cut at EOS and the
+                         stop strings.
 
 Requests are batched (`batch_size` model rows per call, Monte-Carlo samples and requests
 together, padded to a few lengths so that little is recompiled) and split over the devices.
@@ -23,10 +23,11 @@ The masks of a request depend only on its tokens and `seed`: the same request is
 same masks by every checkpoint (common random numbers).
 
 Model arguments: workdir (local or gs://; required unless a loaded model is passed), step,
-mc_num (128), batch_size (32), cfg_scale (0), seed (0), max_length (0: the run's data.seq_len),
-gen_length (0: each request's max_gen_toks), steps (0: gen_length), block_length (0:
-gen_length), temperature (0), remasking (low_confidence), threshold (0: off), num_devices (0:
-all local).
+mc_num (128), batch_size (32), seed (0), max_length (0: the run's data.seq_len), num_devices (0:
+all local), and the sampler's settings: every key of `sampling.SampleSettings` (a config's
+sample section, e.g. temperature, threshold, kv_cache) with its default, except that gen_length
+defaults to each request's max_gen_toks and steps and block_length to gen_length. cfg_scale
+guides the scoring too.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ import numpy as np
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from llada_jax import inference, likelihood, sharding
+from llada_jax import config as config_lib
+from llada_jax import inference, likelihood, sampling, sections, sharding
 
 DEFAULT_MAX_GEN_TOKS = 256
 
@@ -78,22 +80,18 @@ class LLaDAJaxLM(LM):
         step: int | None = None,
         mc_num: int = 128,
         batch_size: int | str = 32,
-        cfg_scale: float = 0.0,
         seed: int = 0,
         max_length: int = 0,
-        gen_length: int = 0,
-        steps: int = 0,
-        block_length: int = 0,
-        temperature: float = 0.0,
-        remasking: str = "low_confidence",
-        threshold: float = 0.0,
         num_devices: int = 0,
         model: inference.LoadedModel | None = None,
         progress: bool = True,
         max_batch_size: int | None = None,
         device: str | None = None,
+        **sample_args: Any,
     ):
+        """See the module docstring; `sample_args` are keys of `sampling.SampleSettings`."""
         super().__init__()
+        self.sample_args = sampler_args(sample_args)
         del max_batch_size, device  # lm-eval's torch-side options; devices: num_devices
         if model is None:
             if not workdir:
@@ -101,19 +99,12 @@ class LLaDAJaxLM(LM):
             devices = jax.local_devices()[: int(num_devices) or None]
             model = inference.load(workdir, None if step is None else int(step), devices)
         self.model, self.tok = model, model.run.tokenizer
-        self.mc_num, self.seed, self.cfg_scale = int(mc_num), int(seed), float(cfg_scale)
+        self.mc_num, self.seed = int(mc_num), int(seed)
+        self.cfg_scale = self.sample_args.get("cfg_scale", 0.0)
         dp = sharding.data_parallel_size(model.run.mesh)
         rows = int(batch_size) if str(batch_size).isdigit() else 32  # "auto": the default
         self.batch_size = -(-max(rows, 1) // dp) * dp
         self.max_length = int(max_length) or model.run.cfg.data.seq_len
-        self.sampling = dict(
-            gen_length=int(gen_length),
-            steps=int(steps),
-            block_length=int(block_length),
-            temperature=float(temperature),
-            remasking=remasking,
-            threshold=float(threshold),
-        )
         self.progress = progress
         if self.mc_num < 1:
             raise ValueError(f"mc_num={mc_num} is invalid; valid: a positive integer")
@@ -125,7 +116,7 @@ class LLaDAJaxLM(LM):
             seed=self.seed,
             cfg_scale=self.cfg_scale,
         )
-        self._samplers: dict[inference.SampleSettings, Any] = {}
+        self._samplers: dict[sampling.SampleSettings, Any] = {}
 
     # ------------------------------------------------------------------------------------
     # Scoring
@@ -202,19 +193,20 @@ class LLaDAJaxLM(LM):
     # ------------------------------------------------------------------------------------
     # Generation
     # ------------------------------------------------------------------------------------
-    def settings_for(self, max_gen_toks: int) -> inference.SampleSettings:
-        s = self.sampling
-        block = s["block_length"] or s["gen_length"] or max_gen_toks
-        gen_length = -(-(s["gen_length"] or max_gen_toks) // block) * block
-        return inference.SampleSettings(
-            gen_length,
-            s["steps"] or gen_length,
-            block,
-            s["temperature"],
-            s["remasking"],
-            self.cfg_scale,
-            s["threshold"],
-        )
+    def settings_for(self, max_gen_toks: int) -> sampling.SampleSettings:
+        """The sampler's settings for a request of `max_gen_toks` tokens: the model args', with
+        gen_length (a multiple of block_length) defaulting to `max_gen_toks` and steps and
+        block_length to gen_length."""
+        given = self.sample_args
+        block = given.get("block_length") or given.get("gen_length") or max_gen_toks
+        gen_length = -(-(given.get("gen_length") or max_gen_toks) // block) * block
+        steps = given.get("steps") or gen_length
+        try:
+            return sampling.SampleSettings(
+                **{**given, "gen_length": gen_length, "steps": steps, "block_length": block}
+            )
+        except sections.SettingError as e:
+            raise ValueError(f"model_args: {e.with_prefix('')}") from None
 
     def generate_until(self, requests: Sequence[Any]) -> list[str]:
         groups: dict[tuple, list[int]] = defaultdict(list)
@@ -253,6 +245,25 @@ class LLaDAJaxLM(LM):
                 bar.update(len(chunk))
         bar.close()
         return out
+
+
+def sampler_args(given: dict[str, Any]) -> dict[str, Any]:
+    """Model args naming keys of `sampling.SampleSettings`, as the types of their defaults.
+    Raises ValueError for any other key or a value of the wrong type."""
+    fields = {f.name: f for f in sections.keys(sampling.SampleSettings)}
+    out = {}
+    for name, value in given.items():
+        if name not in fields:
+            valid = ", ".join(["workdir", "step", "mc_num", "batch_size", "seed", "max_length"])
+            raise ValueError(
+                f"model_args {name}={value!r} is not a model argument; valid: {valid}, "
+                f"num_devices and the sampler's {', '.join(fields)}"
+            )
+        try:
+            out[name] = config_lib.coerce(name, fields[name].default, value)
+        except config_lib.ConfigError as e:
+            raise ValueError(f"model_args: {e}") from None
+    return out
 
 
 def stop_at_eos(tokens: np.ndarray, tok: Any) -> list[int]:

@@ -89,7 +89,7 @@ def measure_cpu_matmul_peak(
     dtype: str = "float32", sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5
 ) -> float:
     """Best FLOP/s of a jitted square matmul on the CPU (all cores, one device), the best of
-    XLA's and MKL's where model.matmul can use MKL: the peak is the fastest matmul available."""
+    XLA's and MKL's where kernels.matmul can use MKL: the peak is the fastest matmul available."""
     device = jax.devices("cpu")[0]
     best = 0.0
     for n in sizes:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ from llada_jax import sharding
 from llada_jax.kernels import attention as attention_lib
 from llada_jax.kernels import matmul as matmul_lib
 from llada_jax.kernels.choice import Kernels
+from llada_jax.sections import SettingError, check_choices, keys, setting
 
 REMAT_POLICIES = {
     "none": None,
@@ -48,45 +49,40 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture and numerics of the transformer (the `model` section of a config)."""
+    """Architecture and numerics of the transformer (the `model` section of a config). Which
+    kernels compute it is the `kernels` section; the token ids it is fed, the `tokens` section."""
 
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    mlp_hidden: int
-    head_dim: int = 0  # 0: d_model // n_heads
-    rope_theta: float = 500_000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    causal: bool = False
-    scan_layers: bool = True
-    # Layers per scan iteration. CPU configs unroll fully: XLA:CPU does not update a rolled
-    # scan's stacked per-layer residuals in place (it zero-fills and copies them every step);
-    # on accelerators 1 keeps compile time independent of depth.
-    scan_unroll: int = 1
-    # "xla": the einsum attention (any backend); "cudnn": jax.nn.dot_product_attention's
-    # fused (flash) kernel on NVIDIA GPUs, which never materializes the L x L map (elsewhere
-    # jax's XLA implementation of the same call runs); "splash": JAX's Pallas splash-attention
-    # kernel on TPU, likewise fused; at a length it cannot tile (not a multiple of 128, e.g. a
-    # sampling canvas) the einsum one runs. See llada_jax/kernels/attention.py.
-    attention: str = "xla"
-    # Who computes float32 matmuls and the "xla" attention on a single CPU device: "mkl" (Intel
-    # oneMKL kernels, llada_jax/kernels/mkl.py, the `mkl` extra), "xla", or "auto" (MKL where it
-    # is installed). Elsewhere (accelerators, several devices, bfloat16) XLA always does.
-    matmul: str = "auto"
-    remat: str = "none"
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    init_std: float = 0.02
-    # Token ids the model was trained with (a converted LLaDA-8B: 126336, 126081, 126348); -1:
-    # the tokenizer's. The network does not read them; whoever feeds it does (run.build_run).
-    mask_id: int = -1
-    eos_id: int = -1
-    eot_id: int = -1
+    SECTION: ClassVar[str] = "model"
+
+    vocab_size: int = setting(
+        4096, "embedding rows; at least the tokenizer's vocabulary", shape=True
+    )
+    d_model: int = setting(256, "width of the residual stream", shape=True)
+    n_layers: int = setting(4, "transformer blocks", shape=True)
+    n_heads: int = setting(4, "query heads", shape=True)
+    n_kv_heads: int = setting(4, "key/value heads (grouped-query attention when fewer)", shape=True)
+    mlp_hidden: int = setting(688, "SwiGLU hidden width", shape=True)
+    head_dim: int = setting(0, "per head; 0: d_model // n_heads", shape=True)
+    rope_theta: float = setting(500_000.0, "RoPE base frequency")
+    norm_eps: float = setting(1e-5, "RMSNorm epsilon")
+    tie_embeddings: bool = setting(
+        False, "logits from the embedding table (no lm_head)", shape=True
+    )
+    causal: bool = setting(False, "causal attention (AR baselines); LLaDA is bidirectional")
+    scan_layers: bool = setting(True, "layers as one lax.scan over stacked parameters", shape=True)
+    # CPU configs unroll fully: XLA:CPU does not update a rolled scan's stacked per-layer
+    # residuals in place (it zero-fills and copies them every step); on accelerators 1 keeps
+    # compile time independent of depth.
+    scan_unroll: int = setting(1, "layers per scan iteration")
+    remat: str = setting("none", "what the backward recomputes", tuple(REMAT_POLICIES))
+    dtype: str = setting("float32", "compute dtype", tuple(DTYPES))
+    param_dtype: str = setting(
+        "float32", "storage dtype of the parameters", tuple(DTYPES), shape=True
+    )
+    init_std: float = setting(0.02, "std of the normal initialization")
 
     def __post_init__(self):
+        check_choices(self)
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         for name in (
@@ -99,50 +95,27 @@ class ModelConfig:
             "scan_unroll",
         ):
             if getattr(self, name) <= 0:
-                raise ValueError(
-                    f"model.{name}={getattr(self, name)!r} is invalid; valid: a positive integer"
-                )
-        for name in ("mask_id", "eos_id", "eot_id"):
-            if not -1 <= getattr(self, name) < self.vocab_size:
-                raise ValueError(
-                    f"model.{name}={getattr(self, name)!r} is invalid; valid: -1 (the "
-                    f"tokenizer's) or an id below model.vocab_size={self.vocab_size}"
+                self._refuse(
+                    f"{{p}}{name}={getattr(self, name)!r} is invalid; valid: a positive integer"
                 )
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"model.n_heads={self.n_heads} is invalid; valid: a multiple of "
-                f"model.n_kv_heads={self.n_kv_heads}"
+            self._refuse(
+                f"{{p}}n_heads={self.n_heads} is invalid; valid: a multiple of "
+                f"{{p}}n_kv_heads={self.n_kv_heads}"
             )
         if self.head_dim % 2:
-            raise ValueError(
-                f"model.head_dim={self.head_dim} is invalid; valid: an even number (rotary "
-                f"embeddings rotate pairs)"
+            self._refuse(
+                f"{{p}}head_dim={self.head_dim} is invalid; valid: an even number (rotary "
+                "embeddings rotate pairs)"
             )
-        if self.attention not in kernels_lib.ATTENTION_SETTINGS:
-            raise ValueError(
-                f"model.attention={self.attention!r} is invalid; valid choices: "
-                f"{kernels_lib.ATTENTION_SETTINGS}"
-            )
-        if self.matmul not in kernels_lib.MATMUL_SETTINGS:
-            raise ValueError(
-                f"model.matmul={self.matmul!r} is invalid; valid choices: "
-                f"{kernels_lib.MATMUL_SETTINGS}"
-            )
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(
-                f"model.remat={self.remat!r} is invalid; valid choices: {tuple(REMAT_POLICIES)}"
-            )
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(
-                    f"model.{name}={getattr(self, name)!r} is invalid; valid choices: "
-                    f"{tuple(DTYPES)}"
-                )
+
+    def _refuse(self, template: str) -> None:
+        raise SettingError(self.SECTION, template)
 
     @classmethod
-    def from_config(cls, c: Any) -> "ModelConfig":
-        """Builds from a ConfigDict (or mapping) holding exactly these field names."""
-        return cls(**dict(c))
+    def shape_keys(cls) -> tuple[str, ...]:
+        """The keys that fix the parameters' shapes (a resumed run may not change them)."""
+        return tuple(f.name for f in keys(cls) if f.metadata.get("shape"))
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -348,7 +321,7 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, kernels: Kernels | None = None):
         self.cfg = cfg
         if kernels is None:
-            kernels = kernels_lib.select(cfg.matmul, cfg.attention, cfg.compute_dtype)
+            kernels = kernels_lib.select(kernels_lib.KernelConfig(), cfg.compute_dtype)
         self.kernels = kernels
         self.embed = nnx.Embed(
             cfg.vocab_size,

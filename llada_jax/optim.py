@@ -2,7 +2,8 @@
 
 The optimizer is global-norm clipping followed by AdamW, with a learning-rate
 schedule and a weight-decay mask. Everything is read from the ``optim``
-section of the config (defaults in ``llada_jax.config.base_config``).
+section of the config (``OptimConfig``: its keys and defaults; checked when the optimizer is
+made).
 
 Schedules (``step`` is optax's update count, 0 for the first update):
 
@@ -21,13 +22,16 @@ Schedules (``step`` is optax's update count, 0 for the first update):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from llada_jax.sections import setting
 
 PyTree = Any
 GradFn = Callable[[PyTree, PyTree], tuple[tuple[jax.Array, PyTree], PyTree]]
@@ -35,6 +39,29 @@ GradFn = Callable[[PyTree, PyTree], tuple[tuple[jax.Array, PyTree], PyTree]]
 SCHEDULES = ("wsd", "cosine", "constant")
 WEIGHT_DECAY_ON = ("matrices", "all")
 NO_DECAY_NAMES = ("scale",)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """The `optim` config section (LLaDA's settings by default). `make_optimizer` and
+    `make_lr_schedule` read it (or its ConfigDict) and check it."""
+
+    SECTION: ClassVar[str] = "optim"
+
+    lr: float = setting(4e-4, "peak learning rate")
+    schedule: str = setting("wsd", "learning-rate schedule (module docstring)", SCHEDULES)
+    warmup_steps: int = setting(100, "linear warmup from 0, in steps (LLaDA-8B: 2000)")
+    final_lr: float = setting(1e-5, "learning rate at the last step")
+    decay_steps: int = setting(0, "wsd: linear decay to final_lr over the last decay_steps steps")
+    lr_drops: tuple = setting((), "wsd: ((step, lr), ...) held from each step on")
+    weight_decay: float = setting(0.1, "AdamW decoupled weight decay")
+    weight_decay_on: str = setting("matrices", "what decays (matrices: not norms)", WEIGHT_DECAY_ON)
+    b1: float = setting(0.9, "Adam beta1")
+    b2: float = setting(0.95, "Adam beta2")
+    eps: float = setting(1e-8, "Adam epsilon")
+    clip_norm: float = setting(1.0, "global gradient-norm clip; 0 disables it")
+    grad_accum: int = setting(1, "micro-batches per step (the batch is split, the step the same)")
+
 
 # --------------------------------------------------------------------------------------------
 # Validation

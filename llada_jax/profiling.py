@@ -66,16 +66,6 @@ def how_to_view(log_dir: str, paths: list[str]) -> str:
     return line + (f" or open {perfetto} at {PERFETTO}" if perfetto else "")
 
 
-def check_steps(value: Any) -> None:
-    """train.profile_steps is (first, count), two integers >= 0."""
-    ok = isinstance(value, tuple) and len(value) == 2
-    if not (ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
-        raise ValueError(
-            f"train.profile_steps={value!r} is invalid; valid: (first, count), two integers "
-            ">= 0, tracing the count steps after the first `first` ((0, 0), count 0: off)"
-        )
-
-
 class StepProfiler:
     """Traces training steps first+1 .. first+count (as the progress lines number them, after
     `first` steps; step 1 includes compilation) into WORKDIR/profile, where `profile_steps` is

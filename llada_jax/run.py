@@ -24,13 +24,24 @@ import numpy as np
 import optax
 from flax import nnx
 
-from llada_jax import checkpoint, diffusion, files, kernels, optim, profiling, sampling, sharding
+from llada_jax import (
+    checkpoint,
+    diffusion,
+    files,
+    kernels,
+    optim,
+    run_sections,
+    sampling,
+    sections,
+    sharding,
+)
 from llada_jax import config as config_lib
-from llada_jax.data import datasets, pipeline, sft
+from llada_jax.data import datasets, pipeline
 from llada_jax.data.tokenizer import Tokenizer, load_tokenizer
 from llada_jax.host import decisions
 from llada_jax.kernels import mkl, splash
 from llada_jax.model import ModelConfig, Transformer
+from llada_jax.special_ids import SpecialIds
 from llada_jax.train_step import StepConfig, jit_train_step, make_train_step
 
 
@@ -45,6 +56,8 @@ class Run:
     kernels: kernels.Kernels  # what computes the model's matmuls and attention on this mesh
     diffusion_cfg: diffusion.DiffusionConfig
     step_cfg: StepConfig
+    sample_settings: sampling.SampleSettings  # the sample section's sampler
+    eval_settings: run_sections.EvalSettings
     tokenizer: Tokenizer
     optimizer: optax.GradientTransformation | None  # None: a run built for inference
     lr_schedule: optax.Schedule | None
@@ -69,10 +82,7 @@ def build_run(
     """
     if workdir:
         check_workdir(workdir)
-    check_counts(cfg)
-    check_checkpoint(cfg.checkpoint)
-    check_sft_settings(cfg.data)
-    profiling.check_steps(cfg.train.profile_steps)
+    config_lib.check(cfg)
     tx = lr_schedule = None
     if optimizer:
         tx = optim.make_optimizer(cfg.optim, cfg.train.steps)  # before optim.grad_accum is used
@@ -82,44 +92,19 @@ def build_run(
         raise ValueError(f"optim.grad_accum={accum!r} is invalid; valid: an integer >= 1")
     mesh = sharding.make_mesh(cfg.mesh.shape, devices, cfg.mesh.num_slices)
     check_batch(cfg, mesh)
-    model_cfg = ModelConfig.from_config(cfg.model)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    # Data is encoded with it: it must fit. (Without data, e.g. sampling given token ids, the
-    # ids are checked where they are read.)
-    if data and tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={model_cfg.vocab_size} is smaller than the vocabulary of "
-            f"data.tokenizer={cfg.data.tokenizer or tokenizer.path!r} ({tokenizer.vocab_size})"
-        )
-    tokenizer = tokenizer.with_special_ids(model_cfg.mask_id, model_cfg.eos_id, model_cfg.eot_id)
-    if tokenizer.mask_id < 0:
-        raise ValueError(
-            f"data.tokenizer={cfg.data.tokenizer!r} has no mask token: name the one the model "
-            "uses with model.mask_id=ID"
-        )
-    chosen = kernels.select(model_cfg.matmul, model_cfg.attention, model_cfg.compute_dtype, mesh)
-    check_attention(model_cfg, chosen, cfg.data.seq_len)
-    diffusion_cfg = diffusion.DiffusionConfig.from_config(cfg.diffusion, mask_id=tokenizer.mask_id)
+    model_cfg = sections.from_section(ModelConfig, cfg.model)
+    tokenizer = run_tokenizer(cfg, model_cfg.vocab_size, data)
+    kernel_cfg = sections.from_section(kernels.KernelConfig, cfg.kernels)
+    chosen = kernels.select(kernel_cfg, model_cfg.compute_dtype, mesh)
+    check_attention(kernel_cfg, chosen, cfg.data.seq_len)
+    diffusion_cfg = sections.from_section(
+        diffusion.DiffusionConfig, cfg.diffusion, mask_id=tokenizer.mask_id
+    )
     # Training's batch (tools that load a run for other work set their own batch size).
     if data and diffusion_cfg.masking != "independent" and cfg.data.batch_size % 2:
         raise ValueError(
             f"diffusion.masking={diffusion_cfg.masking!r} sees each sequence twice: "
             f"data.batch_size={cfg.data.batch_size} must be even"
-        )
-    step_cfg = StepConfig(diffusion_cfg, cfg.optim.grad_accum, cfg.seed, cfg.train.objective)
-    check_eval(cfg.eval)
-    if cfg.sample.num_samples > 0 or cfg.eval.generate:  # used after training: checked before
-        s = cfg.sample
-        sampling.check_settings(
-            s.gen_length,
-            s.steps,
-            s.block_length,
-            s.temperature,
-            s.remasking,
-            prefix="sample.",
-            cfg_scale=s.cfg_scale,
-            threshold=s.threshold or None,
-            kv_cache=s.kv_cache,
         )
     if workdir:
         check_resumable(cfg, workdir)
@@ -137,13 +122,36 @@ def build_run(
         model_cfg=model_cfg,
         kernels=chosen,
         diffusion_cfg=diffusion_cfg,
-        step_cfg=step_cfg,
+        step_cfg=StepConfig(diffusion_cfg, cfg.optim.grad_accum, cfg.seed, cfg.train.objective),
+        sample_settings=sections.from_section(sampling.SampleSettings, cfg.sample),
+        eval_settings=sections.from_section(run_sections.EvalSettings, cfg.eval),
         tokenizer=tokenizer,
         optimizer=tx,
         lr_schedule=lr_schedule,
         batches=batches,
         data_summary=summary,
     )
+
+
+def run_tokenizer(cfg: config_lib.ConfigDict, vocab_size: int, data: bool) -> Tokenizer:
+    """The data section's tokenizer with the tokens section's special ids, which must fit the
+    model; with `data`, its vocabulary too (data is encoded with it; without data, e.g.
+    sampling given token ids, the ids are checked where they are read)."""
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if data and tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"model.vocab_size={vocab_size} is smaller than the vocabulary of "
+            f"data.tokenizer={cfg.data.tokenizer or tokenizer.path!r} ({tokenizer.vocab_size})"
+        )
+    ids = sections.from_section(SpecialIds, cfg.tokens)
+    ids.check_below(vocab_size)
+    tokenizer = tokenizer.with_special_ids(ids)
+    if tokenizer.mask_id < 0:
+        raise ValueError(
+            f"data.tokenizer={cfg.data.tokenizer!r} has no mask token: name the one the model "
+            "uses with tokens.mask_id=ID"
+        )
+    return tokenizer
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,57 +185,6 @@ def check_workdir(workdir: str) -> None:
         raise ValueError(f"--workdir={workdir!r} {where}: {e.strerror}") from None
 
 
-# Integer keys checked here: (the key as the user types it, its smallest valid value).
-MINIMUMS = (
-    ("seed", 0),
-    ("data.seq_len", 1),
-    ("data.batch_size", 1),
-    ("data.workers", 0),
-    ("data.prefetch", 0),
-    ("train.log_every", 1),
-    ("train.max_skipped_in_a_row", 0),
-    ("checkpoint.save_every", 0),
-    ("sample.num_samples", 0),
-)
-
-
-def check_counts(cfg: config_lib.ConfigDict) -> None:
-    """Counts, sizes and steps the trainer reads that no other check covers (MINIMUMS)."""
-    for key, minimum in MINIMUMS:
-        value = cfg[key]
-        if value < minimum:
-            raise ValueError(f"{key}={value!r} is invalid; valid: an integer >= {minimum}")
-
-
-def check_checkpoint(k: config_lib.ConfigDict) -> None:
-    """What the checkpoint section keeps and how long it waits (save_every: MINIMUMS)."""
-    if k.max_to_keep is not None and k.max_to_keep < 1:
-        raise ValueError(
-            f"checkpoint.max_to_keep={k.max_to_keep!r} is invalid; valid: a positive integer, "
-            "or None to keep every checkpoint"
-        )
-    if k.keep_every is not None and k.keep_every < 0:
-        raise ValueError(
-            f"checkpoint.keep_every={k.keep_every!r} is invalid; valid: an integer >= 0 (0 or "
-            "None: none kept beyond checkpoint.max_to_keep)"
-        )
-    if not k.wait_for_writer_sec >= 0:  # NaN too
-        raise ValueError(
-            f"checkpoint.wait_for_writer_sec={k.wait_for_writer_sec!r} is invalid; valid: a "
-            "number of seconds >= 0"
-        )
-    if not k.save_every_sec >= 0:  # NaN too
-        raise ValueError(
-            f"checkpoint.save_every_sec={k.save_every_sec!r} is invalid; valid: a number of "
-            "seconds >= 0 (0: off)"
-        )
-    if not k.lock_stale_sec > 0:  # NaN too
-        raise ValueError(
-            f"checkpoint.lock_stale_sec={k.lock_stale_sec!r} is invalid; valid: a number of "
-            "seconds > 0"
-        )
-
-
 def check_batch(cfg: config_lib.ConfigDict, mesh: jax.sharding.Mesh) -> None:
     """The global batch splits into micro-batches (optim.grad_accum), each over the data-parallel
     devices. (Any split of its rows over processes can be fed: each reads those its devices
@@ -245,47 +202,22 @@ def check_batch(cfg: config_lib.ConfigDict, mesh: jax.sharding.Mesh) -> None:
         )
 
 
-def check_eval(e: config_lib.ConfigDict) -> None:
-    """The eval section describes an evaluation tools/evaluate.py can run."""
-    for key in ("num_tokens", "num_samples", "batch_size", "mc_num", "objective_rows"):
-        if e[key] < 1:
-            raise ValueError(f"eval.{key}={e[key]!r} is invalid; valid: a positive integer")
-    if e.limit < 0:
-        raise ValueError(f"eval.limit={e.limit!r} is invalid; valid: an integer >= 0 (0: all)")
-    if e.objective_draws == 1 or e.objective_draws < 0:
-        raise ValueError(
-            f"eval.objective_draws={e.objective_draws!r} is invalid; valid: 0 (off) or >= 2"
-        )
-
-
-def check_sft_settings(d: config_lib.ConfigDict) -> None:
-    """The data section's SFT keys (checked whatever the objective: a typo is a typo)."""
-    if d.sft_overflow not in sft.OVERFLOW:
-        raise ValueError(
-            f"data.sft_overflow={d.sft_overflow!r} is invalid; valid choices: {sft.OVERFLOW}"
-        )
-    if d.sft_pairs_per_row < 1:
-        raise ValueError(
-            f"data.sft_pairs_per_row={d.sft_pairs_per_row} is invalid; valid: an integer >= 1"
-        )
-
-
-# model.attention settings that name a kernel of one platform: (platform, what, what runs else).
+# kernels.attention settings that name a kernel of one platform: (platform, what, what runs else).
 PLATFORM_KERNELS = {
     "splash": ("tpu", "a TPU kernel", "it runs in Pallas's interpreter (slow)"),
     "cudnn": ("gpu", "an NVIDIA GPU kernel", "jax's XLA implementation of it runs"),
 }
 
 
-def check_attention(model_cfg: ModelConfig, chosen: kernels.Kernels, seq_len: int) -> None:
+def check_attention(asked: kernels.KernelConfig, chosen: kernels.Kernels, seq_len: int) -> None:
     """A length the splash kernel cannot tile is refused; a kernel off its platform is said."""
-    if model_cfg.attention == "splash":
+    if asked.attention == "splash":
         splash.block_size(seq_len)
-    if model_cfg.attention in PLATFORM_KERNELS:
-        platform, what, instead = PLATFORM_KERNELS[model_cfg.attention]
+    if asked.attention in PLATFORM_KERNELS:
+        platform, what, instead = PLATFORM_KERNELS[asked.attention]
         if platform != chosen.platform:
             print(
-                f"warning: model.attention={model_cfg.attention!r} is {what}; on "
+                f"warning: kernels.attention={asked.attention!r} is {what}; on "
                 f"{chosen.platform} {instead}",
                 file=sys.stderr,
                 flush=True,

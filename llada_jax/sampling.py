@@ -43,8 +43,8 @@ The code follows the loop: :func:`generate` runs the blocks left to right, each 
 proposal (:func:`propose`: x0 and its confidences), the pick (how many tokens to commit:
 :func:`num_transfer_tokens`' schedule or :func:`threshold_count`) and the commit
 (:func:`commit`: the top-k candidates take their proposals). Fixed-step and threshold decoding
-share all of it but the pick and when a block ends. Settings are checked by
-:func:`check_settings`.
+share all of it but the pick and when a block ends. Settings are checked once, when their
+:class:`SampleSettings` is built.
 
 Only candidates need logits, so a model given as a ``SamplerModel`` runs its output head (the
 vocabulary projection, then the draw and the softmax) on the current block's positions alone;
@@ -70,8 +70,9 @@ one of its V Gumbels would exceed 32, with probability about V e^-32 (2e-9 for V
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -79,22 +80,20 @@ import jax.numpy as jnp
 from llada_jax import guidance
 from llada_jax.guidance import LogitsFn
 from llada_jax.kernels.argmax import argmax
+from llada_jax.sections import SettingError, check_choices, setting
+from llada_jax.special_ids import SpecialIds
 
 REMASKING_STRATEGIES = ("low_confidence", "random")
 KV_CACHES = ("none", "prefix", "dual")
 
 
 def num_transfer_tokens(mask_count: jax.Array, steps: int) -> jax.Array:
-    """Number of tokens to commit at each step of a block.
+    """Number of tokens to commit at each step of a block, (B, steps) int32: row `b` sums to
+    `mask_count[b]`, each step getting `mask_count // steps` tokens and the first
+    `mask_count % steps` steps one more (LLaDA's `get_num_transfer_tokens`).
 
-    Args:
-      mask_count: (B,) int, number of masked tokens in the block for each row.
-      steps: number of denoising steps of the block (static).
-
-    Returns:
-      (B, steps) int32; row ``b`` sums to ``mask_count[b]``. Each step gets
-      ``mask_count // steps`` tokens and the first ``mask_count % steps`` steps get one more
-      (LLaDA's ``get_num_transfer_tokens``).
+    mask_count: (B,) int, the number of masked tokens in the block for each row.
+    steps: the number of denoising steps of the block (static).
     """
     mask_count = jnp.asarray(mask_count, jnp.int32)
     base = mask_count // steps
@@ -104,17 +103,12 @@ def num_transfer_tokens(mask_count: jax.Array, steps: int) -> jax.Array:
 
 
 def select_top_k_mask(confidence: jax.Array, k: jax.Array) -> jax.Array:
-    """Boolean mask of the ``k[b]`` highest-confidence positions in each row.
+    """Boolean mask (B, T) of the `k[b]` highest-confidence positions in each row.
 
-    Uses ranks (argsort of a stable descending argsort), so exactly ``min(k[b], T)`` positions are
+    Uses ranks (argsort of a stable descending argsort), so exactly `min(k[b], T)` positions are
     selected per row even when confidences tie; ties go to the lower position index.
-
-    Args:
-      confidence: (B, T) float; non-candidates should be ``-inf``.
-      k: (B,) int, number of positions to select per row.
-
-    Returns:
-      (B, T) bool.
+    confidence: (B, T) float; non-candidates should be -inf.
+    k: (B,) int, the number of positions to select per row.
     """
     order = jnp.argsort(-confidence, axis=-1, stable=True)
     rank = jnp.argsort(order, axis=-1, stable=True)
@@ -122,16 +116,13 @@ def select_top_k_mask(confidence: jax.Array, k: jax.Array) -> jax.Array:
 
 
 def sample_tokens(logits: jax.Array, key: jax.Array, temperature: float) -> jax.Array:
-    """``argmax(logits / temperature + Gumbel)``; plain argmax when ``temperature == 0``.
+    """Token ids (B, T) int32 drawn as `argmax(logits / temperature + Gumbel)`; plain argmax when
+    `temperature == 0`. The noise is float64 under `jax_enable_x64`, else float32 in
+    high-dynamic-range mode (see the module docstring).
 
-    Args:
-      logits: (B, T, V) float.
-      key: PRNG key (unused when ``temperature == 0``).
-      temperature: static Python float >= 0.
-
-    Returns:
-      (B, T) int32 token ids. The noise is float64 under ``jax_enable_x64``, else float32 in
-      high-dynamic-range mode (see the module docstring).
+    logits: (B, T, V) float.
+    key: PRNG key (unused when `temperature == 0`).
+    temperature: static Python float >= 0.
     """
     if temperature > 0:
         dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
@@ -147,17 +138,13 @@ def token_confidence(
     remasking: str,
     zero_ids: tuple[int, ...] = (),
 ) -> jax.Array:
-    """Confidence of each proposed token.
+    """Confidence (B, T) float32 of each proposed token.
 
-    Args:
-      logits: (B, T, V) float.
-      x0: (B, T) int32 proposed tokens.
-      key: PRNG key (used by ``"random"``).
-      remasking: ``"low_confidence"`` (softmax probability of ``x0``) or ``"random"`` (U(0, 1)).
-      zero_ids: token ids whose logits are -inf in that softmax (confidence 0 when proposed).
-
-    Returns:
-      (B, T) float32.
+    logits: (B, T, V) float.
+    x0: (B, T) int32, the proposed tokens.
+    key: PRNG key (used by "random").
+    remasking: "low_confidence" (the softmax probability of `x0`) or "random" (U(0, 1)).
+    zero_ids: token ids whose logits are -inf in that softmax (confidence 0 when proposed).
     """
     if remasking == "low_confidence":
         logits = logits.astype(jnp.float32)
@@ -173,49 +160,63 @@ def token_confidence(
     raise ValueError(f"remasking must be one of {REMASKING_STRATEGIES}, got {remasking!r}")
 
 
-def check_settings(
-    gen_length: int,
-    steps: int,
-    block_length: int,
-    temperature: float,
-    remasking: str,
-    prefix: str = "",
-    cfg_scale: float = 0.0,
-    threshold: float | None = None,
-    kv_cache: str = "none",
-) -> None:
-    """Raises ValueError (one line naming the setting as `prefix` + its name, e.g. the config
-    key `sample.block_length`) unless the settings describe a sampler this module can run."""
-    p = prefix
-    for name, value in (
-        ("gen_length", gen_length),
-        ("steps", steps),
-        ("block_length", block_length),
-    ):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{p}{name}={value!r} is invalid; valid: a positive integer")
-    if gen_length % block_length != 0:
-        raise ValueError(
-            f"{p}block_length={block_length} does not divide {p}gen_length={gen_length}"
-        )
-    num_blocks = gen_length // block_length
-    if steps % num_blocks != 0:
-        raise ValueError(
-            f"{p}steps={steps} is not divisible by the number of blocks, {num_blocks} "
-            f"({p}gen_length={gen_length} / {p}block_length={block_length})"
-        )
-    if remasking not in REMASKING_STRATEGIES:
-        raise ValueError(
-            f"{p}remasking={remasking!r} is invalid; valid choices: {REMASKING_STRATEGIES}"
-        )
-    if temperature < 0:
-        raise ValueError(f"{p}temperature={temperature!r} is invalid; valid: a number >= 0")
-    if cfg_scale < 0:
-        raise ValueError(f"{p}cfg_scale={cfg_scale!r} is invalid; valid: a number >= 0")
-    if threshold is not None and not 0 < threshold <= 1:
-        raise ValueError(f"{p}threshold={threshold!r} is invalid; valid: 0 < threshold <= 1")
-    if kv_cache not in KV_CACHES:
-        raise ValueError(f"{p}kv_cache={kv_cache!r} is invalid; valid choices: {KV_CACHES}")
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+    """How the reverse process runs: the `sample` config section's sampler keys, tools/sample.py's
+    flags and lm-eval's model args. Checked when built (SettingError naming the key)."""
+
+    SECTION: ClassVar[str] = "sample"
+
+    gen_length: int = setting(64, "generated tokens per prompt")
+    steps: int = setting(64, "sampling steps (model calls) for the whole generation")
+    block_length: int = setting(64, "semi-autoregressive block; divides gen_length")
+    temperature: float = setting(0.0, "0: greedy; > 0: Gumbel-max sampling")
+    remasking: str = setting("low_confidence", "which proposals wait", REMASKING_STRATEGIES)
+    cfg_scale: float = setting(0.0, "classifier-free guidance weight w; 0: none")
+    threshold: float = setting(
+        0.0, "commit every token this confident per step instead of `steps` (Fast-dLLM); 0: off"
+    )
+    ban_eos: bool = setting(False, "EOS is never proposed (its logit is -inf)")
+    eos_zero_confidence: bool = setting(
+        False, "proposed end-of-turn (and at temperature 0 EOS) tokens are committed last"
+    )
+    kv_cache: str = setting("none", "K/V reused across a block's steps (Fast-dLLM)", KV_CACHES)
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        for name in ("gen_length", "steps", "block_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                self._refuse(f"{{p}}{name}={value!r} is invalid; valid: a positive integer")
+        if self.gen_length % self.block_length:
+            self._refuse(
+                f"{{p}}block_length={self.block_length} does not divide "
+                f"{{p}}gen_length={self.gen_length}"
+            )
+        if self.steps % self.num_blocks:
+            self._refuse(
+                f"{{p}}steps={self.steps} is not divisible by the number of blocks, "
+                f"{self.num_blocks} ({{p}}gen_length={self.gen_length} / "
+                f"{{p}}block_length={self.block_length})"
+            )
+        for name in ("temperature", "cfg_scale"):
+            if not getattr(self, name) >= 0:  # NaN too
+                self._refuse(
+                    f"{{p}}{name}={getattr(self, name)!r} is invalid; valid: a number >= 0"
+                )
+        if not 0 <= self.threshold <= 1:
+            self._refuse(
+                f"{{p}}threshold={self.threshold!r} is invalid; valid: 0 < threshold <= 1, or 0 "
+                "(off)"
+            )
+
+    def _refuse(self, template: str) -> None:
+        raise SettingError(self.SECTION, template)
+
+    @property
+    def num_blocks(self) -> int:
+        """Semi-autoregressive blocks of the generation."""
+        return self.gen_length // self.block_length
 
 
 def propose(
@@ -227,18 +228,15 @@ def propose(
     ban_id: int | None = None,
     zero_ids: tuple[int, ...] = (),
 ) -> tuple[jax.Array, jax.Array]:
-    """The model's proposal for W positions: tokens x0 and their confidences.
+    """The model's proposal for W positions: tokens x0 (B, W) int32 and their confidences
+    (B, W) float32.
 
-    Args:
-      logits_BxWxV: (B, W, V) float, guided already with CFG.
-      key: PRNG key of this step (split into the Gumbel key and the ``"random"`` key).
-      temperature: static, >= 0; 0 is greedy argmax (:func:`sample_tokens`).
-      remasking: ``"low_confidence"`` or ``"random"`` (:func:`token_confidence`).
-      ban_id: a token id (EOS with ``ban_eos``) whose logit is -inf before x0 is drawn.
-      zero_ids: token ids whose logits are -inf in the confidence softmax only.
-
-    Returns:
-      (x0_BxW int32, confidence_BxW float32).
+    logits_BxWxV: (B, W, V) float, guided already with CFG.
+    key: PRNG key of this step (split into the Gumbel key and the "random" key).
+    temperature: static, >= 0; 0 is greedy argmax (:func:`sample_tokens`).
+    remasking: "low_confidence" or "random" (:func:`token_confidence`).
+    ban_id: a token id (EOS with `ban_eos`) whose logit is -inf before x0 is drawn.
+    zero_ids: token ids whose logits are -inf in the confidence softmax only.
     """
     if ban_id is not None:
         logits_BxWxV = logits_BxWxV.at[..., ban_id].set(-jnp.inf)
@@ -250,17 +248,14 @@ def propose(
 def threshold_count(
     confidence_BxT: jax.Array, candidates_BxT: jax.Array, threshold: float
 ) -> jax.Array:
-    """The threshold rule (Fast-dLLM): how many tokens a step commits in each row.
+    """The threshold rule (Fast-dLLM): how many tokens a step commits in each row, (B,) int32: the
+    number of candidates whose confidence is at least `threshold`, and at least 1. The top-k of
+    :func:`commit` then takes exactly those, or the most confident candidate alone when none
+    reaches the threshold.
 
-    Args:
-      confidence_BxT: (B, T) float32 proposal confidences.
-      candidates_BxT: (B, T) bool, the positions that may be committed.
-      threshold: static, 0 < threshold <= 1.
-
-    Returns:
-      (B,) int32: the number of candidates whose confidence is at least `threshold`, and at
-      least 1. The top-k of :func:`commit` then takes exactly those, or the most confident
-      candidate alone when none reaches the threshold.
+    confidence_BxT: (B, T) float32, the proposal confidences.
+    candidates_BxT: (B, T) bool, the positions that may be committed.
+    threshold: static, 0 < threshold <= 1.
     """
     reached_B = jnp.sum(candidates_BxT & (confidence_BxT >= threshold), axis=-1)
     return jnp.maximum(reached_B, 1).astype(jnp.int32)
@@ -273,18 +268,14 @@ def commit(
     candidates_BxT: jax.Array,
     k_B: jax.Array,
 ) -> jax.Array:
-    """One step's commit: the ``k_B[b]`` most confident candidates of each row take their
-    proposals; every other position keeps its token.
+    """One step's commit: the canvas after it, (B, T) int32, in which the `k_B[b]` most confident
+    candidates of each row take their proposals and every other position keeps its token.
 
-    Args:
-      x_BxT: (B, T) int32 canvas.
-      x0_BxT: (B, T) int32 proposed tokens.
-      confidence_BxT: (B, T) float32 (any value off the candidates).
-      candidates_BxT: (B, T) bool, the positions that may be committed (masked ones).
-      k_B: (B,) int, tokens to commit per row (fewer when a row has fewer candidates).
-
-    Returns:
-      (B, T) int32, the canvas after the commit.
+    x_BxT: (B, T) int32, the canvas.
+    x0_BxT: (B, T) int32, the proposed tokens.
+    confidence_BxT: (B, T) float32 (any value off the candidates).
+    candidates_BxT: (B, T) bool, the positions that may be committed (masked ones).
+    k_B: (B,) int, the tokens to commit per row (fewer when a row has fewer candidates).
     """
     confidence_BxT = jnp.where(candidates_BxT, confidence_BxT, -jnp.inf)
     chosen_BxT = select_top_k_mask(confidence_BxT, k_B) & candidates_BxT
@@ -327,14 +318,11 @@ def full_pass(
     mask_id: int,
     cfg_scale: float,
 ) -> tuple[jax.Array, Any]:
-    """The model's body on the whole canvas (and its unconditional copy with CFG).
+    """The model's body on the whole canvas (and its unconditional copy with CFG): (hidden
+    (R, T, ...), cache), R = B, or 2B with CFG; cache as `model.body` gives it.
 
-    Args:
-      x_BxT, valid_BxT: (B, T) canvas and key-padding mask.
-      prompt_BxT: (B, T) bool, what CFG's unconditional rows mask (:mod:`llada_jax.guidance`).
-
-    Returns:
-      (hidden (R, T, ...), cache): R = B, or 2B with CFG; cache as `model.body` gives it.
+    x_BxT, valid_BxT: (B, T), the canvas and its key-padding mask.
+    prompt_BxT: (B, T) bool, what CFG's unconditional rows mask (:mod:`llada_jax.guidance`).
     """
     return model.body(*guidance.model_rows(x_BxT, valid_BxT, prompt_BxT, mask_id, cfg_scale))
 
@@ -350,16 +338,13 @@ def window_pass(
     mask_id: int,
     cfg_scale: float,
 ) -> jax.Array:
-    """The cached window pass (Fast-dLLM's K/V caches): the positions [start, start + width)
-    recomputed, every other position's keys and values taken from `cache` (a full pass's).
+    """The cached window pass (Fast-dLLM's K/V caches): the hidden state (R, width, ...), R = B or
+    2B with CFG, of the positions [start, start + width), recomputed with every other position's
+    keys and values taken from `cache` (a full pass's).
 
-    Args:
-      x_BxT, valid_BxT, prompt_BxT: (B, T) as :func:`full_pass`.
-      cache: `model.body`'s cache from the block's first (full) pass.
-      start: int32 scalar, the window's first position; `width` static.
-
-    Returns:
-      hidden (R, width, ...), R = B or 2B with CFG.
+    x_BxT, valid_BxT, prompt_BxT: (B, T) as :func:`full_pass`.
+    cache: `model.body`'s cache from the block's first (full) pass.
+    start: int32 scalar, the window's first position; `width` static.
     """
     x_BxW = jax.lax.dynamic_slice_in_dim(x_BxT, start, width, axis=1)
     prompt_BxW = jax.lax.dynamic_slice_in_dim(prompt_BxT, start, width, axis=1)
@@ -545,25 +530,24 @@ def _check_call(
     model: SamplerModel,
     prompt: jax.Array,
     prompt_valid: jax.Array,
-    eos_id: int | None,
-    ban_eos: bool,
-    eot_id: int | None,
-    eos_zero_confidence: bool,
-    kv_cache: str,
+    settings: SampleSettings,
+    ids: SpecialIds,
 ) -> None:
     """Raises ValueError unless the arrays, the ids and the model fit the settings (which
-    `check_settings` checks)."""
+    check themselves when built)."""
     if prompt.ndim != 2 or prompt_valid.shape != prompt.shape:
         raise ValueError(
             f"prompt must be (B, Lp) with prompt_valid of the same shape, got "
             f"{prompt.shape} and {prompt_valid.shape}"
         )
-    if ban_eos and eos_id is None:
-        raise ValueError("ban_eos=True requires eos_id")
-    if eos_zero_confidence and (eos_id is None or eot_id is None):
-        raise ValueError("eos_zero_confidence=True requires eos_id and eot_id")
-    if kv_cache != "none" and model.window is None:
-        raise ValueError(f"kv_cache={kv_cache!r} needs a SamplerModel with a window pass")
+    if ids.mask_id < 0:
+        raise ValueError("sampling needs a mask id")
+    if settings.ban_eos and ids.eos_id < 0:
+        raise ValueError("ban_eos=True requires an EOS id")
+    if settings.eos_zero_confidence and (ids.eos_id < 0 or ids.eot_id < 0):
+        raise ValueError("eos_zero_confidence=True requires EOS and end-of-turn ids")
+    if settings.kv_cache != "none" and model.window is None:
+        raise ValueError(f"kv_cache={settings.kv_cache!r} needs a SamplerModel with a window pass")
 
 
 def generate(
@@ -571,77 +555,47 @@ def generate(
     prompt: jax.Array,
     prompt_valid: jax.Array,
     key: jax.Array,
-    *,
-    gen_length: int,
-    steps: int,
-    block_length: int,
-    mask_id: int,
-    temperature: float = 0.0,
-    remasking: str = "low_confidence",
-    eos_id: int | None = None,
-    ban_eos: bool = False,
-    cfg_scale: float = 0.0,
-    threshold: float | None = None,
-    eot_id: int | None = None,
-    eos_zero_confidence: bool = False,
-    kv_cache: str = "none",
+    settings: SampleSettings,
+    ids: SpecialIds,
 ) -> tuple[jax.Array, jax.Array]:
-    """Sample ``gen_length`` tokens after ``prompt`` with the LLaDA reverse process.
+    """Samples `settings.gen_length` tokens after `prompt` with the LLaDA reverse process: the
+    blocks left to right, each denoised in steps of propose, pick and commit.
 
-    Pure and jit-able (keyword arguments and ``model`` static under ``jax.jit``); the settings
-    as the module docstring describes them.
-
-    Args:
-      model: ``(tokens (B, T) int32, valid (B, T) bool) -> logits (B, T, V)``, ``valid`` the
-        key-padding mask; or a ``SamplerModel`` (its head then runs only where tokens can be
-        committed; one with a window pass for ``kv_cache`` other than "none").
-      prompt: (B, Lp) int32, left-padded.
-      prompt_valid: (B, Lp) bool, False on the left pads.
-      key: PRNG key (used for Gumbel noise when ``temperature > 0`` and for ``"random"``).
-      gen_length: number of generated tokens; ``T = Lp + gen_length``.
-      steps: total number of denoising steps (= model calls); unused with ``threshold``.
-      block_length: semi-autoregressive block size, dividing ``gen_length`` into a number of
-        blocks that divides ``steps``.
-      mask_id: id of the mask token.
-      temperature: Gumbel-max temperature; 0 is greedy argmax.
-      remasking: ``"low_confidence"`` or ``"random"``.
-      eos_id, eot_id: EOS and end-of-turn ids, for ``ban_eos`` and ``eos_zero_confidence``.
-      ban_eos: EOS is never proposed.
-      cfg_scale: classifier-free guidance weight w (0: none).
-      threshold: confidence-threshold decoding (Fast-dLLM) instead of the fixed step counts.
-      eos_zero_confidence: end-of-turn (and at temperature 0 EOS) proposals get confidence 0.
-      kv_cache: "none", or Fast-dLLM's "prefix" or "dual" cache.
-
-    Returns:
-      ``(canvas, nfe)``: canvas (B, T) int32 with the prompt unchanged and the generated tokens
-      after it; nfe int32 scalar, the number of model calls run (full or window passes).
+    Pure and jit-able (`model`, `settings` and `ids` static under `jax.jit`).
+    model: `(tokens (B, T) int32, valid (B, T) bool) -> logits (B, T, V)`, `valid` the key-padding
+      mask; or a `SamplerModel` (its head then runs only where tokens can be committed; one with
+      a window pass for a `kv_cache` other than "none").
+    prompt: (B, P) int32, left-padded; prompt_valid: (B, P) bool, False on the left pads.
+    key: PRNG key (the Gumbel noise at temperature > 0, and "random" remasking).
+    ids: the mask id, and the EOS and end-of-turn ids `ban_eos` and `eos_zero_confidence` read.
+    Returns (canvas (B, T = P + gen_length) int32: the prompt unchanged, then the generated
+    tokens; nfe: int32 scalar, the model calls run, full or window passes).
     """
     prompt = jnp.asarray(prompt, jnp.int32)
     prompt_valid = jnp.asarray(prompt_valid, jnp.bool_)
-    check_settings(
-        gen_length, steps, block_length, temperature, remasking, "", cfg_scale, threshold, kv_cache
-    )
     if not isinstance(model, SamplerModel):
         model = logits_model(model)
-    _check_call(model, prompt, prompt_valid, eos_id, ban_eos, eot_id, eos_zero_confidence, kv_cache)
-    zero_ids = ((eot_id, eos_id) if temperature == 0 else (eot_id,)) if eos_zero_confidence else ()
-    num_blocks = gen_length // block_length
+    _check_call(model, prompt, prompt_valid, settings, ids)
+    s = settings
+    zero_ids = ()
+    if s.eos_zero_confidence:
+        zero_ids = (ids.eot_id, ids.eos_id) if s.temperature == 0 else (ids.eot_id,)
     d = _Decoding(
         model=model,
-        mask_id=mask_id,
+        mask_id=ids.mask_id,
         prompt_len=prompt.shape[1],
-        gen_length=gen_length,
-        block_length=block_length,
-        steps_per_block=steps // num_blocks,
-        threshold=threshold,
-        cfg_scale=cfg_scale,
-        kv_cache=kv_cache,
-        temperature=temperature,
-        remasking=remasking,
-        ban_id=eos_id if ban_eos else None,
+        gen_length=s.gen_length,
+        block_length=s.block_length,
+        steps_per_block=s.steps // s.num_blocks,
+        threshold=s.threshold or None,
+        cfg_scale=s.cfg_scale,
+        kv_cache=s.kv_cache,
+        temperature=s.temperature,
+        remasking=s.remasking,
+        ban_id=ids.eos_id if s.ban_eos else None,
         zero_ids=zero_ids,
     )
-    canvas, valid = _initial_canvas(prompt, prompt_valid, gen_length, mask_id)
-    prompt_index = canvas != mask_id  # at the start: the prompt region's non-mask positions
+    canvas, valid = _initial_canvas(prompt, prompt_valid, s.gen_length, ids.mask_id)
+    prompt_index = canvas != ids.mask_id  # at the start: the prompt region's non-mask positions
     block_fn = functools.partial(_decode_block, d, key, valid, prompt_index)
-    return jax.lax.fori_loop(0, num_blocks, block_fn, (canvas, jnp.int32(0)))
+    return jax.lax.fori_loop(0, s.num_blocks, block_fn, (canvas, jnp.int32(0)))

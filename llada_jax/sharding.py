@@ -164,6 +164,8 @@ class OnMesh:
             return self.jitted(*args)
 
     def lower(self, *args: Any) -> Any:
+        """The jitted function lowered for `args` under the mesh and rules: `jax.jit`'s
+        `Lowered`, to `.compile()`."""
         with use_mesh(self.mesh, self.rules):
             return self.jitted.lower(*args)
 

@@ -61,6 +61,8 @@ class Sweep:
         return list(itertools.product(*(list(labels) for labels in self.axes.values())))
 
     def run_names(self) -> list[str]:
+        """Every run's name (`run_name`), cell by cell in `cells()` order, each cell's seeds in
+        the order of `seeds`."""
         return [run_name(cell, seed) for cell in self.cells() for seed in self.seeds]
 
     def run_config(self, name: str) -> config_lib.ConfigDict:
@@ -111,10 +113,13 @@ class Sweep:
 
 
 def run_name(cell: tuple[str, ...], seed: int) -> str:
+    """The name of a run: the cell's labels (one per axis) and `seed<N>` joined with `-`, e.g.
+    "linear-iid-seed0"."""
     return "-".join([*cell, f"seed{seed}"])
 
 
 def lookup(c: config_lib.ConfigDict, dotted: str) -> Any:
+    """The value of the dotted key `dotted` (e.g. "model.d_model") in config `c`."""
     for part in dotted.split("."):
         c = c[part]
     return c

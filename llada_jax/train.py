@@ -204,13 +204,7 @@ def train_steps(
     flops_per_token = metrics.train_flops_per_token(run.model_cfg, seq_len)
     peak = metrics.total_peak_flops(run.model_cfg.dtype)
     if is_writer:
-        print(
-            f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token "
-            f"(train); data: {run.data_summary}; devices: {jax.device_count()} "
-            f"x {jax.devices()[0].device_kind}; peak {peak / 1e9 if peak else float('nan'):.1f} "
-            f"GFLOP/s" + (f"; resumed at step {start}" if start else ""),
-            flush=True,
-        )
+        _print_start(run, n_params, flops_per_token, peak, start)
     meta = {"config": cfg.to_dict()}
     last: dict[str, float] = {}
     interval: list[dict[str, jax.Array]] = []  # device metrics since the last log line
@@ -227,12 +221,7 @@ def train_steps(
         if step == start or done % cfg.train.log_every == 0 or done == total:
             means, skipped_in_a_row = interval_stats(interval, skipped_in_a_row)
             interval, now = [], time.perf_counter()
-            if skipped_in_a_row > cfg.train.max_skipped_in_a_row:
-                raise FloatingPointError(
-                    f"{skipped_in_a_row} steps in a row up to step {done} had a NaN/Inf loss or "
-                    f"gradient (train.max_skipped_in_a_row={cfg.train.max_skipped_in_a_row}); "
-                    f"the last checkpoint holds no NaN: lower the learning rate and resume"
-                )
+            _check_skipped(cfg, skipped_in_a_row, done)
             if step == start:  # includes compilation: no throughput; time from here on
                 last = means
                 if is_writer:
@@ -243,38 +232,96 @@ def train_steps(
                     )
             else:
                 sec_per_step = (now - mark_time) / (done - mark_step)
-                tokens_per_sec = batch_size * seq_len / sec_per_step
-                last = dict(
-                    means,
-                    tokens_per_sec=tokens_per_sec,
-                    masked_tokens_per_sec=means["num_masked"] / sec_per_step,
-                    mfu=flops_per_token * tokens_per_sec / peak if peak else None,
-                    step_time_sec=sec_per_step,
-                    eta_sec=(total - done) * sec_per_step,
-                )
+                last = _with_throughput(run, means, done, sec_per_step, flops_per_token, peak)
                 if is_writer:
                     print(metrics.format_log_line(done, total, last), flush=True)
             writer.write(done, last)
             mark_step, mark_time = done, now
-        ckpt.check_for_errors()  # a failed save stops the run at once
-        stop = signals.check(done)
-        save, lock_lost = agree(signals, ckpt.should_save(done), getattr(lock, "lost", False))
-        if save or done == total or stop:
-            if lock_lost:
-                raise writer_lock.WorkdirBusy(
-                    f"another trainer took over the writer lock of {run.workdir} (this one did "
-                    f"not renew it for checkpoint.lock_stale_sec); stopping before the save of "
-                    f"step {done}"
-                )
-            ckpt.save(done, params, opt_state, dict(meta, step=done))
-        if stop:
-            if is_writer:
-                print(f"SIGTERM: saved a checkpoint at step {done}; exiting", flush=True)
+        if _save_and_check_stop(run, ckpt, signals, lock, meta, done, params, opt_state):
             break
         if signals.interrupt:
             break
     signals.phase = "finishing"  # leaving the loop; the save in flight is waited for
     return params, last
+
+
+def _print_start(
+    run: Run, n_params: int, flops_per_token: float, peak: float | None, start: int
+) -> None:
+    """Prints the run's opening line (process 0 calls it): parameter count, training FLOPs per
+    token, the data, the devices and their total peak FLOP/s (nan when unknown), and the step
+    the run resumed at, if any."""
+    print(
+        f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token "
+        f"(train); data: {run.data_summary}; devices: {jax.device_count()} "
+        f"x {jax.devices()[0].device_kind}; peak {peak / 1e9 if peak else float('nan'):.1f} "
+        f"GFLOP/s" + (f"; resumed at step {start}" if start else ""),
+        flush=True,
+    )
+
+
+def _check_skipped(cfg: config_lib.ConfigDict, skipped_in_a_row: int, done: int) -> None:
+    """Stops the run (FloatingPointError) when more than train.max_skipped_in_a_row steps in a
+    row, up to step `done`, were skipped for a NaN/Inf loss or gradient."""
+    if skipped_in_a_row > cfg.train.max_skipped_in_a_row:
+        raise FloatingPointError(
+            f"{skipped_in_a_row} steps in a row up to step {done} had a NaN/Inf loss or "
+            f"gradient (train.max_skipped_in_a_row={cfg.train.max_skipped_in_a_row}); "
+            f"the last checkpoint holds no NaN: lower the learning rate and resume"
+        )
+
+
+def _with_throughput(
+    run: Run,
+    means: dict[str, float],
+    done: int,
+    sec_per_step: float,
+    flops_per_token: float,
+    peak: float | None,
+) -> dict[str, float]:
+    """The interval's mean metrics with its throughput added: tokens/s and masked tokens/s over
+    all devices, MFU against the total `peak` FLOP/s (None when unknown), seconds per step and
+    the seconds left to cfg.train.steps at that pace."""
+    cfg = run.cfg
+    tokens_per_sec = cfg.data.batch_size * cfg.data.seq_len / sec_per_step
+    return dict(
+        means,
+        tokens_per_sec=tokens_per_sec,
+        masked_tokens_per_sec=means["num_masked"] / sec_per_step,
+        mfu=flops_per_token * tokens_per_sec / peak if peak else None,
+        step_time_sec=sec_per_step,
+        eta_sec=(cfg.train.steps - done) * sec_per_step,
+    )
+
+
+def _save_and_check_stop(
+    run: Run,
+    ckpt: checkpoint.Checkpointer,
+    signals: StopSignals,
+    lock: Any,
+    meta: dict[str, Any],
+    done: int,
+    params: Any,
+    opt_state: Any,
+) -> bool:
+    """After step `done`, on every process: raises the error of a failed save, agrees on a
+    SIGTERM (`signals.check`) and on whether a save is due (`agree`), and saves when one is due,
+    at the last step or on SIGTERM (WorkdirBusy instead when another trainer took over the
+    writer lock). Returns whether to stop for a SIGTERM (the checkpoint of `done` is saved)."""
+    ckpt.check_for_errors()  # a failed save stops the run at once
+    stop = signals.check(done)
+    save, lock_lost = agree(signals, ckpt.should_save(done), getattr(lock, "lost", False))
+    if save or done == run.cfg.train.steps or stop:
+        if lock_lost:
+            raise writer_lock.WorkdirBusy(
+                f"another trainer took over the writer lock of {run.workdir} (this one did "
+                f"not renew it for checkpoint.lock_stale_sec); stopping before the save of "
+                f"step {done}"
+            )
+        ckpt.save(done, params, opt_state, dict(meta, step=done))
+    if stop and jax.process_index() == 0:
+        print(f"SIGTERM: saved a checkpoint at step {done}; exiting", flush=True)
+    return stop
 
 
 def agree(signals: StopSignals, save_due: bool, lock_lost: bool) -> tuple[bool, bool]:

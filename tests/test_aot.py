@@ -118,7 +118,7 @@ def test_kernel_matmuls_counts_splash_calls(tool):
     )
     assert tool.kernel_matmuls(unfused) == 2 + 4 + 3
     assert tool.kernel_matmuls("  %dot.1 = f32[4,4] dot(%a, %b)") == 0
-    cfg = config_lib.load("configs/tiny.py", [("model.attention", "splash")])
+    cfg = config_lib.load("configs/tiny.py", [("kernels.attention", "splash")])
     # One matmul over a chip's sequences: batch 8 / 4 data-parallel chips, heads 4 / 2 tensor.
     m = cfg.model
     want = 2.0 * (8 / 4) * cfg.data.seq_len**2 * (m.n_heads / 2) * (m.d_model // m.n_heads)

@@ -10,7 +10,7 @@ import jax
 import pytest
 from flax import nnx
 
-from llada_jax import config, optim, sharding
+from llada_jax import config, optim, sections, sharding
 from llada_jax.model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +26,7 @@ def test_every_config_and_variant_loads_and_validates(name):
     spec.loader.exec_module(module)
     for variant in ["", *module.VARIANTS]:
         c = config.load(f"{path}:{variant}", [])
-        ModelConfig.from_config(c.model)
+        config.check(c)
         optim.make_optimizer(c.optim, c.train.steps)
 
 
@@ -34,14 +34,14 @@ def test_base_config_alone_is_valid():
     """What a converted checkpoint's config starts from: tools/sample.py and evaluate build
     its run."""
     c = config.base_config()
-    ModelConfig.from_config(c.model)
+    config.check(c)
     optim.make_optimizer(c.optim, c.train.steps)
 
 
 @pytest.mark.parametrize("name,params", [("llada_1b", 1.49e9), ("llada_8b", 8.02e9)])
 def test_paper_parameter_counts(name, params):
     """Counted from the abstract model (nothing allocated) against the paper's Table 5."""
-    cfg = ModelConfig.from_config(config.load(f"configs/{name}.py", []).model)
+    cfg = sections.from_section(ModelConfig, config.load(f"configs/{name}.py", []).model)
     with sharding.use_mesh(sharding.make_mesh((1, -1, 1))):
         model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     count = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -89,7 +89,7 @@ def test_overrides_are_typed():
         (
             "model.bogus",
             "1",
-            "unknown config key 'model.bogus'; valid keys here: attention, causal, d_model",
+            "unknown config key 'model.bogus'; valid keys here: causal, d_model, dtype",
         ),
         (
             "modle.d_model",

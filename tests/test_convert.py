@@ -17,10 +17,11 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from llada_jax import checkpoint, sampling, sharding
+from llada_jax import checkpoint, sampling, sections, sharding
 from llada_jax.convert import hf
 from llada_jax.data.tokenizer import load_tokenizer
 from llada_jax.model import ModelConfig, Transformer
+from llada_jax.special_ids import SpecialIds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "hf_llada_tiny")
@@ -52,7 +53,7 @@ def read_all(directory):
 def restore_model(workdir, **overrides):
     """Our model with the workdir's latest checkpoint, built from its config.json."""
     with open(os.path.join(workdir, "config.json")) as f:
-        cfg = ModelConfig(**{**json.load(f)["model"], **overrides})
+        cfg = sections.from_section(ModelConfig, {**json.load(f)["model"], **overrides})
     with sharding.use_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1])):
         model = Transformer(cfg, rngs=nnx.Rngs(0))
     ckpt = checkpoint.Checkpointer(workdir)
@@ -461,8 +462,8 @@ def test_converted_workdir_samples_with_its_own_tokenizer(tmp_path, hf_tokenizer
         cfg = json.load(f)
     tok = load_tokenizer(os.path.join(hf_tokenizer_dir, "tokenizer.json"))
     assert cfg["data"]["tokenizer"] == os.path.join(workdir, "tokenizer", "tokenizer.json")
-    assert (cfg["model"]["mask_id"], cfg["model"]["eos_id"]) == (255, 1)  # config.json's
-    assert cfg["model"]["eot_id"] == tok.eot_id != tok.eos_id
+    assert (cfg["tokens"]["mask_id"], cfg["tokens"]["eos_id"]) == (255, 1)  # config.json's
+    assert cfg["tokens"]["eot_id"] == tok.eot_id != tok.eos_id
     assert cfg["data"]["seq_len"] == 64  # config.json's max_sequence_length: the context
 
     prompt = "And the LORD"
@@ -484,10 +485,8 @@ def test_converted_workdir_samples_with_its_own_tokenizer(tmp_path, hf_tokenizer
             x,
             jnp.ones_like(x, bool),
             jax.random.key(0),
-            gen_length=8,
-            steps=4,
-            block_length=8,
-            mask_id=255,
+            sampling.SampleSettings(gen_length=8, steps=4, block_length=8),
+            SpecialIds(mask_id=255),
         )
     )(model, jnp.asarray([ids], jnp.int32))
     assert result["prompt_ids"] == ids

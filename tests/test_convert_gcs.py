@@ -140,7 +140,7 @@ def test_tokenizer_files_go_up_with_the_workdir(gcs_dir, hf_tokenizer_dir, tmp_p
         assert uploaded == (hf_dir / name).read_bytes()
     cfg = json.loads(files.read_text(files.join(gcs_dir, "config.json")))
     assert cfg["data"]["tokenizer"] == f"{gcs_dir}/tokenizer/tokenizer.json"
-    assert (cfg["model"]["mask_id"], cfg["model"]["eos_id"]) == (255, 1)
+    assert (cfg["tokens"]["mask_id"], cfg["tokens"]["eos_id"]) == (255, 1)
     # ... and the tools read it there: the same tokens and special ids as the local files.
     remote, local = load_tokenizer(cfg["data"]["tokenizer"]), load_tokenizer(str(hf_dir))
     text = "In the beginning God created the heaven and the earth."

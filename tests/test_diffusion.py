@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from llada_jax import diffusion as D
+from llada_jax import sections
 
 MASK_ID = 99
 EPS = 1e-3
@@ -403,7 +404,7 @@ def test_invalid_config_raises(field, value):
     assert key in str(e.value) and repr(value) in str(e.value)
 
 
-def test_from_config():
+def test_built_from_its_config_section_by_name():
     c = ml_collections.ConfigDict(
         {
             "schedule": "polynomial",
@@ -414,7 +415,7 @@ def test_from_config():
             "cfg_prompt_dropout": 0.1,
         }
     )
-    cfg = D.DiffusionConfig.from_config(c, mask_id=126336)
+    cfg = sections.from_section(D.DiffusionConfig, c, mask_id=126336)
     assert cfg == D.DiffusionConfig(
         mask_id=126336,
         schedule="polynomial",
@@ -434,4 +435,4 @@ def test_from_config():
         default.cfg_prompt_dropout,
     ) == ("linear", 2.0, 1e-3, "iid", 0.01, 0.0)
     with pytest.raises(ValueError, match="'nope'"):
-        D.DiffusionConfig.from_config(ml_collections.ConfigDict({"schedule": "nope"}), 1)
+        sections.from_section(D.DiffusionConfig, {"schedule": "nope"}, mask_id=1)

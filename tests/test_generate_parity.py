@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from llada_jax import inference
+from llada_jax import inference, sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "hf_llada_tiny")
@@ -135,7 +135,9 @@ def test_sampler_matches_generate_token_for_token(
     ids, valid = inference.left_pad([[5, 17, 99, 3, 42, 7], [200, 13, 8, 77]], 0)
     forward = lambda x, m: np_llada_forward(tensors, config, x, m)  # noqa: E731
     want = np_generate(forward, ids, valid, gen_length, steps, block_length, mask_id, cfg_scale)
-    settings = inference.SampleSettings(gen_length, steps, block_length, cfg_scale=cfg_scale)
+    settings = sampling.SampleSettings(
+        gen_length=gen_length, steps=steps, block_length=block_length, cfg_scale=cfg_scale
+    )
     sampler = inference.make_sampler(model.graphdef, settings, model.run.tokenizer, model.run.mesh)
     canvas, _ = sampler(model.params, ids, valid, jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(canvas), want)

@@ -12,6 +12,7 @@ from flax import nnx
 
 from llada_jax import sampling, sharding
 from llada_jax.model import ModelConfig, Transformer
+from llada_jax.special_ids import SpecialIds
 
 VOCAB, MASK = 64, 63
 
@@ -58,18 +59,16 @@ def sampler(n_layers, kv_cache, threshold, cfg_scale):
             head=model.head,
             window=model.window,
         )
+    settings = sampling.SampleSettings(
+        gen_length=16,
+        steps=8,
+        block_length=4,
+        threshold=threshold or 0.0,
+        cfg_scale=cfg_scale,
+        kv_cache=kv_cache,
+    )
     return jax.jit(
-        functools.partial(
-            sampling.generate,
-            fn,
-            gen_length=16,
-            steps=8,
-            block_length=4,
-            mask_id=MASK,
-            threshold=threshold,
-            cfg_scale=cfg_scale,
-            kv_cache=kv_cache,
-        )
+        functools.partial(sampling.generate, fn, settings=settings, ids=SpecialIds(mask_id=MASK))
     )
 
 
@@ -110,9 +109,6 @@ def test_kv_cache_needs_a_window_pass():
             prompt,
             valid,
             jax.random.key(0),
-            gen_length=16,
-            steps=8,
-            block_length=4,
-            mask_id=MASK,
-            kv_cache="dual",
+            sampling.SampleSettings(gen_length=16, steps=8, block_length=4, kv_cache="dual"),
+            SpecialIds(mask_id=MASK),
         )

@@ -12,12 +12,23 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "llada_jax"
 
 # The method layer: pure functions of arrays and keys (llada_jax/__init__.py).
-METHOD = ("model", "diffusion", "sampling", "likelihood", "guidance", "optim", "train_step")
+METHOD = (
+    "model",
+    "diffusion",
+    "sampling",
+    "likelihood",
+    "guidance",
+    "optim",
+    "train_step",
+    "special_ids",
+)
 # The runner: a run's objects, its loop, its jobs and its files (llada_jax/__init__.py), with
 # the packages `data` and `convert`. `sharding` (mesh and logical-axis rules) is runner too, but
 # see SHARDING_ALLOWED.
 RUNNER = (
     "run",
+    "run_sections",
+    "cli",
     "train",
     "end_of_run",
     "inference",
@@ -46,6 +57,9 @@ RUNNER = (
 SHARDING_ALLOWED = ("model", "train_step", "likelihood")
 # The platform: what the kernels may import.
 PLATFORM = ("kernels", "host")
+# How a config section is declared (a dataclass per section): every layer may import it, and it
+# imports nothing from llada_jax.
+BASE = ("sections",)
 
 
 def _path(module: str) -> pathlib.Path | None:
@@ -102,8 +116,8 @@ def top(module: str) -> str:
 
 def test_every_module_is_placed():
     """Each top-level module is in exactly one layer, so that a new one gets a decision here."""
-    placed = set(METHOD) | set(RUNNER) | set(PLATFORM)
-    assert len(placed) == len(METHOD) + len(RUNNER) + len(PLATFORM)
+    placed = set(METHOD) | set(RUNNER) | set(PLATFORM) | set(BASE)
+    assert len(placed) == len(METHOD) + len(RUNNER) + len(PLATFORM) + len(BASE)
     names = {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
     names |= {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
     assert names == placed
@@ -117,9 +131,10 @@ def test_method_imports_no_runner(name):
     assert not runner, f"llada_jax.{name} loads runner modules {runner}"
 
 
-def test_sharding_imports_nothing_from_llada_jax():
-    """What SHARDING_ALLOWED relies on."""
-    assert not closure("llada_jax.sharding") - {"llada_jax"}
+@pytest.mark.parametrize("name", ("sharding", *BASE))
+def test_imports_nothing_from_llada_jax(name):
+    """What SHARDING_ALLOWED and BASE rely on."""
+    assert not closure(f"llada_jax.{name}") - {"llada_jax"}
 
 
 def test_train_imports_no_evaluation_job():
@@ -132,7 +147,9 @@ def test_train_imports_no_evaluation_job():
 @pytest.mark.parametrize("path", sorted(PACKAGE.glob("kernels/*.py")), ids=lambda p: p.stem)
 def test_kernels_import_nothing_from_runner(path):
     module = "llada_jax.kernels" + ("" if path.stem == "__init__" else f".{path.stem}")
-    outside = sorted(m for m in closure(module) if top(m) not in PLATFORM and m != "llada_jax")
+    outside = sorted(
+        m for m in closure(module) if top(m) not in PLATFORM + BASE and m != "llada_jax"
+    )
     assert not outside, f"{module} loads {outside}"
 
 

@@ -1,6 +1,5 @@
 """The transformer against the HF reference logits and an independent numpy forward pass."""
 
-import dataclasses
 import json
 import os
 
@@ -11,9 +10,10 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
+from llada_jax import kernels as kernels_lib
 from llada_jax import sharding
 from llada_jax.convert.hf_llada import PREFIX, model_config_from_hf, params_from_hf
-from llada_jax.kernels import Kernels
+from llada_jax.kernels import KernelConfig, Kernels
 from llada_jax.kernels import attention as attention_lib
 from llada_jax.model import ModelConfig, Transformer
 
@@ -72,10 +72,16 @@ def np_forward(t, hf, ids, key_mask=None, segment_ids=None, causal=False):
 
 
 # ----------------------------------------------------------------------------------------------
-def build(cfg: ModelConfig, tensors=None) -> Transformer:
-    """Model on a 1-device mesh, optionally loaded with HF tensors."""
+def chosen(cfg: ModelConfig, attention: str) -> Kernels:
+    """The kernels a run with kernels.attention=`attention` builds `cfg`'s model with."""
+    return kernels_lib.select(KernelConfig(attention=attention), cfg.compute_dtype)
+
+
+def build(cfg: ModelConfig, tensors=None, attention: str = "xla") -> Transformer:
+    """Model on a 1-device mesh with kernels.attention=`attention`, optionally loaded with HF
+    tensors."""
     with sharding.use_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1])):
-        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        model = Transformer(cfg, rngs=nnx.Rngs(0), kernels=chosen(cfg, attention))
     if tensors is not None:
         state = nnx.state(model, nnx.Param)
         nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params_from_hf(tensors, cfg)))
@@ -178,7 +184,7 @@ def test_gqa_tied_causal_segments_match_numpy(tied, causal):
     [(False, "trailing"), (True, "trailing"), (False, "leading"), (False, "packed")],
 )
 def test_cudnn_config_matches_numpy(causal, layout):
-    """model.attention=cudnn (jax.nn.dot_product_attention; its XLA implementation on CPU): key
+    """kernels.attention=cudnn (jax.nn.dot_product_attention; its XLA implementation on CPU): key
     padding as lengths when the caller promises trailing padding, else (left padding, packed
     segments) a bias. Real positions match numpy, and a filler row (no valid key) leaves the
     gradients finite and equal to the einsum attention's."""
@@ -197,9 +203,7 @@ def test_cudnn_config_matches_numpy(causal, layout):
     assert mask.ndim == (1 if layout == "trailing" else 4)  # lengths or a bias
 
     def run(attention):
-        graphdef, params = nnx.split(
-            build(dataclasses.replace(cfg, attention=attention), tensors), nnx.Param
-        )
+        graphdef, params = nnx.split(build(cfg, tensors, attention), nnx.Param)
         logits = lambda p: nnx.merge(graphdef, p)(*args, valid_prefix=prefix)
         return (
             np.asarray(jax.jit(logits)(params)),
@@ -239,9 +243,7 @@ def test_cudnn_kernel_matches_xla_attention_on_gpu():
     for seg in (None, jnp.asarray(np.repeat([[0, 1]], 3, 0).repeat(128, 1))):
 
         def run(attention):
-            graphdef, params = nnx.split(
-                build(dataclasses.replace(cfg, attention=attention)), nnx.Param
-            )
+            graphdef, params = nnx.split(build(cfg, attention=attention), nnx.Param)
             f = lambda p: nnx.merge(graphdef, p)(
                 ids, jnp.asarray(valid), seg, valid_prefix=True
             ).astype(jnp.float32)
@@ -303,9 +305,7 @@ def test_splash_kernel_matches_einsum_attention(causal, mesh_shape, remat):
 
     def run(attention):
         with sharding.use_mesh(mesh):
-            model = Transformer(
-                ModelConfig(**{**cfg.__dict__, "attention": attention}), rngs=nnx.Rngs(0)
-            )
+            model = Transformer(cfg, rngs=nnx.Rngs(0), kernels=chosen(cfg, attention))
             graphdef, params = nnx.split(model, nnx.Param)
             f = lambda p: jnp.sum(nnx.merge(graphdef, p)(ids, valid, seg) * weights)
             logits = jax.jit(lambda p: nnx.merge(graphdef, p)(ids, valid, seg))(params)
@@ -321,14 +321,14 @@ def test_splash_kernel_matches_einsum_attention(causal, mesh_shape, remat):
 
 
 def test_splash_config_falls_back_to_einsum_at_untileable_lengths():
-    """A sampling canvas need not be a multiple of 128: model.attention=splash then runs the
+    """A sampling canvas need not be a multiple of 128: kernels.attention=splash then runs the
     einsum attention, with the same masks."""
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=48)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 12)))
     valid = jnp.asarray(np.arange(12)[None] >= np.array([[0], [3]]))
     seg = jnp.asarray([[0] * 5 + [1] * 7, [0] * 12])
     f = jax.jit(lambda m: m(ids, valid, seg))
-    got = f(build(ModelConfig(**{**cfg.__dict__, "attention": "splash"})))
+    got = f(build(cfg, attention="splash"))
     want = f(build(cfg))
     real = np.asarray(valid)
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
@@ -346,10 +346,9 @@ def test_dots_attn_remat_saves_the_kernel_output(capsys):
             n_heads=4,
             n_kv_heads=2,
             mlp_hidden=48,
-            attention="splash",
             remat=remat,
         )
-        graphdef, params = nnx.split(build(cfg), nnx.Param)
+        graphdef, params = nnx.split(build(cfg, attention="splash"), nnx.Param)
         ids = jnp.zeros((2, 128), jnp.int32)
         capsys.readouterr()
         jax.ad_checkpoint.print_saved_residuals(

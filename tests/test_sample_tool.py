@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llada_jax import checkpoint, sampling, sharding
+from llada_jax import checkpoint, sampling, sections, sharding
 from llada_jax.data.tokenizer import default_tokenizer
 from llada_jax.model import ModelConfig, Transformer
 
@@ -31,7 +31,7 @@ def reference_tokens(workdir, prompts, gen_length, steps, block_length, whole=Fa
     parameters restored into it, the prompts left-padded by hand. Returns the generated tokens
     (with `whole`, the canvas without the left padding) and nfe."""
     with open(os.path.join(workdir, "config.json")) as f:
-        cfg = ModelConfig(**json.load(f)["model"])
+        cfg = sections.from_section(ModelConfig, json.load(f)["model"])
     with sharding.use_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1])):
         model = Transformer(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
@@ -45,16 +45,11 @@ def reference_tokens(workdir, prompts, gen_length, steps, block_length, whole=Fa
     @jax.jit
     def run(params, ids, valid):
         logits_fn = lambda t, v: nnx.merge(graphdef, params)(t, v)
+        settings = sampling.SampleSettings(
+            gen_length=gen_length, steps=steps, block_length=block_length, **options
+        )
         return sampling.generate(
-            logits_fn,
-            ids,
-            valid,
-            jax.random.key(0),
-            gen_length=gen_length,
-            steps=steps,
-            block_length=block_length,
-            mask_id=tok.mask_id,
-            **options,
+            logits_fn, ids, valid, jax.random.key(0), settings, tok.special_ids
         )
 
     canvas, nfe = run(params, jnp.asarray(ids), jnp.asarray(valid))
@@ -195,7 +190,7 @@ def test_bad_inputs_give_one_clear_line(workdir, tmp_path):
         "id_range": ([f"--workdir={workdir}", "--prompt_ids=99999"], "99999 is out of range"),
         "blocks": (
             [f"--workdir={workdir}", "--prompt=a", "--gen_length=16", "--block_length=5"],
-            "block_length=5 does not divide gen_length=16",
+            "--block_length=5 does not divide --gen_length=16",
         ),
         "threshold": ([f"--workdir={workdir}", "--prompt=a", "--threshold=1.5"], "threshold=1.5"),
         "cfg": (

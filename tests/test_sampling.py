@@ -9,12 +9,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llada_jax.sampling import SamplerModel, generate, num_transfer_tokens, select_top_k_mask
+from llada_jax.sampling import (
+    SamplerModel,
+    SampleSettings,
+    generate,
+    num_transfer_tokens,
+    select_top_k_mask,
+)
+from llada_jax.special_ids import SpecialIds
 
 VOCAB = 32
 MASK_ID = VOCAB - 1
 EOS_ID = 5
 EOT_ID = 6
+IDS = SpecialIds(mask_id=MASK_ID, eos_id=EOS_ID, eot_id=EOT_ID)
 MAX_LEN = 40
 BUMP = 3.0
 VALID_BUMP = 1.5
@@ -130,23 +138,19 @@ def jitted(
     threshold=None,
     eos_zero_confidence=False,
 ):
+    settings = SampleSettings(
+        gen_length=gen_length,
+        steps=steps,
+        block_length=block_length,
+        temperature=temperature,
+        remasking=remasking,
+        ban_eos=ban_eos,
+        cfg_scale=cfg_scale,
+        threshold=threshold or 0.0,
+        eos_zero_confidence=eos_zero_confidence,
+    )
     return jax.jit(
-        functools.partial(
-            generate,
-            logits_fn,
-            gen_length=gen_length,
-            steps=steps,
-            block_length=block_length,
-            mask_id=MASK_ID,
-            temperature=temperature,
-            remasking=remasking,
-            eos_id=EOS_ID,
-            ban_eos=ban_eos,
-            cfg_scale=cfg_scale,
-            threshold=threshold,
-            eot_id=EOT_ID,
-            eos_zero_confidence=eos_zero_confidence,
-        )
+        lambda prompt, valid, key: generate(logits_fn, prompt, valid, key, settings, IDS)
     )
 
 
@@ -233,16 +237,8 @@ def test_commit_order_is_blockwise():
         jax.debug.callback(lambda t: seen.append(np.asarray(t).copy()), tokens, ordered=True)
         return jax_logits(tokens, v)
 
-    canvas, nfe = generate(
-        recording_logits,
-        prompt,
-        valid,
-        KEY,
-        gen_length=gen_length,
-        steps=steps,
-        block_length=block_length,
-        mask_id=MASK_ID,
-    )
+    settings = SampleSettings(gen_length=gen_length, steps=steps, block_length=block_length)
+    canvas, nfe = generate(recording_logits, prompt, valid, KEY, settings, IDS)
     jax.effects_barrier()
     ref, commit_step, history = np_generate(
         prompt, valid, gen_length=gen_length, steps=steps, block_length=block_length
@@ -290,22 +286,41 @@ def test_ban_eos():
 
 
 @pytest.mark.parametrize(
-    "kwargs,needles",
+    "kwargs,message",
     [
-        (dict(gen_length=10, block_length=4, steps=4), ["10", "4"]),
-        (dict(gen_length=16, block_length=4, steps=6), ["6", "4"]),
-        (dict(gen_length=8, block_length=8, steps=2, remasking="topk"), ["topk"]),
-        (dict(gen_length=8, block_length=8, steps=2, temperature=-1.0), ["-1.0"]),
-        (dict(gen_length=8, block_length=8, steps=2, ban_eos=True, eos_id=None), ["eos_id"]),
+        (
+            dict(gen_length=10, block_length=4, steps=4),
+            "sample.block_length=4 does not divide sample.gen_length=10",
+        ),
+        (
+            dict(gen_length=16, block_length=4, steps=6),
+            "sample.steps=6 is not divisible by the number of blocks, 4",
+        ),
+        (
+            dict(gen_length=8, block_length=8, steps=2, remasking="topk"),
+            "sample.remasking='topk' is invalid; valid choices: ('low_confidence', 'random')",
+        ),
+        (
+            dict(gen_length=8, block_length=8, steps=2, temperature=-1.0),
+            "sample.temperature=-1.0 is invalid; valid: a number >= 0",
+        ),
+        (dict(gen_length=0), "sample.gen_length=0 is invalid; valid: a positive integer"),
+        (dict(threshold=1.5), "sample.threshold=1.5 is invalid"),
+        (dict(kv_cache="full"), "sample.kv_cache='full' is invalid"),
     ],
 )
-def test_invalid_arguments(kwargs, needles):
-    prompt, valid = make_prompt((2,), 2)
-    kwargs = dict(dict(mask_id=MASK_ID), **kwargs)
+def test_invalid_settings_name_the_key(kwargs, message):
+    """The settings check themselves when built; the message names the config key."""
     with pytest.raises(ValueError) as err:
-        generate(jax_logits, prompt, valid, KEY, **kwargs)
-    for needle in needles:
-        assert needle in str(err.value)
+        SampleSettings(**kwargs)
+    assert str(err.value).startswith(message)
+
+
+def test_ban_eos_needs_an_eos_id():
+    prompt, valid = make_prompt((2,), 2)
+    settings = SampleSettings(gen_length=8, block_length=8, steps=2, ban_eos=True)
+    with pytest.raises(ValueError, match="ban_eos=True requires an EOS id"):
+        generate(jax_logits, prompt, valid, KEY, settings, SpecialIds(mask_id=MASK_ID))
 
 
 def test_classifier_free_guidance_matches_numpy():

@@ -151,7 +151,7 @@ BAD = {
     ),
     "unknown_section": (["--config.modle.d_model=3"], "unknown config key 'modle'"),
     "splash_length": (
-        ["--config.model.attention=splash"],
+        ["--config.kernels.attention=splash"],
         "needs a sequence length (data.seq_len) divisible by 128, got 64",
     ),
     # Checked before training starts, although the samples are printed after it.

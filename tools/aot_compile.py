@@ -30,7 +30,7 @@ too; a report whose counted FLOPs still fall short of the model's carries a warn
 slices (`mesh.num_slices`) the estimate is one slice's, at its share of the batch: the gradient
 all-reduces between slices (over the DCN) are not counted.
 
-With `model.attention=splash` the attention runs in Pallas kernels (Mosaic custom calls), which
+With `kernels.attention=splash` the attention runs in Pallas kernels (Mosaic custom calls), which
 the cost analysis counts as zero FLOPs and zero seconds. Their work is counted from the kernel
 calls in the optimized HLO (L x L x head_dim matmuls per call: forward 2, fused backward 5) and
 their time is that work at `--kernel_efficiency` of the chip's peak, an assumption printed with
@@ -60,7 +60,7 @@ from absl import flags  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llada_jax import config as config_lib  # noqa: E402
-from llada_jax import metrics, sharding  # noqa: E402
+from llada_jax import metrics, sections, sharding  # noqa: E402
 from llada_jax import run as run_lib  # noqa: E402
 from llada_jax.model import ModelConfig  # noqa: E402
 
@@ -194,7 +194,7 @@ def kernel_matmuls(hlo: str) -> int:
 
 def attention_matmul_flops(cfg: config_lib.ConfigDict, chips: int, mesh_shape: dict) -> float:
     """FLOPs of one (L x L x head_dim) attention matmul over a chip's share of one micro-batch."""
-    m, length = ModelConfig.from_config(cfg.model), cfg.data.seq_len
+    m, length = sections.from_section(ModelConfig, cfg.model), cfg.data.seq_len
     sequences = cfg.data.batch_size // cfg.optim.grad_accum / (chips // mesh_shape["tensor"])
     return 2.0 * sequences * length * length * m.n_heads / mesh_shape["tensor"] * m.head_dim
 
@@ -287,6 +287,89 @@ def chip_peak(device_kind: str, dtype: str) -> float | None:
     return None
 
 
+def memory_report(mem: Any, params: Any, opt_state: Any, device: jax.Device) -> dict[str, Any]:
+    """The report's per-chip memory, in bytes: XLA's memory analysis `mem` of the compiled step,
+    its peak (arguments + outputs - aliased + temporaries + code), the chip's share of the
+    params and optimizer state, and, on a TPU, the chip's HBM and the headroom left under it
+    (None on other platforms)."""
+    state_bytes = sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+        for x in jax.tree.leaves((params, opt_state))
+    )
+    peak_bytes = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+        + mem.generated_code_size_in_bytes
+    )
+    hbm = chip_hbm(device.device_kind) if device.platform == "tpu" else None
+    return dict(
+        arguments=mem.argument_size_in_bytes,
+        outputs=mem.output_size_in_bytes,
+        aliased=mem.alias_size_in_bytes,
+        temporaries=mem.temp_size_in_bytes,
+        code=mem.generated_code_size_in_bytes,
+        peak=peak_bytes,
+        state=state_bytes,
+        hbm=hbm,
+        headroom=None if hbm is None else hbm - peak_bytes,
+        fits=None if hbm is None else peak_bytes <= hbm,
+    )
+
+
+def write_hlo_dump(directory: str, hlo: str) -> None:
+    """Writes the optimized HLO text to DIR/train_step.optimized.hlo.txt and its collectives
+    (`collective_summary`: one line per op and result shape, with its count) to
+    DIR/collectives.txt, creating the directory."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "train_step.optimized.hlo.txt"), "w") as f:
+        f.write(hlo)
+    with open(os.path.join(directory, "collectives.txt"), "w") as f:
+        for op, counter in sorted(collective_summary(hlo).items()):
+            for shape, count in counter.most_common():
+                f.write(f"{op:20s} {count:4d}  {shape}\n")
+
+
+def estimate_report(
+    cfg: config_lib.ConfigDict,
+    devices: Sequence[jax.Device],
+    model_flops: float,
+    kernel_efficiency: float,
+) -> dict[str, Any]:
+    """The report's time estimate, per chip: `estimate_cost`'s FLOPs and seconds of one step,
+    the attention kernels' time at `kernel_efficiency` of the chip's peak FLOP/s (off a TPU
+    there is no peak: no kernel time and no MFU), and the MFU and tokens/s they imply against
+    `model_flops` (the model's FLOPs per chip per step); with a warning when XLA counted fewer
+    FLOPs than the model needs."""
+    tokens, chips = cfg.data.batch_size * cfg.data.seq_len, len(devices)
+    kind, on_tpu = devices[0].device_kind, devices[0].platform == "tpu"
+    cost = estimate_cost(cfg, devices)
+    peak = chip_peak(kind, cfg.model.dtype) if on_tpu else None
+    kernel_sec = cost["kernel_flops"] / (peak * kernel_efficiency) if peak else 0.0
+    sec = cost["optimal_seconds"] + kernel_sec
+    estimate = dict(
+        xla_flops_per_chip=cost["flops"],
+        bytes_accessed_per_chip=cost["bytes accessed"],
+        xla_sec=cost["optimal_seconds"],
+        kernel_flops_per_chip=cost["kernel_flops"],
+        kernel_efficiency=kernel_efficiency,
+        kernel_sec=kernel_sec,
+        step_sec=sec,
+        dcn_left_out=cfg.mesh.num_slices > 1,
+        chip_peak_flops=peak,
+        mfu=model_flops / (sec * peak) if peak and sec > 0 else None,
+        tokens_per_sec_per_chip=tokens / chips / sec if sec > 0 else None,
+        xla_over_model_flops=(cost["flops"] + cost["kernel_flops"]) / model_flops,
+    )
+    if estimate["xla_over_model_flops"] < 0.99:
+        estimate["warning"] = (
+            "XLA counted fewer FLOPs than the model needs (a loop counted once?): the time "
+            "estimate is too low and its MFU too high"
+        )
+    return estimate
+
+
 def aot_report(
     cfg: config_lib.ConfigDict,
     devices: Sequence[jax.Device],
@@ -304,18 +387,6 @@ def aot_report(
     mem = compiled.memory_analysis()
     kind, chips = devices[0].device_kind, len(devices)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    state_bytes = sum(
-        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-        for x in jax.tree.leaves((params, opt_state))
-    )
-    peak_bytes = (
-        mem.argument_size_in_bytes
-        + mem.output_size_in_bytes
-        - mem.alias_size_in_bytes
-        + mem.temp_size_in_bytes
-        + mem.generated_code_size_in_bytes
-    )
-    hbm = chip_hbm(kind) if devices[0].platform == "tpu" else None
     m = cfg.model
     report: dict[str, Any] = dict(
         device_kind=kind,
@@ -334,56 +405,17 @@ def aot_report(
         seq_len=cfg.data.seq_len,
         grad_accum=cfg.optim.grad_accum,
         compile_sec=compile_sec,
-        memory=dict(
-            arguments=mem.argument_size_in_bytes,
-            outputs=mem.output_size_in_bytes,
-            aliased=mem.alias_size_in_bytes,
-            temporaries=mem.temp_size_in_bytes,
-            code=mem.generated_code_size_in_bytes,
-            peak=peak_bytes,
-            state=state_bytes,
-            hbm=hbm,
-            headroom=None if hbm is None else hbm - peak_bytes,
-            fits=None if hbm is None else peak_bytes <= hbm,
-        ),
+        memory=memory_report(mem, params, opt_state, devices[0]),
     )
     hlo = compiled.as_text()
     report["collectives"] = {op: sum(c.values()) for op, c in collective_summary(hlo).items()}
     if dump_hlo:
-        os.makedirs(dump_hlo, exist_ok=True)
-        with open(os.path.join(dump_hlo, "train_step.optimized.hlo.txt"), "w") as f:
-            f.write(hlo)
-        with open(os.path.join(dump_hlo, "collectives.txt"), "w") as f:
-            for op, counter in sorted(collective_summary(hlo).items()):
-                for shape, count in counter.most_common():
-                    f.write(f"{op:20s} {count:4d}  {shape}\n")
+        write_hlo_dump(dump_hlo, hlo)
     tokens = cfg.data.batch_size * cfg.data.seq_len
     model_flops = metrics.train_flops_per_token(run.model_cfg, cfg.data.seq_len) * tokens / chips
     report["model_flops_per_chip"] = model_flops
     if estimate:
-        cost = estimate_cost(cfg, devices)
-        peak = chip_peak(kind, m.dtype) if devices[0].platform == "tpu" else None
-        kernel_sec = cost["kernel_flops"] / (peak * kernel_efficiency) if peak else 0.0
-        sec = cost["optimal_seconds"] + kernel_sec
-        report["estimate"] = dict(
-            xla_flops_per_chip=cost["flops"],
-            bytes_accessed_per_chip=cost["bytes accessed"],
-            xla_sec=cost["optimal_seconds"],
-            kernel_flops_per_chip=cost["kernel_flops"],
-            kernel_efficiency=kernel_efficiency,
-            kernel_sec=kernel_sec,
-            step_sec=sec,
-            dcn_left_out=cfg.mesh.num_slices > 1,
-            chip_peak_flops=peak,
-            mfu=model_flops / (sec * peak) if peak and sec > 0 else None,
-            tokens_per_sec_per_chip=tokens / chips / sec if sec > 0 else None,
-            xla_over_model_flops=(cost["flops"] + cost["kernel_flops"]) / model_flops,
-        )
-        if report["estimate"]["xla_over_model_flops"] < 0.99:
-            report["estimate"]["warning"] = (
-                "XLA counted fewer FLOPs than the model needs (a loop counted once?): the time "
-                "estimate is too low and its MFU too high"
-            )
+        report["estimate"] = estimate_report(cfg, devices, model_flops, kernel_efficiency)
     return report
 
 

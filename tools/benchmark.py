@@ -51,7 +51,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llada_jax import checkpoint, fingerprint, inference, metrics, profiling  # noqa: E402
+from llada_jax import checkpoint, fingerprint, inference, metrics, profiling, sampling  # noqa: E402
 from llada_jax import config as config_lib  # noqa: E402
 from llada_jax import run as run_lib  # noqa: E402
 from llada_jax.data import pipeline  # noqa: E402
@@ -326,8 +326,8 @@ def bench_sample(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[st
     ids, valid = inference.left_pad(prompts, tok.pad_id)
     key = jax.random.key(0)
     settings = {
-        name: inference.SampleSettings(
-            s.gen_length, s.steps, s.block_length, remasking="low_confidence", **extra
+        name: sampling.SampleSettings(
+            gen_length=s.gen_length, steps=s.steps, block_length=s.block_length, **extra
         )
         for name, extra in SAMPLE_MODES.items()
     }

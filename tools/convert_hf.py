@@ -28,7 +28,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llada_jax import inference  # noqa: E402
+from llada_jax import cli, inference  # noqa: E402
 from llada_jax.checkpoint import DamagedCheckpoint  # noqa: E402
 from llada_jax.convert import hf  # noqa: E402
 from llada_jax.convert.safetensors_io import ConvertError  # noqa: E402
@@ -66,7 +66,7 @@ def return_freed_memory_to_the_os() -> None:
 def main(argv: list[str]) -> int:
     return_freed_memory_to_the_os()
     try:
-        FLAGS(argv)
+        cli.parse(argv, __doc__)
         if not FLAGS.hf_dir or not FLAGS.workdir:
             raise ConvertError("both --hf_dir=DIR and --workdir=DIR are required")
         t = time.perf_counter()

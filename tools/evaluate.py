@@ -33,7 +33,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llada_jax import evaluate  # noqa: E402
+from llada_jax import cli, evaluate  # noqa: E402
 from llada_jax.host import xla_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -80,7 +80,7 @@ def check_flags() -> None:
 
 
 def run(argv: list[str]) -> list[dict]:
-    FLAGS(argv)
+    cli.parse(argv, __doc__)
     check_flags()
     devices = jax.local_devices()[: FLAGS.num_devices or None]
 

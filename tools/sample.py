@@ -2,8 +2,8 @@
 
   python tools/sample.py --workdir=DIR (--prompt="text" | --prompt_ids=1,2,3 | --prompts_file=F)
       [--gen_length=64 --steps=64 --block_length=64 --remasking=low_confidence|random
-       --temperature=0 --cfg_scale=0 --threshold=... --ban_eos --eos_zero_confidence
-       --kv_cache=none|prefix|dual]
+       --temperature=0 --cfg_scale=0 --threshold=0.9 --ban_eos --eos_zero_confidence
+       --kv_cache=none|prefix|dual ... every key of a config's sample section]
       [--chat] [--step=N] [--seed=0] [--json] [--output=out.jsonl]
 
 --prompt and --prompt_ids may be given several times; --prompts_file is JSON lines with a
@@ -42,7 +42,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llada_jax import inference, sharding  # noqa: E402
+from llada_jax import cli, inference, sampling, sharding  # noqa: E402
 from llada_jax.data import chat  # noqa: E402
 from llada_jax.host import xla_flags  # noqa: E402
 
@@ -58,24 +58,7 @@ flags.DEFINE_bool(
     "Wrap each text prompt as a user turn of the tokenizer's chat template (HF "
     "tokenizer_config.json), else of the SFT chat format.",
 )
-flags.DEFINE_integer("gen_length", 64, "Generated tokens per prompt.")
-flags.DEFINE_integer("steps", 64, "Denoising steps over the whole generation.")
-flags.DEFINE_integer("block_length", 64, "Semi-autoregressive block length; divides gen_length.")
-flags.DEFINE_string("remasking", "low_confidence", "low_confidence | random.")
-flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: Gumbel-max sampling.")
-flags.DEFINE_float("cfg_scale", 0.0, "Classifier-free guidance scale (0: none).")
-flags.DEFINE_float(
-    "threshold", None, "Commit every token at least this confident per step (unset: --steps)."
-)
-flags.DEFINE_bool("ban_eos", False, "Never propose EOS (its logit is -inf).")
-flags.DEFINE_bool(
-    "eos_zero_confidence",
-    False,
-    "Proposed end-of-turn tokens (and EOS at temperature 0) get confidence 0: committed last.",
-)
-flags.DEFINE_enum(
-    "kv_cache", "none", ["none", "prefix", "dual"], "Reuse K/V across a block's steps (Fast-dLLM)."
-)
+cli.define_section_flags(sampling.SampleSettings)  # --gen_length, --steps, ... --kv_cache
 flags.DEFINE_integer("num_devices", 1, "Sample on the first N local devices (0: all).")
 flags.DEFINE_bool(
     "fsdp", False, "Shard the weights over the devices as FSDP training does (else replicate)."
@@ -152,21 +135,10 @@ def prompt_of_line(line: str, n: int, tokenizer) -> tuple[str | None, list[int]]
 
 def sample(argv: list[str]) -> list[dict]:
     """Parses flags, samples, prints; returns the result objects."""
-    FLAGS(argv)
+    cli.parse(argv, __doc__)
     if not FLAGS.workdir:
         raise ValueError("--workdir=DIR is required")
-    settings = inference.SampleSettings(
-        FLAGS.gen_length,
-        FLAGS.steps,
-        FLAGS.block_length,
-        FLAGS.temperature,
-        FLAGS.remasking,
-        FLAGS.cfg_scale,
-        FLAGS.threshold or 0.0,
-        FLAGS.ban_eos,
-        FLAGS.eos_zero_confidence,
-        FLAGS.kv_cache,
-    )
+    settings = cli.section_from_flags(sampling.SampleSettings)
     devices = jax.local_devices()[: FLAGS.num_devices or None]
     if not 0 <= FLAGS.num_devices <= len(jax.local_devices()):
         raise ValueError(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.serialization import type_handlers as _th
 
-from llada_jax import checkpoint, files
+from llada_jax import checkpoint, files, sections
 from llada_jax import config as config_lib
 from llada_jax.convert import hf_llada, hf_llama, layouts
 from llada_jax.convert.safetensors_io import (
@@ -53,6 +54,7 @@ from llada_jax.convert.safetensors_io import (
     write_sharded,
 )
 from llada_jax.model import ModelConfig
+from llada_jax.special_ids import SpecialIds
 
 SOURCES = ("llada", "llama")
 # Import writes parameters in chunks of at most this size: tensorstore's buffers for an array
@@ -106,14 +108,15 @@ def model_config(hf: dict, source: str, **overrides: Any) -> ModelConfig:
     return hf_llama.model_config_from_llama(hf, **overrides)
 
 
-def run_config(cfg: ModelConfig) -> config_lib.ConfigDict:
+def run_config(cfg: ModelConfig, ids: SpecialIds) -> config_lib.ConfigDict:
     """base_config() with this model section (head_dim 0 when it is the default d_model //
-    heads)."""
+    heads) and these special ids."""
     c = config_lib.base_config()
     model = {f: getattr(cfg, f) for f in c.model.keys()}
     if cfg.head_dim == cfg.d_model // cfg.n_heads:
         model["head_dim"] = 0
     c.model.update(model)
+    c.tokens.update(dataclasses.asdict(ids))
     return c
 
 
@@ -132,7 +135,7 @@ TOKENIZER_FILES = (
 
 def _use_tokenizer(run_cfg: config_lib.ConfigDict, source: str, final_path: str) -> None:
     """Points the run config at the copied tokenizer (`final_path`) and names its end-of-turn
-    id (and the mask and EOS ids config.json does not give) in the model section."""
+    id (and the mask and EOS ids config.json does not give) in the tokens section."""
     from llada_jax.data.tokenizer import HFTokenizer
 
     try:
@@ -146,9 +149,10 @@ def _use_tokenizer(run_cfg: config_lib.ConfigDict, source: str, final_path: str)
             f"vocabulary ({m.vocab_size})"
         )
     run_cfg.data.tokenizer = final_path
-    m.mask_id = m.mask_id if m.mask_id >= 0 else tok.mask_id
-    m.eos_id = m.eos_id if m.eos_id >= 0 else tok.eos_id
-    m.eot_id = tok.eot_id
+    ids = run_cfg.tokens
+    ids.mask_id = ids.mask_id if ids.mask_id >= 0 else tok.mask_id
+    ids.eos_id = ids.eos_id if ids.eos_id >= 0 else tok.eos_id
+    ids.eot_id = tok.eot_id
 
 
 @contextlib.contextmanager
@@ -347,7 +351,8 @@ def import_hf(hf_dir: str, workdir: str, source: str = "auto", dtype: str = "flo
     reader = TensorReader(hf_dir)
     check_tensors(reader, cfg, source)
     tokenizer_files = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
-    run_cfg = run_config(cfg)
+    ids = hf_llada.special_ids_from_hf(hf) if source == "llada" else SpecialIds()
+    run_cfg = run_config(cfg, ids)
     # The context the model was trained for: how long sampling canvases and evaluation windows
     # may be (tools/sample.py, lm-eval's max_length).
     context = hf.get("max_sequence_length") or hf.get("max_position_embeddings")
@@ -446,13 +451,32 @@ def _special_ids(run_cfg: dict) -> dict:
     """mask/eos/pad ids of the run's tokenizer (for a config with no HF LLaDA ancestor)."""
     from llada_jax.data.tokenizer import load_tokenizer
 
-    m = run_cfg.get("model", {})
     try:
         tok = load_tokenizer(run_cfg.get("data", {}).get("tokenizer", ""))
-        tok = tok.with_special_ids(m.get("mask_id", -1), m.get("eos_id", -1), m.get("eot_id", -1))
+        tokens = config_lib.upgrade(run_cfg).get("tokens", {})
+        tok = tok.with_special_ids(sections.from_section(SpecialIds, tokens))
     except Exception:  # noqa: BLE001 - ids stay LLaDA-8B's
         return {}
     return {"mask_token_id": tok.mask_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+
+
+def _open_for_export(workdir: str, step: int | None) -> tuple[checkpoint.Checkpointer, int]:
+    """The workdir's checkpointer (to close) and its latest complete step, or `step` if it is
+    complete. Raises ConvertError with one line otherwise."""
+    _resolve(workdir)
+    if not files.isdir(workdir):
+        raise ConvertError(f"--workdir={workdir!r} does not exist or is not a directory")
+    if not files.isdir(checkpoint.checkpoint_dir(workdir)):
+        raise ConvertError(f"--workdir={workdir!r} has no checkpoints/ directory")
+    ckpt = checkpoint.Checkpointer(workdir)
+    step = ckpt.latest_step() if step is None else step
+    if step is None or step not in ckpt.complete_steps():
+        ckpt.close()
+        raise ConvertError(
+            f"--workdir={workdir!r} holds no complete checkpoint"
+            + (f" at step {step}" if step is not None else "")
+        )
+    return ckpt, step
 
 
 def export_hf(
@@ -472,23 +496,11 @@ def export_hf(
         raise ConvertError(
             f"--hf_dir={hf_dir!r}: export writes a local directory (copy it to the bucket after)"
         )
-    _resolve(workdir)
-    if not files.isdir(workdir):
-        raise ConvertError(f"--workdir={workdir!r} does not exist or is not a directory")
-    if not files.isdir(checkpoint.checkpoint_dir(workdir)):
-        raise ConvertError(f"--workdir={workdir!r} has no checkpoints/ directory")
     shard_bytes = parse_size(max_shard_size)
-    ckpt = checkpoint.Checkpointer(workdir)
-    step = ckpt.latest_step() if step is None else step
-    if step is None or step not in ckpt.complete_steps():
-        ckpt.close()
-        raise ConvertError(
-            f"--workdir={workdir!r} holds no complete checkpoint"
-            + (f" at step {step}" if step is not None else "")
-        )
+    ckpt, step = _open_for_export(workdir, step)
     meta = ckpt.meta(step)
     run_cfg = meta["config"]
-    cfg = ModelConfig.from_config(run_cfg["model"])
+    cfg = sections.from_section(ModelConfig, run_cfg["model"])
     if not cfg.scan_layers:
         raise ConvertError("export of a scan_layers=False checkpoint is not supported yet")
     if cfg.causal:

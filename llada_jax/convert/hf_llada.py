@@ -14,6 +14,7 @@ import numpy as np
 from llada_jax.convert.layouts import params_from_tensors
 from llada_jax.convert.safetensors_io import ConvertError
 from llada_jax.model import ModelConfig
+from llada_jax.special_ids import SpecialIds
 
 PREFIX = "model.transformer."
 
@@ -109,13 +110,16 @@ def model_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig
             rope_theta=float(hf.get("rope_theta", 10000.0)),
             norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
             tie_embeddings=bool(hf.get("weight_tying", False)),
-            mask_id=_token_id(hf, "mask_token_id"),
-            eos_id=_token_id(hf, "eos_token_id"),
         )
     except KeyError as e:
         raise ConvertError(f"HF LLaDA config.json lacks {e.args[0]!r}") from None
     fields.update(overrides)
     return ModelConfig(**fields)
+
+
+def special_ids_from_hf(hf: Mapping[str, Any]) -> SpecialIds:
+    """The mask and EOS ids an HF config.json names (-1 where it names none)."""
+    return SpecialIds(mask_id=_token_id(hf, "mask_token_id"), eos_id=_token_id(hf, "eos_token_id"))
 
 
 def _token_id(hf: Mapping[str, Any], key: str) -> int:

@@ -10,10 +10,11 @@ bytes instead of an unknown id.
 Special ids (pad, EOS, mask, end-of-turn) come from the tokenizer: named pieces of a
 sentencepiece model; for a Hugging Face tokenizer, the `eos_token` / `pad_token` of the
 `tokenizer_config.json` beside it and the tokens in `HF_SPECIAL_TOKENS`. A model trained with
-other ids overrides them (`with_special_ids`, from the run config's model section).
+other ids overrides them (`with_special_ids`, from the run config's `tokens` section).
 """
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -24,6 +25,7 @@ import numpy as np
 import sentencepiece as spm
 
 from llada_jax import files
+from llada_jax.special_ids import SpecialIds
 
 PAD_PIECE = "<pad>"
 EOS_PIECE = "<|eos|>"
@@ -71,14 +73,16 @@ class Tokenizer:
         """The text of a 1-D sequence of ids; special tokens (pad, EOS, ...) decode to ""."""
         raise NotImplementedError
 
-    def with_special_ids(
-        self, mask_id: int = -1, eos_id: int = -1, eot_id: int = -1
-    ) -> "Tokenizer":
-        """A copy whose mask, EOS and end-of-turn ids are the given ones (-1: keep this one's)."""
+    @property
+    def special_ids(self) -> SpecialIds:
+        """The mask, EOS, end-of-turn and pad ids, as the sampler and the objective take them."""
+        return SpecialIds(self.mask_id, self.eos_id, self.eot_id, self.pad_id)
+
+    def with_special_ids(self, ids: SpecialIds) -> "Tokenizer":
+        """A copy whose special ids are `ids`' where set (not -1), else this one's."""
         out = copy.copy(self)
-        for name, value in (("mask_id", mask_id), ("eos_id", eos_id), ("eot_id", eot_id)):
-            if value != -1:
-                setattr(out, name, value)
+        for name, value in dataclasses.asdict(ids.over(self.special_ids)).items():
+            setattr(out, name, value)
         return out
 
 
@@ -193,7 +197,7 @@ class HFTokenizer(Tokenizer):
             return default
         raise ValueError(
             f"tokenizer {self.path} has no {kind} token (looked for {candidates}); name it in "
-            f"the config: model.{kind}_id=ID"
+            f"the config: tokens.{kind}_id=ID"
         )
 
     @property

@@ -1,7 +1,8 @@
 """Platform kernels: how a model's matmuls and attention are computed on each platform.
 
-- choice.py: `Kernels` and `select`, the one place where the platform, the mesh and the config
-  decide which implementation runs; called once when a model is built.
+- choice.py: `KernelConfig` (what the config asks for), `Kernels` and `select`, the one
+  place where the platform, the mesh and the config decide which implementation runs;
+  called once when a model is built.
 - matmul.py: the projections' 2-D matmuls (XLA or oneMKL).
 - attention.py: every attention implementation behind one function, and the masks they take.
 - mkl.py, mkl.cc: oneMKL matmul and attention kernels for XLA:CPU through the XLA FFI.
@@ -10,6 +11,12 @@
   platform (XLA:CPU runs `jnp.argmax` one element at a time).
 """
 
-from llada_jax.kernels.choice import ATTENTION_SETTINGS, MATMUL_SETTINGS, Kernels, select
+from llada_jax.kernels.choice import (
+    ATTENTION_SETTINGS,
+    MATMUL_SETTINGS,
+    KernelConfig,
+    Kernels,
+    select,
+)
 
-__all__ = ["ATTENTION_SETTINGS", "MATMUL_SETTINGS", "Kernels", "select"]
+__all__ = ["ATTENTION_SETTINGS", "MATMUL_SETTINGS", "KernelConfig", "Kernels", "select"]

@@ -163,7 +163,7 @@ def _warn(reason: str) -> None:
 
 def available(setting: str) -> bool:
     """Whether the kernels can run in this process (built and registered with XLA:CPU) for
-    model.matmul=`setting` ("auto" or "mkl"). Where they cannot, an explicit "mkl", or "auto"
+    kernels.matmul=`setting` ("auto" or "mkl"). Where they cannot, an explicit "mkl", or "auto"
     with the mkl wheel installed, says why once on stderr."""
     reason = _load()
     if reason and (setting == "mkl" or _installed()):

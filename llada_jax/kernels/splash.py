@@ -44,7 +44,7 @@ def block_size(length: int) -> int:
         if length % block == 0:
             return block
     raise ValueError(
-        f"model.attention='splash' needs a sequence length (data.seq_len) divisible "
+        f"kernels.attention='splash' needs a sequence length (data.seq_len) divisible "
         f"by {BLOCKS[-1]}, got {length}"
     )
 

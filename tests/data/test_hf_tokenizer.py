@@ -17,6 +17,7 @@ from llada_jax.data.tokenizer import (
     default_tokenizer,
     load_tokenizer,
 )
+from llada_jax.special_ids import SpecialIds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEXT = "And the LORD said unto Moses, Go in unto Pharaoh, and tell him.\nThus saith the LORD"
@@ -39,7 +40,7 @@ def test_round_trip_and_special_ids(hf_tokenizer_dir):
     assert tok.decode(ids + [tok.eos_id, tok.mask_id]) == TEXT  # special tokens decode to ""
     assert tok.encode_batch([TEXT, "Amen"]) == [ids, tok.encode("Amen")]
     # The model's config overrides the ids; the tokenizer itself is unchanged.
-    moved = tok.with_special_ids(mask_id=255, eos_id=1)
+    moved = tok.with_special_ids(SpecialIds(mask_id=255, eos_id=1))
     assert (moved.mask_id, moved.eos_id, moved.eot_id) == (255, 1, tok.eot_id)
     assert tok.mask_id != 255 and moved.fingerprint == tok.fingerprint
     assert isinstance(load_tokenizer(""), SentencePieceTokenizer)

@@ -25,27 +25,36 @@ def test_kernel_builds_and_is_chosen_for_one_cpu_device():
     assert mkl._load() == "" and mkl.available("auto")
     one = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     for setting in ("auto", "mkl"):
-        assert kernels.select(setting, "xla", jnp.float32, one) == kernels.Kernels(
-            "mkl", "mkl", "cpu"
-        )
-    assert kernels.select("auto", "xla", jnp.float32) == kernels.Kernels("mkl", "mkl", "cpu")
+        assert kernels.select(
+            kernels.KernelConfig(matmul=setting, attention="xla"), jnp.float32, one
+        ) == kernels.Kernels("mkl", "mkl", "cpu")
+    assert kernels.select(
+        kernels.KernelConfig(matmul="auto", attention="xla"), jnp.float32
+    ) == kernels.Kernels("mkl", "mkl", "cpu")
     # The cuDNN and splash settings keep their attention; MKL still computes the matmuls.
-    assert kernels.select("auto", "cudnn", jnp.float32, one) == kernels.Kernels(
-        "mkl", "cudnn", "cpu"
-    )
+    assert kernels.select(
+        kernels.KernelConfig(matmul="auto", attention="cudnn"), jnp.float32, one
+    ) == kernels.Kernels("mkl", "cudnn", "cpu")
 
 
 def test_not_chosen_for_xla_bfloat16_and_sharded_meshes():
     one = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     xla = kernels.Kernels("xla", "xla", "cpu")
-    assert kernels.select("xla", "xla", jnp.float32, one) == xla
-    assert kernels.select("auto", "xla", jnp.bfloat16, one) == xla
+    assert (
+        kernels.select(kernels.KernelConfig(matmul="xla", attention="xla"), jnp.float32, one) == xla
+    )
+    assert (
+        kernels.select(kernels.KernelConfig(matmul="auto", attention="xla"), jnp.bfloat16, one)
+        == xla
+    )
     two = sharding.make_mesh((2, 1, 1), jax.devices()[:2])
-    assert kernels.select("mkl", "xla", jnp.float32, two) == xla
+    assert (
+        kernels.select(kernels.KernelConfig(matmul="mkl", attention="xla"), jnp.float32, two) == xla
+    )
     with sharding.use_mesh(two):  # the mesh in context, as when a model is built under it
-        assert kernels.select("mkl", "splash", jnp.float32) == kernels.Kernels(
-            "xla", "splash", "cpu"
-        )
+        assert kernels.select(
+            kernels.KernelConfig(matmul="mkl", attention="splash"), jnp.float32
+        ) == kernels.Kernels("xla", "splash", "cpu")
 
 
 @needs_mkl
@@ -136,10 +145,10 @@ def test_model_logits_and_gradients_match_xla_matmuls():
             n_heads=4,
             n_kv_heads=2,
             mlp_hidden=48,
-            matmul=matmul,
         )
         with sharding.use_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1])):
-            return nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+            chosen = kernels.select(kernels.KernelConfig(matmul=matmul), jnp.float32)
+            return nnx.split(Transformer(cfg, rngs=nnx.Rngs(0), kernels=chosen))
 
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 16)), jnp.int32)
     results = []

@@ -1,0 +1,154 @@
+"""Config sections as dataclasses (llada_jax/sections.py): one definition per setting reaches the
+config, the command-line tools and lm-eval's model args."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from llada_jax import cli, config, inference, sampling, sections
+from llada_jax.model import ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class WithTopP(sampling.SampleSettings):
+    """The sampler's settings plus one a developer adds."""
+
+    top_p: float = sections.setting(1.0, "keep the smallest set of tokens this probable")
+
+
+def test_every_section_key_is_in_base_config_with_its_default():
+    c = config.base_config()
+    for name, classes in config.SECTIONS.items():
+        fields = [f for cls in classes for f in sections.keys(cls)]
+        assert sorted(c[name].keys()) == sorted(f.name for f in fields), name
+        for f in fields:
+            assert c[name][f.name] == f.default, f"{name}.{f.name}"
+    described = config.describe()
+    for name, classes in config.SECTIONS.items():
+        for cls in classes:
+            for f in sections.keys(cls):
+                assert f"{name}.{f.name} = {f.default!r}  # {f.metadata['doc']}" in described
+
+
+def test_a_new_sample_field_reaches_the_config_the_flags_and_lm_eval(monkeypatch):
+    """Declared once in the dataclass: base_config's sample section, a tool's flags (with its
+    help) and lm-eval's model args all have it, and it reaches the settings they build."""
+    monkeypatch.setitem(config.SECTIONS, "sample", (WithTopP, config.run_sections.PrintedSamples))
+    assert config.base_config().sample.top_p == 1.0
+    assert "sample.top_p = 1.0  # keep the smallest set" in config.describe()
+
+    flag_values = flags.FlagValues()
+    cli.define_section_flags(WithTopP, flag_values)
+    flag_values(["prog", "--top_p=0.9", "--gen_length=8", "--steps=8", "--block_length=8"])
+    assert "--top_p: keep the smallest set" in cli.help_text("doc", flag_values)
+    assert cli.section_from_flags(WithTopP, flag_values).top_p == 0.9
+
+    from llada_jax import lm_eval_model
+
+    monkeypatch.setattr(sampling, "SampleSettings", WithTopP)
+    assert lm_eval_model.sampler_args({"top_p": "0.5"}) == {"top_p": 0.5}
+    lm = object.__new__(lm_eval_model.LLaDAJaxLM)
+    lm.sample_args = {"top_p": 0.5, "block_length": 4}
+    settings = lm.settings_for(max_gen_toks=10)
+    assert (settings.top_p, settings.gen_length, settings.steps) == (0.5, 12, 12)
+
+
+def test_the_sample_tool_lists_every_sampler_setting():
+    proc = subprocess.run(
+        [sys.executable, "tools/sample.py", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = {line.split(":")[0].strip(): line for line in proc.stdout.splitlines()}
+    for f in sections.keys(sampling.SampleSettings):
+        assert f.metadata["doc"] in lines[f"--{f.name}"]
+
+
+def test_flag_errors_name_the_flag():
+    flag_values = flags.FlagValues()
+    cli.define_section_flags(sampling.SampleSettings, flag_values)
+    flag_values(["prog", "--gen_length=12", "--block_length=5"])
+    with pytest.raises(ValueError) as e:
+        cli.section_from_flags(sampling.SampleSettings, flag_values)
+    assert str(e.value) == "--block_length=5 does not divide --gen_length=12"
+
+
+def test_lm_eval_refuses_an_unknown_model_arg():
+    from llada_jax import lm_eval_model
+
+    with pytest.raises(ValueError, match="model_args top_k=5 is not a model argument"):
+        lm_eval_model.sampler_args({"top_k": 5})
+    with pytest.raises(ValueError, match="not a valid float"):
+        lm_eval_model.sampler_args({"temperature": "hot"})
+
+
+def test_shape_keys_come_from_the_model_section():
+    assert set(ModelConfig.shape_keys()) == {
+        "vocab_size",
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "head_dim",
+        "mlp_hidden",
+        "tie_embeddings",
+        "scan_layers",
+        "param_dtype",
+    }
+
+
+def test_optional_keys_come_from_the_sections():
+    assert config.OPTIONAL_KEYS == {"checkpoint.max_to_keep": int, "checkpoint.keep_every": int}
+    c = config.load("configs/tiny.py", [("checkpoint.max_to_keep", "None")])
+    assert c.checkpoint.max_to_keep is None
+    config.check(c)
+
+
+@pytest.mark.parametrize(
+    "key,message",
+    [
+        ("model.attention", "config key 'model.attention' is now 'kernels.attention'"),
+        ("model.mask_id", "config key 'model.mask_id' is now 'tokens.mask_id'"),
+    ],
+)
+def test_a_moved_key_says_where_it_went(key, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.load("configs/tiny.py", [(key, "1")])
+
+
+def test_a_config_saved_before_the_move_is_read_into_the_new_sections():
+    saved = config.base_config().to_dict()
+    saved["model"].update(attention="splash", matmul="xla", mask_id=7, eos_id=2)
+    del saved["kernels"], saved["tokens"]
+    cfg = inference.saved_config(saved)
+    assert (cfg.kernels.attention, cfg.kernels.matmul) == ("splash", "xla")
+    assert (cfg.tokens.mask_id, cfg.tokens.eos_id, cfg.tokens.eot_id) == (7, 2, -1)
+    assert "attention" in saved["model"]  # the saved dict is left as it was
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("data.batch_size", "0", "data.batch_size=0 is invalid; valid: an integer >= 1"),
+        ("checkpoint.max_to_keep", "0", "checkpoint.max_to_keep=0 is invalid"),
+        ("eval.objective_draws", "1", "eval.objective_draws=1 is invalid; valid: 0 (off) or >= 2"),
+        ("train.profile_steps", "(1, -1)", "train.profile_steps=(1, -1) is invalid"),
+        ("tokens.mask_id", "-3", "tokens.mask_id=-3 is invalid"),
+        ("kernels.matmul", "blas", "kernels.matmul='blas' is invalid; valid choices"),
+        ("sample.block_length", "5", "sample.block_length=5 does not divide sample.gen_length=16"),
+    ],
+)
+def test_check_names_the_key_of_any_section(key, value, message):
+    c = config.load("configs/tiny.py", [(key, value)])
+    with pytest.raises(sections.SettingError) as e:
+        config.check(c)
+    assert str(e.value).startswith(message)
