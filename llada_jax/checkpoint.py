@@ -140,7 +140,7 @@ class Checkpointer:
 
     def should_save(self, step: int) -> bool:
         """Whether `step` is due by the step or the clock cadence: this process's view (a
-        multi-process trainer takes process 0's, train.py agrees on it)."""
+        multi-process trainer takes process 0's, the training loop agrees on it)."""
         by_step = self.save_every > 0 and step % self.save_every == 0
         by_clock = 0 < self.save_every_sec <= time.monotonic() - self._last_save
         return by_step or by_clock
@@ -200,6 +200,7 @@ class Checkpointer:
         0's view, on every process."""
 
         def look() -> str:
+            """The step's directory as process 0 sees it: 'none', 'incomplete' or 'complete'."""
             if not files.isdir(files.join(self.directory, str(step))):
                 return "none"
             return "complete" if self.is_complete(step) else "incomplete"
@@ -449,6 +450,8 @@ class _OrbaxErrors(logging.Filter):
     SaveFailed line, and a dozen tracebacks from other threads would bury it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Whether to keep `record`: False for an ERROR or worse from Orbax's code (its message's
+        or traceback's files) and for asyncio's unretrieved-task report; True otherwise."""
         if record.levelno < logging.ERROR:
             return True
         message = record.getMessage()
@@ -483,6 +486,8 @@ def _drop_straggler_reports() -> None:
         return
 
     def hook(report: Any) -> None:
+        """sys.unraisablehook's replacement: drops a report from Orbax's reads, passes any other
+        to the previous hook."""
         if not _from_orbax_reads(report):
             previous(report)
 

@@ -125,15 +125,15 @@ def describe() -> str:
 
 
 def check(c: ConfigDict) -> None:
-    """Builds every section that needs nothing beyond the config, so that a wrong value anywhere
-    is one SettingError before a run starts (the diffusion section is checked with the
-    tokenizer's mask id, when the run is built)."""
+    """Builds every section, so that a wrong value anywhere is one SettingError before a run
+    starts. (The diffusion section's mask id is the tokenizer's, given when the run is built;
+    no check of the section depends on it, so 0 stands in for it here.)"""
     if not isinstance(c.seed, int) or c.seed < 0:
         raise ValueError(f"seed={c.seed!r} is invalid; valid: an integer >= 0")
     for name, classes in SECTIONS.items():
         for cls in classes:
-            if cls is not DiffusionConfig:
-                sections.from_section(cls, c[name])
+            given = {"mask_id": 0} if cls is DiffusionConfig else {}
+            sections.from_section(cls, c[name], **given)
 
 
 class ConfigError(ValueError):
@@ -265,16 +265,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         )
 
 
-def from_command_line(argv: list[str]) -> ConfigDict:
+def from_command_line(argv: list[str], doc: str = "") -> ConfigDict:
     """Parses absl flags from argv without its --config.* overrides, then loads --config with
-    them (defining --config first if the entry point has not)."""
+    them (defining --config first if the entry point has not). --help prints `doc` (the entry
+    point's usage), every config key (`describe`) and the program's flags."""
     define_flags()
     rest, overrides = split_overrides(argv[1:])
-    cli.parse(
-        [argv[0]] + rest,
-        f"{argv[0]} --config=configs/<name>.py[:variant] "
-        "[--config.<section>.<key>=<value> ...]\n\nconfig keys:\n" + describe(),
-    )
+    usage = "--config=configs/<name>.py[:variant] [--config.<section>.<key>=<value> ...]"
+    cli.parse([argv[0]] + rest, f"{doc.strip()}\n\n{usage}\n\nconfig keys:\n{describe()}")
     if not flags.FLAGS.config:
         raise ConfigError("--config=configs/<name>.py[:variant] is required")
     return load(flags.FLAGS.config, overrides)

@@ -284,6 +284,7 @@ def pair_rows(batch: dict[str, Array]) -> dict[str, Array]:
     (row i + B/2 is a copy of row i). B must be even."""
 
     def twice(x: Array) -> Array:
+        """The first B/2 rows of `x` (B, ...), twice: (B, ...)."""
         half = x[: x.shape[0] // 2]
         return jnp.concatenate([half, half], axis=0)
 

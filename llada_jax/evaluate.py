@@ -28,9 +28,9 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-from flax import nnx
 
 from llada_jax import checkpoint, files, inference, likelihood, sharding, train_step
+from llada_jax import run as run_lib
 from llada_jax.data import datasets
 from llada_jax.run import Run
 from llada_jax.run_sections import EvalSettings
@@ -60,8 +60,8 @@ def held_out_rows(run: Any, num_tokens: int) -> tuple[np.ndarray, list[str]]:
     """The first rows of the held-out split of each of the run's datasets, split by their
     weights, ceil(num_tokens / seq_len) rows in all: (R, seq_len) int32 and the splits' names.
     Raises ValueError when a split holds fewer rows than its share."""
-    sources = datasets.validation_sources(run.cfg.data, run.tokenizer, run.model_cfg.vocab_size)
-    seq_len = run.cfg.data.seq_len
+    sources = datasets.validation_sources(run.data_cfg, run.tokenizer, run.model_cfg.vocab_size)
+    seq_len = run.data_cfg.seq_len
     total = math.ceil(num_tokens / seq_len)
     weights = np.array([s.weight for s in sources]) / sum(s.weight for s in sources)
     counts = np.floor(weights * total).astype(int)
@@ -78,15 +78,20 @@ def held_out_rows(run: Any, num_tokens: int) -> tuple[np.ndarray, list[str]]:
     return np.stack(rows).astype(np.int32), [s.name for s in sources]
 
 
-def make_scorer(run: Run, graphdef: nnx.GraphDef, settings: EvalSettings) -> sharding.OnMesh:
-    """`likelihood.make_scorer` with the eval settings' samples and seed, on the run's mesh;
-    `score_rows` makes every position a target (unconditional text)."""
-    return likelihood.make_scorer(
-        graphdef,
-        run.mesh,
-        mask_id=run.tokenizer.mask_id,
-        num_samples=settings.num_samples,
-        seed=settings.seed,
+def make_scorer(run: Run, settings: EvalSettings) -> sharding.OnMesh:
+    """`likelihood.make_scorer` with the eval settings' samples and seed, on the run's mesh
+    (with the fastest kernels, `run.fastest`); `score_rows` makes every position a target
+    (unconditional text)."""
+    return run_lib.fastest(
+        run,
+        f"scorer|{settings.num_samples}|{settings.seed}",
+        lambda graphdef: likelihood.make_scorer(
+            graphdef,
+            run.mesh,
+            mask_id=run.tokenizer.mask_id,
+            num_samples=settings.num_samples,
+            seed=settings.seed,
+        ),
     )
 
 
@@ -167,23 +172,25 @@ class Evaluator:
         fsdp: bool = False,
         progress: bool = True,
         log: Callable[[str], Any] = print,
+        kernels: dict[str, str] | None = None,
         **overrides: Any,
     ):
         """Loads checkpoint `step` (default: the latest complete one): its config gives the model
-        and the eval settings, each overridden by a non-None keyword of EvalSettings."""
+        and the eval settings, each overridden by a non-None keyword of EvalSettings, and the
+        kernels section, by `kernels`."""
         self.workdir, self.progress, self.log = workdir, progress, log
-        self.model = inference.load(workdir, step, devices or jax.local_devices(), fsdp)
-        cfg = self.model.run.cfg
+        devices = devices or jax.local_devices()
+        self.model = inference.load(workdir, step, devices, fsdp, kernels)
         self.settings = self.model.run.eval_settings.replace(**overrides)
         self.batch_size = rounded_batch_size(self.settings, self.model.run.mesh)
         self.tasks = None  # lm-eval's TaskManager, when there are tasks: checked before any work
         if self.settings.tasks:
             self.tasks = task_manager(self.settings.tasks, self.settings.task_dir)
         self.rows, self.data_names = held_out_rows(self.model.run, self.settings.num_tokens)
-        self.scorer = make_scorer(self.model.run, self.model.graphdef, self.settings)
+        self.scorer = make_scorer(self.model.run, self.settings)
         self.sampler = None
         self.objective_fn = None
-        self.final_step = cfg.train.steps
+        self.final_step = self.model.run.train_cfg.steps
         self._tb = None
 
     def evaluate(self, step: int) -> dict[str, Any]:
@@ -241,14 +248,14 @@ class Evaluator:
 
     def generate(self, model: inference.LoadedModel) -> dict[str, Any]:
         """The sample section's prompts, sampled as one batch: texts, model calls, tokens/s."""
-        s, tok = model.run.cfg.sample, model.run.tokenizer
-        prompts = list(s.prompts)
+        tok = model.run.tokenizer
+        prompts = list(model.run.printed_samples.prompts)
         ids, valid = inference.left_pad([tok.encode(p) for p in prompts], tok.pad_id)
         mesh = model.run.mesh
         ids, valid, rows = inference.pad_batch(ids, valid, sharding.data_parallel_size(mesh))
         key = jax.random.key(self.settings.seed)
         if self.sampler is None:  # compiled once; every step has the same shapes
-            sample = inference.make_sampler(model.graphdef, model.run.sample_settings, tok, mesh)
+            sample = inference.make_sampler(model.run, model.run.sample_settings)
             self.sampler = sample.lower(model.params, ids, valid, key).compile()
         t = time.perf_counter()
         canvas, nfe = jax.block_until_ready(self.sampler(model.params, ids, valid, key))
@@ -258,7 +265,7 @@ class Evaluator:
             prompts=prompts,
             texts=texts,
             nfe=int(nfe),
-            tokens_per_sec=len(prompts) * s.gen_length / seconds,
+            tokens_per_sec=len(prompts) * model.run.sample_settings.gen_length / seconds,
             seconds=seconds,
         )
 

@@ -39,17 +39,3 @@ def guide(logits_2BxTxV: jax.Array, cfg_scale: float) -> jax.Array:
     first): ``uncond + (w + 1) * (cond - uncond)``."""
     cond_BxTxV, uncond_BxTxV = jnp.split(logits_2BxTxV, 2)
     return uncond_BxTxV + (cfg_scale + 1) * (cond_BxTxV - uncond_BxTxV)
-
-
-def guided_logits(
-    logits_fn: LogitsFn,
-    x_BxT: jax.Array,
-    valid_BxT: jax.Array,
-    prompt_BxT: jax.Array,
-    mask_id: int,
-    cfg_scale: float,
-) -> jax.Array:
-    """``logits_fn(x_BxT, valid_BxT)`` (B, T, V), guided when cfg_scale > 0 by the canvas with
-    `prompt_BxT` masked, both branches in one call on 2B rows."""
-    logits = logits_fn(*model_rows(x_BxT, valid_BxT, prompt_BxT, mask_id, cfg_scale))
-    return guide(logits, cfg_scale) if cfg_scale > 0 else logits

@@ -3,13 +3,14 @@ samples drawn. The runner under tools/sample.py and the trainer's end-of-run sam
 
   model = load(workdir)                                   # latest complete step, params only
   ids_BxP, valid_BxP = left_pad([tok.encode(p) for p in prompts], tok.pad_id)
-  sample = make_sampler(model.graphdef, settings, tok, model.run.mesh)
+  sample = make_sampler(model.run, settings)
   canvas_BxT, nfe = sample(model.params, ids_BxP, valid_BxP, jax.random.key(0))
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ from flax import nnx
 
 from llada_jax import checkpoint, files, sampling, sharding
 from llada_jax import config as config_lib
+from llada_jax import run as run_lib
 from llada_jax.data.tokenizer import Tokenizer
 from llada_jax.run import Run, abstract_params, build_run
 
@@ -39,29 +41,37 @@ def load(
     step: int | None = None,
     devices: Sequence[jax.Device] | None = None,
     fsdp: bool = False,
+    kernels: dict[str, str] | None = None,
 ) -> LoadedModel:
     """The parameters of `workdir`'s latest complete checkpoint (or `step`) with the run built
     from the config saved in it, on `devices` (default: the first local device), whatever mesh
     trained it: replicated on a data-parallel mesh of them, or with `fsdp` sharded over them
-    as FSDP training shards them (the batch is split over the devices either way). Works on
-    any workdir that holds parameters, including a params-only one from tools/convert_hf.py.
+    as FSDP training shards them (the batch is split over the devices either way). `kernels`:
+    keys of the kernels section that replace the saved ones (a tool's --matmul). Works on any
+    workdir that holds parameters, including a params-only one from tools/convert_hf.py.
     Raises ValueError with one line."""
     devices = list(devices) if devices is not None else jax.local_devices()[:1]
+    restore = functools.partial(_restore, devices=devices, fsdp=fsdp, kernels=kernels or {})
     with _reader(workdir) as ckpt:
         step = _complete_step(ckpt, workdir, step)
         try:
-            run, graphdef, params = _restore(ckpt, step, devices, fsdp)
+            run, graphdef, params = restore(ckpt, step)
         except checkpoint.DamagedCheckpoint as e:
-            raise _refusal(e, ckpt, lambda s: _restore(ckpt, s, devices, fsdp)) from None
+            raise _refusal(e, ckpt, lambda s: restore(ckpt, s)) from None
     return LoadedModel(workdir, run, step, graphdef, params)
 
 
 def _restore(
-    ckpt: checkpoint.Checkpointer, step: int, devices: list[jax.Device], fsdp: bool
+    ckpt: checkpoint.Checkpointer,
+    step: int,
+    devices: list[jax.Device],
+    fsdp: bool,
+    kernels: dict[str, str],
 ) -> tuple[Run, nnx.GraphDef, Any]:
     """The run of a step's saved config (no optimizer or learning-rate schedule: parameters
-    only) and its verified parameters on `devices`."""
+    only; `kernels` over the saved kernels section) and its verified parameters on `devices`."""
     cfg = saved_config(ckpt.meta(step)["config"], len(devices), fsdp)
+    cfg.kernels.update(kernels)
     run = build_run(cfg, devices=devices, data=False, optimizer=False)
     graphdef, params = abstract_params(run)
     return run, graphdef, ckpt.restore(step, params)[0]
@@ -72,7 +82,7 @@ def refusal(error: checkpoint.DamagedCheckpoint, workdir: str) -> checkpoint.Dam
     parameters its own way (the exporter)."""
     devices = jax.local_devices()[:1]
     with _reader(workdir) as ckpt:
-        return _refusal(error, ckpt, lambda s: _restore(ckpt, s, devices, False))
+        return _refusal(error, ckpt, lambda s: _restore(ckpt, s, devices, False, {}))
 
 
 def reload(model: LoadedModel, step: int) -> LoadedModel:
@@ -162,20 +172,35 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
     return ids, valid
 
 
-def make_sampler(
+def make_sampler(run: Run, settings: sampling.SampleSettings) -> sharding.OnMesh:
+    """The jitted reverse process: (params, ids (B, P), valid (B, P), key) -> (canvas (B, P +
+    gen_length) int32, nfe: the model calls it ran). The mask, EOS and end-of-turn ids are the
+    run's tokenizer's (which carries the ids its config names). Jitted on the run's mesh (a
+    loaded model's, or the trainer's): the batch is split over its data-parallel axes, B a
+    multiple of them. Under kernels.matmul=auto on one CPU device, each call runs the kernels
+    that were fastest on its shapes (`run.fastest`). The tools, the evaluation job, lm-eval and
+    the benchmark all use it."""
+    return run_lib.fastest(
+        run,
+        f"sampler|{settings}",
+        lambda graphdef: _jitted_sampler(graphdef, settings, run.tokenizer, run.mesh),
+    )
+
+
+def _jitted_sampler(
     graphdef: nnx.GraphDef,
     settings: sampling.SampleSettings,
     tokenizer: Tokenizer,
     mesh: jax.sharding.Mesh,
 ) -> sharding.OnMesh:
-    """The jitted reverse process: (params, ids (B, P), valid (B, P), key) -> (canvas (B, P +
-    gen_length) int32, nfe: the model calls it ran). The mask, EOS and end-of-turn ids are the
-    tokenizer's (a run's tokenizer carries the ids its model config names). Jitted on `mesh`
-    (the loaded model's or the run's): the batch is split over its data-parallel axes, B a
-    multiple of them. The tools, the evaluation job, lm-eval and the benchmark all use it."""
+    """`make_sampler`'s function for the model graph `graphdef`."""
 
     def sample(params: Any, ids: jax.Array, valid: jax.Array, key: jax.Array):
+        """The reverse process from ids (B, P) int32, valid (B, P) bool -> (canvas (B, P +
+        gen_length) int32, nfe), the model `graphdef` with `params`."""
+
         def model() -> Any:
+            """The model: `graphdef` merged with `params` where it is called (inside the loop)."""
             return nnx.merge(graphdef, params)  # merged inside the loop
 
         cached = settings.kv_cache != "none"
@@ -186,7 +211,6 @@ def make_sampler(
             if cached
             else None,
         )
-
         return sampling.generate(sampler_model, ids, valid, key, settings, tokenizer.special_ids)
 
     batch = sharding.batch_sharding(mesh)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,11 @@ import numpy as np
 from flax import nnx
 
 from llada_jax import sharding
-from llada_jax.guidance import LogitsFn, guided_logits
+from llada_jax.guidance import LogitsFn, guide, model_rows
+
+# (tokens (B, L) int32, valid (B, L) bool, start (B,) int32) -> logits (B, W, V) of positions
+# start .. start + W - 1 of each row.
+WindowLogitsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def stratified_mask_counts(
@@ -74,8 +78,22 @@ def mask_exactly(key_B: jax.Array, target_BxL: jax.Array, l_B: jax.Array) -> jax
     return target_BxL & (rank_BxL < l_B[:, None])
 
 
+def draw_masks(
+    key: jax.Array, target_BxL: jax.Array, row_id_B: jax.Array, sample_B: jax.Array, n: int
+) -> tuple[jax.Array, jax.Array]:
+    """The mask of sample `sample_B[b]` (of `n`) of row `row_id_B[b]`: (masked (B, L) bool,
+    l (B,) int32 its count), exactly l of the row's `target_BxL` positions, l stratified over
+    the row's n samples. A function of (key, row id, sample) and the targets only."""
+    targets_B = jnp.sum(target_BxL, axis=-1)
+    l_B = stratified_mask_counts(key, row_id_B, sample_B, targets_B, n)
+    sample_keys = jax.vmap(
+        lambda r, s: jax.random.fold_in(jax.random.fold_in(key, r), s + 1)  # s + 1: not k's key
+    )(row_id_B, sample_B)
+    return mask_exactly(sample_keys, target_BxL, l_B), l_B
+
+
 def nll_samples(
-    logits_fn: LogitsFn,
+    logits_fn: LogitsFn | WindowLogitsFn,
     tokens_BxL: jax.Array,
     target_BxL: jax.Array,
     valid_BxL: jax.Array,
@@ -86,6 +104,7 @@ def nll_samples(
     num_samples: int,
     mask_id: int,
     cfg_scale: float = 0.0,
+    window: int = 0,
 ) -> jax.Array:
     """One Monte-Carlo sample of the NLL bound per row: (B,) float32 nats.
 
@@ -94,7 +113,9 @@ def nll_samples(
     targets are the prompt (never masked); invalid positions are padding. Rows with no target
     score 0.
 
-    logits_fn: (tokens (B, L) int32, valid (B, L) bool) -> logits (B, L, V).
+    logits_fn: (tokens (B, L) int32, valid (B, L) bool) -> logits (B, L, V); with `window`,
+      (tokens, valid, start (B,) int32) -> logits (B, window, V) of the positions start ..
+      start + window - 1 of each row (the output head runs there only).
     tokens_BxL: (B, L) int32 clean tokens.
     target_BxL: (B, L) bool, the positions scored (valid ones only).
     valid_BxL: (B, L) bool key-padding mask.
@@ -103,20 +124,30 @@ def nll_samples(
     num_samples: samples per row (the stratification's n), static.
     mask_id: the mask token id, static.
     cfg_scale: classifier-free guidance weight w (0: none), static.
+    window: 0, or a width (static) that holds every row's targets from its first one on (the
+      caller lays rows out so; a window starting at the first target is moved left to fit).
     """
     target_BxL = target_BxL & valid_BxL
+    masked_BxL, l_B = draw_masks(key, target_BxL, row_id_B, sample_B, num_samples)
     targets_B = jnp.sum(target_BxL, axis=-1)
-    l_B = stratified_mask_counts(key, row_id_B, sample_B, targets_B, num_samples)
-    sample_keys = jax.vmap(
-        lambda r, s: jax.random.fold_in(jax.random.fold_in(key, r), s + 1)  # s + 1: not k's key
-    )(row_id_B, sample_B)
-    masked_BxL = mask_exactly(sample_keys, target_BxL, l_B)
     noisy_BxL = jnp.where(masked_BxL, mask_id, tokens_BxL)
     prompt_BxL = valid_BxL & ~target_BxL
-    logits_BxLxV = guided_logits(logits_fn, noisy_BxL, valid_BxL, prompt_BxL, mask_id, cfg_scale)
-    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-    token_logp_BxL = jnp.take_along_axis(logp_BxLxV, tokens_BxL[..., None], axis=-1)[..., 0]
-    masked_nll_B = -jnp.sum(jnp.where(masked_BxL, token_logp_BxL, 0.0), axis=-1)
+    model_tokens, model_valid = model_rows(noisy_BxL, valid_BxL, prompt_BxL, mask_id, cfg_scale)
+    if window:
+        length = tokens_BxL.shape[1]
+        start_B = jnp.clip(jnp.argmax(target_BxL, axis=-1), 0, length - window).astype(jnp.int32)
+        starts = start_B if cfg_scale == 0 else jnp.concatenate([start_B, start_B])
+        logits_BxWxV = logits_fn(model_tokens, model_valid, starts)
+        positions_BxW = start_B[:, None] + jnp.arange(window, dtype=jnp.int32)
+        tokens_BxL = jnp.take_along_axis(tokens_BxL, positions_BxW, axis=1)
+        masked_BxL = jnp.take_along_axis(masked_BxL, positions_BxW, axis=1)
+    else:
+        logits_BxWxV = logits_fn(model_tokens, model_valid)
+    if cfg_scale > 0:
+        logits_BxWxV = guide(logits_BxWxV, cfg_scale)
+    logp_BxWxV = jax.nn.log_softmax(logits_BxWxV.astype(jnp.float32), axis=-1)
+    token_logp_BxW = jnp.take_along_axis(logp_BxWxV, tokens_BxL[..., None], axis=-1)[..., 0]
+    masked_nll_B = -jnp.sum(jnp.where(masked_BxL, token_logp_BxW, 0.0), axis=-1)
     return jnp.where(targets_B > 0, masked_nll_B * targets_B / l_B, 0.0)
 
 
@@ -128,23 +159,34 @@ def make_scorer(
     num_samples: int,
     seed: int,
     cfg_scale: float = 0.0,
+    window: int = 0,
 ) -> sharding.OnMesh:
     """`nll_samples` of the model `graphdef`, jitted on `mesh` with the batch split over its
     data-parallel axes: (params, tokens (B, L) int32, target (B, L) bool, valid (B, L) bool,
     row_id (B,) int32, sample (B,) int32) -> (B,) float32 nats, the masks drawn from
     `jax.random.key(seed)`. The scorer of the evaluation job (every valid position a target)
-    and of the lm-eval model (the continuation the targets, the context the prompt)."""
+    and of the lm-eval model (the continuation the targets, the context the prompt). With
+    `window`, the output head and the log-softmax run on `window` positions per row from its
+    first target (every target must lie there)."""
     key = jax.random.key(seed)
 
     def score(params, tokens_BxL, target_BxL, valid_BxL, row_id_B, sample_B):
         """One bound sample per row of the model with `params`: (B,) float32 nats."""
+        model = nnx.merge(graphdef, params)
 
         def logits_fn(tokens: jax.Array, valid: jax.Array) -> jax.Array:
             """The model's logits (B, L, V) on tokens (B, L) int32 with valid (B, L) bool."""
-            return nnx.merge(graphdef, params)(tokens, valid)
+            return model(tokens, valid)
+
+        def window_logits_fn(tokens: jax.Array, valid: jax.Array, start: jax.Array) -> jax.Array:
+            """Logits (B, window, V) of positions start .. start + window - 1 of each row."""
+            hidden_BxLxD, _ = model.hidden(tokens, valid)
+            positions_BxW = start[:, None] + jnp.arange(window, dtype=jnp.int32)
+            rows_BxWxD = jnp.take_along_axis(hidden_BxLxD, positions_BxW[..., None], axis=1)
+            return model.head(rows_BxWxD)
 
         return nll_samples(
-            logits_fn,
+            window_logits_fn if window else logits_fn,
             tokens_BxL,
             target_BxL,
             valid_BxL,
@@ -154,6 +196,7 @@ def make_scorer(
             num_samples=num_samples,
             mask_id=mask_id,
             cfg_scale=cfg_scale,
+            window=window,
         )
 
     batch = sharding.batch_sharding(mesh)

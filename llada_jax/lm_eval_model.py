@@ -27,7 +27,9 @@ mc_num (128), batch_size (32), seed (0), max_length (0: the run's data.seq_len),
 all local), and the sampler's settings: every key of `sampling.SampleSettings` (a config's
 sample section, e.g. temperature, threshold, kv_cache) with its default, except that gen_length
 defaults to each request's max_gen_toks and steps and block_length to gen_length. cfg_scale
-guides the scoring too.
+guides the scoring too. matmul and attention (the kernels section) replace the checkpoint's
+kernels; under matmul=auto on one CPU device each jitted function runs the kernels that were
+fastest on its shapes (llada_jax/kernels/autotune.py).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ from lm_eval.api.registry import register_model
 
 from llada_jax import config as config_lib
 from llada_jax import inference, likelihood, sampling, sections, sharding
+from llada_jax import run as run_lib
+from llada_jax.kernels import KernelConfig
 
 DEFAULT_MAX_GEN_TOKS = 256
 
@@ -70,6 +74,7 @@ class LLaDAJaxLM(LM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """The model from lm-eval's `--model_args` string (`workdir=DIR,mc_num=128,...`)."""
         from lm_eval.utils import simple_parse_args_string
 
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
@@ -87,50 +92,70 @@ class LLaDAJaxLM(LM):
         progress: bool = True,
         max_batch_size: int | None = None,
         device: str | None = None,
-        **sample_args: Any,
+        **section_args: Any,
     ):
-        """See the module docstring; `sample_args` are keys of `sampling.SampleSettings`."""
+        """See the module docstring; `section_args` are keys of `sampling.SampleSettings` and
+        of `kernels.KernelConfig` (matmul, attention: with `workdir`)."""
         super().__init__()
-        self.sample_args = sampler_args(sample_args)
+        self.sample_args, kernels = split_section_args(section_args)
         del max_batch_size, device  # lm-eval's torch-side options; devices: num_devices
         if model is None:
             if not workdir:
                 raise ValueError("model_args needs workdir=DIR (a workdir with checkpoints)")
             devices = jax.local_devices()[: int(num_devices) or None]
-            model = inference.load(workdir, None if step is None else int(step), devices)
+            step = None if step is None else int(step)
+            model = inference.load(workdir, step, devices, kernels=kernels)
+        elif kernels:
+            raise ValueError(f"model_args {kernels} need workdir=DIR (a model is loaded)")
         self.model, self.tok = model, model.run.tokenizer
         self.mc_num, self.seed = int(mc_num), int(seed)
         self.cfg_scale = self.sample_args.get("cfg_scale", 0.0)
         dp = sharding.data_parallel_size(model.run.mesh)
         rows = int(batch_size) if str(batch_size).isdigit() else 32  # "auto": the default
         self.batch_size = -(-max(rows, 1) // dp) * dp
-        self.max_length = int(max_length) or model.run.cfg.data.seq_len
+        self.max_length = int(max_length) or model.run.data_cfg.seq_len
         self.progress = progress
         if self.mc_num < 1:
             raise ValueError(f"mc_num={mc_num} is invalid; valid: a positive integer")
-        self._scorer = likelihood.make_scorer(
-            model.graphdef,
-            model.run.mesh,
-            mask_id=self.tok.mask_id,
-            num_samples=self.mc_num,
-            seed=self.seed,
-            cfg_scale=self.cfg_scale,
-        )
+        self._scorers: dict[int, Any] = {}  # by head window (0: every position)
         self._samplers: dict[sampling.SampleSettings, Any] = {}
 
     # ------------------------------------------------------------------------------------
     # Scoring
     # ------------------------------------------------------------------------------------
+    def scorer(self, window: int) -> Any:
+        """The jitted scorer whose output head runs on `window` positions per row (0: all)."""
+        if window not in self._scorers:
+            self._scorers[window] = run_lib.fastest(
+                self.model.run,
+                f"scorer|{self.mc_num}|{self.seed}|{self.cfg_scale}|{window}",
+                lambda graphdef: likelihood.make_scorer(
+                    graphdef,
+                    self.model.run.mesh,
+                    mask_id=self.tok.mask_id,
+                    num_samples=self.mc_num,
+                    seed=self.seed,
+                    cfg_scale=self.cfg_scale,
+                    window=window,
+                ),
+            )
+        return self._scorers[window]
+
     def score_rows(self, rows: Sequence[tuple[list[int], int]], desc: str) -> np.ndarray:
         """The bound (nats) of each row's last `targets` tokens given the ones before them:
-        rows are (ids, targets) pairs; returns (len(rows), mc_num) samples."""
+        rows are (ids, targets) pairs; returns (len(rows), mc_num) samples. Rows are padded to
+        a few lengths, and the output head runs on a window of a few widths holding the
+        targets (the whole row when that is not shorter)."""
         out = np.zeros((len(rows), self.mc_num))
-        by_length: dict[int, list[int]] = defaultdict(list)
-        for i, (ids, _) in enumerate(rows):
-            by_length[bucket(len(ids))].append(i)
-        total = sum(len(v) for v in by_length.values()) * self.mc_num
+        by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, (ids, n) in enumerate(rows):
+            length = bucket(len(ids))
+            window = bucket(n)
+            by_shape[(length, window if window < length else 0)].append(i)
+        total = sum(len(v) for v in by_shape.values()) * self.mc_num
         bar = _bar(total, desc, self.progress)
-        for length, members in sorted(by_length.items()):
+        for (length, window), members in sorted(by_shape.items()):
+            scorer = self.scorer(window)
             pairs = [(i, j) for i in members for j in range(self.mc_num)]
             for start in range(0, len(pairs), self.batch_size):
                 chunk = pairs[start : start + self.batch_size]
@@ -145,13 +170,8 @@ class LLaDAJaxLM(LM):
                     tokens[b, : len(ids)] = ids
                     valid[b, : len(ids)] = True
                     target[b, len(ids) - n : len(ids)] = True
-                    row_id[b] = (
-                        zlib.crc32(np.asarray(ids, np.int32).tobytes() + bytes([n % 256]))
-                        & 0x7FFFFFFF
-                    )
-                nll = np.asarray(
-                    self._scorer(self.model.params, tokens, target, valid, row_id, sample)
-                )
+                    row_id[b] = request_id(ids, n)
+                nll = np.asarray(scorer(self.model.params, tokens, target, valid, row_id, sample))
                 for b, (i, j) in enumerate(chunk):
                     out[i, j] = nll[b]
                 bar.update(len(chunk))
@@ -170,6 +190,8 @@ class LLaDAJaxLM(LM):
         return ctx[max(0, len(ctx) + len(cont) - self.max_length) :], cont
 
     def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
+        """(-bound of the continuation given the context in nats, False) per (context,
+        continuation) request."""
         rows = []
         for context, continuation in (r.args for r in requests):
             ctx, cont = self.encode_pair(context, continuation)
@@ -178,6 +200,7 @@ class LLaDAJaxLM(LM):
         return [(-float(s.mean()), False) for s in samples]
 
     def loglikelihood_rolling(self, requests: Sequence[Any]) -> list[float]:
+        """-bound of each request's whole text in nats, summed over windows of max_length."""
         rows, owner = [], []
         context = self.max_length // 4  # the least context a later window keeps
         for k, (text,) in enumerate(r.args for r in requests):
@@ -209,6 +232,8 @@ class LLaDAJaxLM(LM):
             raise ValueError(f"model_args: {e.with_prefix('')}") from None
 
     def generate_until(self, requests: Sequence[Any]) -> list[str]:
+        """Each request's sampled continuation, cut at EOS, end of turn and its stop strings;
+        requests of the same settings and prompt length bucket are sampled as one batch."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         prompts, stops = [], []
         for i, (context, kwargs) in enumerate(r.args for r in requests):
@@ -226,7 +251,7 @@ class LLaDAJaxLM(LM):
             sampler = self._samplers.get(settings)
             if sampler is None:
                 sampler = self._samplers[settings] = inference.make_sampler(
-                    self.model.graphdef, settings, self.tok, self.model.run.mesh
+                    self.model.run, settings
                 )
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start : start + self.batch_size]
@@ -247,23 +272,39 @@ class LLaDAJaxLM(LM):
         return out
 
 
-def sampler_args(given: dict[str, Any]) -> dict[str, Any]:
-    """Model args naming keys of `sampling.SampleSettings`, as the types of their defaults.
-    Raises ValueError for any other key or a value of the wrong type."""
-    fields = {f.name: f for f in sections.keys(sampling.SampleSettings)}
-    out = {}
+def request_id(ids: Sequence[int], targets: int) -> int:
+    """A request's row id for its masks: a hash of its tokens and target count, so the same
+    request draws the same masks in any batch, run or checkpoint."""
+    return zlib.crc32(np.asarray(ids, np.int32).tobytes() + bytes([targets % 256])) & 0x7FFFFFFF
+
+
+def split_section_args(given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Model args naming keys of `sampling.SampleSettings` and of `kernels.KernelConfig`, each
+    as the type of its default, apart: (sampler's, kernels'). Raises ValueError for any other
+    key or a value of the wrong type."""
+    fields = {
+        f.name: (f, cls)
+        for cls in (sampling.SampleSettings, KernelConfig)
+        for f in sections.keys(cls)
+    }
+    out: dict[type, dict[str, Any]] = {sampling.SampleSettings: {}, KernelConfig: {}}
     for name, value in given.items():
         if name not in fields:
-            valid = ", ".join(["workdir", "step", "mc_num", "batch_size", "seed", "max_length"])
+            valid = "workdir, step, mc_num, batch_size, seed, max_length, num_devices"
             raise ValueError(
-                f"model_args {name}={value!r} is not a model argument; valid: {valid}, "
-                f"num_devices and the sampler's {', '.join(fields)}"
+                f"model_args {name}={value!r} is not a model argument; valid: {valid} and "
+                f"{', '.join(fields)}"
             )
+        field, cls = fields[name]
         try:
-            out[name] = config_lib.coerce(name, fields[name].default, value)
+            out[cls][name] = config_lib.coerce(name, field.default, value)
         except config_lib.ConfigError as e:
             raise ValueError(f"model_args: {e}") from None
-    return out
+    try:
+        KernelConfig(**out[KernelConfig])
+    except sections.SettingError as e:
+        raise ValueError(f"model_args: {e.with_prefix('')}") from None
+    return out[sampling.SampleSettings], out[KernelConfig]
 
 
 def stop_at_eos(tokens: np.ndarray, tok: Any) -> list[int]:

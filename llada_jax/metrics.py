@@ -13,7 +13,6 @@ import functools
 import io
 import json
 import os
-import platform
 import time
 from typing import Any, Callable, Mapping
 
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llada_jax import files
-from llada_jax.host.cache import cache_dir
+from llada_jax.host.cache import cache_dir, cpu_name
 from llada_jax.kernels import mkl
 from llada_jax.model import DTYPES, ModelConfig
 
@@ -52,17 +51,6 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward + backward matmul FLOPs per token (3 x forward)."""
     return 3.0 * forward_flops_per_token(cfg, seq_len)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @jax.jit
@@ -117,7 +105,7 @@ def paired_mfu(flops: float, times: list[float], probes: list[float]) -> float:
 def cpu_peak_flops(dtype: str = "float32") -> float:
     """Measured CPU matmul peak, cached on disk per CPU model, core count and dtype."""
     # "kept": measured with host_memory's malloc settings (earlier entries paid page faults).
-    key = f"{_cpu_name()}|{os.cpu_count()}|{dtype}|jax{jax.__version__}|kept"
+    key = f"{cpu_name()}|{os.cpu_count()}|{dtype}|jax{jax.__version__}|kept"
     if len(_cpu_matmuls(dtype)) > 1:
         key += "|mkl"
     path = os.path.join(cache_dir(), "cpu_peak_flops.json")

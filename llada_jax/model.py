@@ -336,6 +336,8 @@ class Transformer(nnx.Module):
             @nnx.split_rngs(splits=cfg.n_layers)
             @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make_blocks(rngs: nnx.Rngs) -> Block:
+                """n_layers Blocks made at once (one rng split each), their parameters stacked on a
+                leading "layers" axis."""
                 return Block(cfg, kernels, rngs=rngs)
 
             self.blocks = make_blocks(rngs)
@@ -383,6 +385,8 @@ class Transformer(nnx.Module):
         # Layers run as pure functions of their state (jax.lax.scan / jax.checkpoint rather than
         # the nnx transforms), so the model also works inside other traced loops (the sampler).
         def layer(x: jax.Array, block_state: nnx.State) -> tuple[jax.Array, Any]:
+            """One block on x (B, L, D) -> (x (B, L, D), its keys and values with return_cache, else
+            None)."""
             x, kv = nnx.merge(block_def, block_state)(x, rope, mask)
             return sharding.constrain(x, ("batch", None, None)), kv if return_cache else None
 
@@ -416,6 +420,8 @@ class Transformer(nnx.Module):
         rope = tuple(jax.lax.dynamic_slice_in_dim(t, start, width) for t in (cos_LxH, sin_LxH))
 
         def layer(x: jax.Array, xs: tuple[nnx.State, jax.Array, jax.Array]):
+            """One block on the window's x (B, W, D), its queries attending also to the layer's
+            cached keys and values -> (x (B, W, D), None)."""
             block_state, k_cache, v_cache = xs
             x, _ = nnx.merge(block_def, block_state)(x, rope, bias, (k_cache, v_cache), start)
             return sharding.constrain(x, ("batch", None, None)), None

@@ -130,6 +130,7 @@ def _constant(lr: float, warmup_steps: int) -> optax.Schedule:
     """Warmup, then constant ``lr``."""
 
     def schedule(count: jax.Array) -> jax.Array:
+        """The learning rate at step `count`, () float32: warmup, then lr."""
         return _warmup(jnp.asarray(count, jnp.float32), lr, warmup_steps)
 
     return schedule
@@ -140,6 +141,7 @@ def _cosine(lr: float, final_lr: float, warmup_steps: int, total_steps: int) -> 
     length = max(total_steps - warmup_steps, 1)
 
     def schedule(count: jax.Array) -> jax.Array:
+        """The learning rate at step `count`, () float32: warmup, then cosine decay to final_lr."""
         step = jnp.asarray(count, jnp.float32)
         frac = jnp.clip((step - warmup_steps) / length, 0.0, 1.0)
         cos = final_lr + (lr - final_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
@@ -161,6 +163,8 @@ def _wsd(
     held_at_decay = drops[-1][1] if drops else lr
 
     def schedule(count: jax.Array) -> jax.Array:
+        """The learning rate at step `count`, () float32: warmup, lr with its drops, then linear
+        decay to final_lr over the last decay_steps."""
         step = jnp.asarray(count, jnp.float32)
         held = jnp.full_like(step, lr)
         for drop_step, drop_lr in drops:
@@ -315,6 +319,7 @@ def _split_microbatches(batch: PyTree, num_microbatches: int) -> PyTree:
         )
 
     def split(x: jax.Array) -> jax.Array:
+        """One leaf (B, ...) -> (n, B // n, ...), microbatch j its rows j, j + n, j + 2n, ...."""
         x = x.reshape(size // num_microbatches, num_microbatches, *x.shape[1:])
         return jnp.swapaxes(x, 0, 1)
 
@@ -348,12 +353,14 @@ def accumulate_gradients(
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, _acc_dtype(s.dtype)), shapes)
 
     def body(acc: PyTree, mb: PyTree) -> tuple[PyTree, None]:
+        """The running sums `acc` (at least float32) plus microbatch `mb`'s ((loss, aux), grads)."""
         out = grad_fn(params, mb)
         return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, out), None
 
     total, _ = jax.lax.scan(body, zeros, micro)
 
     def mean(s: jax.ShapeDtypeStruct, x: jax.Array) -> jax.Array:
+        """A sum over the n microbatches -> its mean, float leaves cast back to their dtype."""
         out_dtype = s.dtype if jnp.issubdtype(s.dtype, jnp.inexact) else x.dtype
         return (x / n).astype(out_dtype)
 

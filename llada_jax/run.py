@@ -15,7 +15,7 @@ import dataclasses
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -39,10 +39,10 @@ from llada_jax import config as config_lib
 from llada_jax.data import datasets, pipeline
 from llada_jax.data.tokenizer import Tokenizer, load_tokenizer
 from llada_jax.host import decisions
-from llada_jax.kernels import mkl, splash
+from llada_jax.kernels import autotune, mkl, splash
 from llada_jax.model import ModelConfig, Transformer
 from llada_jax.special_ids import SpecialIds
-from llada_jax.train_step import StepConfig, jit_train_step, make_train_step
+from llada_jax.train_step import StepConfig, make_train_step, step_jit_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +54,15 @@ class Run:
     mesh: jax.sharding.Mesh
     model_cfg: ModelConfig
     kernels: kernels.Kernels  # what computes the model's matmuls and attention on this mesh
+    # The kernels timed against each other for inference (`fastest`); `kernels` is the first.
+    kernel_candidates: tuple[kernels.Kernels, ...]
     diffusion_cfg: diffusion.DiffusionConfig
     step_cfg: StepConfig
+    data_cfg: run_sections.DataConfig
+    train_cfg: run_sections.TrainConfig
+    checkpoint_cfg: run_sections.CheckpointConfig
     sample_settings: sampling.SampleSettings  # the sample section's sampler
+    printed_samples: run_sections.PrintedSamples  # and what it samples after training
     eval_settings: run_sections.EvalSettings
     tokenizer: Tokenizer
     optimizer: optax.GradientTransformation | None  # None: a run built for inference
@@ -95,7 +101,8 @@ def build_run(
     model_cfg = sections.from_section(ModelConfig, cfg.model)
     tokenizer = run_tokenizer(cfg, model_cfg.vocab_size, data)
     kernel_cfg = sections.from_section(kernels.KernelConfig, cfg.kernels)
-    chosen = kernels.select(kernel_cfg, model_cfg.compute_dtype, mesh)
+    candidates = kernels.candidates(kernel_cfg, model_cfg.compute_dtype, mesh)
+    chosen = candidates[0]
     check_attention(kernel_cfg, chosen, cfg.data.seq_len)
     diffusion_cfg = sections.from_section(
         diffusion.DiffusionConfig, cfg.diffusion, mask_id=tokenizer.mask_id
@@ -121,9 +128,14 @@ def build_run(
         mesh=mesh,
         model_cfg=model_cfg,
         kernels=chosen,
+        kernel_candidates=candidates,
         diffusion_cfg=diffusion_cfg,
         step_cfg=StepConfig(diffusion_cfg, cfg.optim.grad_accum, cfg.seed, cfg.train.objective),
+        data_cfg=sections.from_section(run_sections.DataConfig, cfg.data),
+        train_cfg=sections.from_section(run_sections.TrainConfig, cfg.train),
+        checkpoint_cfg=sections.from_section(run_sections.CheckpointConfig, cfg.checkpoint),
         sample_settings=sections.from_section(sampling.SampleSettings, cfg.sample),
+        printed_samples=sections.from_section(run_sections.PrintedSamples, cfg.sample),
         eval_settings=sections.from_section(run_sections.EvalSettings, cfg.eval),
         tokenizer=tokenizer,
         optimizer=tx,
@@ -339,6 +351,26 @@ def abstract_params(run: Run) -> tuple[nnx.GraphDef, Any]:
     return graphdef, params
 
 
+def graphdef_for(run: Run, chosen: kernels.Kernels) -> nnx.GraphDef:
+    """The run's model graph with `chosen` kernels (parameters are the same for any kernels)."""
+    if chosen == run.kernels:
+        return abstract_params(run)[0]
+    return abstract_params(dataclasses.replace(run, kernels=chosen))[0]
+
+
+def fastest(
+    run: Run, name: str, build: Callable[[nnx.GraphDef], sharding.OnMesh]
+) -> sharding.OnMesh | autotune.Fastest:
+    """`build(graphdef)` (a jitted function of the parameters) for the run's kernels; where
+    there are several candidates (kernels.matmul=auto on one CPU device), a version for each,
+    of which every call runs the fastest on its shapes (kernels/autotune.py). `name` says which
+    function it is (with its static settings) for the remembered choices."""
+    if len(run.kernel_candidates) == 1:
+        return build(graphdef_for(run, run.kernels))
+    versions = {k.matmul: build(graphdef_for(run, k)) for k in run.kernel_candidates}
+    return autotune.Fastest(name, versions)
+
+
 def abstract_state(run: Run) -> tuple[nnx.GraphDef, Any, Any]:
     """`create_state`'s result without allocating anything: params and optimizer state as
     `jax.ShapeDtypeStruct`s carrying the shardings `create_state` gives them (for ahead-of-time
@@ -356,8 +388,12 @@ def abstract_state(run: Run) -> tuple[nnx.GraphDef, Any, Any]:
 
 def make_step_fn(run: Run, graphdef: nnx.GraphDef, params: Any, opt_state: Any) -> sharding.OnMesh:
     """The jitted training step on the run's mesh, as the trainer runs it (the benchmark times
-    this function): `train_step.jit_train_step`'s shardings and donation, traced under the mesh
-    as `sharding.jit_on_mesh` traces."""
+    this function), with `train_step.step_jit_options`' shardings and donation."""
     step = make_train_step(graphdef, run.optimizer, run.lr_schedule, run.step_cfg)
     options = mkl.STEP_COMPILER_OPTIONS if run.kernels.matmul == "mkl" else None
-    return sharding.OnMesh(jit_train_step(step, params, opt_state, run.mesh, options), run.mesh)
+    return sharding.jit_on_mesh(
+        step,
+        run.mesh,
+        compiler_options=options,
+        **step_jit_options(params, opt_state, run.mesh),
+    )

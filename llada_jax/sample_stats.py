@@ -91,6 +91,7 @@ def sample_stats(samples: Sequence[str], corpus: CorpusVocabulary) -> SampleStat
         n_punct += sum(not c.isalnum() for c in chars)
 
     def share(part: int, whole: int) -> float:
+        """part / whole, or 0.0 when whole is 0."""
         return part / whole if whole else 0.0
 
     return SampleStats(

@@ -395,6 +395,8 @@ def _propose_on_canvas(
     are in it; confidence is -inf wherever it did not run."""
 
     def at(hidden: jax.Array, start: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+        """The head (guided with CFG) and its proposal on the hidden state (R, W, ...) of the
+        positions from `start` -> (x0, confidence) (B, T), placed on the canvas."""
         logits = d.model.head(hidden)
         if d.cfg_scale > 0:
             logits = guidance.guide(logits, d.cfg_scale)
@@ -409,6 +411,7 @@ def _propose_on_canvas(
         return _place(x_BxT, x0_BxW, confidence_BxW, start)
 
     def block_only() -> tuple[jax.Array, jax.Array]:
+        """`at` on the block's positions alone, sliced from the hidden state."""
         hidden = jax.lax.dynamic_slice_in_dim(hidden_RxWxH, block_start - offset, d.block_length, 1)
         return at(hidden, block_start)
 
@@ -488,6 +491,8 @@ def _decode_block(
         reach_T = in_block_T
 
     def step(x_BxT, nfe, taken, cache, full):
+        """One step: a model call (a full pass if `full`, else the cached window pass) and the
+        commit of its most confident candidates -> (canvas (B, T) int32, cache)."""
         x0_BxT, confidence_BxT, cache = _denoise(
             d, key, valid_BxT, prompt_BxT, x_BxT, nfe, block_start, cache, full
         )
@@ -498,6 +503,8 @@ def _decode_block(
     x_BxT, cache = step(x_BxT, nfe, 0, None, full=True)
 
     def unfinished(state: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        """Whether the block takes another step: fewer than steps_per_block taken, or with a
+        threshold, masks left in it (and fewer than block_length steps)."""
         x_BxT, _, taken = state
         if d.threshold is None:
             return taken < d.steps_per_block
@@ -507,6 +514,8 @@ def _decode_block(
         return masks_left & (taken < d.block_length)
 
     def next_step(state: tuple[jax.Array, jax.Array, jax.Array]):
+        """(canvas (B, T), model calls, steps taken) after one more step, a window pass unless
+        kv_cache is "none"."""
         x_BxT, nfe, taken = state
         x_BxT, _ = step(x_BxT, nfe, taken, cache, full=d.kv_cache == "none")
         return x_BxT, nfe + 1, taken + 1

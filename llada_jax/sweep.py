@@ -85,8 +85,8 @@ class Sweep:
         return c
 
     def check(self) -> None:
-        """Raises ConfigError unless every run's config loads and, without `vary_shapes`,
-        all of them share FIXED_KEYS."""
+        """Raises ConfigError unless every run's config loads, its sections' values are valid
+        and, without `vary_shapes`, all of them share FIXED_KEYS."""
         for axis, labels in self.axes.items():
             for label in labels:
                 if not LABEL.fullmatch(label):
@@ -100,6 +100,10 @@ class Sweep:
         first = None
         for name in names:
             c = self.run_config(name)
+            try:
+                config_lib.check(c)  # every section's values, as the trainer will check them
+            except ValueError as e:
+                raise config_lib.ConfigError(f"run {name!r}: {e}") from None
             fixed = {key: lookup(c, key) for key in FIXED_KEYS}
             if first is None:
                 first = (name, fixed)

@@ -88,13 +88,15 @@ def make_train_step(
     """The un-jitted step function (params, opt_state, batch, step () int) -> (params,
     opt_state, metrics of () scalars): noise the batch with the key of (seed, step), average the
     gradients over cfg.grad_accum microbatches, update, and skip the update on a NaN/Inf loss
-    or gradient norm. `jit_train_step` compiles it with shardings and donation."""
+    or gradient norm. `step_jit_options` gives its shardings and donation."""
     loss_weight = cfg.diffusion.loss_weight
     grad_fn = jax.value_and_grad(lambda p, b: loss_fn(graphdef, p, b, loss_weight), has_aux=True)
 
     def train_step(
         params: PyTree, opt_state: PyTree, batch: dict[str, jax.Array], step: jax.Array
     ) -> tuple[PyTree, PyTree, dict[str, jax.Array]]:
+        """One step as `make_train_step` says: (params, opt_state, batch, step) -> (params,
+        opt_state, metrics), the old state kept on a non-finite loss or gradient norm."""
         key = jax.random.fold_in(jax.random.key(cfg.seed), step)
         noised = noise(key, batch, cfg)
         loss, aux, grads = optim.accumulate_gradients(grad_fn, params, noised, cfg.grad_accum)
@@ -119,21 +121,15 @@ def make_train_step(
     return train_step
 
 
-def jit_train_step(
-    step_fn: StepFn,
-    params: PyTree,
-    opt_state: PyTree,
-    mesh: Mesh,
-    compiler_options: dict[str, Any] | None = None,
-) -> StepFn:
-    """jit with params / optimizer state donated and kept on their own shardings."""
+def step_jit_options(params: PyTree, opt_state: PyTree, mesh: Mesh) -> dict[str, Any]:
+    """`jax.jit`'s keyword arguments for the train step: params and optimizer state donated and
+    kept on their own shardings, the batch split over the data-parallel axes, the key and the
+    metrics replicated."""
     state_shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
     batch = sharding.batch_sharding(mesh)  # a prefix: every batch array is split the same way
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(
-        step_fn,
+    return dict(
         in_shardings=(*state_shardings, batch, replicated),
         out_shardings=(*state_shardings, replicated),
         donate_argnums=(0, 1),
-        compiler_options=compiler_options,
     )

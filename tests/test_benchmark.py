@@ -54,3 +54,34 @@ def test_train_mode_reports_both_mfus():
     # The overall peak is the best of every probe, the paired ones included.
     assert result["peak_gflops"] >= max(result["peak_gflops_before"], result["peak_gflops_after"])
     assert 0 < result["mfu"] <= result["mfu_paired"]
+
+
+def test_likelihood_mode_agrees_with_the_reference_style_estimate(tmp_path):
+    """lm-eval requests scored by our model (batched, the head windowed) and by the reference
+    harness's way (one request at a time, the full head) on the same masks: the same estimates."""
+    env = dict(os.environ, XLA_FLAGS="", XDG_CACHE_HOME=str(tmp_path))
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "benchmark.py"),
+            "--mode=likelihood",
+            "--config=configs/tiny.py",
+            "--num_requests=3",
+            "--mc_num=8",
+            "--lm_batch_size=8",
+            "--steps=1",
+            "--warmup=0",
+            "--json",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["requests"] == 3 and result["mc_num"] == 8
+    assert result["max_estimate_difference"] < 1e-3
+    assert result["requests_per_sec"] > 0 and result["bound_tokens_per_sec"] > 0
+    assert 1 <= result["padded_tokens_ratio"] and 0 < result["head_positions_ratio"] <= 1

@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llada_jax import checkpoint, config, train
+from llada_jax import checkpoint, config
 from llada_jax import run as run_lib
 from llada_jax.data import pipeline
+from llada_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DETERMINISTIC = ("loss", "grad_norm", "lr", "num_masked", "masked_ce", "num_valid", "skipped")
@@ -378,9 +379,9 @@ def test_nonfinite_step_is_skipped(tmp_path):
 def test_interval_stats_count_skips_in_a_row():
     steps = [(1.0, 0), (np.nan, 1), (2.0, 0), (np.nan, 1), (np.inf, 1)]
     interval = [{"loss": jnp.float32(x), "skipped": jnp.int32(s)} for x, s in steps]
-    means, in_a_row = train.interval_stats(interval, skipped_before=5)
+    means, in_a_row = loop.interval_stats(interval, skipped_before=5)
     assert means["skipped"] == 3 and in_a_row == 2
-    assert train.interval_stats(interval[-2:], skipped_before=5)[1] == 7  # the run goes on
+    assert loop.interval_stats(interval[-2:], skipped_before=5)[1] == 7  # the run goes on
 
 
 def test_too_many_nonfinite_steps_stop_the_run(tmp_path):

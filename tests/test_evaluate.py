@@ -208,7 +208,7 @@ def test_the_bound_is_the_same_whatever_schedule_the_config_names(workdir, sched
     run = build_run(cfg, devices=jax.devices()[:1], data=False)
     assert run.diffusion_cfg.schedule == schedule
     other = dataclasses.replace(ev.model, run=run)
-    scorer = evaluate.make_scorer(other.run, other.graphdef, ev.settings)
+    scorer = evaluate.make_scorer(other.run, ev.settings)
     np.testing.assert_array_equal(
         evaluate.score_rows(scorer, other.params, ev.rows, ev.settings, 8), plain
     )

@@ -138,6 +138,6 @@ def test_sampler_matches_generate_token_for_token(
     settings = sampling.SampleSettings(
         gen_length=gen_length, steps=steps, block_length=block_length, cfg_scale=cfg_scale
     )
-    sampler = inference.make_sampler(model.graphdef, settings, model.run.tokenizer, model.run.mesh)
+    sampler = inference.make_sampler(model.run, settings)
     canvas, _ = sampler(model.params, ids, valid, jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(canvas), want)

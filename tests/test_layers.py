@@ -137,11 +137,13 @@ def test_imports_nothing_from_llada_jax(name):
     assert not closure(f"llada_jax.{name}") - {"llada_jax"}
 
 
-def test_train_imports_no_evaluation_job():
-    """The trainer imports none of the evaluation job's modules itself."""
-    banned = {"evaluate", "inference", "likelihood", "lm_eval_model"}
-    found = sorted(m for m in imports("llada_jax.train") if top(m) in banned)
-    assert not found, f"llada_jax.train imports {found}"
+def test_the_training_loop_sits_below_the_evaluation_job():
+    """The loop loads none of the evaluation job's modules, even indirectly; its command line
+    (llada_jax/train/__main__.py, an entry point like tools/) prints the end-of-run report."""
+    banned = {"evaluate", "inference", "likelihood", "lm_eval_model", "end_of_run"}
+    found = sorted(m for m in closure("llada_jax.train.loop") if top(m) in banned)
+    assert not found, f"llada_jax.train.loop loads {found}"
+    assert "llada_jax.end_of_run" in imports("llada_jax.train.__main__")
 
 
 @pytest.mark.parametrize("path", sorted(PACKAGE.glob("kernels/*.py")), ids=lambda p: p.stem)
@@ -159,4 +161,4 @@ def test_the_checks_see_imports():
     assert "llada_jax.kernels.attention" in imports("llada_jax.model")
     assert "llada_jax.host.cache" in closure("llada_jax.kernels.attention")
     assert "llada_jax.kernels.mkl" in closure("llada_jax.model")
-    assert "llada_jax.run" in closure("llada_jax.train")
+    assert "llada_jax.run" in closure("llada_jax.train.loop")

@@ -208,3 +208,33 @@ def test_padding_a_row_changes_none_of_its_draws():
     long = score([1, 0, 2, 2, 1], [0, 1, 1, 0, 0], [1, 1, 1, 0, 0])
     np.testing.assert_allclose(short, long, rtol=1e-6)
     assert len(set(np.round(np.asarray(short), 5))) > 1  # the samples do differ
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+def test_a_head_window_over_the_targets_gives_the_same_samples(toy, cfg_scale):
+    """`window`: the logits of `window` positions from each row's first target (moved left to
+    fit) are all the estimator reads; here they are the full logits' own, so the samples are
+    equal to the last bit."""
+    logits_jax, _ = toy
+    rows = ROWS[1:]  # targets within the last 3 positions
+    n = 6
+    tokens, target, valid = (np.array([r[i] for r in rows]) for i in range(3))
+    row_id = np.repeat(np.arange(len(rows)), n)
+    args = (
+        jnp.asarray(tokens[row_id], jnp.int32),
+        jnp.asarray(target[row_id], bool),
+        jnp.asarray(valid[row_id], bool),
+        jnp.asarray(row_id, jnp.int32),
+        jnp.asarray(np.tile(np.arange(n), len(rows)), jnp.int32),
+        jax.random.key(1),
+    )
+
+    def window_fn(tokens, valid, start):
+        positions = start[:, None] + jnp.arange(3)
+        return jnp.take_along_axis(logits_jax(tokens, valid), positions[..., None], axis=1)
+
+    common = dict(num_samples=n, mask_id=MASK, cfg_scale=cfg_scale)
+    full = likelihood.nll_samples(logits_jax, *args, **common)
+    windowed = likelihood.nll_samples(window_fn, *args, **common, window=3)
+    assert (np.asarray(full) > 0).all()
+    np.testing.assert_array_equal(np.asarray(windowed), np.asarray(full))

@@ -72,6 +72,29 @@ def test_loglikelihood_is_the_conditional_bound_by_exact_enumeration(workdir, lm
     assert batch[1][0] == ll
 
 
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+def test_the_windowed_head_scores_as_the_full_head(lm, cfg_scale):
+    """The output head on a 16-wide window from each row's first target: the same samples as
+    the head on every position, for rows whose targets end anywhere (the window moved left to
+    fit at the row's end), with and without guidance."""
+    guided = LLaDAJaxLM(model=lm.model, mc_num=4, batch_size=8, cfg_scale=cfg_scale, progress=False)
+    rng = np.random.default_rng(0)
+    length, rows = (
+        48,
+        [(5, 3), (20, 16), (48, 9), (47, 1), (30, 30 - 14), (16, 16), (33, 2), (9, 4)],
+    )
+    tokens, target, valid = (np.zeros((8, length), t) for t in (np.int32, bool, bool))
+    for b, (n_ids, n_targets) in enumerate(rows):
+        tokens[b, :n_ids] = rng.integers(5, 4000, n_ids)
+        valid[b, :n_ids] = True
+        target[b, n_ids - min(n_targets, 16) : n_ids] = True
+    args = (tokens, target, valid, np.arange(8, dtype=np.int32), np.arange(8, dtype=np.int32) % 4)
+    full = np.asarray(guided.scorer(0)(lm.model.params, *args))
+    windowed = np.asarray(guided.scorer(16)(lm.model.params, *args))
+    assert (full > 0).all()
+    np.testing.assert_allclose(windowed, full, rtol=2e-5)
+
+
 def test_rolling_loglikelihood_sums_windows_over_a_long_text(lm):
     text = "And God said, Let there be light: and there was light. " * 12
     ids = lm.tok.encode(text)

@@ -11,6 +11,7 @@ from absl import flags
 
 from llada_jax import cli, config, inference, sampling, sections
 from llada_jax.model import ModelConfig
+from llada_jax.run_sections import EvalSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,25 +53,38 @@ def test_a_new_sample_field_reaches_the_config_the_flags_and_lm_eval(monkeypatch
     from llada_jax import lm_eval_model
 
     monkeypatch.setattr(sampling, "SampleSettings", WithTopP)
-    assert lm_eval_model.sampler_args({"top_p": "0.5"}) == {"top_p": 0.5}
+    assert lm_eval_model.split_section_args({"top_p": "0.5"}) == ({"top_p": 0.5}, {})
     lm = object.__new__(lm_eval_model.LLaDAJaxLM)
     lm.sample_args = {"top_p": 0.5, "block_length": 4}
     settings = lm.settings_for(max_gen_toks=10)
     assert (settings.top_p, settings.gen_length, settings.steps) == (0.5, 12, 12)
 
 
-def test_the_sample_tool_lists_every_sampler_setting():
+@pytest.mark.parametrize(
+    "tool,section",
+    [("tools/sample.py", sampling.SampleSettings), ("tools/evaluate.py", EvalSettings)],
+)
+def test_the_tools_list_every_setting_of_their_section(tool, section):
     proc = subprocess.run(
-        [sys.executable, "tools/sample.py", "--help"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, tool, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = {line.split(":")[0].strip(): line for line in proc.stdout.splitlines()}
-    for f in sections.keys(sampling.SampleSettings):
+    for f in sections.keys(section):
         assert f.metadata["doc"] in lines[f"--{f.name}"]
+
+
+def test_override_flags_default_to_the_run_and_are_checked():
+    flag_values = flags.FlagValues()
+    cli.define_section_flags(EvalSettings, flag_values, overrides=True)
+    flag_values(["prog", "--mc_num=64", "--tasks=a,b"])
+    assert cli.overrides_from_flags(EvalSettings, flag_values) == {
+        "mc_num": 64,
+        "tasks": ("a", "b"),
+    }
+    flag_values(["prog", "--limit=-1"])
+    with pytest.raises(ValueError, match=r"^--limit=-1 is invalid"):
+        cli.overrides_from_flags(EvalSettings, flag_values)
 
 
 def test_flag_errors_name_the_flag():
@@ -86,9 +100,15 @@ def test_lm_eval_refuses_an_unknown_model_arg():
     from llada_jax import lm_eval_model
 
     with pytest.raises(ValueError, match="model_args top_k=5 is not a model argument"):
-        lm_eval_model.sampler_args({"top_k": 5})
+        lm_eval_model.split_section_args({"top_k": 5})
     with pytest.raises(ValueError, match="not a valid float"):
-        lm_eval_model.sampler_args({"temperature": "hot"})
+        lm_eval_model.split_section_args({"temperature": "hot"})
+    with pytest.raises(ValueError, match="model_args: matmul='blas' is invalid"):
+        lm_eval_model.split_section_args({"matmul": "blas"})
+    assert lm_eval_model.split_section_args({"matmul": "xla", "threshold": 0.9}) == (
+        {"threshold": 0.9},
+        {"matmul": "xla"},
+    )
 
 
 def test_shape_keys_come_from_the_model_section():

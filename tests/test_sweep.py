@@ -56,6 +56,9 @@ def test_unfair_grids_and_bad_labels_are_refused():
         Sweep(base=tiny, axes={"x": {"a-b": {}}}).check()
     with pytest.raises(config_lib.ConfigError, match="unknown config key"):
         Sweep(base=tiny, axes={"x": {"a": {"diffusion.nope": 1}}}).check()
+    # Values are checked by their sections, as the trainer checks them, before anything runs.
+    with pytest.raises(config_lib.ConfigError, match=r"run 'b-seed0': diffusion.schedule='nope'"):
+        Sweep(base=tiny, axes={"x": {"a": {}, "b": {"diffusion.schedule": "nope"}}}).check()
 
 
 ABLATION = """

@@ -484,7 +484,7 @@ def format_report(r: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> int:
     try:
-        cfg = config_lib.from_command_line(argv)
+        cfg = config_lib.from_command_line(argv, __doc__)
         if FLAGS.platform == "cpu":
             devices = jax.devices("cpu")
         else:

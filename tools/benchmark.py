@@ -7,6 +7,8 @@
   python tools/benchmark.py --mode=data --config=configs/demo.py --config.data.seq_len=2048
   python tools/benchmark.py --mode=checkpoint --config=configs/demo.py
   python tools/benchmark.py --mode=sample --config=configs/demo.py [--workdir=demo_run]
+  python tools/benchmark.py --mode=likelihood --config=configs/demo.py [--workdir=demo_run]
+      [--num_requests=32 --mc_num=128 --lm_batch_size=32]
 
 train: times the trainer's jitted step (built by `llada_jax.train`) on random token batches of
 the config's shape (with document segment ids when data.segment_ids is set), and reports who
@@ -20,7 +22,15 @@ sample: the sampler's tokens/s, batched over --num_prompts prompts and jitted, i
 same algorithm in the reference's style (a Python step loop, a full forward per step, one prompt
 at a time); every mode's NFE and agreement with exact decoding, and whether the baseline's tokens
 are exact mode's. The model and sample settings are --workdir's (a trained checkpoint), else
---config's, untrained.
+--config's, untrained; the kernels are --config's (`kernels` section) either way.
+
+likelihood: lm-eval `loglikelihood` requests (contexts and continuations from the shipped corpus)
+per second through the `llada_jax` lm-eval model, against a baseline of the same estimator as
+LLaDA's reference harness computes it (one request at a time, mc_num / batch_size forward
+passes of batch_size copies, the output head on every position), alternated; the largest
+difference of the two estimates (the same masks: it must be ~0), how much padding the length
+buckets add and what share of positions the output head runs on; and the held-out bound's
+tokens per second. --config.kernels.matmul=xla (or mkl) forces the kernels, which auto times.
 
 On CPU the peak is the matmul peak measured in this run: before and after the timed steps (both
 reported), and in a short probe between every two steps. `mfu` divides the median step's FLOP/s by
@@ -41,6 +51,7 @@ import shutil
 import sys
 import tempfile
 import time
+import types
 from typing import Any, Callable
 
 import jax
@@ -51,7 +62,15 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llada_jax import checkpoint, fingerprint, inference, metrics, profiling, sampling  # noqa: E402
+from llada_jax import (  # noqa: E402
+    checkpoint,
+    fingerprint,
+    inference,
+    likelihood,
+    metrics,
+    profiling,
+    sampling,
+)
 from llada_jax import config as config_lib  # noqa: E402
 from llada_jax import run as run_lib  # noqa: E402
 from llada_jax.data import pipeline  # noqa: E402
@@ -60,12 +79,17 @@ from llada_jax.host import xla_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_lib.define_flags()  # --config=configs/<name>.py[:variant]
-flags.DEFINE_enum("mode", "train", ["train", "data", "checkpoint", "sample"], "What to benchmark.")
+flags.DEFINE_enum(
+    "mode", "train", ["train", "data", "checkpoint", "sample", "likelihood"], "What to benchmark."
+)
+flags.DEFINE_integer("num_requests", 32, "likelihood: lm-eval loglikelihood requests.")
+flags.DEFINE_integer("mc_num", 128, "likelihood: Monte-Carlo samples per request.")
+flags.DEFINE_integer("lm_batch_size", 32, "likelihood: model rows per call (ours and baseline).")
 flags.DEFINE_string(
     "workdir",
     "",
-    "sample: a trained workdir (its model and sample settings); checkpoint: a directory to time "
-    "beside local disk (e.g. gs://bucket/bench).",
+    "sample, likelihood: a trained workdir (its model and settings); checkpoint: a directory to "
+    "time beside local disk (e.g. gs://bucket/bench).",
 )
 flags.DEFINE_integer("num_prompts", 8, "sample: prompts per batch (8 texts, repeated past 8).")
 flags.DEFINE_integer("steps", 10, "Timed steps (train), batches (data) or saves (checkpoint).")
@@ -316,7 +340,7 @@ def bench_sample(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[st
     (one prompt at a time), timed alternately `steps` times; with the NFE of each mode and its
     agreement with exact decoding (the baseline's tokens must equal exact mode's)."""
     if FLAGS.workdir:
-        model = inference.load(FLAGS.workdir)
+        model = inference.load(FLAGS.workdir, kernels=cfg.kernels.to_dict())
         run, graphdef, params = model.run, model.graphdef, model.params
     else:  # untrained: the speed is the same, the agreement of the approximate modes is not
         run = run_lib.build_run(cfg, devices=jax.local_devices()[:1], data=False)
@@ -332,9 +356,7 @@ def bench_sample(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[st
         for name, extra in SAMPLE_MODES.items()
     }
     samplers = {
-        name: inference.make_sampler(graphdef, st, tok, run.mesh)
-        .lower(params, ids, valid, key)
-        .compile()
+        name: inference.make_sampler(run, st).lower(params, ids, valid, key).compile()
         for name, st in settings.items()
     }
     forward_one = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x))
@@ -386,11 +408,149 @@ def bench_sample(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[st
     return result
 
 
+def likelihood_requests(tok: Any, count: int, max_len: int) -> list[tuple[str, str]]:
+    """`count` lm-eval-style (context, continuation) pairs from the shipped corpus: a context of
+    8 to 40 words, then a continuation of 1 to 6 words, shorter than `max_len` tokens."""
+    from llada_jax.data.corpus import read_default_corpus
+
+    words = read_default_corpus().split()
+    rng = np.random.default_rng(0)
+    out = []
+    while len(out) < count:
+        start, n_ctx, n_cont = (
+            rng.integers(0, len(words) - 64),
+            rng.integers(8, 41),
+            rng.integers(1, 7),
+        )
+        context = " ".join(words[start : start + n_ctx])
+        continuation = " " + " ".join(words[start + n_ctx : start + n_ctx + n_cont])
+        if len(tok.encode(context + continuation)) < max_len:
+            out.append((context, continuation))
+    return out
+
+
+def reference_style_nll(
+    forward: Callable[[np.ndarray], np.ndarray],
+    ids: list[int],
+    targets: int,
+    row_id: int,
+    mc_num: int,
+    batch_size: int,
+    key: jax.Array,
+    mask_id: int,
+) -> float:
+    """The baseline: one request's bound (nats) as LLaDA's reference harness computes it:
+    mc_num / batch_size forward passes of batch_size masked copies of the request alone, the
+    head on every position, the cross-entropy of the masked targets weighted by T / l, averaged.
+    The masks are those `likelihood.draw_masks` gives ours, so the two estimates must agree."""
+    length = len(ids)
+    target = np.zeros((batch_size, length), bool)
+    target[:, length - targets :] = True
+    total = 0.0
+    for first in range(0, mc_num, batch_size):
+        samples = np.arange(first, first + batch_size, dtype=np.int32)
+        masked, l_b = likelihood.draw_masks(
+            key, jnp.asarray(target), jnp.full(batch_size, row_id, jnp.int32), samples, mc_num
+        )
+        masked, l_b = np.asarray(masked), np.asarray(l_b)
+        x = np.where(masked, mask_id, np.asarray(ids, np.int32)[None])
+        logits = forward(x).astype(np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        token_logp = np.take_along_axis(logp, np.broadcast_to(ids, x.shape)[..., None], -1)[..., 0]
+        total += float((-(token_logp * masked).sum(-1) * targets / l_b).sum())
+    return total / mc_num
+
+
+def bench_likelihood(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
+    """lm-eval `loglikelihood` requests per second through our `llada_jax` model (batched,
+    jitted, head windowed) against the reference-style baseline (`reference_style_nll`), timed
+    alternately `steps` times, with the largest difference of their estimates on the same
+    masks; and the held-out bound's tokens per second (the evaluation job's scorer)."""
+    from llada_jax import evaluate
+    from llada_jax.lm_eval_model import LLaDAJaxLM, bucket, request_id
+
+    if FLAGS.workdir:
+        model = inference.load(FLAGS.workdir, kernels=cfg.kernels.to_dict())
+    else:  # untrained: the speed is the same
+        run = run_lib.build_run(cfg, devices=jax.local_devices()[:1], data=False, optimizer=False)
+        graphdef, params = run_lib.init_params(run)
+        model = inference.LoadedModel("", run, 0, graphdef, params)
+    lm = LLaDAJaxLM(
+        model=model, mc_num=FLAGS.mc_num, batch_size=FLAGS.lm_batch_size, progress=False
+    )
+    pairs = likelihood_requests(lm.tok, FLAGS.num_requests, lm.max_length)
+    requests = [types.SimpleNamespace(args=pair) for pair in pairs]
+    encoded = [lm.encode_pair(*pair) for pair in pairs]
+    forward_one = jax.jit(lambda p, x: nnx.merge(model.graphdef, p)(x))
+
+    def baseline() -> list[float]:
+        return [
+            -reference_style_nll(
+                lambda x: np.asarray(forward_one(model.params, jnp.asarray(x))),
+                ctx + cont,
+                len(cont),
+                request_id(ctx + cont, len(cont)),
+                FLAGS.mc_num,
+                FLAGS.lm_batch_size,
+                jax.random.key(lm.seed),
+                lm.tok.mask_id,
+            )
+            for ctx, cont in encoded
+        ]
+
+    settings = model.run.eval_settings
+    rows = evaluate.held_out_rows(model.run, settings.num_tokens)[0]
+    scorer = evaluate.make_scorer(model.run, settings)
+    bound_batch = evaluate.rounded_batch_size(settings, model.run.mesh)
+    times: dict[str, list[float]] = {"ours": [], "baseline": [], "bound": []}
+    estimates: dict[str, np.ndarray] = {}
+    for rep in range(warmup + steps):  # alternating
+        for name, fn in (
+            ("ours", lambda: [ll for ll, _ in lm.loglikelihood(requests)]),
+            ("baseline", baseline),
+            (
+                "bound",
+                lambda: evaluate.score_rows(scorer, model.params, rows, settings, bound_batch),
+            ),
+        ):
+            start = time.perf_counter()
+            out = fn()
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - start)
+            if name != "bound":
+                estimates[name] = np.asarray(out)
+    ours, base = (float(np.median(times[k])) for k in ("ours", "baseline"))
+    tokens = [len(c) + len(t) for c, t in encoded]
+    padded = [bucket(n) for n in tokens]
+    heads = [min(bucket(len(t)), p) for (_, t), p in zip(encoded, padded)]
+    return dict(
+        mode="likelihood",
+        device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        model=FLAGS.workdir or "untrained " + FLAGS.config,
+        matmul=model.run.kernels.matmul,
+        n_params=int(sum(x.size for x in jax.tree.leaves(model.params))),
+        requests=len(requests),
+        request_tokens_mean=float(np.mean(tokens)),
+        padded_tokens_ratio=sum(padded) / sum(tokens),  # row positions / request tokens
+        head_positions_ratio=sum(heads) / sum(padded),  # output-head positions / row positions
+        mc_num=FLAGS.mc_num,
+        batch_size=FLAGS.lm_batch_size,
+        repetitions=steps,
+        requests_per_sec=len(requests) / ours,
+        baseline_requests_per_sec=len(requests) / base,
+        speedup_vs_baseline=base / ours,
+        max_estimate_difference=float(np.abs(estimates["ours"] - estimates["baseline"]).max()),
+        bound_tokens_per_sec=rows.size / float(np.median(times["bound"])),
+    )
+
+
 MODES: dict[str, Callable[..., dict[str, Any]]] = {
     "train": bench_train,
     "data": bench_data,
     "checkpoint": bench_checkpoint,
     "sample": bench_sample,
+    "likelihood": bench_likelihood,
 }
 
 
@@ -420,7 +580,7 @@ def main(argv: list[str]) -> int:
     """Command-line entry point; returns the exit code."""
     xla_flags.apply_defaults()
     try:
-        cfg = config_lib.from_command_line(argv)
+        cfg = config_lib.from_command_line(argv, __doc__)
         if cfg.train.keep_host_memory:  # before JAX starts its backend
             host_memory.keep_freed_memory()
         if FLAGS.steps < 1 or FLAGS.warmup < 0:

@@ -33,7 +33,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llada_jax import compare, files  # noqa: E402
+from llada_jax import cli, compare, files  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", None, "The report directory.")
@@ -220,6 +220,7 @@ def evaluated_runs(sweep_dir: str) -> list[str]:
 
 def main(argv: list[str]) -> int:
     try:
+        cli.exit_on_help(argv, __doc__)
         workdirs = FLAGS(argv)[1:]
         output = FLAGS.output
         for path in [*workdirs, output or ""]:

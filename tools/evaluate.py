@@ -2,7 +2,8 @@
 
   python tools/evaluate.py --workdir=DIR [--step=N | --watch [--poll_sec=10 --idle_timeout=0]]
       [--num_tokens=N --num_samples=N --batch_size=N --seed=N --generate=true|false]
-      [--tasks=hellaswag,arc_easy --task_dir=MY_TASKS --limit=N --mc_num=128]
+      [--tasks=hellaswag,arc_easy --task_dir=MY_TASKS --limit=N --mc_num=128 ... every key of
+       a config's eval section]
       [--num_devices=N --fsdp] [--progress=true|false]
 
 Without --step or --watch, evaluates the latest complete checkpoint. --watch evaluates every
@@ -35,6 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llada_jax import cli, evaluate  # noqa: E402
 from llada_jax.host import xla_flags  # noqa: E402
+from llada_jax.kernels import KernelConfig  # noqa: E402
+from llada_jax.run_sections import EvalSettings  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A workdir holding checkpoints (trained or converted).")
@@ -44,15 +47,8 @@ flags.DEFINE_float("poll_sec", 10.0, "--watch: seconds between looks for new che
 flags.DEFINE_float(
     "idle_timeout", 0.0, "--watch: stop after this long with nothing new (0: never)."
 )
-flags.DEFINE_integer("num_tokens", None, "Held-out tokens scored (default: eval.num_tokens).")
-flags.DEFINE_integer("num_samples", None, "Monte-Carlo masks per row (default: eval.num_samples).")
-flags.DEFINE_integer("batch_size", None, "Rows per model call (default: eval.batch_size).")
-flags.DEFINE_integer("seed", None, "Seed of the masks (default: eval.seed).")
-flags.DEFINE_bool("generate", None, "Also sample the config's prompts (default: eval.generate).")
-flags.DEFINE_list("tasks", None, "lm-eval tasks, comma-separated (default: eval.tasks).")
-flags.DEFINE_string("task_dir", None, "A directory of local task YAMLs (default: eval.task_dir).")
-flags.DEFINE_integer("limit", None, "Documents per task; 0: all (default: eval.limit).")
-flags.DEFINE_integer("mc_num", None, "Monte-Carlo samples per task request (default: eval.mc_num).")
+cli.define_section_flags(EvalSettings, overrides=True)  # --num_tokens, --mc_num, ...
+cli.define_section_flags(KernelConfig, overrides=True)  # --matmul, --attention
 flags.DEFINE_integer("num_devices", 0, "Evaluate on the first N local devices (0: all).")
 flags.DEFINE_bool("fsdp", False, "Shard the weights over the devices as FSDP training does.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
@@ -63,10 +59,6 @@ def check_flags() -> None:
         raise ValueError("--workdir=DIR is required")
     if FLAGS.watch and FLAGS.step is not None:
         raise ValueError("--step and --watch exclude each other: give one")
-    for name, minimum in (("num_tokens", 1), ("num_samples", 1), ("batch_size", 1), ("mc_num", 1)):
-        value = FLAGS[name].value
-        if value is not None and value < minimum:
-            raise ValueError(f"--{name}={value!r} is invalid; valid: a positive integer")
     if FLAGS.poll_sec <= 0 or FLAGS.idle_timeout < 0:
         raise ValueError(
             f"--poll_sec={FLAGS.poll_sec} and --idle_timeout={FLAGS.idle_timeout} must be > 0 "
@@ -82,6 +74,8 @@ def check_flags() -> None:
 def run(argv: list[str]) -> list[dict]:
     cli.parse(argv, __doc__)
     check_flags()
+    overrides = cli.overrides_from_flags(EvalSettings)
+    kernels = cli.overrides_from_flags(KernelConfig)
     devices = jax.local_devices()[: FLAGS.num_devices or None]
 
     def make(step: int | None) -> evaluate.Evaluator:
@@ -92,15 +86,8 @@ def run(argv: list[str]) -> list[dict]:
             fsdp=FLAGS.fsdp,
             progress=FLAGS.progress,
             log=lambda line: print(line, flush=True),
-            num_tokens=FLAGS.num_tokens,
-            num_samples=FLAGS.num_samples,
-            batch_size=FLAGS.batch_size,
-            seed=FLAGS.seed,
-            generate=FLAGS.generate,
-            tasks=tuple(FLAGS.tasks) if FLAGS.tasks is not None else None,
-            task_dir=FLAGS.task_dir,
-            limit=FLAGS.limit,
-            mc_num=FLAGS.mc_num,
+            kernels=kernels,
+            **overrides,
         )
 
     if FLAGS.watch:  # beside a trainer that may not have saved yet, and removes old steps

@@ -33,6 +33,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from llada_jax import cli  # noqa: E402
 from llada_jax.data import prepare  # noqa: E402
 
 _INPUT = flags.DEFINE_list(
@@ -92,4 +93,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    cli.exit_on_help(sys.argv, __doc__)
     app.run(lambda argv: sys.exit(main(argv)))

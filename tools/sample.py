@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from llada_jax import cli, inference, sampling, sharding  # noqa: E402
 from llada_jax.data import chat  # noqa: E402
 from llada_jax.host import xla_flags  # noqa: E402
+from llada_jax.kernels import KernelConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A workdir holding a checkpoint (trained or converted).")
@@ -59,6 +60,7 @@ flags.DEFINE_bool(
     "tokenizer_config.json), else of the SFT chat format.",
 )
 cli.define_section_flags(sampling.SampleSettings)  # --gen_length, --steps, ... --kv_cache
+cli.define_section_flags(KernelConfig, overrides=True)  # --matmul, --attention
 flags.DEFINE_integer("num_devices", 1, "Sample on the first N local devices (0: all).")
 flags.DEFINE_bool(
     "fsdp", False, "Shard the weights over the devices as FSDP training does (else replicate)."
@@ -139,24 +141,23 @@ def sample(argv: list[str]) -> list[dict]:
     if not FLAGS.workdir:
         raise ValueError("--workdir=DIR is required")
     settings = cli.section_from_flags(sampling.SampleSettings)
+    kernels = cli.overrides_from_flags(KernelConfig)
     devices = jax.local_devices()[: FLAGS.num_devices or None]
     if not 0 <= FLAGS.num_devices <= len(jax.local_devices()):
         raise ValueError(
             f"--num_devices={FLAGS.num_devices} is invalid; valid: 0 (all) .. "
             f"{len(jax.local_devices())} (the local devices)"
         )
-    model = inference.load(FLAGS.workdir, FLAGS.step, devices, FLAGS.fsdp)
+    model = inference.load(FLAGS.workdir, FLAGS.step, devices, FLAGS.fsdp, kernels)
     tok, mesh = model.run.tokenizer, model.run.mesh
     prompts = read_prompts(tok, model.run.model_cfg.vocab_size)
-    check_length(max(len(p) for _, p in prompts), model.run.cfg.data.seq_len)
+    check_length(max(len(p) for _, p in prompts), model.run.data_cfg.seq_len)
     ids, valid = inference.left_pad([p for _, p in prompts], tok.pad_id)
     ids, valid, rows = inference.pad_batch(ids, valid, sharding.data_parallel_size(mesh))
     key = jax.random.key(FLAGS.seed)
     t = time.perf_counter()
     compiled = (
-        inference.make_sampler(model.graphdef, settings, tok, mesh)
-        .lower(model.params, ids, valid, key)
-        .compile()
+        inference.make_sampler(model.run, settings).lower(model.params, ids, valid, key).compile()
     )
     compile_sec = time.perf_counter() - t
     t = time.perf_counter()

@@ -15,8 +15,8 @@ For very large corpora, `--max_sentences=N` trains on a uniform random sample of
 sentences, drawn with a seeded reservoir in one streaming pass (`--seed`), so memory stays
 bounded; the shipped tokenizer used all sentences.
 
-It writes `<model_prefix>.model` and `<model_prefix>.json` (the special ids); the settings
-(a lossless tokenizer) are described in `llada_jax/data/tokenizer_training.py`.
+It writes `<model_prefix>.model` and `<model_prefix>.special_ids.json` (the special ids); the
+settings (a lossless tokenizer) are described in `llada_jax/data/tokenizer_training.py`.
 """
 
 import os
@@ -26,6 +26,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from llada_jax import cli  # noqa: E402
 from llada_jax.data import tokenizer_training  # noqa: E402
 from llada_jax.data.inputs import InputError  # noqa: E402
 
@@ -72,4 +73,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    cli.exit_on_help(sys.argv, __doc__)
     app.run(main)

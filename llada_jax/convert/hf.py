@@ -253,6 +253,8 @@ def _upload_workdir(local: str, dest: str) -> None:
         raise ConvertError(f"the checkpoint built in {local!r} has no {checkpoint.COMMIT_FILE}")
 
     def put(path: str) -> None:
+        """Uploads the local file `path` to its place under `dest`; ConvertError if the store
+        fails."""
         target = files.join(dest, *os.path.relpath(path, local).split(os.sep))
         try:
             files.upload(path, target)
@@ -532,6 +534,9 @@ def export_hf(
     param_dtype = np.dtype(cfg.weight_dtype)
 
     def produce(e: layouts.Entry):
+        """Yields (HF tensor name, array) for parameter `e`: its saved array read and checked
+        against the checkpoint's checksums, then (per layer when stacked) in HF layout, as
+        `out_dtype`."""
         shape = (cfg.n_layers, *e.shape) if e.per_layer else e.shape
         try:
             leaf = _restore_numpy(params_dir, saved[e.path], shape, param_dtype)

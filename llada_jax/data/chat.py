@@ -91,6 +91,7 @@ def chat_prompt(tokenizer: Tokenizer, user_text: str) -> list[int]:
     import jinja2.sandbox
 
     def raise_exception(message: str) -> None:
+        """The templates' `raise_exception(message)`, as in Hugging Face: raises ValueError."""
         raise ValueError(f"the tokenizer's chat template refused the prompt: {message}")
 
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)

@@ -329,7 +329,11 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh, global_batch: int) -> di
     rows = _process_rows(mesh, global_batch)
 
     def global_array(local: np.ndarray) -> jax.Array:
+        """This process's rows (n, ...) of one batch array -> the global (global_batch, ...)
+        jax.Array, sharded as `spec`."""
+
         def span(index: tuple[slice, ...]) -> np.ndarray:
+            """The rows of `local` that a device's shard (global rows `index[0]`) holds."""
             start, stop, _ = index[0].indices(global_batch)
             at = int(np.searchsorted(rows, start))  # a device's span is contiguous in `rows`
             return local[at : at + stop - start]

@@ -325,11 +325,15 @@ class _ShardWriter:
         self.pending_len = 0
 
     def bad_record(self, pi: int, line: int, reason: str) -> None:
+        """Counts a bad record (line `line` of piece `pi`, for `reason`); the first
+        MAX_BAD_RECORDS_LISTED are listed."""
         self.bad_count += 1
         if len(self.bad) < MAX_BAD_RECORDS_LISTED:
             self.bad.append([pi, line, reason])
 
     def add_pairs(self, pairs: list[tuple[list[int], list[int]]]) -> None:
+        """Writes a conversation's (prompt, response) pairs, one record each: int32 [len(prompt),
+        *prompt, *response]; the conversation counts as one document."""
         self.num_documents += 1
         for prompt, response in pairs:
             self.writer.write(np.asarray([len(prompt)] + prompt + response, "<i4").tobytes())
@@ -360,6 +364,7 @@ class _ShardWriter:
         return len(rest)
 
     def close(self) -> None:
+        """Closes the shard's ArrayRecord file (a pretraining shard's stream flushed first)."""
         self.writer.close()
 
 

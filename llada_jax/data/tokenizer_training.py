@@ -37,6 +37,11 @@ MASK_PIECE = "<|mdm_mask|>"
 EOT_PIECE = "<|eot|>"
 
 
+# Written beside `<prefix>.model`: its special ids, for people and other tools (the library reads
+# them from the model itself). Not `.json`: a `tokenizer.json` is a Hugging Face tokenizer.
+SPECIAL_IDS_SUFFIX = ".special_ids.json"
+
+
 def tokenizer_training_sentences(
     inputs: Sequence[str],
     text_field: str = "text",
@@ -148,7 +153,7 @@ def train_sentencepiece(
         "eot_id": sp.piece_to_id(EOT_PIECE),
         "unk_id": sp.unk_id(),
     }
-    with open(model_prefix + ".json", "w", encoding="utf-8") as f:
+    with open(model_prefix + SPECIAL_IDS_SUFFIX, "w", encoding="utf-8") as f:
         json.dump(ids, f, indent=2)
         f.write("\n")
     return ids

@@ -7,6 +7,8 @@
 - attention.py: every attention implementation behind one function, and the masks they take.
 - mkl.py, mkl.cc: oneMKL matmul and attention kernels for XLA:CPU through the XLA FFI.
 - splash.py: the Pallas splash-attention kernel for TPU.
+- autotune.py: `Fastest`, the version of a jitted function (one per candidate kernels) that ran
+  fastest on the call's shapes, timed once and remembered.
 - argmax.py: the sampler's argmax over the vocabulary as max reductions, the same on every
   platform (XLA:CPU runs `jnp.argmax` one element at a time).
 """
@@ -16,7 +18,15 @@ from llada_jax.kernels.choice import (
     MATMUL_SETTINGS,
     KernelConfig,
     Kernels,
+    candidates,
     select,
 )
 
-__all__ = ["ATTENTION_SETTINGS", "MATMUL_SETTINGS", "KernelConfig", "Kernels", "select"]
+__all__ = [
+    "ATTENTION_SETTINGS",
+    "MATMUL_SETTINGS",
+    "KernelConfig",
+    "Kernels",
+    "candidates",
+    "select",
+]

@@ -89,3 +89,17 @@ def select(
     if use_mkl and attention == "xla":
         attention = "mkl"
     return Kernels("mkl" if use_mkl else "xla", attention, platform)
+
+
+def candidates(
+    config: KernelConfig,
+    dtype: jnp.dtype,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+) -> tuple[Kernels, ...]:
+    """The kernels worth timing against each other for a model computing in `dtype` on `mesh`:
+    with matmul "auto" where MKL can run, `select`'s MKL choice and XLA (autotune.py picks per
+    function and shape); else `select`'s choice alone."""
+    chosen = select(config, dtype, mesh)
+    if config.matmul != "auto" or chosen.matmul != "mkl":
+        return (chosen,)
+    return chosen, select(dataclasses.replace(config, matmul="xla"), dtype, mesh)

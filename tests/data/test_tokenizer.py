@@ -18,6 +18,7 @@ from llada_jax.data.tokenizer import (
     Tokenizer,
     default_tokenizer,
 )
+from llada_jax.data.tokenizer_training import SPECIAL_IDS_SUFFIX
 
 TRICKY = (
     "def f(x):\n    return x + 12345  # héllo 日本語 🙂\n\n\tif x:\n\t\tpass  \n"
@@ -66,7 +67,7 @@ def test_special_ids(tok: Tokenizer) -> None:
     assert all(0 <= i < tok.vocab_size for i in special)
     assert (tok.pad_id, tok.unk_id, tok.eos_id) == (0, 1, 2)
     assert tok.vocab_size == 4096
-    with open(DEFAULT_TOKENIZER_PATH[: -len(".model")] + ".json", encoding="utf-8") as f:
+    with open(DEFAULT_TOKENIZER_PATH[: -len(".model")] + SPECIAL_IDS_SUFFIX, encoding="utf-8") as f:
         assert json.load(f) == {
             "vocab_size": tok.vocab_size,
             "pad_id": tok.pad_id,
@@ -177,8 +178,8 @@ def test_shipped_tokenizer_is_reproducible(tmp_path) -> None:
     with open(prefix + ".model", "rb") as f, open(DEFAULT_TOKENIZER_PATH, "rb") as g:
         assert f.read() == g.read()
     with (
-        open(prefix + ".json", "rb") as f,
-        open(DEFAULT_TOKENIZER_PATH[: -len(".model")] + ".json", "rb") as g,
+        open(prefix + SPECIAL_IDS_SUFFIX, "rb") as f,
+        open(DEFAULT_TOKENIZER_PATH[: -len(".model")] + SPECIAL_IDS_SUFFIX, "rb") as g,
     ):
         assert f.read() == g.read()
 

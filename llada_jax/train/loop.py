@@ -1,57 +1,37 @@
-"""The training loop (pretraining and SFT) and its command line.
+"""The training loop (pretraining and SFT): `train(run, signals)` resumes or starts the run in
+its workdir and steps it to `train.steps`, logging and saving as it goes.
 
-  python -m llada_jax.train --config=configs/demo.py[:variant] --workdir=DIR [--config.key=value]
-      [--coordinator=HOST:PORT --num_processes=N --process_id=I]
-
-Multi-process runs: see llada_jax/host/distributed.py (TPU pods and SLURM are detected).
-
-Running it again with the same DIR resumes from the latest checkpoint in DIR/checkpoints, exactly
-(the data position and the masks are functions of the step); SIGTERM saves and exits 0 (every
-process at the same step, whichever got it).
+Running it again on the same workdir resumes from the latest checkpoint in DIR/checkpoints,
+exactly (the data position and the masks are functions of the step); SIGTERM saves and stops
+(every process at the same step, whichever got it).
 Writes DIR/config.json (the resolved config), DIR/metrics.jsonl (one JSON object per logged
 step: step metrics averaged over the steps since the previous line, plus throughput, MFU and ETA)
-and TensorBoard events under DIR/tensorboard; prints one progress line per log interval
-and, at the end, the end-of-run report (llada_jax/end_of_run.py: samples, held-out bound).
+and TensorBoard events under DIR/tensorboard, and prints one progress line per log interval.
+The command line (`python -m llada_jax.train`) is `__main__.py`, which also prints the
+end-of-run report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
-
-if __name__ == "__main__":  # before the slow imports: a SIGTERM while they run exits 0
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-
-import contextlib
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from llada_jax import checkpoint, end_of_run, files, metrics, profiling, writer_lock
-from llada_jax import config as config_lib
+from llada_jax import checkpoint, files, metrics, profiling, writer_lock
 from llada_jax.data import pipeline
-from llada_jax.host import compilation_cache, decisions, distributed, xla_flags
-from llada_jax.host import memory as host_memory
-from llada_jax.run import Run, build_run, create_state, make_step_fn
+from llada_jax.host import decisions
+from llada_jax.run import Run, create_state, make_step_fn
+from llada_jax.run_sections import TrainConfig
 from llada_jax.train_step import SFT_COUNTS
-
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-    """The command line's flags (--config, --workdir and the distributed ones), defined by `main`
-    (importing this module defines none); a second call does nothing."""
-    config_lib.define_flags()
-    distributed.define_flags()
-    if "workdir" not in FLAGS:
-        flags.DEFINE_string("workdir", None, "Directory for config.json, metrics and checkpoints")
 
 
 class StopSignals:
@@ -113,8 +93,8 @@ def restore_or_init(
             moved = ckpt.set_aside(step)
             if jax.process_index() == 0:
                 print(f"checkpoints: {e}; moved it to {moved}", flush=True)
-    if run.cfg.train.init_from:
-        with checkpoint.Checkpointer(run.cfg.train.init_from) as source:
+    if run.train_cfg.init_from:
+        with checkpoint.Checkpointer(run.train_cfg.init_from) as source:
             params, _ = source.restore(source.latest_step(), params)
     return params, opt_state, 0
 
@@ -136,10 +116,18 @@ def interval_stats(
     return means, len(interval) - 1 - int(taken[-1])
 
 
-def train(run: Run, signals: StopSignals) -> dict[str, float]:
-    """Runs (or resumes) up to cfg.train.steps steps; returns the last logged metrics."""
+class Trained(NamedTuple):
+    """What a training run ends with."""
+
+    params: Any  # the last step's parameters, on the run's mesh
+    metrics: dict[str, float]  # the last logged metrics
+
+
+def train(run: Run, signals: StopSignals) -> Trained:
+    """Runs (or resumes) up to train.steps steps; returns the final parameters and the last
+    logged metrics."""
     cfg, is_writer = run.cfg, jax.process_index() == 0
-    c = cfg.checkpoint
+    c = run.checkpoint_cfg
     # First of all, wait for any other process still writing the workdir (the job this one
     # replaces may be saving); then the checkpointer clears what interrupted saves left behind.
     # Leaving the `with` waits for the save in flight, on every exit path: an interpreter that
@@ -174,11 +162,7 @@ def train(run: Run, signals: StopSignals) -> dict[str, float]:
                 run, ckpt, writer, signals, graphdef, params, opt_state, start, n_params, lock
             )
     signals.phase = "end"  # the last save is complete: SIGTERM from here on exits at once
-    # Every process takes part (the parameters are sharded over all of them); process 0 prints.
-    # The stop flags are the same on every process (agreed in the loop).
-    if not (signals.terminate or signals.interrupt):
-        end_of_run.report(run, graphdef, params)
-    return last
+    return Trained(params, last)
 
 
 def train_steps(
@@ -193,23 +177,25 @@ def train_steps(
     n_params: int,
     lock: Any = None,
 ) -> tuple[Any, dict[str, float]]:
-    """Steps `start` .. cfg.train.steps (or up to a preemption), logging and saving as
+    """Steps `start` .. train.steps (or up to a preemption), logging and saving as
     configured; returns the final params and the last logged metrics. `lock`: the workdir's
     writer lock (process 0): a lock another trainer took over stops the run before a save."""
-    cfg, is_writer = run.cfg, jax.process_index() == 0
+    data, is_writer = run.data_cfg, jax.process_index() == 0
     step_fn = make_step_fn(run, graphdef, params, opt_state)
 
-    batch_size, seq_len, total = cfg.data.batch_size, cfg.data.seq_len, cfg.train.steps
-    batches = pipeline.iterate(run.batches, start, cfg.data.workers, cfg.data.prefetch)
+    batch_size, seq_len, total = data.batch_size, data.seq_len, run.train_cfg.steps
+    batches = pipeline.iterate(run.batches, start, data.workers, data.prefetch)
     flops_per_token = metrics.train_flops_per_token(run.model_cfg, seq_len)
     peak = metrics.total_peak_flops(run.model_cfg.dtype)
     if is_writer:
         _print_start(run, n_params, flops_per_token, peak, start)
-    meta = {"config": cfg.to_dict()}
+    meta = {"config": run.cfg.to_dict()}
     last: dict[str, float] = {}
     interval: list[dict[str, jax.Array]] = []  # device metrics since the last log line
     skipped_in_a_row = 0
-    profiler = profiling.StepProfiler(run.workdir, cfg.train.profile_steps, start, total, is_writer)
+    profiler = profiling.StepProfiler(
+        run.workdir, run.train_cfg.profile_steps, start, total, is_writer
+    )
     mark_step, mark_time = start, time.perf_counter()
     signals.phase = "loop"
     for step in range(start, total):
@@ -218,10 +204,10 @@ def train_steps(
         interval.append(out)
         done = step + 1
         profiler.after_step(done, (params, opt_state, out))  # starts or stops a trace
-        if step == start or done % cfg.train.log_every == 0 or done == total:
+        if step == start or done % run.train_cfg.log_every == 0 or done == total:
             means, skipped_in_a_row = interval_stats(interval, skipped_in_a_row)
             interval, now = [], time.perf_counter()
-            _check_skipped(cfg, skipped_in_a_row, done)
+            _check_skipped(run.train_cfg, skipped_in_a_row, done)
             if step == start:  # includes compilation: no throughput; time from here on
                 last = means
                 if is_writer:
@@ -260,13 +246,13 @@ def _print_start(
     )
 
 
-def _check_skipped(cfg: config_lib.ConfigDict, skipped_in_a_row: int, done: int) -> None:
+def _check_skipped(cfg: TrainConfig, skipped_in_a_row: int, done: int) -> None:
     """Stops the run (FloatingPointError) when more than train.max_skipped_in_a_row steps in a
     row, up to step `done`, were skipped for a NaN/Inf loss or gradient."""
-    if skipped_in_a_row > cfg.train.max_skipped_in_a_row:
+    if skipped_in_a_row > cfg.max_skipped_in_a_row:
         raise FloatingPointError(
             f"{skipped_in_a_row} steps in a row up to step {done} had a NaN/Inf loss or "
-            f"gradient (train.max_skipped_in_a_row={cfg.train.max_skipped_in_a_row}); "
+            f"gradient (train.max_skipped_in_a_row={cfg.max_skipped_in_a_row}); "
             f"the last checkpoint holds no NaN: lower the learning rate and resume"
         )
 
@@ -281,16 +267,15 @@ def _with_throughput(
 ) -> dict[str, float]:
     """The interval's mean metrics with its throughput added: tokens/s and masked tokens/s over
     all devices, MFU against the total `peak` FLOP/s (None when unknown), seconds per step and
-    the seconds left to cfg.train.steps at that pace."""
-    cfg = run.cfg
-    tokens_per_sec = cfg.data.batch_size * cfg.data.seq_len / sec_per_step
+    the seconds left to train.steps at that pace."""
+    tokens_per_sec = run.data_cfg.batch_size * run.data_cfg.seq_len / sec_per_step
     return dict(
         means,
         tokens_per_sec=tokens_per_sec,
         masked_tokens_per_sec=means["num_masked"] / sec_per_step,
         mfu=flops_per_token * tokens_per_sec / peak if peak else None,
         step_time_sec=sec_per_step,
-        eta_sec=(cfg.train.steps - done) * sec_per_step,
+        eta_sec=(run.train_cfg.steps - done) * sec_per_step,
     )
 
 
@@ -311,7 +296,7 @@ def _save_and_check_stop(
     ckpt.check_for_errors()  # a failed save stops the run at once
     stop = signals.check(done)
     save, lock_lost = agree(signals, ckpt.should_save(done), getattr(lock, "lost", False))
-    if save or done == run.cfg.train.steps or stop:
+    if save or done == run.train_cfg.steps or stop:
         if lock_lost:
             raise writer_lock.WorkdirBusy(
                 f"another trainer took over the writer lock of {run.workdir} (this one did "
@@ -332,43 +317,3 @@ def agree(signals: StopSignals, save_due: bool, lock_lost: bool) -> tuple[bool, 
     votes_PxF = decisions.flags_of_every_process([signals.interrupt, save_due, lock_lost])
     signals.interrupt = bool(votes_PxF[:, 0].any())
     return bool(votes_PxF[0, 1]), bool(votes_PxF[0, 2])
-
-
-def main(argv: list[str]) -> int:
-    """Command-line entry point; returns the exit code."""
-    signals = StopSignals()  # first of all: a SIGTERM during start-up exits 0
-    xla_flags.apply_defaults()
-    define_flags()
-    try:
-        cfg = config_lib.from_command_line(argv)
-        if cfg.train.keep_host_memory:  # before JAX starts its backend
-            host_memory.keep_freed_memory()
-        compilation_cache.enable(cfg.train.compilation_cache)  # before the first compilation
-        if not FLAGS.workdir:
-            raise ValueError("--workdir=DIR is required")
-        distributed.initialize()
-        run = build_run(cfg, workdir=FLAGS.workdir)
-        train(run, signals)
-    except checkpoint.SaveFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, flags.Error, writer_lock.WorkdirBusy) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # writing config.json, metrics or the lock (e.g. a full disk)
-        print(f"error: {files.write_error(e, FLAGS.workdir)}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:  # a second SIGINT, or one outside the training loop
-        print("interrupted", file=sys.stderr)
-        return 130
-    if signals.interrupt:  # the save in flight has finished (train's `with` blocks)
-        print("interrupted: stopped after the step the SIGINT came in", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))
