@@ -26,25 +26,22 @@ def test_paired_mfu_takes_the_better_neighbouring_probe():
         metrics.paired_mfu(100.0, [1.0, 2.0, 4.0], [1.0, 2.0, 3.0])
 
 
-def test_train_mode_reports_both_mfus():
-    env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user's run
+def benchmark(*flags, **env):
+    """tools/benchmark.py's JSON result for `flags` on one CPU device, as a user's run."""
     out = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "tools", "benchmark.py"),
-            "--config=configs/tiny.py",
-            "--steps=2",
-            "--warmup=1",
-            "--json",
-        ],
+        [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), *flags, "--json"],
         cwd=ROOT,
-        env=env,
+        env=dict(os.environ, XLA_FLAGS="", **env),
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_train_mode_reports_both_mfus():
+    result = benchmark("--config=configs/tiny.py", "--steps=2", "--warmup=1")
     assert result["mode"] == "train" and result["steps"] == 2
     # One CPU device, float32: the MKL kernels where the test extra installed them.
     linux_x86 = sys.platform == "linux" and platform.machine() == "x86_64"
@@ -59,28 +56,16 @@ def test_train_mode_reports_both_mfus():
 def test_likelihood_mode_agrees_with_the_reference_style_estimate(tmp_path):
     """lm-eval requests scored by our model (batched, the head windowed) and by the reference
     harness's way (one request at a time, the full head) on the same masks: the same estimates."""
-    env = dict(os.environ, XLA_FLAGS="", XDG_CACHE_HOME=str(tmp_path))
-    out = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "tools", "benchmark.py"),
-            "--mode=likelihood",
-            "--config=configs/tiny.py",
-            "--num_requests=3",
-            "--mc_num=8",
-            "--lm_batch_size=8",
-            "--steps=1",
-            "--warmup=0",
-            "--json",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = benchmark(
+        "--mode=likelihood",
+        "--config=configs/tiny.py",
+        "--num_requests=3",
+        "--mc_num=8",
+        "--lm_batch_size=8",
+        "--steps=1",
+        "--warmup=0",
+        XDG_CACHE_HOME=str(tmp_path),
     )
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["requests"] == 3 and result["mc_num"] == 8
     assert result["max_estimate_difference"] < 1e-3
     assert result["requests_per_sec"] > 0 and result["bound_tokens_per_sec"] > 0

@@ -326,6 +326,16 @@ def reference_style_generate(
     return x[0, len(prompt) :].tolist()
 
 
+def bench_model(cfg: config_lib.ConfigDict) -> inference.LoadedModel:
+    """--workdir's latest checkpoint (its model and settings) with --config's kernels section,
+    else --config's model untrained (on one device; the speed does not depend on the weights)."""
+    if FLAGS.workdir:
+        return inference.load(FLAGS.workdir, kernels=cfg.kernels.to_dict())
+    run = run_lib.build_run(cfg, devices=jax.local_devices()[:1], data=False, optimizer=False)
+    graphdef, params = run_lib.init_params(run)
+    return inference.LoadedModel("", run, 0, graphdef, params)
+
+
 SAMPLE_MODES = {  # name -> SampleSettings overrides; "exact" is the reference's algorithm
     "exact": {},
     "threshold": {"threshold": 0.9},
@@ -339,12 +349,8 @@ def bench_sample(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[st
     """Tokens/s of the batched, jitted sampler in each mode against the reference-style loop
     (one prompt at a time), timed alternately `steps` times; with the NFE of each mode and its
     agreement with exact decoding (the baseline's tokens must equal exact mode's)."""
-    if FLAGS.workdir:
-        model = inference.load(FLAGS.workdir, kernels=cfg.kernels.to_dict())
-        run, graphdef, params = model.run, model.graphdef, model.params
-    else:  # untrained: the speed is the same, the agreement of the approximate modes is not
-        run = run_lib.build_run(cfg, devices=jax.local_devices()[:1], data=False)
-        graphdef, params, _ = run_lib.create_state(run)
+    model = bench_model(cfg)  # untrained: the agreement of the approximate modes is not real
+    run, graphdef, params = model.run, model.graphdef, model.params
     tok, s = run.tokenizer, run.cfg.sample
     prompts = [tok.encode(BENCH_PROMPTS[i % len(BENCH_PROMPTS)]) for i in range(FLAGS.num_prompts)]
     ids, valid = inference.left_pad(prompts, tok.pad_id)
@@ -470,12 +476,7 @@ def bench_likelihood(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dic
     from llada_jax import evaluate
     from llada_jax.lm_eval_model import LLaDAJaxLM, bucket, request_id
 
-    if FLAGS.workdir:
-        model = inference.load(FLAGS.workdir, kernels=cfg.kernels.to_dict())
-    else:  # untrained: the speed is the same
-        run = run_lib.build_run(cfg, devices=jax.local_devices()[:1], data=False, optimizer=False)
-        graphdef, params = run_lib.init_params(run)
-        model = inference.LoadedModel("", run, 0, graphdef, params)
+    model = bench_model(cfg)
     lm = LLaDAJaxLM(
         model=model, mc_num=FLAGS.mc_num, batch_size=FLAGS.lm_batch_size, progress=False
     )
