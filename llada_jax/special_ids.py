@@ -55,8 +55,3 @@ class SpecialIds:
                     f"{{p}}{f.name}={getattr(self, f.name)} is invalid; valid: -1 (the "
                     f"tokenizer's) or an id below model.vocab_size={vocab_size}",
                 )
-
-    def optional(self, name: str) -> int | None:
-        """The id `name` (e.g. "eos_id"), or None where there is none."""
-        value = getattr(self, name)
-        return value if value >= 0 else None
