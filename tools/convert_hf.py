@@ -5,9 +5,20 @@
       HF LLaDA (or LlamaForCausalLM) safetensors -> DIR/config.json + DIR/checkpoints/0, which
       train (--config.train.init_from=DIR), sample and evaluate start from.
   python tools/convert_hf.py --workdir=DIR --hf_dir=OUT --export [--dtype=bfloat16|float32]
-                             [--max_shard_size=5GB] [--step=N]
+                             [--max_shard_size=5GB] [--step=N] [--hf_code=CODE_DIR]
       DIR's latest (or step N) checkpoint -> OUT in the HF LLaDA layout (config.json,
-      model.safetensors or shards + model.safetensors.index.json).
+      model.safetensors or shards + model.safetensors.index.json), with the run's tokenizer
+      (tokenizer.json, tokenizer_config.json, special_tokens_map.json; a sentencepiece model
+      is converted to the same ids) and the modeling code, so that transformers loads OUT as it
+      is: AutoConfig / AutoModel.from_pretrained(OUT, trust_remote_code=True), AutoTokenizer.
+
+The modeling code written is CODE_DIR's .py files, else those of the HF directory the model
+was imported from (an import keeps them in DIR/hf_code/, and a run started from DIR with
+train.init_from finds them there). A model with neither gets a config.json whose auto_map names
+the public LLaDA repository's code (GSAI-ML/LLaDA-8B-Base--modeling_llada.LLaDAModelLM, ...),
+which transformers downloads on first load. Offline, copy configuration_llada.py and
+modeling_llada.py from a local copy of any LLaDA checkpoint with --hf_code=THAT_DIR (or into
+OUT, then set auto_map to "configuration_llada.LLaDAConfig" / "modeling_llada.LLaDAModelLM").
 
 DIR may be on Google Cloud Storage (gs://..., the gcs extra): an import builds the workdir in a
 local temporary directory ($TMPDIR: room for about twice the model) and uploads it, the step's
@@ -46,6 +57,12 @@ flags.DEFINE_string(
 )
 flags.DEFINE_string("max_shard_size", "5GB", "Export: largest safetensors shard")
 flags.DEFINE_integer("step", None, "Export: checkpoint step (default: the latest)")
+flags.DEFINE_string(
+    "hf_code",
+    "",
+    "Export: a directory whose .py files (configuration_llada.py, modeling_llada.py) are written "
+    "as the modeling code (default: those kept at import, else auto_map names the public code)",
+)
 
 
 def return_freed_memory_to_the_os() -> None:
@@ -73,13 +90,19 @@ def main(argv: list[str]) -> int:
         if FLAGS.export:
             try:
                 names = hf.export_hf(
-                    FLAGS.workdir, FLAGS.hf_dir, FLAGS.dtype, FLAGS.max_shard_size, FLAGS.step
+                    FLAGS.workdir,
+                    FLAGS.hf_dir,
+                    FLAGS.dtype,
+                    FLAGS.max_shard_size,
+                    FLAGS.step,
+                    FLAGS.hf_code,
                 )
             except DamagedCheckpoint as e:  # named with the step to export instead
                 raise inference.refusal(e, FLAGS.workdir) from None
+            others = sorted(set(os.listdir(FLAGS.hf_dir)) - set(names))
             print(
-                f"exported {FLAGS.workdir} -> {FLAGS.hf_dir} ({len(names)} safetensors file(s)) "
-                f"in {time.perf_counter() - t:.1f}s"
+                f"exported {FLAGS.workdir} -> {FLAGS.hf_dir} ({len(names)} safetensors file(s), "
+                f"{', '.join(others)}) in {time.perf_counter() - t:.1f}s"
             )
         else:
             cfg = hf.import_hf(FLAGS.hf_dir, FLAGS.workdir, FLAGS.source, FLAGS.dtype or "float32")

@@ -6,4 +6,5 @@
 - `hf_llada`, `hf_llama`: their config.json <-> ModelConfig; in-memory `params_from_hf` /
   `params_from_llama` for small models and tests.
 - `safetensors_io`: sharded safetensors reading and streaming writing (float32, bfloat16).
+- `hf_tokenizer`: our tokenizers as Hugging Face tokenizer files (sentencepiece converted).
 """

@@ -6,7 +6,10 @@
 params-only Orbax checkpoint workdir/checkpoints/0 whose meta holds that config and the HF one.
 
 `export_hf(workdir, hf_dir)`: a workdir's checkpoint -> the HF LLaDA layout (config.json that the
-HF LLaDA code reads, model.safetensors or shards + index), in float32 or bfloat16.
+HF LLaDA code reads, model.safetensors or shards + index), in float32 or bfloat16, with the
+run's tokenizer as Hugging Face files (convert/hf_tokenizer.py) and the modeling code: the
+checkpoint's own (an import keeps the HF directory's .py files in workdir/hf_code/) or an
+auto_map naming the public LLaDA repository's.
 
 Memory stays bounded by one parameter: import reads one HF tensor at a time into memory-mapped
 arrays in the output's temporary directory (layers filled one by one, never a copy of the state
@@ -45,7 +48,7 @@ from orbax.checkpoint._src.serialization import type_handlers as _th
 
 from llada_jax import checkpoint, files, sections
 from llada_jax import config as config_lib
-from llada_jax.convert import hf_llada, hf_llama, layouts
+from llada_jax.convert import hf_llada, hf_llama, hf_tokenizer, layouts
 from llada_jax.convert.safetensors_io import (
     DTYPES,
     ConvertError,
@@ -53,6 +56,7 @@ from llada_jax.convert.safetensors_io import (
     parse_size,
     write_sharded,
 )
+from llada_jax.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 from llada_jax.model import ModelConfig
 from llada_jax.special_ids import SpecialIds
 
@@ -131,13 +135,14 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "generation_config.json",
 )
+# DIR/hf_code/: the HF directory's Python files (its remote code: configuration_llada.py,
+# modeling_llada.py), copied so that an export of this model or of one trained from it has them.
+CODE_DIR = "hf_code"
 
 
 def _use_tokenizer(run_cfg: config_lib.ConfigDict, source: str, final_path: str) -> None:
     """Points the run config at the copied tokenizer (`final_path`) and names its end-of-turn
     id (and the mask and EOS ids config.json does not give) in the tokens section."""
-    from llada_jax.data.tokenizer import HFTokenizer
-
     try:
         tok = HFTokenizer(source)
     except ValueError as e:
@@ -369,6 +374,11 @@ def import_hf(hf_dir: str, workdir: str, source: str = "auto", dtype: str = "flo
             os.makedirs(os.path.join(tmp, TOKENIZER_DIR))
         for name in tokenizer_files:
             shutil.copy2(os.path.join(hf_dir, name), os.path.join(tmp, TOKENIZER_DIR, name))
+        code_files = _code_files(hf_dir)
+        if code_files:
+            os.makedirs(os.path.join(tmp, CODE_DIR))
+        for name in code_files:
+            shutil.copy2(os.path.join(hf_dir, name), os.path.join(tmp, CODE_DIR, name))
         mm_dir = os.path.join(tmp, "tmp-arrays")
         os.makedirs(mm_dir)
         params: dict = {}
@@ -435,31 +445,60 @@ def _restore_numpy(params_dir: str, saved_path: tuple, shape: tuple, dtype: np.d
     return array
 
 
-def _find_hf_config(workdir: str, meta: dict, depth: int = 0) -> dict | None:
-    """The HF LLaDA config this checkpoint descends from (its own meta, or train.init_from's)."""
+def _hf_origin(workdir: str, meta: dict, depth: int = 0) -> tuple[str, dict] | None:
+    """(the workdir imported from an HF LLaDA checkpoint, that checkpoint's config.json) for the
+    checkpoint this workdir descends from: its own import, or train.init_from's; None if none."""
     if meta.get("hf_config") is not None and meta.get("hf_source") == "llada":
-        return meta["hf_config"]
+        return workdir, meta["hf_config"]
     init_from = meta.get("config", {}).get("train", {}).get("init_from")
     if not init_from or depth > 8 or not files.isdir(checkpoint.checkpoint_dir(init_from)):
         return None
     source = checkpoint.Checkpointer(init_from)
     step = source.latest_step()
-    found = _find_hf_config(init_from, source.meta(step), depth + 1) if step is not None else None
+    found = _hf_origin(init_from, source.meta(step), depth + 1) if step is not None else None
     source.close()
     return found
 
 
-def _special_ids(run_cfg: dict) -> dict:
-    """mask/eos/pad ids of the run's tokenizer (for a config with no HF LLaDA ancestor)."""
-    from llada_jax.data.tokenizer import load_tokenizer
-
+def _run_tokenizer(run_cfg: dict) -> Tokenizer | None:
+    """The run's tokenizer with the special ids of its tokens section; None (with a warning) if
+    it cannot be loaded."""
+    path = run_cfg.get("data", {}).get("tokenizer", "")
     try:
-        tok = load_tokenizer(run_cfg.get("data", {}).get("tokenizer", ""))
         tokens = config_lib.upgrade(run_cfg).get("tokens", {})
-        tok = tok.with_special_ids(sections.from_section(SpecialIds, tokens))
-    except Exception:  # noqa: BLE001 - ids stay LLaDA-8B's
-        return {}
-    return {"mask_token_id": tok.mask_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+        return load_tokenizer(path).with_special_ids(sections.from_section(SpecialIds, tokens))
+    except Exception as e:  # noqa: BLE001 - a moved or unreadable tokenizer: export the weights
+        print(f"warning: no tokenizer written: data.tokenizer={path!r}: {e}", flush=True)
+        return None
+
+
+def _code_files(directory: str) -> list[str]:
+    """The Python files (an HF checkpoint's remote code) directly in `directory` (a URI too)."""
+    if not directory or not files.isdir(directory):
+        return []
+    return sorted(n for n in files.listdir(directory) if n.endswith(".py"))
+
+
+def _write_code(out: str, hf_cfg: dict, code_dirs: list[str]) -> list[str]:
+    """Copies the modeling code of the first of `code_dirs` that holds any into `out` and
+    points hf_cfg's auto_map at it (the checkpoint's own auto_map when it names local modules).
+    With no code, an auto_map naming another repository's code is kept, else it names the
+    public LLaDA repository's (`hf_llada.remote_auto_map`): transformers downloads that on first
+    load. Returns the names copied."""
+    auto_map = hf_cfg.get("auto_map") or {}
+    remote = bool(auto_map) and all("--" in str(v) for v in auto_map.values())
+    for directory in code_dirs:
+        names = _code_files(directory)
+        if names:
+            for name in names:
+                with open(os.path.join(out, name), "wb") as f:
+                    f.write(files.read_bytes(files.join(directory, name)))
+            if remote or not auto_map:
+                hf_cfg["auto_map"] = dict(hf_llada.AUTO_MAP)
+            return names
+    if not remote:
+        hf_cfg["auto_map"] = hf_llada.remote_auto_map()
+    return []
 
 
 def _open_for_export(workdir: str, step: int | None) -> tuple[checkpoint.Checkpointer, int]:
@@ -487,16 +526,25 @@ def export_hf(
     dtype: str = "",
     max_shard_size: str | int = "5GB",
     step: int | None = None,
+    hf_code: str = "",
 ) -> list[str]:
     """A workdir's checkpoint (latest, or `step`) -> hf_dir in the HF LLaDA layout.
 
+    Besides the weights and config.json it writes the run's tokenizer (`_write_tokenizer`) and
+    the modeling code (`_write_code`): that of `hf_code` (a directory holding
+    configuration_llada.py and modeling_llada.py) if given, else that kept when the checkpoint
+    it descends from was imported, else an auto_map naming the public LLaDA repository's code.
     dtype: float32 or bfloat16; "" = the dtype of the HF checkpoint it was imported from, else
-    the parameters' dtype. Returns the written file names. The workdir may be a gs:// one;
+    the parameters' dtype. Returns the safetensors file names. The workdir may be a gs:// one;
     hf_dir is local.
     """
     if files.is_uri(hf_dir):
         raise ConvertError(
             f"--hf_dir={hf_dir!r}: export writes a local directory (copy it to the bucket after)"
+        )
+    if hf_code and not _code_files(hf_code):
+        raise ConvertError(
+            f"--hf_code={hf_code!r} holds no .py files (configuration_llada.py, ...)"
         )
     shard_bytes = parse_size(max_shard_size)
     ckpt, step = _open_for_export(workdir, step)
@@ -507,7 +555,8 @@ def export_hf(
         raise ConvertError("export of a scan_layers=False checkpoint is not supported yet")
     if cfg.causal:
         print("warning: model.causal=True; HF LLaDA attention is bidirectional", flush=True)
-    template = _find_hf_config(workdir, meta)
+    origin = _hf_origin(workdir, meta)
+    template = origin[1] if origin else None
     if not dtype:
         dtype = (
             (template or {}).get("torch_dtype") or (template or {}).get("dtype") or cfg.param_dtype
@@ -515,13 +564,12 @@ def export_hf(
     if dtype not in ("float32", "bfloat16"):
         raise ConvertError(f"--dtype={dtype!r} is not float32 or bfloat16")
     out_dtype = DTYPES[dtype]
-    hf_cfg = hf_llada.hf_config_from_model(
-        cfg,
-        template,
-        dtype,
-        None if template else _special_ids(run_cfg),
-        None if template else run_cfg.get("data", {}).get("seq_len"),
-    )
+    tok = _run_tokenizer(run_cfg)
+    seq_len = run_cfg.get("data", {}).get("seq_len")
+    ids = None
+    if template is None and tok is not None:
+        ids = {"mask_token_id": tok.mask_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    hf_cfg = hf_llada.hf_config_from_model(cfg, template, dtype, ids, None if template else seq_len)
     params_dir = _params_dir(workdir, step)
     saved = _saved_paths(params_dir)
     entries = layouts.entries(cfg, "llada")
@@ -553,7 +601,28 @@ def export_hf(
 
     with ckpt, _output_dir(hf_dir, "--hf_dir") as tmp:
         names = write_sharded(tmp, tensors, entries, produce, shard_bytes)
+        _write_code(tmp, hf_cfg, [hf_code, files.join(origin[0], CODE_DIR) if origin else ""])
+        _write_tokenizer(tmp, tok, cfg.vocab_size, seq_len or 0)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2, sort_keys=True)
             f.write("\n")
     return names
+
+
+def _write_tokenizer(out: str, tok: Tokenizer | None, vocab_size: int, max_length: int) -> None:
+    """The run's tokenizer as tokenizer.json, tokenizer_config.json and special_tokens_map.json
+    in `out` (a sentencepiece model converted with the same ids); a warning instead when there
+    is none or it does not fit the model's vocabulary, or cannot be converted exactly."""
+    if tok is None:
+        return
+    if tok.vocab_size > vocab_size:
+        print(
+            f"warning: no tokenizer written: the run's tokenizer has {tok.vocab_size} tokens, "
+            f"more than the model's vocabulary ({vocab_size})",
+            flush=True,
+        )
+        return
+    try:
+        hf_tokenizer.write_tokenizer_files(tok, out, max_length)
+    except ValueError as e:
+        print(f"warning: no tokenizer written: {e}", flush=True)

@@ -33,6 +33,22 @@ _REQUIRED = {
     "block_group_size": (1,),
 }
 
+# The modules and classes of the HF LLaDA code (configuration_llada.py, modeling_llada.py), and
+# the public repository that holds them, which an export names when it has no copy of its own.
+AUTO_MAP = {
+    "AutoConfig": "configuration_llada.LLaDAConfig",
+    "AutoModel": "modeling_llada.LLaDAModelLM",
+    "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+}
+PUBLIC_CODE_REPO = "GSAI-ML/LLaDA-8B-Base"
+
+
+def remote_auto_map(repo: str = PUBLIC_CODE_REPO) -> dict[str, str]:
+    """AUTO_MAP with each class named in `repo` ("REPO--module.Class"), so that transformers
+    fetches the code from there (trust_remote_code=True)."""
+    return {kind: f"{repo}--{ref}" for kind, ref in AUTO_MAP.items()}
+
+
 # A config.json for LLaDAModelLM with LLaDA-8B's values; export overwrites the
 # architecture fields. Used when the checkpoint was not imported from an HF LLaDA config.
 TEMPLATE: dict[str, Any] = {
@@ -43,11 +59,6 @@ TEMPLATE: dict[str, Any] = {
     "attention_dropout": 0.0,
     "attention_layer_norm": False,
     "attention_layer_norm_with_affine": True,
-    "auto_map": {
-        "AutoConfig": "configuration_llada.LLaDAConfig",
-        "AutoModel": "modeling_llada.LLaDAModelLM",
-        "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
-    },
     "bias_for_layer_norm": False,
     "block_group_size": 1,
     "block_type": "llama",

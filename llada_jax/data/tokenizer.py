@@ -8,9 +8,10 @@ Hugging Face tokenizer, anything else a sentencepiece model. The shipped model
 bytes instead of an unknown id.
 
 Special ids (pad, EOS, mask, end-of-turn) come from the tokenizer: named pieces of a
-sentencepiece model; for a Hugging Face tokenizer, the `eos_token` / `pad_token` of the
-`tokenizer_config.json` beside it and the tokens in `HF_SPECIAL_TOKENS`. A model trained with
-other ids overrides them (`with_special_ids`, from the run config's `tokens` section).
+sentencepiece model; for a Hugging Face tokenizer, the `eos_token` / `pad_token` / `mask_token` /
+`eot_token` of the `tokenizer_config.json` beside it and the tokens in `HF_SPECIAL_TOKENS`. A
+model trained with other ids overrides them (`with_special_ids`, from the run config's `tokens`
+section).
 """
 
 import copy
@@ -172,7 +173,7 @@ class HFTokenizer(Tokenizer):
         }
         self.eos_id = self._special(config.get("eos_token"), "eos")
         self.mask_id = self._special(config.get("mask_token"), "mask", default=-1)  # -1: none
-        self.eot_id = self._special(None, "eot", default=self.eos_id)
+        self.eot_id = self._special(config.get("eot_token"), "eot", default=self.eos_id)
         self.pad_id = self._special(config.get("pad_token"), "pad", default=self.eos_id)
 
     @staticmethod
