@@ -134,6 +134,12 @@ def check(c: ConfigDict) -> None:
         for cls in classes:
             given = {"mask_id": 0} if cls is DiffusionConfig else {}
             sections.from_section(cls, c[name], **given)
+    block, seq_len = c.diffusion.block_size, c.data.seq_len
+    if block and seq_len % block:
+        raise ValueError(
+            f"diffusion.block_size={block} does not divide data.seq_len={seq_len}; valid: a "
+            "divisor of it, or 0 (the full-sequence model)"
+        )
 
 
 class ConfigError(ValueError):

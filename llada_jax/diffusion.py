@@ -40,6 +40,14 @@ for all of them):
         an unbiased estimate of the ELBO.
 
 ``bound_note(cfg)`` says whether the training loss is an estimate of the ELBO.
+
+Block diffusion (``block_size`` b > 0, BD3-LM): each row is cut into blocks of b tokens and each
+block is noised with its own t; the model predicts block k's masked tokens from its noised
+block and the clean blocks before it, so the loss (each block's ELBO weight times its masked
+cross-entropy, normalised as above) estimates the NELBO of an autoregressive chain of blocks.
+The model sees the noised row and its clean copy side by side (train_step.model_logits and
+``kernels.attention.Blocks``). b = L is the full-sequence model with the same draws; b = 1 is an
+autoregressive model (each block is one token, always masked).
 """
 
 from __future__ import annotations
@@ -101,6 +109,11 @@ class DiffusionConfig:
     cfg_prompt_dropout: float = setting(
         0.0, "SFT: share of prompts masked whole (for classifier-free guidance)"
     )
+    block_size: int = setting(
+        0,
+        "block diffusion: tokens per block, each with its own t, denoised given the clean "
+        "earlier blocks (0: LLaDA's full-sequence model)",
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -123,6 +136,11 @@ class DiffusionConfig:
                 raise ValueError(
                     f"diffusion.{name}={v!r} is invalid; valid: a probability in [0, 1]"
                 )
+        if not _is_int(self.block_size) or self.block_size < 0:
+            raise ValueError(
+                f"diffusion.block_size={self.block_size!r} is invalid; valid: an integer >= 0 "
+                "(0: the full-sequence model)"
+            )
         if not _is_int(self.mask_id) or self.mask_id < 0:
             raise ValueError(
                 f"the tokenizer's mask id {self.mask_id!r} is invalid; "
@@ -130,6 +148,7 @@ class DiffusionConfig:
             )
         # Normalize numpy scalars to Python numbers (stable hashing as a static jit argument).
         object.__setattr__(self, "mask_id", int(self.mask_id))
+        object.__setattr__(self, "block_size", int(self.block_size))
         for name in ("power", "eps", "t_max", "random_length_prob", "cfg_prompt_dropout"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
@@ -266,15 +285,24 @@ def bell_time(u: Array) -> tuple[Array, Array]:
     return t, 1.0 / jnp.maximum(6.0 * t * (1.0 - t), 1e-12)
 
 
+def per_position(x: Array, length: int) -> Array:
+    """A per-row (B,) or per-block (B, K) quantity at every position of its row or block:
+    (B, length), block k covering positions [k length / K, (k + 1) length / K)."""
+    x = jnp.asarray(x)
+    if x.ndim == 1:
+        return jnp.broadcast_to(x[:, None], (x.shape[0], length))
+    return jnp.repeat(x, length // x.shape[1], axis=1, total_repeat_length=length)
+
+
 def forward_mask(
     key: Array, tokens: Array, p: Array, maskable: Array, mask_id: int
 ) -> tuple[Array, Array]:
     """Independently replaces each maskable token of the clean tokens x0 (B, L) int32 by
-    ``mask_id`` with probability p[b] ((B,) float, per sequence) -> inputs x_t (B, L) int32 and
-    is_masked (B, L) bool; inputs == mask_id where is_masked. maskable: (B, L) bool, False
-    positions are never masked."""
+    ``mask_id`` with probability p: per sequence (B,) or per block (B, K) float -> inputs x_t
+    (B, L) int32 and is_masked (B, L) bool; inputs == mask_id where is_masked. maskable: (B, L)
+    bool, False positions are never masked."""
     u = jax.random.uniform(key, tokens.shape, jnp.float32)
-    is_masked = (u < jnp.asarray(p, jnp.float32)[:, None]) & maskable
+    is_masked = (u < per_position(jnp.asarray(p, jnp.float32), tokens.shape[1])) & maskable
     inputs = jnp.where(is_masked, jnp.asarray(mask_id, tokens.dtype), tokens)
     return inputs.astype(jnp.int32), is_masked
 
@@ -312,7 +340,9 @@ def noise_batch(
     is_masked (B, L) bool (positions noised by the forward process: the loss positions), weight
     (B,) float32 (the ELBO weight w(t') per sequence, times 1 / q(t) for the bell density), p
     (B,) float32 (mask probability per sequence) and valid (B, L) bool (existing positions: the
-    attention key-padding mask and the loss mask). With probability cfg.random_length_prob (one
+    attention key-padding mask and the loss mask). With cfg.block_size = b > 0 each block of b
+    positions draws its own t (stratified over all B * L / b blocks) and weight and p are
+    (B, L / b), per block. With probability cfg.random_length_prob (one
     draw per batch) a length l ~ U{1..L} is drawn and positions >= l are made invalid for every
     sequence.
     """
@@ -331,7 +361,9 @@ def noise_batch(
     maskable = valid & ~prompt
 
     complementary = cfg.masking == "complementary"
-    t = sample_t(k_t, B // 2 if complementary else B, cfg.t_sampling)
+    K = L // cfg.block_size if cfg.block_size else 1
+    rows = B // 2 if complementary else B
+    t = sample_t(k_t, rows * K, cfg.t_sampling).reshape(rows, K)
     importance = 1.0
     if cfg.t_density == "bell":
         t, importance = bell_time(t)
@@ -340,7 +372,7 @@ def noise_batch(
     if complementary:
         # Copy 2 masks what copy 1 leaves visible: rate 1 - p. Each copy's weight is
         # (dp/dt') / (rate * q(t)), the ELBO integrand over that copy's rate.
-        first = jax.random.uniform(k_mask, (B // 2, L), jnp.float32) < p[:, None]
+        first = jax.random.uniform(k_mask, (B // 2, L), jnp.float32) < per_position(p, L)
         is_masked = jnp.concatenate([first, ~first], axis=0) & maskable
         weight = jnp.concatenate([weight, weight * p / (1.0 - p)])
         p = jnp.concatenate([p, 1.0 - p])
@@ -352,12 +384,13 @@ def noise_batch(
         drop = jax.random.uniform(k_cfg, (B,), jnp.float32) < cfg.cfg_prompt_dropout
         inputs = jnp.where(drop[:, None] & prompt & valid, jnp.int32(cfg.mask_id), inputs)
 
+    per_row = (lambda x: x[:, 0]) if not cfg.block_size else (lambda x: x)
     return {
         "inputs": inputs,
         "targets": tokens,
         "is_masked": is_masked,
-        "weight": weight.astype(jnp.float32),
-        "p": p.astype(jnp.float32),
+        "weight": per_row(weight).astype(jnp.float32),
+        "p": per_row(p).astype(jnp.float32),
         "valid": valid,
     }
 
@@ -376,6 +409,11 @@ def cross_entropy(logits: Array, targets: Array) -> Array:
     lse = jax.nn.logsumexp(logits, axis=-1)
     tgt = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return lse - tgt
+
+
+def _weight_BxL(batch: dict[str, Array]) -> Array:
+    """The loss weight of every position (B, L) float32: its row's, or its block's."""
+    return per_position(batch["weight"].astype(jnp.float32), batch["targets"].shape[1])
 
 
 def _masked_aux(ce: Array, loss_mask: Array) -> dict[str, Array]:
@@ -397,7 +435,7 @@ def pretrain_loss(logits: Array, batch: dict[str, Array]) -> tuple[Array, dict[s
     ce = cross_entropy(logits, batch["targets"])
     valid = batch["valid"].astype(bool)
     loss_mask = batch["is_masked"].astype(bool) & valid
-    weighted = jnp.where(loss_mask, ce * batch["weight"].astype(jnp.float32)[:, None], 0.0)
+    weighted = jnp.where(loss_mask, ce * _weight_BxL(batch), 0.0)
     num_valid = jnp.sum(valid.astype(jnp.float32))
     loss = jnp.sum(weighted) / jnp.maximum(num_valid, 1.0)
     return loss, _masked_aux(ce, loss_mask)
@@ -431,7 +469,7 @@ def sft_loss(
     segment_ids = batch.get("segment_ids")
     if segment_ids is None:
         loss_mask = batch["is_masked"].astype(bool) & response
-        weighted = jnp.where(loss_mask, ce * batch["weight"].astype(jnp.float32)[:, None], 0.0)
+        weighted = jnp.where(loss_mask, ce * _weight_BxL(batch), 0.0)
         answer_len = jnp.maximum(jnp.sum(response.astype(jnp.float32), axis=1), 1.0)
         loss = jnp.mean(jnp.sum(weighted, axis=1) / answer_len)
         return loss, _masked_aux(ce, loss_mask)
@@ -441,7 +479,7 @@ def sft_loss(
     in_pair = seg > 0
     response = response & in_pair
     loss_mask = batch["is_masked"].astype(bool) & response
-    weighted = jnp.where(loss_mask, ce * batch["weight"].astype(jnp.float32)[:, None], 0.0)
+    weighted = jnp.where(loss_mask, ce * _weight_BxL(batch), 0.0)
     # (row, segment) slot b * (L + 1) + s; segment 0 slots are unused (all data there is 0).
     num_slots = B * (L + 1)
     slot = (jnp.arange(B, dtype=jnp.int32)[:, None] * (L + 1) + jnp.clip(seg, 0, L)).reshape(-1)

@@ -5,6 +5,14 @@ FLOPs accounting (one function, used by the trainer and the benchmark):
   the LM head) + 4 * n_layers * seq_len * n_heads * head_dim (QK^T and PV over the full L x L map:
   attention is bidirectional, so there is no causal halving). Training = 3 x forward (backward
   costs twice the forward). Rematerialization is not counted: MFU measures useful model work.
+
+  A block-diffusion model with blocks of b tokens trains on each row and its clean copy, 2L
+  positions: per token of the row the layers' matmuls run twice and the head once, and only
+  the attended blocks count: noised block k sees its own b keys and the k b clean keys before
+  it, clean block k the (k + 1) b clean keys up to its own, so a row of K = L / b blocks
+  attends to sum_k b (b + k b + (k + 1) b) = L^2 + L b (query, key) pairs, L + b per token:
+    forward FLOPs per token = 2 * (2 * layer matmul parameters + head)
+                              + 4 * n_layers * (L + b) * n_heads * head_dim.
 """
 
 from __future__ import annotations
@@ -39,18 +47,21 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
 }
 
 
-def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Matmul FLOPs of one forward pass, per token, for sequences of `seq_len`."""
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int, block_size: int = 0) -> float:
+    """Matmul FLOPs of one forward pass, per token, for sequences of `seq_len` (of a
+    block-diffusion model's training pass with blocks of `block_size` when > 0: see the module
+    docstring)."""
     d, hd = cfg.d_model, cfg.head_dim
     per_layer = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * cfg.mlp_hidden
-    params = cfg.n_layers * per_layer + d * cfg.vocab_size
-    attention = 4 * cfg.n_layers * seq_len * cfg.n_heads * hd
+    copies = 2 if block_size else 1  # a block model's layers also run on the clean copy
+    params = copies * cfg.n_layers * per_layer + d * cfg.vocab_size
+    attention = 4 * cfg.n_layers * (seq_len + block_size) * cfg.n_heads * hd
     return 2.0 * params + attention
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, block_size: int = 0) -> float:
     """Forward + backward matmul FLOPs per token (3 x forward)."""
-    return 3.0 * forward_flops_per_token(cfg, seq_len)
+    return 3.0 * forward_flops_per_token(cfg, seq_len, block_size)
 
 
 @jax.jit

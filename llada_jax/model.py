@@ -243,9 +243,11 @@ class Attention(nnx.Module):
         mask: jax.Array,
         cache: tuple[jax.Array, jax.Array] | None = None,
         start: jax.Array | None = None,
+        blocks: attention_lib.Blocks | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """x -> ((B, L, D), (k, v)): the output and this call's rotated keys and values
-        (B, L, K, H). rope: (cos, sin) (L, H) tables; mask from `attention_lib.mask`.
+        (B, L, K, H). rope: (cos, sin) (L, H) tables; mask from `attention_lib.mask` (with
+        `blocks`, a block-diffusion pattern, which the splash kernel also takes itself).
 
         With `cache` (this layer's keys and values of the whole sequence, (B, S, K, H)), x is the
         window [start, start + L) of the sequence, attending to its own keys there and the
@@ -265,6 +267,7 @@ class Attention(nnx.Module):
                 self.kernels,
                 self.causal,
                 splash_specs=_splash_specs() if self.kernels.attention == "splash" else None,
+                blocks=blocks,
             )
         else:
             out_BxLxNxH = attention_lib.window_attention(
@@ -303,9 +306,10 @@ class Block(nnx.Module):
         mask: jax.Array,
         cache: tuple[jax.Array, jax.Array] | None = None,
         start: jax.Array | None = None,
+        blocks: attention_lib.Blocks | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """x -> ((B, L, D), (k, v)); see `Attention` for the cache."""
-        attn_BxLxD, kv = self.attn(self.attn_norm(x_BxLxD), rope, mask, cache, start)
+        """x -> ((B, L, D), (k, v)); see `Attention` for the cache and the blocks."""
+        attn_BxLxD, kv = self.attn(self.attn_norm(x_BxLxD), rope, mask, cache, start, blocks)
         h_BxLxD = x_BxLxD + attn_BxLxD
         return h_BxLxD + self.mlp(self.mlp_norm(h_BxLxD)), kv
 
@@ -356,13 +360,19 @@ class Transformer(nnx.Module):
         segment_ids: jax.Array | None = None,
         *,
         valid_prefix: bool = False,
+        blocks: attention_lib.Blocks | None = None,
     ) -> jax.Array:
         """tokens (B, L) int; valid (B, L) bool key-padding mask; segment_ids (B, L) int.
 
         valid_prefix promises that each row's valid positions come first (padding trailing, as
         in every training batch): the cuDNN attention then takes key lengths instead of a bias.
+        blocks: a block-diffusion model's attention pattern (`attention_lib.Blocks`); with
+        `clean_copy` the row is [x_t | x_0] and its positions repeat (RoPE's 0..L/2-1 twice).
         """
-        return self.head(self.hidden(tokens, valid, segment_ids, valid_prefix=valid_prefix)[0])
+        hidden, _ = self.hidden(
+            tokens, valid, segment_ids, valid_prefix=valid_prefix, blocks=blocks
+        )
+        return self.head(hidden)
 
     def hidden(
         self,
@@ -372,6 +382,7 @@ class Transformer(nnx.Module):
         *,
         valid_prefix: bool = False,
         return_cache: bool = False,
+        blocks: attention_lib.Blocks | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """The last layer's output (B, L, D), before the final norm and the output head, and
         with return_cache every layer's keys and values (else None), for `window`; the other
@@ -379,15 +390,23 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         if valid is None:
             valid, valid_prefix = jnp.ones(tokens.shape, bool), True
-        mask = attention_lib.mask(valid, segment_ids, self.kernels, cfg.causal, valid_prefix)
-        rope = rope_tables(tokens.shape[1], cfg.head_dim, cfg.rope_theta)
+        mask = attention_lib.mask(
+            valid, segment_ids, self.kernels, cfg.causal, valid_prefix, blocks
+        )
+        length = tokens.shape[1]
+        if blocks is not None and blocks.clean_copy:
+            rope = tuple(
+                np.tile(t, (2, 1)) for t in rope_tables(length // 2, cfg.head_dim, cfg.rope_theta)
+            )
+        else:
+            rope = rope_tables(length, cfg.head_dim, cfg.rope_theta)
 
         # Layers run as pure functions of their state (jax.lax.scan / jax.checkpoint rather than
         # the nnx transforms), so the model also works inside other traced loops (the sampler).
         def layer(x: jax.Array, block_state: nnx.State) -> tuple[jax.Array, Any]:
             """One block on x (B, L, D) -> (x (B, L, D), its keys and values with return_cache, else
             None)."""
-            x, kv = nnx.merge(block_def, block_state)(x, rope, mask)
+            x, kv = nnx.merge(block_def, block_state)(x, rope, mask, blocks=blocks)
             return sharding.constrain(x, ("batch", None, None)), kv if return_cache else None
 
         unroll = min(cfg.scan_unroll, cfg.n_layers)
@@ -403,14 +422,23 @@ class Transformer(nnx.Module):
         return x, KVCache(*kv) if return_cache else None
 
     def window(
-        self, tokens_BxW: jax.Array, valid_BxL: jax.Array, cache: KVCache, start: jax.Array
-    ) -> jax.Array:
+        self,
+        tokens_BxW: jax.Array,
+        valid_BxL: jax.Array,
+        cache: KVCache,
+        start: jax.Array,
+        *,
+        return_kv: bool = False,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
         """`hidden` (B, W, D) of the window [start, start + W) of a sequence of length L whose
-        tokens elsewhere are those of the full pass that made `cache` (`hidden` with
-        return_cache): the window's queries attend to its own keys and values and the cache's
-        elsewhere. Exact when the window's tokens are the only ones changed and the model has
-        one layer (deeper layers' keys depend on every token); the sampler's prefix and dual
-        caches."""
+        tokens elsewhere are those of the pass that made `cache`: the window's queries attend to
+        its own keys and values and to the cache's at the other valid keys (`valid_BxL`). With
+        return_kv also the window's own keys and values (n_layers, B, W, K, H).
+
+        Exact when no cached key depends on the window's tokens: in a block-diffusion model
+        whose cache holds the clean earlier blocks and whose later keys are not valid (the
+        block sampler). In a bidirectional model every layer's keys past the first depend on
+        every token, so the sampler's prefix and dual caches there are approximations."""
         cfg = self.cfg
         if cfg.causal:
             raise ValueError("the K/V window pass is for bidirectional models (model.causal)")
@@ -421,15 +449,15 @@ class Transformer(nnx.Module):
 
         def layer(x: jax.Array, xs: tuple[nnx.State, jax.Array, jax.Array]):
             """One block on the window's x (B, W, D), its queries attending also to the layer's
-            cached keys and values -> (x (B, W, D), None)."""
+            cached keys and values -> (x (B, W, D), the window's keys and values or None)."""
             block_state, k_cache, v_cache = xs
-            x, _ = nnx.merge(block_def, block_state)(x, rope, bias, (k_cache, v_cache), start)
-            return sharding.constrain(x, ("batch", None, None)), None
+            x, kv = nnx.merge(block_def, block_state)(x, rope, bias, (k_cache, v_cache), start)
+            return sharding.constrain(x, ("batch", None, None)), kv if return_kv else None
 
         block_def, states = self._block_states()
         unroll = min(cfg.scan_unroll, cfg.n_layers)
-        x, _ = self._run_layers(layer, self._embed(tokens_BxW), states, unroll, cache)
-        return x
+        x, kv = self._run_layers(layer, self._embed(tokens_BxW), states, unroll, cache)
+        return (x, KVCache(*kv)) if return_kv else x
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
         # Activations are constrained to the batch sharding (a no-op without a mesh context): the

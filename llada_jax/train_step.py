@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from llada_jax import diffusion, optim, sharding
+from llada_jax.kernels.attention import Blocks
 
 PyTree = Any
 OBJECTIVES = ("pretrain", "sft")
@@ -39,18 +40,41 @@ class StepConfig:
             )
 
 
+def model_logits(model: Any, noised: dict[str, jax.Array], block_size: int = 0) -> jax.Array:
+    """The model's logits (B, L, V) on a noised batch (`noise`'s output).
+
+    A block-diffusion model (block_size > 0) runs on the noised rows and their clean copies side
+    by side, (B, 2L), under `attention.Blocks(block_size, clean_copy=True)`: each noised block
+    sees itself and the clean blocks before it. The clean copy keeps a prompt that CFG dropout
+    masked masked, so the dropped prompt is not seen through it. The output head runs on the
+    noised half only.
+    """
+    inputs, valid, segments = noised["inputs"], noised["valid"], noised.get("segment_ids")
+    # Training batches pad at the end only (filler rows, random lengths, SFT rows).
+    if not block_size:
+        return model(inputs, valid, segments, valid_prefix=True)
+    clean = jnp.where(noised["is_masked"], noised["targets"], inputs)
+    twice = lambda a, b: None if a is None else jnp.concatenate([a, b], axis=1)
+    hidden_Bx2LxD, _ = model.hidden(
+        twice(inputs, clean),
+        twice(valid, valid),
+        twice(segments, segments),
+        blocks=Blocks(block_size, clean_copy=True),
+    )
+    return model.head(hidden_Bx2LxD[:, : inputs.shape[1]])
+
+
 def loss_fn(
     graphdef: nnx.GraphDef,
     params: PyTree,
     noised: dict[str, jax.Array],
     loss_weight: str = "elbo",
+    block_size: int = 0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Loss () float32 and aux of the model on an already-noised (micro)batch (`noise`'s
     output, (B, L) arrays): SFT when it has a response mask. loss_weight="none" trains on the
-    mean masked cross-entropy instead (not a bound)."""
-    model = nnx.merge(graphdef, params)
-    # Training batches pad at the end only (filler rows, random lengths, SFT rows).
-    logits = model(noised["inputs"], noised["valid"], noised.get("segment_ids"), valid_prefix=True)
+    mean masked cross-entropy instead (not a bound). block_size: `model_logits`'."""
+    logits = model_logits(nnx.merge(graphdef, params), noised, block_size)
     if "response_mask" in noised:
         loss, aux = diffusion.sft_loss(logits, noised, noised["response_mask"])
     else:
@@ -89,8 +113,10 @@ def make_train_step(
     opt_state, metrics of () scalars): noise the batch with the key of (seed, step), average the
     gradients over cfg.grad_accum microbatches, update, and skip the update on a NaN/Inf loss
     or gradient norm. `step_jit_options` gives its shardings and donation."""
-    loss_weight = cfg.diffusion.loss_weight
-    grad_fn = jax.value_and_grad(lambda p, b: loss_fn(graphdef, p, b, loss_weight), has_aux=True)
+    loss_weight, block_size = cfg.diffusion.loss_weight, cfg.diffusion.block_size
+    grad_fn = jax.value_and_grad(
+        lambda p, b: loss_fn(graphdef, p, b, loss_weight, block_size), has_aux=True
+    )
 
     def train_step(
         params: PyTree, opt_state: PyTree, batch: dict[str, jax.Array], step: jax.Array

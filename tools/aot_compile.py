@@ -412,7 +412,10 @@ def aot_report(
     if dump_hlo:
         write_hlo_dump(dump_hlo, hlo)
     tokens = cfg.data.batch_size * cfg.data.seq_len
-    model_flops = metrics.train_flops_per_token(run.model_cfg, cfg.data.seq_len) * tokens / chips
+    model_flops = metrics.train_flops_per_token(
+        run.model_cfg, cfg.data.seq_len, run.diffusion_cfg.block_size
+    )
+    model_flops *= tokens / chips
     report["model_flops_per_chip"] = model_flops
     if estimate:
         report["estimate"] = estimate_report(cfg, devices, model_flops, kernel_efficiency)

@@ -19,8 +19,11 @@ head n // G), G = N / K, H head dim.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llada_jax.kernels import mkl, splash
 from llada_jax.kernels.choice import Kernels
@@ -31,19 +34,60 @@ NEG_INF = -1e30  # additive mask bias: finite, so a row with no visible key is u
 SAVED_RESIDUALS = splash.RESIDUALS
 
 
-def bias(valid_BxL: jax.Array, segment_ids_BxL: jax.Array | None, causal: bool) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """The attention pattern of a block-diffusion model over sequences of blocks of `size` tokens.
+
+    Without `clean_copy`, block-causal: a query sees the keys of its own block and of earlier
+    blocks (a sequence of clean blocks, or clean blocks and a last one being denoised). With
+    `clean_copy` the sequence is [x_t | x_0], a noised row followed by its clean copy (positions
+    repeating): a noisy query sees the noisy keys of its own block and the clean keys of earlier
+    blocks; a clean query sees the clean keys of its own and earlier blocks, never a noisy one.
+    """
+
+    size: int
+    clean_copy: bool = False
+
+    def visible(self, length: int) -> np.ndarray:
+        """(length, length) bool: whether query i may see key j. Static (numpy), so it enters
+        the program as a constant and splash can skip the blocks it never sees."""
+        if not self.clean_copy:
+            block_L = np.arange(length) // self.size
+            return block_L[None, :] <= block_L[:, None]
+        half = length // 2
+        block_L = np.tile(np.arange(half) // self.size, 2)
+        clean_L = np.arange(length) >= half
+        same_half = clean_L[:, None] == clean_L[None, :]
+        noisy_q, clean_k = ~clean_L[:, None], clean_L[None, :]
+        same_block = block_L[:, None] == block_L[None, :]
+        earlier_k = block_L[None, :] < block_L[:, None]
+        return (
+            (noisy_q & ~clean_k & same_block)
+            | (clean_k & earlier_k)
+            | (~noisy_q & same_half & same_block)
+        )
+
+
+def bias(
+    valid_BxL: jax.Array,
+    segment_ids_BxL: jax.Array | None,
+    causal: bool,
+    blocks: Blocks | None = None,
+) -> jax.Array:
     """Additive float32 bias over the scores, 0 where a query may see a key, NEG_INF elsewhere.
 
     valid: key-padding mask (False = padding, never attended to); segment_ids: packed
-    documents, attention stays within equal ids. Shape (B, 1, 1, L_k) for key padding alone, else
-    (B, 1, L_q, L_k); shared by every layer and head.
+    documents, attention stays within equal ids; blocks: a block-diffusion pattern. Shape
+    (B, 1, 1, L_k) for key padding alone, else (B, 1, L_q, L_k); shared by every layer and head.
     """
     mask = valid_BxL[:, None, :]
+    length = valid_BxL.shape[1]
     if segment_ids_BxL is not None:
         mask = mask & (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])
     if causal:
-        length = valid_BxL.shape[1]
         mask = mask & jnp.tril(jnp.ones((length, length), bool))[None]
+    if blocks is not None:
+        mask = mask & blocks.visible(length)[None]
     return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)[:, None]
 
 
@@ -53,12 +97,16 @@ def mask(
     kernels: Kernels,
     causal: bool,
     valid_prefix: bool = False,
+    blocks: Blocks | None = None,
 ) -> jax.Array:
-    """What `attention` takes: segment ids (B, L) for splash (-1 on padding); for cuDNN, when each
-    row's valid positions are a prefix (`valid_prefix`) and nothing is packed, the (B,) int32 key
-    lengths, which spare cuDNN reading a bias per head; else `bias`."""
+    """What `attention` takes: segment ids (B, L) for splash (-1 on padding; the block pattern
+    goes into the kernel itself); for cuDNN, when each row's valid positions are a prefix
+    (`valid_prefix`) and nothing is packed or blocked, the (B,) int32 key lengths, which spare
+    cuDNN reading a bias per head; else `bias`."""
     if kernels.attention == "splash":
         return splash.segment_ids(valid_BxL, segment_ids_BxL)
+    if blocks is not None:
+        return bias(valid_BxL, segment_ids_BxL, causal, blocks)
     if kernels.attention == "cudnn" and valid_prefix and segment_ids_BxL is None:
         # At least one key, so that a filler row (no valid position) stays finite, as with the
         # bias: its NaNs would reach the weight gradients through 0 * NaN.
@@ -74,13 +122,16 @@ def attention(
     kernels: Kernels,
     causal: bool,
     splash_specs: tuple[jax.sharding.PartitionSpec, ...] | None = None,
+    blocks: Blocks | None = None,
 ) -> jax.Array:
     """softmax(q k^T + mask) v -> (B, L, N, H), q already scaled by 1 / sqrt(H); scores and
-    softmax in float32. `mask` from `mask` with the same kernels. splash_specs: the splash
-    kernel's partition specs on a mesh (`splash.splash_attention`'s `specs`); other
-    implementations do not read them."""
+    softmax in float32. `mask` from `mask` with the same kernels and `blocks`. splash_specs:
+    the splash kernel's partition specs on a mesh (`splash.splash_attention`'s `specs`); other
+    implementations do not read them. `blocks` is read by splash only (the others have it in
+    their bias)."""
     impl = kernels.attention
-    if impl == "splash" and splash.tiles(q_BxLxNxH.shape[1]):
+    length = q_BxLxNxH.shape[1]
+    if impl == "splash" and splash.tiles(length):
         to_heads_first = lambda x: x.transpose(0, 2, 1, 3)
         out_BxNxLxH = splash.splash_attention(
             to_heads_first(q_BxLxNxH),
@@ -90,10 +141,11 @@ def attention(
             causal,
             interpret=kernels.platform != "tpu",
             specs=splash_specs,
+            visible=None if blocks is None else blocks.visible(length),
         )
         return out_BxNxLxH.transpose(0, 2, 1, 3)
     if impl == "splash":  # a length the kernel cannot tile: `mask` holds segment ids
-        mask = bias(mask >= 0, mask, causal)
+        mask = bias(mask >= 0, mask, causal, blocks)
     if impl == "cudnn":
         return _dot_product_attention(
             q_BxLxNxH,

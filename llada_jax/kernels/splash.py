@@ -7,16 +7,18 @@ them in VMEM, block by block, and never materializes them, forward or backward.
 
 Masks become segment ids: a query sees the keys whose id equals its own. Key padding gives
 padded positions id -1, so real tokens never see them (padded queries see only padding, whose
-outputs nothing reads). With a mesh, the kernel runs per shard under shard_map (batch over the
-data-parallel axes, heads over `tensor`): the caller maps the logical axes to mesh axes and
-passes the partition specs, so the kernels need not know the runner's rules. On backends other
-than TPU it runs in Pallas's interpreter (for tests; slow).
+outputs nothing reads). A block-diffusion pattern is a static mask inside the kernel, which
+skips the tiles in which no query sees any key. With a mesh, the kernel runs per shard under
+shard_map (batch over the data-parallel axes, heads over `tensor`): the caller maps the logical
+axes to mesh axes and passes the partition specs, so the kernels need not know the runner's
+rules. On backends other than TPU it runs in Pallas's interpreter (for tests; slow).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
 from jax.sharding import PartitionSpec as P
 
@@ -49,8 +51,18 @@ def block_size(length: int) -> int:
     )
 
 
-def _kernel(heads: int, length: int, causal: bool, interpret: bool) -> sa.SplashAttentionKernel:
-    mask = sa.CausalMask((length, length)) if causal else sa.FullMask((length, length))
+def _kernel(
+    heads: int, length: int, causal: bool, interpret: bool, visible: np.ndarray | None
+) -> sa.SplashAttentionKernel:
+    """The kernel for `heads` heads at `length`, its mask causal or full, or `visible` (a
+    block-diffusion pattern, (length, length) bool, causal too if `causal`): the kernel skips
+    the tiles a mask leaves empty."""
+    if visible is not None:
+        mask = sa.NumpyMask(visible & np.tril(np.ones_like(visible)) if causal else visible)
+    elif causal:
+        mask = sa.CausalMask((length, length))
+    else:
+        mask = sa.FullMask((length, length))
     b = block_size(length)
     blocks = sa.BlockSizes(
         block_q=b,
@@ -72,9 +84,15 @@ def _kernel(heads: int, length: int, causal: bool, interpret: bool) -> sa.Splash
 
 
 def _local(
-    q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array, causal: bool, interpret: bool
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    ids: jax.Array,
+    causal: bool,
+    interpret: bool,
+    visible: np.ndarray | None,
 ) -> jax.Array:
-    kernel = _kernel(q.shape[1], q.shape[2], causal, interpret)
+    kernel = _kernel(q.shape[1], q.shape[2], causal, interpret, visible)
     return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sa.SegmentIds(s, s)))(
         q, k, v, ids
     )
@@ -88,21 +106,24 @@ def splash_attention(
     causal: bool,
     interpret: bool,
     specs: tuple[P, P, P] | None = None,
+    visible: np.ndarray | None = None,
 ) -> jax.Array:
     """softmax(q k^T) v within equal ids: q (B, H, L, D) already scaled, k, v (B, K, L, D) with K
     dividing H (query head h uses kv head h // (H / K)), ids (B, L) from `segment_ids`
     -> (B, H, L, D). interpret: run in Pallas's interpreter (not on a TPU). specs: the
     shard_map's partition specs of q and the output, of k and v, and of ids, i.e. the logical
     axes ("batch", "heads", None, None), ("batch", "kv_heads", None, None) and ("batch", None)
-    under the caller's rules; needed on a mesh of more than one device, unread otherwise."""
+    under the caller's rules; needed on a mesh of more than one device, unread otherwise.
+    visible: (L, L) bool, which keys each query may see besides the ids (block diffusion,
+    `attention.Blocks.visible`); None: all (or the causal ones)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return _local(q, k, v, ids, causal, interpret)
+        return _local(q, k, v, ids, causal, interpret, visible)
     if specs is None:
         raise ValueError("splash attention on a multi-device mesh needs the partition specs")
     heads, kv_heads, batch = specs
     return jax.shard_map(
-        lambda q, k, v, ids: _local(q, k, v, ids, causal, interpret),
+        lambda q, k, v, ids: _local(q, k, v, ids, causal, interpret, visible),
         in_specs=(heads, kv_heads, kv_heads, batch),
         out_specs=heads,
         check_vma=False,

@@ -185,7 +185,9 @@ def train_steps(
 
     batch_size, seq_len, total = data.batch_size, data.seq_len, run.train_cfg.steps
     batches = pipeline.iterate(run.batches, start, data.workers, data.prefetch)
-    flops_per_token = metrics.train_flops_per_token(run.model_cfg, seq_len)
+    flops_per_token = metrics.train_flops_per_token(
+        run.model_cfg, seq_len, run.diffusion_cfg.block_size
+    )
     peak = metrics.total_peak_flops(run.model_cfg.dtype)
     if is_writer:
         _print_start(run, n_params, flops_per_token, peak, start)
