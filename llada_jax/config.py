@@ -134,12 +134,16 @@ def check(c: ConfigDict) -> None:
         for cls in classes:
             given = {"mask_id": 0} if cls is DiffusionConfig else {}
             sections.from_section(cls, c[name], **given)
-    block, seq_len = c.diffusion.block_size, c.data.seq_len
-    if block and seq_len % block:
-        raise ValueError(
-            f"diffusion.block_size={block} does not divide data.seq_len={seq_len}; valid: a "
-            "divisor of it, or 0 (the full-sequence model)"
-        )
+    seq_len = c.data.seq_len
+    given = [("diffusion.block_size", c.diffusion.block_size)] + [
+        ("train.block_size_schedule", block) for block, _ in c.train.block_size_schedule
+    ]
+    for key, block in given:
+        if block and seq_len % block:
+            raise ValueError(
+                f"{key}: block size {block} does not divide data.seq_len={seq_len}; valid: a "
+                "divisor of it, or 0 (the full-sequence model)"
+            )
 
 
 class ConfigError(ValueError):

@@ -386,10 +386,17 @@ def abstract_state(run: Run) -> tuple[nnx.GraphDef, Any, Any]:
     return graphdef, params, opt_state
 
 
-def make_step_fn(run: Run, graphdef: nnx.GraphDef, params: Any, opt_state: Any) -> sharding.OnMesh:
+def make_step_fn(
+    run: Run, graphdef: nnx.GraphDef, params: Any, opt_state: Any, block_size: int | None = None
+) -> sharding.OnMesh:
     """The jitted training step on the run's mesh, as the trainer runs it (the benchmark times
-    this function), with `train_step.step_jit_options`' shardings and donation."""
-    step = make_train_step(graphdef, run.optimizer, run.lr_schedule, run.step_cfg)
+    this function), with `train_step.step_jit_options`' shardings and donation. block_size:
+    the block size it trains at, if not diffusion.block_size (train.block_size_schedule)."""
+    step_cfg = run.step_cfg
+    if block_size is not None:
+        diffusion_cfg = dataclasses.replace(step_cfg.diffusion, block_size=block_size)
+        step_cfg = dataclasses.replace(step_cfg, diffusion=diffusion_cfg)
+    step = make_train_step(graphdef, run.optimizer, run.lr_schedule, step_cfg)
     options = mkl.STEP_COMPILER_OPTIONS if run.kernels.matmul == "mkl" else None
     return sharding.jit_on_mesh(
         step,

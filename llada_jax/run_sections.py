@@ -86,10 +86,16 @@ class TrainConfig:
     profile_steps: tuple = setting(
         (0, 0), "(first, count): trace the count steps after `first` to DIR/profile"
     )
+    block_size_schedule: tuple = setting(
+        (),
+        "((block_size, until_step), ...): diffusion.block_size over phases (0: full "
+        "sequence), then diffusion.block_size; e.g. AR to diffusion ((1, 200), (8, 400), (0, 900))",
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
         _at_least(self, {"log_every": 1, "max_skipped_in_a_row": 0})
+        self._check_block_size_schedule()
         value = self.profile_steps
         pair = isinstance(value, tuple) and len(value) == 2
         if not (
@@ -100,6 +106,32 @@ class TrainConfig:
                 f"{{p}}profile_steps={value!r} is invalid; valid: (first, count), two integers "
                 ">= 0, tracing the count steps after the first `first` ((0, 0), count 0: off)",
             )
+
+    def _check_block_size_schedule(self) -> None:
+        """Pairs of integers (block size >= 0, a step), the steps increasing and below `steps`."""
+        value = self.block_size_schedule
+        pairs = isinstance(value, tuple) and all(
+            isinstance(p, tuple)
+            and len(p) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in p)
+            for p in value
+        )
+        until = [p[1] for p in value] if pairs else []
+        if not pairs or until != sorted(set(until)) or (until and until[-1] >= self.steps):
+            raise SettingError(
+                self.SECTION,
+                f"{{p}}block_size_schedule={value!r} is invalid; valid: ((block_size, "
+                f"until_step), ...), integers >= 0, the steps increasing and below "
+                f"{{p}}steps={self.steps}, e.g. ((1, 200), (8, 400), (0, 900))",
+            )
+
+    def block_size_at(self, step: int, final: int) -> int:
+        """The block size step `step` trains at: that of the schedule's first phase whose
+        until_step is above it, else `final` (diffusion.block_size). 0: the full sequence."""
+        for block_size, until in self.block_size_schedule:
+            if step < until:
+                return block_size
+        return final
 
 
 @dataclasses.dataclass(frozen=True)

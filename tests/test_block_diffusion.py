@@ -4,6 +4,10 @@ exactly, by enumerating the masks), and the pattern in every attention kernel.""
 
 import dataclasses
 import itertools
+import os
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llada_jax import config, metrics, sharding, train_step
+from llada_jax import config, metrics, sections, sharding, train_step
 from llada_jax import diffusion as D
 from llada_jax import kernels as kernels_lib
 from llada_jax import run as run_lib
@@ -19,6 +23,10 @@ from llada_jax.data import pipeline
 from llada_jax.kernels import KernelConfig, mkl
 from llada_jax.kernels.attention import NEG_INF, Blocks, bias
 from llada_jax.model import ModelConfig, Transformer
+from llada_jax.run_sections import TrainConfig
+from llada_jax.sections import SettingError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MASK_ID = 63
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=48)
@@ -215,3 +223,43 @@ def test_a_block_model_trains_with_packing_random_lengths_and_sft_prompts(tmp_pa
     loss, _ = train_step.loss_fn(graphdef, params, noised, "elbo", 16)
     assert np.isfinite(float(loss))
     assert not np.any(np.asarray(noised["is_masked"])[:, :8])  # the prompt stays clean
+
+
+def test_block_size_schedule_phases_and_bad_values():
+    """Phases by until-step, then diffusion.block_size; bad schedules are one SettingError."""
+    train = sections.from_section(
+        TrainConfig, {"steps": 10, "block_size_schedule": ((1, 2), (8, 4), (0, 7))}
+    )
+    assert [train.block_size_at(s, final=16) for s in range(10)] == [1, 1, 8, 8, 0, 0, 0] + [16] * 3
+    for bad in (((1, 4), (8, 4)), ((1, 10),), ((-1, 2),), ((1, 2, 3),), (1, 2)):
+        with pytest.raises(SettingError, match="block_size_schedule"):
+            sections.from_section(TrainConfig, {"steps": 10, "block_size_schedule": bad})
+    cfg = config.load("configs/tiny.py", [("train.block_size_schedule", "((1, 2), (5, 4))")])
+    with pytest.raises(ValueError, match="block size 5 does not divide data.seq_len=64"):
+        config.check(cfg)
+
+
+@pytest.mark.slow
+def test_training_follows_the_block_size_schedule(tmp_path):
+    """An AR-to-diffusion run of the tiny config: block size 1, then the full sequence, then 16,
+    each phase compiled once; extended to 8 steps, it resumes at step 6 in the last phase."""
+    cmd = [sys.executable, "-m", "llada_jax.train", "--config=configs/tiny.py"]
+    cmd += [f"--workdir={tmp_path}", "--config.sample.num_samples=0"]
+    cmd += [
+        "--config.train.block_size_schedule=((1, 2), (0, 4))",
+        "--config.diffusion.block_size=16",
+    ]
+    cmd += ["--config.checkpoint.save_every=4", "--config.train.log_every=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    phases = re.findall(r"step (\d+): training at block size (\d+)", proc.stdout)
+    assert phases == [("1", "1"), ("3", "0"), ("5", "16")], proc.stdout
+    rows = metrics.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    proc = subprocess.run(
+        cmd + ["--config.train.steps=8"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    phases = re.findall(r"step (\d+): training at block size (\d+)", proc.stdout)
+    assert phases == [("7", "16")], proc.stdout

@@ -62,6 +62,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from llada_jax import config as config_lib  # noqa: E402
 from llada_jax import metrics, sections, sharding  # noqa: E402
 from llada_jax import run as run_lib  # noqa: E402
+from llada_jax.kernels import splash  # noqa: E402
+from llada_jax.kernels.attention import Blocks  # noqa: E402
 from llada_jax.model import ModelConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -193,10 +195,16 @@ def kernel_matmuls(hlo: str) -> int:
 
 
 def attention_matmul_flops(cfg: config_lib.ConfigDict, chips: int, mesh_shape: dict) -> float:
-    """FLOPs of one (L x L x head_dim) attention matmul over a chip's share of one micro-batch."""
+    """FLOPs of one attention matmul of a splash kernel call over a chip's share of one
+    micro-batch: (L x L x head_dim), or for a block-diffusion model the (2L x 2L x head_dim)
+    pattern's tiles that the kernel computes (those it does not skip)."""
     m, length = sections.from_section(ModelConfig, cfg.model), cfg.data.seq_len
     sequences = cfg.data.batch_size // cfg.optim.grad_accum / (chips // mesh_shape["tensor"])
-    return 2.0 * sequences * length * length * m.n_heads / mesh_shape["tensor"] * m.head_dim
+    pairs = length * length
+    if cfg.diffusion.block_size:
+        visible = Blocks(cfg.diffusion.block_size, clean_copy=True).visible(2 * length)
+        pairs = splash.computed_pairs(visible)
+    return 2.0 * sequences * pairs * m.n_heads / mesh_shape["tensor"] * m.head_dim
 
 
 # XLA's TPU compiler may split a sharded matmul into a loop of partial matmuls and

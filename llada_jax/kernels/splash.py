@@ -51,6 +51,15 @@ def block_size(length: int) -> int:
     )
 
 
+def computed_pairs(visible: np.ndarray) -> int:
+    """(query, key) pairs the kernel computes under the mask `visible` (L, L) bool: every pair
+    of each tile (of `block_size(L)` squared) holding a visible one; the others are skipped."""
+    tile = block_size(visible.shape[0])
+    n = visible.shape[0] // tile
+    any_visible = visible.reshape(n, tile, n, tile).any(axis=(1, 3))
+    return int(any_visible.sum()) * tile * tile
+
+
 def _kernel(
     heads: int, length: int, causal: bool, interpret: bool, visible: np.ndarray | None
 ) -> sa.SplashAttentionKernel:

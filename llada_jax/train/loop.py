@@ -14,6 +14,7 @@ end-of-run report.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -181,13 +182,14 @@ def train_steps(
     configured; returns the final params and the last logged metrics. `lock`: the workdir's
     writer lock (process 0): a lock another trainer took over stops the run before a save."""
     data, is_writer = run.data_cfg, jax.process_index() == 0
-    step_fn = make_step_fn(run, graphdef, params, opt_state)
-
     batch_size, seq_len, total = data.batch_size, data.seq_len, run.train_cfg.steps
     batches = pipeline.iterate(run.batches, start, data.workers, data.prefetch)
-    flops_per_token = metrics.train_flops_per_token(
-        run.model_cfg, seq_len, run.diffusion_cfg.block_size
+    # One compiled step per block size of train.block_size_schedule (one without it).
+    step_fns: dict[int, Any] = {}
+    block_size_at = functools.partial(
+        run.train_cfg.block_size_at, final=run.diffusion_cfg.block_size
     )
+    flops_per_token = metrics.train_flops_per_token(run.model_cfg, seq_len, block_size_at(start))
     peak = metrics.total_peak_flops(run.model_cfg.dtype)
     if is_writer:
         _print_start(run, n_params, flops_per_token, peak, start)
@@ -201,8 +203,14 @@ def train_steps(
     mark_step, mark_time = start, time.perf_counter()
     signals.phase = "loop"
     for step in range(start, total):
+        block_size = block_size_at(step)
+        if block_size not in step_fns:
+            step_fns[block_size] = make_step_fn(run, graphdef, params, opt_state, block_size)
+            if is_writer and run.train_cfg.block_size_schedule:
+                print(f"step {step + 1}: training at block size {block_size}", flush=True)
+        flops_per_token = metrics.train_flops_per_token(run.model_cfg, seq_len, block_size)
         batch = pipeline.to_global(next(batches), run.mesh, batch_size)
-        params, opt_state, out = step_fn(params, opt_state, batch, jnp.int32(step))
+        params, opt_state, out = step_fns[block_size](params, opt_state, batch, jnp.int32(step))
         interval.append(out)
         done = step + 1
         profiler.after_step(done, (params, opt_state, out))  # starts or stops a trace
