@@ -2,10 +2,11 @@
 
 Where each concept lives, by layer:
 - The method (pure functions of arrays and keys, no platform): `model` (the transformer),
-  `diffusion` (noise schedules, t-sampling, masking, the losses), `sampling` (the reverse
-  process, its K/V caches), `likelihood` (Monte-Carlo NLL bounds), `guidance`
-  (classifier-free guidance, for both), `optim` (optimizer, LR schedules), `train_step` (the
-  jitted step), `special_ids` (the mask, EOS, end-of-turn and pad ids).
+  `diffusion` (noise schedules, t-sampling, masking, the losses; block diffusion), `sampling`
+  (the reverse process, its K/V caches), `block_sampling` (a block-diffusion model's reverse
+  process, block by block with an exact K/V cache), `likelihood` (Monte-Carlo NLL bounds),
+  `guidance` (classifier-free guidance, for both), `optim` (optimizer, LR schedules),
+  `train_step` (the jitted step), `special_ids` (the mask, EOS, end-of-turn and pad ids).
 - Config sections: `sections` (a section as a frozen dataclass: each key's type, default,
   description and checks, written once); each lives beside its reader (`model.ModelConfig`,
   `diffusion.DiffusionConfig`, `sampling.SampleSettings`, ..., `run_sections` for the runner's)

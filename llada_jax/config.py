@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping
 import ml_collections
 from absl import flags
 
-from llada_jax import cli, run_sections, sections
+from llada_jax import block_sampling, cli, run_sections, sections
 from llada_jax.diffusion import DiffusionConfig
 from llada_jax.kernels.choice import KernelConfig
 from llada_jax.model import ModelConfig
@@ -134,6 +134,9 @@ def check(c: ConfigDict) -> None:
         for cls in classes:
             given = {"mask_id": 0} if cls is DiffusionConfig else {}
             sections.from_section(cls, c[name], **given)
+    if c.diffusion.block_size and c.sample.num_samples:  # the samples printed at the end
+        settings = sections.from_section(SampleSettings, c.sample)
+        block_sampling.block_settings(settings, c.diffusion.block_size)
     seq_len = c.data.seq_len
     given = [("diffusion.block_size", c.diffusion.block_size)] + [
         ("train.block_size_schedule", block) for block, _ in c.train.block_size_schedule

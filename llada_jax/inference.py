@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from llada_jax import checkpoint, files, sampling, sharding
+from llada_jax import block_sampling, checkpoint, files, sampling, sharding
 from llada_jax import config as config_lib
 from llada_jax import run as run_lib
 from llada_jax.data.tokenizer import Tokenizer
@@ -179,11 +179,20 @@ def make_sampler(run: Run, settings: sampling.SampleSettings) -> sharding.OnMesh
     loaded model's, or the trainer's): the batch is split over its data-parallel axes, B a
     multiple of them. Under kernels.matmul=auto on one CPU device, each call runs the kernels
     that were fastest on its shapes (`run.fastest`). The tools, the evaluation job, lm-eval and
-    the benchmark all use it."""
+    the benchmark all use it.
+
+    A block-diffusion model (diffusion.block_size b > 0) samples with
+    `block_sampling.generate_blocks` and its exact K/V cache, whatever kv_cache says:
+    block_length is taken from the model (`block_sampling.block_settings`: ValueError when
+    gen_length or steps do not fit its blocks), gen_length is a cap (after a row's EOS or
+    end-of-turn, EOS), nfe the denoising steps run."""
+    block_size = run.diffusion_cfg.block_size
+    if block_size:
+        settings = block_sampling.block_settings(settings, block_size)
     return run_lib.fastest(
         run,
         f"sampler|{settings}",
-        lambda graphdef: _jitted_sampler(graphdef, settings, run.tokenizer, run.mesh),
+        lambda graphdef: _jitted_sampler(graphdef, settings, run.tokenizer, run.mesh, block_size),
     )
 
 
@@ -192,8 +201,10 @@ def _jitted_sampler(
     settings: sampling.SampleSettings,
     tokenizer: Tokenizer,
     mesh: jax.sharding.Mesh,
+    block_size: int,
 ) -> sharding.OnMesh:
-    """`make_sampler`'s function for the model graph `graphdef`."""
+    """`make_sampler`'s function for the model graph `graphdef` (a block-diffusion model's
+    when block_size > 0)."""
 
     def sample(params: Any, ids: jax.Array, valid: jax.Array, key: jax.Array):
         """The reverse process from ids (B, P) int32, valid (B, P) bool -> (canvas (B, P +
@@ -203,6 +214,12 @@ def _jitted_sampler(
             """The model: `graphdef` merged with `params` where it is called (inside the loop)."""
             return nnx.merge(graphdef, params)  # merged inside the loop
 
+        if block_size:
+            block_model = block_sampling.from_transformer(model, block_size)
+            canvas, nfe, _ = block_sampling.generate_blocks(
+                block_model, ids, valid, key, settings, tokenizer.special_ids
+            )
+            return canvas, nfe
         cached = settings.kv_cache != "none"
         sampler_model = sampling.SamplerModel(
             body=lambda tokens, v: model().hidden(tokens, v, return_cache=cached),

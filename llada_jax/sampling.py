@@ -524,7 +524,7 @@ def _decode_block(
     return x_BxT, nfe
 
 
-def _initial_canvas(
+def initial_canvas(
     prompt_BxP: jax.Array, prompt_valid_BxP: jax.Array, gen_length: int, mask_id: int
 ) -> tuple[jax.Array, jax.Array]:
     """The canvas (B, T = P + gen_length) int32, the prompt then masks, and its key-padding mask
@@ -535,15 +535,11 @@ def _initial_canvas(
     return canvas_BxT, valid_BxT
 
 
-def _check_call(
-    model: SamplerModel,
-    prompt: jax.Array,
-    prompt_valid: jax.Array,
-    settings: SampleSettings,
-    ids: SpecialIds,
+def check_inputs(
+    prompt: jax.Array, prompt_valid: jax.Array, settings: SampleSettings, ids: SpecialIds
 ) -> None:
-    """Raises ValueError unless the arrays, the ids and the model fit the settings (which
-    check themselves when built)."""
+    """Raises ValueError unless the prompt arrays and the ids fit the settings (which check
+    themselves when built); the block sampler's check too."""
     if prompt.ndim != 2 or prompt_valid.shape != prompt.shape:
         raise ValueError(
             f"prompt must be (B, Lp) with prompt_valid of the same shape, got "
@@ -555,6 +551,25 @@ def _check_call(
         raise ValueError("ban_eos=True requires an EOS id")
     if settings.eos_zero_confidence and (ids.eos_id < 0 or ids.eot_id < 0):
         raise ValueError("eos_zero_confidence=True requires EOS and end-of-turn ids")
+
+
+def zero_confidence_ids(settings: SampleSettings, ids: SpecialIds) -> tuple[int, ...]:
+    """The ids `propose` gives confidence 0 (its `zero_ids`): with eos_zero_confidence the
+    end-of-turn id, and at temperature 0 EOS too (module docstring); else none."""
+    if not settings.eos_zero_confidence:
+        return ()
+    return (ids.eot_id, ids.eos_id) if settings.temperature == 0 else (ids.eot_id,)
+
+
+def _check_call(
+    model: SamplerModel,
+    prompt: jax.Array,
+    prompt_valid: jax.Array,
+    settings: SampleSettings,
+    ids: SpecialIds,
+) -> None:
+    """Raises ValueError unless the arrays, the ids and the model fit the settings."""
+    check_inputs(prompt, prompt_valid, settings, ids)
     if settings.kv_cache != "none" and model.window is None:
         raise ValueError(f"kv_cache={settings.kv_cache!r} needs a SamplerModel with a window pass")
 
@@ -586,9 +601,6 @@ def generate(
         model = logits_model(model)
     _check_call(model, prompt, prompt_valid, settings, ids)
     s = settings
-    zero_ids = ()
-    if s.eos_zero_confidence:
-        zero_ids = (ids.eot_id, ids.eos_id) if s.temperature == 0 else (ids.eot_id,)
     d = _Decoding(
         model=model,
         mask_id=ids.mask_id,
@@ -602,9 +614,9 @@ def generate(
         temperature=s.temperature,
         remasking=s.remasking,
         ban_id=ids.eos_id if s.ban_eos else None,
-        zero_ids=zero_ids,
+        zero_ids=zero_confidence_ids(s, ids),
     )
-    canvas, valid = _initial_canvas(prompt, prompt_valid, s.gen_length, ids.mask_id)
+    canvas, valid = initial_canvas(prompt, prompt_valid, s.gen_length, ids.mask_id)
     prompt_index = canvas != ids.mask_id  # at the start: the prompt region's non-mask positions
     block_fn = functools.partial(_decode_block, d, key, valid, prompt_index)
     return jax.lax.fori_loop(0, s.num_blocks, block_fn, (canvas, jnp.int32(0)))
