@@ -74,7 +74,7 @@ def print_held_out_bound(run: Run, params: Any, untrained: Any | None = None) ->
     """Prints the evaluation job's NLL bound of the trained parameters on the run's held-out
     data (the eval section's tokens, masks and seed), and given `untrained` parameters theirs
     beside it, scored on the run's mesh. Every process calls it."""
-    settings = run.eval_settings
+    settings = evaluate.bound_settings(run, run.eval_settings)
     try:
         rows_RxL, _ = evaluate.held_out_rows(run, settings.num_tokens)
     except ValueError as e:

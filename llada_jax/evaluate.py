@@ -78,19 +78,27 @@ def held_out_rows(run: Any, num_tokens: int) -> tuple[np.ndarray, list[str]]:
     return np.stack(rows).astype(np.int32), [s.name for s in sources]
 
 
+def bound_settings(run: Run, settings: EvalSettings) -> EvalSettings:
+    """The eval settings the held-out bound runs with: one sample per row for a block model
+    with blocks of one token, whose bound is the exact autoregressive NLL (no Monte Carlo)."""
+    return settings.replace(num_samples=1) if run.diffusion_cfg.block_size == 1 else settings
+
+
 def make_scorer(run: Run, settings: EvalSettings) -> sharding.OnMesh:
     """`likelihood.make_scorer` with the eval settings' samples and seed, on the run's mesh
     (with the fastest kernels, `run.fastest`); `score_rows` makes every position a target
-    (unconditional text)."""
+    (unconditional text). A block-diffusion model is scored by its block bound."""
+    block_size = run.diffusion_cfg.block_size
     return run_lib.fastest(
         run,
-        f"scorer|{settings.num_samples}|{settings.seed}",
+        f"scorer|{settings.num_samples}|{settings.seed}|{block_size}",
         lambda graphdef: likelihood.make_scorer(
             graphdef,
             run.mesh,
             mask_id=run.tokenizer.mask_id,
             num_samples=settings.num_samples,
             seed=settings.seed,
+            block_size=block_size,
         ),
     )
 
@@ -118,10 +126,12 @@ def score_rows(
 
         batches = tqdm(batches, desc="held-out bound", unit="batch", leave=False)
     for start in batches:
-        r, s = row_id[start : start + batch_size], sample[start : start + batch_size]
-        every = np.ones((len(r), rows_RxL.shape[1]), bool)  # every position a target
-        tokens, every, r, s = (sharding.to_devices(x, mesh) for x in (rows_RxL[r], every, r, s))
-        out.append(sharding.to_host(scorer(params, tokens, every, every, r, s)))
+        r_Bx1 = row_id[start : start + batch_size, None]  # one slot per model row
+        s_Bx1 = sample[start : start + batch_size, None]
+        every_BxL = np.ones((len(r_Bx1), rows_RxL.shape[1]), bool)  # every position a target
+        segment_BxL = every_BxL.astype(np.int32)  # one segment, no padding
+        args = (rows_RxL[r_Bx1[:, 0]], every_BxL, segment_BxL, r_Bx1, s_Bx1)
+        out.append(sharding.to_host(scorer(params, *(sharding.to_devices(x, mesh) for x in args))))
     return np.concatenate(out)[: len(rows_RxL) * n].reshape(len(rows_RxL), n)
 
 
@@ -181,7 +191,9 @@ class Evaluator:
         self.workdir, self.progress, self.log = workdir, progress, log
         devices = devices or jax.local_devices()
         self.model = inference.load(workdir, step, devices, fsdp, kernels)
-        self.settings = self.model.run.eval_settings.replace(**overrides)
+        self.settings = bound_settings(
+            self.model.run, self.model.run.eval_settings.replace(**overrides)
+        )
         self.batch_size = rounded_batch_size(self.settings, self.model.run.mesh)
         self.tasks = None  # lm-eval's TaskManager, when there are tasks: checked before any work
         if self.settings.tasks:

@@ -1,24 +1,40 @@
 """Likelihood under a masked-diffusion LM: Monte-Carlo upper bounds on the negative log-likelihood.
 
-A row holds T target tokens (what is scored), optionally preceded or surrounded by a prompt
-(conditioning, never masked) and padding (key-masked). One Monte-Carlo sample of the bound:
+A request holds T target tokens (what is scored), optionally preceded or surrounded by a prompt
+(conditioning, never masked). One Monte-Carlo sample of the bound:
 
   draw l ~ U{1..T}; mask exactly l of the T targets, uniformly without replacement;
-  estimate = (T / l) * sum over the masked targets of -log p(x_i | the masked row)     [nats]
+  estimate = (T / l) * sum over the masked targets of -log p(x_i | the masked request)  [nats]
 
 Its expectation is an upper bound on -log p(targets | prompt). It names no noise schedule, so it
 compares models trained with any schedule on the same footing. With no prompt it is the bound on
-the row's unconditional NLL; per token it reads in nats, or in bits after dividing by ln 2.
+the request's unconditional NLL; per token it reads in nats, or in bits after dividing by ln 2.
 
-The n samples of a row are stratified over l: they take l_j = ((k + floor(j T / n)) mod T) + 1
-for j = 0..n-1 with one k ~ U{0..T-1} per row, so each l_j is uniform on 1..T (the estimate
+The n samples of a request are stratified over l: they take l_j = ((k + floor(j T / n)) mod T) + 1
+for j = 0..n-1 with one k ~ U{0..T-1} per request, so each l_j is uniform on 1..T (the estimate
 stays unbiased) while together they spread over 1..T evenly (its variance drops): each count
-appears n / T times when T divides n. The masks are
-drawn from PRNG keys folded from (seed, row id, sample index): a row's samples are the same for
-every checkpoint and every run evaluated with the same seed (common random numbers).
+appears n / T times when T divides n. The masks are drawn from PRNG keys folded from (seed,
+request id, sample index) and each position's offset in its request: a request's samples are
+the same for every checkpoint and every run evaluated with the same seed (common random
+numbers), wherever in a batch or a row the request lies.
+
+Packing: a model row (length L) holds up to S requests ("slots"), each a contiguous segment with
+its segment id 1..S (0: padding); attention stays within a segment (block-diagonal), and RoPE is
+relative, so a request scores the same (to float rounding) alone or packed beside others. Each
+slot has its own request id and sample index, and the scorer returns one sample per slot, (B, S).
+S = 1 is the unpacked case (the evaluation job's rows). The output head and the log-softmax run
+on K positions per row only (the row's targets, gathered), not on every position.
+
+A block-diffusion model (blocks of b tokens, each denoised given the clean blocks before it) is
+scored by its own bound, the block NELBO: the sum over the request's blocks of the estimate above
+within the block (l ~ U{1..T_k} of its T_k targets masked, weight T_k / l, stratified per block),
+the earlier blocks clean. One model call scores every block: the row beside its clean copy, as
+the model was trained. One request per row, its blocks counted from its first position. For
+b = 1 every block's one target is always masked: the estimate is the exact autoregressive
+log-likelihood, the same for every sample.
 
 With classifier-free guidance (cfg_scale w > 0) each model call becomes
-un + (w + 1) (cond - un), where un sees the row with its prompt masked too.
+un + (w + 1) (cond - un), where un sees the row with its prompts masked too.
 
 Documents longer than the context are scored in windows (`rolling_windows`): each window ends
 with a chunk of new targets and fills the rest with the tokens before it as the prompt, so every
@@ -37,20 +53,22 @@ import numpy as np
 from flax import nnx
 
 from llada_jax import sharding
-from llada_jax.guidance import LogitsFn, guide, model_rows
+from llada_jax.guidance import guide, model_rows
+from llada_jax.kernels.attention import Blocks
 
-# (tokens (B, L) int32, valid (B, L) bool, start (B,) int32) -> logits (B, W, V) of positions
-# start .. start + W - 1 of each row.
-WindowLogitsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# (tokens (B, L) int32, valid (B, L) bool, segment ids (B, L) int32 or None (one segment per
+# row), positions (B, K) int32) -> logits (B, K, V) of those positions of each row.
+HeadLogitsFn = Callable[[jax.Array, jax.Array, jax.Array | None, jax.Array], jax.Array]
 
 
 def stratified_mask_counts(
     key: jax.Array, row_id_B: jax.Array, sample_B: jax.Array, targets_B: jax.Array, n: int
 ) -> jax.Array:
-    """l (B,) int32 in 1..T: sample `sample_B` of the `n` stratified draws of each row.
+    """l (B,) int32 in 1..T: sample `sample_B` of the `n` stratified draws of each request.
 
-    The offset k ~ U{0..T-1} comes from `key` folded with the row id, so the n samples of a row
-    share it wherever they are computed. Rows with T = 0 get l = 1 (they score nothing).
+    The offset k ~ U{0..T-1} comes from `key` folded with the request id, so the n samples of a
+    request share it wherever they are computed. Requests with T = 0 get l = 1 (they score
+    nothing).
     """
     targets_B = jnp.maximum(targets_B, 1)
     row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_id_B)
@@ -59,96 +77,189 @@ def stratified_mask_counts(
     return (k_B + offset_B) % targets_B + 1
 
 
-def mask_exactly(key_B: jax.Array, target_BxL: jax.Array, l_B: jax.Array) -> jax.Array:
-    """(B, L) bool: `l_B[b]` of row b's target positions, uniformly without replacement.
+def slot_of(segment_BxL: jax.Array, per_slot_BxS: jax.Array) -> jax.Array:
+    """(B, L): each position's value of `per_slot_BxS` (B, S), that of the slot (segment id
+    1..S) it lies in; padding (segment 0) reads slot 1's."""
+    slot_BxL = jnp.clip(segment_BxL - 1, 0, per_slot_BxS.shape[1] - 1)
+    return jnp.take_along_axis(per_slot_BxS, slot_BxL, axis=1)
 
-    key_B: (B,) PRNG keys, one per row. The targets are ranked by an independent uniform score
-    each, drawn from the row's key folded with the position, so padding a row to another length
-    changes none of its draws; the l lowest ranks are masked.
-    """
-    positions = jnp.arange(target_BxL.shape[1])
 
-    def scores(k: jax.Array) -> jax.Array:
-        """(L,) float32 uniform scores in [0, 1), position i's drawn from `k` folded with i."""
-        return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(k, i)))(positions)
+def targets_per_slot(target_BxL: jax.Array, segment_BxL: jax.Array, num_slots: int) -> jax.Array:
+    """(B, S) int32: each slot's number of targets, T (targets on padding belong to none)."""
+    in_slot_BxLxS = segment_BxL[..., None] == jnp.arange(1, num_slots + 1)
+    return jnp.sum(target_BxL[..., None] & in_slot_BxLxS, axis=1, dtype=jnp.int32)
 
-    score_BxL = jax.vmap(scores)(key_B)
-    score_BxL = jnp.where(target_BxL, score_BxL, jnp.inf)
-    rank_BxL = jnp.argsort(jnp.argsort(score_BxL, axis=-1), axis=-1)
-    return target_BxL & (rank_BxL < l_B[:, None])
+
+def position_scores(
+    key: jax.Array, segment_BxL: jax.Array, row_id_BxS: jax.Array, sample_BxS: jax.Array
+) -> jax.Array:
+    """(B, L) float32 uniform scores in [0, 1), one per position, independent: position i of a
+    slot that starts at position o draws from `key` folded with the slot's request id, its
+    sample index + 1 (not its stratification key's) and i - o. A request's scores are the same
+    at any offset in any row, and padding it to another length changes none of them."""
+    one_hot_BxLxS = segment_BxL[..., None] == jnp.arange(1, row_id_BxS.shape[1] + 1)
+    start_BxS = jnp.argmax(one_hot_BxLxS, axis=1).astype(jnp.int32)
+    offset_BxL = jnp.arange(segment_BxL.shape[1]) - slot_of(segment_BxL, start_BxS)
+
+    def score(r: jax.Array, s: jax.Array, i: jax.Array) -> jax.Array:
+        """The uniform score of offset i of sample s of request r."""
+        sample_key = jax.random.fold_in(jax.random.fold_in(key, r), s + 1)
+        return jax.random.uniform(jax.random.fold_in(sample_key, i))
+
+    row_BxL, sample_BxL = slot_of(segment_BxL, row_id_BxS), slot_of(segment_BxL, sample_BxS)
+    return jax.vmap(jax.vmap(score))(row_BxL, sample_BxL, offset_BxL)
+
+
+def mask_lowest(
+    score_BxL: jax.Array, target_BxL: jax.Array, segment_BxL: jax.Array, l_BxS: jax.Array
+) -> jax.Array:
+    """(B, L) bool: in each slot (segment id 1..S), its `l_BxS` targets of the lowest scores
+    (ties: the earlier position). Each slot's l targets are thus uniform without replacement;
+    targets on padding (segment 0) are never masked."""
+    num_slots = l_BxS.shape[1]
+    target_BxL = target_BxL & (segment_BxL > 0)
+    group_BxL = jnp.where(target_BxL, segment_BxL, num_slots + 1)  # non-targets sort last
+    order_BxL = jnp.lexsort((score_BxL, group_BxL), axis=-1)
+    rank_BxL = jnp.argsort(order_BxL, axis=-1)  # rank in (slot, score) order
+    targets_BxS = targets_per_slot(target_BxL, segment_BxL, num_slots)
+    first_rank_BxS = jnp.cumsum(targets_BxS, axis=1) - targets_BxS  # targets of earlier slots
+    rank_in_slot_BxL = rank_BxL - slot_of(segment_BxL, first_rank_BxS)
+    return target_BxL & (rank_in_slot_BxL < slot_of(segment_BxL, l_BxS))
 
 
 def draw_masks(
-    key: jax.Array, target_BxL: jax.Array, row_id_B: jax.Array, sample_B: jax.Array, n: int
-) -> tuple[jax.Array, jax.Array]:
-    """The mask of sample `sample_B[b]` (of `n`) of row `row_id_B[b]`: (masked (B, L) bool,
-    l (B,) int32 its count), exactly l of the row's `target_BxL` positions, l stratified over
-    the row's n samples. A function of (key, row id, sample) and the targets only."""
-    targets_B = jnp.sum(target_BxL, axis=-1)
-    l_B = stratified_mask_counts(key, row_id_B, sample_B, targets_B, n)
-    sample_keys = jax.vmap(
-        lambda r, s: jax.random.fold_in(jax.random.fold_in(key, r), s + 1)  # s + 1: not k's key
-    )(row_id_B, sample_B)
-    return mask_exactly(sample_keys, target_BxL, l_B), l_B
+    key: jax.Array,
+    target_BxL: jax.Array,
+    segment_BxL: jax.Array,
+    row_id_BxS: jax.Array,
+    sample_BxS: jax.Array,
+    n: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The masks of sample `sample_BxS[b, s]` (of `n`) of request `row_id_BxS[b, s]`, the
+    request in slot s (segment id s + 1) of row b: (masked (B, L) bool, exactly l of each slot's
+    `target_BxL` positions; l (B, S) int32 the counts, stratified over a request's n samples;
+    targets (B, S) int32 each slot's T). A function of (key, request id, sample) and the slot's
+    target positions counted from its first position only."""
+    targets_BxS = targets_per_slot(target_BxL, segment_BxL, row_id_BxS.shape[1])
+    l_BxS = stratified_mask_counts(
+        key, row_id_BxS.ravel(), sample_BxS.ravel(), targets_BxS.ravel(), n
+    ).reshape(targets_BxS.shape)
+    score_BxL = position_scores(key, segment_BxL, row_id_BxS, sample_BxS)
+    return mask_lowest(score_BxL, target_BxL, segment_BxL, l_BxS), l_BxS, targets_BxS
 
 
-def nll_samples(
-    logits_fn: LogitsFn | WindowLogitsFn,
-    tokens_BxL: jax.Array,
+def draw_block_masks(
+    key: jax.Array,
     target_BxL: jax.Array,
     valid_BxL: jax.Array,
     row_id_B: jax.Array,
     sample_B: jax.Array,
+    n: int,
+    block_size: int,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The masks of a block-diffusion model's bound, one request per row from position 0:
+    each block of `block_size` positions (group g + 1 for block g) masks exactly l of its own
+    targets, l stratified over the request's n samples per block (its own offset, drawn from
+    `key` folded with g). -> (masked (B, L) bool, l (B, G) int32, targets (B, G) int32 each
+    block's T, group (B, L) int32 each position's block + 1, 0 on padding)."""
+    num_blocks = -(-target_BxL.shape[1] // block_size)  # the last one may be short
+    group_BxL = jnp.where(valid_BxL, jnp.arange(target_BxL.shape[1]) // block_size + 1, 0)
+    targets_BxG = targets_per_slot(target_BxL, group_BxL, num_blocks)
+    block_keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(jnp.arange(num_blocks))
+    l_GxB = jax.vmap(lambda k, t: stratified_mask_counts(k, row_id_B, sample_B, t, n))(
+        block_keys, targets_BxG.T
+    )
+    score_BxL = position_scores(
+        key, valid_BxL.astype(jnp.int32), row_id_B[:, None], sample_B[:, None]
+    )
+    masked_BxL = mask_lowest(score_BxL, target_BxL, group_BxL, l_GxB.T)
+    return masked_BxL, l_GxB.T, targets_BxG, group_BxL
+
+
+def head_positions(target_BxL: jax.Array, k: int) -> jax.Array:
+    """(B, K) int32: each row's target positions in order, then its other positions, the first
+    `k` of them: every target when a row holds at most k."""
+    return jnp.argsort(~target_BxL, axis=-1, stable=True)[:, :k].astype(jnp.int32)
+
+
+def nll_samples(
+    logits_fn: HeadLogitsFn,
+    tokens_BxL: jax.Array,
+    target_BxL: jax.Array,
+    segment_BxL: jax.Array,
+    row_id_BxS: jax.Array,
+    sample_BxS: jax.Array,
     key: jax.Array,
     *,
     num_samples: int,
     mask_id: int,
     cfg_scale: float = 0.0,
-    window: int = 0,
+    num_head_positions: int = 0,
+    block_size: int = 0,
 ) -> jax.Array:
-    """One Monte-Carlo sample of the NLL bound per row: (B,) float32 nats.
+    """One Monte-Carlo sample of the NLL bound per slot: (B, S) float32 nats.
 
-    Row b is sample `sample_B[b]` (of `num_samples`) of row `row_id_B[b]`; the same
-    (row id, sample) pair draws the same mask in any batch. Positions that are valid and not
-    targets are the prompt (never masked); invalid positions are padding. Rows with no target
-    score 0.
+    Slot s of row b (the positions of segment id s + 1) is sample `sample_BxS[b, s]` (of
+    `num_samples`) of request `row_id_BxS[b, s]`; the same (request id, sample) pair draws the
+    same mask in any batch, row and slot. Positions of a slot that are not targets are its
+    prompt (never masked); segment 0 is padding. Slots with no target score 0.
 
-    logits_fn: (tokens (B, L) int32, valid (B, L) bool) -> logits (B, L, V); with `window`,
-      (tokens, valid, start (B,) int32) -> logits (B, window, V) of the positions start ..
-      start + window - 1 of each row (the output head runs there only).
+    logits_fn: see `HeadLogitsFn`; it gets segment ids None when S = 1.
     tokens_BxL: (B, L) int32 clean tokens.
-    target_BxL: (B, L) bool, the positions scored (valid ones only).
-    valid_BxL: (B, L) bool key-padding mask.
-    row_id_B, sample_B: (B,) int32, each row's id and its sample index (0..num_samples-1).
+    target_BxL: (B, L) bool, the positions scored (those in a slot only).
+    segment_BxL: (B, L) int32 slot of each position, 1..S, 0 for padding.
+    row_id_BxS, sample_BxS: (B, S) int32, each slot's request id and its sample index
+      (0..num_samples-1); those of an empty slot are arbitrary.
     key: the estimator's PRNG key (its seed).
-    num_samples: samples per row (the stratification's n), static.
+    num_samples: samples per request (the stratification's n), static.
     mask_id: the mask token id, static.
     cfg_scale: classifier-free guidance weight w (0: none), static.
-    window: 0, or a width (static) that holds every row's targets from its first one on (the
-      caller lays rows out so; a window starting at the first target is moved left to fit).
+    num_head_positions: K (static), the positions per row the output head runs on: at least
+      every row's number of targets (the caller lays rows out so); 0: L, every position.
+    block_size: b > 0 for a block-diffusion model (static): the block bound (module
+      docstring), one request per row (S = 1) from position 0; logits_fn then gets each row
+      followed by its clean copy, (R, 2L), and the positions of the first half.
     """
+    num_slots = row_id_BxS.shape[1]
+    valid_BxL = segment_BxL > 0
     target_BxL = target_BxL & valid_BxL
-    masked_BxL, l_B = draw_masks(key, target_BxL, row_id_B, sample_B, num_samples)
-    targets_B = jnp.sum(target_BxL, axis=-1)
+    if block_size:
+        if num_slots != 1:
+            raise ValueError("a block-diffusion model's bound scores one request per row")
+        masked_BxL, l_BxG, targets_BxG, group_BxL = draw_block_masks(
+            key, target_BxL, valid_BxL, row_id_BxS[:, 0], sample_BxS[:, 0], num_samples, block_size
+        )
+    else:
+        masked_BxL, l_BxG, targets_BxG = draw_masks(
+            key, target_BxL, segment_BxL, row_id_BxS, sample_BxS, num_samples
+        )
+        group_BxL = segment_BxL
     noisy_BxL = jnp.where(masked_BxL, mask_id, tokens_BxL)
     prompt_BxL = valid_BxL & ~target_BxL
     model_tokens, model_valid = model_rows(noisy_BxL, valid_BxL, prompt_BxL, mask_id, cfg_scale)
-    if window:
-        length = tokens_BxL.shape[1]
-        start_B = jnp.clip(jnp.argmax(target_BxL, axis=-1), 0, length - window).astype(jnp.int32)
-        starts = start_B if cfg_scale == 0 else jnp.concatenate([start_B, start_B])
-        logits_BxWxV = logits_fn(model_tokens, model_valid, starts)
-        positions_BxW = start_B[:, None] + jnp.arange(window, dtype=jnp.int32)
-        tokens_BxL = jnp.take_along_axis(tokens_BxL, positions_BxW, axis=1)
-        masked_BxL = jnp.take_along_axis(masked_BxL, positions_BxW, axis=1)
-    else:
-        logits_BxWxV = logits_fn(model_tokens, model_valid)
+    if block_size:  # beside each row its clean copy (its prompt masked too in CFG's rows)
+        clean_tokens, _ = model_rows(tokens_BxL, valid_BxL, prompt_BxL, mask_id, cfg_scale)
+        model_tokens = jnp.concatenate([model_tokens, clean_tokens], axis=1)
+        model_valid = jnp.concatenate([model_valid, model_valid], axis=1)
+    positions_BxK = head_positions(target_BxL, num_head_positions or tokens_BxL.shape[1])
+    copies = 1 if cfg_scale == 0 else 2  # the guided call's rows: conditional, unconditional
+    segments = None if num_slots == 1 else jnp.tile(segment_BxL, (copies, 1))
+    logits_BxKxV = logits_fn(
+        model_tokens, model_valid, segments, jnp.tile(positions_BxK, (copies, 1))
+    )
     if cfg_scale > 0:
-        logits_BxWxV = guide(logits_BxWxV, cfg_scale)
-    logp_BxWxV = jax.nn.log_softmax(logits_BxWxV.astype(jnp.float32), axis=-1)
-    token_logp_BxW = jnp.take_along_axis(logp_BxWxV, tokens_BxL[..., None], axis=-1)[..., 0]
-    masked_nll_B = -jnp.sum(jnp.where(masked_BxL, token_logp_BxW, 0.0), axis=-1)
-    return jnp.where(targets_B > 0, masked_nll_B * targets_B / l_B, 0.0)
+        logits_BxKxV = guide(logits_BxKxV, cfg_scale)
+    logp_BxKxV = jax.nn.log_softmax(logits_BxKxV.astype(jnp.float32), axis=-1)
+    tokens_BxK = jnp.take_along_axis(tokens_BxL, positions_BxK, axis=1)
+    token_logp_BxK = jnp.take_along_axis(logp_BxKxV, tokens_BxK[..., None], axis=-1)[..., 0]
+    # Each masked target's -log p weighted by T / l of its group (its slot, or its block).
+    weight_BxG = jnp.where(targets_BxG > 0, targets_BxG / l_BxG, 0.0)
+    weight_BxL = jnp.where(masked_BxL, slot_of(group_BxL, weight_BxG), 0.0)
+    weight_BxK = jnp.take_along_axis(weight_BxL, positions_BxK, axis=1)
+    segment_BxK = jnp.take_along_axis(segment_BxL, positions_BxK, axis=1)
+    in_slot_BxKxS = segment_BxK[..., None] == jnp.arange(1, num_slots + 1)
+    nll_BxK = -token_logp_BxK * weight_BxK
+    return jnp.sum(jnp.where(in_slot_BxKxS, nll_BxK[..., None], 0.0), axis=1)
 
 
 def make_scorer(
@@ -159,44 +270,45 @@ def make_scorer(
     num_samples: int,
     seed: int,
     cfg_scale: float = 0.0,
-    window: int = 0,
+    num_head_positions: int = 0,
+    block_size: int = 0,
 ) -> sharding.OnMesh:
     """`nll_samples` of the model `graphdef`, jitted on `mesh` with the batch split over its
-    data-parallel axes: (params, tokens (B, L) int32, target (B, L) bool, valid (B, L) bool,
-    row_id (B,) int32, sample (B,) int32) -> (B,) float32 nats, the masks drawn from
-    `jax.random.key(seed)`. The scorer of the evaluation job (every valid position a target)
-    and of the lm-eval model (the continuation the targets, the context the prompt). With
-    `window`, the output head and the log-softmax run on `window` positions per row from its
-    first target (every target must lie there)."""
+    data-parallel axes: (params, tokens (B, L) int32, target (B, L) bool, segment (B, L) int32,
+    row_id (B, S) int32, sample (B, S) int32) -> (B, S) float32 nats, the masks drawn from
+    `jax.random.key(seed)`; one compile per (B, L, S) shape. The scorer of the evaluation job
+    (S = 1, every position a target) and of the lm-eval model (each slot's continuation the
+    targets, its context the prompt). The output head and the log-softmax run on
+    `num_head_positions` positions per row (0: every position), which must hold every target.
+    block_size > 0: the block bound of a block-diffusion model (`nll_samples`)."""
     key = jax.random.key(seed)
+    blocks = Blocks(block_size, clean_copy=True) if block_size else None
 
-    def score(params, tokens_BxL, target_BxL, valid_BxL, row_id_B, sample_B):
-        """One bound sample per row of the model with `params`: (B,) float32 nats."""
+    def score(params, tokens_BxL, target_BxL, segment_BxL, row_id_BxS, sample_BxS):
+        """One bound sample per slot of the model with `params`: (B, S) float32 nats."""
         model = nnx.merge(graphdef, params)
 
-        def logits_fn(tokens: jax.Array, valid: jax.Array) -> jax.Array:
-            """The model's logits (B, L, V) on tokens (B, L) int32 with valid (B, L) bool."""
-            return model(tokens, valid)
-
-        def window_logits_fn(tokens: jax.Array, valid: jax.Array, start: jax.Array) -> jax.Array:
-            """Logits (B, window, V) of positions start .. start + window - 1 of each row."""
-            hidden_BxLxD, _ = model.hidden(tokens, valid)
-            positions_BxW = start[:, None] + jnp.arange(window, dtype=jnp.int32)
-            rows_BxWxD = jnp.take_along_axis(hidden_BxLxD, positions_BxW[..., None], axis=1)
-            return model.head(rows_BxWxD)
+        def logits_fn(
+            tokens: jax.Array, valid: jax.Array, segments: jax.Array | None, positions: jax.Array
+        ) -> jax.Array:
+            """Logits (B, K, V) of the positions (B, K) of each row."""
+            hidden_BxLxD, _ = model.hidden(tokens, valid, segments, blocks=blocks)
+            rows_BxKxD = jnp.take_along_axis(hidden_BxLxD, positions[..., None], axis=1)
+            return model.head(rows_BxKxD)
 
         return nll_samples(
-            window_logits_fn if window else logits_fn,
+            logits_fn,
             tokens_BxL,
             target_BxL,
-            valid_BxL,
-            row_id_B,
-            sample_B,
+            segment_BxL,
+            row_id_BxS,
+            sample_BxS,
             key,
             num_samples=num_samples,
             mask_id=mask_id,
             cfg_scale=cfg_scale,
-            window=window,
+            num_head_positions=num_head_positions,
+            block_size=block_size,
         )
 
     batch = sharding.batch_sharding(mesh)

@@ -17,23 +17,32 @@ checkpoint it evaluates.
   generate_until         the sampler (every key of a config's sample section), cut at EOS and the
                          stop strings.
 
-Requests are batched (`batch_size` model rows per call, Monte-Carlo samples and requests
-together, padded to a few lengths so that little is recompiled) and split over the devices.
-The masks of a request depend only on its tokens and `seed`: the same request is scored on the
-same masks by every checkpoint (common random numbers).
+Scoring lays the requests out in model rows (`layout`): with `pack` (the default) several per
+row, side by side in segments that attend only within themselves (first-fit decreasing into
+rows of at least PACK_LENGTH positions), else one per row; either way rows are padded to a few
+lengths (`bucket`) so that little is recompiled, and the output head runs on each row's targets
+only. Each model row is scored once per Monte-Carlo sample, `batch_size` rows per call, split
+over the devices. The masks of a request depend only on its tokens, its sample index and `seed`
+(not on the layout or the order of the requests): the same request is scored on the same masks
+by every checkpoint (common random numbers), packed or not. A block-diffusion model
+(diffusion.block_size > 0) is scored by its block bound (likelihood.py), one request per row
+(pack is off); with blocks of one token that is the exact log-likelihood, so mc_num is 1.
 
 Model arguments: workdir (local or gs://; required unless a loaded model is passed), step,
-mc_num (128), batch_size (32), seed (0), max_length (0: the run's data.seq_len), num_devices (0:
-all local), and the sampler's settings: every key of `sampling.SampleSettings` (a config's
-sample section, e.g. temperature, threshold, kv_cache) with its default, except that gen_length
-defaults to each request's max_gen_toks and steps and block_length to gen_length. cfg_scale
-guides the scoring too. matmul and attention (the kernels section) replace the checkpoint's
-kernels; under matmul=auto on one CPU device each jitted function runs the kernels that were
-fastest on its shapes (llada_jax/kernels/autotune.py).
+mc_num (128), batch_size (32 model rows per call; it wins over lm-eval's --batch_size), pack
+(true: several requests per model row; false: one), seed (0), max_length (0: the run's
+data.seq_len), num_devices (0: all local), and the sampler's settings: every key of
+`sampling.SampleSettings` (a config's sample section, e.g. temperature, threshold, kv_cache)
+with its default, except that gen_length defaults to each request's max_gen_toks and steps and
+block_length to gen_length. cfg_scale guides the scoring too. matmul and attention (the kernels
+section) replace the checkpoint's kernels; under matmul=auto on one CPU device each jitted
+function runs the kernels that were fastest on its shapes (llada_jax/kernels/autotune.py).
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
 import zlib
 from collections import defaultdict
@@ -51,6 +60,9 @@ from llada_jax import run as run_lib
 from llada_jax.kernels import KernelConfig
 
 DEFAULT_MAX_GEN_TOKS = 256
+DEFAULT_BATCH_SIZE = 32  # model rows per call
+MODEL_NAME = "llada_jax"
+PACK_LENGTH = 128  # the least length of a packed model row (docs/performance.md)
 
 
 def bucket(length: int) -> int:
@@ -59,7 +71,39 @@ def bucket(length: int) -> int:
     return -(-length // step) * step
 
 
-@register_model("llada_jax")
+@dataclasses.dataclass
+class ModelRow:
+    """Requests side by side in one model row (each in its slot, in this order)."""
+
+    length: int  # positions, a `bucket` size
+    requests: list[int]  # indices of the requests
+    used: int = 0  # positions the requests take
+    targets: int = 0  # their targets
+
+    @property
+    def head_positions(self) -> int:
+        """Positions the output head runs on: the row's targets, rounded up by `bucket`."""
+        return min(bucket(max(self.targets, 1)), self.length)
+
+
+def layout(requests: Sequence[tuple[int, int]], pack: bool) -> list[ModelRow]:
+    """Model rows for requests of (length, targets) tokens. Unpacked: one per request, of its
+    length's `bucket`. Packed: first-fit decreasing, the longest requests first, each into the
+    first row with room for it, else a new row of max(its length, PACK_LENGTH)'s `bucket`."""
+    rows: list[ModelRow] = []
+    for i in sorted(range(len(requests)), key=lambda i: -requests[i][0]):
+        length, targets = requests[i]
+        row = next((r for r in rows if r.used + length <= r.length), None) if pack else None
+        if row is None:
+            row = ModelRow(bucket(max(length, PACK_LENGTH if pack else 1)), [])
+            rows.append(row)
+        row.requests.append(i)
+        row.used += length
+        row.targets += targets
+    return rows
+
+
+@register_model(MODEL_NAME)
 class LLaDAJaxLM(LM):
     """See the module docstring."""
 
@@ -84,12 +128,13 @@ class LLaDAJaxLM(LM):
         workdir: str = "",
         step: int | None = None,
         mc_num: int = 128,
-        batch_size: int | str = 32,
+        batch_size: int | str = DEFAULT_BATCH_SIZE,
         seed: int = 0,
         max_length: int = 0,
         num_devices: int = 0,
         model: inference.LoadedModel | None = None,
         progress: bool = True,
+        pack: bool = True,
         max_batch_size: int | None = None,
         device: str | None = None,
         **section_args: Any,
@@ -111,24 +156,29 @@ class LLaDAJaxLM(LM):
         self.mc_num, self.seed = int(mc_num), int(seed)
         self.cfg_scale = self.sample_args.get("cfg_scale", 0.0)
         dp = sharding.data_parallel_size(model.run.mesh)
-        rows = int(batch_size) if str(batch_size).isdigit() else 32  # "auto": the default
-        self.batch_size = -(-max(rows, 1) // dp) * dp
+        self.batch_size = -(-rows_per_call(batch_size) // dp) * dp
         self.max_length = int(max_length) or model.run.data_cfg.seq_len
         self.progress = progress
         if self.mc_num < 1:
             raise ValueError(f"mc_num={mc_num} is invalid; valid: a positive integer")
-        self._scorers: dict[int, Any] = {}  # by head window (0: every position)
+        # A block-diffusion model's bound takes one request per row, counted from its start;
+        # with blocks of one token it is exact, one sample.
+        self.block_size = model.run.diffusion_cfg.block_size
+        self.pack = bool(pack) and not self.block_size
+        self.mc_num = 1 if self.block_size == 1 else self.mc_num
+        self._scorers: dict[int, Any] = {}  # by output-head positions per row
         self._samplers: dict[sampling.SampleSettings, Any] = {}
 
     # ------------------------------------------------------------------------------------
     # Scoring
     # ------------------------------------------------------------------------------------
-    def scorer(self, window: int) -> Any:
-        """The jitted scorer whose output head runs on `window` positions per row (0: all)."""
-        if window not in self._scorers:
-            self._scorers[window] = run_lib.fastest(
+    def scorer(self, num_head_positions: int) -> Any:
+        """The jitted scorer whose output head runs on `num_head_positions` positions per row."""
+        if num_head_positions not in self._scorers:
+            self._scorers[num_head_positions] = run_lib.fastest(
                 self.model.run,
-                f"scorer|{self.mc_num}|{self.seed}|{self.cfg_scale}|{window}",
+                f"scorer|{self.mc_num}|{self.seed}|{self.cfg_scale}|{num_head_positions}|"
+                f"{self.block_size}",
                 lambda graphdef: likelihood.make_scorer(
                     graphdef,
                     self.model.run.mesh,
@@ -136,45 +186,35 @@ class LLaDAJaxLM(LM):
                     num_samples=self.mc_num,
                     seed=self.seed,
                     cfg_scale=self.cfg_scale,
-                    window=window,
+                    num_head_positions=num_head_positions,
+                    block_size=self.block_size,
                 ),
             )
-        return self._scorers[window]
+        return self._scorers[num_head_positions]
 
     def score_rows(self, rows: Sequence[tuple[list[int], int]], desc: str) -> np.ndarray:
         """The bound (nats) of each row's last `targets` tokens given the ones before them:
-        rows are (ids, targets) pairs; returns (len(rows), mc_num) samples. Rows are padded to
-        a few lengths, and the output head runs on a window of a few widths holding the
-        targets (the whole row when that is not shorter)."""
+        rows are (ids, targets) pairs; returns (len(rows), mc_num) samples. The rows are laid
+        out by `layout` (several per model row with `pack`), each of its model rows scored
+        once per Monte-Carlo sample, `batch_size` model rows per call."""
         out = np.zeros((len(rows), self.mc_num))
-        by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, (ids, n) in enumerate(rows):
-            length = bucket(len(ids))
-            window = bucket(n)
-            by_shape[(length, window if window < length else 0)].append(i)
-        total = sum(len(v) for v in by_shape.values()) * self.mc_num
-        bar = _bar(total, desc, self.progress)
-        for (length, window), members in sorted(by_shape.items()):
-            scorer = self.scorer(window)
-            pairs = [(i, j) for i in members for j in range(self.mc_num)]
+        groups: dict[tuple[int, int], list[ModelRow]] = defaultdict(list)
+        for model_row in layout([(len(ids), n) for ids, n in rows], self.pack):
+            groups[(model_row.length, model_row.head_positions)].append(model_row)
+        bar = _bar(len(rows) * self.mc_num, desc, self.progress)
+        for (length, head), members in sorted(groups.items()):
+            scorer = self.scorer(head)
+            slots = max(len(m.requests) for m in members)
+            pairs = [(m, j) for m in members for j in range(self.mc_num)]
             for start in range(0, len(pairs), self.batch_size):
                 chunk = pairs[start : start + self.batch_size]
                 padded = chunk + [chunk[0]] * (self.batch_size - len(chunk))
-                tokens, target, valid = (
-                    np.zeros((self.batch_size, length), t) for t in (np.int32, bool, bool)
-                )
-                row_id = np.zeros(self.batch_size, np.int32)
-                sample = np.array([j for _, j in padded], np.int32)
-                for b, (i, _) in enumerate(padded):
-                    ids, n = rows[i]
-                    tokens[b, : len(ids)] = ids
-                    valid[b, : len(ids)] = True
-                    target[b, len(ids) - n : len(ids)] = True
-                    row_id[b] = request_id(ids, n)
-                nll = np.asarray(scorer(self.model.params, tokens, target, valid, row_id, sample))
-                for b, (i, j) in enumerate(chunk):
-                    out[i, j] = nll[b]
-                bar.update(len(chunk))
+                batch = pack_batch(rows, padded, length, slots)
+                nll_BxS = np.asarray(scorer(self.model.params, *batch))
+                for b, (model_row, j) in enumerate(chunk):
+                    for s, i in enumerate(model_row.requests):
+                        out[i, j] = nll_BxS[b, s]
+                bar.update(sum(len(m.requests) for m, _ in chunk))
         bar.close()
         return out
 
@@ -219,9 +259,10 @@ class LLaDAJaxLM(LM):
     def settings_for(self, max_gen_toks: int) -> sampling.SampleSettings:
         """The sampler's settings for a request of `max_gen_toks` tokens: the model args', with
         gen_length (a multiple of block_length) defaulting to `max_gen_toks` and steps and
-        block_length to gen_length."""
+        block_length to gen_length; a block-diffusion model's block_length is its block size."""
         given = self.sample_args
         block = given.get("block_length") or given.get("gen_length") or max_gen_toks
+        block = self.block_size or block
         gen_length = -(-(given.get("gen_length") or max_gen_toks) // block) * block
         steps = given.get("steps") or gen_length
         try:
@@ -272,6 +313,53 @@ class LLaDAJaxLM(LM):
         return out
 
 
+def pack_batch(
+    requests: Sequence[tuple[list[int], int]],
+    pairs: Sequence[tuple[ModelRow, int]],
+    length: int,
+    slots: int,
+) -> tuple[np.ndarray, ...]:
+    """The scorer's inputs for (model row, sample) pairs of `requests` ((ids, targets) pairs),
+    rows of `length` positions and `slots` slots: tokens (B, L) int32, target (B, L) bool,
+    segment (B, L) int32 (slot s of a row is segment s + 1, its requests side by side from
+    position 0; 0 pads), row_id (B, S) int32 (`request_id`; 0 for an empty slot) and sample
+    (B, S) int32."""
+    batch = len(pairs)
+    tokens_BxL = np.zeros((batch, length), np.int32)
+    target_BxL = np.zeros((batch, length), bool)
+    segment_BxL = np.zeros((batch, length), np.int32)
+    row_id_BxS = np.zeros((batch, slots), np.int32)
+    sample_BxS = np.zeros((batch, slots), np.int32)
+    for b, (model_row, j) in enumerate(pairs):
+        offset = 0
+        for s, i in enumerate(model_row.requests):
+            ids, n = requests[i]
+            end = offset + len(ids)
+            tokens_BxL[b, offset:end] = ids
+            segment_BxL[b, offset:end] = s + 1
+            target_BxL[b, end - n : end] = True
+            row_id_BxS[b, s], sample_BxS[b, s] = request_id(ids, n), j
+            offset = end
+    return tokens_BxL, target_BxL, segment_BxL, row_id_BxS, sample_BxS
+
+
+def rows_per_call(batch_size: int | str) -> int:
+    """The model rows per call a batch_size argument asks for: a positive integer as given,
+    anything else (lm-eval's "auto", "auto:N") the default 32. The model rounds it up to a
+    multiple of its data-parallel devices."""
+    return max(int(batch_size), 1) if str(batch_size).isdigit() else DEFAULT_BATCH_SIZE
+
+
+def set_cli_batch_size(args: argparse.Namespace) -> None:
+    """Parsed lm-eval command-line `args` with --batch_size set to the rows per call that the
+    llada_jax model scores (model_args' batch_size, else --batch_size, else 32; see
+    `rows_per_call`), so that lm-eval's results config and its summary header report those
+    rather than its own default 1. Other models' args are left as they are."""
+    if getattr(args, "model", None) == MODEL_NAME:
+        given = getattr(args, "batch_size", DEFAULT_BATCH_SIZE)
+        args.batch_size = rows_per_call((args.model_args or {}).get("batch_size", given))
+
+
 def request_id(ids: Sequence[int], targets: int) -> int:
     """A request's row id for its masks: a hash of its tokens and target count, so the same
     request draws the same masks in any batch, run or checkpoint."""
@@ -290,7 +378,7 @@ def split_section_args(given: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     out: dict[type, dict[str, Any]] = {sampling.SampleSettings: {}, KernelConfig: {}}
     for name, value in given.items():
         if name not in fields:
-            valid = "workdir, step, mc_num, batch_size, seed, max_length, num_devices"
+            valid = "workdir, step, mc_num, batch_size, pack, seed, max_length, num_devices"
             raise ValueError(
                 f"model_args {name}={value!r} is not a model argument; valid: {valid} and "
                 f"{', '.join(fields)}"

@@ -54,8 +54,9 @@ def test_train_mode_reports_both_mfus():
 
 
 def test_likelihood_mode_agrees_with_the_reference_style_estimate(tmp_path):
-    """lm-eval requests scored by our model (batched, the head windowed) and by the reference
-    harness's way (one request at a time, the full head) on the same masks: the same estimates."""
+    """lm-eval requests scored by our model (batched, the head on the targets; packed several
+    per row and one per row) and by the reference harness's way (one request at a time, the full
+    head) on the same masks: the same estimates."""
     result = benchmark(
         "--mode=likelihood",
         "--config=configs/tiny.py",
@@ -68,5 +69,9 @@ def test_likelihood_mode_agrees_with_the_reference_style_estimate(tmp_path):
     )
     assert result["requests"] == 3 and result["mc_num"] == 8
     assert result["max_estimate_difference"] < 1e-3
-    assert result["requests_per_sec"] > 0 and result["bound_tokens_per_sec"] > 0
-    assert 1 <= result["padded_tokens_ratio"] and 0 < result["head_positions_ratio"] <= 1
+    assert result["max_packed_unpacked_difference"] < 1e-3
+    for layout in ("packed", "unpacked"):
+        assert result[f"{layout}_requests_per_sec"] > 0
+        assert 1 <= result[f"padded_tokens_ratio_{layout}"]
+        assert 0 < result[f"head_positions_ratio_{layout}"] <= 1
+    assert result["bound_tokens_per_sec"] > 0

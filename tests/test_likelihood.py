@@ -32,6 +32,27 @@ def toy():
     return logits_jax, logits_np
 
 
+def head(logits_fn):
+    """A `likelihood.HeadLogitsFn` of a full-logits (tokens, valid) -> (B, L, V) function: the
+    logits of the positions asked for, gathered (the toy sees no segments)."""
+
+    def at(tokens, valid, segments, positions):
+        return jnp.take_along_axis(logits_fn(tokens, valid), positions[..., None], axis=1)
+
+    return at
+
+
+def unpacked(tokens, target, valid, row_id, sample):
+    """nll_samples' arguments for one request per row (S = 1) given as (B, L) rows."""
+    return (
+        jnp.asarray(tokens, jnp.int32),
+        jnp.asarray(target, bool),
+        jnp.asarray(valid, jnp.int32),  # segment 1, padding 0
+        jnp.asarray(row_id, jnp.int32)[:, None],
+        jnp.asarray(sample, jnp.int32)[:, None],
+    )
+
+
 def exact_bound(logits_np, tokens, target, valid, cfg_scale=0.0):
     """E over l ~ U{1..T} and every l-subset of the targets of (T / l) sum -log p, enumerated."""
     idx = [i for i in range(L) if target[i] and valid[i]]
@@ -71,17 +92,11 @@ def estimator(toy):
         sample = np.tile(np.arange(num_samples), rows)
         fn = jax.jit(
             lambda *a: likelihood.nll_samples(
-                logits_jax, *a, num_samples=num_samples, mask_id=MASK, cfg_scale=cfg_scale
+                head(logits_jax), *a, num_samples=num_samples, mask_id=MASK, cfg_scale=cfg_scale
             )
         )
-        out = fn(
-            jnp.asarray(tokens[row_id], jnp.int32),
-            jnp.asarray(target[row_id], bool),
-            jnp.asarray(valid[row_id], bool),
-            jnp.asarray(row_id, jnp.int32),
-            jnp.asarray(sample, jnp.int32),
-            jax.random.key(seed),
-        )
+        args = unpacked(tokens[row_id], target[row_id], valid[row_id], row_id, sample)
+        out = fn(*args, jax.random.key(seed))
         return np.asarray(out).reshape(rows, num_samples)
 
     return run
@@ -116,13 +131,52 @@ def test_stratified_counts_cover_every_mask_count_evenly():
             assert counts.tolist() == [n // t] * t, (t, n, row, counts)
 
 
-def test_masks_exactly_l_targets_and_never_the_prompt_or_pads():
-    target = jnp.asarray([[0, 1, 1, 1, 1, 0, 0, 1]] * 4, bool)
-    count = jnp.asarray([1, 2, 3, 5], jnp.int32)
-    keys = jax.random.split(jax.random.key(0), 4)
-    mask = np.asarray(likelihood.mask_exactly(keys, target, count))
-    assert mask.sum(1).tolist() == [1, 2, 3, 5]
-    assert not (mask & ~np.asarray(target)).any()
+def test_masks_exactly_l_targets_of_each_slot_and_never_the_prompt_or_pads():
+    # Slots 1, 2, 3 of 3, 2 and 3 targets (prompts before them), then padding.
+    segment = np.array([[1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 0, 0]] * 4)
+    target = np.array([[0, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]] * 4, bool)
+    count = np.array([[1, 1, 1], [2, 2, 3], [3, 1, 2], [3, 2, 3]])
+    score = np.asarray(jax.random.uniform(jax.random.key(0), target.shape))
+    mask = np.asarray(
+        likelihood.mask_lowest(
+            jnp.asarray(score), jnp.asarray(target), jnp.asarray(segment), jnp.asarray(count)
+        )
+    )
+    assert not (mask & ~(target & (segment > 0))).any()
+    for s in range(3):
+        in_slot = target & (segment == s + 1)
+        assert (mask & in_slot).sum(1).tolist() == count[:, s].tolist()
+        # the masked ones are the slot's lowest-scored targets
+        worst_masked = np.where(mask & in_slot, score, -1).max(1)
+        best_kept = np.where(in_slot & ~mask, score, 2).min(1)
+        assert (worst_masked < best_kept).all()
+
+
+def test_a_request_draws_the_same_mask_at_any_offset_of_a_packed_row():
+    """Request 11 (sample 2) alone at position 0 of a 5-wide row, and in slot 2 of a packed row
+    at offset 4 beside request 7 (sample 0): the same mask, shifted, and the same count."""
+    key = jax.random.key(9)
+    alone_target = np.array([[0, 1, 1, 1, 1]], bool)
+    alone = likelihood.draw_masks(
+        key,
+        jnp.asarray(alone_target),
+        jnp.asarray([[1, 1, 1, 1, 1]]),
+        jnp.asarray([[11]]),
+        jnp.asarray([[2]]),
+        8,
+    )
+    packed_target = np.array([[0, 1, 1, 1, 0, 1, 1, 1, 1, 0]], bool)
+    packed = likelihood.draw_masks(
+        key,
+        jnp.asarray(packed_target),
+        jnp.asarray([[1, 1, 1, 1, 2, 2, 2, 2, 2, 0]]),
+        jnp.asarray([[7, 11]]),
+        jnp.asarray([[0, 2]]),
+        8,
+    )
+    np.testing.assert_array_equal(np.asarray(packed[0])[0, 4:9], np.asarray(alone[0])[0])
+    assert int(packed[1][0, 1]) == int(alone[1][0, 0]) and packed[2].tolist() == [[3, 4]]
+    assert np.asarray(packed[0])[0, :4].sum() == int(packed[1][0, 0])
 
 
 def test_same_row_and_sample_draw_the_same_mask_in_any_batch(toy):
@@ -130,20 +184,14 @@ def test_same_row_and_sample_draw_the_same_mask_in_any_batch(toy):
     tokens, target, valid = (np.array([r[i] for r in ROWS]) for i in range(3))
 
     def one(rows, samples):
-        return likelihood.nll_samples(
-            logits_jax,
-            jnp.asarray(tokens[rows]),
-            jnp.asarray(target[rows], bool),
-            jnp.asarray(valid[rows], bool),
-            jnp.asarray(rows, jnp.int32),
-            jnp.asarray(samples, jnp.int32),
-            jax.random.key(7),
-            num_samples=4,
-            mask_id=MASK,
+        args = unpacked(tokens[rows], target[rows], valid[rows], rows, samples)
+        out = likelihood.nll_samples(
+            head(logits_jax), *args, jax.random.key(7), num_samples=4, mask_id=MASK
         )
+        return np.asarray(out)[:, 0]
 
-    a = np.asarray(one([0, 1, 2, 1], [0, 3, 2, 1]))
-    b = np.asarray(one([1, 2, 1, 0], [1, 2, 3, 0]))
+    a = one([0, 1, 2, 1], [0, 3, 2, 1])
+    b = one([1, 2, 1, 0], [1, 2, 3, 0])
     np.testing.assert_allclose(a[0], b[3])
     np.testing.assert_allclose(a[1], b[2])
     np.testing.assert_allclose(a[2], b[1])
@@ -192,17 +240,11 @@ def test_padding_a_row_changes_none_of_its_draws():
 
     def score(tokens, target, valid):
         n = 6
-        return likelihood.nll_samples(
-            logits_fn,
-            jnp.asarray([tokens] * n),
-            jnp.asarray([target] * n, bool),
-            jnp.asarray([valid] * n, bool),
-            jnp.full((n,), 3, jnp.int32),
-            jnp.arange(n, dtype=jnp.int32),
-            jax.random.key(5),
-            num_samples=n,
-            mask_id=MASK,
+        args = unpacked([tokens] * n, [target] * n, [valid] * n, [3] * n, range(n))
+        out = likelihood.nll_samples(
+            head(logits_fn), *args, jax.random.key(5), num_samples=n, mask_id=MASK
         )
+        return np.asarray(out)[:, 0]
 
     short = score([1, 0, 2], [0, 1, 1], [1, 1, 1])
     long = score([1, 0, 2, 2, 1], [0, 1, 1, 0, 0], [1, 1, 1, 0, 0])
@@ -211,30 +253,34 @@ def test_padding_a_row_changes_none_of_its_draws():
 
 
 @pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
-def test_a_head_window_over_the_targets_gives_the_same_samples(toy, cfg_scale):
-    """`window`: the logits of `window` positions from each row's first target (moved left to
-    fit) are all the estimator reads; here they are the full logits' own, so the samples are
-    equal to the last bit."""
-    logits_jax, _ = toy
-    rows = ROWS[1:]  # targets within the last 3 positions
+def test_the_head_on_gathered_targets_gives_the_reference_samples(toy, cfg_scale):
+    """The output head on K = 3 gathered positions per row (each row's targets, then others)
+    and on every position (K = 0): both the samples computed here from the same masks with the
+    full NumPy logits, (T / l) * sum over the masked targets of -log p."""
+    logits_jax, logits_np = toy
+    rows = ROWS[1:]  # at most 3 targets
     n = 6
     tokens, target, valid = (np.array([r[i] for r in rows]) for i in range(3))
     row_id = np.repeat(np.arange(len(rows)), n)
-    args = (
-        jnp.asarray(tokens[row_id], jnp.int32),
-        jnp.asarray(target[row_id], bool),
-        jnp.asarray(valid[row_id], bool),
-        jnp.asarray(row_id, jnp.int32),
-        jnp.asarray(np.tile(np.arange(n), len(rows)), jnp.int32),
-        jax.random.key(1),
-    )
-
-    def window_fn(tokens, valid, start):
-        positions = start[:, None] + jnp.arange(3)
-        return jnp.take_along_axis(logits_jax(tokens, valid), positions[..., None], axis=1)
-
+    sample = np.tile(np.arange(n), len(rows))
+    args = unpacked(tokens[row_id], target[row_id], valid[row_id], row_id, sample)
+    key = jax.random.key(1)
     common = dict(num_samples=n, mask_id=MASK, cfg_scale=cfg_scale)
-    full = likelihood.nll_samples(logits_jax, *args, **common)
-    windowed = likelihood.nll_samples(window_fn, *args, **common, window=3)
+    full = likelihood.nll_samples(head(logits_jax), *args, key, **common)
+    gathered = likelihood.nll_samples(head(logits_jax), *args, key, **common, num_head_positions=3)
+    masked, count, _ = likelihood.draw_masks(key, args[1], args[2], args[3], args[4], n)
+    masked, count = np.asarray(masked), np.asarray(count)[:, 0]
+    reference = []
+    for b, r in enumerate(row_id):
+        x = np.where(masked[b], MASK, tokens[r])
+        logits = logits_np(x, valid[r]).astype(np.float64)
+        if cfg_scale:
+            prompt = valid[r].astype(bool) & ~target[r].astype(bool)
+            un = logits_np(np.where(prompt, MASK, x), valid[r])
+            logits = un + (cfg_scale + 1) * (logits - un)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll = -sum(logp[i, tokens[r][i]] for i in range(L) if masked[b, i])
+        reference.append(nll * target[r].sum() / count[b])
     assert (np.asarray(full) > 0).all()
-    np.testing.assert_array_equal(np.asarray(windowed), np.asarray(full))
+    np.testing.assert_allclose(np.asarray(full)[:, 0], reference, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(gathered)[:, 0], reference, rtol=1e-5)

@@ -1,6 +1,8 @@
 """The lm-evaluation-harness model: its estimate against exact enumeration on a real checkpoint,
-and lm-eval running local JSONL tasks (multiple choice, perplexity, generation) through it."""
+packed and unpacked layouts, and lm-eval running local JSONL tasks (multiple choice, perplexity,
+generation) through it."""
 
+import argparse
 import itertools
 import json
 import math
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llada_jax.lm_eval_model import LLaDAJaxLM, cut
+from llada_jax.lm_eval_model import LLaDAJaxLM, cut, layout, set_cli_batch_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ["HF_DATASETS_OFFLINE"] = "1"  # local files only
@@ -72,27 +74,114 @@ def test_loglikelihood_is_the_conditional_bound_by_exact_enumeration(workdir, lm
     assert batch[1][0] == ll
 
 
+# Requests of (ids, targets) and how they pack: 3 model rows of 48 positions holding 3, 4 and
+# 1 of them (3 unused slots), then padding; at most 16 targets per row.
+PACKED_REQUESTS = [(7, 3), (12, 5), (20, 6), (5, 1), (30, 9), (9, 4), (3, 2), (16, 16)]
+PACKED_ROWS = [[0, 1, 2], [3, 4, 5, 6], [7]]
+
+
 @pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
-def test_the_windowed_head_scores_as_the_full_head(lm, cfg_scale):
-    """The output head on a 16-wide window from each row's first target: the same samples as
-    the head on every position, for rows whose targets end anywhere (the window moved left to
-    fit at the row's end), with and without guidance."""
+def test_packed_rows_score_as_each_request_alone_with_the_full_head(lm, cfg_scale):
+    """Requests of different lengths packed 2 to 4 per row (segment ids, block-diagonal
+    attention, the head on 16 gathered positions per row) against each alone in its row (S = 1)
+    with the head on every position, and alone with the head on 16 gathered positions: the same
+    samples (the same masks; RoPE is relative), with and without guidance."""
     guided = LLaDAJaxLM(model=lm.model, mc_num=4, batch_size=8, cfg_scale=cfg_scale, progress=False)
     rng = np.random.default_rng(0)
-    length, rows = (
-        48,
-        [(5, 3), (20, 16), (48, 9), (47, 1), (30, 30 - 14), (16, 16), (33, 2), (9, 4)],
-    )
-    tokens, target, valid = (np.zeros((8, length), t) for t in (np.int32, bool, bool))
-    for b, (n_ids, n_targets) in enumerate(rows):
-        tokens[b, :n_ids] = rng.integers(5, 4000, n_ids)
-        valid[b, :n_ids] = True
-        target[b, n_ids - min(n_targets, 16) : n_ids] = True
-    args = (tokens, target, valid, np.arange(8, dtype=np.int32), np.arange(8, dtype=np.int32) % 4)
-    full = np.asarray(guided.scorer(0)(lm.model.params, *args))
-    windowed = np.asarray(guided.scorer(16)(lm.model.params, *args))
+    requests = [(rng.integers(5, 4000, n).tolist(), t) for n, t in PACKED_REQUESTS]
+    sample = [1, 3, 0, 2, 2, 1, 3, 0]  # each request's sample index
+    length, slots = 48, 4
+    # 8 rows (a multiple of the test's 8 devices): 3 packed ones and 5 of padding only.
+    packed = [np.zeros((8, length), t) for t in (np.int32, bool, np.int32)]
+    row_id, sample_id = np.zeros((8, slots), np.int32), np.zeros((8, slots), np.int32)
+    alone = [np.zeros((8, length), t) for t in (np.int32, bool, np.int32)]
+    for b, members in enumerate(PACKED_ROWS):
+        offset = 0
+        for s, i in enumerate(members):
+            ids, n = requests[i]
+            for arrays, row, start in ((packed, b, offset), (alone, i, 0)):
+                tokens, target, segment = arrays
+                tokens[row, start : start + len(ids)] = ids
+                target[row, start + len(ids) - n : start + len(ids)] = True
+                segment[row, start : start + len(ids)] = s + 1 if arrays is packed else 1
+            row_id[b, s], sample_id[b, s] = 100 + i, sample[i]
+            offset += len(ids)
+    alone_ids = (100 + np.arange(8, dtype=np.int32))[:, None]
+    alone_samples = np.asarray(sample, np.int32)[:, None]
+    params = lm.model.params
+    full = np.asarray(guided.scorer(0)(params, *alone, alone_ids, alone_samples))[:, 0]
+    gathered = np.asarray(guided.scorer(16)(params, *alone, alone_ids, alone_samples))[:, 0]
+    packed_BxS = np.asarray(guided.scorer(16)(params, *packed, row_id, sample_id))
     assert (full > 0).all()
-    np.testing.assert_allclose(windowed, full, rtol=2e-5)
+    np.testing.assert_allclose(gathered, full, rtol=1e-5)
+    for b, members in enumerate(PACKED_ROWS):
+        np.testing.assert_allclose(packed_BxS[b, : len(members)], full[members], rtol=1e-5)
+        assert (packed_BxS[b, len(members) :] == 0).all()  # empty slots score nothing
+    assert (packed_BxS[3:] == 0).all()
+
+
+def test_layout_packs_first_fit_decreasing():
+    requests = [(40, 2), (100, 5), (70, 1), (30, 3), (60, 2), (200, 9), (10, 20)]
+    unpacked = layout(requests, pack=False)  # each request alone, in its length's bucket
+    assert [(r.length, r.requests, r.head_positions) for r in unpacked] == [
+        (224, [5], 16),
+        (112, [1], 16),
+        (80, [2], 16),
+        (64, [4], 16),
+        (48, [0], 16),
+        (32, [3], 16),
+        (16, [6], 16),
+    ]
+    # Longest first, each into the first row with room, else a new row of at least 128:
+    # 200 -> A (224, room 24); 100 -> B (128, room 28); 70 -> C (128, 58); 60 -> D (128, 68);
+    # 40 -> C (room 18 left); 30 -> D (38 left); 10 -> A (14 left).
+    packed = layout(requests, pack=True)
+    assert [(r.length, r.requests, r.used, r.targets, r.head_positions) for r in packed] == [
+        (224, [5, 6], 210, 29, 32),
+        (128, [1], 100, 5, 16),
+        (128, [2, 0], 110, 3, 16),
+        (128, [4, 3], 90, 5, 16),
+    ]
+
+
+def test_loglikelihood_is_the_same_packed_or_not(lm):
+    """The same requests (several per model row packed, one per row not): the same estimates,
+    request by request, to float rounding; rolling ones too."""
+    pairs = [
+        ("In the beginning God created", " the heaven"),
+        ("And the LORD said unto Moses, Go in unto Pharaoh", " and tell him"),
+        ("Amen", "."),
+        ("Blessed are the meek: for they shall", " inherit the earth"),
+        ("", "Jesus wept."),
+    ]
+    requests = [Request(*p) for p in pairs]
+    texts = [Request("And God said, Let there be light."), Request("Amen.")]
+    lengths = [(len(c) + len(x), len(x)) for c, x in (lm.encode_pair(*p) for p in pairs)]
+    assert len(layout(lengths, pack=True)) < len(pairs)  # several requests share a row
+    unpacked = LLaDAJaxLM(model=lm.model, mc_num=16, batch_size=32, pack=False, progress=False)
+    assert lm.pack and not unpacked.pack
+    np.testing.assert_allclose(
+        [ll for ll, _ in lm.loglikelihood(requests)],
+        [ll for ll, _ in unpacked.loglikelihood(requests)],
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(
+        lm.loglikelihood_rolling(texts), unpacked.loglikelihood_rolling(texts), rtol=1e-5
+    )
+
+
+def test_the_command_line_batch_size_is_the_models_rows_per_call():
+    """lm-eval's summary header prints the parsed --batch_size: set to what the model uses."""
+
+    def cli(model="llada_jax", **given):
+        args = argparse.Namespace(model=model, model_args=given.pop("model_args", None), **given)
+        set_cli_batch_size(args)
+        return args.batch_size
+
+    assert cli() == 32  # not lm-eval's default 1
+    assert cli(batch_size="auto") == 32 and cli(batch_size="8") == 8
+    assert cli(model_args={"workdir": "w", "batch_size": 16}, batch_size="8") == 16
+    assert cli(model="hf", batch_size="8") == "8"  # other models: as given
 
 
 def test_rolling_loglikelihood_sums_windows_over_a_long_text(lm):
@@ -203,6 +292,7 @@ def test_lm_eval_command_line_with_the_model_registered(workdir, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "kjv_mc" in proc.stdout and "acc" in proc.stdout
+    assert "batch_size: 8" in proc.stdout  # the rows per call, not lm-eval's default 1
 
 
 @pytest.mark.slow

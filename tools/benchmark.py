@@ -25,12 +25,14 @@ are exact mode's. The model and sample settings are --workdir's (a trained check
 --config's, untrained; the kernels are --config's (`kernels` section) either way.
 
 likelihood: lm-eval `loglikelihood` requests (contexts and continuations from the shipped corpus)
-per second through the `llada_jax` lm-eval model, against a baseline of the same estimator as
-LLaDA's reference harness computes it (one request at a time, mc_num / batch_size forward
-passes of batch_size copies, the output head on every position), alternated; the largest
-difference of the two estimates (the same masks: it must be ~0), how much padding the length
-buckets add and what share of positions the output head runs on; and the held-out bound's
-tokens per second. --config.kernels.matmul=xla (or mkl) forces the kernels, which auto times.
+per second through the `llada_jax` lm-eval model with requests packed several per model row
+(pack=True) and one per row (pack=False), against a baseline of the same estimator as LLaDA's
+reference harness computes it (one request at a time, mc_num / batch_size forward passes of
+batch_size copies, the output head on every position), the three alternated; the largest
+differences of the estimates (the same masks: they must be ~0), each layout's padding (model
+row positions per request token) and what share of positions the output head runs on; and the
+held-out bound's tokens per second. --config.kernels.matmul=xla (or mkl) forces the kernels,
+which auto times.
 
 On CPU the peak is the matmul peak measured in this run: before and after the timed steps (both
 reported), and in a short probe between every two steps. `mfu` divides the median step's FLOP/s by
@@ -171,7 +173,9 @@ def bench_train(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str
     step_sec = float(np.median(times))
     q25, q75 = np.percentile(times, [25, 75])
     tokens = batch_size * seq_len
-    flops = metrics.train_flops_per_token(run.model_cfg, seq_len) * tokens
+    flops = tokens * metrics.train_flops_per_token(
+        run.model_cfg, seq_len, run.diffusion_cfg.block_size
+    )
     achieved = flops / step_sec
     return dict(
         mode="train",
@@ -455,10 +459,15 @@ def reference_style_nll(
     total = 0.0
     for first in range(0, mc_num, batch_size):
         samples = np.arange(first, first + batch_size, dtype=np.int32)
-        masked, l_b = likelihood.draw_masks(
-            key, jnp.asarray(target), jnp.full(batch_size, row_id, jnp.int32), samples, mc_num
+        masked, l_b, _ = likelihood.draw_masks(
+            key,
+            jnp.asarray(target),
+            jnp.ones(target.shape, jnp.int32),  # one request per row
+            jnp.full((batch_size, 1), row_id, jnp.int32),
+            samples[:, None],
+            mc_num,
         )
-        masked, l_b = np.asarray(masked), np.asarray(l_b)
+        masked, l_b = np.asarray(masked), np.asarray(l_b)[:, 0]
         x = np.where(masked, mask_id, np.asarray(ids, np.int32)[None])
         logits = forward(x).astype(np.float64)
         logp = logits - logits.max(-1, keepdims=True)
@@ -468,18 +477,37 @@ def reference_style_nll(
     return total / mc_num
 
 
+def padding_ratios(lengths: list[tuple[int, int]], pack: bool) -> tuple[float, float]:
+    """For requests of (length, targets) tokens laid out as the lm-eval model does (`layout`):
+    (model row positions / request tokens, output-head positions / model row positions)."""
+    from llada_jax.lm_eval_model import layout
+
+    rows = layout(lengths, pack)
+    positions = sum(r.length for r in rows)
+    return positions / sum(n for n, _ in lengths), sum(r.head_positions for r in rows) / positions
+
+
 def bench_likelihood(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
     """lm-eval `loglikelihood` requests per second through our `llada_jax` model (batched,
-    jitted, head windowed) against the reference-style baseline (`reference_style_nll`), timed
-    alternately `steps` times, with the largest difference of their estimates on the same
-    masks; and the held-out bound's tokens per second (the evaluation job's scorer)."""
+    jitted, the head on the targets) with requests packed several per model row and one per row,
+    against the reference-style baseline (`reference_style_nll`), timed alternately `steps`
+    times, with the largest differences of their estimates on the same masks and each layout's
+    padding; and the held-out bound's tokens per second (the evaluation job's scorer)."""
     from llada_jax import evaluate
-    from llada_jax.lm_eval_model import LLaDAJaxLM, bucket, request_id
+    from llada_jax.lm_eval_model import LLaDAJaxLM, request_id
 
     model = bench_model(cfg)
-    lm = LLaDAJaxLM(
-        model=model, mc_num=FLAGS.mc_num, batch_size=FLAGS.lm_batch_size, progress=False
-    )
+    lms = {
+        name: LLaDAJaxLM(
+            model=model,
+            mc_num=FLAGS.mc_num,
+            batch_size=FLAGS.lm_batch_size,
+            pack=name == "packed",
+            progress=False,
+        )
+        for name in ("packed", "unpacked")
+    }
+    lm = lms["packed"]
     pairs = likelihood_requests(lm.tok, FLAGS.num_requests, lm.max_length)
     requests = [types.SimpleNamespace(args=pair) for pair in pairs]
     encoded = [lm.encode_pair(*pair) for pair in pairs]
@@ -500,31 +528,34 @@ def bench_likelihood(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dic
             for ctx, cont in encoded
         ]
 
+    def ours(name: str) -> Callable[[], list[float]]:
+        return lambda: [ll for ll, _ in lms[name].loglikelihood(requests)]
+
     settings = model.run.eval_settings
     rows = evaluate.held_out_rows(model.run, settings.num_tokens)[0]
     scorer = evaluate.make_scorer(model.run, settings)
     bound_batch = evaluate.rounded_batch_size(settings, model.run.mesh)
-    times: dict[str, list[float]] = {"ours": [], "baseline": [], "bound": []}
+    runs = {
+        "packed": ours("packed"),
+        "unpacked": ours("unpacked"),
+        "baseline": baseline,
+        "bound": lambda: evaluate.score_rows(scorer, model.params, rows, settings, bound_batch),
+    }
+    times: dict[str, list[float]] = collections.defaultdict(list)
     estimates: dict[str, np.ndarray] = {}
     for rep in range(warmup + steps):  # alternating
-        for name, fn in (
-            ("ours", lambda: [ll for ll, _ in lm.loglikelihood(requests)]),
-            ("baseline", baseline),
-            (
-                "bound",
-                lambda: evaluate.score_rows(scorer, model.params, rows, settings, bound_batch),
-            ),
-        ):
+        for name, fn in runs.items():
             start = time.perf_counter()
             out = fn()
             if rep >= warmup:
                 times[name].append(time.perf_counter() - start)
             if name != "bound":
                 estimates[name] = np.asarray(out)
-    ours, base = (float(np.median(times[k])) for k in ("ours", "baseline"))
-    tokens = [len(c) + len(t) for c, t in encoded]
-    padded = [bucket(n) for n in tokens]
-    heads = [min(bucket(len(t)), p) for (_, t), p in zip(encoded, padded)]
+    median = {name: float(np.median(t)) for name, t in times.items()}
+    lengths = [(len(c) + len(t), len(t)) for c, t in encoded]
+    (padded_packed, head_packed), (padded_unpacked, head_unpacked) = (
+        padding_ratios(lengths, pack) for pack in (True, False)
+    )
     return dict(
         mode="likelihood",
         device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
@@ -532,17 +563,25 @@ def bench_likelihood(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dic
         matmul=model.run.kernels.matmul,
         n_params=int(sum(x.size for x in jax.tree.leaves(model.params))),
         requests=len(requests),
-        request_tokens_mean=float(np.mean(tokens)),
-        padded_tokens_ratio=sum(padded) / sum(tokens),  # row positions / request tokens
-        head_positions_ratio=sum(heads) / sum(padded),  # output-head positions / row positions
+        request_tokens_mean=float(np.mean([n for n, _ in lengths])),
         mc_num=FLAGS.mc_num,
         batch_size=FLAGS.lm_batch_size,
         repetitions=steps,
-        requests_per_sec=len(requests) / ours,
-        baseline_requests_per_sec=len(requests) / base,
-        speedup_vs_baseline=base / ours,
-        max_estimate_difference=float(np.abs(estimates["ours"] - estimates["baseline"]).max()),
-        bound_tokens_per_sec=rows.size / float(np.median(times["bound"])),
+        # model row positions / request tokens; output-head positions / model row positions
+        padded_tokens_ratio_packed=padded_packed,
+        padded_tokens_ratio_unpacked=padded_unpacked,
+        head_positions_ratio_packed=head_packed,
+        head_positions_ratio_unpacked=head_unpacked,
+        packed_requests_per_sec=len(requests) / median["packed"],
+        unpacked_requests_per_sec=len(requests) / median["unpacked"],
+        baseline_requests_per_sec=len(requests) / median["baseline"],
+        packed_speedup_vs_unpacked=median["unpacked"] / median["packed"],
+        packed_speedup_vs_baseline=median["baseline"] / median["packed"],
+        max_estimate_difference=float(np.abs(estimates["packed"] - estimates["baseline"]).max()),
+        max_packed_unpacked_difference=float(
+            np.abs(estimates["packed"] - estimates["unpacked"]).max()
+        ),
+        bound_tokens_per_sec=rows.size / median["bound"],
     )
 
 
