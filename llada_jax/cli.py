@@ -53,11 +53,15 @@ def define_section_flags(
             raise TypeError(f"{cls.__name__}.{f.name}: no flag type for {kind.__name__}")
 
 
-def section_from_flags(cls: type[T], flag_values: flags.FlagValues = flags.FLAGS) -> T:
-    """`cls` built from the flags `define_section_flags` made. Raises ValueError naming the flag
+def section_from_flags(
+    cls: type[T], flag_values: flags.FlagValues = flags.FLAGS, **fixed: Any
+) -> T:
+    """`cls` built from the flags `define_section_flags` made, the keys in `fixed` (e.g. a
+    block model's block_length) set to those values instead. Raises ValueError naming the flag
     (`--block_length=5 does not divide --gen_length=64`)."""
+    given = {f.name: flag_values[f.name].value for f in sections.keys(cls)}
     try:
-        return cls(**{f.name: flag_values[f.name].value for f in sections.keys(cls)})
+        return cls(**{**given, **fixed})
     except sections.SettingError as e:
         raise ValueError(e.with_prefix("--")) from None
 

@@ -3,6 +3,7 @@ objective at block size L (today's LLaDA loss) and 1 (an autoregressive model's 
 exactly, by enumerating the masks), and the pattern in every attention kernel."""
 
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -83,11 +84,15 @@ def toy():
     return graphdef, params
 
 
+@functools.cache
+def jitted_loss(graphdef, block_size):
+    """`train_step.loss_fn` of the model `graphdef` at `block_size`, jitted once per test run."""
+    return jax.jit(lambda p, n: train_step.loss_fn(graphdef, p, n, "elbo", block_size)[0])
+
+
 def loss_of(toy, noised, block_size):
     graphdef, params = toy
-    return jax.jit(lambda p, n: train_step.loss_fn(graphdef, p, n, "elbo", block_size)[0])(
-        params, noised
-    )
+    return jitted_loss(graphdef, block_size)(params, noised)
 
 
 def test_block_size_L_is_the_full_sequence_model(toy):

@@ -140,7 +140,6 @@ def sample(argv: list[str]) -> list[dict]:
     cli.parse(argv, __doc__)
     if not FLAGS.workdir:
         raise ValueError("--workdir=DIR is required")
-    settings = cli.section_from_flags(sampling.SampleSettings)
     kernels = cli.overrides_from_flags(KernelConfig)
     devices = jax.local_devices()[: FLAGS.num_devices or None]
     if not 0 <= FLAGS.num_devices <= len(jax.local_devices()):
@@ -149,6 +148,13 @@ def sample(argv: list[str]) -> list[dict]:
             f"{len(jax.local_devices())} (the local devices)"
         )
     model = inference.load(FLAGS.workdir, FLAGS.step, devices, FLAGS.fsdp, kernels)
+    # A block-diffusion model samples blocks of its own size, whatever --block_length says.
+    block = (
+        {"block_length": model.run.diffusion_cfg.block_size}
+        if model.run.diffusion_cfg.block_size
+        else {}
+    )
+    settings = cli.section_from_flags(sampling.SampleSettings, **block)
     tok, mesh = model.run.tokenizer, model.run.mesh
     prompts = read_prompts(tok, model.run.model_cfg.vocab_size)
     check_length(max(len(p) for _, p in prompts), model.run.data_cfg.seq_len)
