@@ -75,3 +75,32 @@ def test_likelihood_mode_agrees_with_the_reference_style_estimate(tmp_path):
         assert 1 <= result[f"padded_tokens_ratio_{layout}"]
         assert 0 < result[f"head_positions_ratio_{layout}"] <= 1
     assert result["bound_tokens_per_sec"] > 0
+
+
+@pytest.mark.slow
+def test_block_model_train_against_full_and_its_sampler_cache():
+    """--against times the full model's step beside the block model's, and the block sampler
+    with its exact cache gives the tokens it gives without it."""
+    train = benchmark(
+        "--mode=train",
+        "--config=configs/tiny.py",
+        "--config.diffusion.block_size=16",
+        "--against=diffusion.block_size=0",
+        "--steps=2",
+        "--warmup=1",
+    )
+    assert train["against"] == "diffusion.block_size=0"
+    # The block model's layers run on the row and its clean copy: more FLOPs per step.
+    assert train["model_tflop_per_step"] > 1.1 * train["against_model_tflop_per_step"]
+    assert train["step_sec_ratio_to_against"] > 0
+    sample = benchmark(
+        "--mode=sample",
+        "--config=configs/tiny.py",
+        "--config.diffusion.block_size=16",
+        "--config.sample.gen_length=32",
+        "--config.sample.steps=8",
+        "--steps=1",
+        "--warmup=0",
+    )
+    assert sample["block_size"] == 16 and sample["cache_tokens_identical_to_no_cache"]
+    assert sample["cache_nfe"] == sample["no_cache_nfe"] == 8

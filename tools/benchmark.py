@@ -4,6 +4,7 @@
       [--steps=N] [--warmup=W] [--json]
 
   python tools/benchmark.py --mode=train ... --profile_dir=DIR   (also writes a profiler trace)
+  python tools/benchmark.py --mode=train ... --against=diffusion.block_size=0   (A/B, alternated)
   python tools/benchmark.py --mode=data --config=configs/demo.py --config.data.seq_len=2048
   python tools/benchmark.py --mode=checkpoint --config=configs/demo.py
   python tools/benchmark.py --mode=sample --config=configs/demo.py [--workdir=demo_run]
@@ -15,14 +16,18 @@ the config's shape (with document segment ids when data.segment_ids is set), and
 computes the matmuls (`matmul`: XLA, or the MKL kernels of llada_jax/kernels/mkl.py), the median
 step time and its IQR, tokens/s, masked tokens/s, model TFLOP/step, achieved GFLOP/s, the
 peak FLOP/s, MFU, compile time, the process's peak RSS and the device's peak memory
-(accelerators). Prints a table, or one JSON object with --json.
+(accelerators). Prints a table, or one JSON object with --json. With --against=KEY=VALUE the
+step of the config so changed is timed too, the two alternated step by step (against_* keys,
+and the ratio of the step times).
 
 sample: the sampler's tokens/s, batched over --num_prompts prompts and jitted, in exact mode
 (LLaDA's algorithm), with threshold decoding and with each K/V cache, against a baseline of the
 same algorithm in the reference's style (a Python step loop, a full forward per step, one prompt
 at a time); every mode's NFE and agreement with exact decoding, and whether the baseline's tokens
 are exact mode's. The model and sample settings are --workdir's (a trained checkpoint), else
---config's, untrained; the kernels are --config's (`kernels` section) either way.
+--config's, untrained; the kernels are --config's (`kernels` section) either way. A
+block-diffusion model (diffusion.block_size > 0) is timed with its exact K/V cache, without it
+(whose tokens it must equal) and with threshold decoding: tokens/s, model calls, mean length.
 
 likelihood: lm-eval `loglikelihood` requests (contexts and continuations from the shipped corpus)
 per second through the `llada_jax` lm-eval model with requests packed several per model row
@@ -46,6 +51,7 @@ moment's peak.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import resource
@@ -65,6 +71,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llada_jax import (  # noqa: E402
+    block_sampling,
     checkpoint,
     fingerprint,
     inference,
@@ -92,6 +99,12 @@ flags.DEFINE_string(
     "",
     "sample, likelihood: a trained workdir (its model and settings); checkpoint: a directory to "
     "time beside local disk (e.g. gs://bucket/bench).",
+)
+flags.DEFINE_multi_string(
+    "against",
+    [],
+    "train: KEY=VALUE (repeatable): also time the step of the config changed so, alternated "
+    "with the first, e.g. --against=diffusion.block_size=0",
 )
 flags.DEFINE_integer("num_prompts", 8, "sample: prompts per batch (8 texts, repeated past 8).")
 flags.DEFINE_integer("steps", 10, "Timed steps (train), batches (data) or saves (checkpoint).")
@@ -123,86 +136,150 @@ def interleaved_probe(dtype: str) -> float:
     return metrics.measure_cpu_matmul_peak(dtype, sizes=(2048,), repeats=3)
 
 
-def bench_train(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
-    """Times the trainer's step; see the module docstring for what is reported."""
-    run = run_lib.build_run(cfg, data=False)  # random batches: no data, nothing written
-    graphdef, params, opt_state = run_lib.create_state(run)
-    step_fn = run_lib.make_step_fn(run, graphdef, params, opt_state)
-    batch_size, seq_len = cfg.data.batch_size, cfg.data.seq_len
-    rng = np.random.default_rng(cfg.seed)
+class TrainTimer:
+    """The trainer's jitted step for one config, compiled, with its state and random batches."""
 
-    def batch() -> dict[str, jax.Array]:
-        tokens = rng.integers(0, run.tokenizer.vocab_size, (batch_size, seq_len), np.int32)
+    def __init__(self, cfg: config_lib.ConfigDict):
+        self.cfg = cfg
+        self.run = run_lib.build_run(cfg, data=False)  # random batches: no data, nothing written
+        graphdef, self.params, self.opt_state = run_lib.create_state(self.run)
+        step_fn = run_lib.make_step_fn(self.run, graphdef, self.params, self.opt_state)
+        self.rng = np.random.default_rng(cfg.seed)
+        start = time.perf_counter()
+        self.step_fn = step_fn.lower(
+            self.params, self.opt_state, self.batch(), jnp.int32(0)
+        ).compile()
+        self.compile_sec = time.perf_counter() - start
+        self.times: list[float] = []
+        self.masked: list[float] = []
+
+    def batch(self) -> dict[str, jax.Array]:
+        """Random tokens of the config's shape (with document ids when data.segment_ids)."""
+        batch_size, seq_len, tok = (
+            self.cfg.data.batch_size,
+            self.cfg.data.seq_len,
+            self.run.tokenizer,
+        )
+        tokens = self.rng.integers(0, tok.vocab_size, (batch_size, seq_len), np.int32)
         arrays = {"tokens": tokens}
-        if cfg.data.segment_ids:  # packed documents: attention masked per document
-            arrays["segment_ids"] = pipeline.document_ids(tokens, run.tokenizer.eos_id)
-        return pipeline.to_global(arrays, run.mesh, batch_size)
+        if self.cfg.data.segment_ids:  # packed documents: attention masked per document
+            arrays["segment_ids"] = pipeline.document_ids(tokens, tok.eos_id)
+        return pipeline.to_global(arrays, self.run.mesh, batch_size)
 
-    peak_before = peak_flops(run.model_cfg.dtype)
-    start = time.perf_counter()
-    compiled = step_fn.lower(params, opt_state, batch(), jnp.int32(0)).compile()
-    compile_sec = time.perf_counter() - start
-
-    on_cpu = jax.devices()[0].platform == "cpu"
-    times, masked, probes = [], [], []
-    for step in range(warmup + steps):
-        b, s = batch(), jnp.int32(step)
+    def step(self, step: int, timed: bool) -> None:
+        """One step on a fresh batch; its time and masked tokens kept when `timed`."""
+        b, s = self.batch(), jnp.int32(step)
         jax.block_until_ready(b)
+        start = time.perf_counter()
+        self.params, self.opt_state, out = self.step_fn(self.params, self.opt_state, b, s)
+        jax.block_until_ready((self.params, self.opt_state, out))
+        if timed:
+            self.times.append(time.perf_counter() - start)
+            self.masked.append(float(out["num_masked"]))
+
+    def flops_per_step(self) -> float:
+        """Model FLOPs of one step (metrics.train_flops_per_token, block models' too)."""
+        data, run = self.cfg.data, self.run
+        per_token = metrics.train_flops_per_token(
+            run.model_cfg, data.seq_len, run.diffusion_cfg.block_size
+        )
+        return data.batch_size * data.seq_len * per_token
+
+
+def against_config(cfg: config_lib.ConfigDict, pairs: list[str]) -> config_lib.ConfigDict:
+    """`cfg` with the `--against` KEY=VALUE pairs set (keys as in --config.KEY=VALUE)."""
+    other = config_lib.ConfigDict(cfg.to_dict())
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(
+                f"--against={pair!r} is invalid; valid: KEY=VALUE, e.g. diffusion.block_size=0"
+            )
+        node = other
+        for part in key.split(".")[:-1]:
+            node = node.get(part) if isinstance(node, config_lib.ConfigDict) else None
+        leaf = key.split(".")[-1]
+        current = node.get(leaf) if isinstance(node, config_lib.ConfigDict) else None
+        config_lib.set_key(other, key, config_lib.coerce(key, current, value))
+    config_lib.check(other)
+    return other
+
+
+def bench_train(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
+    """Times the trainer's step (and with --against the step of the config changed so, the two
+    alternated step by step); see the module docstring for what is reported."""
+    timers = [TrainTimer(cfg)]
+    if FLAGS.against:
+        timers.append(TrainTimer(against_config(cfg, FLAGS.against)))
+    run = timers[0].run
+    peak_before = peak_flops(run.model_cfg.dtype)
+    on_cpu = jax.devices()[0].platform == "cpu"
+    probes = []
+    for step in range(warmup + steps):
         if on_cpu and step >= warmup:
             probes.append(interleaved_probe(run.model_cfg.dtype))
-        start = time.perf_counter()
-        params, opt_state, out = compiled(params, opt_state, b, s)
-        jax.block_until_ready((params, opt_state, out))
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-            masked.append(float(out["num_masked"]))
+        for timer in timers:
+            timer.step(step, timed=step >= warmup)
     if on_cpu:
         probes.append(interleaved_probe(run.model_cfg.dtype))
-
-    trace = None
-    if FLAGS.profile_dir:  # as the trainer's train.profile_steps (llada_jax/profiling.py)
-        tracer = profiling.Tracer(FLAGS.profile_dir)
-        for step in range(2):
-            params, opt_state, out = compiled(params, opt_state, batch(), jnp.int32(step))
-        jax.block_until_ready((params, opt_state, out))
-        paths = tracer.stop()
-        trace = paths[0]
-        print(f"profile: {profiling.how_to_view(FLAGS.profile_dir, paths)}", file=sys.stderr)
+    trace = profile(timers[0]) if FLAGS.profile_dir else None
     peak_after = peak_flops(run.model_cfg.dtype) if on_cpu else None
     peak = max(peak_before, peak_after or 0.0, *probes) if peak_before else None
-    step_sec = float(np.median(times))
-    q25, q75 = np.percentile(times, [25, 75])
-    tokens = batch_size * seq_len
-    flops = tokens * metrics.train_flops_per_token(
-        run.model_cfg, seq_len, run.diffusion_cfg.block_size
-    )
-    achieved = flops / step_sec
-    return dict(
+    result = dict(
         mode="train",
         device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-        batch_size=batch_size,
-        seq_len=seq_len,
+        batch_size=cfg.data.batch_size,
+        seq_len=cfg.data.seq_len,
         dtype=run.model_cfg.dtype,
         matmul=run.kernels.matmul,
-        n_params=int(sum(x.size for x in jax.tree.leaves(params))),
+        n_params=int(sum(x.size for x in jax.tree.leaves(timers[0].params))),
         steps=steps,
         warmup=warmup,
-        step_sec_median=step_sec,
-        step_sec_iqr=float(q75 - q25),
-        tokens_per_sec=tokens / step_sec,
-        masked_tokens_per_sec=float(np.median(masked)) / step_sec,
-        model_tflop_per_step=flops / 1e12,
-        achieved_gflops=achieved / 1e9,
+        **timing(timers[0], peak, probes, on_cpu),
         peak_gflops=peak / 1e9 if peak else None,
         peak_gflops_before=peak_before / 1e9 if peak_before else None,
         peak_gflops_after=peak_after / 1e9 if peak_after else None,
-        mfu=achieved / peak if peak else None,
-        mfu_paired=metrics.paired_mfu(flops, times, probes) if on_cpu else None,
-        compile_sec=compile_sec,
         peak_rss_mib=peak_rss_mib(),
         peak_device_mib=peak_device_mib(),
         **({"profile": trace} if trace else {}),  # the trace's .xplane.pb
     )
+    if FLAGS.against:
+        result["against"] = ",".join(FLAGS.against)
+        other = timing(timers[1], peak, probes, on_cpu)
+        result.update({f"against_{k}": v for k, v in other.items()})
+        result["step_sec_ratio_to_against"] = result["step_sec_median"] / other["step_sec_median"]
+    return result
+
+
+def timing(timer: TrainTimer, peak: float | None, probes: list[float], on_cpu: bool) -> dict:
+    """A timer's median step and its IQR, tokens/s, masked tokens/s, model TFLOP per step,
+    achieved GFLOP/s, MFU (against `peak`, and paired with the probes) and compile time."""
+    times, flops = timer.times, timer.flops_per_step()
+    step_sec = float(np.median(times))
+    q25, q75 = np.percentile(times, [25, 75])
+    achieved = flops / step_sec
+    return dict(
+        step_sec_median=step_sec,
+        step_sec_iqr=float(q75 - q25),
+        tokens_per_sec=timer.cfg.data.batch_size * timer.cfg.data.seq_len / step_sec,
+        masked_tokens_per_sec=float(np.median(timer.masked)) / step_sec,
+        model_tflop_per_step=flops / 1e12,
+        achieved_gflops=achieved / 1e9,
+        mfu=achieved / peak if peak else None,
+        mfu_paired=metrics.paired_mfu(flops, times, probes) if on_cpu else None,
+        compile_sec=timer.compile_sec,
+    )
+
+
+def profile(timer: TrainTimer) -> str:
+    """Traces 2 more steps into --profile_dir, as the trainer's train.profile_steps does
+    (llada_jax/profiling.py); returns the trace's path."""
+    tracer = profiling.Tracer(FLAGS.profile_dir)
+    for step in range(2):
+        timer.step(step, timed=False)
+    paths = tracer.stop()
+    print(f"profile: {profiling.how_to_view(FLAGS.profile_dir, paths)}", file=sys.stderr)
+    return paths[0]
 
 
 def peak_device_mib() -> float | None:
@@ -349,15 +426,77 @@ SAMPLE_MODES = {  # name -> SampleSettings overrides; "exact" is the reference's
 }
 
 
+BLOCK_SAMPLE_MODES = {  # name -> (exact K/V cache, SampleSettings overrides)
+    "cache": (True, {}),
+    "no_cache": (False, {}),
+    "threshold_cache": (True, {"threshold": 0.9}),
+}
+
+
+def bench_block_sample(
+    model: inference.LoadedModel, ids: np.ndarray, valid: np.ndarray, steps: int, warmup: int
+) -> dict[str, Any]:
+    """A block-diffusion model's sampler (block_sampling.py) with its exact K/V cache, without
+    it (the whole canvas every step: the tokens must be the same) and with threshold decoding,
+    timed alternately: tokens/s of the canvas, model calls and the tokens generated before EOS."""
+    run, graphdef, params, s = model.run, model.graphdef, model.params, model.run.cfg.sample
+    block_size, key = run.diffusion_cfg.block_size, jax.random.key(0)
+    base = sampling.SampleSettings(gen_length=s.gen_length, steps=s.steps, block_length=block_size)
+
+    def sampler(cache: bool, extra: dict[str, Any]) -> Any:
+        """The jitted block sampler with or without the cache, `extra` settings."""
+        settings = dataclasses.replace(base, **extra)
+        block_model = block_sampling.from_transformer(
+            lambda: nnx.merge(graphdef, params), block_size
+        )
+        fn = lambda i, v, k: block_sampling.generate_blocks(  # noqa: E731
+            block_model, i, v, k, settings, run.tokenizer.special_ids, cache
+        )
+        return jax.jit(fn).lower(ids, valid, key).compile()
+
+    samplers = {name: sampler(*mode) for name, mode in BLOCK_SAMPLE_MODES.items()}
+    times: dict[str, list[float]] = {name: [] for name in samplers}
+    outputs: dict[str, Any] = {}
+    for rep in range(warmup + steps):  # alternating: every mode once per repetition
+        for name, fn in samplers.items():
+            start = time.perf_counter()
+            outputs[name] = jax.block_until_ready(fn(ids, valid, key))
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - start)
+    result: dict[str, Any] = dict(
+        mode="sample",
+        device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        model=FLAGS.workdir or "untrained " + FLAGS.config,
+        block_size=block_size,
+        prompts=len(ids),
+        gen_length=s.gen_length,
+        steps=s.steps,
+        repetitions=steps,
+        cache_tokens_identical_to_no_cache=bool(
+            np.array_equal(np.asarray(outputs["cache"][0]), np.asarray(outputs["no_cache"][0]))
+        ),
+    )
+    for name, (canvas, nfe, lengths) in outputs.items():
+        median = float(np.median(times[name]))
+        result[f"{name}_tokens_per_sec"] = len(ids) * s.gen_length / median
+        result[f"{name}_nfe"] = int(nfe)
+        result[f"{name}_mean_length"] = float(np.mean(np.asarray(lengths)))
+        result[f"{name}_speedup_vs_no_cache"] = float(np.median(times["no_cache"])) / median
+    return result
+
+
 def bench_sample(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
     """Tokens/s of the batched, jitted sampler in each mode against the reference-style loop
     (one prompt at a time), timed alternately `steps` times; with the NFE of each mode and its
-    agreement with exact decoding (the baseline's tokens must equal exact mode's)."""
+    agreement with exact decoding (the baseline's tokens must equal exact mode's). A
+    block-diffusion model: `bench_block_sample`."""
     model = bench_model(cfg)  # untrained: the agreement of the approximate modes is not real
     run, graphdef, params = model.run, model.graphdef, model.params
     tok, s = run.tokenizer, run.cfg.sample
     prompts = [tok.encode(BENCH_PROMPTS[i % len(BENCH_PROMPTS)]) for i in range(FLAGS.num_prompts)]
     ids, valid = inference.left_pad(prompts, tok.pad_id)
+    if run.diffusion_cfg.block_size:
+        return bench_block_sample(model, ids, valid, steps, warmup)
     key = jax.random.key(0)
     settings = {
         name: sampling.SampleSettings(
@@ -598,6 +737,7 @@ def format_table(result: dict[str, Any]) -> str:
     """Two aligned columns, numbers with units."""
 
     def fmt(key: str, value: Any) -> str:
+        key = key.removeprefix("against_")
         if value is None:
             return "n/a"
         if isinstance(value, bool):
