@@ -201,6 +201,7 @@ def test_block_pattern_attends_L_squared_plus_L_b_pairs_as_counted():
     assert block == 2 * (2 * cfg.n_layers * layer_params + head) + attention(16)
 
 
+@pytest.mark.slow
 def test_a_block_model_trains_with_packing_random_lengths_and_sft_prompts(tmp_path):
     """The tiny config at block size 16 with packed documents, every batch cut to a random
     length, and SFT prompts: a few steps of the real train step, finite and learning."""
