@@ -53,9 +53,12 @@ import jax.numpy as jnp
 
 from llada_jax import guidance, sampling
 from llada_jax.kernels.attention import Blocks
-from llada_jax.model import KVCache
 from llada_jax.sampling import SampleSettings
 from llada_jax.special_ids import SpecialIds
+
+# The model's keys and values (model.KVCache, (n_layers, R, T, K, H) each). The type is not
+# imported: the method layer does not load the model's runner imports (sharding).
+KVCache = Any
 
 
 class BlockModel(NamedTuple):
@@ -165,7 +168,7 @@ def _prompt_cache(
     )
     _, cache = d.model.body(*rows)
     grow = lambda c: jnp.pad(c, [(0, 0), (0, 0), (0, d.gen_length)] + [(0, 0)] * (c.ndim - 3))
-    return KVCache(*(grow(c) for c in cache))
+    return jax.tree.map(grow, cache)
 
 
 def _cache_block(
@@ -181,7 +184,7 @@ def _cache_block(
     rows = _window_rows(d, x_BxT, valid_BxT, prompt_BxT, block_start)
     _, kv = d.model.window(*rows, cache, block_start)
     write = lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new, block_start, axis=2)
-    return KVCache(*(write(c, new) for c, new in zip(cache, kv)))
+    return jax.tree.map(write, cache, kv)
 
 
 def _block_logits(

@@ -53,6 +53,7 @@ def test_train_mode_reports_both_mfus():
     assert 0 < result["mfu"] <= result["mfu_paired"]
 
 
+@pytest.mark.slow
 def test_likelihood_mode_agrees_with_the_reference_style_estimate(tmp_path):
     """lm-eval requests scored by our model (batched, the head on the targets; packed several
     per row and one per row) and by the reference harness's way (one request at a time, the full

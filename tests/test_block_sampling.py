@@ -253,7 +253,7 @@ def trained_prompts():
 @pytest.mark.parametrize(
     "extra",
     [
-        dict(cfg_scale=1.0, threshold=0.5),
+        pytest.param(dict(cfg_scale=1.0, threshold=0.5), marks=pytest.mark.slow),
         pytest.param(dict(temperature=1.0, eos_zero_confidence=True), marks=pytest.mark.slow),
     ],
     ids=["cfg_threshold", "sampled"],
@@ -266,6 +266,7 @@ def test_cache_is_exact_on_a_trained_model(trained, extra):
     cached_equals_full(model, prompt, valid, settings, run.tokenizer.special_ids)
 
 
+@pytest.mark.slow
 def test_make_sampler_runs_the_block_sampler(trained):
     """make_sampler on a block model's run: block_length taken from the model (64 given), the
     kv_cache setting ignored, the tokens and nfe of generate_blocks; gen_length not a multiple

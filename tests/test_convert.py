@@ -544,6 +544,7 @@ def load_with_transformers(out, texts, tmp_path):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_export_loads_in_transformers_and_reimports(tiny_run, tmp_path):
     """A model trained here, exported: transformers reads its config (with the modeling code
     given by --hf_code) and its tokenizer (the shipped sentencepiece model, converted) with our

@@ -16,6 +16,7 @@ METHOD = (
     "model",
     "diffusion",
     "sampling",
+    "block_sampling",
     "likelihood",
     "guidance",
     "optim",

@@ -55,7 +55,7 @@ def test_a_new_sample_field_reaches_the_config_the_flags_and_lm_eval(monkeypatch
     monkeypatch.setattr(sampling, "SampleSettings", WithTopP)
     assert lm_eval_model.split_section_args({"top_p": "0.5"}) == ({"top_p": 0.5}, {})
     lm = object.__new__(lm_eval_model.LLaDAJaxLM)
-    lm.sample_args = {"top_p": 0.5, "block_length": 4}
+    lm.sample_args, lm.block_size = {"top_p": 0.5, "block_length": 4}, 0
     settings = lm.settings_for(max_gen_toks=10)
     assert (settings.top_p, settings.gen_length, settings.steps) == (0.5, 12, 12)
 
