@@ -1,8 +1,10 @@
 """The LLaDA / LLaMA-style transformer, bidirectional by default.
 
 Pre-norm blocks: x + Attn(RMSNorm(x)), then h + SwiGLU(RMSNorm(h)). RMSNorm is computed in
-float32, RoPE is rotate-half (NeoX) style on positions 0..L-1, no biases anywhere. Multi-head and
-grouped-query attention (n_kv_heads divides n_heads). Attention is full (every query sees every
+float32, RoPE is rotate-half (NeoX) style on positions 0..L-1. Multi-head and grouped-query
+attention (n_kv_heads divides n_heads). No biases, except on the q/k/v projections with
+`qkv_bias` (Qwen2's layout); `qk_norm` adds an RMSNorm over each head's queries and keys before
+RoPE (Qwen3's layout). Attention is full (every query sees every
 valid key) unless `causal` is set, for autoregressive baselines and imported AR weights.
 
 Every parameter carries logical axis names (vocab, embed, heads, kv_heads, head_dim, mlp, layers);
@@ -67,6 +69,10 @@ class ModelConfig:
     norm_eps: float = setting(1e-5, "RMSNorm epsilon")
     tie_embeddings: bool = setting(
         False, "logits from the embedding table (no lm_head)", shape=True
+    )
+    qkv_bias: bool = setting(False, "biases on the q, k and v projections (Qwen2)", shape=True)
+    qk_norm: bool = setting(
+        False, "RMSNorm over each head's queries and keys before RoPE (Qwen3)", shape=True
     )
     causal: bool = setting(False, "causal attention (AR baselines); LLaDA is bidirectional")
     scan_layers: bool = setting(True, "layers as one lax.scan over stacked parameters", shape=True)
@@ -134,8 +140,8 @@ def _init(std: float, names: tuple[str | None, ...]) -> nnx.Initializer:
 
 
 class Dense(nnx.Module):
-    """A bias-free projection: x (..., *in_shape) -> (..., *out_shape), with a kernel of shape
-    (*in_shape, *out_shape)."""
+    """A projection: x (..., *in_shape) -> (..., *out_shape), with a kernel of shape
+    (*in_shape, *out_shape) and, with `bias`, a bias of shape out_shape (initialized to 0)."""
 
     def __init__(
         self,
@@ -146,12 +152,17 @@ class Dense(nnx.Module):
         kernels: Kernels,
         *,
         rngs: nnx.Rngs,
+        bias: bool = False,
     ):
         self.in_shape, self.out_shape = in_shape, out_shape
         self.dtype = cfg.compute_dtype
         self.matmul = kernels.matmul
         self.kernel = nnx.Param(
             _init(cfg.init_std, names)(rngs.params(), (*in_shape, *out_shape), cfg.weight_dtype)
+        )
+        init_bias = nnx.with_partitioning(nnx.initializers.zeros, names[len(in_shape) :])
+        self.bias = (
+            nnx.Param(init_bias(rngs.params(), out_shape, cfg.weight_dtype)) if bias else None
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -170,18 +181,23 @@ def project(x: jax.Array, *denses: Dense) -> tuple[jax.Array, ...]:
     x_MxK = x.astype(first.dtype).reshape(-1, math.prod(first.in_shape))
     w_KxN = [d.kernel[...].astype(first.dtype).reshape(x_MxK.shape[1], -1) for d in denses]
     y_MxN = matmul_lib.matmuls(x_MxK, w_KxN, first.matmul)
-    return tuple(y.reshape(*lead, *d.out_shape) for y, d in zip(y_MxN, denses))
+    ys = [y.reshape(*lead, *d.out_shape) for y, d in zip(y_MxN, denses)]
+    return tuple(
+        y if d.bias is None else y + d.bias[...].astype(first.dtype) for y, d in zip(ys, denses)
+    )
 
 
 class RMSNorm(nnx.Module):
-    """x / rms(x) * scale, the statistics in float32 whatever the compute dtype."""
+    """x / rms(x) * scale over the last axis (d_model, or `axis` of another size, e.g. a head's
+    head_dim), the statistics in float32 whatever the compute dtype."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, axis: tuple[str, int] | None = None):
+        name, size = axis or ("embed", cfg.d_model)
         self.eps = cfg.norm_eps
         self.dtype = cfg.compute_dtype
         self.scale = nnx.Param(
-            nnx.with_partitioning(nnx.initializers.ones, ("embed",))(
-                rngs.params(), (cfg.d_model,), cfg.weight_dtype
+            nnx.with_partitioning(nnx.initializers.ones, (name,))(
+                rngs.params(), (size,), cfg.weight_dtype
             )
         )
 
@@ -224,14 +240,21 @@ def _splash_specs() -> tuple[jax.sharding.PartitionSpec, ...]:
 
 
 class Attention(nnx.Module):
-    """Multi-head / grouped-query attention with rotary embeddings and no biases."""
+    """Multi-head / grouped-query attention with rotary embeddings; q/k/v biases with
+    `qkv_bias`, per-head query and key norms with `qk_norm`."""
 
     def __init__(self, cfg: ModelConfig, kernels: Kernels, *, rngs: nnx.Rngs):
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q = Dense((d,), (n, h), ("embed", "heads", "head_dim"), cfg, kernels, rngs=rngs)
-        self.k = Dense((d,), (k, h), ("embed", "kv_heads", "head_dim"), cfg, kernels, rngs=rngs)
-        self.v = Dense((d,), (k, h), ("embed", "kv_heads", "head_dim"), cfg, kernels, rngs=rngs)
+        qkv = dict(rngs=rngs, bias=cfg.qkv_bias)
+        self.q = Dense((d,), (n, h), ("embed", "heads", "head_dim"), cfg, kernels, **qkv)
+        self.k = Dense((d,), (k, h), ("embed", "kv_heads", "head_dim"), cfg, kernels, **qkv)
+        self.v = Dense((d,), (k, h), ("embed", "kv_heads", "head_dim"), cfg, kernels, **qkv)
         self.o = Dense((n, h), (d,), ("heads", "head_dim", "embed"), cfg, kernels, rngs=rngs)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg, rngs=rngs, axis=("head_dim", h))
+            self.k_norm = RMSNorm(cfg, rngs=rngs, axis=("head_dim", h))
+        else:
+            self.q_norm = self.k_norm = None
         self.scale = h**-0.5
         self.kernels = kernels
         self.causal = cfg.causal
@@ -255,6 +278,8 @@ class Attention(nnx.Module):
         """
         cos_LxH, sin_LxH = rope
         q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = project(x_BxLxD, self.q, self.k, self.v)
+        if self.q_norm is not None:
+            q_BxLxNxH, k_BxLxKxH = self.q_norm(q_BxLxNxH), self.k_norm(k_BxLxKxH)
         # The 1/sqrt(H) scale of the scores is folded into the rotation of q.
         q_BxLxNxH = apply_rope(q_BxLxNxH, cos_LxH * self.scale, sin_LxH * self.scale)
         k_BxLxKxH = apply_rope(k_BxLxKxH, cos_LxH, sin_LxH)

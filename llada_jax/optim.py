@@ -38,7 +38,7 @@ GradFn = Callable[[PyTree, PyTree], tuple[tuple[jax.Array, PyTree], PyTree]]
 
 SCHEDULES = ("wsd", "cosine", "constant")
 WEIGHT_DECAY_ON = ("matrices", "all")
-NO_DECAY_NAMES = ("scale",)
+NO_DECAY_NAMES = ("scale", "bias")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,9 @@ class OptimConfig:
     decay_steps: int = setting(0, "wsd: linear decay to final_lr over the last decay_steps steps")
     lr_drops: tuple = setting((), "wsd: ((step, lr), ...) held from each step on")
     weight_decay: float = setting(0.1, "AdamW decoupled weight decay")
-    weight_decay_on: str = setting("matrices", "what decays (matrices: not norms)", WEIGHT_DECAY_ON)
+    weight_decay_on: str = setting(
+        "matrices", "what decays (matrices: not norms or biases)", WEIGHT_DECAY_ON
+    )
     b1: float = setting(0.9, "Adam beta1")
     b2: float = setting(0.95, "Adam beta2")
     eps: float = setting(1e-8, "Adam epsilon")

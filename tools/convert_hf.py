@@ -1,12 +1,15 @@
 """Hugging Face checkpoints <-> workdirs (see llada_jax/convert/hf.py).
 
-  python tools/convert_hf.py --hf_dir=HF_DIR --workdir=DIR [--source=auto|llada|llama]
+  python tools/convert_hf.py --hf_dir=HF_DIR --workdir=DIR [--source=auto|llada|llama|qwen2|qwen3]
                              [--dtype=float32|bfloat16]
-      HF LLaDA (or LlamaForCausalLM) safetensors -> DIR/config.json + DIR/checkpoints/0, which
-      train (--config.train.init_from=DIR), sample and evaluate start from.
+      HF LLaDA (or LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM) safetensors ->
+      DIR/config.json + DIR/checkpoints/0, which train (--config.train.init_from=DIR), sample
+      and evaluate start from. An AR model is imported with model.causal=False, to be trained
+      into a diffusion model (see the README's "Block diffusion").
   python tools/convert_hf.py --workdir=DIR --hf_dir=OUT --export [--dtype=bfloat16|float32]
                              [--max_shard_size=5GB] [--step=N] [--hf_code=CODE_DIR]
-      DIR's latest (or step N) checkpoint -> OUT in the HF LLaDA layout (config.json,
+      DIR's latest (or step N) checkpoint -> OUT in the HF LLaDA layout (a model with Qwen3's
+      per-head query/key norms, which that layout lacks: the Qwen3 layout) (config.json,
       model.safetensors or shards + model.safetensors.index.json), with the run's tokenizer
       (tokenizer.json, tokenizer_config.json, special_tokens_map.json; a sentencepiece model
       is converted to the same ids) and the modeling code, so that transformers loads OUT as it
@@ -48,7 +51,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("hf_dir", None, "HF checkpoint directory (input; output with --export)")
 flags.DEFINE_string("workdir", None, "Workdir (output; input with --export)")
 flags.DEFINE_bool("export", False, "Write the workdir's checkpoint to --hf_dir in the HF layout")
-flags.DEFINE_string("source", "auto", "Import layout: auto (from config.json), llada or llama")
+flags.DEFINE_string(
+    "source", "auto", "Import layout: auto (from config.json), llada, llama, qwen2 or qwen3"
+)
 flags.DEFINE_string(
     "dtype",
     "",

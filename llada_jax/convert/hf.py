@@ -1,12 +1,14 @@
 """Hugging Face checkpoint directories <-> workdirs that train, sample and evaluate start from.
 
-`import_hf(hf_dir, workdir)`: an HF LLaDA (LLaDAModelLM) or LlamaForCausalLM checkpoint
+`import_hf(hf_dir, workdir)`: an HF LLaDA (LLaDAModelLM), LlamaForCausalLM, Qwen2ForCausalLM or
+Qwen3ForCausalLM checkpoint
 (config.json + model.safetensors, or shards + model.safetensors.index.json; float32 or bfloat16)
 -> workdir/config.json (base_config() with the model section from the HF config) and a
 params-only Orbax checkpoint workdir/checkpoints/0 whose meta holds that config and the HF one.
 
 `export_hf(workdir, hf_dir)`: a workdir's checkpoint -> the HF LLaDA layout (config.json that the
-HF LLaDA code reads, model.safetensors or shards + index), in float32 or bfloat16, with the
+HF LLaDA code reads, model.safetensors or shards + index), in float32 or bfloat16 (a model with
+per-head query/key norms, which that layout cannot hold, goes to the Qwen3 layout), with the
 run's tokenizer as Hugging Face files (convert/hf_tokenizer.py) and the modeling code: the
 checkpoint's own (an import keeps the HF directory's .py files in workdir/hf_code/) or an
 auto_map naming the public LLaDA repository's.
@@ -60,7 +62,7 @@ from llada_jax.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 from llada_jax.model import ModelConfig
 from llada_jax.special_ids import SpecialIds
 
-SOURCES = ("llada", "llama")
+SOURCES = ("llada", "llama", "qwen2", "qwen3")
 # Import writes parameters in chunks of at most this size: tensorstore's buffers for an array
 # then stay near the array's own size (they reach ~2x with Orbax's default 2 GiB chunks).
 WRITE_CHUNK_BYTES = 16 << 20
@@ -92,24 +94,26 @@ def read_hf_config(hf_dir: str) -> dict:
 
 
 def detect_source(hf: dict) -> str:
-    """'llada' or 'llama' from config.json's model_type / architectures."""
+    """One of SOURCES from config.json's model_type / architectures."""
     model_type, archs = hf.get("model_type"), hf.get("architectures") or []
     if model_type == "llada" or "LLaDAModelLM" in archs:
         return "llada"
-    if model_type == "llama" or "LlamaForCausalLM" in archs:
-        return "llama"
+    for source, arch in hf_llama.ARCHITECTURES.items():
+        if model_type == source or arch in archs:
+            return source
     raise ConvertError(
         f"unknown architecture (model_type={model_type!r}, architectures={archs}); "
-        f"supported: LLaDA (model_type 'llada') and LlamaForCausalLM ('llama')"
+        f"supported: LLaDA (model_type 'llada'), LlamaForCausalLM ('llama'), "
+        f"Qwen2ForCausalLM ('qwen2') and Qwen3ForCausalLM ('qwen3')"
     )
 
 
 def model_config(hf: dict, source: str, **overrides: Any) -> ModelConfig:
-    """The ModelConfig of an HF config.json dict of `source` ('llada' or 'llama', from
+    """The ModelConfig of an HF config.json dict of `source` (one of SOURCES, from
     `detect_source`), with `overrides` applied."""
     if source == "llada":
         return hf_llada.model_config_from_hf(hf, **overrides)
-    return hf_llama.model_config_from_llama(hf, **overrides)
+    return hf_llama.model_config_from_llama(hf, source, **overrides)
 
 
 def run_config(cfg: ModelConfig, ids: SpecialIds) -> config_lib.ConfigDict:
@@ -358,7 +362,7 @@ def import_hf(hf_dir: str, workdir: str, source: str = "auto", dtype: str = "flo
     reader = TensorReader(hf_dir)
     check_tensors(reader, cfg, source)
     tokenizer_files = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
-    ids = hf_llada.special_ids_from_hf(hf) if source == "llada" else SpecialIds()
+    ids = hf_llada.special_ids_from_hf(hf)
     run_cfg = run_config(cfg, ids)
     # The context the model was trained for: how long sampling canvases and evaluation windows
     # may be (tools/sample.py, lm-eval's max_length).
@@ -445,17 +449,22 @@ def _restore_numpy(params_dir: str, saved_path: tuple, shape: tuple, dtype: np.d
     return array
 
 
-def _hf_origin(workdir: str, meta: dict, depth: int = 0) -> tuple[str, dict] | None:
-    """(the workdir imported from an HF LLaDA checkpoint, that checkpoint's config.json) for the
-    checkpoint this workdir descends from: its own import, or train.init_from's; None if none."""
-    if meta.get("hf_config") is not None and meta.get("hf_source") == "llada":
+def _hf_origin(workdir: str, meta: dict, layout: str, depth: int = 0) -> tuple[str, dict] | None:
+    """(the workdir imported from an HF checkpoint of `layout`, that checkpoint's config.json)
+    for the checkpoint this workdir descends from: its own import, or train.init_from's; None if
+    none."""
+    if meta.get("hf_config") is not None:
+        if meta.get("hf_source") != layout:
+            return None
         return workdir, meta["hf_config"]
     init_from = meta.get("config", {}).get("train", {}).get("init_from")
     if not init_from or depth > 8 or not files.isdir(checkpoint.checkpoint_dir(init_from)):
         return None
     source = checkpoint.Checkpointer(init_from)
     step = source.latest_step()
-    found = _hf_origin(init_from, source.meta(step), depth + 1) if step is not None else None
+    found = None
+    if step is not None:
+        found = _hf_origin(init_from, source.meta(step), layout, depth + 1)
     source.close()
     return found
 
@@ -520,6 +529,12 @@ def _open_for_export(workdir: str, step: int | None) -> tuple[checkpoint.Checkpo
     return ckpt, step
 
 
+def export_layout(cfg: ModelConfig) -> str:
+    """The HF layout an export writes: LLaDA's, or Qwen3's for a model with per-head query/key
+    norms (which LLaDA's cannot hold)."""
+    return "qwen3" if cfg.qk_norm else "llada"
+
+
 def export_hf(
     workdir: str,
     hf_dir: str,
@@ -528,7 +543,8 @@ def export_hf(
     step: int | None = None,
     hf_code: str = "",
 ) -> list[str]:
-    """A workdir's checkpoint (latest, or `step`) -> hf_dir in the HF LLaDA layout.
+    """A workdir's checkpoint (latest, or `step`) -> hf_dir in the HF LLaDA layout (Qwen3's for
+    a model with query/key norms: `export_layout`).
 
     Besides the weights and config.json it writes the run's tokenizer (`_write_tokenizer`) and
     the modeling code (`_write_code`): that of `hf_code` (a directory holding
@@ -553,9 +569,10 @@ def export_hf(
     cfg = sections.from_section(ModelConfig, run_cfg["model"])
     if not cfg.scan_layers:
         raise ConvertError("export of a scan_layers=False checkpoint is not supported yet")
+    layout = export_layout(cfg)
     if cfg.causal:
         print("warning: model.causal=True; HF LLaDA attention is bidirectional", flush=True)
-    origin = _hf_origin(workdir, meta)
+    origin = _hf_origin(workdir, meta, layout)
     template = origin[1] if origin else None
     if not dtype:
         dtype = (
@@ -569,16 +586,24 @@ def export_hf(
     ids = None
     if template is None and tok is not None:
         ids = {"mask_token_id": tok.mask_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-    hf_cfg = hf_llada.hf_config_from_model(cfg, template, dtype, ids, None if template else seq_len)
+    max_length = None if template else seq_len
+    if layout == "llada":
+        hf_cfg = hf_llada.hf_config_from_model(cfg, template, dtype, ids, max_length)
+    else:
+        hf_cfg = hf_llama.qwen3_config_from_model(cfg, template, dtype, ids, max_length)
+        print(
+            "note: model.qk_norm=True is written in the Qwen3 layout (the LLaDA layout has no "
+            "per-head query/key norm); transformers' Qwen3ForCausalLM runs it with causal "
+            "attention, so sample from it with this package or diffusion-aware code",
+            flush=True,
+        )
     params_dir = _params_dir(workdir, step)
     saved = _saved_paths(params_dir)
-    entries = layouts.entries(cfg, "llada")
+    entries = layouts.entries(cfg, layout)
     for e in entries:
         if e.path not in saved:
             raise ConvertError(f"checkpoint {params_dir!r} lacks parameter {'.'.join(e.path)}")
-    tensors = [
-        (e.hf_key(i), e.hf_shape, out_dtype) for e, i in layouts.hf_tensor_list(cfg, "llada")
-    ]
+    tensors = [(e.hf_key(i), e.hf_shape, out_dtype) for e, i in layouts.hf_tensor_list(cfg, layout)]
     param_dtype = np.dtype(cfg.weight_dtype)
 
     def produce(e: layouts.Entry):
@@ -601,7 +626,9 @@ def export_hf(
 
     with ckpt, _output_dir(hf_dir, "--hf_dir") as tmp:
         names = write_sharded(tmp, tensors, entries, produce, shard_bytes)
-        _write_code(tmp, hf_cfg, [hf_code, files.join(origin[0], CODE_DIR) if origin else ""])
+        if layout == "llada":
+            code_dirs = [hf_code, files.join(origin[0], CODE_DIR) if origin else ""]
+            _write_code(tmp, hf_cfg, code_dirs)
         _write_tokenizer(tmp, tok, cfg.vocab_size, seq_len or 0)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2, sort_keys=True)

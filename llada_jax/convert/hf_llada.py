@@ -24,7 +24,6 @@ _REQUIRED = {
     "alibi": (False,),
     "rope": (True,),
     "include_bias": (False,),
-    "include_qkv_bias": (False, None),
     "layer_norm_type": ("rms",),
     "activation_type": ("silu", "swiglu"),
     "attention_layer_norm": (False,),
@@ -121,6 +120,7 @@ def model_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig
             rope_theta=float(hf.get("rope_theta", 10000.0)),
             norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
             tie_embeddings=bool(hf.get("weight_tying", False)),
+            qkv_bias=bool(hf.get("include_qkv_bias")),
         )
     except KeyError as e:
         raise ConvertError(f"HF LLaDA config.json lacks {e.args[0]!r}") from None
@@ -149,6 +149,8 @@ def hf_config_from_model(
     max_sequence_length: int | None = None,
 ) -> dict:
     """The config.json of an HF LLaDA checkpoint holding a model with this config."""
+    if cfg.qk_norm:
+        raise ConvertError("model.qk_norm=True: the HF LLaDA layout has no per-head query/key norm")
     if cfg.head_dim != cfg.d_model // cfg.n_heads:
         raise ConvertError(
             f"model.head_dim={cfg.head_dim} is not d_model // n_heads; the HF LLaDA "
@@ -165,6 +167,7 @@ def hf_config_from_model(
         rope_theta=cfg.rope_theta,
         rms_norm_eps=cfg.norm_eps,
         weight_tying=cfg.tie_embeddings,
+        include_qkv_bias=cfg.qkv_bias,
     )
     out["multi_query_attention"] = None
     if template is None or not 0 < int(template.get("vocab_size", 0)) <= cfg.vocab_size:

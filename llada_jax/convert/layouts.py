@@ -12,6 +12,11 @@ Layouts:
   `model.transformer.`.
 - `llama`: LlamaForCausalLM (GQA, optional tied embeddings). HF Llama stores q/k already in the
   rotate-half (NeoX) order our RoPE uses, so no permutation is needed.
+- `qwen2`, `qwen3`: Qwen2ForCausalLM and Qwen3ForCausalLM, the Llama keys plus q/k/v biases
+  (`self_attn.q_proj.bias`, ...; Qwen2) and per-head query/key norm scales
+  (`self_attn.q_norm.weight`, `self_attn.k_norm.weight`; Qwen3), present when the model config
+  has `qkv_bias` / `qk_norm`. The LLaDA layout holds q/k/v biases (`q_proj.bias`, ...) but has no
+  per-head query/key norm.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from llada_jax.convert.safetensors_io import ConvertError
 from llada_jax.model import ModelConfig
 
 
@@ -35,6 +41,7 @@ class Entry:
     shape: tuple[int, ...]  # our shape (one layer's, for per-layer entries)
     n_in: int  # leading input axes of a linear kernel; 0: stored as is
     per_layer: bool
+    flat: bool = False  # stored as one axis in HF (a bias of shape (heads, head_dim))
 
     def hf_key(self, layer: int | None = None) -> str:
         """The HF key, of `layer` for a per-layer entry."""
@@ -44,6 +51,8 @@ class Entry:
     def hf_shape(self) -> tuple[int, ...]:
         """The HF tensor's shape: ours, or for a linear kernel (out, in), with our n_in leading
         input axes flattened into in and the rest into out."""
+        if self.flat:
+            return (math.prod(self.shape),)
         if not self.n_in:
             return self.shape
         return (math.prod(self.shape[self.n_in :]), math.prod(self.shape[: self.n_in]))
@@ -55,7 +64,7 @@ class Entry:
     def to_hf(self, w: np.ndarray) -> np.ndarray:
         """Our (one layer's) array -> the HF tensor."""
         if not self.n_in:
-            return w
+            return w.reshape(self.hf_shape)
         return w.reshape(math.prod(self.shape[: self.n_in]), -1).T
 
 
@@ -89,6 +98,8 @@ KEYS = {
             "up_proj",
             "ff_out",
         ),
+        qkv_bias=("q_proj", "k_proj", "v_proj"),
+        qk_norm=None,
     ),
     "llama": dict(
         prefix="model.",
@@ -107,8 +118,11 @@ KEYS = {
             "mlp.up_proj",
             "mlp.down_proj",
         ),
+        qkv_bias=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        qk_norm=("self_attn.q_norm", "self_attn.k_norm"),
     ),
 }
+KEYS["qwen2"] = KEYS["qwen3"] = KEYS["llama"]
 # Tensors that hold no parameters (old Llama checkpoints store RoPE's inverse frequencies).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -128,6 +142,27 @@ def _layer_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     }
 
 
+def _optional_layer_entries(cfg: ModelConfig, layout: str) -> list[Entry]:
+    """The per-layer entries of q/k/v biases (`qkv_bias`) and query/key norms (`qk_norm`);
+    ConvertError if the layout has no place for them."""
+    keys, out = KEYS[layout], []
+    heads = {"q": cfg.n_heads, "k": cfg.n_kv_heads, "v": cfg.n_kv_heads}
+    if cfg.qkv_bias:
+        for name, hf in zip("qkv", keys["qkv_bias"]):
+            shape = (heads[name], cfg.head_dim)
+            key = keys["layer"] + hf + ".bias"
+            out.append(Entry(("blocks", "attn", name, "bias"), key, shape, 0, True, flat=True))
+    if cfg.qk_norm:
+        if keys["qk_norm"] is None:
+            raise ConvertError(
+                f"model.qk_norm=True: the {layout} layout has no per-head query/key norm"
+            )
+        for name, hf in zip(("q_norm", "k_norm"), keys["qk_norm"]):
+            key = keys["layer"] + hf + ".weight"
+            out.append(Entry(("blocks", "attn", name, "scale"), key, (cfg.head_dim,), 0, True))
+    return out
+
+
 def entries(cfg: ModelConfig, layout: str) -> list[Entry]:
     """Every parameter of a model with this config, in HF file order (embedding, layers, rest)."""
     keys = KEYS[layout]
@@ -137,6 +172,7 @@ def entries(cfg: ModelConfig, layout: str) -> list[Entry]:
         out.append(
             Entry(("blocks", *path), keys["layer"] + name + ".weight", shapes[path], n_in, True)
         )
+    out += _optional_layer_entries(cfg, layout)
     out.append(Entry(("final_norm", "scale"), keys["final_norm"], (cfg.d_model,), 0, False))
     if not cfg.tie_embeddings:
         out.append(
