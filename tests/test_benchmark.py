@@ -105,3 +105,16 @@ def test_block_model_train_against_full_and_its_sampler_cache():
     )
     assert sample["block_size"] == 16 and sample["cache_tokens_identical_to_no_cache"]
     assert sample["cache_nfe"] == sample["no_cache_nfe"] == 8
+    # --gen_length overrides the sample section; --baseline=false leaves the slow loop out.
+    full = benchmark(
+        "--mode=sample",
+        "--config=configs/tiny.py",
+        "--gen_length=32",
+        "--sample_steps=8",
+        "--block_length=16",
+        "--baseline=false",
+        "--steps=1",
+        "--warmup=0",
+    )
+    assert (full["gen_length"], full["steps"], full["block_length"]) == (32, 8, 16)
+    assert full["exact_nfe"] == 8 and "baseline_tokens_per_sec" not in full

@@ -121,15 +121,20 @@ def test_blocks_draw_their_own_stratified_times():
     np.testing.assert_allclose(np.diff(p), (1 - 1e-3) / 16, rtol=1e-4)
 
 
-def test_block_size_1_expectation_is_the_autoregressive_cross_entropy(toy):
-    """With blocks of one token the expected loss over every mask (enumerated, at fixed t) is the
-    mean over positions of -log p(x_i | x_<i) of the same parameters as a causal LM
-    (model.causal) fed the prefix x_<i followed by the mask token, nothing after it."""
-    graphdef, params = toy
+def causal_copy(graphdef, params) -> Transformer:
+    """The toy model's parameters in a causal LM (model.causal) with the same kernels."""
     causal = dataclasses.replace(CFG, causal=True)
     with sharding.use_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1])):
         model = Transformer(causal, rngs=nnx.Rngs(0), kernels=nnx.merge(graphdef, params).kernels)
     nnx.update(model, params)
+    return model
+
+
+def test_block_size_1_expectation_is_the_autoregressive_cross_entropy(toy):
+    """With blocks of one token the expected loss over every mask (enumerated, at fixed t) is the
+    mean over positions of -log p(x_i | x_<i) of the same parameters as a causal LM
+    (model.causal) fed the prefix x_<i followed by the mask token, nothing after it."""
+    model = causal_copy(*toy)
     L = 5
     x = np.random.default_rng(1).integers(0, MASK_ID, L).astype(np.int32)
     p = np.array([0.2, 0.5, 0.9, 0.35, 0.6], np.float32)  # each block's mask probability
@@ -317,11 +322,7 @@ def test_block_bound_is_unbiased_against_enumeration(toy):
 def test_block_bound_with_blocks_of_one_is_the_exact_autoregressive_nll(toy):
     """Blocks of one token: every sample is -log p(targets | prompt) of the same parameters as a
     causal LM (each target from the mask token after the clean tokens before it), exactly."""
-    graphdef, params = toy
-    causal = dataclasses.replace(CFG, causal=True)
-    with sharding.use_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1])):
-        model = Transformer(causal, rngs=nnx.Rngs(0), kernels=nnx.merge(graphdef, params).kernels)
-    nnx.update(model, params)
+    model = causal_copy(*toy)
     L = 7
     x = np.random.default_rng(3).integers(0, MASK_ID, L).astype(np.int32)
     target = np.arange(L) >= 3

@@ -107,6 +107,18 @@ flags.DEFINE_multi_string(
     "with the first, e.g. --against=diffusion.block_size=0",
 )
 flags.DEFINE_integer("num_prompts", 8, "sample: prompts per batch (8 texts, repeated past 8).")
+flags.DEFINE_integer(
+    "gen_length", 0, "sample: tokens per prompt; 0: the sample section's (or --workdir's)"
+)
+flags.DEFINE_integer(
+    "sample_steps", 0, "sample: sampler steps with --gen_length; 0: one token per step"
+)
+flags.DEFINE_integer(
+    "block_length", 0, "sample: a full-sequence model's semi-AR block with --gen_length"
+)
+flags.DEFINE_bool(
+    "baseline", True, "sample: also time the reference-style loop (slow for long generations)"
+)
 flags.DEFINE_integer("steps", 10, "Timed steps (train), batches (data) or saves (checkpoint).")
 flags.DEFINE_integer("warmup", 2, "Untimed repetitions first.")
 flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
@@ -439,7 +451,7 @@ def bench_block_sample(
     """A block-diffusion model's sampler (block_sampling.py) with its exact K/V cache, without
     it (the whole canvas every step: the tokens must be the same) and with threshold decoding,
     timed alternately: tokens/s of the canvas, model calls and the tokens generated before EOS."""
-    run, graphdef, params, s = model.run, model.graphdef, model.params, model.run.cfg.sample
+    run, graphdef, params, s = model.run, model.graphdef, model.params, sample_shape(model.run)
     block_size, key = run.diffusion_cfg.block_size, jax.random.key(0)
     base = sampling.SampleSettings(gen_length=s.gen_length, steps=s.steps, block_length=block_size)
 
@@ -485,6 +497,22 @@ def bench_block_sample(
     return result
 
 
+def sample_shape(run: run_lib.Run) -> types.SimpleNamespace:
+    """gen_length, steps and block_length: the run's sample section, or --gen_length with
+    --sample_steps (default one token per step) and --block_length (default the whole
+    generation)."""
+    s = run.cfg.sample
+    if not FLAGS.gen_length:
+        return types.SimpleNamespace(
+            gen_length=s.gen_length, steps=s.steps, block_length=s.block_length
+        )
+    return types.SimpleNamespace(
+        gen_length=FLAGS.gen_length,
+        steps=FLAGS.sample_steps or FLAGS.gen_length,
+        block_length=FLAGS.block_length or FLAGS.gen_length,
+    )
+
+
 def bench_sample(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
     """Tokens/s of the batched, jitted sampler in each mode against the reference-style loop
     (one prompt at a time), timed alternately `steps` times; with the NFE of each mode and its
@@ -492,7 +520,7 @@ def bench_sample(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[st
     block-diffusion model: `bench_block_sample`."""
     model = bench_model(cfg)  # untrained: the agreement of the approximate modes is not real
     run, graphdef, params = model.run, model.graphdef, model.params
-    tok, s = run.tokenizer, run.cfg.sample
+    tok, s = run.tokenizer, sample_shape(run)
     prompts = [tok.encode(BENCH_PROMPTS[i % len(BENCH_PROMPTS)]) for i in range(FLAGS.num_prompts)]
     ids, valid = inference.left_pad(prompts, tok.pad_id)
     if run.diffusion_cfg.block_size:
@@ -520,10 +548,11 @@ def bench_sample(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[st
     times: dict[str, list[float]] = {name: [] for name in ["baseline", *samplers]}
     outputs: dict[str, Any] = {}
     for rep in range(warmup + steps):  # alternating: every mode once per repetition
-        start = time.perf_counter()
-        outputs["baseline"] = baseline()
-        if rep >= warmup:
-            times["baseline"].append(time.perf_counter() - start)
+        if FLAGS.baseline:
+            start = time.perf_counter()
+            outputs["baseline"] = baseline()
+            if rep >= warmup:
+                times["baseline"].append(time.perf_counter() - start)
         for name, sampler in samplers.items():
             start = time.perf_counter()
             outputs[name] = jax.block_until_ready(sampler(params, ids, valid, key))
@@ -541,15 +570,19 @@ def bench_sample(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[st
         steps=s.steps,
         block_length=s.block_length,
         repetitions=steps,
-        baseline_tokens_per_sec=generated / float(np.median(times["baseline"])),
-        baseline_identical_to_exact=bool(np.array_equal(np.asarray(outputs["baseline"]), exact)),
     )
+    if FLAGS.baseline:
+        result["baseline_tokens_per_sec"] = generated / float(np.median(times["baseline"]))
+        result["baseline_identical_to_exact"] = bool(
+            np.array_equal(np.asarray(outputs["baseline"]), exact)
+        )
     for name in samplers:
         canvas, nfe = outputs[name]
         tokens = np.asarray(canvas)[:, ids.shape[1] :]
         median = float(np.median(times[name]))
         result[f"{name}_tokens_per_sec"] = generated / median
-        result[f"{name}_speedup_vs_baseline"] = float(np.median(times["baseline"])) / median
+        if FLAGS.baseline:
+            result[f"{name}_speedup_vs_baseline"] = float(np.median(times["baseline"])) / median
         result[f"{name}_nfe"] = int(nfe)
         if name != "exact":
             result[f"{name}_speedup_vs_exact"] = float(np.median(times["exact"])) / median
