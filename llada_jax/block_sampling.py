@@ -111,16 +111,9 @@ class _Decoding(NamedTuple):
 
     model: BlockModel
     cache: bool  # the exact K/V cache; False: the full canvas at every step
-    mask_id: int
+    rule: sampling.StepRule
     prompt_len: int  # P', the left-padded prompt's width, a multiple of the block
     gen_length: int
-    steps_per_block: int  # fixed-step decoding's steps per block
-    threshold: float | None  # threshold decoding when set
-    cfg_scale: float
-    temperature: float
-    remasking: str
-    ban_id: int | None  # EOS with ban_eos
-    zero_ids: tuple[int, ...]  # zero-confidence ids with eos_zero_confidence
     stop_ids: tuple[int, ...]  # EOS and end-of-turn: a row ends after either
     fill_id: int  # what follows a row's end: EOS (end-of-turn without an EOS id)
 
@@ -154,7 +147,7 @@ def _window_rows(
     x_BxW = jax.lax.dynamic_slice_in_dim(x_BxT, block_start, d.width, axis=1)
     prompt_BxW = jax.lax.dynamic_slice_in_dim(prompt_BxT, block_start, d.width, axis=1)
     visible_BxT = _visible(d, valid_BxT, block_start)
-    return guidance.model_rows(x_BxW, visible_BxT, prompt_BxW, d.mask_id, d.cfg_scale)
+    return guidance.model_rows(x_BxW, visible_BxT, prompt_BxW, d.rule.mask_id, d.rule.cfg_scale)
 
 
 def _prompt_cache(
@@ -164,7 +157,7 @@ def _prompt_cache(
     cache of the canvas's length: (n_layers, R, T, K, H) each, zeros after the prompt."""
     p = d.prompt_len
     rows = guidance.model_rows(
-        x_BxT[:, :p], valid_BxT[:, :p], prompt_BxT[:, :p], d.mask_id, d.cfg_scale
+        x_BxT[:, :p], valid_BxT[:, :p], prompt_BxT[:, :p], d.rule.mask_id, d.rule.cfg_scale
     )
     _, cache = d.model.body(*rows)
     grow = lambda c: jnp.pad(c, [(0, 0), (0, 0), (0, d.gen_length)] + [(0, 0)] * (c.ndim - 3))
@@ -203,11 +196,11 @@ def _block_logits(
         )
     else:
         visible_BxT = _visible(d, valid_BxT, block_start)
-        rows = guidance.model_rows(x_BxT, visible_BxT, prompt_BxT, d.mask_id, d.cfg_scale)
+        rows = guidance.model_rows(x_BxT, visible_BxT, prompt_BxT, d.rule.mask_id, d.rule.cfg_scale)
         hidden_RxTxD, _ = d.model.body(*rows)
         hidden_RxWxD = jax.lax.dynamic_slice_in_dim(hidden_RxTxD, block_start, d.width, axis=1)
     logits_RxWxV = d.model.head(hidden_RxWxD)
-    return guidance.guide(logits_RxWxV, d.cfg_scale) if d.cfg_scale > 0 else logits_RxWxV
+    return guidance.guide(logits_RxWxV, d.rule.cfg_scale) if d.rule.cfg_scale > 0 else logits_RxWxV
 
 
 def _denoise_block(
@@ -223,27 +216,20 @@ def _denoise_block(
     """The block at `block_start` denoised: its `steps_per_block` steps, or with a threshold
     until it has no masks left (at most b steps). -> (canvas (B, T) int32, steps so far int32)."""
     block_of = lambda x: jax.lax.dynamic_slice_in_dim(x, block_start, d.width, axis=1)
-    masked_BxW = block_of(x_BxT) == d.mask_id
-    schedule_BxS = sampling.num_transfer_tokens(jnp.sum(masked_BxW, -1), d.steps_per_block)
+    masked_BxW = block_of(x_BxT) == d.rule.mask_id
+    schedule_BxS = sampling.num_transfer_tokens(jnp.sum(masked_BxW, -1), d.rule.steps_per_block)
 
     def step(state: tuple[jax.Array, jax.Array, jax.Array]):
         """One step: a model call, its proposal and the commit -> (canvas, nfe, steps taken)."""
         x_BxT, nfe, taken = state
         logits_BxWxV = _block_logits(d, x_BxT, valid_BxT, prompt_BxT, cache, block_start)
-        x0_BxW, confidence_BxW = sampling.propose(
-            logits_BxWxV,
-            jax.random.fold_in(key, nfe),
-            temperature=d.temperature,
-            remasking=d.remasking,
-            ban_id=d.ban_id,
-            zero_ids=d.zero_ids,
-        )
+        x0_BxW, confidence_BxW = d.rule.propose(logits_BxWxV, jax.random.fold_in(key, nfe))
         x_BxW = block_of(x_BxT)
-        candidates_BxW = x_BxW == d.mask_id
-        if d.threshold is None:
+        candidates_BxW = x_BxW == d.rule.mask_id
+        if d.rule.threshold is None:
             k_B = schedule_BxS[:, taken]
         else:
-            k_B = sampling.threshold_count(confidence_BxW, candidates_BxW, d.threshold)
+            k_B = sampling.threshold_count(confidence_BxW, candidates_BxW, d.rule.threshold)
         x_BxW = sampling.commit(x_BxW, x0_BxW, confidence_BxW, candidates_BxW, k_B)
         x_BxT = jax.lax.dynamic_update_slice_in_dim(x_BxT, x_BxW, block_start, axis=1)
         return x_BxT, nfe + 1, taken + 1
@@ -252,9 +238,9 @@ def _denoise_block(
         """Another step: fewer than steps_per_block taken, or with a threshold masks left (and
         fewer than b steps, should a NaN confidence commit nothing)."""
         x_BxT, _, taken = state
-        if d.threshold is None:
-            return taken < d.steps_per_block
-        return jnp.any(block_of(x_BxT) == d.mask_id) & (taken < d.width)
+        if d.rule.threshold is None:
+            return taken < d.rule.steps_per_block
+        return jnp.any(block_of(x_BxT) == d.rule.mask_id) & (taken < d.width)
 
     x_BxT, nfe, _ = jax.lax.while_loop(unfinished, step, (x_BxT, nfe, jnp.int32(0)))
     return x_BxT, nfe
@@ -306,16 +292,9 @@ def _decoding(
     return _Decoding(
         model=model,
         cache=cache,
-        mask_id=ids.mask_id,
+        rule=sampling.StepRule.of(s, ids),
         prompt_len=max(1, -(-prompt_len // b)) * b,
         gen_length=s.gen_length,
-        steps_per_block=s.steps // s.num_blocks,
-        threshold=s.threshold or None,
-        cfg_scale=s.cfg_scale,
-        temperature=s.temperature,
-        remasking=s.remasking,
-        ban_id=ids.eos_id if s.ban_eos else None,
-        zero_ids=sampling.zero_confidence_ids(s, ids),
         stop_ids=stop_ids,
         fill_id=stop_ids[0] if stop_ids else ids.mask_id,  # no stop id: never filled
     )
@@ -353,9 +332,9 @@ def generate_blocks(
         )
     d = _decoding(model, prompt_BxP.shape[1], settings, ids, cache)
     x_BxT, valid_BxT = sampling.initial_canvas(
-        *_align(prompt_BxP, prompt_valid_BxP, d.prompt_len), d.gen_length, d.mask_id
+        *_align(prompt_BxP, prompt_valid_BxP, d.prompt_len), d.gen_length, d.rule.mask_id
     )
-    prompt_BxT = x_BxT != d.mask_id  # the prompt region's non-mask positions (CFG masks them)
+    prompt_BxT = x_BxT != d.rule.mask_id  # the prompt region's non-mask positions (CFG masks them)
     kv = _prompt_cache(d, x_BxT, valid_BxT, prompt_BxT) if cache else None
 
     def unfinished(state: tuple[jax.Array, KVCache | None, jax.Array, jax.Array]) -> jax.Array:

@@ -363,22 +363,55 @@ def _place(
     return x0_BxT, confidence_BxT
 
 
-class _Decoding(NamedTuple):
-    """One `generate` call's static settings, as the loop's parts read them."""
+class StepRule(NamedTuple):
+    """How a denoising step proposes and commits tokens: the static settings it reads, the same
+    in this sampler and the block-diffusion one (block_sampling.py)."""
 
-    model: SamplerModel
     mask_id: int
-    prompt_len: int
-    gen_length: int
-    block_length: int
     steps_per_block: int  # fixed-step decoding's steps per block
     threshold: float | None  # threshold decoding when set
     cfg_scale: float
-    kv_cache: str
     temperature: float
     remasking: str
     ban_id: int | None  # EOS with ban_eos
     zero_ids: tuple[int, ...]  # zero-confidence ids with eos_zero_confidence
+
+    @classmethod
+    def of(cls, settings: SampleSettings, ids: SpecialIds) -> StepRule:
+        """The rule of these sample settings and special ids."""
+        s = settings
+        return cls(
+            mask_id=ids.mask_id,
+            steps_per_block=s.steps // s.num_blocks,
+            threshold=s.threshold or None,
+            cfg_scale=s.cfg_scale,
+            temperature=s.temperature,
+            remasking=s.remasking,
+            ban_id=ids.eos_id if s.ban_eos else None,
+            zero_ids=zero_confidence_ids(s, ids),
+        )
+
+    def propose(self, logits_BxWxV: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """`propose` (x0, confidence: (B, W)) with this rule's sampling settings."""
+        return propose(
+            logits_BxWxV,
+            key,
+            temperature=self.temperature,
+            remasking=self.remasking,
+            ban_id=self.ban_id,
+            zero_ids=self.zero_ids,
+        )
+
+
+class _Decoding(NamedTuple):
+    """One `generate` call's static settings, as the loop's parts read them."""
+
+    model: SamplerModel
+    rule: StepRule
+    prompt_len: int
+    gen_length: int
+    block_length: int
+    kv_cache: str
 
 
 def _propose_on_canvas(
@@ -398,16 +431,9 @@ def _propose_on_canvas(
         """The head (guided with CFG) and its proposal on the hidden state (R, W, ...) of the
         positions from `start` -> (x0, confidence) (B, T), placed on the canvas."""
         logits = d.model.head(hidden)
-        if d.cfg_scale > 0:
-            logits = guidance.guide(logits, d.cfg_scale)
-        x0_BxW, confidence_BxW = propose(
-            logits,
-            key,
-            temperature=d.temperature,
-            remasking=d.remasking,
-            ban_id=d.ban_id,
-            zero_ids=d.zero_ids,
-        )
+        if d.rule.cfg_scale > 0:
+            logits = guidance.guide(logits, d.rule.cfg_scale)
+        x0_BxW, confidence_BxW = d.rule.propose(logits, key)
         return _place(x_BxT, x0_BxW, confidence_BxW, start)
 
     def block_only() -> tuple[jax.Array, jax.Array]:
@@ -415,11 +441,11 @@ def _propose_on_canvas(
         hidden = jax.lax.dynamic_slice_in_dim(hidden_RxWxH, block_start - offset, d.block_length, 1)
         return at(hidden, block_start)
 
-    if d.threshold is not None or hidden_RxWxH.shape[1] == d.block_length:
+    if d.rule.threshold is not None or hidden_RxWxH.shape[1] == d.block_length:
         return block_only()
     positions_T = jnp.arange(x_BxT.shape[1], dtype=jnp.int32)
     before_block_T = (positions_T >= offset) & (positions_T < block_start)
-    some_earlier = jnp.any((x_BxT == d.mask_id) & before_block_T[None, :])
+    some_earlier = jnp.any((x_BxT == d.rule.mask_id) & before_block_T[None, :])
     return jax.lax.cond(some_earlier, lambda: at(hidden_RxWxH, offset), block_only)
 
 
@@ -438,13 +464,23 @@ def _denoise(
     over the canvas, returning its cache; else the cached window pass with `cache` ("dual": the
     block; "prefix": the generated region). `step` (int32) numbers the call for its key."""
     if full:
-        hidden, cache = full_pass(d.model, x_BxT, valid_BxT, prompt_BxT, d.mask_id, d.cfg_scale)
+        hidden, cache = full_pass(
+            d.model, x_BxT, valid_BxT, prompt_BxT, d.rule.mask_id, d.rule.cfg_scale
+        )
         offset = 0
     else:
         offset = block_start if d.kv_cache == "dual" else jnp.int32(d.prompt_len)
         width = d.block_length if d.kv_cache == "dual" else d.gen_length
         hidden = window_pass(
-            d.model, x_BxT, valid_BxT, prompt_BxT, cache, offset, width, d.mask_id, d.cfg_scale
+            d.model,
+            x_BxT,
+            valid_BxT,
+            prompt_BxT,
+            cache,
+            offset,
+            width,
+            d.rule.mask_id,
+            d.rule.cfg_scale,
         )
     key = jax.random.fold_in(key, step)
     return (*_propose_on_canvas(d, key, hidden, offset, x_BxT, block_start), cache)
@@ -459,9 +495,9 @@ def _pick(
 ) -> jax.Array:
     """How many tokens step `taken` of the block commits per row, (B,) int32: the fixed
     schedule's (:func:`num_transfer_tokens`, `schedule_BxS`) or the threshold rule's."""
-    if d.threshold is None:
+    if d.rule.threshold is None:
         return schedule_BxS[:, taken]
-    return threshold_count(confidence_BxT, candidates_BxT, d.threshold)
+    return threshold_count(confidence_BxT, candidates_BxT, d.rule.threshold)
 
 
 def _decode_block(
@@ -480,13 +516,13 @@ def _decode_block(
     positions_T = jnp.arange(x_BxT.shape[1], dtype=jnp.int32)
     in_block_T = (positions_T >= block_start) & (positions_T < block_start + d.block_length)
     schedule_BxS = None
-    if d.threshold is None:
+    if d.rule.threshold is None:
         # The block's masked tokens scheduled over its steps, counted at its start, while every
         # mask before its end competes (mask tokens inside the prompt, infilling templates,
         # included): as the reference does, a block can thus end with masks left.
         reach_T = positions_T < block_start + d.block_length
-        masked_B = jnp.sum((x_BxT == d.mask_id) & in_block_T[None, :], axis=-1)
-        schedule_BxS = num_transfer_tokens(masked_B, d.steps_per_block)
+        masked_B = jnp.sum((x_BxT == d.rule.mask_id) & in_block_T[None, :], axis=-1)
+        schedule_BxS = num_transfer_tokens(masked_B, d.rule.steps_per_block)
     else:  # only the block's masks compete
         reach_T = in_block_T
 
@@ -496,7 +532,7 @@ def _decode_block(
         x0_BxT, confidence_BxT, cache = _denoise(
             d, key, valid_BxT, prompt_BxT, x_BxT, nfe, block_start, cache, full
         )
-        candidates_BxT = (x_BxT == d.mask_id) & reach_T[None, :]
+        candidates_BxT = (x_BxT == d.rule.mask_id) & reach_T[None, :]
         k_B = _pick(d, schedule_BxS, taken, confidence_BxT, candidates_BxT)
         return commit(x_BxT, x0_BxT, confidence_BxT, candidates_BxT, k_B), cache
 
@@ -506,11 +542,11 @@ def _decode_block(
         """Whether the block takes another step: fewer than steps_per_block taken, or with a
         threshold, masks left in it (and fewer than block_length steps)."""
         x_BxT, _, taken = state
-        if d.threshold is None:
-            return taken < d.steps_per_block
+        if d.rule.threshold is None:
+            return taken < d.rule.steps_per_block
         # Every step commits at least one token per unfinished row, so block_length steps end
         # the block; the bound also ends it should a NaN confidence commit nothing.
-        masks_left = jnp.any((x_BxT == d.mask_id) & in_block_T[None, :])
+        masks_left = jnp.any((x_BxT == d.rule.mask_id) & in_block_T[None, :])
         return masks_left & (taken < d.block_length)
 
     def next_step(state: tuple[jax.Array, jax.Array, jax.Array]):
@@ -603,18 +639,11 @@ def generate(
     s = settings
     d = _Decoding(
         model=model,
-        mask_id=ids.mask_id,
+        rule=StepRule.of(s, ids),
         prompt_len=prompt.shape[1],
         gen_length=s.gen_length,
         block_length=s.block_length,
-        steps_per_block=s.steps // s.num_blocks,
-        threshold=s.threshold or None,
-        cfg_scale=s.cfg_scale,
         kv_cache=s.kv_cache,
-        temperature=s.temperature,
-        remasking=s.remasking,
-        ban_id=ids.eos_id if s.ban_eos else None,
-        zero_ids=zero_confidence_ids(s, ids),
     )
     canvas, valid = initial_canvas(prompt, prompt_valid, s.gen_length, ids.mask_id)
     prompt_index = canvas != ids.mask_id  # at the start: the prompt region's non-mask positions
