@@ -28,6 +28,9 @@ are exact mode's. The model and sample settings are --workdir's (a trained check
 --config's, untrained; the kernels are --config's (`kernels` section) either way. A
 block-diffusion model (diffusion.block_size > 0) is timed with its exact K/V cache, without it
 (whose tokens it must equal) and with threshold decoding: tokens/s, model calls, mean length.
+Every sampler runs on the kernels `inference.make_sampler` would choose (kernels.matmul=auto:
+the faster on these shapes). --gen_length (with --sample_steps, --block_length) replaces the
+sample section's length; --baseline=false leaves out the reference-style loop.
 
 likelihood: lm-eval `loglikelihood` requests (contexts and continuations from the shipped corpus)
 per second through the `llada_jax` lm-eval model with requests packed several per model row
@@ -79,6 +82,7 @@ from llada_jax import (  # noqa: E402
     metrics,
     profiling,
     sampling,
+    sharding,
 )
 from llada_jax import config as config_lib  # noqa: E402
 from llada_jax import run as run_lib  # noqa: E402
@@ -451,28 +455,40 @@ def bench_block_sample(
     """A block-diffusion model's sampler (block_sampling.py) with its exact K/V cache, without
     it (the whole canvas every step: the tokens must be the same) and with threshold decoding,
     timed alternately: tokens/s of the canvas, model calls and the tokens generated before EOS."""
-    run, graphdef, params, s = model.run, model.graphdef, model.params, sample_shape(model.run)
+    run, params, s = model.run, model.params, sample_shape(model.run)
     block_size, key = run.diffusion_cfg.block_size, jax.random.key(0)
     base = sampling.SampleSettings(gen_length=s.gen_length, steps=s.steps, block_length=block_size)
 
-    def sampler(cache: bool, extra: dict[str, Any]) -> Any:
-        """The jitted block sampler with or without the cache, `extra` settings."""
+    def sampler(name: str, cache: bool, extra: dict[str, Any]) -> Any:
+        """The block sampler with or without the cache, `extra` settings, jitted and compiled
+        for these prompts; with kernels.matmul=auto the faster kernels on them, as
+        `inference.make_sampler` chooses."""
         settings = dataclasses.replace(base, **extra)
-        block_model = block_sampling.from_transformer(
-            lambda: nnx.merge(graphdef, params), block_size
-        )
-        fn = lambda i, v, k: block_sampling.generate_blocks(  # noqa: E731
-            block_model, i, v, k, settings, run.tokenizer.special_ids, cache
-        )
-        return jax.jit(fn).lower(ids, valid, key).compile()
 
-    samplers = {name: sampler(*mode) for name, mode in BLOCK_SAMPLE_MODES.items()}
+        def build(graphdef: nnx.GraphDef) -> Any:
+            def fn(params: Any, i: jax.Array, v: jax.Array, k: jax.Array) -> Any:
+                block_model = block_sampling.from_transformer(
+                    lambda: nnx.merge(graphdef, params), block_size
+                )
+                return block_sampling.generate_blocks(
+                    block_model, i, v, k, settings, run.tokenizer.special_ids, cache
+                )
+
+            return sharding.jit_on_mesh(fn, run.mesh)
+
+        return (
+            run_lib.fastest(run, f"bench_block_{name}|{settings}", build)
+            .lower(params, ids, valid, key)
+            .compile()
+        )
+
+    samplers = {name: sampler(name, *mode) for name, mode in BLOCK_SAMPLE_MODES.items()}
     times: dict[str, list[float]] = {name: [] for name in samplers}
     outputs: dict[str, Any] = {}
     for rep in range(warmup + steps):  # alternating: every mode once per repetition
         for name, fn in samplers.items():
             start = time.perf_counter()
-            outputs[name] = jax.block_until_ready(fn(ids, valid, key))
+            outputs[name] = jax.block_until_ready(fn(params, ids, valid, key))
             if rep >= warmup:
                 times[name].append(time.perf_counter() - start)
     result: dict[str, Any] = dict(
