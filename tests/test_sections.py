@@ -121,6 +121,8 @@ def test_shape_keys_come_from_the_model_section():
         "head_dim",
         "mlp_hidden",
         "tie_embeddings",
+        "qkv_bias",
+        "qk_norm",
         "scan_layers",
         "param_dtype",
     }
