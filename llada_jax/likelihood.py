@@ -90,24 +90,32 @@ def targets_per_slot(target_BxL: jax.Array, segment_BxL: jax.Array, num_slots: i
     return jnp.sum(target_BxL[..., None] & in_slot_BxLxS, axis=1, dtype=jnp.int32)
 
 
-def position_scores(
-    key: jax.Array, segment_BxL: jax.Array, row_id_BxS: jax.Array, sample_BxS: jax.Array
+def offset_scores(
+    key: jax.Array, row_id_BxL: jax.Array, sample_BxL: jax.Array, offset_BxL: jax.Array
 ) -> jax.Array:
-    """(B, L) float32 uniform scores in [0, 1), one per position, independent: position i of a
-    slot that starts at position o draws from `key` folded with the slot's request id, its
-    sample index + 1 (not its stratification key's) and i - o. A request's scores are the same
-    at any offset in any row, and padding it to another length changes none of them."""
-    one_hot_BxLxS = segment_BxL[..., None] == jnp.arange(1, row_id_BxS.shape[1] + 1)
-    start_BxS = jnp.argmax(one_hot_BxLxS, axis=1).astype(jnp.int32)
-    offset_BxL = jnp.arange(segment_BxL.shape[1]) - slot_of(segment_BxL, start_BxS)
+    """(B, L) float32 uniform scores in [0, 1), independent: that of offset i (counted from its
+    request's first position) of sample s of request r draws from `key` folded with r, s + 1
+    (not its stratification key's) and i."""
 
     def score(r: jax.Array, s: jax.Array, i: jax.Array) -> jax.Array:
         """The uniform score of offset i of sample s of request r."""
         sample_key = jax.random.fold_in(jax.random.fold_in(key, r), s + 1)
         return jax.random.uniform(jax.random.fold_in(sample_key, i))
 
+    return jax.vmap(jax.vmap(score))(row_id_BxL, sample_BxL, offset_BxL)
+
+
+def position_scores(
+    key: jax.Array, segment_BxL: jax.Array, row_id_BxS: jax.Array, sample_BxS: jax.Array
+) -> jax.Array:
+    """(B, L) float32 `offset_scores` of each position of a row, its offset counted from the
+    first position of its slot: a request's scores are the same at any offset in any row, and
+    padding it to another length changes none of them."""
+    one_hot_BxLxS = segment_BxL[..., None] == jnp.arange(1, row_id_BxS.shape[1] + 1)
+    start_BxS = jnp.argmax(one_hot_BxLxS, axis=1).astype(jnp.int32)
+    offset_BxL = jnp.arange(segment_BxL.shape[1]) - slot_of(segment_BxL, start_BxS)
     row_BxL, sample_BxL = slot_of(segment_BxL, row_id_BxS), slot_of(segment_BxL, sample_BxS)
-    return jax.vmap(jax.vmap(score))(row_BxL, sample_BxL, offset_BxL)
+    return offset_scores(key, row_BxL, sample_BxL, offset_BxL)
 
 
 def mask_lowest(
@@ -146,6 +154,31 @@ def draw_masks(
     ).reshape(targets_BxS.shape)
     score_BxL = position_scores(key, segment_BxL, row_id_BxS, sample_BxS)
     return mask_lowest(score_BxL, target_BxL, segment_BxL, l_BxS), l_BxS, targets_BxS
+
+
+def target_masks(
+    key: jax.Array,
+    prompt_B: jax.Array,
+    targets_B: jax.Array,
+    row_id_B: jax.Array,
+    sample_B: jax.Array,
+    n: int,
+    width: int,
+) -> jax.Array:
+    """(B, W) bool: `draw_masks`'s mask of the targets alone of sample `sample_B` (of `n`) of
+    request `row_id_B`, whose T = `targets_B` targets follow its P = `prompt_B` prompt
+    positions: column t is target t (offset P + t in the request); columns t >= T are False.
+    W = `width` >= every T. Its cost is that of the targets, not of the whole request."""
+    columns_BxW = jnp.broadcast_to(jnp.arange(width), (prompt_B.shape[0], width))
+    target_BxW = columns_BxW < targets_B[:, None]
+    l_B = stratified_mask_counts(key, row_id_B, sample_B, targets_B, n)
+    score_BxW = offset_scores(
+        key,
+        jnp.broadcast_to(row_id_B[:, None], columns_BxW.shape),
+        jnp.broadcast_to(sample_B[:, None], columns_BxW.shape),
+        prompt_B[:, None] + columns_BxW,
+    )
+    return mask_lowest(score_BxW, target_BxW, target_BxW.astype(jnp.int32), l_B[:, None])
 
 
 def draw_block_masks(
@@ -340,6 +373,12 @@ def rolling_windows(
         windows.append((list(ids[max(0, new_end - max_len) : new_end]), new_end - end))
         end = new_end
     return windows
+
+
+def first_equal_rows(masks_NxW: np.ndarray) -> np.ndarray:
+    """(N,) int: for each row of `masks_NxW`, the index of the first row equal to it."""
+    _, first, inverse = np.unique(masks_NxW, axis=0, return_index=True, return_inverse=True)
+    return first[inverse.ravel()]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,16 +17,20 @@ checkpoint it evaluates.
   generate_until         the sampler (every key of a config's sample section), cut at EOS and the
                          stop strings.
 
-Scoring lays the requests out in model rows (`layout`): with `pack` (the default) several per
-row, side by side in segments that attend only within themselves (first-fit decreasing into
-rows of at least PACK_LENGTH positions), else one per row; either way rows are padded to a few
-lengths (`bucket`) so that little is recompiled, and the output head runs on each row's targets
-only. Each model row is scored once per Monte-Carlo sample, `batch_size` rows per call, split
-over the devices. The masks of a request depend only on its tokens, its sample index and `seed`
-(not on the layout or the order of the requests): the same request is scored on the same masks
-by every checkpoint (common random numbers), packed or not. A block-diffusion model
-(diffusion.block_size > 0) is scored by its block bound (likelihood.py), one request per row
-(pack is off); with blocks of one token that is the exact log-likelihood, so mc_num is 1.
+Scoring draws each request's `mc_num` masks first and scores each distinct mask once: a
+continuation of T < mc_num tokens draws some masks more than once (it has 2^T - 1 masks in
+all: one for a single token), and every sample of a mask gets its value, so the estimate is the
+one scoring every sample would give. The (request, sample) pairs
+left are laid out in model rows (`layout`): with `pack` (the default) several per row, side by
+side in segments that attend only within themselves (best-fit decreasing into rows of at least
+PACK_LENGTH positions), else one per row; either way rows are padded to a few lengths
+(`bucket`) so that little is recompiled, and the output head runs on each row's targets only;
+`batch_size` model rows per call, split over the devices. The masks of a request depend only on
+its tokens, its sample index and `seed` (not on the layout or the order of the requests): the
+same request is scored on the same masks by every checkpoint (common random numbers), packed or
+not. A block-diffusion model (diffusion.block_size > 0) is scored by its block bound
+(likelihood.py), one request per row (pack is off, every sample scored); with blocks of one
+token that is the exact log-likelihood, so mc_num is 1.
 
 Model arguments: workdir (local or gs://; required unless a loaded model is passed), step,
 mc_num (128), batch_size (32 model rows per call; it wins over lm-eval's --batch_size), pack
@@ -42,7 +46,9 @@ function runs the kernels that were fastest on its shapes (llada_jax/kernels/aut
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
+import functools
 import math
 import zlib
 from collections import defaultdict
@@ -63,6 +69,7 @@ DEFAULT_MAX_GEN_TOKS = 256
 DEFAULT_BATCH_SIZE = 32  # model rows per call
 MODEL_NAME = "llada_jax"
 PACK_LENGTH = 128  # the least length of a packed model row (docs/performance.md)
+MASK_CALL_ROWS = 4096  # (request, sample) pairs per call when comparing masks
 
 
 def bucket(length: int) -> int:
@@ -73,11 +80,12 @@ def bucket(length: int) -> int:
 
 @dataclasses.dataclass
 class ModelRow:
-    """Requests side by side in one model row (each in its slot, in this order)."""
+    """Items (requests, or Monte-Carlo samples of them) side by side in one model row, each in
+    its slot, in this order."""
 
     length: int  # positions, a `bucket` size
-    requests: list[int]  # indices of the requests
-    used: int = 0  # positions the requests take
+    items: list[int]  # indices of the items
+    used: int = 0  # positions the items take
     targets: int = 0  # their targets
 
     @property
@@ -86,20 +94,26 @@ class ModelRow:
         return min(bucket(max(self.targets, 1)), self.length)
 
 
-def layout(requests: Sequence[tuple[int, int]], pack: bool) -> list[ModelRow]:
-    """Model rows for requests of (length, targets) tokens. Unpacked: one per request, of its
-    length's `bucket`. Packed: first-fit decreasing, the longest requests first, each into the
-    first row with room for it, else a new row of max(its length, PACK_LENGTH)'s `bucket`."""
+def layout(items: Sequence[tuple[int, int]], pack: bool) -> list[ModelRow]:
+    """Model rows for items of (length, targets) tokens. Unpacked: one per row, of its length's
+    `bucket`. Packed: best-fit decreasing, the longest items first, each into the row with the
+    least room that holds it (the first made of equals), else a new row of max(its length,
+    PACK_LENGTH)'s `bucket`."""
     rows: list[ModelRow] = []
-    for i in sorted(range(len(requests)), key=lambda i: -requests[i][0]):
-        length, targets = requests[i]
-        row = next((r for r in rows if r.used + length <= r.length), None) if pack else None
-        if row is None:
-            row = ModelRow(bucket(max(length, PACK_LENGTH if pack else 1)), [])
-            rows.append(row)
-        row.requests.append(i)
-        row.used += length
-        row.targets += targets
+    room: list[tuple[int, int]] = []  # (positions left, row index) of the packed rows, sorted
+    for i in sorted(range(len(items)), key=lambda i: -items[i][0]):
+        length, targets = items[i]
+        k = bisect.bisect_left(room, (length, -1))
+        if k < len(room):
+            left, r = room.pop(k)
+        else:
+            r, left = len(rows), bucket(max(length, PACK_LENGTH if pack else 1))
+            rows.append(ModelRow(left, []))
+        rows[r].items.append(i)
+        rows[r].used += length
+        rows[r].targets += targets
+        if pack:
+            bisect.insort(room, (left - length, r))
     return rows
 
 
@@ -167,6 +181,10 @@ class LLaDAJaxLM(LM):
         self.pack = bool(pack) and not self.block_size
         self.mc_num = 1 if self.block_size == 1 else self.mc_num
         self._scorers: dict[int, Any] = {}  # by output-head positions per row
+        self._draw_masks = jax.jit(
+            functools.partial(likelihood.target_masks, jax.random.key(self.seed), n=self.mc_num),
+            static_argnames="width",
+        )
         self._samplers: dict[sampling.SampleSettings, Any] = {}
 
     # ------------------------------------------------------------------------------------
@@ -194,29 +212,79 @@ class LLaDAJaxLM(LM):
 
     def score_rows(self, rows: Sequence[tuple[list[int], int]], desc: str) -> np.ndarray:
         """The bound (nats) of each row's last `targets` tokens given the ones before them:
-        rows are (ids, targets) pairs; returns (len(rows), mc_num) samples. The rows are laid
-        out by `layout` (several per model row with `pack`), each of its model rows scored
-        once per Monte-Carlo sample, `batch_size` model rows per call."""
+        rows are (ids, targets) pairs; returns (len(rows), mc_num) samples. Each mask is scored
+        once, however many of a row's samples draw it (`first_samples`); the (row, sample)
+        pairs are laid out by `layout` (several per model row with `pack`), `batch_size` model
+        rows per call."""
+        first_RxN, pairs, model_rows = self.plan(rows)
+        copies_RxN = np.zeros_like(first_RxN)
+        np.add.at(copies_RxN, (np.arange(len(rows))[:, None], first_RxN), 1)
         out = np.zeros((len(rows), self.mc_num))
         groups: dict[tuple[int, int], list[ModelRow]] = defaultdict(list)
-        for model_row in layout([(len(ids), n) for ids, n in rows], self.pack):
+        for model_row in model_rows:
             groups[(model_row.length, model_row.head_positions)].append(model_row)
         bar = _bar(len(rows) * self.mc_num, desc, self.progress)
         for (length, head), members in sorted(groups.items()):
             scorer = self.scorer(head)
-            slots = max(len(m.requests) for m in members)
-            pairs = [(m, j) for m in members for j in range(self.mc_num)]
-            for start in range(0, len(pairs), self.batch_size):
-                chunk = pairs[start : start + self.batch_size]
+            slots = max(len(m.items) for m in members)
+            for start in range(0, len(members), self.batch_size):
+                chunk = [
+                    [pairs[k] for k in m.items] for m in members[start : start + self.batch_size]
+                ]
                 padded = chunk + [chunk[0]] * (self.batch_size - len(chunk))
-                batch = pack_batch(rows, padded, length, slots)
-                nll_BxS = np.asarray(scorer(self.model.params, *batch))
-                for b, (model_row, j) in enumerate(chunk):
-                    for s, i in enumerate(model_row.requests):
+                nll_BxS = np.asarray(
+                    scorer(self.model.params, *pack_batch(rows, padded, length, slots))
+                )
+                for b, row_pairs in enumerate(chunk):
+                    for s, (i, j) in enumerate(row_pairs):
                         out[i, j] = nll_BxS[b, s]
-                bar.update(sum(len(m.requests) for m, _ in chunk))
+                bar.update(sum(copies_RxN[p] for row_pairs in chunk for p in row_pairs))
         bar.close()
-        return out
+        return np.take_along_axis(out, first_RxN, axis=1)
+
+    def plan(
+        self, rows: Sequence[tuple[list[int], int]]
+    ) -> tuple[np.ndarray, list[tuple[int, int]], list[ModelRow]]:
+        """How `score_rows` scores `rows`: `first_samples`, the (row, sample) pairs whose masks
+        are scored (each sample j with first[i, j] == j), and the model rows those pairs are laid
+        out in (`layout`; a model row's items index the pairs)."""
+        first_RxN = self.first_samples(rows)
+        scored_RxN = first_RxN == np.arange(self.mc_num)
+        pairs = [(int(i), int(j)) for i, j in zip(*np.nonzero(scored_RxN))]
+        return (
+            first_RxN,
+            pairs,
+            layout([(len(rows[i][0]), rows[i][1]) for i, _ in pairs], self.pack),
+        )
+
+    def first_samples(self, rows: Sequence[tuple[list[int], int]]) -> np.ndarray:
+        """(len(rows), mc_num) int: for sample j of each row, the first of its samples that
+        draws the same mask (j itself when none before it does). Only rows with fewer targets
+        than samples can draw a mask twice (T >= mc_num targets give mc_num different counts l,
+        `likelihood.stratified_mask_counts`); a one-token continuation draws one mask in all
+        mc_num samples. The masks are drawn as the scorer draws them
+        (`likelihood.target_masks`); block-diffusion rows are not compared."""
+        n = self.mc_num
+        first_RxN = np.tile(np.arange(n), (len(rows), 1))
+        short = [i for i, (_, t) in enumerate(rows) if 0 < t < n]
+        if self.block_size or not short:
+            return first_RxN
+        pairs = [
+            (len(rows[i][0]) - rows[i][1], rows[i][1], request_id(*rows[i]), j)
+            for i in short
+            for j in range(n)
+        ]
+        width = bucket(max(rows[i][1] for i in short))
+        masks = []
+        for start in range(0, len(pairs), MASK_CALL_ROWS):
+            chunk = pairs[start : start + MASK_CALL_ROWS]
+            chunk += [chunk[0]] * (MASK_CALL_ROWS - len(chunk))
+            columns = [np.asarray(c, np.int32) for c in zip(*chunk)]
+            masks.append(np.asarray(self._draw_masks(*columns, width=width)))
+        masks_PxW = np.concatenate(masks)[: len(pairs)]
+        for k, i in enumerate(short):
+            first_RxN[i] = likelihood.first_equal_rows(masks_PxW[k * n : (k + 1) * n])
+        return first_RxN
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Context and continuation ids; spaces that end the context move to the continuation
@@ -315,24 +383,24 @@ class LLaDAJaxLM(LM):
 
 def pack_batch(
     requests: Sequence[tuple[list[int], int]],
-    pairs: Sequence[tuple[ModelRow, int]],
+    model_rows: Sequence[Sequence[tuple[int, int]]],
     length: int,
     slots: int,
 ) -> tuple[np.ndarray, ...]:
-    """The scorer's inputs for (model row, sample) pairs of `requests` ((ids, targets) pairs),
-    rows of `length` positions and `slots` slots: tokens (B, L) int32, target (B, L) bool,
-    segment (B, L) int32 (slot s of a row is segment s + 1, its requests side by side from
-    position 0; 0 pads), row_id (B, S) int32 (`request_id`; 0 for an empty slot) and sample
-    (B, S) int32."""
-    batch = len(pairs)
+    """The scorer's inputs for model rows of (request, sample) pairs (`requests`: (ids,
+    targets) pairs), rows of `length` positions and `slots` slots: tokens (B, L) int32,
+    target (B, L) bool, segment (B, L) int32 (slot s of a row is segment s + 1, its pairs side
+    by side from position 0; 0 pads), row_id (B, S) int32 (`request_id`; 0 for an empty slot)
+    and sample (B, S) int32."""
+    batch = len(model_rows)
     tokens_BxL = np.zeros((batch, length), np.int32)
     target_BxL = np.zeros((batch, length), bool)
     segment_BxL = np.zeros((batch, length), np.int32)
     row_id_BxS = np.zeros((batch, slots), np.int32)
     sample_BxS = np.zeros((batch, slots), np.int32)
-    for b, (model_row, j) in enumerate(pairs):
+    for b, row_pairs in enumerate(model_rows):
         offset = 0
-        for s, i in enumerate(model_row.requests):
+        for s, (i, j) in enumerate(row_pairs):
             ids, n = requests[i]
             end = offset + len(ids)
             tokens_BxL[b, offset:end] = ids

@@ -71,6 +71,8 @@ def test_likelihood_mode_agrees_with_the_reference_style_estimate(tmp_path):
     assert result["requests"] == 3 and result["mc_num"] == 8
     assert result["max_estimate_difference"] < 1e-3
     assert result["max_packed_unpacked_difference"] < 1e-3
+    # 1 to 6 words of continuation against 8 samples: some masks are drawn more than once.
+    assert 0 < result["scored_masks_ratio"] < 1
     for layout in ("packed", "unpacked"):
         assert result[f"{layout}_requests_per_sec"] > 0
         assert 1 <= result[f"padded_tokens_ratio_{layout}"]

@@ -179,6 +179,42 @@ def test_a_request_draws_the_same_mask_at_any_offset_of_a_packed_row():
     assert np.asarray(packed[0])[0, :4].sum() == int(packed[1][0, 0])
 
 
+def test_the_targets_alone_draw_the_masks_of_the_whole_request():
+    """`target_masks` (the targets' columns only) against `draw_masks` on whole rows: requests
+    of prompts 0 to 5 and 1 to 6 targets, 12 samples each, the same masks."""
+    key, n, width, length = jax.random.key(4), 12, 8, 11
+    cases = [(p, t, 50 + 7 * p + t) for p in range(6) for t in range(1, 7)]
+    prompt, targets, row_id = (np.repeat([c[k] for c in cases], n) for k in range(3))
+    sample = np.tile(np.arange(n), len(cases))
+    target = np.zeros((len(prompt), length), bool)
+    for b, (p, t) in enumerate(zip(prompt, targets)):
+        target[b, p : p + t] = True
+    whole = np.asarray(
+        likelihood.draw_masks(
+            key,
+            jnp.asarray(target),
+            jnp.asarray((np.arange(length) < (prompt + targets)[:, None]).astype(np.int32)),
+            jnp.asarray(row_id[:, None], jnp.int32),
+            jnp.asarray(sample[:, None], jnp.int32),
+            n,
+        )[0]
+    )
+    alone = np.asarray(
+        likelihood.target_masks(
+            key, *(jnp.asarray(a, jnp.int32) for a in (prompt, targets, row_id, sample)), n, width
+        )
+    )
+    for b, (p, t) in enumerate(zip(prompt, targets)):
+        np.testing.assert_array_equal(alone[b, :t], whole[b, p : p + t])
+        assert not alone[b, t:].any()
+    assert len({m.tobytes() for m in alone}) > len(cases)  # the masks do differ
+
+
+def test_first_equal_rows():
+    rows = np.array([[1, 0], [0, 1], [1, 0], [0, 0], [0, 1], [1, 0]], bool)
+    assert likelihood.first_equal_rows(rows).tolist() == [0, 1, 0, 3, 1, 0]
+
+
 def test_same_row_and_sample_draw_the_same_mask_in_any_batch(toy):
     logits_jax, _ = toy
     tokens, target, valid = (np.array([r[i] for r in ROWS]) for i in range(3))

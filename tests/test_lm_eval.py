@@ -10,11 +10,13 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from llada_jax.lm_eval_model import LLaDAJaxLM, cut, layout, set_cli_batch_size
+from llada_jax import likelihood
+from llada_jax.lm_eval_model import LLaDAJaxLM, cut, layout, request_id, set_cli_batch_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ["HF_DATASETS_OFFLINE"] = "1"  # local files only
@@ -120,10 +122,10 @@ def test_packed_rows_score_as_each_request_alone_with_the_full_head(lm, cfg_scal
     assert (packed_BxS[3:] == 0).all()
 
 
-def test_layout_packs_first_fit_decreasing():
+def test_layout_packs_best_fit_decreasing():
     requests = [(40, 2), (100, 5), (70, 1), (30, 3), (60, 2), (200, 9), (10, 20)]
     unpacked = layout(requests, pack=False)  # each request alone, in its length's bucket
-    assert [(r.length, r.requests, r.head_positions) for r in unpacked] == [
+    assert [(r.length, r.items, r.head_positions) for r in unpacked] == [
         (224, [5], 16),
         (112, [1], 16),
         (80, [2], 16),
@@ -132,14 +134,14 @@ def test_layout_packs_first_fit_decreasing():
         (32, [3], 16),
         (16, [6], 16),
     ]
-    # Longest first, each into the first row with room, else a new row of at least 128:
-    # 200 -> A (224, room 24); 100 -> B (128, room 28); 70 -> C (128, 58); 60 -> D (128, 68);
-    # 40 -> C (room 18 left); 30 -> D (38 left); 10 -> A (14 left).
+    # Longest first, each into the row with the least room that holds it, else a new row of at
+    # least 128: 200 -> A (224, room 24); 100 -> B (128, room 28); 70 -> C (128, 58); 60 -> D
+    # (128, 68); 40 -> C (18 left); 30 -> D (38 left); 10 -> C (8 left; first fit: A).
     packed = layout(requests, pack=True)
-    assert [(r.length, r.requests, r.used, r.targets, r.head_positions) for r in packed] == [
-        (224, [5, 6], 210, 29, 32),
+    assert [(r.length, r.items, r.used, r.targets, r.head_positions) for r in packed] == [
+        (224, [5], 200, 9, 16),
         (128, [1], 100, 5, 16),
-        (128, [2, 0], 110, 3, 16),
+        (128, [2, 0, 6], 120, 23, 32),
         (128, [4, 3], 90, 5, 16),
     ]
 
@@ -168,6 +170,40 @@ def test_loglikelihood_is_the_same_packed_or_not(lm):
     np.testing.assert_allclose(
         lm.loglikelihood_rolling(texts), unpacked.loglikelihood_rolling(texts), rtol=1e-5
     )
+
+
+def test_each_mask_is_scored_once_and_every_sample_gets_its_value(lm):
+    """Requests of 1, 2, 3 and 20 targets, 16 samples each: `score_rows` gives every sample the
+    value it has scored alone in its own row with the full head, while scoring each mask once
+    (the masks told apart here by drawing them on the whole rows): one for the one-token
+    continuation, all 16 for 20 targets (16 different counts l)."""
+    rng = np.random.default_rng(3)
+    rows = [
+        (rng.integers(5, 4000, p + t).tolist(), t) for p, t in [(6, 1), (9, 2), (4, 3), (3, 20)]
+    ]
+    n, length = lm.mc_num, 32
+    tokens, target = np.zeros((4 * n, length), np.int32), np.zeros((4 * n, length), bool)
+    segment = np.zeros((4 * n, length), np.int32)
+    row_id, sample = np.zeros((4 * n, 1), np.int32), np.zeros((4 * n, 1), np.int32)
+    for i, (ids, t) in enumerate(rows):
+        for j in range(n):
+            b = i * n + j
+            tokens[b, : len(ids)], segment[b, : len(ids)] = ids, 1
+            target[b, len(ids) - t : len(ids)] = True
+            row_id[b], sample[b] = request_id(ids, t), j
+    expected = np.asarray(lm.scorer(0)(lm.model.params, tokens, target, segment, row_id, sample))
+    masks = np.asarray(
+        likelihood.draw_masks(jax.random.key(lm.seed), target, segment, row_id, sample, n)[0]
+    )
+    distinct = [len({m.tobytes() for m in masks[i * n : (i + 1) * n]}) for i in range(4)]
+    assert distinct[0] == 1 and distinct[1] == 3 and distinct[3] == n and distinct[2] <= 7
+
+    first, pairs, _ = lm.plan(rows)
+    assert [sum(i == r for i, _ in pairs) for r in range(4)] == distinct
+    for i in range(4):  # a sample's first one draws its mask
+        for j in range(n):
+            np.testing.assert_array_equal(masks[i * n + first[i, j]], masks[i * n + j])
+    np.testing.assert_allclose(lm.score_rows(rows, "test"), expected.reshape(4, n), rtol=1e-5)
 
 
 def test_the_command_line_batch_size_is_the_models_rows_per_call():

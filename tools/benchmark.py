@@ -37,10 +37,11 @@ per second through the `llada_jax` lm-eval model with requests packed several pe
 (pack=True) and one per row (pack=False), against a baseline of the same estimator as LLaDA's
 reference harness computes it (one request at a time, mc_num / batch_size forward passes of
 batch_size copies, the output head on every position), the three alternated; the largest
-differences of the estimates (the same masks: they must be ~0), each layout's padding (model
-row positions per request token) and what share of positions the output head runs on; and the
-held-out bound's tokens per second. --config.kernels.matmul=xla (or mkl) forces the kernels,
-which auto times.
+differences of the estimates (the same masks: they must be ~0), the share of Monte-Carlo
+samples whose masks are scored (one per mask: short continuations draw the same mask many
+times), each layout's padding (model row positions per token scored) and what share of
+positions the output head runs on; and the held-out bound's tokens per second.
+--config.kernels.matmul=xla (or mkl) forces the kernels, which auto times.
 
 On CPU the peak is the matmul peak measured in this run: before and after the timed steps (both
 reported), and in a short probe between every two steps. `mfu` divides the median step's FLOP/s by
@@ -665,14 +666,15 @@ def reference_style_nll(
     return total / mc_num
 
 
-def padding_ratios(lengths: list[tuple[int, int]], pack: bool) -> tuple[float, float]:
-    """For requests of (length, targets) tokens laid out as the lm-eval model does (`layout`):
-    (model row positions / request tokens, output-head positions / model row positions)."""
-    from llada_jax.lm_eval_model import layout
-
-    rows = layout(lengths, pack)
-    positions = sum(r.length for r in rows)
-    return positions / sum(n for n, _ in lengths), sum(r.head_positions for r in rows) / positions
+def layout_ratios(lm: Any, rows: list[tuple[list[int], int]]) -> tuple[float, float, float]:
+    """How the lm-eval model `lm` scores `rows` ((ids, targets) pairs; `LLaDAJaxLM.plan`):
+    (masks scored / Monte-Carlo samples, model row positions / tokens of the masks scored,
+    output-head positions / model row positions)."""
+    first, pairs, model_rows = lm.plan(rows)
+    positions = sum(r.length for r in model_rows)
+    tokens = sum(len(rows[i][0]) for i, _ in pairs)
+    head = sum(r.head_positions for r in model_rows)
+    return len(pairs) / first.size, positions / tokens, head / positions
 
 
 def bench_likelihood(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
@@ -740,10 +742,9 @@ def bench_likelihood(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dic
             if name != "bound":
                 estimates[name] = np.asarray(out)
     median = {name: float(np.median(t)) for name, t in times.items()}
-    lengths = [(len(c) + len(t), len(t)) for c, t in encoded]
-    (padded_packed, head_packed), (padded_unpacked, head_unpacked) = (
-        padding_ratios(lengths, pack) for pack in (True, False)
-    )
+    rows_in = [(c + t, len(t)) for c, t in encoded]
+    scored, padded_packed, head_packed = layout_ratios(lms["packed"], rows_in)
+    _, padded_unpacked, head_unpacked = layout_ratios(lms["unpacked"], rows_in)
     return dict(
         mode="likelihood",
         device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
@@ -751,11 +752,14 @@ def bench_likelihood(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dic
         matmul=model.run.kernels.matmul,
         n_params=int(sum(x.size for x in jax.tree.leaves(model.params))),
         requests=len(requests),
-        request_tokens_mean=float(np.mean([n for n, _ in lengths])),
+        request_tokens_mean=float(np.mean([len(ids) for ids, _ in rows_in])),
+        continuation_tokens_mean=float(np.mean([t for _, t in rows_in])),
         mc_num=FLAGS.mc_num,
         batch_size=FLAGS.lm_batch_size,
         repetitions=steps,
-        # model row positions / request tokens; output-head positions / model row positions
+        # masks scored / samples (a mask drawn by several samples is scored once); model row
+        # positions / tokens of the masks scored; output-head positions / model row positions
+        scored_masks_ratio=scored,
         padded_tokens_ratio_packed=padded_packed,
         padded_tokens_ratio_unpacked=padded_unpacked,
         head_positions_ratio_packed=head_packed,
