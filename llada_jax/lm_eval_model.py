@@ -220,14 +220,17 @@ class LLaDAJaxLM(LM):
         copies_RxN = np.zeros_like(first_RxN)
         np.add.at(copies_RxN, (np.arange(len(rows))[:, None], first_RxN), 1)
         out = np.zeros((len(rows), self.mc_num))
-        groups: dict[tuple[int, int], list[ModelRow]] = defaultdict(list)
+        by_length: dict[int, list[ModelRow]] = defaultdict(list)
         for model_row in model_rows:
-            groups[(model_row.length, model_row.head_positions)].append(model_row)
+            by_length[model_row.length].append(model_row)
         bar = _bar(len(rows) * self.mc_num, desc, self.progress)
-        for (length, head), members in sorted(groups.items()):
-            scorer = self.scorer(head)
+        for length, members in sorted(by_length.items()):
+            # The most head positions first, so that a call's rows need about as many; one call
+            # per length is part empty, not one per (length, head positions).
+            members.sort(key=lambda m: -m.head_positions)
             slots = max(len(m.items) for m in members)
             for start in range(0, len(members), self.batch_size):
+                scorer = self.scorer(members[start].head_positions)
                 chunk = [
                     [pairs[k] for k in m.items] for m in members[start : start + self.batch_size]
                 ]
