@@ -9,7 +9,7 @@
   python tools/benchmark.py --mode=checkpoint --config=configs/demo.py
   python tools/benchmark.py --mode=sample --config=configs/demo.py [--workdir=demo_run]
   python tools/benchmark.py --mode=likelihood --config=configs/demo.py [--workdir=demo_run]
-      [--num_requests=32 --mc_num=128 --lm_batch_size=32]
+      [--num_requests=32 --mc_num=128 --lm_batch_size=32 --continuation_words=1,6]
 
 train: times the trainer's jitted step (built by `llada_jax.train`) on random token batches of
 the config's shape (with document segment ids when data.segment_ids is set), and reports who
@@ -97,6 +97,12 @@ flags.DEFINE_enum(
     "mode", "train", ["train", "data", "checkpoint", "sample", "likelihood"], "What to benchmark."
 )
 flags.DEFINE_integer("num_requests", 32, "likelihood: lm-eval loglikelihood requests.")
+flags.DEFINE_list(
+    "continuation_words",
+    ["1", "6"],
+    "likelihood: the least and the most words of a request's continuation (multiple-choice "
+    "answers are short; HellaSwag's endings run to 20 words and more).",
+)
 flags.DEFINE_integer("mc_num", 128, "likelihood: Monte-Carlo samples per request.")
 flags.DEFINE_integer("lm_batch_size", 32, "likelihood: model rows per call (ours and baseline).")
 flags.DEFINE_string(
@@ -607,22 +613,25 @@ def bench_sample(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[st
     return result
 
 
-def likelihood_requests(tok: Any, count: int, max_len: int) -> list[tuple[str, str]]:
+def likelihood_requests(
+    tok: Any, count: int, max_len: int, words: tuple[int, int] = (1, 6)
+) -> list[tuple[str, str]]:
     """`count` lm-eval-style (context, continuation) pairs from the shipped corpus: a context of
-    8 to 40 words, then a continuation of 1 to 6 words, shorter than `max_len` tokens."""
+    8 to 40 words, then a continuation of `words` (least, most) words, shorter than `max_len`
+    tokens."""
     from llada_jax.data.corpus import read_default_corpus
 
-    words = read_default_corpus().split()
+    corpus = read_default_corpus().split()
     rng = np.random.default_rng(0)
     out = []
     while len(out) < count:
         start, n_ctx, n_cont = (
-            rng.integers(0, len(words) - 64),
+            rng.integers(0, len(corpus) - max(64, 40 + words[1])),
             rng.integers(8, 41),
-            rng.integers(1, 7),
+            rng.integers(words[0], words[1] + 1),
         )
-        context = " ".join(words[start : start + n_ctx])
-        continuation = " " + " ".join(words[start + n_ctx : start + n_ctx + n_cont])
+        context = " ".join(corpus[start : start + n_ctx])
+        continuation = " " + " ".join(corpus[start + n_ctx : start + n_ctx + n_cont])
         if len(tok.encode(context + continuation)) < max_len:
             out.append((context, continuation))
     return out
@@ -698,7 +707,16 @@ def bench_likelihood(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dic
         for name in ("packed", "unpacked")
     }
     lm = lms["packed"]
-    pairs = likelihood_requests(lm.tok, FLAGS.num_requests, lm.max_length)
+    try:
+        least, most = (int(w) for w in FLAGS.continuation_words)
+    except ValueError:  # not two integers
+        least = most = 0
+    if not 1 <= least <= most:
+        raise ValueError(
+            f"--continuation_words={','.join(FLAGS.continuation_words)} is invalid; valid: "
+            "LEAST,MOST with 1 <= LEAST <= MOST"
+        )
+    pairs = likelihood_requests(lm.tok, FLAGS.num_requests, lm.max_length, (least, most))
     requests = [types.SimpleNamespace(args=pair) for pair in pairs]
     encoded = [lm.encode_pair(*pair) for pair in pairs]
     forward_one = jax.jit(lambda p, x: nnx.merge(model.graphdef, p)(x))
@@ -752,6 +770,7 @@ def bench_likelihood(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dic
         matmul=model.run.kernels.matmul,
         n_params=int(sum(x.size for x in jax.tree.leaves(model.params))),
         requests=len(requests),
+        continuation_words=f"{least},{most}",
         request_tokens_mean=float(np.mean([len(ids) for ids, _ in rows_in])),
         continuation_tokens_mean=float(np.mean([t for _, t in rows_in])),
         mc_num=FLAGS.mc_num,
