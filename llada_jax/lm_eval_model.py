@@ -18,19 +18,19 @@ checkpoint it evaluates.
                          stop strings.
 
 Scoring draws each request's `mc_num` masks first and scores each distinct mask once: a
-continuation of T < mc_num tokens draws some masks more than once (it has 2^T - 1 masks in
-all: one for a single token), and every sample of a mask gets its value, so the estimate is the
-one scoring every sample would give. The (request, sample) pairs
-left are laid out in model rows (`layout`): with `pack` (the default) several per row, side by
-side in segments that attend only within themselves (best-fit decreasing into rows of at least
-PACK_LENGTH positions), else one per row; either way rows are padded to a few lengths
-(`bucket`) so that little is recompiled, and the output head runs on each row's targets only;
-`batch_size` model rows per call, split over the devices. The masks of a request depend only on
-its tokens, its sample index and `seed` (not on the layout or the order of the requests): the
-same request is scored on the same masks by every checkpoint (common random numbers), packed or
-not. A block-diffusion model (diffusion.block_size > 0) is scored by its block bound
-(likelihood.py), one request per row (pack is off, every sample scored); with blocks of one
-token that is the exact log-likelihood, so mc_num is 1.
+continuation of T < mc_num tokens draws some masks more than once (it has 2^T - 1 masks in all:
+one for a single token), and every sample of a mask gets its value, so the estimate is the one
+scoring every sample would give. The (request, sample) pairs left are laid out in model rows
+(`layout`): with `pack` (the default) several per row, side by side in segments that attend only
+within themselves (best-fit decreasing into rows of at least PACK_LENGTH positions), else one
+per row; either way rows are padded to a few lengths (`bucket`) so that little is recompiled,
+and the output head runs on each row's targets only; `batch_size` model rows per call, split
+over the devices. The masks of a request depend only on its tokens, its sample index and `seed`
+(not on the layout or the order of the requests): the same request is scored on the same masks
+by every checkpoint (common random numbers), packed or not. A block-diffusion model
+(diffusion.block_size > 0) is scored by its block bound (likelihood.py), one request per row
+(pack is off, every sample scored); with blocks of one token that is the exact log-likelihood,
+so mc_num is 1.
 
 Model arguments: workdir (local or gs://; required unless a loaded model is passed), step,
 mc_num (128), batch_size (32 model rows per call; it wins over lm-eval's --batch_size), pack
@@ -272,19 +272,19 @@ class LLaDAJaxLM(LM):
         short = [i for i, (_, t) in enumerate(rows) if 0 < t < n]
         if self.block_size or not short:
             return first_RxN
-        pairs = [
+        draws = [  # (prompt length, targets, request id, sample)
             (len(rows[i][0]) - rows[i][1], rows[i][1], request_id(*rows[i]), j)
             for i in short
             for j in range(n)
         ]
         width = bucket(max(rows[i][1] for i in short))
         masks = []
-        for start in range(0, len(pairs), MASK_CALL_ROWS):
-            chunk = pairs[start : start + MASK_CALL_ROWS]
+        for start in range(0, len(draws), MASK_CALL_ROWS):
+            chunk = draws[start : start + MASK_CALL_ROWS]
             chunk += [chunk[0]] * (MASK_CALL_ROWS - len(chunk))
             columns = [np.asarray(c, np.int32) for c in zip(*chunk)]
             masks.append(np.asarray(self._draw_masks(*columns, width=width)))
-        masks_PxW = np.concatenate(masks)[: len(pairs)]
+        masks_PxW = np.concatenate(masks)[: len(draws)]
         for k, i in enumerate(short):
             first_RxN[i] = likelihood.first_equal_rows(masks_PxW[k * n : (k + 1) * n])
         return first_RxN

@@ -695,6 +695,15 @@ def bench_likelihood(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dic
     from llada_jax import evaluate
     from llada_jax.lm_eval_model import LLaDAJaxLM, request_id
 
+    try:
+        least, most = (int(w) for w in FLAGS.continuation_words)
+    except ValueError:  # not two integers
+        least = most = 0
+    if not 1 <= least <= most:
+        raise ValueError(
+            f"--continuation_words={','.join(FLAGS.continuation_words)} is invalid; valid: "
+            "LEAST,MOST with 1 <= LEAST <= MOST"
+        )
     model = bench_model(cfg)
     lms = {
         name: LLaDAJaxLM(
@@ -707,15 +716,6 @@ def bench_likelihood(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dic
         for name in ("packed", "unpacked")
     }
     lm = lms["packed"]
-    try:
-        least, most = (int(w) for w in FLAGS.continuation_words)
-    except ValueError:  # not two integers
-        least = most = 0
-    if not 1 <= least <= most:
-        raise ValueError(
-            f"--continuation_words={','.join(FLAGS.continuation_words)} is invalid; valid: "
-            "LEAST,MOST with 1 <= LEAST <= MOST"
-        )
     pairs = likelihood_requests(lm.tok, FLAGS.num_requests, lm.max_length, (least, most))
     requests = [types.SimpleNamespace(args=pair) for pair in pairs]
     encoded = [lm.encode_pair(*pair) for pair in pairs]
