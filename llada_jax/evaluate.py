@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import optax
 
-from llada_jax import checkpoint, files, inference, likelihood, sharding, train_step
+from llada_jax import checkpoint, files, inference, likelihood, metrics, sharding, train_step
 from llada_jax import run as run_lib
 from llada_jax.data import datasets
 from llada_jax.run import Run
@@ -284,26 +284,22 @@ class Evaluator:
     def write(self, result: dict[str, Any]) -> None:
         """TensorBoard scalars beside training's (same step axis), then the result file: a step
         is done once its file exists."""
+        step, scalars = result["step"], {}
+        for key in ("nll_per_token", "bits_per_token", "bits_stderr"):
+            scalars[f"eval/{key}"] = result[key]
+        for key, value in result.get("objective", {}).items():
+            scalars[f"eval/objective_{key}"] = value
+        for task, task_metrics in result.get("tasks", {}).items():
+            for name, value in task_metrics.items():
+                scalars[f"eval/{task}/{name}"] = value
+        if "generate" in result:
+            scalars["eval/generate_tokens_per_sec"] = result["generate"]["tokens_per_sec"]
+            scalars["eval/generate_nfe"] = result["generate"]["nfe"]
         if self._tb is None:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(
+            self._tb = metrics.ScalarEvents(
                 files.join(self.workdir, "tensorboard"), filename_suffix=".eval"
             )
-        step = result["step"]
-        for key in ("nll_per_token", "bits_per_token", "bits_stderr"):
-            self._tb.add_scalar(f"eval/{key}", result[key], step)
-        for key, value in result.get("objective", {}).items():
-            self._tb.add_scalar(f"eval/objective_{key}", value, step)
-        for task, metrics in result.get("tasks", {}).items():
-            for name, value in metrics.items():
-                self._tb.add_scalar(f"eval/{task}/{name}", value, step)
-        if "generate" in result:
-            self._tb.add_scalar(
-                "eval/generate_tokens_per_sec", result["generate"]["tokens_per_sec"], step
-            )
-            self._tb.add_scalar("eval/generate_nfe", result["generate"]["nfe"], step)
-        self._tb.flush()
+        self._tb.write(step, scalars)
         files.makedirs(files.join(self.workdir, EVAL_DIR))
         files.write_atomically(result_path(self.workdir, step), json.dumps(result, indent=1) + "\n")
 
@@ -369,8 +365,8 @@ def run_tasks(
         log_samples=False,
     )
     return {
-        task: {k: float(v) for k, v in metrics.items() if "," in k and isinstance(v, (int, float))}
-        for task, metrics in out["results"].items()
+        task: {k: float(v) for k, v in found.items() if "," in k and isinstance(v, (int, float))}
+        for task, found in out["results"].items()
     }
 
 
@@ -390,8 +386,8 @@ def summary_line(result: dict[str, Any]) -> str:
     if "generate" in result:
         g = result["generate"]
         line += f"; generation: {g['nfe']} model calls, {g['tokens_per_sec']:.1f} tokens/s"
-    for task, metrics in result.get("tasks", {}).items():
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "stderr" not in k)
+    for task, task_metrics in result.get("tasks", {}).items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in task_metrics.items() if "stderr" not in k)
         line += f"; {task}: {shown}"
     return line + f"; {result['seconds']:.1f}s"
 

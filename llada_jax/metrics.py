@@ -183,14 +183,12 @@ class MetricsWriter:
         self.enabled = enabled
         if not enabled:
             return
-        from tensorboardX import SummaryWriter  # imported here: only process 0 writes
-
         self.path = files.join(workdir, "metrics.jsonl")
         keep = read_jsonl(self.path, up_to_step=after_step) if after_step else []
         self._lines = [json.dumps(r) + "\n" for r in keep]
         files.write_atomically(self.path, "".join(self._lines))
         self._jsonl = None if files.is_uri(self.path) else open(self.path, "a", buffering=1)
-        self._tb = SummaryWriter(files.join(workdir, "tensorboard"))
+        self._tb = ScalarEvents(files.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """One line {"step": step, **metrics} (values made plain Python), and each numeric value
@@ -204,9 +202,7 @@ class MetricsWriter:
         else:
             self._lines.append(line)
             files.write_atomically(self.path, "".join(self._lines))
-        for k, v in clean.items():
-            if isinstance(v, (int, float)) and v is not None:
-                self._tb.add_scalar(k, v, step)
+        self._tb.write(step, {k: v for k, v in clean.items() if isinstance(v, (int, float))})
 
     def close(self) -> None:
         """Closes the local jsonl file (if one is open) and the TensorBoard writer."""
@@ -220,6 +216,34 @@ class MetricsWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class ScalarEvents:
+    """TensorBoard scalars in an event file under `logdir`, written and flushed in the caller's
+    thread: a write that fails (a full disk) raises there, as an OSError. (tensorboardX's
+    SummaryWriter writes from a thread of its own, which prints a traceback and dies on such an
+    error, and then blocks the next writes once its queue is full.)"""
+
+    def __init__(self, logdir: str, filename_suffix: str = ""):
+        from tensorboardX import event_file_writer  # imported here: only process 0 writes
+
+        files.makedirs(logdir)
+        self._events = event_file_writer.EventsWriter(files.join(logdir, "events"), filename_suffix)
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        """One event holding each of `scalars` at `step`, flushed to the file."""
+        from tensorboardX.proto import event_pb2, summary_pb2
+
+        values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
+        event = event_pb2.Event(
+            wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values)
+        )
+        self._events.write_event(event)
+        self._events.flush()
+
+    def close(self) -> None:
+        """Closes the event file."""
+        self._events.close()
 
 
 def read_jsonl(path: str, up_to_step: int | None = None) -> list[dict]:

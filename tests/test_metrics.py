@@ -2,6 +2,7 @@
 
 import json
 import os
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -102,3 +103,33 @@ def test_resumed_writer_keeps_earlier_lines_and_drops_a_cut_off_one(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[0]["loss"] == 2.5 and np.isnan(records[1]["loss"]) and records[2]["loss"] == 1.5
     assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "tensorboard"]
+
+
+def read_tfrecords(path: str) -> list[bytes]:
+    """The records of a TFRecord file (length u64, its CRC u32, data, the data's CRC u32; the
+    CRCs are not checked)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    records, at = [], 0
+    while at < len(raw):
+        (length,) = struct.unpack("<Q", raw[at : at + 8])
+        records.append(raw[at + 12 : at + 12 + length])
+        at += 12 + length + 4
+    return records
+
+
+def test_tensorboard_scalars_are_in_the_event_file_when_write_returns(tmp_path):
+    """Each write is one event holding the line's numbers, on disk when `write` returns (written
+    in the caller's thread, so a failed write raises there)."""
+    from tensorboardX.proto import event_pb2
+
+    with metrics.MetricsWriter(str(tmp_path)) as writer:
+        writer.write(10, {"loss": 2.5, "skipped": 0, "mfu": None})
+        writer.write(20, {"loss": 1.25, "skipped": 3, "mfu": None})
+        (name,) = os.listdir(tmp_path / "tensorboard")
+        events = [
+            event_pb2.Event.FromString(r) for r in read_tfrecords(tmp_path / "tensorboard" / name)
+        ]
+    scalars = [(e.step, {v.tag: v.simple_value for v in e.summary.value}) for e in events[1:]]
+    assert events[0].file_version == "brain.Event:2"
+    assert scalars == [(10, {"loss": 2.5, "skipped": 0.0}), (20, {"loss": 1.25, "skipped": 3.0})]

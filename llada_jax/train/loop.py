@@ -231,7 +231,11 @@ def train_steps(
                 last = _with_throughput(run, means, done, sec_per_step, flops_per_token, peak)
                 if is_writer:
                     print(metrics.format_log_line(done, total, last), flush=True)
-            writer.write(done, last)
+            try:
+                writer.write(done, last)
+            except OSError:  # a save in flight that failed (e.g. it filled the disk) comes first
+                ckpt.wait()
+                raise
             mark_step, mark_time = done, now
         if _save_and_check_stop(run, ckpt, signals, lock, meta, done, params, opt_state):
             break
