@@ -23,7 +23,8 @@ its segment id 1..S (0: padding); attention stays within a segment (block-diagon
 relative, so a request scores the same (to float rounding) alone or packed beside others. Each
 slot has its own request id and sample index, and the scorer returns one sample per slot, (B, S).
 S = 1 is the unpacked case (the evaluation job's rows). The output head and the log-softmax run
-on K positions per row only (the row's targets, gathered), not on every position.
+on K positions per row only (the row's masked targets, gathered: no other position is scored),
+and so do the last layer's queries and MLP (`Transformer.hidden`'s positions).
 
 A block-diffusion model (blocks of b tokens, each denoised given the clean blocks before it) is
 scored by its own bound, the block NELBO: the sum over the request's blocks of the estimate above
@@ -209,10 +210,10 @@ def draw_block_masks(
     return masked_BxL, l_GxB.T, targets_BxG, group_BxL
 
 
-def head_positions(target_BxL: jax.Array, k: int) -> jax.Array:
-    """(B, K) int32: each row's target positions in order, then its other positions, the first
-    `k` of them: every target when a row holds at most k."""
-    return jnp.argsort(~target_BxL, axis=-1, stable=True)[:, :k].astype(jnp.int32)
+def head_positions(chosen_BxL: jax.Array, k: int) -> jax.Array:
+    """(B, K) int32: each row's chosen positions in order, then its other positions, the first
+    `k` of them: every chosen one when a row holds at most k."""
+    return jnp.argsort(~chosen_BxL, axis=-1, stable=True)[:, :k].astype(jnp.int32)
 
 
 def nll_samples(
@@ -248,7 +249,8 @@ def nll_samples(
     mask_id: the mask token id, static.
     cfg_scale: classifier-free guidance weight w (0: none), static.
     num_head_positions: K (static), the positions per row the output head runs on: at least
-      every row's number of targets (the caller lays rows out so); 0: L, every position.
+      every row's number of masked targets (the caller lays rows out so: a slot's sample masks
+      `stratified_mask_counts` targets); 0: L, every position.
     block_size: b > 0 for a block-diffusion model (static): the block bound (module
       docstring), one request per row (S = 1) from position 0; logits_fn then gets each row
       followed by its clean copy, (R, 2L), and the positions of the first half.
@@ -274,7 +276,7 @@ def nll_samples(
         clean_tokens, _ = model_rows(tokens_BxL, valid_BxL, prompt_BxL, mask_id, cfg_scale)
         model_tokens = jnp.concatenate([model_tokens, clean_tokens], axis=1)
         model_valid = jnp.concatenate([model_valid, model_valid], axis=1)
-    positions_BxK = head_positions(target_BxL, num_head_positions or tokens_BxL.shape[1])
+    positions_BxK = head_positions(masked_BxL, num_head_positions or tokens_BxL.shape[1])
     copies = 1 if cfg_scale == 0 else 2  # the guided call's rows: conditional, unconditional
     segments = None if num_slots == 1 else jnp.tile(segment_BxL, (copies, 1))
     logits_BxKxV = logits_fn(
@@ -312,7 +314,8 @@ def make_scorer(
     `jax.random.key(seed)`; one compile per (B, L, S) shape. The scorer of the evaluation job
     (S = 1, every position a target) and of the lm-eval model (each slot's continuation the
     targets, its context the prompt). The output head and the log-softmax run on
-    `num_head_positions` positions per row (0: every position), which must hold every target.
+    `num_head_positions` positions per row (0: every position), which must hold every masked
+    target.
     block_size > 0: the block bound of a block-diffusion model (`nll_samples`)."""
     key = jax.random.key(seed)
     blocks = Blocks(block_size, clean_copy=True) if block_size else None
@@ -324,9 +327,15 @@ def make_scorer(
         def logits_fn(
             tokens: jax.Array, valid: jax.Array, segments: jax.Array | None, positions: jax.Array
         ) -> jax.Array:
-            """Logits (B, K, V) of the positions (B, K) of each row."""
-            hidden_BxLxD, _ = model.hidden(tokens, valid, segments, blocks=blocks)
-            rows_BxKxD = jnp.take_along_axis(hidden_BxLxD, positions[..., None], axis=1)
+            """Logits (B, K, V) of the positions (B, K) of each row; with K < L the last
+            layer's queries and MLP run on those positions alone."""
+            if positions.shape[1] < tokens.shape[1]:
+                rows_BxKxD, _ = model.hidden(
+                    tokens, valid, segments, blocks=blocks, positions=positions
+                )
+            else:
+                hidden_BxLxD, _ = model.hidden(tokens, valid, segments, blocks=blocks)
+                rows_BxKxD = jnp.take_along_axis(hidden_BxLxD, positions[..., None], axis=1)
             return model.head(rows_BxKxD)
 
         return nll_samples(

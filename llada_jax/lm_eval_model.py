@@ -69,7 +69,7 @@ DEFAULT_MAX_GEN_TOKS = 256
 DEFAULT_BATCH_SIZE = 32  # model rows per call
 MODEL_NAME = "llada_jax"
 PACK_LENGTH = 128  # the least length of a packed model row (docs/performance.md)
-MASK_CALL_ROWS = 4096  # (request, sample) pairs per call when comparing masks
+MASK_CALL_ROWS = 4096  # (request, sample) pairs per call drawing masks or their counts
 
 
 def bucket(length: int) -> int:
@@ -86,23 +86,24 @@ class ModelRow:
     length: int  # positions, a `bucket` size
     items: list[int]  # indices of the items
     used: int = 0  # positions the items take
-    targets: int = 0  # their targets
+    scored: int = 0  # the positions of theirs that are scored (their masked targets)
 
     @property
     def head_positions(self) -> int:
-        """Positions the output head runs on: the row's targets, rounded up by `bucket`."""
-        return min(bucket(max(self.targets, 1)), self.length)
+        """Positions the output head (and the last layer's queries) run on: the row's scored
+        positions, rounded up by `bucket`."""
+        return min(bucket(max(self.scored, 1)), self.length)
 
 
 def layout(items: Sequence[tuple[int, int]], pack: bool) -> list[ModelRow]:
-    """Model rows for items of (length, targets) tokens. Unpacked: one per row, of its length's
+    """Model rows for items of (length, scored) positions. Unpacked: one per row, of its length's
     `bucket`. Packed: best-fit decreasing, the longest items first, each into the row with the
     least room that holds it (the first made of equals), else a new row of max(its length,
     PACK_LENGTH)'s `bucket`."""
     rows: list[ModelRow] = []
     room: list[tuple[int, int]] = []  # (positions left, row index) of the packed rows, sorted
     for i in sorted(range(len(items)), key=lambda i: -items[i][0]):
-        length, targets = items[i]
+        length, scored = items[i]
         k = bisect.bisect_left(room, (length, -1))
         if k < len(room):
             left, r = room.pop(k)
@@ -111,10 +112,21 @@ def layout(items: Sequence[tuple[int, int]], pack: bool) -> list[ModelRow]:
             rows.append(ModelRow(left, []))
         rows[r].items.append(i)
         rows[r].used += length
-        rows[r].targets += targets
+        rows[r].scored += scored
         if pack:
             bisect.insort(room, (left - length, r))
     return rows
+
+
+def _in_calls(fn: Any, draws: Sequence[tuple[int, ...]]) -> np.ndarray:
+    """`fn`'s output on the columns of `draws` (tuples of ints), stacked: MASK_CALL_ROWS draws
+    per call (the last call padded with the first draw), so that it compiles once."""
+    out = []
+    for start in range(0, len(draws), MASK_CALL_ROWS):
+        chunk = list(draws[start : start + MASK_CALL_ROWS])
+        chunk += [chunk[0]] * (MASK_CALL_ROWS - len(chunk))
+        out.append(np.asarray(fn(*(np.asarray(c, np.int32) for c in zip(*chunk)))))
+    return np.concatenate(out)[: len(draws)]
 
 
 @register_model(MODEL_NAME)
@@ -181,9 +193,13 @@ class LLaDAJaxLM(LM):
         self.pack = bool(pack) and not self.block_size
         self.mc_num = 1 if self.block_size == 1 else self.mc_num
         self._scorers: dict[int, Any] = {}  # by output-head positions per row
+        key = jax.random.key(self.seed)
         self._draw_masks = jax.jit(
-            functools.partial(likelihood.target_masks, jax.random.key(self.seed), n=self.mc_num),
+            functools.partial(likelihood.target_masks, key, n=self.mc_num),
             static_argnames="width",
+        )
+        self._mask_counts = jax.jit(
+            functools.partial(likelihood.stratified_mask_counts, key, n=self.mc_num)
         )
         self._samplers: dict[sampling.SampleSettings, Any] = {}
 
@@ -250,15 +266,26 @@ class LLaDAJaxLM(LM):
     ) -> tuple[np.ndarray, list[tuple[int, int]], list[ModelRow]]:
         """How `score_rows` scores `rows`: `first_samples`, the (row, sample) pairs whose masks
         are scored (each sample j with first[i, j] == j), and the model rows those pairs are laid
-        out in (`layout`; a model row's items index the pairs)."""
+        out in (`layout`, by their lengths and `masked_counts`; a model row's items index the
+        pairs)."""
         first_RxN = self.first_samples(rows)
         scored_RxN = first_RxN == np.arange(self.mc_num)
         pairs = [(int(i), int(j)) for i, j in zip(*np.nonzero(scored_RxN))]
+        masked_RxN = self.masked_counts(rows)
         return (
             first_RxN,
             pairs,
-            layout([(len(rows[i][0]), rows[i][1]) for i, _ in pairs], self.pack),
+            layout([(len(rows[i][0]), int(masked_RxN[i, j])) for i, j in pairs], self.pack),
         )
+
+    def masked_counts(self, rows: Sequence[tuple[list[int], int]]) -> np.ndarray:
+        """(len(rows), mc_num) int: the targets each sample masks, those the scorer scores (l of
+        `likelihood.stratified_mask_counts`); a block-diffusion row's every target."""
+        n = self.mc_num
+        if self.block_size:
+            return np.repeat([[t] for _, t in rows], n, axis=1)
+        draws = [(request_id(*row), j, row[1]) for row in rows for j in range(n)]
+        return _in_calls(self._mask_counts, draws).reshape(len(rows), n)
 
     def first_samples(self, rows: Sequence[tuple[list[int], int]]) -> np.ndarray:
         """(len(rows), mc_num) int: for sample j of each row, the first of its samples that
@@ -278,13 +305,7 @@ class LLaDAJaxLM(LM):
             for j in range(n)
         ]
         width = bucket(max(rows[i][1] for i in short))
-        masks = []
-        for start in range(0, len(draws), MASK_CALL_ROWS):
-            chunk = draws[start : start + MASK_CALL_ROWS]
-            chunk += [chunk[0]] * (MASK_CALL_ROWS - len(chunk))
-            columns = [np.asarray(c, np.int32) for c in zip(*chunk)]
-            masks.append(np.asarray(self._draw_masks(*columns, width=width)))
-        masks_PxW = np.concatenate(masks)[: len(draws)]
+        masks_PxW = _in_calls(functools.partial(self._draw_masks, width=width), draws)
         for k, i in enumerate(short):
             first_RxN[i] = likelihood.first_equal_rows(masks_PxW[k * n : (k + 1) * n])
         return first_RxN

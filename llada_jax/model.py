@@ -220,13 +220,19 @@ def rope_tables(length: int, head_dim: int, theta: float) -> tuple[np.ndarray, n
 
 
 def apply_rope(x_BxLxNxH: jax.Array, cos_LxH: jax.Array, sin_LxH: jax.Array) -> jax.Array:
-    """Rotate-half RoPE: x (B, L, N, H) rotated by position with the (L, H) `rope_tables`;
-    computed in float32, returned in x.dtype."""
+    """Rotate-half RoPE: x (B, L, N, H) rotated by position with the (L, H) `rope_tables`, or
+    with (B, L, H) tables (each row's own positions); computed in float32, returned in x.dtype."""
     x32 = x_BxLxNxH.astype(jnp.float32)
     half = x32.shape[-1] // 2
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    out = x32 * cos_LxH[None, :, None, :] + rotated * sin_LxH[None, :, None, :]
+    out = x32 * cos_LxH[..., None, :] + rotated * sin_LxH[..., None, :]
     return out.astype(x_BxLxNxH.dtype)
+
+
+def take_positions(x_BxLx_: jax.Array, positions_BxK: jax.Array) -> jax.Array:
+    """x's entries (B, K, ...) at each row's `positions_BxK` along axis 1."""
+    index = positions_BxK.reshape(positions_BxK.shape + (1,) * (x_BxLx_.ndim - 2))
+    return jnp.take_along_axis(x_BxLx_, index, axis=1)
 
 
 def _splash_specs() -> tuple[jax.sharding.PartitionSpec, ...]:
@@ -276,13 +282,9 @@ class Attention(nnx.Module):
         window [start, start + L) of the sequence, attending to its own keys there and the
         cache's elsewhere; mask is then the (B, 1, 1, S) key-padding `attention_lib.bias`.
         """
-        cos_LxH, sin_LxH = rope
         q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = project(x_BxLxD, self.q, self.k, self.v)
-        if self.q_norm is not None:
-            q_BxLxNxH, k_BxLxKxH = self.q_norm(q_BxLxNxH), self.k_norm(k_BxLxKxH)
-        # The 1/sqrt(H) scale of the scores is folded into the rotation of q.
-        q_BxLxNxH = apply_rope(q_BxLxNxH, cos_LxH * self.scale, sin_LxH * self.scale)
-        k_BxLxKxH = apply_rope(k_BxLxKxH, cos_LxH, sin_LxH)
+        q_BxLxNxH = self._rotated_queries(q_BxLxNxH, *rope)
+        k_BxLxKxH = self._rotated_keys(k_BxLxKxH, *rope)
         if cache is None:
             out_BxLxNxH = attention_lib.attention(
                 q_BxLxNxH,
@@ -299,6 +301,37 @@ class Attention(nnx.Module):
                 q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, *cache, start, mask
             )
         return self.o(out_BxLxNxH), (k_BxLxKxH, v_BxLxKxH)
+
+    def at_positions(
+        self,
+        x_BxLxD: jax.Array,
+        positions_BxK: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
+        bias_Bx1xKxL: jax.Array,
+    ) -> jax.Array:
+        """The output (B, K, D) at each row's `positions_BxK` alone: the queries of those
+        positions over the keys and values of every position. rope: the (L, H) tables; bias:
+        `attention_lib.bias` at the queries' rows (`attention_lib.query_rows`)."""
+        (q_BxKxNxH,) = project(take_positions(x_BxLxD, positions_BxK), self.q)
+        k_BxLxKxH, v_BxLxKxH = project(x_BxLxD, self.k, self.v)
+        rope_at = tuple(take_positions(t[None], positions_BxK) for t in rope)
+        q_BxKxNxH = self._rotated_queries(q_BxKxNxH, *rope_at)
+        k_BxLxKxH = self._rotated_keys(k_BxLxKxH, *rope)
+        out_BxKxNxH = attention_lib.query_attention(q_BxKxNxH, k_BxLxKxH, v_BxLxKxH, bias_Bx1xKxL)
+        return self.o(out_BxKxNxH)
+
+    def _rotated_queries(self, q_BxLxNxH: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """Queries normed (qk_norm) and rotated, with the 1/sqrt(H) scale of the scores folded
+        into the rotation."""
+        if self.q_norm is not None:
+            q_BxLxNxH = self.q_norm(q_BxLxNxH)
+        return apply_rope(q_BxLxNxH, cos * self.scale, sin * self.scale)
+
+    def _rotated_keys(self, k_BxLxKxH: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """Keys normed (qk_norm) and rotated."""
+        if self.k_norm is not None:
+            k_BxLxKxH = self.k_norm(k_BxLxKxH)
+        return apply_rope(k_BxLxKxH, cos, sin)
 
 
 class MLP(nnx.Module):
@@ -337,6 +370,21 @@ class Block(nnx.Module):
         attn_BxLxD, kv = self.attn(self.attn_norm(x_BxLxD), rope, mask, cache, start, blocks)
         h_BxLxD = x_BxLxD + attn_BxLxD
         return h_BxLxD + self.mlp(self.mlp_norm(h_BxLxD)), kv
+
+    def at_positions(
+        self,
+        x_BxLxD: jax.Array,
+        positions_BxK: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
+        bias_Bx1xKxL: jax.Array,
+    ) -> jax.Array:
+        """The output (B, K, D) at `positions_BxK` alone (see `Attention.at_positions`): the
+        MLP runs on those positions only."""
+        attn_BxKxD = self.attn.at_positions(
+            self.attn_norm(x_BxLxD), positions_BxK, rope, bias_Bx1xKxL
+        )
+        h_BxKxD = take_positions(x_BxLxD, positions_BxK) + attn_BxKxD
+        return h_BxKxD + self.mlp(self.mlp_norm(h_BxKxD))
 
 
 class Transformer(nnx.Module):
@@ -408,11 +456,19 @@ class Transformer(nnx.Module):
         valid_prefix: bool = False,
         return_cache: bool = False,
         blocks: attention_lib.Blocks | None = None,
+        positions: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """The last layer's output (B, L, D), before the final norm and the output head, and
         with return_cache every layer's keys and values (else None), for `window`; the other
-        arguments as `__call__`. `head` turns any positions of it into logits."""
+        arguments as `__call__`. `head` turns any positions of it into logits.
+
+        positions: (B, K) int32, the only positions whose output is wanted: the output is then
+        (B, K, D), and the last layer runs its queries, attention and MLP on those positions
+        alone (its keys and values on every position, which the earlier layers compute in
+        full). Not with return_cache."""
         cfg = self.cfg
+        if positions is not None and return_cache:
+            raise ValueError("hidden: positions and return_cache exclude each other")
         if valid is None:
             valid, valid_prefix = jnp.ones(tokens.shape, bool), True
         mask = attention_lib.mask(
@@ -443,8 +499,18 @@ class Transformer(nnx.Module):
                 prevent_cse=not cfg.scan_layers or unroll > 1,
             )
         block_def, states = self._block_states()
-        x, kv = self._run_layers(layer, self._embed(tokens), states, unroll)
-        return x, KVCache(*kv) if return_cache else None
+        x = self._embed(tokens)
+        if positions is None:
+            x, kv = self._run_layers(layer, x, states, unroll)
+            return x, KVCache(*kv) if return_cache else None
+        earlier, last = self._split_last(states)
+        if cfg.n_layers > 1:
+            x, _ = self._run_layers(layer, x, earlier, min(unroll, cfg.n_layers - 1))
+        bias_Bx1xKxL = attention_lib.query_rows(
+            attention_lib.bias(valid, segment_ids, cfg.causal, blocks), positions
+        )
+        x_BxKxD = nnx.merge(block_def, last).at_positions(x, positions, rope, bias_Bx1xKxL)
+        return sharding.constrain(x_BxKxD, ("batch", None, None)), None
 
     def window(
         self,
@@ -495,6 +561,13 @@ class Transformer(nnx.Module):
             return nnx.split(self.blocks)
         pairs = [nnx.split(block) for block in self.blocks]
         return pairs[0][0], [state for _, state in pairs]
+
+    def _split_last(self, states: Any) -> tuple[Any, Any]:
+        """`_block_states`'s states split into those of the layers before the last (stacked or
+        a list, as given) and the last layer's."""
+        if self.cfg.scan_layers:
+            return jax.tree.map(lambda a: a[:-1], states), jax.tree.map(lambda a: a[-1], states)
+        return states[:-1], states[-1]
 
     def _run_layers(self, layer, x, states, unroll: int, cache: KVCache | None = None):
         """x through every layer: `layer(x, xs) -> (x, out)` with xs the layer's state (and its

@@ -138,7 +138,7 @@ def test_layout_packs_best_fit_decreasing():
     # least 128: 200 -> A (224, room 24); 100 -> B (128, room 28); 70 -> C (128, 58); 60 -> D
     # (128, 68); 40 -> C (18 left); 30 -> D (38 left); 10 -> C (8 left; first fit: A).
     packed = layout(requests, pack=True)
-    assert [(r.length, r.items, r.used, r.targets, r.head_positions) for r in packed] == [
+    assert [(r.length, r.items, r.used, r.scored, r.head_positions) for r in packed] == [
         (224, [5], 200, 9, 16),
         (128, [1], 100, 5, 16),
         (128, [2, 0, 6], 120, 23, 32),
@@ -176,7 +176,8 @@ def test_each_mask_is_scored_once_and_every_sample_gets_its_value(lm):
     """Requests of 1, 2, 3 and 20 targets, 16 samples each: `score_rows` gives every sample the
     value it has scored alone in its own row with the full head, while scoring each mask once
     (the masks told apart here by drawing them on the whole rows): one for the one-token
-    continuation, all 16 for 20 targets (16 different counts l)."""
+    continuation, all 16 for 20 targets (16 different counts l); its model rows run the head
+    on their masked targets alone."""
     rng = np.random.default_rng(3)
     rows = [
         (rng.integers(5, 4000, p + t).tolist(), t) for p, t in [(6, 1), (9, 2), (4, 3), (3, 20)]
@@ -198,8 +199,14 @@ def test_each_mask_is_scored_once_and_every_sample_gets_its_value(lm):
     distinct = [len({m.tobytes() for m in masks[i * n : (i + 1) * n]}) for i in range(4)]
     assert distinct[0] == 1 and distinct[1] == 3 and distinct[3] == n and distinct[2] <= 7
 
-    first, pairs, _ = lm.plan(rows)
+    first, pairs, model_rows = lm.plan(rows)
     assert [sum(i == r for i, _ in pairs) for r in range(4)] == distinct
+    # The head runs on the masked targets alone: each model row's count of them.
+    counts = lm.masked_counts(rows)
+    np.testing.assert_array_equal(counts, masks.sum(-1).reshape(4, n))
+    for model_row in model_rows:
+        scored = sum(counts[pairs[k]] for k in model_row.items)
+        assert model_row.scored == scored <= model_row.head_positions
     for i in range(4):  # a sample's first one draws its mask
         for j in range(n):
             np.testing.assert_array_equal(masks[i * n + first[i, j]], masks[i * n + j])

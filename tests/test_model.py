@@ -180,6 +180,42 @@ def test_gqa_tied_causal_segments_match_numpy(tied, causal):
 
 
 @pytest.mark.parametrize(
+    "n_layers,scan_layers,causal", [(2, True, False), (2, False, True), (1, True, False)]
+)
+def test_hidden_at_positions_matches_numpy(n_layers, scan_layers, causal):
+    """`hidden(positions=...)` (the last layer's queries and MLP at those positions alone) gives
+    the numpy forward pass's logits there: packed segments, a padded row, positions in any
+    order and repeated, with one layer and with two (scanned and not)."""
+    hf_cfg = dict(GQA_HF, n_layers=n_layers)
+    tensors = random_hf_tensors(hf_cfg, seed=4)
+    model = build(model_config_from_hf(hf_cfg, causal=causal, scan_layers=scan_layers), tensors)
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 64, (2, 12))
+    key_mask = np.ones((2, 12), bool)
+    key_mask[1, 9:] = False
+    seg = np.array([[1] * 5 + [2] * 7, [1] * 12])
+    positions = np.array([[11, 0, 4, 5, 4], [8, 3, 3, 0, 1]], np.int32)
+    hidden = jax.jit(lambda m, *a: m.head(m.hidden(*a[:3], positions=a[3])[0]))
+    got = hidden(model, *(jnp.asarray(a) for a in (ids, key_mask, seg, positions)))
+    want = np_forward(tensors, hf_cfg, ids, key_mask, seg, causal)
+    want = np.take_along_axis(want, positions[..., None], axis=1)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-4, rtol=2e-4)
+
+
+def test_hidden_at_positions_of_a_block_model_matches_the_full_pass():
+    """With a block-diffusion pattern over a row and its clean copy (positions repeating), the
+    positions' outputs equal the full pass's at those positions."""
+    model = build(model_config_from_hf(GQA_HF), random_hf_tensors(GQA_HF, seed=6))
+    ids = jnp.asarray(np.random.default_rng(7).integers(0, 64, (2, 16)))
+    positions = jnp.asarray([[0, 3, 5, 7], [6, 2, 1, 4]], jnp.int32)
+    blocks = attention_lib.Blocks(4, clean_copy=True)
+    run = jax.jit(lambda m, p: m.hidden(ids, blocks=blocks, positions=p)[0])
+    full = np.asarray(jax.jit(lambda m: m.hidden(ids, blocks=blocks)[0])(model))
+    want = np.take_along_axis(full, np.asarray(positions)[..., None], axis=1)
+    np.testing.assert_allclose(np.asarray(run(model, positions)), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
     "causal,layout",
     [(False, "trailing"), (True, "trailing"), (False, "leading"), (False, "packed")],
 )

@@ -649,8 +649,9 @@ def reference_style_nll(
 ) -> float:
     """The baseline: one request's bound (nats) as LLaDA's reference harness computes it:
     mc_num / batch_size forward passes of batch_size masked copies of the request alone, the
-    head on every position, the cross-entropy of the masked targets weighted by T / l, averaged.
-    The masks are those `likelihood.draw_masks` gives ours, so the two estimates must agree."""
+    head on every position, the cross-entropy (float32) of the masked targets alone weighted by
+    T / l, averaged. The masks are those `likelihood.draw_masks` gives ours, so the two estimates
+    must agree."""
     length = len(ids)
     target = np.zeros((batch_size, length), bool)
     target[:, length - targets :] = True
@@ -667,11 +668,12 @@ def reference_style_nll(
         )
         masked, l_b = np.asarray(masked), np.asarray(l_b)[:, 0]
         x = np.where(masked, mask_id, np.asarray(ids, np.int32)[None])
-        logits = forward(x).astype(np.float64)
-        logp = logits - logits.max(-1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-        token_logp = np.take_along_axis(logp, np.broadcast_to(ids, x.shape)[..., None], -1)[..., 0]
-        total += float((-(token_logp * masked).sum(-1) * targets / l_b).sum())
+        logits_MxV = forward(x)[masked].astype(np.float32)  # the masked positions' rows
+        logp_MxV = logits_MxV - logits_MxV.max(-1, keepdims=True)
+        logp_MxV -= np.log(np.exp(logp_MxV).sum(-1, keepdims=True))
+        token_logp_M = logp_MxV[np.arange(len(logp_MxV)), np.broadcast_to(ids, x.shape)[masked]]
+        weight_M = np.broadcast_to((targets / l_b)[:, None], x.shape)[masked]
+        total += float(np.sum(-token_logp_M.astype(np.float64) * weight_M))
     return total / mc_num
 
 

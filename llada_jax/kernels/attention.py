@@ -178,6 +178,23 @@ def window_attention(
     return _grouped_einsums(q_BxWxNxH, k_BxLxKxH, v_BxLxKxH, bias_Bx1x1xL)
 
 
+def query_rows(bias_Bx1xQxL: jax.Array, positions_BxK: jax.Array) -> jax.Array:
+    """A `bias`'s rows of the queries at `positions_BxK`, (B, 1, K, L); a key-padding bias
+    (B, 1, 1, L), the same for every query, as it is."""
+    if bias_Bx1xQxL.shape[2] == 1:
+        return bias_Bx1xQxL
+    return jnp.take_along_axis(bias_Bx1xQxL, positions_BxK[:, None, :, None], axis=2)
+
+
+def query_attention(
+    q_BxKxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array, bias_Bx1xKxL: jax.Array
+) -> jax.Array:
+    """The attention of K queries (some of a sequence's positions) over all L of its keys ->
+    (B, K, N, H); q scaled as for `attention`, bias from `query_rows`. Einsums on any backend:
+    the fused kernels take as many queries as keys."""
+    return _grouped_einsums(q_BxKxNxH, k_BxLxKxH, v_BxLxKxH, bias_Bx1xKxL)
+
+
 def _grouped_einsums(
     q_BxQxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array, bias_Bx1xQxL: jax.Array
 ) -> jax.Array:
