@@ -311,7 +311,7 @@ class Attention(nnx.Module):
     ) -> jax.Array:
         """The output (B, K, D) at each row's `positions_BxK` alone: the queries of those
         positions over the keys and values of every position. rope: the (L, H) tables; bias:
-        `attention_lib.bias` at the queries' rows (`attention_lib.query_rows`)."""
+        `attention_lib.bias` at the queries' positions."""
         (q_BxKxNxH,) = project(take_positions(x_BxLxD, positions_BxK), self.q)
         k_BxLxKxH, v_BxLxKxH = project(x_BxLxD, self.k, self.v)
         rope_at = tuple(take_positions(t[None], positions_BxK) for t in rope)
@@ -506,9 +506,7 @@ class Transformer(nnx.Module):
         earlier, last = self._split_last(states)
         if cfg.n_layers > 1:
             x, _ = self._run_layers(layer, x, earlier, min(unroll, cfg.n_layers - 1))
-        bias_Bx1xKxL = attention_lib.query_rows(
-            attention_lib.bias(valid, segment_ids, cfg.causal, blocks), positions
-        )
+        bias_Bx1xKxL = attention_lib.bias(valid, segment_ids, cfg.causal, blocks, positions)
         x_BxKxD = nnx.merge(block_def, last).at_positions(x, positions, rope, bias_Bx1xKxL)
         return sharding.constrain(x_BxKxD, ("batch", None, None)), None
 

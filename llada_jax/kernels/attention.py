@@ -73,21 +73,35 @@ def bias(
     segment_ids_BxL: jax.Array | None,
     causal: bool,
     blocks: Blocks | None = None,
+    query_positions_BxQ: jax.Array | None = None,
 ) -> jax.Array:
     """Additive float32 bias over the scores, 0 where a query may see a key, NEG_INF elsewhere.
 
     valid: key-padding mask (False = padding, never attended to); segment_ids: packed
-    documents, attention stays within equal ids; blocks: a block-diffusion pattern. Shape
-    (B, 1, 1, L_k) for key padding alone, else (B, 1, L_q, L_k); shared by every layer and head.
+    documents, attention stays within equal ids; blocks: a block-diffusion pattern;
+    query_positions: (B, Q) the positions of the queries whose rows are wanted (default: every
+    position, Q = L). Shape (B, 1, 1, L) for key padding alone, else (B, 1, Q, L); shared by
+    every layer and head.
     """
-    mask = valid_BxL[:, None, :]
     length = valid_BxL.shape[1]
+    mask = valid_BxL[:, None, :]
+    # Static (numpy) query positions when they are all of them: the patterns enter the program
+    # as constants.
+    at_BxQ = np.arange(length)[None] if query_positions_BxQ is None else query_positions_BxQ
     if segment_ids_BxL is not None:
-        mask = mask & (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])
+        query_segment_BxQ = (
+            segment_ids_BxL
+            if query_positions_BxQ is None
+            else jnp.take_along_axis(segment_ids_BxL, query_positions_BxQ, axis=1)
+        )
+        mask = mask & (query_segment_BxQ[:, :, None] == segment_ids_BxL[:, None, :])
     if causal:
-        mask = mask & jnp.tril(jnp.ones((length, length), bool))[None]
+        mask = mask & (at_BxQ[:, :, None] >= np.arange(length))
     if blocks is not None:
-        mask = mask & blocks.visible(length)[None]
+        visible_LxL = blocks.visible(length)
+        mask = mask & (
+            visible_LxL if query_positions_BxQ is None else jnp.asarray(visible_LxL)[at_BxQ]
+        )
     return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)[:, None]
 
 
@@ -178,19 +192,12 @@ def window_attention(
     return _grouped_einsums(q_BxWxNxH, k_BxLxKxH, v_BxLxKxH, bias_Bx1x1xL)
 
 
-def query_rows(bias_Bx1xQxL: jax.Array, positions_BxK: jax.Array) -> jax.Array:
-    """A `bias`'s rows of the queries at `positions_BxK`, (B, 1, K, L); a key-padding bias
-    (B, 1, 1, L), the same for every query, as it is."""
-    if bias_Bx1xQxL.shape[2] == 1:
-        return bias_Bx1xQxL
-    return jnp.take_along_axis(bias_Bx1xQxL, positions_BxK[:, None, :, None], axis=2)
-
-
 def query_attention(
     q_BxKxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array, bias_Bx1xKxL: jax.Array
 ) -> jax.Array:
     """The attention of K queries (some of a sequence's positions) over all L of its keys ->
-    (B, K, N, H); q scaled as for `attention`, bias from `query_rows`. Einsums on any backend:
+    (B, K, N, H); q scaled as for `attention`, bias from `bias` at the queries' positions.
+    Einsums on any backend:
     the fused kernels take as many queries as keys."""
     return _grouped_einsums(q_BxKxNxH, k_BxLxKxH, v_BxLxKxH, bias_Bx1xKxL)
 
