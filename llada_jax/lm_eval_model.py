@@ -24,7 +24,8 @@ scoring every sample would give. The (request, sample) pairs left are laid out i
 (`layout`): with `pack` (the default) several per row, side by side in segments that attend only
 within themselves (best-fit decreasing into rows of at least PACK_LENGTH positions), else one
 per row; either way rows are padded to a few lengths (`bucket`) so that little is recompiled,
-and the output head runs on each row's targets only; `batch_size` model rows per call, split
+and the output head (with the last layer's queries and MLP) runs on each row's masked targets
+only; `batch_size` model rows per call, split
 over the devices. The masks of a request depend only on its tokens, its sample index and `seed`
 (not on the layout or the order of the requests): the same request is scored on the same masks
 by every checkpoint (common random numbers), packed or not. A block-diffusion model

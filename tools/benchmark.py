@@ -36,7 +36,8 @@ likelihood: lm-eval `loglikelihood` requests (contexts and continuations from th
 per second through the `llada_jax` lm-eval model with requests packed several per model row
 (pack=True) and one per row (pack=False), against a baseline of the same estimator as LLaDA's
 reference harness computes it (one request at a time, mc_num / batch_size forward passes of
-batch_size copies, the output head on every position), the three alternated; the largest
+batch_size copies, the output head on every position, the cross-entropy of the masked ones),
+the three alternated; the largest
 differences of the estimates (the same masks: they must be ~0), the share of Monte-Carlo
 samples whose masks are scored (one per mask: short continuations draw the same mask many
 times), each layout's padding (model row positions per token scored) and what share of
