@@ -207,15 +207,23 @@ class MetricsWriter:
     def close(self) -> None:
         """Closes the local jsonl file (if one is open) and the TensorBoard writer."""
         if self.enabled:
-            if self._jsonl is not None:
-                self._jsonl.close()
-            self._tb.close()
+            try:
+                if self._jsonl is not None:
+                    self._jsonl.close()
+            finally:
+                self._tb.close()
 
     def __enter__(self) -> MetricsWriter:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        # Leaving on an error (a full disk, a failed save): the error leaving is the one to
+        # report, not the close's own failure to flush what that error left unwritten.
+        try:
+            self.close()
+        except OSError:
+            if exc_type is None:
+                raise
 
 
 class ScalarEvents:

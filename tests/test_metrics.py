@@ -1,5 +1,7 @@
 """FLOPs accounting against the matmuls actually traced, and the CPU peak cache."""
 
+import errno
+import io
 import json
 import os
 import struct
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llada_jax import metrics, sharding
+from llada_jax import checkpoint, metrics, sharding
 from llada_jax.kernels import Kernels
 from llada_jax.model import ModelConfig, Transformer
 
@@ -133,3 +135,27 @@ def test_tensorboard_scalars_are_in_the_event_file_when_write_returns(tmp_path):
     scalars = [(e.step, {v.tag: v.simple_value for v in e.summary.value}) for e in events[1:]]
     assert events[0].file_version == "brain.Event:2"
     assert scalars == [(10, {"loss": 2.5, "skipped": 0.0}), (20, {"loss": 1.25, "skipped": 3.0})]
+
+
+class FullDisk(io.StringIO):
+    """A file whose writes and close fail as on a full disk."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def close(self) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_leaving_the_writer_on_an_error_reports_that_error_not_the_close(tmp_path):
+    """A run stopped by an error (a failed save) while the metrics file cannot be flushed leaves
+    with its own error; a close that fails on a clean exit raises."""
+    with pytest.raises(checkpoint.SaveFailed, match="saving checkpoint step 4"):
+        with metrics.MetricsWriter(str(tmp_path)) as writer:
+            writer._jsonl = FullDisk()
+            with pytest.raises(OSError, match="No space left"):
+                writer.write(4, {"loss": 1.0})
+            raise checkpoint.SaveFailed("saving checkpoint step 4 failed")
+    with pytest.raises(OSError, match="No space left"):
+        with metrics.MetricsWriter(str(tmp_path)) as writer:
+            writer._jsonl = FullDisk()
