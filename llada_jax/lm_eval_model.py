@@ -25,13 +25,12 @@ scoring every sample would give. The (request, sample) pairs left are laid out i
 within themselves (best-fit decreasing into rows of at least PACK_LENGTH positions), else one
 per row; either way rows are padded to a few lengths (`bucket`) so that little is recompiled,
 and the output head (with the last layer's queries and MLP) runs on each row's masked targets
-only; `batch_size` model rows per call, split
-over the devices. The masks of a request depend only on its tokens, its sample index and `seed`
-(not on the layout or the order of the requests): the same request is scored on the same masks
-by every checkpoint (common random numbers), packed or not. A block-diffusion model
-(diffusion.block_size > 0) is scored by its block bound (likelihood.py), one request per row
-(pack is off, every sample scored); with blocks of one token that is the exact log-likelihood,
-so mc_num is 1.
+only; `batch_size` model rows per call, split over the devices. The masks of a request depend
+only on its tokens, its sample index and `seed` (not on the layout or the order of the
+requests): the same request is scored on the same masks by every checkpoint (common random
+numbers), packed or not. A block-diffusion model (diffusion.block_size > 0) is scored by its
+block bound (likelihood.py), one request per row (pack is off, every sample scored); with blocks
+of one token that is the exact log-likelihood, so mc_num is 1.
 
 Model arguments: workdir (local or gs://; required unless a loaded model is passed), step,
 mc_num (128), batch_size (32 model rows per call; it wins over lm-eval's --batch_size), pack
@@ -283,6 +282,8 @@ class LLaDAJaxLM(LM):
         """(len(rows), mc_num) int: the targets each sample masks, those the scorer scores (l of
         `likelihood.stratified_mask_counts`); a block-diffusion row's every target."""
         n = self.mc_num
+        if not rows:
+            return np.zeros((0, n), int)
         if self.block_size:
             return np.repeat([[t] for _, t in rows], n, axis=1)
         draws = [(request_id(*row), j, row[1]) for row in rows for j in range(n)]

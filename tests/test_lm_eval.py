@@ -158,6 +158,7 @@ def test_loglikelihood_is_the_same_packed_or_not(lm):
     ]
     requests = [Request(*p) for p in pairs]
     texts = [Request("And God said, Let there be light."), Request("Amen.")]
+    assert lm.loglikelihood([]) == [] and lm.loglikelihood_rolling([]) == []
     lengths = [(len(c) + len(x), len(x)) for c, x in (lm.encode_pair(*p) for p in pairs)]
     assert len(layout(lengths, pack=True)) < len(pairs)  # several requests share a row
     unpacked = LLaDAJaxLM(model=lm.model, mc_num=16, batch_size=32, pack=False, progress=False)
