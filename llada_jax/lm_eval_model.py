@@ -286,7 +286,8 @@ class LLaDAJaxLM(LM):
             return np.zeros((0, n), int)
         if self.block_size:
             return np.repeat([[t] for _, t in rows], n, axis=1)
-        draws = [(request_id(*row), j, row[1]) for row in rows for j in range(n)]
+        requests = [(request_id(*row), row[1]) for row in rows]
+        draws = [(r, j, t) for r, t in requests for j in range(n)]  # (id, sample, targets)
         return _in_calls(self._mask_counts, draws).reshape(len(rows), n)
 
     def first_samples(self, rows: Sequence[tuple[list[int], int]]) -> np.ndarray:
@@ -301,11 +302,8 @@ class LLaDAJaxLM(LM):
         short = [i for i, (_, t) in enumerate(rows) if 0 < t < n]
         if self.block_size or not short:
             return first_RxN
-        draws = [  # (prompt length, targets, request id, sample)
-            (len(rows[i][0]) - rows[i][1], rows[i][1], request_id(*rows[i]), j)
-            for i in short
-            for j in range(n)
-        ]
+        requests = [(len(rows[i][0]) - rows[i][1], rows[i][1], request_id(*rows[i])) for i in short]
+        draws = [(*r, j) for r in requests for j in range(n)]  # (prompt, targets, id, sample)
         width = bucket(max(rows[i][1] for i in short))
         masks_PxW = _in_calls(functools.partial(self._draw_masks, width=width), draws)
         for k, i in enumerate(short):

@@ -503,10 +503,11 @@ class Transformer(nnx.Module):
         if positions is None:
             x, kv = self._run_layers(layer, x, states, unroll)
             return x, KVCache(*kv) if return_cache else None
-        earlier, last = self._split_last(states)
         if cfg.n_layers > 1:
-            x, _ = self._run_layers(layer, x, earlier, min(unroll, cfg.n_layers - 1))
+            earlier = cfg.n_layers - 1
+            x, _ = self._run_layers(layer, x, states, min(unroll, earlier), num_layers=earlier)
         bias_Bx1xKxL = attention_lib.bias(valid, segment_ids, cfg.causal, blocks, positions)
+        last = self._last_state(states)
         x_BxKxD = nnx.merge(block_def, last).at_positions(x, positions, rope, bias_Bx1xKxL)
         return sharding.constrain(x_BxKxD, ("batch", None, None)), None
 
@@ -560,21 +561,35 @@ class Transformer(nnx.Module):
         pairs = [nnx.split(block) for block in self.blocks]
         return pairs[0][0], [state for _, state in pairs]
 
-    def _split_last(self, states: Any) -> tuple[Any, Any]:
-        """`_block_states`'s states split into those of the layers before the last (stacked or
-        a list, as given) and the last layer's."""
+    def _last_state(self, states: Any) -> Any:
+        """The last layer's state of `_block_states`'s states."""
         if self.cfg.scan_layers:
-            return jax.tree.map(lambda a: a[:-1], states), jax.tree.map(lambda a: a[-1], states)
-        return states[:-1], states[-1]
+            return jax.tree.map(lambda a: a[-1], states)
+        return states[-1]
 
-    def _run_layers(self, layer, x, states, unroll: int, cache: KVCache | None = None):
-        """x through every layer: `layer(x, xs) -> (x, out)` with xs the layer's state (and its
-        slice of `cache`); returns x and the layers' outputs stacked (n_layers, ...)."""
+    def _run_layers(
+        self,
+        layer,
+        x,
+        states,
+        unroll: int,
+        cache: KVCache | None = None,
+        num_layers: int | None = None,
+    ):
+        """x through every layer, or the first `num_layers` (without `cache`): `layer(x, xs) ->
+        (x, out)` with xs the layer's state (and its slice of `cache`); returns x and the layers'
+        outputs stacked (n_layers, ...)."""
+        if self.cfg.scan_layers and num_layers is not None:
+            # The loop indexes the stacked states: a slice of the stack would be copied whole.
+            def first_layers(x: jax.Array, i: jax.Array) -> tuple[jax.Array, Any]:
+                return layer(x, jax.tree.map(lambda a: a[i], states))
+
+            return jax.lax.scan(first_layers, x, jnp.arange(num_layers), unroll=unroll)
         if self.cfg.scan_layers:
             xs = states if cache is None else (states, cache.k, cache.v)
             return jax.lax.scan(layer, x, xs, unroll=unroll)
         outs = []
-        for i, state in enumerate(states):
+        for i, state in enumerate(states[:num_layers]):
             x, out = layer(x, state if cache is None else (state, cache.k[i], cache.v[i]))
             outs.append(out)
         stacked = None if outs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)

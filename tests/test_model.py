@@ -215,6 +215,24 @@ def test_hidden_at_positions_of_a_block_model_matches_the_full_pass():
     np.testing.assert_allclose(np.asarray(run(model, positions)), want, atol=1e-5, rtol=1e-5)
 
 
+def test_hidden_at_positions_does_not_copy_the_layers():
+    """The scanned layers before the last are indexed in the loop, not sliced off the stack (a
+    copy of the whole model): the positions pass needs no more scratch memory than the full
+    pass plus one layer's parameters."""
+    cfg = ModelConfig(
+        vocab_size=64, d_model=256, n_layers=6, n_heads=4, n_kv_heads=4, mlp_hidden=768
+    )
+    graphdef, params = nnx.split(build(cfg), nnx.Param)
+    tokens, positions = jnp.zeros((1, 16), jnp.int32), jnp.zeros((1, 4), jnp.int32)
+
+    def scratch(**kw):
+        fn = lambda p: nnx.merge(graphdef, p).hidden(tokens, **kw)[0]
+        return jax.jit(fn).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    layer_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) / cfg.n_layers
+    assert scratch(positions=positions) < scratch() + 1.5 * layer_bytes
+
+
 @pytest.mark.parametrize(
     "causal,layout",
     [(False, "trailing"), (True, "trailing"), (False, "leading"), (False, "packed")],
