@@ -27,13 +27,15 @@ from llada_jax.run import Run, abstract_params, build_run
 
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
-    """A checkpoint's parameters with the run its config describes."""
+    """A checkpoint's parameters with the run its config describes, both as inference computes
+    with them (`run_lib.for_inference`: on CPU each layer's parameters apart)."""
 
     workdir: str
     run: Run
     step: int
     graphdef: nnx.GraphDef
     params: Any
+    saved_run: Run  # `run` as the checkpoint holds it (its parameters' layout)
 
 
 def load(
@@ -55,10 +57,11 @@ def load(
     with _reader(workdir) as ckpt:
         step = _complete_step(ckpt, workdir, step)
         try:
-            run, graphdef, params = restore(ckpt, step)
+            saved_run, params = restore(ckpt, step)
         except checkpoint.DamagedCheckpoint as e:
             raise _refusal(e, ckpt, lambda s: restore(ckpt, s)) from None
-    return LoadedModel(workdir, run, step, graphdef, params)
+    run, graphdef, params = run_lib.for_inference(saved_run, params)
+    return LoadedModel(workdir, run, step, graphdef, params, saved_run)
 
 
 def _restore(
@@ -67,14 +70,13 @@ def _restore(
     devices: list[jax.Device],
     fsdp: bool,
     kernels: dict[str, str],
-) -> tuple[Run, nnx.GraphDef, Any]:
+) -> tuple[Run, Any]:
     """The run of a step's saved config (no optimizer or learning-rate schedule: parameters
     only; `kernels` over the saved kernels section) and its verified parameters on `devices`."""
     cfg = saved_config(ckpt.meta(step)["config"], len(devices), fsdp)
     cfg.kernels.update(kernels)
     run = build_run(cfg, devices=devices, data=False, optimizer=False)
-    graphdef, params = abstract_params(run)
-    return run, graphdef, ckpt.restore(step, params)[0]
+    return run, ckpt.restore(step, abstract_params(run)[1])[0]
 
 
 def refusal(error: checkpoint.DamagedCheckpoint, workdir: str) -> checkpoint.DamagedCheckpoint:
@@ -86,11 +88,12 @@ def refusal(error: checkpoint.DamagedCheckpoint, workdir: str) -> checkpoint.Dam
 
 
 def reload(model: LoadedModel, step: int) -> LoadedModel:
-    """Another step of the same workdir into `model`'s shapes and shardings (no new run).
+    """Another step of the same workdir in `model`'s layout, shapes and shardings (no new run).
     Raises DamagedCheckpoint (without looking for a good step: a watcher skips it)."""
     with _reader(model.workdir) as ckpt:
         step = _complete_step(ckpt, model.workdir, step)
-        params, _ = ckpt.restore(step, model.params)
+        params, _ = ckpt.restore(step, abstract_params(model.saved_run)[1])
+    params = run_lib.for_inference(model.saved_run, params)[2]
     return dataclasses.replace(model, step=step, params=params)
 
 

@@ -358,6 +358,36 @@ def graphdef_for(run: Run, chosen: kernels.Kernels) -> nnx.GraphDef:
     return abstract_params(dataclasses.replace(run, kernels=chosen))[0]
 
 
+def for_inference(run: Run, params: Any) -> tuple[Run, nnx.GraphDef, Any]:
+    """The run, model graph and parameters inference computes with (samplers, scorers), given
+    `params` of `run`'s layout. On CPU a scanned model's layers get buffers of their own (the
+    run's model with model.scan_layers off, the same values): XLA:CPU's matmuls cannot read a
+    layer's weights in place from the stacked arrays, so each call copies them all out first,
+    which at a sampler's small batches is much of the call (docs/performance.md). Training
+    keeps the stack, and accelerators read it in place; there `run` and `params` are returned
+    as they are."""
+    if run.kernels.platform != "cpu" or not run.model_cfg.scan_layers:
+        return run, abstract_params(run)[0], params
+    cfg = run.cfg.copy_and_resolve_references()
+    cfg.model.scan_layers = False
+    apart = dataclasses.replace(
+        run, cfg=cfg, model_cfg=dataclasses.replace(run.model_cfg, scan_layers=False)
+    )
+    graphdef, abstract = abstract_params(apart)
+
+    def split(stacked: Any) -> dict:
+        tree = nnx.to_pure_dict(stacked)
+        layers = tree["blocks"]
+        tree["blocks"] = {
+            i: jax.tree.map(lambda a: a[i], layers) for i in range(run.model_cfg.n_layers)
+        }
+        return tree
+
+    shardings = nnx.to_pure_dict(jax.tree.map(lambda a: a.sharding, abstract))
+    nnx.replace_by_pure_dict(abstract, jax.jit(split, out_shardings=shardings)(params))
+    return apart, graphdef, abstract
+
+
 def fastest(
     run: Run, name: str, build: Callable[[nnx.GraphDef], sharding.OnMesh]
 ) -> sharding.OnMesh | autotune.Fastest:

@@ -10,7 +10,9 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
+from llada_jax import config as config_lib
 from llada_jax import kernels as kernels_lib
+from llada_jax import run as run_lib
 from llada_jax import sharding
 from llada_jax.convert.hf_llada import PREFIX, model_config_from_hf, params_from_hf
 from llada_jax.kernels import KernelConfig, Kernels
@@ -231,6 +233,32 @@ def test_hidden_at_positions_does_not_copy_the_layers():
 
     layer_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) / cfg.n_layers
     assert scratch(positions=positions) < scratch() + 1.5 * layer_bytes
+
+
+def test_inference_holds_each_layer_apart_on_cpu():
+    """run_lib.for_inference gives a scanned CPU model's layers buffers of their own: a forward
+    pass then copies no layer's weights out of the stack into scratch memory (at least one
+    layer's worth less), and computes the same logits."""
+    cfg = config_lib.load("configs/demo.py", [("model.d_model", 256), ("model.mlp_hidden", 1024)])
+    run = run_lib.build_run(cfg, devices=jax.devices()[:1], data=False, optimizer=False)
+    graphdef, params = run_lib.init_params(run)
+    apart_run, apart_graphdef, apart = run_lib.for_inference(run, params)
+    assert run.model_cfg.scan_layers and not apart_run.model_cfg.scan_layers
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 4000, (1, 16)), jnp.int32)
+    forward = jax.jit(lambda g, p: nnx.merge(g, p)(tokens), static_argnums=0)
+
+    def scratch(g, p):
+        return forward.lower(g, p).compile().memory_analysis().temp_size_in_bytes
+
+    layers = nnx.to_pure_dict(params)["blocks"]
+    layer_bytes = sum(x.nbytes for x in jax.tree.leaves(layers)) / run.model_cfg.n_layers
+    assert scratch(apart_graphdef, apart) + layer_bytes <= scratch(graphdef, params)
+    np.testing.assert_allclose(
+        np.asarray(forward(apart_graphdef, apart)),
+        np.asarray(forward(graphdef, params)),
+        atol=2e-5,
+        rtol=2e-5,
+    )
 
 
 @pytest.mark.parametrize(

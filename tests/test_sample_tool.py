@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from llada_jax import checkpoint, sampling, sections, sharding
+from llada_jax import run as run_lib
 from llada_jax.data.tokenizer import default_tokenizer
 from llada_jax.model import ModelConfig, Transformer
 
@@ -219,7 +220,8 @@ def test_bad_inputs_give_one_clear_line(workdir, tmp_path):
 
 def test_loading_parameters_builds_no_optimizer(workdir, monkeypatch):
     """inference.load (sampling, evaluation, lm-eval) restores the parameters alone: the
-    optimizer and the learning-rate schedule are never built, and they equal the checkpoint's."""
+    optimizer and the learning-rate schedule are never built, and they equal the checkpoint's,
+    on CPU each layer's apart from the stack the checkpoint holds."""
     from llada_jax import inference, optim
 
     def refuse(*args, **kwargs):
@@ -231,6 +233,16 @@ def test_loading_parameters_builds_no_optimizer(workdir, monkeypatch):
     assert model.run.optimizer is None and model.run.lr_schedule is None
     with checkpoint.Checkpointer(workdir) as ckpt:
         assert model.step == ckpt.latest_step()
-        expected, _ = ckpt.restore(model.step, model.params)
-    for got, want in zip(jax.tree.leaves(model.params), jax.tree.leaves(expected)):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        stacked, _ = ckpt.restore(model.step, run_lib.abstract_params(model.saved_run)[1])
+    assert model.saved_run.model_cfg.scan_layers and not model.run.model_cfg.scan_layers
+    assert not model.run.cfg.model.scan_layers
+    expected = nnx.to_pure_dict(stacked)
+    layers = expected.pop("blocks")
+    got = nnx.to_pure_dict(model.params)
+    apart = got.pop("blocks")
+    assert sorted(apart) == list(range(model.run.model_cfg.n_layers))
+    for i, layer in apart.items():
+        for g, w in zip(jax.tree.leaves(layer), jax.tree.leaves(layers), strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w)[i])
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))

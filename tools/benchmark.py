@@ -21,7 +21,9 @@ step of the config so changed is timed too, the two alternated step by step (aga
 and the ratio of the step times).
 
 sample: the sampler's tokens/s, batched over --num_prompts prompts and jitted, in exact mode
-(LLaDA's algorithm), with threshold decoding and with each K/V cache, against a baseline of the
+(LLaDA's algorithm), with threshold decoding and with each K/V cache, in exact mode on the
+parameters as the checkpoint stacks them (`exact_stacked`, where inference holds each layer's
+apart: on CPU, `run.for_inference`), against a baseline of the
 same algorithm in the reference's style (a Python step loop, a full forward per step, one prompt
 at a time); every mode's NFE and agreement with exact decoding, and whether the baseline's tokens
 are exact mode's. The model and sample settings are --workdir's (a trained checkpoint), else
@@ -437,8 +439,8 @@ def bench_model(cfg: config_lib.ConfigDict) -> inference.LoadedModel:
     if FLAGS.workdir:
         return inference.load(FLAGS.workdir, kernels=cfg.kernels.to_dict())
     run = run_lib.build_run(cfg, devices=jax.local_devices()[:1], data=False, optimizer=False)
-    graphdef, params = run_lib.init_params(run)
-    return inference.LoadedModel("", run, 0, graphdef, params)
+    inference_run, graphdef, params = run_lib.for_inference(run, run_lib.init_params(run)[1])
+    return inference.LoadedModel("", inference_run, 0, graphdef, params, run)
 
 
 SAMPLE_MODES = {  # name -> SampleSettings overrides; "exact" is the reference's algorithm
@@ -521,6 +523,15 @@ def bench_block_sample(
     return result
 
 
+def checkpoint_params(model: inference.LoadedModel) -> Any:
+    """`model`'s parameters in the layout its checkpoint holds them (`model.saved_run`'s), not
+    the one inference computes with."""
+    if not FLAGS.workdir:
+        return run_lib.init_params(model.saved_run)[1]  # the same seed: bench_model's values
+    with checkpoint.Checkpointer(model.workdir) as ckpt:
+        return ckpt.restore(model.step, run_lib.abstract_params(model.saved_run)[1])[0]
+
+
 def sample_shape(run: run_lib.Run) -> types.SimpleNamespace:
     """gen_length, steps and block_length: the run's sample section, or --gen_length with
     --sample_steps (default one token per step) and --block_length (default the whole
@@ -560,6 +571,11 @@ def bench_sample(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[st
         name: inference.make_sampler(run, st).lower(params, ids, valid, key).compile()
         for name, st in settings.items()
     }
+    inputs = dict.fromkeys(samplers, params)
+    if model.saved_run.model_cfg != run.model_cfg:  # inference holds the layers apart (CPU)
+        inputs["exact_stacked"] = stacked = checkpoint_params(model)
+        exact = inference.make_sampler(model.saved_run, settings["exact"])
+        samplers["exact_stacked"] = exact.lower(stacked, ids, valid, key).compile()
     forward_one = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x))
     forward = lambda x: np.asarray(forward_one(params, jnp.asarray(x, jnp.int32)))  # noqa: E731
 
@@ -579,7 +595,7 @@ def bench_sample(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[st
                 times["baseline"].append(time.perf_counter() - start)
         for name, sampler in samplers.items():
             start = time.perf_counter()
-            outputs[name] = jax.block_until_ready(sampler(params, ids, valid, key))
+            outputs[name] = jax.block_until_ready(sampler(inputs[name], ids, valid, key))
             if rep >= warmup:
                 times[name].append(time.perf_counter() - start)
     generated = len(prompts) * s.gen_length
