@@ -364,8 +364,8 @@ def for_inference(run: Run, params: Any) -> tuple[Run, nnx.GraphDef, Any]:
     run's model with model.scan_layers off, the same values): XLA:CPU's matmuls cannot read a
     layer's weights in place from the stacked arrays, so each call copies them all out first,
     which at a sampler's small batches is much of the call (docs/performance.md). Training
-    keeps the stack, and accelerators read it in place; there `run` and `params` are returned
-    as they are."""
+    keeps the stack, and so do accelerators, where the copy was not measured: there `run` and
+    `params` are returned as they are."""
     if run.kernels.platform != "cpu" or not run.model_cfg.scan_layers:
         return run, abstract_params(run)[0], params
     cfg = run.cfg.copy_and_resolve_references()
