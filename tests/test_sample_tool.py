@@ -167,6 +167,24 @@ def test_infilling_template_keeps_its_tokens_and_fills_its_masks(workdir):
     assert canvas == filled + result["tokens"]
 
 
+def test_flags_not_given_are_the_runs_sample_section(workdir):
+    """The sampler settings left off the command line are the run's (configs/tiny.py's sample
+    section: 16 tokens, one block of 16), the ones given replace them."""
+    proc = subprocess.run(
+        SAMPLE + [f"--workdir={workdir}", "--prompt=In the beginning", "--steps=8", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = [json.loads(line) for line in proc.stdout.splitlines()]
+    tokens, nfe = reference_tokens(
+        workdir, [default_tokenizer().encode("In the beginning")], 16, 8, 16
+    )
+    assert [result["tokens"]] == tokens and result["nfe"] == nfe == 8
+
+
 def test_text_output(workdir):
     proc = subprocess.run(
         SAMPLE + [f"--workdir={workdir}", "--prompt=In the beginning", *SETTINGS],
@@ -192,6 +210,11 @@ def test_bad_inputs_give_one_clear_line(workdir, tmp_path):
         "blocks": (
             [f"--workdir={workdir}", "--prompt=a", "--gen_length=16", "--block_length=5"],
             "--block_length=5 does not divide --gen_length=16",
+        ),
+        "blocks_of_the_run": (
+            [f"--workdir={workdir}", "--prompt=a", "--gen_length=12"],
+            "--block_length=16 does not divide --gen_length=12 (--block_length: the run's "
+            "sample.block_length)",
         ),
         "threshold": ([f"--workdir={workdir}", "--prompt=a", "--threshold=1.5"], "threshold=1.5"),
         "cfg": (

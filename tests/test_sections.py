@@ -48,7 +48,7 @@ def test_a_new_sample_field_reaches_the_config_the_flags_and_lm_eval(monkeypatch
     cli.define_section_flags(WithTopP, flag_values)
     flag_values(["prog", "--top_p=0.9", "--gen_length=8", "--steps=8", "--block_length=8"])
     assert "--top_p: keep the smallest set" in cli.help_text("doc", flag_values)
-    assert cli.section_from_flags(WithTopP, flag_values).top_p == 0.9
+    assert cli.section_with_flags(WithTopP(), flag_values).top_p == 0.9
 
     from llada_jax import lm_eval_model
 
@@ -76,7 +76,7 @@ def test_the_tools_list_every_setting_of_their_section(tool, section):
 
 def test_override_flags_default_to_the_run_and_are_checked():
     flag_values = flags.FlagValues()
-    cli.define_section_flags(EvalSettings, flag_values, overrides=True)
+    cli.define_section_flags(EvalSettings, flag_values)
     flag_values(["prog", "--mc_num=64", "--tasks=a,b"])
     assert cli.overrides_from_flags(EvalSettings, flag_values) == {
         "mc_num": 64,
@@ -87,13 +87,29 @@ def test_override_flags_default_to_the_run_and_are_checked():
         cli.overrides_from_flags(EvalSettings, flag_values)
 
 
-def test_flag_errors_name_the_flag():
+def test_sample_flags_default_to_the_run_and_errors_name_the_flag():
+    """A tool's sampler is the run's sample section with the flags given replaced; an error
+    names the flags, saying which ones the user left to the run."""
     flag_values = flags.FlagValues()
     cli.define_section_flags(sampling.SampleSettings, flag_values)
+    run_settings = sampling.SampleSettings(gen_length=32, steps=16, block_length=8, temperature=0.8)
+    flag_values(["prog", "--steps=32"])
+    settings = cli.section_with_flags(run_settings, flag_values)
+    assert settings == dataclasses.replace(run_settings, steps=32)
+    assert cli.section_with_flags(run_settings, flag_values, block_length=4).block_length == 4
+
     flag_values(["prog", "--gen_length=12", "--block_length=5"])
     with pytest.raises(ValueError) as e:
-        cli.section_from_flags(sampling.SampleSettings, flag_values)
+        cli.section_with_flags(run_settings, flag_values)
     assert str(e.value) == "--block_length=5 does not divide --gen_length=12"
+    flag_values.unparse_flags()
+    flag_values(["prog", "--gen_length=12"])
+    with pytest.raises(ValueError) as e:
+        cli.section_with_flags(run_settings, flag_values)
+    assert str(e.value) == (
+        "--block_length=8 does not divide --gen_length=12 "
+        "(--block_length: the run's sample.block_length)"
+    )
 
 
 def test_lm_eval_refuses_an_unknown_model_arg():

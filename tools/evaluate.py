@@ -47,8 +47,8 @@ flags.DEFINE_float("poll_sec", 10.0, "--watch: seconds between looks for new che
 flags.DEFINE_float(
     "idle_timeout", 0.0, "--watch: stop after this long with nothing new (0: never)."
 )
-cli.define_section_flags(EvalSettings, overrides=True)  # --num_tokens, --mc_num, ...
-cli.define_section_flags(KernelConfig, overrides=True)  # --matmul, --attention
+cli.define_section_flags(EvalSettings)  # --num_tokens, --mc_num, ...
+cli.define_section_flags(KernelConfig)  # --matmul, --attention
 flags.DEFINE_integer("num_devices", 0, "Evaluate on the first N local devices (0: all).")
 flags.DEFINE_bool("fsdp", False, "Shard the weights over the devices as FSDP training does.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")

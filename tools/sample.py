@@ -6,6 +6,9 @@
        --kv_cache=none|prefix|dual ... every key of a config's sample section]
       [--chat] [--step=N] [--seed=0] [--json] [--output=out.jsonl]
 
+A sampler setting not given on the command line is the run's own (its config's sample section,
+what its samples during training used; a converted checkpoint's are the section's defaults).
+
 --prompt and --prompt_ids may be given several times; --prompts_file is JSON lines with a
 "prompt" (text) or "prompt_ids" (list of ids) field. --chat wraps each text prompt as one user
 turn of the tokenizer's chat template (a Hugging Face tokenizer_config.json's, the way
@@ -60,7 +63,7 @@ flags.DEFINE_bool(
     "tokenizer_config.json), else of the SFT chat format.",
 )
 cli.define_section_flags(sampling.SampleSettings)  # --gen_length, --steps, ... --kv_cache
-cli.define_section_flags(KernelConfig, overrides=True)  # --matmul, --attention
+cli.define_section_flags(KernelConfig)  # --matmul, --attention
 flags.DEFINE_integer("num_devices", 1, "Sample on the first N local devices (0: all).")
 flags.DEFINE_bool(
     "fsdp", False, "Shard the weights over the devices as FSDP training does (else replicate)."
@@ -101,12 +104,12 @@ def read_prompts(tokenizer, vocab_size: int) -> list[tuple[str | None, list[int]
     return prompts
 
 
-def check_length(longest_prompt: int, seq_len: int) -> None:
+def check_length(longest_prompt: int, gen_length: int, seq_len: int) -> None:
     """The canvas fits the model's context: the run's data.seq_len, or --max_length."""
     limit = FLAGS.max_length or seq_len
-    if longest_prompt + FLAGS.gen_length > limit:
+    if longest_prompt + gen_length > limit:
         raise ValueError(
-            f"a prompt of {longest_prompt} tokens + --gen_length={FLAGS.gen_length} is longer "
+            f"a prompt of {longest_prompt} tokens + --gen_length={gen_length} is longer "
             f"than the model's context of {limit} tokens (data.seq_len; --max_length=N allows "
             "more): shorten the prompt or the generation"
         )
@@ -154,10 +157,10 @@ def sample(argv: list[str]) -> list[dict]:
         if model.run.diffusion_cfg.block_size
         else {}
     )
-    settings = cli.section_from_flags(sampling.SampleSettings, **block)
+    settings = cli.section_with_flags(model.run.sample_settings, **block)
     tok, mesh = model.run.tokenizer, model.run.mesh
     prompts = read_prompts(tok, model.run.model_cfg.vocab_size)
-    check_length(max(len(p) for _, p in prompts), model.run.data_cfg.seq_len)
+    check_length(max(len(p) for _, p in prompts), settings.gen_length, model.run.data_cfg.seq_len)
     ids, valid = inference.left_pad([p for _, p in prompts], tok.pad_id)
     ids, valid, rows = inference.pad_batch(ids, valid, sharding.data_parallel_size(mesh))
     key = jax.random.key(FLAGS.seed)
