@@ -12,6 +12,7 @@ Every check raises ValueError with one line naming the config key as the user ty
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import tempfile
@@ -365,7 +366,11 @@ def for_inference(run: Run, params: Any) -> tuple[Run, nnx.GraphDef, Any]:
     layer's weights in place from the stacked arrays, so each call copies them all out first,
     which at a sampler's small batches is much of the call (docs/performance.md). Training
     keeps the stack, and so do accelerators, where the copy was not measured: there `run` and
-    `params` are returned as they are."""
+    `params` are returned as they are.
+
+    `params` is taken over: each stacked array is freed as soon as its layers are copied out,
+    so that loading holds the layers' parameters once and one array twice, not all of them
+    twice (an 8B model in bfloat16 is 16 GB)."""
     if run.kernels.platform != "cpu" or not run.model_cfg.scan_layers:
         return run, abstract_params(run)[0], params
     cfg = run.cfg.copy_and_resolve_references()
@@ -374,18 +379,30 @@ def for_inference(run: Run, params: Any) -> tuple[Run, nnx.GraphDef, Any]:
         run, cfg=cfg, model_cfg=dataclasses.replace(run.model_cfg, scan_layers=False)
     )
     graphdef, abstract = abstract_params(apart)
+    n = run.model_cfg.n_layers
+    layer_shardings = nnx.to_pure_dict(jax.tree.map(lambda a: a.sharding, abstract))["blocks"][0]
 
-    def split(stacked: Any) -> dict:
-        tree = nnx.to_pure_dict(stacked)
-        layers = tree["blocks"]
-        tree["blocks"] = {
-            i: jax.tree.map(lambda a: a[i], layers) for i in range(run.model_cfg.n_layers)
-        }
-        return tree
+    def unstack(stacked_NxA: jax.Array, sharding: jax.sharding.Sharding) -> tuple[jax.Array, ...]:
+        """The n layers of one stacked array (n, ...), the stack freed."""
+        layers = _unstacker(n, sharding)(stacked_NxA)
+        stacked_NxA.delete()
+        return layers
 
-    shardings = nnx.to_pure_dict(jax.tree.map(lambda a: a.sharding, abstract))
-    nnx.replace_by_pure_dict(abstract, jax.jit(split, out_shardings=shardings)(params))
+    tree = nnx.to_pure_dict(params)
+    per_leaf = jax.tree.map(unstack, tree["blocks"], layer_shardings)
+    is_layers = lambda x: isinstance(x, tuple)
+    tree["blocks"] = {
+        i: jax.tree.map(lambda t: t[i], per_leaf, is_leaf=is_layers) for i in range(n)
+    }
+    nnx.replace_by_pure_dict(abstract, tree)
     return apart, graphdef, abstract
+
+
+@functools.cache
+def _unstacker(n: int, sharding: jax.sharding.Sharding) -> Callable:
+    """A jitted function from a stacked array (n, ...) to its n slices placed by `sharding`
+    (compiled once per shape, however many checkpoints are loaded)."""
+    return jax.jit(lambda a: tuple(a[i] for i in range(n)), out_shardings=(sharding,) * n)
 
 
 def fastest(

@@ -236,14 +236,17 @@ def test_hidden_at_positions_does_not_copy_the_layers():
 
 
 def test_inference_holds_each_layer_apart_on_cpu():
-    """run_lib.for_inference gives a scanned CPU model's layers buffers of their own: a forward
-    pass then copies no layer's weights out of the stack into scratch memory (at least one
-    layer's worth less), and computes the same logits."""
+    """run_lib.for_inference gives a scanned CPU model's layers buffers of their own, freeing the
+    stack it was given: a forward pass then copies no layer's weights out of the stack into
+    scratch memory (at least one layer's worth less), and computes the same logits."""
     cfg = config_lib.load("configs/demo.py", [("model.d_model", 256), ("model.mlp_hidden", 1024)])
     run = run_lib.build_run(cfg, devices=jax.devices()[:1], data=False, optimizer=False)
     graphdef, params = run_lib.init_params(run)
-    apart_run, apart_graphdef, apart = run_lib.for_inference(run, params)
+    taken = jax.tree.map(jnp.copy, params)
+    apart_run, apart_graphdef, apart = run_lib.for_inference(run, taken)
     assert run.model_cfg.scan_layers and not apart_run.model_cfg.scan_layers
+    # The stacked arrays it was given are freed (loading holds the layers once, not twice).
+    assert all(x.is_deleted() for x in jax.tree.leaves(nnx.to_pure_dict(taken)["blocks"]))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 4000, (1, 16)), jnp.int32)
     forward = jax.jit(lambda g, p: nnx.merge(g, p)(tokens), static_argnums=0)
 
