@@ -40,6 +40,7 @@ def benchmark(*flags, **env):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_train_mode_reports_both_mfus():
     result = benchmark("--config=configs/tiny.py", "--steps=2", "--warmup=1")
     assert result["mode"] == "train" and result["steps"] == 2

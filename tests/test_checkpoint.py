@@ -82,6 +82,7 @@ def assert_same_metrics(a, b, steps=8):
         assert {k: x[k] for k in DETERMINISTIC} == {k: y[k] for k in DETERMINISTIC}, (x, y)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_is_bit_identical(uninterrupted, tmp_path):
     workdir = str(tmp_path / "interrupted")
     # A slowed-down copy of the same run (slower logging only), so SIGTERM lands mid-run.
@@ -323,6 +324,7 @@ def test_changed_model_shapes_are_refused(uninterrupted):
     assert sorted(os.listdir(os.path.join(uninterrupted, "checkpoints"))) == before
 
 
+@pytest.mark.slow
 def test_restore_on_another_mesh_and_params_only(uninterrupted, tmp_path):
     """Saved on 8 devices (mesh 8x1x1); restored params-only on 4 devices as a 1x2x2 mesh."""
     script = (

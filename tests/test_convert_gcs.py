@@ -114,6 +114,7 @@ def test_sample_from_the_gs_workdir(imported):
     assert remote == local and len(remote["tokens"]) == 8 and remote["nfe"] == 4
 
 
+@pytest.mark.slow
 def test_lm_eval_model_on_the_gs_workdir(imported):
     """The model loads the imported parameters and scores with them. (The fixture has no
     tokenizer, and the shipped one's ids exceed its 256-token vocabulary: ids are given.)"""
@@ -129,6 +130,7 @@ def test_lm_eval_model_on_the_gs_workdir(imported):
     assert nll.shape == (2, 4) and np.isfinite(nll).all() and (nll > 0).all()
 
 
+@pytest.mark.slow
 def test_tokenizer_files_go_up_with_the_workdir(gcs_dir, hf_tokenizer_dir, tmp_path):
     """An HF directory's tokenizer files are uploaded to DIR/tokenizer/, where the config points."""
     hf_dir = tmp_path / "hf"

@@ -161,6 +161,7 @@ def eight_rows(tmp_path_factory) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_damaged_shard_stops_training_with_one_line_naming_it(eight_rows, tmp_path):
     """A truncated shard (found when the run opens it) and one whose records are corrupted
     (found reading them, in a grain thread or a grain worker process): one line naming the

@@ -151,6 +151,7 @@ def test_a_two_process_run_on_gs_killed_at_random_moments_resumes_exactly(gcs_di
 # --------------------------------------------------------------------------------------------
 # The tools on gs:// runs
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_evaluate_watch_sample_and_compare_follow_gs_runs(gcs_dir, tmp_path):
     first, second = f"{gcs_dir}/seed0", f"{gcs_dir}/seed1"
     watch = [sys.executable, "tools/evaluate.py", f"--workdir={first}", "--watch"]

@@ -135,6 +135,7 @@ def assert_close(a, b):
         assert x == pytest.approx(y, rel=1e-5), (x, y)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(runs):
     """Same losses; both processes take part in the end-of-run samples and held-out bound on
     the FSDP mesh (parameters sharded over both) and exit 0; process 0 alone prints."""

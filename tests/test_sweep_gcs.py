@@ -95,6 +95,7 @@ def test_a_sweep_on_gs_runs_shows_its_runs_finished_and_is_compared(gcs_dir, tmp
     assert table == (report / "table.csv").read_text()
 
 
+@pytest.mark.slow
 def test_submit_on_gs_records_the_sweep_skips_trained_runs_and_status_reads_it(gcs_dir, tmp_path):
     """--submit on gs:// writes sweep.json there and skips a run whose last checkpoint is
     committed; `status gs://...` then reads the runs' metrics and evaluations from the bucket,

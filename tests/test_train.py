@@ -54,6 +54,7 @@ def tiny_run(tmp_path_factory):
     return workdir, proc.stdout
 
 
+@pytest.mark.slow
 def test_the_compilation_cache_holds_the_train_step(tiny_run):
     """train.compilation_cache=DIR: JAX's persistent cache holds the run's compilations, the
     train step among them (a restart loads it; "" writes none: the SFT test below)."""
@@ -205,6 +206,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
         assert not os.path.exists(workdir), name
 
 
+@pytest.mark.slow
 def test_sft_training_on_prepared_pairs(tmp_path):
     """The SFT objective end to end: prepared chat pairs, packed rows, a few steps."""
     chat = tmp_path / "chat.jsonl"

@@ -126,6 +126,7 @@ def test_prepare_to_gcs_writes_the_shards_and_metadata_a_local_run_writes(prepar
     assert not os.path.exists(os.path.join(ROOT, "gs:")), "written to a local directory 'gs:'"
 
 
+@pytest.mark.slow
 def test_training_on_gcs_data_gives_the_losses_of_the_local_copy(prepared, tmp_path):
     remote, local = prepared
     runs = {}
