@@ -64,10 +64,10 @@ def _given(cls: type, flag_values: flags.FlagValues) -> dict[str, Any]:
 
 def section_with_flags(base: T, flag_values: flags.FlagValues = flags.FLAGS, **fixed: Any) -> T:
     """`base` (the section of the run a tool loads) with the keys whose flags
-    (`define_section_flags`) were set, then the keys in `fixed` (e.g. a
-    block model's block_length), replaced. Raises ValueError naming the flags, and saying which
-    of them the user did not give (they are the run's): `--block_length=8 does not divide
-    --gen_length=12 (--block_length: the run's sample.block_length)`."""
+    (`define_section_flags`) were set, then the keys in `fixed` (e.g. a block model's
+    block_length), replaced. Raises ValueError naming the flags, and saying which of them the
+    user did not give (they are the run's): `--block_length=8 does not divide --gen_length=12
+    (--block_length: the run's sample.block_length)`."""
     cls = type(base)
     given = _given(cls, flag_values)
     try:
