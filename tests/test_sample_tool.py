@@ -61,6 +61,20 @@ def reference_tokens(workdir, prompts, gen_length, steps, block_length, whole=Fa
     return np.asarray(canvas)[:, width:].tolist(), int(nfe)
 
 
+def run_json(workdir, *args, settings=SETTINGS):
+    """tools/sample.py --json on `workdir` with `settings` and `args`: (its result objects, its
+    stderr)."""
+    proc = subprocess.run(
+        SAMPLE + [f"--workdir={workdir}", *settings, "--json", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
+
+
 def test_json_output_is_the_sampler_on_the_checkpoint(workdir, tmp_path):
     out = tmp_path / "samples.jsonl"
     prompts_file = tmp_path / "prompts.jsonl"
@@ -108,32 +122,11 @@ def test_guidance_and_threshold_decoding(workdir):
         (["--cfg_scale=2.0"], dict(cfg_scale=2.0), 8),
         (["--threshold=0.000001"], dict(threshold=1e-6), 2),
     ):
-        proc = subprocess.run(
-            SAMPLE
-            + [f"--workdir={workdir}", "--prompt=In the beginning", *SETTINGS, "--json", *flags],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        (result,) = [json.loads(line) for line in proc.stdout.splitlines()]
+        (result,), _ = run_json(workdir, "--prompt=In the beginning", *flags)
         tokens, nfe = reference_tokens(
             workdir, [tok.encode("In the beginning")], 16, 8, 8, **options
         )
         assert result["tokens"] == tokens[0] and result["nfe"] == nfe == calls
-
-
-def run_json(workdir, *args):
-    proc = subprocess.run(
-        SAMPLE + [f"--workdir={workdir}", *SETTINGS, "--json", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
 
 
 @pytest.mark.slow
@@ -170,15 +163,7 @@ def test_infilling_template_keeps_its_tokens_and_fills_its_masks(workdir):
 def test_flags_not_given_are_the_runs_sample_section(workdir):
     """The sampler settings left off the command line are the run's (configs/tiny.py's sample
     section: 16 tokens, one block of 16), the ones given replace them."""
-    proc = subprocess.run(
-        SAMPLE + [f"--workdir={workdir}", "--prompt=In the beginning", "--steps=8", "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (result,) = [json.loads(line) for line in proc.stdout.splitlines()]
+    (result,), _ = run_json(workdir, "--prompt=In the beginning", "--steps=8", settings=[])
     tokens, nfe = reference_tokens(
         workdir, [default_tokenizer().encode("In the beginning")], 16, 8, 16
     )
