@@ -5,7 +5,9 @@
 // LladaMklAttention / LladaMklAttentionGrad: softmax(q k^T + bias) v and its gradients, one
 //   (batch, kv head) item at a time with the scores of a block of query rows kept in cache
 //   (FlashAttention's recomputation: the backward rebuilds the probabilities from q, k and the
-//   rows' log-sum-exp instead of reading an L x L map back from memory).
+//   rows' log-sum-exp instead of reading an L x L map back from memory). Each query row computes
+//   only the keys from the first to the last its bias leaves visible: a packed segment's own,
+//   a padded row's valid ones.
 // Operands are row-major.
 #include <algorithm>
 #include <array>
@@ -66,7 +68,10 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultB
 // c = op(a) op(b) + beta c (row-major) on one thread, through a kernel MKL's JIT generates for
 // this exact shape on first use: on attention's products (e.g. 128 x 256 x 64) 10-15% faster
 // than cblas_sgemm. Each thread keeps its own kernels, so that finding one takes no lock; they
-// live as long as the thread, one per shape it has met (an attention call uses at most eight).
+// live as long as the thread, one per shape it has met, up to kMaxKernels (attention over packed
+// segments meets one per segment length; past the limit, new shapes run cblas_sgemm).
+constexpr size_t kMaxKernels = 512;
+
 void SmallGemm(bool trans_a, bool trans_b, int m, int n, int k, const float* a, int lda,
                const float* b, int ldb, float beta, float* c, int ldc) {
   struct Kernel {
@@ -77,6 +82,11 @@ void SmallGemm(bool trans_a, bool trans_b, int m, int n, int k, const float* a, 
   const std::array<int, 9> key{trans_a, trans_b, m, n, k, lda, ldb, ldc,
                                __builtin_bit_cast(int, beta)};
   auto found = kernels.find(key);
+  if (found == kernels.end() && kernels.size() >= kMaxKernels) {
+    cblas_sgemm(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, m, n, k,
+                1.0f, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
   if (found == kernels.end()) {
     Kernel kernel;
     constexpr int kJitError = 2;  // MKL_JIT_ERROR; MKL_NO_JIT still gives a working kernel
@@ -215,17 +225,75 @@ float ShiftedExp(float* s, float shift, int64_t n) {
 struct AttentionShape {
   int64_t items, rows, length, dim, bias_rows, items_per_batch;
   static constexpr int64_t kBlock = 128;  // query rows whose scores are in cache at once
+  // A bias at or below this hides its key: exp(score + bias - max) is floored to exp(kExpFloor),
+  // 1e-38, which adds nothing to a sum of at least 1.
+  static constexpr float kHidden = -1e29f;
 
-  // s (n, L) = q k^T for rows [r0, r0 + n) of `item`, without the bias.
-  void Scores(int64_t item, int64_t r0, int64_t n, const float* q, const float* k,
-              float* s) const {
-    SmallGemm(false, true, n, length, dim, q + (item * rows + r0) * dim, dim,
-              k + item * length * dim, dim, 0.0f, s, length);
+  // Keys [lo, hi) of a query row: from the first to the last key its bias leaves visible (those
+  // outside add nothing). A row whose bias hides every key (a padding query) takes all of them
+  // with equal weights, its scores set to 0: what the scores plus a bias of -1e30 give in
+  // float32, whose log-sum-exp would then lose its log(L).
+  struct Keys {
+    int64_t lo, hi;
+    bool any_visible;
+    bool operator==(const Keys& other) const {
+      return lo == other.lo && hi == other.hi && any_visible == other.any_visible;
+    }
+  };
+
+  // The keys of each of `item`'s bias rows (LB of them).
+  std::vector<Keys> VisibleKeys(const float* bias, int64_t item) const {
+    std::vector<Keys> keys(bias_rows, Keys{0, length, false});
+    for (int64_t r = 0; r < bias_rows; ++r) {
+      const float* b = bias + ((item / items_per_batch) * bias_rows + r) * length;
+      int64_t lo = 0, hi = length;
+      while (lo < length && b[lo] <= kHidden) ++lo;
+      while (hi > lo && b[hi - 1] <= kHidden) --hi;
+      if (lo < hi) keys[r] = Keys{lo, hi, true};
+    }
+    return keys;
   }
 
-  // The bias row of row r of `item`.
-  const float* BiasRow(const float* bias, int64_t item, int64_t r) const {
-    const float* b = bias + (item / items_per_batch) * bias_rows * length;
+  // The scores plus the bias of the n rows at s (n, hi - lo) from `Scores`, row r0 first; each
+  // row's maximum into max_out.
+  void AddBias(const float* bias, int64_t item, int64_t r0, int64_t n, const Keys& keys, float* s,
+               float* max_out) const {
+    const int64_t width = keys.hi - keys.lo;
+    for (int64_t r = 0; r < n; ++r) {
+      float* sr = s + r * width;
+      if (keys.any_visible) {
+        max_out[r] = AddBiasMax(sr, BiasRow(bias, item, r0 + r, keys.lo), width);
+      } else {
+        std::fill(sr, sr + width, 0.0f);
+        max_out[r] = 0.0f;
+      }
+    }
+  }
+
+  // The keys of query row r, from `VisibleKeys`.
+  const Keys& RowKeys(const std::vector<Keys>& keys, int64_t r) const {
+    return keys[bias_rows == 1 ? 0 : r % length];
+  }
+
+  // The rows [r0, r0 + n) that share row r0's keys, n <= kBlock.
+  int64_t RunOfRows(const std::vector<Keys>& keys, int64_t r0) const {
+    int64_t n = 1;
+    while (n < kBlock && r0 + n < rows && RowKeys(keys, r0 + n) == RowKeys(keys, r0)) ++n;
+    return n;
+  }
+
+  // s (n, hi - lo) = q k^T for rows [r0, r0 + n) of `item` and its keys [lo, hi), without the
+  // bias.
+  void Scores(int64_t item, int64_t r0, int64_t n, const Keys& keys, const float* q,
+              const float* k, float* s) const {
+    const int64_t width = keys.hi - keys.lo;
+    SmallGemm(false, true, n, width, dim, q + (item * rows + r0) * dim, dim,
+              k + (item * length + keys.lo) * dim, dim, 0.0f, s, width);
+  }
+
+  // The bias row of row r of `item`, from key lo.
+  const float* BiasRow(const float* bias, int64_t item, int64_t r, int64_t lo) const {
+    const float* b = bias + (item / items_per_batch) * bias_rows * length + lo;
     return bias_rows == 1 ? b : b + (r % length) * length;
   }
 };
@@ -255,20 +323,23 @@ ffi::Error Attention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buff
   float *op = o->typed_data(), *lp = lse->typed_data();
   std::lock_guard<std::mutex> turn(mkl_turn);
   ParallelItems(a.items, [&](int64_t item) {
-    std::vector<float> s(AttentionShape::kBlock * a.length), inv(AttentionShape::kBlock);
-    for (int64_t r0 = 0; r0 < a.rows; r0 += AttentionShape::kBlock) {
-      const int64_t n = std::min(AttentionShape::kBlock, a.rows - r0);
-      a.Scores(item, r0, n, qp, kp, s.data());
+    std::vector<float> s(AttentionShape::kBlock * a.length), inv(AttentionShape::kBlock),
+        m(AttentionShape::kBlock);
+    const std::vector<AttentionShape::Keys> keys = a.VisibleKeys(bp, item);
+    for (int64_t r0 = 0, n; r0 < a.rows; r0 += n) {
+      n = a.RunOfRows(keys, r0);
+      const AttentionShape::Keys& kr = a.RowKeys(keys, r0);
+      const int64_t width = kr.hi - kr.lo;
+      a.Scores(item, r0, n, kr, qp, kp, s.data());
+      a.AddBias(bp, item, r0, n, kr, s.data(), m.data());
       for (int64_t r = 0; r < n; ++r) {  // unnormalized p = exp(s - max), one pass
-        float* sr = s.data() + r * a.length;
-        const float m = AddBiasMax(sr, a.BiasRow(bp, item, r0 + r), a.length);
-        const float sum = ShiftedExp(sr, m, a.length);
-        lp[item * a.rows + r0 + r] = m + std::log(sum);
+        const float sum = ShiftedExp(s.data() + r * width, m[r], width);
+        lp[item * a.rows + r0 + r] = m[r] + std::log(sum);
         inv[r] = 1.0f / sum;
       }
       float* out = op + (item * a.rows + r0) * a.dim;
-      SmallGemm(false, false, n, a.dim, a.length, s.data(), a.length, vp + item * a.length * a.dim,
-                a.dim, 0.0f, out, a.dim);
+      SmallGemm(false, false, n, a.dim, width, s.data(), width,
+                vp + (item * a.length + kr.lo) * a.dim, a.dim, 0.0f, out, a.dim);
       // Normalized here, on D columns rather than on p's L.
       for (int64_t r = 0; r < n; ++r) {
         for (int64_t c = 0; c < a.dim; ++c) out[r * a.dim + c] *= inv[r];
@@ -293,37 +364,42 @@ ffi::Error AttentionGrad(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
   std::lock_guard<std::mutex> turn(mkl_turn);
   ParallelItems(a.items, [&](int64_t item) {
-    std::vector<float> p(AttentionShape::kBlock * a.length), dp(p.size());
+    std::vector<float> p(AttentionShape::kBlock * a.length), dp(p.size()),
+        m(AttentionShape::kBlock);
+    const std::vector<AttentionShape::Keys> keys = a.VisibleKeys(bp, item);
     const int64_t kv = item * a.length * a.dim;
-    for (int64_t r0 = 0; r0 < a.rows; r0 += AttentionShape::kBlock) {
-      const int64_t n = std::min(AttentionShape::kBlock, a.rows - r0);
+    // dk, dv accumulate over the row runs, each into its keys only.
+    std::fill(dkp + kv, dkp + kv + a.length * a.dim, 0.0f);
+    std::fill(dvp + kv, dvp + kv + a.length * a.dim, 0.0f);
+    for (int64_t r0 = 0, n; r0 < a.rows; r0 += n) {
+      n = a.RunOfRows(keys, r0);
+      const AttentionShape::Keys& kr = a.RowKeys(keys, r0);
+      const int64_t width = kr.hi - kr.lo, keys_at = kv + kr.lo * a.dim;
       const int64_t row = (item * a.rows + r0) * a.dim;
-      a.Scores(item, r0, n, qp, kp, p.data());
+      a.Scores(item, r0, n, kr, qp, kp, p.data());
+      a.AddBias(bp, item, r0, n, kr, p.data(), m.data());
       for (int64_t r = 0; r < n; ++r) {  // p = exp(s + bias - lse)
-        float* pr = p.data() + r * a.length;
-        AddBiasMax(pr, a.BiasRow(bp, item, r0 + r), a.length);
-        ShiftedExp(pr, lp[item * a.rows + r0 + r], a.length);
+        ShiftedExp(p.data() + r * width, lp[item * a.rows + r0 + r], width);
       }
       // dp = do v^T; ds = p * (dp - rowsum(do * o)), written over dp.
-      SmallGemm(false, true, n, a.length, a.dim, gp + row, a.dim, vp + kv, a.dim, 0.0f, dp.data(),
-                a.length);
+      SmallGemm(false, true, n, width, a.dim, gp + row, a.dim, vp + keys_at, a.dim, 0.0f,
+                dp.data(), width);
       for (int64_t r = 0; r < n; ++r) {
         const float *gr = gp + row + r * a.dim, *orow = op + row + r * a.dim;
         float delta = 0.0f;
 #pragma omp simd reduction(+ : delta)
         for (int64_t c = 0; c < a.dim; ++c) delta += gr[c] * orow[c];
-        const float* pr = p.data() + r * a.length;
-        float* dr = dp.data() + r * a.length;
+        const float* pr = p.data() + r * width;
+        float* dr = dp.data() + r * width;
 #pragma omp simd
-        for (int64_t j = 0; j < a.length; ++j) dr[j] = pr[j] * (dr[j] - delta);
+        for (int64_t j = 0; j < width; ++j) dr[j] = pr[j] * (dr[j] - delta);
       }
-      const float beta = r0 == 0 ? 0.0f : 1.0f;  // dk, dv accumulate over the row blocks
-      SmallGemm(true, false, a.length, a.dim, n, p.data(), a.length, gp + row, a.dim, beta,
-                dvp + kv, a.dim);
-      SmallGemm(false, false, n, a.dim, a.length, dp.data(), a.length, kp + kv, a.dim, 0.0f,
+      SmallGemm(true, false, width, a.dim, n, p.data(), width, gp + row, a.dim, 1.0f,
+                dvp + keys_at, a.dim);
+      SmallGemm(false, false, n, a.dim, width, dp.data(), width, kp + keys_at, a.dim, 0.0f,
                 dqp + row, a.dim);
-      SmallGemm(true, false, a.length, a.dim, n, dp.data(), a.length, qp + row, a.dim, beta,
-                dkp + kv, a.dim);
+      SmallGemm(true, false, width, a.dim, n, dp.data(), width, qp + row, a.dim, 1.0f,
+                dkp + keys_at, a.dim);
     }
   });
   return ffi::Error::Success();

@@ -218,7 +218,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.
 
     The kernel takes each kv head's G = H / K query heads stacked, (B * K, G * L, D): contiguous
     per work item, which runs faster than reading the projections' layout in place (the
-    transposes fuse into the rotary embedding that produces q and k)."""
+    transposes fuse into the rotary embedding that produces q and k). Each query computes only
+    the keys from the first to the last its bias leaves visible (above -1e29): its packed
+    segment's, or its row's valid ones; a query that sees no key weighs them all equally."""
     b, length, heads, d = q.shape
     kv = k.shape[2]
     items = lambda x: (

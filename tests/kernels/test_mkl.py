@@ -100,18 +100,37 @@ def np_attention(q, k, v, bias, d_out):
     return out, dq, dk, dv
 
 
+def attention_layout(rng: np.random.Generator, b: int, length: int, layout: str):
+    """(valid (B, L) bool, segment ids (B, L) or None) of a layout: "scattered" segments 0..2
+    and padding anywhere; "packed" runs of 1, 2 and 3 and then padding, as requests are packed
+    (each query row sees one run of keys, the kernel computes that run alone); "prefix" valid
+    positions, then padding (one bias row for every query)."""
+    if layout == "scattered":
+        return rng.random((b, length)) > 0.2, jnp.asarray(rng.integers(0, 3, (b, length)))
+    ends_Bx3 = np.sort(rng.integers(1, length, (b, 3)), axis=1)
+    ends_Bx3[0, 2] = length  # a row without padding
+    segments = (np.arange(length)[None, None] >= ends_Bx3[..., None]).sum(1) + 1
+    segments = np.where(segments > 3, 0, segments)
+    if layout == "packed":
+        return segments > 0, jnp.asarray(segments)
+    return segments > 0, None
+
+
 @needs_mkl
-@pytest.mark.parametrize("heads,kv_heads,length,packed", [(4, 2, 150, True), (3, 3, 40, False)])
-def test_attention_and_its_gradients_match_numpy(heads, kv_heads, length, packed):
-    """150 rows: two blocks of query rows, the second partial; GQA; packed segments and padding."""
+@pytest.mark.parametrize(
+    "heads,kv_heads,length,layout",
+    [(4, 2, 150, "scattered"), (4, 2, 150, "packed"), (3, 3, 40, "prefix")],
+)
+def test_attention_and_its_gradients_match_numpy(heads, kv_heads, length, layout):
+    """150 rows: two blocks of query rows, the second partial; GQA; packed segments and padding
+    (padding queries see no key: their rows are uniform)."""
     rng = np.random.default_rng(length)
-    b, d = 2, 16
+    b, d = 3, 16
     q = rng.standard_normal((b, length, heads, d)).astype(np.float32) * 0.5
     k, v = (rng.standard_normal((b, length, kv_heads, d)).astype(np.float32) for _ in range(2))
-    valid = rng.random((b, length)) > 0.2
-    segments = jnp.asarray(rng.integers(0, 3, (b, length))) if packed else None
+    valid, segments = attention_layout(rng, b, length, layout)
     bias = np.asarray(attention_bias(jnp.asarray(valid), segments, False))[:, 0]
-    assert bias.shape == (b, length if packed else 1, length)
+    assert bias.shape == (b, length if segments is not None else 1, length)
     d_out = rng.standard_normal(q.shape).astype(np.float32)
 
     out, vjp = jax.vjp(lambda q, k, v: mkl.attention(q, k, v, bias), q, k, v)
