@@ -96,11 +96,18 @@ def test_export_reimports_unchanged(imported, tmp_path):
 
 
 def test_qwen3_export_loads_as_a_qwen3_config(imported, tmp_path):
-    """transformers (no torch needed) reads the Qwen3 export's config.json as Qwen3's."""
+    """transformers (no torch needed) reads the Qwen3 export's config.json as Qwen3's; LLaDA
+    modeling code given with --hf_code is refused there, before anything is written."""
     name, _, workdir = imported
     if name != "qwen3":
         pytest.skip("the Qwen2 export is the LLaDA layout (test_convert.py loads that)")
     out = str(tmp_path / "hf")
+    code_dir = tmp_path / "llada_code"
+    code_dir.mkdir()
+    (code_dir / "modeling_llada.py").write_text("# LLaDA's modeling code\n")
+    with pytest.raises(ConvertError, match=r"--hf_code=.*llada_code.* Qwen3 layout"):
+        hf.export_hf(workdir, out, hf_code=str(code_dir))
+    assert not os.path.exists(out)
     hf.export_hf(workdir, out)
     code = (
         "import sys; from transformers import AutoConfig; c = AutoConfig.from_pretrained("

@@ -550,6 +550,7 @@ def export_hf(
     the modeling code (`_write_code`): that of `hf_code` (a directory holding
     configuration_llada.py and modeling_llada.py) if given, else that kept when the checkpoint
     it descends from was imported, else an auto_map naming the public LLaDA repository's code.
+    The Qwen3 layout needs none (transformers has it): `hf_code` is refused there.
     dtype: float32 or bfloat16; "" = the dtype of the HF checkpoint it was imported from, else
     the parameters' dtype. Returns the safetensors file names. The workdir may be a gs:// one;
     hf_dir is local.
@@ -570,6 +571,11 @@ def export_hf(
     if not cfg.scan_layers:
         raise ConvertError("export of a scan_layers=False checkpoint is not supported yet")
     layout = export_layout(cfg)
+    if hf_code and layout != "llada":
+        raise ConvertError(
+            f"--hf_code={hf_code!r} does not apply: this model (model.qk_norm=True) is written in "
+            "the Qwen3 layout, which transformers loads with its own code; leave --hf_code out"
+        )
     if cfg.causal:
         print("warning: model.causal=True; HF LLaDA attention is bidirectional", flush=True)
     origin = _hf_origin(workdir, meta, layout)
