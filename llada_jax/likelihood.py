@@ -230,7 +230,8 @@ def nll_samples(
     cfg_scale: float = 0.0,
     num_head_positions: int = 0,
     block_size: int = 0,
-) -> jax.Array:
+    alternatives_BxSxC: jax.Array | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """One Monte-Carlo sample of the NLL bound per slot: (B, S) float32 nats.
 
     Slot s of row b (the positions of segment id s + 1) is sample `sample_BxS[b, s]` (of
@@ -254,6 +255,10 @@ def nll_samples(
     block_size: b > 0 for a block-diffusion model (static): the block bound (module
       docstring), one request per row (S = 1) from position 0; logits_fn then gets each row
       followed by its clean copy, (R, 2L), and the positions of the first half.
+    alternatives_BxSxC: (B, S, C) int32 token ids, or None. Given, the result is (the samples,
+      (B, S, C) float32 the log-probability of each id at the slot's masked targets, summed):
+      for a slot of one target, which every sample masks, log p(id | the slot's masked input),
+      the score of any request that differs from the slot's in that token alone.
     """
     num_slots = row_id_BxS.shape[1]
     valid_BxL = segment_BxL > 0
@@ -294,7 +299,18 @@ def nll_samples(
     segment_BxK = jnp.take_along_axis(segment_BxL, positions_BxK, axis=1)
     in_slot_BxKxS = segment_BxK[..., None] == jnp.arange(1, num_slots + 1)
     nll_BxK = -token_logp_BxK * weight_BxK
-    return jnp.sum(jnp.where(in_slot_BxKxS, nll_BxK[..., None], 0.0), axis=1)
+    nll_BxS = jnp.sum(jnp.where(in_slot_BxKxS, nll_BxK[..., None], 0.0), axis=1)
+    if alternatives_BxSxC is None:
+        return nll_BxS
+    masked_BxK = jnp.take_along_axis(masked_BxL, positions_BxK, axis=1)
+    alternative_BxKxC = jnp.take_along_axis(
+        alternatives_BxSxC, jnp.clip(segment_BxK - 1, 0, num_slots - 1)[..., None], axis=1
+    )
+    alternative_logp_BxKxC = jnp.take_along_axis(logp_BxKxV, alternative_BxKxC, axis=-1)
+    at_slot_BxKxS = in_slot_BxKxS & masked_BxK[..., None]
+    return nll_BxS, jnp.einsum(
+        "bks,bkc->bsc", at_slot_BxKxS.astype(jnp.float32), alternative_logp_BxKxC
+    )
 
 
 def make_scorer(
@@ -307,6 +323,7 @@ def make_scorer(
     cfg_scale: float = 0.0,
     num_head_positions: int = 0,
     block_size: int = 0,
+    alternatives: bool = False,
 ) -> sharding.OnMesh:
     """`nll_samples` of the model `graphdef`, jitted on `mesh` with the batch split over its
     data-parallel axes: (params, tokens (B, L) int32, target (B, L) bool, segment (B, L) int32,
@@ -316,12 +333,15 @@ def make_scorer(
     targets, its context the prompt). The output head and the log-softmax run on
     `num_head_positions` positions per row (0: every position), which must hold every masked
     target.
-    block_size > 0: the block bound of a block-diffusion model (`nll_samples`)."""
+    block_size > 0: the block bound of a block-diffusion model (`nll_samples`).
+    alternatives: the function takes one more argument, alternatives (B, S, C) int32, and
+    returns (the samples, (B, S, C) their log-probabilities: `nll_samples`)."""
     key = jax.random.key(seed)
     blocks = Blocks(block_size, clean_copy=True) if block_size else None
 
-    def score(params, tokens_BxL, target_BxL, segment_BxL, row_id_BxS, sample_BxS):
-        """One bound sample per slot of the model with `params`: (B, S) float32 nats."""
+    def score(params, tokens_BxL, target_BxL, segment_BxL, row_id_BxS, sample_BxS, *alternatives):
+        """One bound sample per slot of the model with `params`: (B, S) float32 nats (and the
+        alternatives' log-probabilities, when given)."""
         model = nnx.merge(graphdef, params)
 
         def logits_fn(
@@ -351,10 +371,12 @@ def make_scorer(
             cfg_scale=cfg_scale,
             num_head_positions=num_head_positions,
             block_size=block_size,
+            alternatives_BxSxC=alternatives[0] if alternatives else None,
         )
 
     batch = sharding.batch_sharding(mesh)
-    return sharding.jit_on_mesh(score, mesh, in_shardings=(None,) + (batch,) * 5)
+    inputs = 6 if alternatives else 5
+    return sharding.jit_on_mesh(score, mesh, in_shardings=(None,) + (batch,) * inputs)
 
 
 # --------------------------------------------------------------------------------------------

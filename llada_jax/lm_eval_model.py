@@ -20,7 +20,9 @@ checkpoint it evaluates.
 Scoring draws each request's `mc_num` masks first and scores each distinct mask once: a
 continuation of T < mc_num tokens draws some masks more than once (it has 2^T - 1 masks in all:
 one for a single token), and every sample of a mask gets its value, so the estimate is the one
-scoring every sample would give. The (request, sample) pairs left are laid out in model rows
+scoring every sample would give. One-token continuations of the same context (multiple choice
+by letter: " A", " B", ...) share their model input, the context and a mask, and are scored
+from one model slot (`shared_inputs`). The (request, sample) pairs left are laid out in model rows
 (`layout`): with `pack` (the default) several per row, side by side in segments that attend only
 within themselves (best-fit decreasing into rows of at least PACK_LENGTH positions), else one
 per row; either way rows are padded to a few lengths (`bucket`) so that little is recompiled,
@@ -70,6 +72,8 @@ DEFAULT_BATCH_SIZE = 32  # model rows per call
 MODEL_NAME = "llada_jax"
 PACK_LENGTH = 128  # the least length of a packed model row (docs/performance.md)
 MASK_CALL_ROWS = 4096  # (request, sample) pairs per call drawing masks or their counts
+# One-token continuations of a shared context scored from one slot's logits beside its own (C).
+ALTERNATIVES = 4
 
 
 def bucket(length: int) -> int:
@@ -116,6 +120,25 @@ def layout(items: Sequence[tuple[int, int]], pack: bool) -> list[ModelRow]:
         if pack:
             bisect.insort(room, (left - length, r))
     return rows
+
+
+def shared_inputs(rows: Sequence[tuple[list[int], int]], alternatives: int) -> dict[int, list[int]]:
+    """Requests (`rows` of (ids, targets)) whose scores another's model slot gives: {index of a
+    request: indices of up to `alternatives` others}. Requests of one target with the same
+    tokens before it (multiple choice: " A", " B", ... after one question) have the same model
+    input in every sample, the context and then a mask: the first of each group of up to
+    1 + `alternatives` is scored, and the others are read from its slot's log-probabilities."""
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, (ids, targets) in enumerate(rows):
+        if targets == 1:
+            groups[tuple(ids[:-1])].append(i)
+    shared = {}
+    for members in groups.values():
+        for start in range(0, len(members), 1 + alternatives):
+            first, *others = members[start : start + 1 + alternatives]
+            if others:
+                shared[first] = others
+    return shared
 
 
 def _in_calls(fn: Any, draws: Sequence[tuple[int, ...]]) -> np.ndarray:
@@ -207,7 +230,8 @@ class LLaDAJaxLM(LM):
     # Scoring
     # ------------------------------------------------------------------------------------
     def scorer(self, num_head_positions: int) -> Any:
-        """The jitted scorer whose output head runs on `num_head_positions` positions per row."""
+        """The jitted scorer whose output head runs on `num_head_positions` positions per row,
+        with ALTERNATIVES alternatives per slot (`likelihood.make_scorer`)."""
         if num_head_positions not in self._scorers:
             self._scorers[num_head_positions] = run_lib.fastest(
                 self.model.run,
@@ -222,6 +246,7 @@ class LLaDAJaxLM(LM):
                     cfg_scale=self.cfg_scale,
                     num_head_positions=num_head_positions,
                     block_size=self.block_size,
+                    alternatives=True,
                 ),
             )
         return self._scorers[num_head_positions]
@@ -229,10 +254,11 @@ class LLaDAJaxLM(LM):
     def score_rows(self, rows: Sequence[tuple[list[int], int]], desc: str) -> np.ndarray:
         """The bound (nats) of each row's last `targets` tokens given the ones before them:
         rows are (ids, targets) pairs; returns (len(rows), mc_num) samples. Each mask is scored
-        once, however many of a row's samples draw it (`first_samples`); the (row, sample)
+        once, however many of a row's samples draw it (`first_samples`), and one-token
+        continuations of a shared context once per group (`shared_inputs`); the (row, sample)
         pairs are laid out by `layout` (several per model row with `pack`), `batch_size` model
         rows per call."""
-        first_RxN, pairs, model_rows = self.plan(rows)
+        first_RxN, pairs, model_rows, shared = self.plan(rows)
         copies_RxN = np.zeros_like(first_RxN)
         np.add.at(copies_RxN, (np.arange(len(rows))[:, None], first_RxN), 1)
         out = np.zeros((len(rows), self.mc_num))
@@ -251,31 +277,46 @@ class LLaDAJaxLM(LM):
                     [pairs[k] for k in m.items] for m in members[start : start + self.batch_size]
                 ]
                 padded = chunk + [chunk[0]] * (self.batch_size - len(chunk))
-                nll_BxS = np.asarray(
-                    scorer(self.model.params, *pack_batch(rows, padded, length, slots))
+                nll_BxS, alternative_BxSxC = (
+                    np.asarray(x)
+                    for x in scorer(
+                        self.model.params, *pack_batch(rows, padded, length, slots, shared)
+                    )
                 )
                 for b, row_pairs in enumerate(chunk):
                     for s, (i, j) in enumerate(row_pairs):
                         out[i, j] = nll_BxS[b, s]
-                bar.update(sum(copies_RxN[p] for row_pairs in chunk for p in row_pairs))
+                        for c, other in enumerate(shared.get(i, ())):  # one target: sample 0
+                            out[other, 0] = -alternative_BxSxC[b, s, c]
+                bar.update(
+                    sum(
+                        copies_RxN[i, j] * (1 + len(shared.get(i, ())))
+                        for row_pairs in chunk
+                        for i, j in row_pairs
+                    )
+                )
         bar.close()
         return np.take_along_axis(out, first_RxN, axis=1)
 
     def plan(
         self, rows: Sequence[tuple[list[int], int]]
-    ) -> tuple[np.ndarray, list[tuple[int, int]], list[ModelRow]]:
+    ) -> tuple[np.ndarray, list[tuple[int, int]], list[ModelRow], dict[int, list[int]]]:
         """How `score_rows` scores `rows`: `first_samples`, the (row, sample) pairs whose masks
-        are scored (each sample j with first[i, j] == j), and the model rows those pairs are laid
-        out in (`layout`, by their lengths and `masked_counts`; a model row's items index the
-        pairs)."""
+        are scored (each sample j with first[i, j] == j, of the rows not read from another's
+        slot), the model rows those pairs are laid out in (`layout`, by their lengths and
+        `masked_counts`; a model row's items index the pairs), and `shared_inputs` (none for a
+        block-diffusion model, whose rows hold their clean copy)."""
+        shared = {} if self.block_size else shared_inputs(rows, ALTERNATIVES)
         first_RxN = self.first_samples(rows)
         scored_RxN = first_RxN == np.arange(self.mc_num)
+        scored_RxN[[i for others in shared.values() for i in others]] = False
         pairs = [(int(i), int(j)) for i, j in zip(*np.nonzero(scored_RxN))]
         masked_RxN = self.masked_counts(rows)
         return (
             first_RxN,
             pairs,
             layout([(len(rows[i][0]), int(masked_RxN[i, j])) for i, j in pairs], self.pack),
+            shared,
         )
 
     def masked_counts(self, rows: Sequence[tuple[list[int], int]]) -> np.ndarray:
@@ -410,18 +451,21 @@ def pack_batch(
     model_rows: Sequence[Sequence[tuple[int, int]]],
     length: int,
     slots: int,
+    shared: dict[int, list[int]],
 ) -> tuple[np.ndarray, ...]:
     """The scorer's inputs for model rows of (request, sample) pairs (`requests`: (ids,
     targets) pairs), rows of `length` positions and `slots` slots: tokens (B, L) int32,
     target (B, L) bool, segment (B, L) int32 (slot s of a row is segment s + 1, its pairs side
-    by side from position 0; 0 pads), row_id (B, S) int32 (`request_id`; 0 for an empty slot)
-    and sample (B, S) int32."""
+    by side from position 0; 0 pads), row_id (B, S) int32 (`request_id`; 0 for an empty slot),
+    sample (B, S) int32 and alternatives (B, S, ALTERNATIVES) int32: the last tokens of the
+    requests `shared` reads from each slot (`shared_inputs`), 0 where none."""
     batch = len(model_rows)
     tokens_BxL = np.zeros((batch, length), np.int32)
     target_BxL = np.zeros((batch, length), bool)
     segment_BxL = np.zeros((batch, length), np.int32)
     row_id_BxS = np.zeros((batch, slots), np.int32)
     sample_BxS = np.zeros((batch, slots), np.int32)
+    alternative_BxSxC = np.zeros((batch, slots, ALTERNATIVES), np.int32)
     for b, row_pairs in enumerate(model_rows):
         offset = 0
         for s, (i, j) in enumerate(row_pairs):
@@ -431,8 +475,10 @@ def pack_batch(
             segment_BxL[b, offset:end] = s + 1
             target_BxL[b, end - n : end] = True
             row_id_BxS[b, s], sample_BxS[b, s] = request_id(ids, n), j
+            for c, other in enumerate(shared.get(i, ())):
+                alternative_BxSxC[b, s, c] = requests[other][0][-1]
             offset = end
-    return tokens_BxL, target_BxL, segment_BxL, row_id_BxS, sample_BxS
+    return tokens_BxL, target_BxL, segment_BxL, row_id_BxS, sample_BxS, alternative_BxSxC
 
 
 def rows_per_call(batch_size: int | str) -> int:

@@ -55,25 +55,31 @@ def test_train_mode_reports_both_mfus():
 
 
 @pytest.mark.slow
-def test_likelihood_mode_agrees_with_the_reference_style_estimate(tmp_path):
+@pytest.mark.parametrize("letters", [0, 4])
+def test_likelihood_mode_agrees_with_the_reference_style_estimate(tmp_path, letters):
     """lm-eval requests scored by our model (batched, the head on the targets; packed several
     per row and one per row) and by the reference harness's way (one request at a time, the full
-    head) on the same masks: the same estimates."""
+    head) on the same masks: the same estimates. Lettered answers (2 questions, " A" to " D"):
+    one mask per question is scored, the four answers read from its slot."""
     result = benchmark(
         "--mode=likelihood",
         "--config=configs/tiny.py",
-        "--num_requests=3",
+        f"--num_requests={8 if letters else 3}",
+        f"--lettered_choices={letters}",
         "--mc_num=8",
         "--lm_batch_size=8",
         "--steps=1",
         "--warmup=0",
         XDG_CACHE_HOME=str(tmp_path),
     )
-    assert result["requests"] == 3 and result["mc_num"] == 8
+    assert result["requests"] == (8 if letters else 3) and result["mc_num"] == 8
     assert result["max_estimate_difference"] < 1e-3
     assert result["max_packed_unpacked_difference"] < 1e-3
-    # 1 to 6 words of continuation against 8 samples: some masks are drawn more than once.
-    assert 0 < result["scored_masks_ratio"] < 1
+    if letters:
+        assert result["continuation_tokens_mean"] == 1
+        assert result["scored_masks_ratio"] == 2 / (8 * 8)
+    else:  # 1 to 6 words of continuation against 8 samples: some masks are drawn twice
+        assert 0 < result["scored_masks_ratio"] < 1
     for layout in ("packed", "unpacked"):
         assert result[f"{layout}_requests_per_sec"] > 0
         assert 1 <= result[f"padded_tokens_ratio_{layout}"]

@@ -16,7 +16,14 @@ import pytest
 from flax import nnx
 
 from llada_jax import likelihood
-from llada_jax.lm_eval_model import LLaDAJaxLM, cut, layout, request_id, set_cli_batch_size
+from llada_jax.lm_eval_model import (
+    ALTERNATIVES,
+    LLaDAJaxLM,
+    cut,
+    layout,
+    request_id,
+    set_cli_batch_size,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ["HF_DATASETS_OFFLINE"] = "1"  # local files only
@@ -76,6 +83,33 @@ def test_loglikelihood_is_the_conditional_bound_by_exact_enumeration(workdir, lm
     assert batch[1][0] == ll
 
 
+def test_one_token_choices_of_a_context_are_scored_from_one_slot(lm):
+    """Multiple choice by letter: requests of one-token continuations after the same context
+    have one model input (the context, then a mask); up to 1 + ALTERNATIVES of them are scored
+    from one slot, each -log p(its token | the context, a mask) as the model computes it directly
+    (exact: one target, every sample masks it). Other requests score as they do alone."""
+    ctx = lm.tok.encode("And the LORD said unto Moses")
+    choices = [5, 17, 42, 99, 123, 7]  # more than 1 + ALTERNATIVES: two groups
+    rows = [(ctx + [c], 1) for c in choices] + [(ctx[:-1] + [c], 1) for c in choices[:2]]
+    rows.append((ctx + [3, 4], 2))
+    _, pairs, _, shared = lm.plan(rows)
+    assert shared == {0: [1, 2, 3, 4], 6: [7]}
+    assert sorted({i for i, _ in pairs}) == [0, 5, 6, 8]
+    samples = lm.score_rows(rows, "test")
+    for i, (ids, _) in enumerate(rows[:8]):
+        assert (samples[i] == samples[i, 0]).all()
+        assert samples[i, 0] == pytest.approx(exact_bound(lm.model, ids[:-1], ids[-1:]), rel=1e-5)
+    np.testing.assert_array_equal(samples[8], lm.score_rows(rows[8:], "test")[0])
+    # lm-eval's requests, a question and its four lettered answers: each gets its own value.
+    question = "Who spoke unto Moses? Answer:"
+    letters = [lm.encode_pair(question, f" {x}") for x in "ABCD"]
+    assert all(len(cont) == 1 and c == letters[0][0] for c, cont in letters)
+    lls = [ll for ll, _ in lm.loglikelihood([Request(question, f" {x}") for x in "ABCD"])]
+    want = [-exact_bound(lm.model, c, cont) for c, cont in letters]
+    np.testing.assert_allclose(lls, want, rtol=1e-5)
+    assert len(set(lls)) == 4
+
+
 # Requests of (ids, targets) and how they pack: 3 model rows of 48 positions holding 3, 4 and
 # 1 of them (3 unused slots), then padding; at most 16 targets per row.
 PACKED_REQUESTS = [(7, 3), (12, 5), (20, 6), (5, 1), (30, 9), (9, 4), (3, 2), (16, 16)]
@@ -111,9 +145,13 @@ def test_packed_rows_score_as_each_request_alone_with_the_full_head(lm, cfg_scal
     alone_ids = (100 + np.arange(8, dtype=np.int32))[:, None]
     alone_samples = np.asarray(sample, np.int32)[:, None]
     params = lm.model.params
-    full = np.asarray(guided.scorer(0)(params, *alone, alone_ids, alone_samples))[:, 0]
-    gathered = np.asarray(guided.scorer(16)(params, *alone, alone_ids, alone_samples))[:, 0]
-    packed_BxS = np.asarray(guided.scorer(16)(params, *packed, row_id, sample_id))
+    none_alone = np.zeros((8, 1, ALTERNATIVES), np.int32)
+    full = np.asarray(guided.scorer(0)(params, *alone, alone_ids, alone_samples, none_alone)[0])
+    gathered = guided.scorer(16)(params, *alone, alone_ids, alone_samples, none_alone)[0]
+    gathered = np.asarray(gathered)[:, 0]
+    full = full[:, 0]
+    none_packed = np.zeros((8, slots, ALTERNATIVES), np.int32)
+    packed_BxS = np.asarray(guided.scorer(16)(params, *packed, row_id, sample_id, none_packed)[0])
     assert (full > 0).all()
     np.testing.assert_allclose(gathered, full, rtol=1e-5)
     for b, members in enumerate(PACKED_ROWS):
@@ -193,15 +231,17 @@ def test_each_mask_is_scored_once_and_every_sample_gets_its_value(lm):
             tokens[b, : len(ids)], segment[b, : len(ids)] = ids, 1
             target[b, len(ids) - t : len(ids)] = True
             row_id[b], sample[b] = request_id(ids, t), j
-    expected = np.asarray(lm.scorer(0)(lm.model.params, tokens, target, segment, row_id, sample))
+    none = np.zeros((4 * n, 1, ALTERNATIVES), np.int32)
+    expected = lm.scorer(0)(lm.model.params, tokens, target, segment, row_id, sample, none)[0]
+    expected = np.asarray(expected)
     masks = np.asarray(
         likelihood.draw_masks(jax.random.key(lm.seed), target, segment, row_id, sample, n)[0]
     )
     distinct = [len({m.tobytes() for m in masks[i * n : (i + 1) * n]}) for i in range(4)]
     assert distinct[0] == 1 and distinct[1] == 3 and distinct[3] == n and distinct[2] <= 7
 
-    first, pairs, model_rows = lm.plan(rows)
-    assert [sum(i == r for i, _ in pairs) for r in range(4)] == distinct
+    first, pairs, model_rows, shared = lm.plan(rows)
+    assert [sum(i == r for i, _ in pairs) for r in range(4)] == distinct and not shared
     # The head runs on the masked targets alone: each model row's count of them.
     counts = lm.masked_counts(rows)
     np.testing.assert_array_equal(counts, masks.sum(-1).reshape(4, n))

@@ -10,6 +10,7 @@
   python tools/benchmark.py --mode=sample --config=configs/demo.py [--workdir=demo_run]
   python tools/benchmark.py --mode=likelihood --config=configs/demo.py [--workdir=demo_run]
       [--num_requests=32 --mc_num=128 --lm_batch_size=32 --continuation_words=1,6]
+      [--lettered_choices=4]
 
 train: times the trainer's jitted step (built by `llada_jax.train`) on random token batches of
 the config's shape (with document segment ids when data.segment_ids is set), and reports who
@@ -105,6 +106,12 @@ flags.DEFINE_list(
     ["1", "6"],
     "likelihood: the least and the most words of a request's continuation (multiple-choice "
     "answers are short; HellaSwag's endings run to 20 words and more).",
+)
+flags.DEFINE_integer(
+    "lettered_choices",
+    0,
+    "likelihood: N > 0: the requests are questions (contexts) each followed by N lettered "
+    'answers " A", " B", ... (MMLU-style multiple choice), in place of --continuation_words.',
 )
 flags.DEFINE_integer("mc_num", 128, "likelihood: Monte-Carlo samples per request.")
 flags.DEFINE_integer("lm_batch_size", 32, "likelihood: model rows per call (ours and baseline).")
@@ -631,16 +638,17 @@ def bench_sample(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[st
 
 
 def likelihood_requests(
-    tok: Any, count: int, max_len: int, words: tuple[int, int] = (1, 6)
+    tok: Any, count: int, max_len: int, words: tuple[int, int] = (1, 6), letters: int = 0
 ) -> list[tuple[str, str]]:
     """`count` lm-eval-style (context, continuation) pairs from the shipped corpus: a context of
     8 to 40 words, then a continuation of `words` (least, most) words, shorter than `max_len`
-    tokens."""
+    tokens. letters > 0: each context is followed by `letters` lettered answers (" A", " B",
+    ...), one request each, as a multiple-choice task asks them."""
     from llada_jax.data.corpus import read_default_corpus
 
     corpus = read_default_corpus().split()
     rng = np.random.default_rng(0)
-    out = []
+    out: list[tuple[str, str]] = []
     while len(out) < count:
         start, n_ctx, n_cont = (
             rng.integers(0, len(corpus) - max(64, 40 + words[1])),
@@ -648,10 +656,14 @@ def likelihood_requests(
             rng.integers(words[0], words[1] + 1),
         )
         context = " ".join(corpus[start : start + n_ctx])
-        continuation = " " + " ".join(corpus[start + n_ctx : start + n_ctx + n_cont])
-        if len(tok.encode(context + continuation)) < max_len:
-            out.append((context, continuation))
-    return out
+        continuations = (
+            [f" {chr(ord('A') + k)}" for k in range(letters)]
+            if letters
+            else [" " + " ".join(corpus[start + n_ctx : start + n_ctx + n_cont])]
+        )
+        if all(len(tok.encode(context + c)) < max_len for c in continuations):
+            out += [(context, c) for c in continuations]
+    return out[:count]
 
 
 def reference_style_nll(
@@ -698,7 +710,7 @@ def layout_ratios(lm: Any, rows: list[tuple[list[int], int]]) -> tuple[float, fl
     """How the lm-eval model `lm` scores `rows` ((ids, targets) pairs; `LLaDAJaxLM.plan`):
     (masks scored / Monte-Carlo samples, model row positions / tokens of the masks scored,
     output-head positions / model row positions)."""
-    first, pairs, model_rows = lm.plan(rows)
+    first, pairs, model_rows, _ = lm.plan(rows)
     positions = sum(r.length for r in model_rows)
     tokens = sum(len(rows[i][0]) for i, _ in pairs)
     head = sum(r.head_positions for r in model_rows)
@@ -735,7 +747,9 @@ def bench_likelihood(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dic
         for name in ("packed", "unpacked")
     }
     lm = lms["packed"]
-    pairs = likelihood_requests(lm.tok, FLAGS.num_requests, lm.max_length, (least, most))
+    pairs = likelihood_requests(
+        lm.tok, FLAGS.num_requests, lm.max_length, (least, most), FLAGS.lettered_choices
+    )
     requests = [types.SimpleNamespace(args=pair) for pair in pairs]
     encoded = [lm.encode_pair(*pair) for pair in pairs]
     forward_one = jax.jit(lambda p, x: nnx.merge(model.graphdef, p)(x))
@@ -790,6 +804,7 @@ def bench_likelihood(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dic
         n_params=int(sum(x.size for x in jax.tree.leaves(model.params))),
         requests=len(requests),
         continuation_words=f"{least},{most}",
+        lettered_choices=FLAGS.lettered_choices,
         request_tokens_mean=float(np.mean([len(ids) for ids, _ in rows_in])),
         continuation_tokens_mean=float(np.mean([t for _, t in rows_in])),
         mc_num=FLAGS.mc_num,
