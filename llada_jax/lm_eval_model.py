@@ -99,6 +99,17 @@ class ModelRow:
         return min(bucket(max(self.scored, 1)), self.length)
 
 
+@dataclasses.dataclass
+class ScorerCall:
+    """One scorer call: up to `batch_size` model rows of `length` positions and `slots` slots
+    (padded to batch_size rows with copies of the first), the head on `head_positions` each."""
+
+    length: int
+    slots: int
+    head_positions: int
+    rows: list[ModelRow]
+
+
 def layout(items: Sequence[tuple[int, int]], pack: bool) -> list[ModelRow]:
     """Model rows for items of (length, scored) positions. Unpacked: one per row, of its length's
     `bucket`. Packed: best-fit decreasing, the longest items first, each into the row with the
@@ -262,41 +273,46 @@ class LLaDAJaxLM(LM):
         copies_RxN = np.zeros_like(first_RxN)
         np.add.at(copies_RxN, (np.arange(len(rows))[:, None], first_RxN), 1)
         out = np.zeros((len(rows), self.mc_num))
+        bar = _bar(len(rows) * self.mc_num, desc, self.progress)
+        for call in self.calls(model_rows):
+            chunk = [[pairs[k] for k in m.items] for m in call.rows]
+            padded = chunk + [chunk[0]] * (self.batch_size - len(chunk))
+            nll_BxS, alternative_BxSxC = (
+                np.asarray(x)
+                for x in self.scorer(call.head_positions)(
+                    self.model.params, *pack_batch(rows, padded, call.length, call.slots, shared)
+                )
+            )
+            for b, row_pairs in enumerate(chunk):
+                for s, (i, j) in enumerate(row_pairs):
+                    out[i, j] = nll_BxS[b, s]
+                    for c, other in enumerate(shared.get(i, ())):  # one target: sample 0
+                        out[other, 0] = -alternative_BxSxC[b, s, c]
+            bar.update(
+                sum(
+                    copies_RxN[i, j] * (1 + len(shared.get(i, ())))
+                    for row_pairs in chunk
+                    for i, j in row_pairs
+                )
+            )
+        bar.close()
+        return np.take_along_axis(out, first_RxN, axis=1)
+
+    def calls(self, model_rows: Sequence[ModelRow]) -> list[ScorerCall]:
+        """The scorer calls that score `model_rows` (`plan`), in order: the rows of one length
+        `batch_size` at a time, the most head positions first, so that a call's rows need about
+        as many (one call per length is part empty, not one per (length, head positions))."""
         by_length: dict[int, list[ModelRow]] = defaultdict(list)
         for model_row in model_rows:
             by_length[model_row.length].append(model_row)
-        bar = _bar(len(rows) * self.mc_num, desc, self.progress)
+        calls = []
         for length, members in sorted(by_length.items()):
-            # The most head positions first, so that a call's rows need about as many; one call
-            # per length is part empty, not one per (length, head positions).
-            members.sort(key=lambda m: -m.head_positions)
+            members = sorted(members, key=lambda m: -m.head_positions)
             slots = max(len(m.items) for m in members)
             for start in range(0, len(members), self.batch_size):
-                scorer = self.scorer(members[start].head_positions)
-                chunk = [
-                    [pairs[k] for k in m.items] for m in members[start : start + self.batch_size]
-                ]
-                padded = chunk + [chunk[0]] * (self.batch_size - len(chunk))
-                nll_BxS, alternative_BxSxC = (
-                    np.asarray(x)
-                    for x in scorer(
-                        self.model.params, *pack_batch(rows, padded, length, slots, shared)
-                    )
-                )
-                for b, row_pairs in enumerate(chunk):
-                    for s, (i, j) in enumerate(row_pairs):
-                        out[i, j] = nll_BxS[b, s]
-                        for c, other in enumerate(shared.get(i, ())):  # one target: sample 0
-                            out[other, 0] = -alternative_BxSxC[b, s, c]
-                bar.update(
-                    sum(
-                        copies_RxN[i, j] * (1 + len(shared.get(i, ())))
-                        for row_pairs in chunk
-                        for i, j in row_pairs
-                    )
-                )
-        bar.close()
-        return np.take_along_axis(out, first_RxN, axis=1)
+                chunk = members[start : start + self.batch_size]
+                calls.append(ScorerCall(length, slots, chunk[0].head_positions, chunk))
+        return calls
 
     def plan(
         self, rows: Sequence[tuple[list[int], int]]

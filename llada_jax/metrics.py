@@ -13,6 +13,10 @@ FLOPs accounting (one function, used by the trainer and the benchmark):
   attends to sum_k b (b + k b + (k + 1) b) = L^2 + L b (query, key) pairs, L + b per token:
     forward FLOPs per token = 2 * (2 * layer matmul parameters + head)
                               + 4 * n_layers * (L + b) * n_heads * head_dim.
+
+  A likelihood scorer call (`scorer_flops`) runs every layer but the last, and the last
+  layer's key and value projections, on all L positions of a row; the last layer's queries,
+  output projection and MLP, and the head, on its K head positions alone.
 """
 
 from __future__ import annotations
@@ -57,6 +61,24 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int, block_size: int = 0)
     params = copies * cfg.n_layers * per_layer + d * cfg.vocab_size
     attention = 4 * cfg.n_layers * (seq_len + block_size) * cfg.n_heads * hd
     return 2.0 * params + attention
+
+
+def scorer_flops(cfg: ModelConfig, rows: int, length: int, head_positions: int) -> float:
+    """Matmul FLOPs of one likelihood scorer call (`likelihood.make_scorer`) of a bidirectional
+    model on `rows` rows of `length` positions whose last layer's queries, MLP and output head
+    run on `head_positions` positions per row: every other layer, and the last layer's keys and
+    values, run on every position, each query attending to the whole row. With head_positions
+    = length, a forward pass: rows * length * `forward_flops_per_token`."""
+    d, hd = cfg.d_model, cfg.head_dim
+    queries_out = 2 * d * hd * cfg.n_heads  # the q and output projections
+    keys_values = 2 * d * hd * cfg.n_kv_heads
+    mlp = 3 * d * cfg.mlp_hidden
+    attention = 2 * cfg.n_heads * hd * length  # q.k and weights.v of one query
+    every_position = (cfg.n_layers - 1) * (
+        queries_out + mlp + attention
+    ) + cfg.n_layers * keys_values
+    head_only = queries_out + mlp + attention + d * cfg.vocab_size
+    return 2.0 * rows * (length * every_position + head_positions * head_only)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, block_size: int = 0) -> float:

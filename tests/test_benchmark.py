@@ -85,6 +85,14 @@ def test_likelihood_mode_agrees_with_the_reference_style_estimate(tmp_path, lett
         assert 1 <= result[f"padded_tokens_ratio_{layout}"]
         assert 0 < result[f"head_positions_ratio_{layout}"] <= 1
     assert result["bound_tokens_per_sec"] > 0
+    # The speed-up is the matmul work saved times the FLOP rate gained.
+    assert result["work_ratio_baseline_to_packed"] > 0
+    assert result["packed_speedup_vs_baseline"] == pytest.approx(
+        result["work_ratio_baseline_to_packed"]
+        * result["packed_gflop_per_sec"]
+        / result["baseline_gflop_per_sec"],
+        rel=1e-6,
+    )
 
 
 @pytest.mark.slow

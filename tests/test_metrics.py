@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llada_jax import checkpoint, metrics, sharding
+from llada_jax import checkpoint, likelihood, metrics, sharding
 from llada_jax.kernels import Kernels
 from llada_jax.model import ModelConfig, Transformer
 
@@ -59,6 +59,37 @@ def test_flops_match_traced_matmuls(tied, scan):
     train = dot_flops(jax.make_jaxpr(jax.grad(forward))(params).jaxpr) / (b * length)
     # Every matmul has two backward matmuls (input and weight gradients): exactly 3x forward.
     assert train == pytest.approx(metrics.train_flops_per_token(cfg, length), rel=1e-9)
+
+
+@pytest.mark.parametrize("head_positions", [8, 24])
+def test_scorer_flops_match_its_traced_matmuls(head_positions):
+    """The likelihood scorer (packed rows of two slots; the last layer and the head on
+    `head_positions` of the 24 positions, or on all of them) traced: its matmuls are
+    `metrics.scorer_flops`."""
+    cfg = ModelConfig(vocab_size=96, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, mlp_hidden=40)
+    b, length = 2, 24
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    xla = Kernels("xla", "xla", "cpu")
+    with sharding.use_mesh(mesh):
+        graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0), kernels=xla), nnx.Param)
+    scorer = likelihood.make_scorer(
+        graphdef, mesh, mask_id=95, num_samples=4, seed=0, num_head_positions=head_positions
+    )
+    segment = np.repeat([[1] * 10 + [2] * 12 + [0] * 2], b, axis=0).astype(np.int32)
+    target = np.zeros((b, length), bool)
+    target[:, 6:10] = target[:, 18:22] = True
+    slots = np.zeros((b, 2), np.int32)
+    with sharding.use_mesh(mesh):  # what the scorer runs under
+        jaxpr = scorer.jitted.trace(
+            params, np.zeros((b, length), np.int32), target, segment, slots, slots
+        ).jaxpr
+    assert dot_flops(jaxpr.jaxpr) == pytest.approx(
+        metrics.scorer_flops(cfg, b, length, head_positions), rel=1e-9
+    )
+    if head_positions == length:  # a whole forward pass
+        assert metrics.scorer_flops(cfg, b, length, length) == pytest.approx(
+            b * length * metrics.forward_flops_per_token(cfg, length), rel=1e-9
+        )
 
 
 def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):

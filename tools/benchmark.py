@@ -40,11 +40,12 @@ per second through the `llada_jax` lm-eval model with requests packed several pe
 (pack=True) and one per row (pack=False), against a baseline of the same estimator as LLaDA's
 reference harness computes it (one request at a time, mc_num / batch_size forward passes of
 batch_size copies, the output head on every position, the cross-entropy of the masked ones),
-the three alternated; the largest
-differences of the estimates (the same masks: they must be ~0), the share of Monte-Carlo
-samples whose masks are scored (one per mask: short continuations draw the same mask many
-times), each layout's padding (model row positions per token scored) and what share of
-positions the output head runs on; and the held-out bound's tokens per second.
+the three alternated; the largest differences of the estimates (the same masks: they must be
+~0), the share of Monte-Carlo samples whose masks are scored (one per mask: short continuations
+draw the same mask many times), each layout's padding (model row positions per token scored)
+and what share of positions the output head runs on; the matmul work of the baseline against
+ours (FLOPs, padding included) and the GFLOP/s each reaches beside the peak: the speed-up is
+the one ratio times the other; and the held-out bound's tokens per second.
 --config.kernels.matmul=xla (or mkl) forces the kernels, which auto times.
 
 On CPU the peak is the matmul peak measured in this run: before and after the timed steps (both
@@ -717,6 +718,25 @@ def layout_ratios(lm: Any, rows: list[tuple[list[int], int]]) -> tuple[float, fl
     return len(pairs) / first.size, positions / tokens, head / positions
 
 
+def likelihood_work(
+    lm: Any, rows: list[tuple[list[int], int]], model_cfg: Any
+) -> tuple[float, float]:
+    """Matmul FLOPs of scoring `rows` ((ids, targets) pairs): (the baseline's, mc_num forward
+    passes of each request at its own length with the head on every position; the lm-eval
+    model `lm`'s, its scorer calls (`LLaDAJaxLM.calls`, `metrics.scorer_flops`), padding rows
+    included)."""
+    baseline = sum(
+        lm.mc_num * len(ids) * metrics.forward_flops_per_token(model_cfg, len(ids))
+        for ids, _ in rows
+    )
+    copies = 2 if lm.block_size else 1  # a block model's rows carry their clean copy
+    ours = sum(
+        metrics.scorer_flops(model_cfg, lm.batch_size, copies * call.length, call.head_positions)
+        for call in lm.calls(lm.plan(rows)[2])
+    )
+    return baseline, ours
+
+
 def bench_likelihood(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
     """lm-eval `loglikelihood` requests per second through our `llada_jax` model (batched,
     jitted, the head on the targets) with requests packed several per model row and one per row,
@@ -796,6 +816,8 @@ def bench_likelihood(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dic
     rows_in = [(c + t, len(t)) for c, t in encoded]
     scored, padded_packed, head_packed = layout_ratios(lms["packed"], rows_in)
     _, padded_unpacked, head_unpacked = layout_ratios(lms["unpacked"], rows_in)
+    baseline_flops, packed_flops = likelihood_work(lm, rows_in, model.run.model_cfg)
+    peak = peak_flops(model.run.model_cfg.dtype)
     return dict(
         mode="likelihood",
         device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
@@ -822,6 +844,12 @@ def bench_likelihood(cfg: config_lib.ConfigDict, steps: int, warmup: int) -> dic
         baseline_requests_per_sec=len(requests) / median["baseline"],
         packed_speedup_vs_unpacked=median["unpacked"] / median["packed"],
         packed_speedup_vs_baseline=median["baseline"] / median["packed"],
+        # The speed-up is the work ratio times the GFLOP/s ratio (matmul FLOPs, padding and
+        # the last call's spare rows counted as work), and the peak bounds the GFLOP/s.
+        work_ratio_baseline_to_packed=baseline_flops / packed_flops,
+        packed_gflop_per_sec=packed_flops / median["packed"] / 1e9,
+        baseline_gflop_per_sec=baseline_flops / median["baseline"] / 1e9,
+        peak_gflop_per_sec=peak / 1e9 if peak else None,
         max_estimate_difference=float(np.abs(estimates["packed"] - estimates["baseline"]).max()),
         max_packed_unpacked_difference=float(
             np.abs(estimates["packed"] - estimates["unpacked"]).max()
