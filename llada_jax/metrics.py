@@ -74,9 +74,8 @@ def scorer_flops(cfg: ModelConfig, rows: int, length: int, head_positions: int) 
     keys_values = 2 * d * hd * cfg.n_kv_heads
     mlp = 3 * d * cfg.mlp_hidden
     attention = 2 * cfg.n_heads * hd * length  # q.k and weights.v of one query
-    every_position = (cfg.n_layers - 1) * (
-        queries_out + mlp + attention
-    ) + cfg.n_layers * keys_values
+    layers_but_last = (cfg.n_layers - 1) * (queries_out + mlp + attention)
+    every_position = layers_but_last + cfg.n_layers * keys_values
     head_only = queries_out + mlp + attention + d * cfg.vocab_size
     return 2.0 * rows * (length * every_position + head_positions * head_only)
 
