@@ -35,6 +35,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llada_jax import cli, evaluate  # noqa: E402
+from llada_jax.host import memory as host_memory  # noqa: E402
 from llada_jax.host import xla_flags  # noqa: E402
 from llada_jax.kernels import KernelConfig  # noqa: E402
 from llada_jax.run_sections import EvalSettings  # noqa: E402
@@ -106,6 +107,7 @@ def run(argv: list[str]) -> list[dict]:
 
 def main(argv: list[str]) -> int:
     xla_flags.apply_defaults()
+    host_memory.keep_freed_memory()  # before JAX starts its backend
     try:
         run(argv)
     except (ValueError, FileNotFoundError, flags.Error) as e:

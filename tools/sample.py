@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llada_jax import cli, inference, sampling, sharding  # noqa: E402
 from llada_jax.data import chat  # noqa: E402
+from llada_jax.host import memory as host_memory  # noqa: E402
 from llada_jax.host import xla_flags  # noqa: E402
 from llada_jax.kernels import KernelConfig  # noqa: E402
 
@@ -206,6 +207,7 @@ def sample(argv: list[str]) -> list[dict]:
 
 def main(argv: list[str]) -> int:
     xla_flags.apply_defaults()
+    host_memory.keep_freed_memory()  # before JAX starts its backend
     try:
         sample(argv)
     except (ValueError, FileNotFoundError, flags.Error) as e:

@@ -7,9 +7,11 @@ zeroes the whole buffer again, in kernel time the step waits for. With one arena
 trimming, the freed buffer stays in the heap and the next step reuses it; the process's resident
 memory then stays at its peak, which a training step reaches every step anyway.
 
-`keep_freed_memory()` must run before JAX starts its backend (the entry points call it first
-thing): a thread keeps the arena it first allocated from. Accelerator runs are left alone: their
-large buffers live on the device, not in host malloc.
+The same holds for every call of a jitted function: a sampler's generate call, a scorer call of
+the evaluation job or of lm-eval. So the trainer, tools/evaluate.py, tools/sample.py,
+tools/lm_eval_harness.py and tools/benchmark.py all call `keep_freed_memory()`, before JAX starts
+its backend (a thread keeps the arena it first allocated from). Accelerator runs are left
+alone: their large buffers live on the device, not in host malloc.
 """
 
 from __future__ import annotations

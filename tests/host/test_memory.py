@@ -12,9 +12,17 @@ from llada_jax.host import memory as host_memory
 # A 256 MiB block malloc'ed, written and freed on a worker thread (as XLA:CPU's executor does
 # with a step's temporary buffer); prints whether the settings were applied and glibc's counters.
 PROBE = """
-import ctypes, json, sys, threading
+import ctypes, json, runpy, sys, threading
 from llada_jax.host import memory as host_memory
-applied = host_memory.keep_freed_memory() if sys.argv[1] == "keep" else False
+if sys.argv[1].startswith("tools/"):  # the tool's main, on a bad flag (it exits 2)
+    tool, sys.argv = sys.argv[1], [sys.argv[1], "--no_such_flag=1"]
+    try:
+        runpy.run_path(tool, run_name="__main__")
+    except SystemExit as e:
+        assert e.code == 2, e.code
+    applied = None
+else:
+    applied = host_memory.keep_freed_memory() if sys.argv[1] == "keep" else False
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
@@ -64,6 +72,18 @@ def test_freed_block_stays_in_heap_only_with_the_settings():
     # Kept: served from the heap, and still there (free, resident) for the next allocation.
     assert keep["applied"] and keep["mmapped_during"] < keep["size"]
     assert keep["heap_free_after"] >= keep["size"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+@pytest.mark.parametrize(
+    "tool", ["tools/evaluate.py", "tools/sample.py", "tools/lm_eval_harness.py"]
+)
+def test_the_cpu_tools_keep_freed_memory(tool):
+    """The evaluation job, the sampler and the lm-eval command line set the trainer's malloc
+    settings first thing: a large block freed after their main has run stays in the heap."""
+    pytest.importorskip("lm_eval")
+    out = probe(tool)
+    assert out["mmapped_during"] < out["size"] <= out["heap_free_after"]
 
 
 @pytest.mark.parametrize(
