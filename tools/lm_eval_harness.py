@@ -21,12 +21,15 @@ from lm_eval.utils import setup_logging  # noqa: E402
 
 from llada_jax import lm_eval_model  # noqa: E402  (registers llada_jax)
 from llada_jax.host import memory as host_memory  # noqa: E402
+from llada_jax.host import xla_flags  # noqa: E402
 
 
 def main() -> None:
     """lm-eval's `cli_evaluate`, with --batch_size set to the llada_jax model's rows per call
-    (`lm_eval_model.set_cli_batch_size`), which its summary header prints. On CPU, freed memory
-    stays in the process for the next scoring call (llada_jax/host/memory.py)."""
+    (`lm_eval_model.set_cli_batch_size`), which its summary header prints. Like the other tools,
+    it sets the project's XLA flags and, on CPU, keeps freed memory in the process for the next
+    scoring call (llada_jax/host/memory.py)."""
+    xla_flags.apply_defaults()
     host_memory.keep_freed_memory()  # before JAX starts its backend
     setup_logging()
     parser = HarnessCLI()
